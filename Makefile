@@ -1,0 +1,42 @@
+# agentcg: `make demo` and `make test` set up everything they need (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(wildcard proto/agentcg/v1/*.proto)
+PYTEST_ARGS ?=
+
+ifeq ($(CI),true)
+export AGENTCG_REQUIRE_KERNEL := 1
+endif
+
+.PHONY: setup host venv proto demo test lint clean
+
+setup: host venv
+
+host:
+	bash scripts/setup-host.sh
+
+# The venv gets bcc from Debian's python3-bpfcc (a pure-Python module over libbcc) by symlink,
+# not Debian's whole dist-packages.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	ln -sfn /usr/lib/python3/dist-packages/bcc "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
+	touch $@
+
+# Regenerate the gRPC stubs (checked in; never edited by hand).
+proto: venv
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto \
+	  --python_out=proto --grpc_python_out=proto --mypy_out=proto --mypy_grpc_out=proto $(PROTOS)
+
+demo: setup
+	$(VENV)/bin/agentcg demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,1 @@
+"""BPF C programs (bpf/*.bpf.c) and the headers shared with their Python loader."""

@@ -1,0 +1,1 @@
+"""The broker: admission, quotas, leases, and the node gateway."""

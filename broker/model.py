@@ -1,0 +1,128 @@
+"""The broker's domain records: plain frozen data, no I/O.
+
+The broker keeps the live state in memory (decisions are made on it), and persists every change
+as one of the ``Change`` records below, in one transaction, before it replies.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NewType, TypeAlias
+
+__all__ = [
+    "TenantName",
+    "SessionName",
+    "LeaseId",
+    "NodeId",
+    "LeaseState",
+    "Outcome",
+    "Tenant",
+    "Node",
+    "Lease",
+    "AuditEntry",
+    "PutTenant",
+    "DeleteTenant",
+    "PutNode",
+    "PutLease",
+    "Audit",
+    "Change",
+]
+
+TenantName = NewType("TenantName", str)
+SessionName = NewType("SessionName", str)
+LeaseId = NewType("LeaseId", str)
+NodeId = NewType("NodeId", str)
+
+
+class LeaseState(enum.Enum):
+    ACTIVE = "active"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class Outcome(enum.Enum):
+    UNKNOWN = ""
+    COMPLETED = "completed"
+    GROWN = "grown"
+    KILLED = "killed"
+    DENIED = "denied"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: TenantName
+    memory_quota_bytes: int
+    parent: TenantName | None = None
+    cpu_quota_millis: int = 0  # 0: unlimited
+    max_calls: int = 0  # concurrent calls; 0: unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    node_id: NodeId
+    address: str
+    memory_capacity_bytes: int
+    cpu_capacity_millis: int = 0
+    registered_at_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: LeaseId
+    tenant: TenantName
+    session: SessionName
+    command_class: str
+    node_id: NodeId
+    memory_bytes: int  # current budget (grows)
+    intent_memory_bytes: int  # what the caller declared
+    granted_at_ms: int
+    expires_at_ms: int
+    state: LeaseState = LeaseState.ACTIVE
+    epoch: int = 1
+    priority: int = 0
+    cpu_millis: int = 0
+    idempotency_key: str = ""
+    ended_at_ms: int | None = None
+    peak_memory_bytes: int = 0
+    outcome: Outcome = Outcome.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at_ms: int
+    kind: str  # "reserve", "grow", "kill", "release", "expire", "tenant_set", ...
+    tenant: str = ""
+    lease_id: str = ""
+    node_id: str = ""
+    detail: str = ""  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class PutTenant:
+    tenant: Tenant
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTenant:
+    name: TenantName
+
+
+@dataclass(frozen=True, slots=True)
+class PutNode:
+    node: Node
+
+
+@dataclass(frozen=True, slots=True)
+class PutLease:
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    entry: AuditEntry
+
+
+Change: TypeAlias = PutTenant | DeleteTenant | PutNode | PutLease | Audit

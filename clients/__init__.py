@@ -1,0 +1,1 @@
+"""Clients: the SDK, the agentcg CLI, demos and benchmarks."""

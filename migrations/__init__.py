@@ -1,0 +1,1 @@
+"""Alembic migrations: the only way the broker schema changes."""

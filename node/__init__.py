@@ -1,0 +1,1 @@
+"""The node agent: per-tool-call cgroups, eBPF monitoring, graduated enforcement."""
