@@ -1,0 +1,249 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * memwatch: in-kernel per-cgroup memory accounting for agentcg tool calls (bcc C).
+ *
+ * Tracepoints only (no kprobes/fentry on our hosts), and no kernel struct is read: everything
+ * comes from tracepoint fields and BPF helpers, so the program does not depend on the headers
+ * matching the running kernel.
+ *
+ *   memcg:count_memcg_events          every charge/uncharge -> usage estimate in `watch_state`
+ *   vmscan:mm_vmscan_memcg_reclaim_begin  a watched task hit a memcg limit -> MW_LIMIT
+ *   oom:mark_victim                   a watched task was chosen as OOM victim -> MW_OOM_KILL
+ *   task:task_newtask                 a watched process forked -> child inherits its watch
+ *   sched:sched_process_exec/exit     exec / last-thread exit of a watched process
+ *
+ * A 150 MiB allocation is ~40k charge events: they only update maps; user space gets the
+ * crossings through the `events` ring buffer.
+ *
+ * Two maps per watched cgroup, so that neither side ever overwrites what the other writes:
+ * `watches` (thresholds, written by user space only) and `watch_state` (counters, created zeroed
+ * by user space, then written by the kernel only). Re-arming is a generation number: user space
+ * bumps watch.arm_gen, and the first handler that sees the new generation clears the fired bits.
+ *
+ * Build-time settings come from cflags (-D...), never from editing this text:
+ *   MAX_WATCHES, MAX_PIDS, MW_PAGE_SHIFT, MW_RINGBUF_PAGES.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "memwatch.h"
+
+#ifndef MAX_WATCHES
+#define MAX_WATCHES 4096
+#endif
+#ifndef MAX_PIDS
+#define MAX_PIDS 65536
+#endif
+#ifndef MW_PAGE_SHIFT
+#define MW_PAGE_SHIFT 12
+#endif
+#ifndef MW_RINGBUF_PAGES
+#define MW_RINGBUF_PAGES 16
+#endif
+
+#define MW_CLONE_THREAD 0x00010000ULL /* uapi/linux/sched.h CLONE_THREAD */
+
+_Static_assert(sizeof(struct memwatch_event) == MW_EVENT_SIZE, "memwatch_event layout changed");
+
+/* Thresholds of one watched cgroup. Written by user space only. */
+struct watch {
+	u64 soft_bytes;  /* MW_SOFT when the estimate reaches this; 0 = no soft threshold */
+	u64 limit_bytes; /* the budget, reported with MW_LIMIT/MW_OOM_KILL/MW_EXEC/MW_EXIT */
+	u64 arm_gen;     /* bumped by user space to re-arm the fired bits */
+};
+
+/* Counters of one watched cgroup. Created zeroed by user space, then written by the kernel. */
+struct watch_state {
+	s64 usage_pages;   /* PGPGIN - PGPGOUT since the watch was created (approximate) */
+	s64 peak_pages;
+	u64 reclaims;      /* memcg reclaim passes started by watched tasks of this cgroup */
+	u64 charge_events; /* charge/uncharge events seen */
+	u64 armed_gen;     /* the watch.arm_gen the fired bits belong to */
+	u64 fired;         /* MW_FIRED_* */
+};
+
+BPF_HASH(watches, u64, struct watch, MAX_WATCHES);
+BPF_HASH(watch_state, u64, struct watch_state, MAX_WATCHES);
+BPF_HASH(pids, u32, u64, MAX_PIDS); /* tgid -> cgroup id */
+BPF_ARRAY(drops, u64, MW_DROP_SLOTS);
+BPF_RINGBUF_OUTPUT(events, MW_RINGBUF_PAGES);
+
+static __always_inline u32 current_tgid(void)
+{
+	return bpf_get_current_pid_tgid() >> 32;
+}
+
+static __always_inline u64 pages_to_bytes(s64 pages)
+{
+	return pages > 0 ? ((u64)pages) << MW_PAGE_SHIFT : 0;
+}
+
+static __always_inline void count_drop(int slot)
+{
+	u64 *n = drops.lookup(&slot);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void emit(u32 kind, u64 cgroup_id, u32 pid, u64 usage_bytes,
+				 u64 threshold_bytes)
+{
+	struct memwatch_event *e = events.ringbuf_reserve(sizeof(struct memwatch_event));
+	if (!e) {
+		count_drop(MW_DROP_EVENTS);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = cgroup_id;
+	e->usage_bytes = usage_bytes;
+	e->threshold_bytes = threshold_bytes;
+	e->pid = pid;
+	e->kind = kind;
+	/* Crossings are rare and latency matters: wake the poller for each one. */
+	events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
+}
+
+/* Apply a re-arm requested by user space: exactly one CPU wins the generation swap. */
+static __always_inline void rearm(struct watch *w, struct watch_state *st)
+{
+	u64 gen = w->arm_gen;
+	u64 seen = st->armed_gen;
+	if (seen != gen && __sync_val_compare_and_swap(&st->armed_gen, seen, gen) == seen)
+		__sync_fetch_and_and(&st->fired, 0);
+}
+
+/* Set `bit` in st->fired; true if this call set it (the crossing is to be reported). */
+static __always_inline int fire_once(struct watch_state *st, u64 bit)
+{
+	if (st->fired & bit)
+		return 0;
+	return !(__sync_fetch_and_or(&st->fired, bit) & bit);
+}
+
+TRACEPOINT_PROBE(memcg, count_memcg_events)
+{
+	s64 delta;
+	if (args->item == MW_ITEM_PGPGIN)
+		delta = (s64)args->val;
+	else if (args->item == MW_ITEM_PGPGOUT)
+		delta = -(s64)args->val;
+	else
+		return 0;
+
+	u64 id = args->id;
+	struct watch *w = watches.lookup(&id);
+	if (!w)
+		return 0;
+	struct watch_state *st = watch_state.lookup(&id);
+	if (!st)
+		return 0;
+	rearm(w, st);
+
+	s64 usage = __sync_fetch_and_add(&st->usage_pages, delta) + delta;
+	__sync_fetch_and_add(&st->charge_events, 1);
+	if (usage > st->peak_pages)
+		st->peak_pages = usage; /* racy max: may miss a concurrent higher value by a page */
+
+	u64 soft = w->soft_bytes;
+	if (!soft)
+		return 0;
+	u64 usage_bytes = pages_to_bytes(usage);
+	if (usage_bytes >= soft) {
+		if (fire_once(st, MW_FIRED_SOFT))
+			emit(MW_SOFT, id, current_tgid(), usage_bytes, soft);
+	} else if ((st->fired & MW_FIRED_SOFT) &&
+		   usage_bytes < soft / MW_REARM_DEN * MW_REARM_NUM) {
+		__sync_fetch_and_and(&st->fired, ~(u64)MW_FIRED_SOFT);
+	}
+	return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
+{
+	u32 tgid = current_tgid();
+	u64 *cg = pids.lookup(&tgid);
+	if (!cg)
+		return 0;
+	u64 id = *cg;
+	struct watch *w = watches.lookup(&id);
+	if (!w)
+		return 0;
+	struct watch_state *st = watch_state.lookup(&id);
+	if (!st)
+		return 0;
+	rearm(w, st);
+	__sync_fetch_and_add(&st->reclaims, 1);
+	if (fire_once(st, MW_FIRED_LIMIT))
+		emit(MW_LIMIT, id, tgid, pages_to_bytes(st->usage_pages), w->limit_bytes);
+	return 0;
+}
+
+/* Emit `kind` for a process mapped to a watched cgroup. */
+static __always_inline void emit_for_task(u32 kind, u64 id, u32 pid)
+{
+	struct watch *w = watches.lookup(&id);
+	if (!w)
+		return;
+	struct watch_state *st = watch_state.lookup(&id);
+	u64 usage_bytes = st ? pages_to_bytes(st->usage_pages) : 0;
+	emit(kind, id, pid, usage_bytes, w->limit_bytes);
+}
+
+TRACEPOINT_PROBE(oom, mark_victim)
+{
+	/* `pid` is the victim thread's id; it is the tgid unless a non-leader thread was picked.
+	 * For a memcg OOM the task running here is the one that hit the limit, in the same cgroup:
+	 * fall back to it so a threaded victim is still attributed. */
+	u32 pid = args->pid;
+	u64 *cg = pids.lookup(&pid);
+	if (!cg) {
+		pid = current_tgid();
+		cg = pids.lookup(&pid);
+		if (!cg)
+			return 0;
+		pid = args->pid;
+	}
+	emit_for_task(MW_OOM_KILL, *cg, pid);
+	return 0;
+}
+
+/* Runs in the parent after copy_process passed its last failure point and before the child
+ * can run, so a child can neither exit before its entry exists nor leave one behind on a
+ * failed fork. Threads share their process's entry. */
+TRACEPOINT_PROBE(task, task_newtask)
+{
+	if (args->clone_flags & MW_CLONE_THREAD)
+		return 0;
+	u32 parent = current_tgid();
+	u64 *cg = pids.lookup(&parent);
+	if (!cg)
+		return 0;
+	u64 id = *cg;
+	u32 child = args->pid;
+	if (pids.update(&child, &id))
+		count_drop(MW_DROP_PIDS);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 tgid = current_tgid();
+	u64 *cg = pids.lookup(&tgid);
+	if (!cg)
+		return 0;
+	emit_for_task(MW_EXEC, *cg, tgid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	if (!args->group_dead)
+		return 0;
+	u32 tgid = current_tgid();
+	u64 *cg = pids.lookup(&tgid);
+	if (!cg)
+		return 0;
+	u64 id = *cg;
+	pids.delete(&tgid);
+	emit_for_task(MW_EXIT, id, tgid);
+	return 0;
+}

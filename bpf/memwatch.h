@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * memwatch: per-cgroup memory watch, shared by bpf/memwatch.bpf.c and its Python loader
+ * (agentcg.node.monitor), in the manner of bcc's libbpf-tools/oomkill.h.
+ *
+ * Python reads the MW_* defines of this file (simple "#define NAME <integer>" lines) and checks
+ * them and sizeof(struct memwatch_event) against its own definitions when it loads the program.
+ * Keep every define on one line with a plain integer value.
+ */
+#ifndef AGENTCG_MEMWATCH_H
+#define AGENTCG_MEMWATCH_H
+
+/* Event kinds (struct memwatch_event.kind). */
+#define MW_SOFT 1      /* estimated usage crossed the soft threshold (once per arming) */
+#define MW_LIMIT 2     /* first memcg reclaim by a watched task since (re)arming: at its budget */
+#define MW_OOM_KILL 3  /* the kernel chose a watched task as OOM victim */
+#define MW_EXEC 4      /* a watched task called execve */
+#define MW_EXIT 5      /* the last thread of a watched process exited (group_dead) */
+
+/* struct watch_state.fired bits: a crossing already reported in the current arming. */
+#define MW_FIRED_SOFT 1
+#define MW_FIRED_LIMIT 2
+
+/* Soft threshold hysteresis: re-armed once usage drops below soft * NUM / DEN. */
+#define MW_REARM_NUM 9
+#define MW_REARM_DEN 10
+
+/* memcg:count_memcg_events items (enum vm_event_item; stable since memcg stats began). */
+#define MW_ITEM_PGPGIN 0   /* a folio was charged to the memcg */
+#define MW_ITEM_PGPGOUT 1  /* a folio was uncharged */
+
+/* Index into the `drops` array map. */
+#define MW_DROP_EVENTS 0   /* ring buffer full: an event was lost */
+#define MW_DROP_PIDS 1     /* pids map full: a forked child is not tracked */
+#define MW_DROP_SLOTS 2
+
+#define MW_EVENT_SIZE 40
+
+struct memwatch_event {
+	u64 ts_ns;           /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	u64 cgroup_id;       /* v1: inode of the memcg directory; v2: cgroup id */
+	u64 usage_bytes;     /* in-kernel estimate at the time of the event */
+	u64 threshold_bytes; /* soft threshold (MW_SOFT) or budget (others) */
+	u32 pid;             /* tgid of the task concerned */
+	u32 kind;            /* MW_* */
+};
+
+#endif /* AGENTCG_MEMWATCH_H */

@@ -1,0 +1,154 @@
+"""The broker's live state in memory: tenants, nodes, active leases and the sums decisions need.
+
+Decisions read it; the same ``Change`` records that go to the database are applied here, so the
+ledger and the store never disagree about what a change means. Single-threaded: the broker's
+event loop is its only user.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .admission import NodeView, QuotaLevel
+from .model import (
+    Audit,
+    Change,
+    DeleteTenant,
+    Lease,
+    LeaseId,
+    LeaseState,
+    Node,
+    NodeId,
+    PutLease,
+    PutNode,
+    PutTenant,
+    Tenant,
+    TenantName,
+)
+
+__all__ = ["Ledger", "Forget"]
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Undo of a lease that was never durable: drop it from memory (never persisted)."""
+
+    lease_id: LeaseId
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.tenants: dict[TenantName, Tenant] = {}
+        self.nodes: dict[NodeId, Node] = {}
+        self.connected: set[NodeId] = set()
+        self.pressured: set[NodeId] = set()
+        self.leases: dict[LeaseId, Lease] = {}  # active only
+        self.by_key: dict[tuple[TenantName, str], LeaseId] = {}
+        self._subtree_bytes: dict[TenantName, int] = defaultdict(int)
+        self._subtree_calls: dict[TenantName, int] = defaultdict(int)
+        self._node_bytes: dict[NodeId, int] = defaultdict(int)
+
+    # -- views for decisions -------------------------------------------------------------------
+
+    def chain(self, name: TenantName) -> list[Tenant]:
+        """The tenant and its ancestors, nearest first."""
+        out: list[Tenant] = []
+        cur: TenantName | None = name
+        while cur is not None and cur in self.tenants and len(out) < 64:
+            t = self.tenants[cur]
+            out.append(t)
+            cur = t.parent
+        return out
+
+    def quota_levels(self, name: TenantName) -> list[QuotaLevel]:
+        return [
+            QuotaLevel(t, self._subtree_bytes[t.name], self._subtree_calls[t.name])
+            for t in self.chain(name)
+        ]
+
+    def node_view(self, node_id: NodeId) -> NodeView:
+        n = self.nodes[node_id]
+        return NodeView(
+            node_id=n.node_id,
+            memory_capacity_bytes=n.memory_capacity_bytes,
+            granted_memory_bytes=self._node_bytes[n.node_id],
+            connected=n.node_id in self.connected,
+            pressured=n.node_id in self.pressured,
+        )
+
+    def node_views(self) -> list[NodeView]:
+        return [self.node_view(nid) for nid in sorted(self.nodes)]
+
+    def granted_bytes(self, name: TenantName) -> int:
+        return self._subtree_bytes[name]
+
+    def active_calls(self, name: TenantName) -> int:
+        return self._subtree_calls[name]
+
+    def children(self, name: TenantName) -> list[Tenant]:
+        return [t for t in self.tenants.values() if t.parent == name]
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def load(self, tenants: Iterable[Tenant], nodes: Iterable[Node], leases: Iterable[Lease]) -> None:
+        for t in tenants:
+            self.tenants[t.name] = t
+        for n in nodes:
+            self.nodes[n.node_id] = n
+        for lease in leases:
+            self._put_lease(lease)
+
+    def apply(self, changes: Sequence[Change | Forget]) -> list[Change | Forget]:
+        """Apply changes; return the changes that undo them (in the order to apply them)."""
+        undo: list[Change | Forget] = []
+        for ch in changes:
+            if isinstance(ch, PutTenant):
+                old = self.tenants.get(ch.tenant.name)
+                undo.append(PutTenant(old) if old else DeleteTenant(ch.tenant.name))
+                self.tenants[ch.tenant.name] = ch.tenant
+            elif isinstance(ch, DeleteTenant):
+                old = self.tenants.pop(ch.name, None)
+                if old is not None:
+                    undo.append(PutTenant(old))
+            elif isinstance(ch, PutNode):
+                old_node = self.nodes.get(ch.node.node_id)
+                self.nodes[ch.node.node_id] = ch.node
+                if old_node is not None:
+                    undo.append(PutNode(old_node))
+            elif isinstance(ch, PutLease):
+                prev = self.leases.get(ch.lease.lease_id)
+                undo.append(PutLease(prev) if prev else Forget(ch.lease.lease_id))
+                self._put_lease(ch.lease)
+            elif isinstance(ch, Forget):
+                prev = self.leases.get(ch.lease_id)
+                if prev is not None:
+                    self._drop_lease(prev)
+                    undo.append(PutLease(prev))
+            elif isinstance(ch, Audit):
+                pass
+        undo.reverse()
+        return undo
+
+    def _put_lease(self, lease: Lease) -> None:
+        prev = self.leases.get(lease.lease_id)
+        if prev is not None:
+            self._drop_lease(prev)
+        if lease.state is LeaseState.ACTIVE:
+            self.leases[lease.lease_id] = lease
+            if lease.idempotency_key:
+                self.by_key[(lease.tenant, lease.idempotency_key)] = lease.lease_id
+            self._account(lease, +1)
+
+    def _drop_lease(self, lease: Lease) -> None:
+        del self.leases[lease.lease_id]
+        if lease.idempotency_key:
+            self.by_key.pop((lease.tenant, lease.idempotency_key), None)
+        self._account(lease, -1)
+
+    def _account(self, lease: Lease, sign: int) -> None:
+        for t in self.chain(lease.tenant):
+            self._subtree_bytes[t.name] += sign * lease.memory_bytes
+            self._subtree_calls[t.name] += sign
+        self._node_bytes[lease.node_id] += sign * lease.memory_bytes

@@ -1,0 +1,113 @@
+"""Composition root of the broker process: config, logging, tracing, store, servers, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.v1 import broker_pb2, broker_pb2_grpc
+
+from .journal import Journal
+from .ledger import Ledger
+from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
+from .store import Store
+
+__all__ = ["BrokerConfig", "run_broker", "main"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    listen: str = "127.0.0.1:50051"
+    database_url: str = ""  # "" -> SQLite file in data_dir
+    data_dir: Path = Path("var/broker")
+    ready_file: Path | None = None  # written with the bound address once serving
+    reap_interval_s: float = 1.0
+    grace_s: float = 5.0
+
+
+async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) -> None:
+    url = config.database_url
+    if not url:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        url = Store.default_url(config.data_dir)
+    store = Store(url)
+    store.migrate()
+    snapshot = store.load()
+    ledger = Ledger()
+    ledger.load(snapshot.tenants, snapshot.nodes, snapshot.active_leases)
+    journal = Journal(store)
+    journal.start()
+    core = BrokerCore(store, journal, ledger)
+    log.info(
+        "broker state loaded: %d tenants, %d nodes, %d active leases",
+        len(snapshot.tenants),
+        len(snapshot.nodes),
+        len(snapshot.active_leases),
+    )
+
+    server = grpc.aio.server(interceptors=[aio_server_interceptor()])
+    broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(core), server)
+    broker_pb2_grpc.add_TenantAdminServicer_to_server(TenantAdminServicer(core), server)
+    broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = [
+        d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()
+    ] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    host = config.listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    await server.start()
+    for name in services[:3]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("broker serving on %s (database %s)", address, url.split("@")[-1])
+    if config.ready_file is not None:
+        tmp = config.ready_file.with_suffix(".tmp")
+        tmp.write_text(address)
+        tmp.replace(config.ready_file)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    async def reap() -> None:
+        while True:
+            await asyncio.sleep(config.reap_interval_s)
+            try:
+                await core.expire_due()
+            except Exception:
+                log.exception("lease reaper failed")
+
+    reaper = asyncio.create_task(reap())
+    await stop.wait()
+    log.info("broker stopping (grace %.1f s)", config.grace_s)
+    reaper.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    await journal.close()
+    store.close()
+
+
+def main(config: BrokerConfig, log_level: str = "INFO") -> None:
+    configure_logging(log_level)
+    configure_tracing("agentcg-broker")
+    asyncio.run(run_broker(config))

@@ -1,0 +1,641 @@
+"""The broker's gRPC servicers: validate -> load -> decide -> persist -> respond.
+
+Decisions come from ``admission`` (pure); state lives in the ``Ledger``; durability comes from the
+``Journal``. Domain errors are raised as ``agentcg.errors`` and turned into status codes in one
+place (``_rpc`` below, via ``agentcg.rpcstatus``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry import trace
+
+from agentcg.errors import (
+    AgentcgError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    QuotaExceededError,
+    UnavailableError,
+)
+from agentcg.names import InvalidNameError, validate_name
+from agentcg.rpcstatus import to_status
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+
+from .admission import Deny, Grow, decide_growth, decide_reserve
+from .journal import Journal
+from .ledger import Ledger
+from .model import (
+    Audit,
+    AuditEntry,
+    Change,
+    DeleteTenant,
+    Lease,
+    LeaseId,
+    LeaseState,
+    Node,
+    NodeId,
+    Outcome,
+    PutLease,
+    PutNode,
+    PutTenant,
+    SessionName,
+    Tenant,
+    TenantName,
+)
+from .store import Store
+
+__all__ = ["BrokerCore", "BrokerServicer", "TenantAdminServicer", "NodeGatewayServicer"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+DEFAULT_TTL_MS = 10 * 60 * 1000
+MAX_TTL_MS = 24 * 3600 * 1000
+HEARTBEAT_INTERVAL_MS = 2000
+
+_OUTCOME_TO_MODEL = {
+    types_pb2.OUTCOME_UNSPECIFIED: Outcome.UNKNOWN,
+    types_pb2.OUTCOME_COMPLETED: Outcome.COMPLETED,
+    types_pb2.OUTCOME_GROWN: Outcome.GROWN,
+    types_pb2.OUTCOME_KILLED: Outcome.KILLED,
+    types_pb2.OUTCOME_DENIED: Outcome.DENIED,
+    types_pb2.OUTCOME_FAILED: Outcome.FAILED,
+}
+_OUTCOME_TO_PB = {v: k for k, v in _OUTCOME_TO_MODEL.items()}
+_STATE_TO_PB = {
+    LeaseState.ACTIVE: types_pb2.LEASE_STATE_ACTIVE,
+    LeaseState.RELEASED: types_pb2.LEASE_STATE_RELEASED,
+    LeaseState.EXPIRED: types_pb2.LEASE_STATE_EXPIRED,
+    LeaseState.REVOKED: types_pb2.LEASE_STATE_REVOKED,
+}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _name(field: str, value: str, *, allow_empty: bool = False) -> str:
+    try:
+        return validate_name(field, value, allow_empty=allow_empty)
+    except InvalidNameError as e:
+        raise InvalidArgumentError(field, str(e)) from None
+
+
+def _positive(field: str, value: int) -> int:
+    if value <= 0:
+        raise InvalidArgumentError(field, f"must be > 0 (got {value})")
+    return value
+
+
+def _non_negative(field: str, value: int) -> int:
+    if value < 0:
+        raise InvalidArgumentError(field, f"must be >= 0 (got {value})")
+    return value
+
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+def lease_to_pb(lease: Lease, node: Node | None) -> types_pb2.Lease:
+    return types_pb2.Lease(
+        lease_id=lease.lease_id,
+        tenant=lease.tenant,
+        session=lease.session,
+        command_class=lease.command_class,
+        node_id=lease.node_id,
+        node_address=node.address if node else "",
+        budget=types_pb2.Resources(memory_bytes=lease.memory_bytes, cpu_millis=lease.cpu_millis),
+        intent=types_pb2.Resources(memory_bytes=lease.intent_memory_bytes),
+        epoch=lease.epoch,
+        state=_STATE_TO_PB[lease.state],
+        priority=lease.priority,
+        granted_at_unix_ms=lease.granted_at_ms,
+        expires_at_unix_ms=lease.expires_at_ms,
+        peak_memory_bytes=lease.peak_memory_bytes,
+        outcome=_OUTCOME_TO_PB[lease.outcome],
+    )
+
+
+def _audit(kind: str, lease: Lease | None = None, **detail: object) -> Audit:
+    return Audit(
+        AuditEntry(
+            at_ms=now_ms(),
+            kind=kind,
+            tenant=lease.tenant if lease else str(detail.pop("tenant", "")),
+            lease_id=lease.lease_id if lease else "",
+            node_id=lease.node_id if lease else str(detail.pop("node_id", "")),
+            detail=json.dumps(detail, sort_keys=True) if detail else "",
+        )
+    )
+
+
+# -- the application core -------------------------------------------------------------------
+
+
+class BrokerCore:
+    """State + durability shared by the servicers: commit = apply to the ledger, make durable,
+    roll the ledger back if the database refused."""
+
+    def __init__(self, store: Store, journal: Journal, ledger: Ledger) -> None:
+        self.store = store
+        self.journal = journal
+        self.ledger = ledger
+        self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage]] = {}
+
+    async def commit(self, changes: list[Change]) -> None:
+        undo = self.ledger.apply(changes)
+        try:
+            await self.journal.commit(changes)
+        except Exception as exc:
+            self.ledger.apply(undo)
+            raise UnavailableError(f"database: could not persist the decision ({exc})") from exc
+
+    def lease_pb(self, lease: Lease) -> types_pb2.Lease:
+        return lease_to_pb(lease, self.ledger.nodes.get(lease.node_id))
+
+    async def find_lease(self, lease_id: str) -> Lease:
+        lid = LeaseId(_name("lease_id", lease_id))
+        lease = self.ledger.leases.get(lid)
+        if lease is None:
+            lease = await self.journal.run_in_db(lambda: self.store.get_lease(lid))
+        if lease is None:
+            raise NotFoundError("lease", lid, field="lease_id")
+        return lease
+
+    async def end_lease(
+        self, lease: Lease, state: LeaseState, *, peak_bytes: int, outcome: Outcome, kind: str
+    ) -> Lease:
+        ended = replace(
+            lease,
+            state=state,
+            ended_at_ms=now_ms(),
+            peak_memory_bytes=max(lease.peak_memory_bytes, peak_bytes),
+            outcome=outcome if outcome is not Outcome.UNKNOWN else lease.outcome,
+        )
+        await self.commit(
+            [
+                PutLease(ended),
+                _audit(kind, ended, peak_bytes=peak_bytes, outcome=ended.outcome.value),
+            ]
+        )
+        log.info(
+            "%s lease %s tenant %s budget %d peak %d outcome %s",
+            kind,
+            lease.lease_id,
+            lease.tenant,
+            lease.memory_bytes,
+            peak_bytes,
+            ended.outcome.value,
+        )
+        return ended
+
+    async def expire_due(self) -> int:
+        """Expire every active lease whose TTL passed; returns how many."""
+        t = now_ms()
+        due = [lease for lease in self.ledger.leases.values() if lease.expires_at_ms <= t]
+        for lease in due:
+            if self.ledger.leases.get(lease.lease_id) is lease:
+                await self.end_lease(
+                    lease, LeaseState.EXPIRED, peak_bytes=0, outcome=Outcome.UNKNOWN, kind="expire"
+                )
+        return len(due)
+
+
+M = TypeVar("M")
+S = TypeVar("S")
+
+
+def _rpc(
+    fn: Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[M]],
+) -> Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[M]]:
+    """Turn domain errors into gRPC status; anything else into a generic INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> M:
+        try:
+            return await fn(self, request, context)
+        except AgentcgError as exc:
+            log.info("%s: %s: %s", fn.__name__, type(exc).__name__, exc.message)
+            trace.get_current_span().set_attribute("agentcg.error", exc.message)
+            await context.abort_with_status(to_status(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            log.exception("%s: internal error", fn.__name__)
+            trace.get_current_span().record_exception(exc)
+            await context.abort_with_status(to_status(exc))
+        raise AssertionError("unreachable")  # abort_with_status raises
+
+    return wrapper
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    @_rpc
+    async def Reserve(
+        self, request: broker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.ReserveResponse:
+        # validate
+        tenant_name = TenantName(_name("tenant", request.tenant))
+        session = SessionName(_name("session", request.session or "default"))
+        command_class = _name("command_class", request.command_class or "default")
+        memory = _positive("intent.memory_bytes", request.intent.memory_bytes)
+        _non_negative("intent.cpu_millis", request.intent.cpu_millis)
+        ttl_ms = _non_negative("ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
+        if ttl_ms > MAX_TTL_MS:
+            raise InvalidArgumentError("ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
+        if len(request.idempotency_key) > 128:
+            raise InvalidArgumentError("idempotency_key", "must be at most 128 characters")
+        ledger = self.core.ledger
+        # load
+        if tenant_name not in ledger.tenants:
+            raise NotFoundError("tenant", tenant_name, field="tenant")
+        if request.idempotency_key:
+            existing = ledger.by_key.get((tenant_name, request.idempotency_key))
+            if existing is not None:
+                return broker_pb2.ReserveResponse(lease=self.core.lease_pb(ledger.leases[existing]))
+        with tracer.start_as_current_span("agentcg.admission") as span:
+            span.set_attribute("agentcg.tenant", tenant_name)
+            span.set_attribute("agentcg.memory_bytes", memory)
+            # decide
+            decision = decide_reserve(memory, ledger.quota_levels(tenant_name), ledger.node_views())
+            span.set_attribute("agentcg.decision", type(decision).__name__.lower())
+            if isinstance(decision, Deny):
+                span.set_attribute("agentcg.reason", decision.code)
+                raise QuotaExceededError(
+                    decision.message,
+                    code=decision.code,
+                    scope=decision.scope,
+                    largest_memory_bytes_available=decision.largest_memory_bytes_available,
+                    retry_after_ms=decision.retry_after_ms,
+                )
+            t = now_ms()
+            lease = Lease(
+                lease_id=LeaseId(uuid.uuid4().hex),
+                tenant=tenant_name,
+                session=session,
+                command_class=command_class,
+                node_id=decision.node_id,
+                memory_bytes=decision.memory_bytes,
+                intent_memory_bytes=memory,
+                cpu_millis=request.intent.cpu_millis,
+                priority=request.priority,
+                granted_at_ms=t,
+                expires_at_ms=t + ttl_ms,
+                idempotency_key=request.idempotency_key,
+            )
+            span.set_attribute("agentcg.lease_id", lease.lease_id)
+            # persist
+            await self.core.commit([PutLease(lease), _audit("reserve", lease, memory_bytes=memory)])
+        log.info(
+            "reserve lease %s tenant %s node %s budget %d",
+            lease.lease_id,
+            tenant_name,
+            lease.node_id,
+            memory,
+        )
+        return broker_pb2.ReserveResponse(lease=self.core.lease_pb(lease))
+
+    @_rpc
+    async def Release(
+        self, request: broker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.ReleaseResponse:
+        _non_negative("peak_memory_bytes", request.peak_memory_bytes)
+        if request.outcome not in _OUTCOME_TO_MODEL:
+            raise InvalidArgumentError("outcome", f"unknown outcome {request.outcome}")
+        lease = await self.core.find_lease(request.lease_id)
+        if lease.state is LeaseState.ACTIVE:
+            lease = await self.core.end_lease(
+                lease,
+                LeaseState.RELEASED,
+                peak_bytes=request.peak_memory_bytes,
+                outcome=_OUTCOME_TO_MODEL[request.outcome],
+                kind="release",
+            )
+        return broker_pb2.ReleaseResponse(lease=self.core.lease_pb(lease))
+
+    @_rpc
+    async def Renew(
+        self, request: broker_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.RenewResponse:
+        ttl_ms = _non_negative("ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
+        if ttl_ms > MAX_TTL_MS:
+            raise InvalidArgumentError("ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
+        lease = await self.core.find_lease(request.lease_id)
+        if lease.state is not LeaseState.ACTIVE:
+            raise FailedPreconditionError(
+                f"lease {lease.lease_id}: cannot renew, it is {lease.state.value}"
+            )
+        renewed = replace(lease, expires_at_ms=now_ms() + ttl_ms)
+        await self.core.commit([PutLease(renewed)])
+        return broker_pb2.RenewResponse(lease=self.core.lease_pb(renewed))
+
+    @_rpc
+    async def GetLease(
+        self, request: broker_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.Lease:
+        return self.core.lease_pb(await self.core.find_lease(request.lease_id))
+
+    @_rpc
+    async def ListLeases(
+        self, request: broker_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.ListLeasesResponse:
+        tenant = _name("tenant", request.tenant, allow_empty=True)
+        node_id = _name("node_id", request.node_id, allow_empty=True)
+        limit = _non_negative("limit", request.limit) or 1000
+        store = self.core.store
+        leases = await self.core.journal.run_in_db(
+            lambda: store.list_leases(
+                tenant=tenant,
+                node_id=node_id,
+                include_inactive=request.include_inactive,
+                limit=limit,
+            )
+        )
+        return broker_pb2.ListLeasesResponse(leases=[self.core.lease_pb(x) for x in leases])
+
+    async def Ping(
+        self, request: broker_pb2.PingRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.PingResponse:
+        return broker_pb2.PingResponse()
+
+
+class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    def _tenant_pb(self, t: Tenant) -> broker_pb2.Tenant:
+        ledger = self.core.ledger
+        return broker_pb2.Tenant(
+            name=t.name,
+            parent=t.parent or "",
+            quota=types_pb2.Resources(memory_bytes=t.memory_quota_bytes, cpu_millis=t.cpu_quota_millis),
+            granted=types_pb2.Resources(memory_bytes=ledger.granted_bytes(t.name)),
+            active_leases=ledger.active_calls(t.name),
+        )
+
+    def _get(self, name: str, field: str = "name") -> Tenant:
+        t = self.core.ledger.tenants.get(TenantName(_name(field, name)))
+        if t is None:
+            raise NotFoundError("tenant", name, field=field)
+        return t
+
+    @_rpc
+    async def SetTenant(
+        self, request: broker_pb2.SetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.Tenant:
+        name = TenantName(_name("name", request.name))
+        parent_s = _name("parent", request.parent, allow_empty=True)
+        memory = _positive("quota.memory_bytes", request.quota.memory_bytes)
+        cpu = _non_negative("quota.cpu_millis", request.quota.cpu_millis)
+        ledger = self.core.ledger
+        parent = TenantName(parent_s) if parent_s else None
+        if parent is not None:
+            self._get(parent, "parent")
+            if name in [t.name for t in ledger.chain(parent)]:
+                raise InvalidArgumentError("parent", f"{parent} is {name} or below it: a cycle")
+        old = ledger.tenants.get(name)
+        if old is not None and old.parent != parent and ledger.active_calls(name):
+            raise FailedPreconditionError(
+                f"tenant {name}: cannot move to another parent with {ledger.active_calls(name)} "
+                "active leases"
+            )
+        tenant = Tenant(name=name, parent=parent, memory_quota_bytes=memory, cpu_quota_millis=cpu)
+        await self.core.commit(
+            [PutTenant(tenant), _audit("tenant_set", tenant=name, memory_quota_bytes=memory)]
+        )
+        log.info("tenant %s set: memory quota %d parent %s", name, memory, parent)
+        return self._tenant_pb(tenant)
+
+    @_rpc
+    async def GetTenant(
+        self, request: broker_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.Tenant:
+        return self._tenant_pb(self._get(request.name))
+
+    @_rpc
+    async def ListTenants(
+        self, request: broker_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.ListTenantsResponse:
+        tenants = sorted(self.core.ledger.tenants.values(), key=lambda t: t.name)
+        return broker_pb2.ListTenantsResponse(tenants=[self._tenant_pb(t) for t in tenants])
+
+    @_rpc
+    async def DeleteTenant(
+        self, request: broker_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.DeleteTenantResponse:
+        t = self._get(request.name)
+        ledger = self.core.ledger
+        if ledger.children(t.name):
+            raise FailedPreconditionError(f"tenant {t.name}: has child tenants; delete them first")
+        if ledger.active_calls(t.name):
+            raise FailedPreconditionError(
+                f"tenant {t.name}: has {ledger.active_calls(t.name)} active leases"
+            )
+        await self.core.commit([DeleteTenant(t.name), _audit("tenant_delete", tenant=t.name)])
+        return broker_pb2.DeleteTenantResponse()
+
+
+class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    @_rpc
+    async def RegisterNode(
+        self, request: broker_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.RegisterNodeResponse:
+        node_id = NodeId(_name("node_id", request.node_id))
+        if not request.address or len(request.address) > 256:
+            raise InvalidArgumentError("address", "must be host:port")
+        memory = _positive("capacity.memory_bytes", request.capacity.memory_bytes)
+        node = Node(
+            node_id=node_id,
+            address=request.address,
+            memory_capacity_bytes=memory,
+            cpu_capacity_millis=_non_negative("capacity.cpu_millis", request.capacity.cpu_millis),
+            registered_at_ms=now_ms(),
+        )
+        await self.core.commit(
+            [PutNode(node), _audit("node_register", node_id=node_id, memory_bytes=memory)]
+        )
+        log.info("node %s registered at %s with %d bytes", node_id, request.address, memory)
+        return broker_pb2.RegisterNodeResponse(
+            node_id=node_id, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS
+        )
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[broker_pb2.NodeMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[broker_pb2.BrokerMessage]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello: first message must be hello")
+            return
+        node_id = NodeId(first.hello.node_id)
+        ledger = self.core.ledger
+        if node_id not in ledger.nodes:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {node_id!r} is not registered; call RegisterNode first",
+            )
+            return
+        queue: asyncio.Queue[broker_pb2.BrokerMessage] = asyncio.Queue()
+        self.core.node_queues[node_id] = queue
+        ledger.connected.add(node_id)
+        log.info("node %s connected", node_id)
+        reader = asyncio.create_task(self._read(node_id, request_iterator, queue))
+        try:
+            while True:
+                get = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    yield get.result()
+                    continue
+                get.cancel()
+                break
+        finally:
+            reader.cancel()
+            if self.core.node_queues.get(node_id) is queue:
+                del self.core.node_queues[node_id]
+                ledger.connected.discard(node_id)
+                log.info("node %s disconnected", node_id)
+
+    async def _read(
+        self,
+        node_id: NodeId,
+        messages: AsyncIterator[broker_pb2.NodeMessage],
+        queue: asyncio.Queue[broker_pb2.BrokerMessage],
+    ) -> None:
+        async for msg in messages:
+            try:
+                kind = msg.WhichOneof("body")
+                if kind == "pressure":
+                    reply = await self.on_pressure(node_id, msg.pressure)
+                    if reply is not None:
+                        queue.put_nowait(broker_pb2.BrokerMessage(decision=reply))
+                elif kind == "finished":
+                    await self.on_finished(msg.finished)
+                elif kind == "action":
+                    a = msg.action
+                    log.info(
+                        "node %s action %s lease %s kind %s budget %d reaction %.3f ms%s",
+                        node_id,
+                        a.action_id,
+                        a.lease_id,
+                        broker_pb2.ActionKind.Name(a.kind),
+                        a.budget_bytes,
+                        a.reaction_ns / 1e6,
+                        " (dry run)" if a.dry_run else "",
+                    )
+            except AgentcgError as exc:
+                log.warning("node %s: message refused: %s", node_id, exc.message)
+            except Exception:
+                log.exception("node %s: failed to handle a message", node_id)
+
+    async def on_pressure(
+        self, node_id: NodeId, ev: broker_pb2.PressureEvent
+    ) -> broker_pb2.Decision | None:
+        if ev.kind != broker_pb2.PRESSURE_KIND_LIMIT_REACHED:
+            log.debug("node %s pressure %s lease %s", node_id, ev.kind, ev.lease_id)
+            return None
+        ledger = self.core.ledger
+        with tracer.start_as_current_span("agentcg.growth") as span:
+            span.set_attribute("agentcg.lease_id", ev.lease_id)
+            span.set_attribute("agentcg.action_id", ev.action_id)
+            lease = ledger.leases.get(LeaseId(ev.lease_id))
+            decision_id = uuid.uuid4().hex[:16]
+            if lease is None or lease.node_id != node_id:
+                span.set_attribute("agentcg.decision", "kill")
+                return broker_pb2.Decision(
+                    decision_id=decision_id,
+                    lease_id=ev.lease_id,
+                    event_id=ev.event_id,
+                    kind=broker_pb2.DECISION_KIND_KILL,
+                    reason=f"lease {ev.lease_id}: not active on node {node_id}",
+                )
+            result = decide_growth(
+                lease.memory_bytes,
+                ev.requested_memory_bytes,
+                ev.peak_bytes,
+                ledger.quota_levels(lease.tenant),
+                ledger.node_view(node_id),
+            )
+            span.set_attribute("agentcg.tenant", lease.tenant)
+            if isinstance(result, Grow):
+                grown = replace(lease, memory_bytes=result.new_memory_bytes, epoch=lease.epoch + 1)
+                await self.core.commit(
+                    [
+                        PutLease(grown),
+                        _audit(
+                            "grow",
+                            grown,
+                            from_bytes=lease.memory_bytes,
+                            to_bytes=grown.memory_bytes,
+                            action_id=ev.action_id,
+                        ),
+                    ]
+                )
+                span.set_attribute("agentcg.decision", "grow")
+                log.info(
+                    "grow lease %s tenant %s %d -> %d (action %s)",
+                    lease.lease_id,
+                    lease.tenant,
+                    lease.memory_bytes,
+                    grown.memory_bytes,
+                    ev.action_id,
+                )
+                return broker_pb2.Decision(
+                    decision_id=decision_id,
+                    lease_id=lease.lease_id,
+                    event_id=ev.event_id,
+                    kind=broker_pb2.DECISION_KIND_GROW,
+                    new_budget_bytes=grown.memory_bytes,
+                    epoch=grown.epoch,
+                    reason=result.message,
+                )
+            await self.core.commit(
+                [_audit("kill", lease, code=result.code, reason=result.message, action_id=ev.action_id)]
+            )
+            span.set_attribute("agentcg.decision", "kill")
+            span.set_attribute("agentcg.reason", result.code)
+            log.info(
+                "kill lease %s tenant %s: %s (action %s)",
+                lease.lease_id,
+                lease.tenant,
+                result.message,
+                ev.action_id,
+            )
+            return broker_pb2.Decision(
+                decision_id=decision_id,
+                lease_id=lease.lease_id,
+                event_id=ev.event_id,
+                kind=broker_pb2.DECISION_KIND_KILL,
+                epoch=lease.epoch,
+                reason=result.message,
+            )
+
+    async def on_finished(self, fin: broker_pb2.CallFinished) -> None:
+        lease = self.core.ledger.leases.get(LeaseId(fin.lease_id))
+        if lease is None:
+            return  # already released by the client
+        await self.core.end_lease(
+            lease,
+            LeaseState.RELEASED,
+            peak_bytes=fin.peak_memory_bytes,
+            outcome=_OUTCOME_TO_MODEL.get(fin.outcome, Outcome.UNKNOWN),
+            kind="release",
+        )

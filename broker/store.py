@@ -1,0 +1,498 @@
+"""The broker's persistence adapter: SQLAlchemy 2 over SQLite (default) or PostgreSQL.
+
+The typed mapped classes below are the schema's source of truth; the schema itself is created
+and changed only by the Alembic revisions in ``agentcg.migrations`` (``Store.migrate``).
+
+The broker keeps its live state in memory and calls this module from ONE dedicated thread:
+``load`` at start-up, then ``apply`` with each batch of ``Change`` records, in one transaction
+that is durable when ``apply`` returns (SQLite: WAL with ``synchronous=FULL``; PostgreSQL: the
+server's ``synchronous_commit``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import sqlalchemy.exc as sa_exc
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Connection,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    make_url,
+    select,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from agentcg import migrations
+from agentcg.broker.model import (
+    Audit,
+    AuditEntry,
+    Change,
+    DeleteTenant,
+    Lease,
+    LeaseId,
+    LeaseState,
+    Node,
+    NodeId,
+    Outcome,
+    PutLease,
+    PutNode,
+    PutTenant,
+    SessionName,
+    Tenant,
+    TenantName,
+)
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "Base",
+    "TenantRow",
+    "NodeRow",
+    "LeaseRow",
+    "AuditRow",
+    "StoreError",
+    "StoreIntegrityError",
+    "Snapshot",
+    "Store",
+    "create_store_engine",
+    "alembic_config",
+]
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+# Stable constraint names, so that Alembic revisions can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def _enum_values(cls: type[enum.Enum]) -> list[str]:
+    return [str(member.value) for member in cls]
+
+
+def _string_enum(cls: type[enum.Enum], name: str) -> SAEnum:
+    """An enum stored as its string value in a VARCHAR with a CHECK (no native ENUM type)."""
+    return SAEnum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        values_callable=_enum_values,
+        length=16,
+        validate_strings=True,
+    )
+
+
+def _nonnegative(*columns: str) -> tuple[CheckConstraint, ...]:
+    return tuple(CheckConstraint(f"{c} >= 0", name=f"{c}_nonnegative") for c in columns)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    # Quantities are bytes, millis and epoch milliseconds: 64 bits everywhere.
+    type_annotation_map = {int: BigInteger(), str: String()}
+
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    # Deferred: a batch may put a child before its parent; checked at commit.
+    parent: Mapped[str | None] = mapped_column(
+        ForeignKey("tenants.name", deferrable=True, initially="DEFERRED"), index=True
+    )
+    memory_quota_bytes: Mapped[int]
+    cpu_quota_millis: Mapped[int]
+    max_calls: Mapped[int]
+
+    __table_args__ = _nonnegative("memory_quota_bytes", "cpu_quota_millis", "max_calls")
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+
+    node_id: Mapped[str] = mapped_column(primary_key=True)
+    address: Mapped[str]
+    memory_capacity_bytes: Mapped[int]
+    cpu_capacity_millis: Mapped[int]
+    registered_at_ms: Mapped[int]
+
+    __table_args__ = _nonnegative("memory_capacity_bytes", "cpu_capacity_millis")
+
+
+class LeaseRow(Base):
+    """One lease, active or ended. No foreign keys: the history outlives tenants and nodes."""
+
+    __tablename__ = "leases"
+
+    lease_id: Mapped[str] = mapped_column(primary_key=True)
+    tenant: Mapped[str]
+    session: Mapped[str]
+    command_class: Mapped[str]
+    node_id: Mapped[str]
+    memory_bytes: Mapped[int]
+    intent_memory_bytes: Mapped[int]
+    granted_at_ms: Mapped[int]
+    expires_at_ms: Mapped[int]
+    state: Mapped[LeaseState] = mapped_column(_string_enum(LeaseState, "lease_state"))
+    epoch: Mapped[int]
+    priority: Mapped[int]
+    cpu_millis: Mapped[int]
+    idempotency_key: Mapped[str]
+    ended_at_ms: Mapped[int | None]
+    peak_memory_bytes: Mapped[int]
+    outcome: Mapped[Outcome] = mapped_column(_string_enum(Outcome, "outcome"))
+
+    __table_args__ = (
+        Index("ix_leases_state", "state"),
+        Index("ix_leases_tenant_state", "tenant", "state"),
+        Index("ix_leases_node_id_state", "node_id", "state"),
+        Index("ix_leases_tenant_idempotency_key", "tenant", "idempotency_key"),
+        *_nonnegative("memory_bytes", "intent_memory_bytes", "cpu_millis", "peak_memory_bytes"),
+    )
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+
+    # INTEGER PRIMARY KEY is SQLite's rowid alias (autoincrementing); BIGINT elsewhere.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    at_ms: Mapped[int]
+    kind: Mapped[str]
+    tenant: Mapped[str]
+    lease_id: Mapped[str] = mapped_column(index=True)
+    node_id: Mapped[str]
+    detail: Mapped[str] = mapped_column(Text())
+
+
+def _table(row: type[Base]) -> Table:
+    table = row.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+_TENANTS = _table(TenantRow)
+_NODES = _table(NodeRow)
+_LEASES = _table(LeaseRow)
+_AUDIT = _table(AuditRow)
+
+
+class StoreError(Exception):
+    """The database is unreachable or unusable (down, locked, disconnected, not migrated).
+
+    Nothing of the failed call was written; retrying later may succeed.
+    """
+
+
+class StoreIntegrityError(Exception):
+    """A batch broke a schema constraint or held a value a column cannot store.
+
+    A broker bug, not retryable; nothing of the batch was written.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    tenants: list[Tenant]
+    nodes: list[Node]
+    active_leases: list[Lease]
+
+
+def create_store_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite connections get WAL, ``synchronous=FULL``, a busy timeout,
+    foreign keys, and real (SQLAlchemy-emitted) BEGINs so that reads and DDL are transactional.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+            # The sqlite3 module's legacy transaction control skips BEGIN for SELECT and DDL;
+            # turn it off and let the "begin" hook below emit BEGIN instead.
+            dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+            cursor = dbapi_conn.cursor()
+            for pragma in (
+                "journal_mode=WAL",
+                "synchronous=FULL",
+                "busy_timeout=5000",
+                "foreign_keys=ON",
+            ):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True)
+    raise ValueError(f"unsupported database URL {parsed!r}: expected sqlite or postgresql")
+
+
+def alembic_config(url: str, connection: Connection | None = None) -> Config:
+    """An Alembic configuration for our migrations; with ``connection``, env.py runs on it."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser escaping
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+@contextmanager
+def _translated(action: str, url: str) -> Iterator[None]:
+    """Turn SQLAlchemy's errors into the store's two exceptions."""
+    try:
+        yield
+    except (sa_exc.IntegrityError, sa_exc.DataError) as e:
+        raise StoreIntegrityError(f"{action}: constraint violated: {e.orig}") from e
+    except sa_exc.DBAPIError as e:
+        # Unreachable, locked, disconnected, or the schema is missing ("no such table" is an
+        # OperationalError on SQLite, a ProgrammingError on PostgreSQL).
+        raise StoreError(f"{action}: database {url} unavailable: {e.orig}") from e
+    except (sa_exc.DisconnectionError, sa_exc.TimeoutError) as e:
+        raise StoreError(f"{action}: database {url} unavailable: {e}") from e
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch of changes reduced to the final state per key (the last change of a key wins)."""
+
+    tenants: dict[str, Tenant | None]  # None: deleted
+    nodes: dict[str, Node]
+    leases: dict[str, Lease]
+    audit: list[AuditEntry]
+
+    @classmethod
+    def of(cls, changes: Sequence[Change]) -> _Batch:
+        batch = cls({}, {}, {}, [])
+        for change in changes:
+            match change:
+                case PutTenant(tenant=tenant):
+                    batch.tenants[tenant.name] = tenant
+                case DeleteTenant(name=name):
+                    batch.tenants[name] = None
+                case PutNode(node=node):
+                    batch.nodes[node.node_id] = node
+                case PutLease(lease=lease):
+                    batch.leases[lease.lease_id] = lease
+                case Audit(entry=entry):
+                    batch.audit.append(entry)
+        return batch
+
+
+def _values(record: Tenant | Node | Lease | AuditEntry) -> dict[str, object]:
+    """Column values of a record: the columns are named as the record's fields."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
+
+
+def _tenant(row: TenantRow) -> Tenant:
+    return Tenant(
+        name=TenantName(row.name),
+        memory_quota_bytes=row.memory_quota_bytes,
+        parent=None if row.parent is None else TenantName(row.parent),
+        cpu_quota_millis=row.cpu_quota_millis,
+        max_calls=row.max_calls,
+    )
+
+
+def _node(row: NodeRow) -> Node:
+    return Node(
+        node_id=NodeId(row.node_id),
+        address=row.address,
+        memory_capacity_bytes=row.memory_capacity_bytes,
+        cpu_capacity_millis=row.cpu_capacity_millis,
+        registered_at_ms=row.registered_at_ms,
+    )
+
+
+def _lease(row: LeaseRow) -> Lease:
+    return Lease(
+        lease_id=LeaseId(row.lease_id),
+        tenant=TenantName(row.tenant),
+        session=SessionName(row.session),
+        command_class=row.command_class,
+        node_id=NodeId(row.node_id),
+        memory_bytes=row.memory_bytes,
+        intent_memory_bytes=row.intent_memory_bytes,
+        granted_at_ms=row.granted_at_ms,
+        expires_at_ms=row.expires_at_ms,
+        state=row.state,
+        epoch=row.epoch,
+        priority=row.priority,
+        cpu_millis=row.cpu_millis,
+        idempotency_key=row.idempotency_key,
+        ended_at_ms=row.ended_at_ms,
+        peak_memory_bytes=row.peak_memory_bytes,
+        outcome=row.outcome,
+    )
+
+
+def _audit_entry(row: AuditRow) -> AuditEntry:
+    return AuditEntry(
+        at_ms=row.at_ms,
+        kind=row.kind,
+        tenant=row.tenant,
+        lease_id=row.lease_id,
+        node_id=row.node_id,
+        detail=row.detail,
+    )
+
+
+class Store:
+    """The broker's database. Not thread-safe: use it from one thread."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self._url = url
+        self._shown_url = parsed.render_as_string(hide_password=True)
+        self._engine = create_store_engine(url)
+        self._dialect = parsed.get_backend_name()
+        # load() reads three tables; on PostgreSQL make them one snapshot (SQLite's BEGIN is one).
+        self._snapshot_engine = (
+            self._engine.execution_options(isolation_level="REPEATABLE READ")
+            if self._dialect == "postgresql"
+            else self._engine
+        )
+        self._upserts = {
+            table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)
+        }
+
+    @classmethod
+    def default_url(cls, data_dir: Path) -> str:
+        return f"sqlite:///{data_dir / 'broker.db'}"
+
+    def _upsert(
+        self, table: Table
+    ) -> sqlite.Insert | postgresql.Insert:
+        """INSERT ... ON CONFLICT (primary key) DO UPDATE every other column."""
+        key = [c.name for c in table.primary_key.columns]
+        if self._dialect == "sqlite":
+            lite = sqlite.insert(table)
+            return lite.on_conflict_do_update(
+                index_elements=key,
+                set_={c.name: lite.excluded[c.name] for c in table.columns if not c.primary_key},
+            )
+        pg = postgresql.insert(table)
+        return pg.on_conflict_do_update(
+            index_elements=key,
+            set_={c.name: pg.excluded[c.name] for c in table.columns if not c.primary_key},
+        )
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (``alembic upgrade head``)."""
+        with _translated("migrate", self._shown_url), self._engine.begin() as conn:
+            command.upgrade(alembic_config(self._url, conn), "head")
+        logger.info("database %s migrated to head", self._shown_url)
+
+    def load(self) -> Snapshot:
+        """All tenants and nodes, and the active leases, read in one transaction."""
+        with _translated("load", self._shown_url), Session(self._snapshot_engine) as session:
+            tenants = session.scalars(select(TenantRow).order_by(TenantRow.name))
+            snapshot_tenants = [_tenant(r) for r in tenants]
+            nodes = session.scalars(select(NodeRow).order_by(NodeRow.node_id))
+            snapshot_nodes = [_node(r) for r in nodes]
+            leases = session.scalars(
+                select(LeaseRow)
+                .where(LeaseRow.state == LeaseState.ACTIVE)
+                .order_by(LeaseRow.granted_at_ms, LeaseRow.lease_id)
+            )
+            return Snapshot(snapshot_tenants, snapshot_nodes, [_lease(r) for r in leases])
+
+    def apply(self, changes: Sequence[Change]) -> None:
+        """Persist a batch of changes in one transaction: all or nothing, durable on return.
+
+        The result is that of applying the changes in order: a batch is reduced to the last
+        change per tenant, node and lease, and audit entries are appended in order.
+        """
+        if not changes:
+            return
+        batch = _Batch.of(changes)
+        deleted = [name for name, tenant in batch.tenants.items() if tenant is None]
+        tenants = [_values(t) for t in batch.tenants.values() if t is not None]
+        with _translated(f"apply {len(changes)} changes", self._shown_url):
+            with self._engine.begin() as conn:
+                if deleted:
+                    conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
+                if tenants:
+                    conn.execute(self._upserts[_TENANTS.name], tenants)
+                if batch.nodes:
+                    nodes = [_values(n) for n in batch.nodes.values()]
+                    conn.execute(self._upserts[_NODES.name], nodes)
+                if batch.leases:
+                    leases = [_values(le) for le in batch.leases.values()]
+                    conn.execute(self._upserts[_LEASES.name], leases)
+                if batch.audit:
+                    conn.execute(insert(_AUDIT), [_values(e) for e in batch.audit])
+
+    def get_lease(self, lease_id: LeaseId) -> Lease | None:
+        with _translated(f"get lease {lease_id}", self._shown_url), Session(self._engine) as s:
+            row = s.get(LeaseRow, lease_id)
+            return None if row is None else _lease(row)
+
+    def list_leases(
+        self,
+        *,
+        tenant: str = "",
+        node_id: str = "",
+        include_inactive: bool = False,
+        limit: int = 1000,
+    ) -> list[Lease]:
+        """Leases by grant time (oldest first), filtered by tenant and node when given."""
+        query = select(LeaseRow)
+        if tenant:
+            query = query.where(LeaseRow.tenant == tenant)
+        if node_id:
+            query = query.where(LeaseRow.node_id == node_id)
+        if not include_inactive:
+            query = query.where(LeaseRow.state == LeaseState.ACTIVE)
+        query = query.order_by(LeaseRow.granted_at_ms, LeaseRow.lease_id).limit(limit)
+        with _translated("list leases", self._shown_url), Session(self._engine) as session:
+            return [_lease(r) for r in session.scalars(query)]
+
+    def audit(self, *, lease_id: str = "", limit: int = 1000) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries (of one lease when given), oldest first."""
+        query = select(AuditRow)
+        if lease_id:
+            query = query.where(AuditRow.lease_id == lease_id)
+        query = query.order_by(AuditRow.id.desc()).limit(limit)
+        with _translated("read audit", self._shown_url), Session(self._engine) as session:
+            return [_audit_entry(r) for r in reversed(session.scalars(query).all())]
+
+    def close(self) -> None:
+        self._engine.dispose()

@@ -1,0 +1,385 @@
+"""The agentcg client SDK: admission, tenants and running tool calls under a lease.
+
+Depends only on the generated stubs and grpcio. Async-first (``AsyncClient``); ``Client`` is a
+thin synchronous wrapper that drives the async client on a private event loop thread.
+Server errors arrive as ``agentcg.errors`` exceptions (``QuotaExceededError`` for a denial,
+carrying what would fit now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from agentcg.errors import AgentcgError, QuotaExceededError
+from agentcg.rpcstatus import error_from_rpc
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
+
+__all__ = ["AsyncClient", "Client", "Lease", "TenantInfo", "RunResult", "OUTCOMES"]
+
+T = TypeVar("T")
+
+OUTCOMES = {
+    types_pb2.OUTCOME_UNSPECIFIED: "",
+    types_pb2.OUTCOME_COMPLETED: "completed",
+    types_pb2.OUTCOME_GROWN: "grown",
+    types_pb2.OUTCOME_KILLED: "killed",
+    types_pb2.OUTCOME_DENIED: "denied",
+    types_pb2.OUTCOME_FAILED: "failed",
+}
+_OUTCOME_PB = {v: k for k, v in OUTCOMES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: str
+    tenant: str
+    session: str
+    command_class: str
+    node_id: str
+    node_address: str
+    memory_bytes: int
+    epoch: int
+    state: str
+    expires_at_unix_ms: int
+    peak_memory_bytes: int
+    outcome: str
+
+    @classmethod
+    def from_pb(cls, pb: types_pb2.Lease) -> Lease:
+        return cls(
+            lease_id=pb.lease_id,
+            tenant=pb.tenant,
+            session=pb.session,
+            command_class=pb.command_class,
+            node_id=pb.node_id,
+            node_address=pb.node_address,
+            memory_bytes=pb.budget.memory_bytes,
+            epoch=pb.epoch,
+            state=types_pb2.LeaseState.Name(pb.state).removeprefix("LEASE_STATE_").lower(),
+            expires_at_unix_ms=pb.expires_at_unix_ms,
+            peak_memory_bytes=pb.peak_memory_bytes,
+            outcome=OUTCOMES.get(pb.outcome, ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TenantInfo:
+    name: str
+    parent: str
+    memory_quota_bytes: int
+    granted_memory_bytes: int
+    active_leases: int
+
+    @classmethod
+    def from_pb(cls, pb: broker_pb2.Tenant) -> TenantInfo:
+        return cls(
+            pb.name, pb.parent, pb.quota.memory_bytes, pb.granted.memory_bytes, pb.active_leases
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    exit_code: int
+    outcome: str  # completed | grown | killed | denied | failed
+    peak_bytes: int
+    budget_bytes: int
+    reason: str
+    lease_id: str = ""
+    node_id: str = ""
+    actions: tuple[str, ...] = ()  # enforcement actions seen, in order ("pause", "grow", ...)
+    reactions_ns: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exit_code": self.exit_code,
+            "outcome": self.outcome,
+            "peak_bytes": self.peak_bytes,
+            "budget_bytes": self.budget_bytes,
+            "reason": self.reason,
+            "lease_id": self.lease_id,
+            "node_id": self.node_id,
+        }
+
+
+OutputSink = Callable[[int, bytes], None]  # (1 stdout | 2 stderr, data)
+
+
+class AsyncClient:
+    """One channel to the broker, plus a channel per node address used by ``run``."""
+
+    def __init__(self, broker: str, *, timeout_s: float = 10.0) -> None:
+        self._channel = grpc.aio.insecure_channel(broker)
+        self._broker = broker_pb2_grpc.BrokerStub(self._channel)
+        self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
+        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentStub]] = {}
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for ch, _ in self._nodes.values():
+            await ch.close()
+        self._nodes.clear()
+        await self._channel.close()
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await coro
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # -- admission ----------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        tenant: str,
+        memory_bytes: int,
+        *,
+        session: str = "default",
+        command_class: str = "default",
+        priority: int = 0,
+        ttl_ms: int = 0,
+        idempotency_key: str = "",
+        expected_duration_ms: int = 0,
+    ) -> Lease:
+        reply = await self._call(
+            self._broker.Reserve(
+                broker_pb2.ReserveRequest(
+                    tenant=tenant,
+                    session=session,
+                    command_class=command_class,
+                    intent=types_pb2.Resources(memory_bytes=memory_bytes),
+                    priority=priority,
+                    ttl_ms=ttl_ms,
+                    idempotency_key=idempotency_key,
+                    expected_duration_ms=expected_duration_ms,
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return Lease.from_pb(reply.lease)
+
+    async def release(self, lease_id: str, *, peak_bytes: int = 0, outcome: str = "") -> Lease:
+        reply = await self._call(
+            self._broker.Release(
+                broker_pb2.ReleaseRequest(
+                    lease_id=lease_id,
+                    peak_memory_bytes=peak_bytes,
+                    outcome=_OUTCOME_PB.get(outcome, types_pb2.OUTCOME_UNSPECIFIED),
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return Lease.from_pb(reply.lease)
+
+    async def renew(self, lease_id: str, ttl_ms: int = 0) -> Lease:
+        reply = await self._call(
+            self._broker.Renew(
+                broker_pb2.RenewRequest(lease_id=lease_id, ttl_ms=ttl_ms), timeout=self._timeout_s
+            )
+        )
+        return Lease.from_pb(reply.lease)
+
+    async def get_lease(self, lease_id: str) -> Lease:
+        pb = await self._call(
+            self._broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=self._timeout_s
+            )
+        )
+        return Lease.from_pb(pb)
+
+    async def list_leases(
+        self, *, tenant: str = "", node_id: str = "", include_inactive: bool = False
+    ) -> list[Lease]:
+        reply = await self._call(
+            self._broker.ListLeases(
+                broker_pb2.ListLeasesRequest(
+                    tenant=tenant, node_id=node_id, include_inactive=include_inactive
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [Lease.from_pb(x) for x in reply.leases]
+
+    async def ping(self) -> None:
+        await self._call(self._broker.Ping(broker_pb2.PingRequest(), timeout=self._timeout_s))
+
+    # -- tenants ------------------------------------------------------------------------------
+
+    async def set_tenant(self, name: str, memory_bytes: int, *, parent: str = "") -> TenantInfo:
+        pb = await self._call(
+            self._admin.SetTenant(
+                broker_pb2.SetTenantRequest(
+                    name=name, parent=parent, quota=types_pb2.Resources(memory_bytes=memory_bytes)
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return TenantInfo.from_pb(pb)
+
+    async def get_tenant(self, name: str) -> TenantInfo:
+        pb = await self._call(
+            self._admin.GetTenant(broker_pb2.GetTenantRequest(name=name), timeout=self._timeout_s)
+        )
+        return TenantInfo.from_pb(pb)
+
+    async def list_tenants(self) -> list[TenantInfo]:
+        reply = await self._call(
+            self._admin.ListTenants(broker_pb2.ListTenantsRequest(), timeout=self._timeout_s)
+        )
+        return [TenantInfo.from_pb(t) for t in reply.tenants]
+
+    async def delete_tenant(self, name: str) -> None:
+        await self._call(
+            self._admin.DeleteTenant(
+                broker_pb2.DeleteTenantRequest(name=name), timeout=self._timeout_s
+            )
+        )
+
+    # -- running a tool call ------------------------------------------------------------------
+
+    def _node(self, address: str) -> node_pb2_grpc.NodeAgentStub:
+        if address not in self._nodes:
+            ch = grpc.aio.insecure_channel(address)
+            self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
+        return self._nodes[address][1]
+
+    async def exec(
+        self,
+        lease: Lease,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "",
+        on_output: OutputSink | None = None,
+    ) -> RunResult:
+        """Run ``argv`` on the lease's node; returns when the call has exited."""
+        stream = self._node(lease.node_address).Exec(
+            node_pb2.ExecRequest(
+                lease_id=lease.lease_id,
+                argv=list(argv),
+                env=dict(env or {}),
+                cwd=cwd,
+                capture_output=on_output is not None,
+            )
+        )
+        actions: list[str] = []
+        reactions: list[int] = []
+        try:
+            async for ev in stream:
+                kind = ev.WhichOneof("body")
+                if kind == "output" and on_output is not None:
+                    on_output(int(ev.output.stream), ev.output.data)
+                elif kind == "enforcement":
+                    actions.append(ev.enforcement.action)
+                    if ev.enforcement.reaction_ns:
+                        reactions.append(ev.enforcement.reaction_ns)
+                elif kind == "exited":
+                    x = ev.exited
+                    return RunResult(
+                        exit_code=x.exit_code,
+                        outcome=OUTCOMES.get(x.outcome, ""),
+                        peak_bytes=x.peak_bytes,
+                        budget_bytes=x.budget_bytes,
+                        reason=x.reason,
+                        lease_id=lease.lease_id,
+                        node_id=lease.node_id,
+                        actions=tuple(actions),
+                        reactions_ns=tuple(reactions),
+                    )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        raise AgentcgError(f"node {lease.node_id}: stream ended without an exit status")
+
+    async def run(
+        self,
+        tenant: str,
+        memory_bytes: int,
+        argv: Sequence[str],
+        *,
+        session: str = "default",
+        command_class: str = "default",
+        priority: int = 0,
+        env: Mapping[str, str] | None = None,
+        cwd: str = "",
+        on_output: OutputSink | None = None,
+    ) -> RunResult:
+        """Reserve, run on the chosen node, release. A denial is a result, not an exception."""
+        try:
+            lease = await self.reserve(
+                tenant,
+                memory_bytes,
+                session=session,
+                command_class=command_class,
+                priority=priority,
+            )
+        except QuotaExceededError as exc:
+            return RunResult(
+                exit_code=1, outcome="denied", peak_bytes=0, budget_bytes=0, reason=exc.message
+            )
+        result: RunResult | None = None
+        try:
+            result = await self.exec(lease, argv, env=env, cwd=cwd, on_output=on_output)
+            return result
+        finally:
+            # The node releases on exit too; this covers a call that never started. Idempotent.
+            await asyncio.shield(
+                self.release(
+                    lease.lease_id,
+                    peak_bytes=result.peak_bytes if result else 0,
+                    outcome=result.outcome if result else "failed",
+                )
+            )
+
+
+class Client:
+    """Synchronous wrapper: the same methods as AsyncClient, blocking."""
+
+    def __init__(self, broker: str, *, timeout_s: float = 10.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._async = self._run(_make_async(broker, timeout_s))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._async, name)
+        if not asyncio.iscoroutinefunction(method):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._run(method(*args, **kwargs))
+
+        call.__name__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+
+async def _make_async(broker: str, timeout_s: float) -> AsyncClient:
+    return AsyncClient(broker, timeout_s=timeout_s)
+
+

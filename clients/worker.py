@@ -1,0 +1,53 @@
+"""A process that follows a memory curve: allocates and touches memory to rise, frees to fall.
+
+``python -m agentcg.clients.worker --curve 0:10,0.5:150,1.2:20 --scale 1.0`` holds 10 MB, then
+150 MB from t=0.5 s, then 20 MB from t=1.2 s, and exits at the last point. Memory is held in
+1 MiB blocks (mmap-backed, so a free returns pages to the kernel at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+BLOCK = 1 << 20
+
+
+def parse_curve(text: str) -> list[tuple[float, float]]:
+    points = []
+    for part in text.split(","):
+        t, mb = part.split(":")
+        points.append((float(t), float(mb)))
+    if not points or any(b[0] < a[0] for a, b in zip(points, points[1:])):
+        raise ValueError("curve: need time-ordered t:mb points")
+    return points
+
+
+def follow(points: list[tuple[float, float]], scale: float = 1.0) -> int:
+    blocks: list[bytearray] = []
+    start = time.monotonic()
+    peak = 0
+    for t, mb in points:
+        delay = start + t - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        want = int(mb * scale * 1_000_000) // BLOCK
+        while len(blocks) < want:
+            blocks.append(bytearray(BLOCK))  # zero-filled: every page touched
+        del blocks[want:]
+        peak = max(peak, len(blocks))
+    return peak * BLOCK
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--curve", required=True)
+    p.add_argument("--scale", type=float, default=1.0)
+    args = p.parse_args(argv)
+    follow(parse_curve(args.curve), args.scale)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

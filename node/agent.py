@@ -1,0 +1,559 @@
+"""The node agent: runs each tool call in its own cgroup under its lease's budget, watches it
+with the eBPF monitor and applies the graduated policy (``enforcement``) within milliseconds.
+
+The loop is oomd's: an in-kernel event arrives (snapshot) -> the policy decides (detect/rank) ->
+the node acts (pause is the kernel's own; grow/kill here) -> it reports upstream. Every action
+has an id that appears in the log, the span, the ExecEvent and the event sent to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import trace
+
+from agentcg.errors import (
+    AgentcgError,
+    ConflictError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
+from agentcg.names import InvalidNameError, validate_name
+from agentcg.rpcstatus import error_from_rpc, to_status
+from agentcg.v1 import broker_pb2, node_pb2, node_pb2_grpc, types_pb2
+
+from .cgroup import Cgroup, CgroupDriver, CgroupError
+from .enforcement import (
+    AskBroker,
+    CallPhase,
+    CallView,
+    Kill,
+    NodePolicy,
+    Resize,
+    on_deadline,
+    on_decision_grow,
+    on_limit,
+    soft_threshold,
+)
+from .monitor import EventKind, MemEvent, MemoryMonitor
+from .spawn import gated_command
+from .uplink import Uplink
+
+__all__ = ["NodeAgent", "Call"]
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+_OUTPUT_CHUNK = 64 * 1024
+
+
+@dataclass
+class _Pending:
+    action_id: str
+    event_id: str
+    kernel_time_ns: int
+    timer: asyncio.TimerHandle
+
+
+@dataclass
+class Call:
+    call_id: str
+    lease: types_pb2.Lease
+    cgroup: Cgroup
+    cgroup_id: int
+    budget_bytes: int
+    events: asyncio.Queue[node_pb2.ExecEvent]
+    phase: CallPhase = CallPhase.RUNNING
+    grown: int = 0
+    kill_reason: str = ""
+    peak_bytes: int = 0
+    pending: _Pending | None = None
+    reactions_ns: list[int] = field(default_factory=list)
+
+    def view(self) -> CallView:
+        return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
+
+
+class NodeAgent(node_pb2_grpc.NodeAgentServicer):
+    def __init__(
+        self,
+        node_id: str,
+        driver: CgroupDriver,
+        monitor: MemoryMonitor,
+        uplink: Uplink,
+        capacity_bytes: int,
+        policy: NodePolicy = NodePolicy(),
+    ) -> None:
+        self.node_id = node_id
+        self.driver = driver
+        self.monitor = monitor
+        self.uplink = uplink
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.calls: dict[str, Call] = {}  # by lease id
+        self._by_cgroup: dict[int, Call] = {}
+        self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- monitor events (from the poller thread) -----------------------------------------------
+
+    def on_mem_event(self, ev: MemEvent) -> None:
+        """Called on the monitor's poller thread: hop onto the event loop."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._handle_mem_event, ev)
+
+    def _handle_mem_event(self, ev: MemEvent) -> None:
+        call = self._by_cgroup.get(ev.cgroup_id)
+        if call is None:
+            return
+        call.peak_bytes = max(call.peak_bytes, ev.usage_bytes)
+        if ev.kind is EventKind.LIMIT:
+            self._on_limit(call, ev)
+        elif ev.kind is EventKind.SOFT:
+            log.debug("call %s crossed soft threshold at %d bytes", call.call_id, ev.usage_bytes)
+            self._send_pressure(call, broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD, ev, "", 0)
+        elif ev.kind is EventKind.OOM_KILL:
+            log.warning("call %s: kernel OOM-killed pid %d", call.call_id, ev.pid)
+            call.kill_reason = call.kill_reason or (
+                f"kernel OOM kill at budget {call.budget_bytes} bytes (pid {ev.pid})"
+            )
+            self._send_pressure(call, broker_pb2.PRESSURE_KIND_OOM_KILL, ev, "", 0)
+
+    def _on_limit(self, call: Call, ev: MemEvent) -> None:
+        stats = self.driver.read_stats(call.cgroup)
+        call.peak_bytes = max(call.peak_bytes, stats.peak_bytes, stats.usage_bytes)
+        decision = on_limit(call.view(), self.policy)
+        if not isinstance(decision, AskBroker):
+            log.debug("call %s: limit event ignored: %s", call.call_id, decision.reason)
+            return
+        action_id = uuid.uuid4().hex[:12]
+        event_id = uuid.uuid4().hex[:12]
+        call.phase = CallPhase.PAUSED
+        assert self.loop is not None
+        timer = self.loop.call_later(
+            self.policy.broker_timeout_s, self._on_deadline, call, action_id
+        )
+        call.pending = _Pending(action_id, event_id, ev.kernel_time_ns, timer)
+        log.info(
+            "pause call %s lease %s tenant %s at budget %d (usage %d) action %s: asking broker for %d",
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            call.budget_bytes,
+            stats.usage_bytes,
+            action_id,
+            decision.requested_bytes,
+        )
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=action_id,
+                    action="pause",
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=stats.usage_bytes,
+                    reason="budget reached; asking the broker to grow it",
+                )
+            )
+        )
+        self._send_pressure(
+            call, broker_pb2.PRESSURE_KIND_LIMIT_REACHED, ev, action_id, decision.requested_bytes,
+            event_id=event_id, usage_bytes=stats.usage_bytes,
+        )
+
+    def _send_pressure(
+        self,
+        call: Call,
+        kind: broker_pb2.PressureKind.ValueType,
+        ev: MemEvent,
+        action_id: str,
+        requested_bytes: int,
+        *,
+        event_id: str = "",
+        usage_bytes: int = 0,
+    ) -> None:
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                pressure=broker_pb2.PressureEvent(
+                    event_id=event_id or uuid.uuid4().hex[:12],
+                    lease_id=call.lease.lease_id,
+                    epoch=call.lease.epoch,
+                    kind=kind,
+                    usage_bytes=usage_bytes or ev.usage_bytes,
+                    budget_bytes=call.budget_bytes,
+                    peak_bytes=call.peak_bytes,
+                    requested_memory_bytes=requested_bytes,
+                    kernel_time_ns=ev.kernel_time_ns,
+                    action_id=action_id,
+                )
+            )
+        )
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    async def on_decision(self, d: broker_pb2.Decision) -> None:
+        call = self.calls.get(d.lease_id)
+        if call is None or call.pending is None:
+            log.debug("decision %s for lease %s: no waiting call", d.decision_id, d.lease_id)
+            return
+        if d.kind == broker_pb2.DECISION_KIND_GROW:
+            grow = on_decision_grow(call.view(), d.new_budget_bytes)
+            if isinstance(grow, Resize):
+                call.lease.epoch = d.epoch
+                self._resize(call, grow.new_budget_bytes, grow.reason)
+            else:
+                log.warning("call %s: grow decision ignored: %s", call.call_id, grow.reason)
+        elif d.kind == broker_pb2.DECISION_KIND_KILL:
+            self._kill(call, d.reason)
+
+    def _on_deadline(self, call: Call, action_id: str) -> None:
+        if call.pending is None or call.pending.action_id != action_id:
+            return
+        used = sum(c.budget_bytes for c in self.calls.values())
+        decision = on_deadline(call.view(), self.capacity_bytes - used, self.policy)
+        if isinstance(decision, Resize):
+            self._resize(call, decision.new_budget_bytes, decision.reason)
+        elif isinstance(decision, Kill):
+            self._kill(call, decision.reason)
+
+    def _finish_action(self, call: Call, kind: broker_pb2.ActionKind.ValueType, reason: str) -> None:
+        pending = call.pending
+        assert pending is not None
+        pending.timer.cancel()
+        call.pending = None
+        reaction_ns = time.monotonic_ns() - pending.kernel_time_ns
+        call.reactions_ns.append(reaction_ns)
+        action = "grow" if kind == broker_pb2.ACTION_KIND_GROW else "kill"
+        with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
+            span.set_attribute("agentcg.action_id", pending.action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
+            span.set_attribute("agentcg.reaction_ms", reaction_ns / 1e6)
+        log.info(
+            "%s call %s lease %s tenant %s budget %d action %s reaction %.3f ms: %s%s",
+            action,
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            call.budget_bytes,
+            pending.action_id,
+            reaction_ns / 1e6,
+            reason,
+            " (dry run)" if self.policy.dry_run else "",
+        )
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=pending.action_id,
+                    action=action,
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=call.peak_bytes,
+                    reason=reason,
+                    reaction_ns=reaction_ns,
+                )
+            )
+        )
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                action=broker_pb2.ActionReport(
+                    action_id=pending.action_id,
+                    lease_id=call.lease.lease_id,
+                    kind=kind,
+                    budget_bytes=call.budget_bytes,
+                    reason=reason,
+                    dry_run=self.policy.dry_run,
+                    reaction_ns=reaction_ns,
+                )
+            )
+        )
+
+    def _resize(self, call: Call, new_budget: int, reason: str) -> None:
+        if not self.policy.dry_run:
+            # Re-arm the in-kernel thresholds first, then raise the limit: a call that hits the
+            # new budget at once must produce a fresh event.
+            self.monitor.watch(
+                call.cgroup_id,
+                soft_bytes=soft_threshold(new_budget, self.policy),
+                limit_bytes=new_budget,
+            )
+            self.driver.set_memory_limit(call.cgroup, new_budget)
+        call.budget_bytes = new_budget
+        call.grown += 1
+        call.phase = CallPhase.RUNNING
+        self._finish_action(call, broker_pb2.ACTION_KIND_GROW, reason)
+
+    def _kill(self, call: Call, reason: str) -> None:
+        call.kill_reason = reason
+        if not self.policy.dry_run:
+            call.phase = CallPhase.KILLED
+            try:
+                self.driver.kill(call.cgroup)
+            except CgroupError as exc:
+                log.error("call %s: kill failed: %s", call.call_id, exc)
+        self._finish_action(call, broker_pb2.ACTION_KIND_KILL, reason)
+
+    # -- Exec -----------------------------------------------------------------------------------
+
+    async def Exec(
+        self, request: node_pb2.ExecRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.ExecEvent]:
+        try:
+            call, proc = await self._start(request)
+        except AgentcgError as exc:
+            await context.abort_with_status(to_status(exc))
+            return
+        except Exception as exc:
+            log.exception("exec failed to start")
+            await context.abort_with_status(to_status(exc))
+            return
+        started = time.monotonic()
+        try:
+            yield node_pb2.ExecEvent(
+                started=node_pb2.Started(
+                    call_id=call.call_id, pid=proc.pid, cgroup_path=str(call.cgroup.path)
+                )
+            )
+            readers = [
+                asyncio.create_task(self._pump(s, kind, call))
+                for s, kind in (
+                    (proc.stdout, node_pb2.Output.STREAM_STDOUT),
+                    (proc.stderr, node_pb2.Output.STREAM_STDERR),
+                )
+                if s is not None
+            ]
+            waiter = asyncio.create_task(self._wait_exit(proc, readers))
+            while True:
+                get = asyncio.create_task(call.events.get())
+                done, _ = await asyncio.wait({get, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    yield get.result()
+                    continue
+                get.cancel()
+                while not call.events.empty():
+                    yield call.events.get_nowait()
+                break
+            returncode = waiter.result()
+            yield node_pb2.ExecEvent(exited=self._finish(call, returncode, started))
+        finally:
+            if proc.returncode is None:
+                # The caller went away mid-call: the tool call goes with it.
+                log.info("call %s: caller disconnected; killing it", call.call_id)
+                call.kill_reason = "caller disconnected"
+                self.driver.kill(call.cgroup)
+                await proc.wait()
+                self._finish(call, proc.returncode or -9, started)
+
+    async def _start(
+        self, request: node_pb2.ExecRequest
+    ) -> tuple[Call, asyncio.subprocess.Process]:
+        try:
+            lease_id = validate_name("lease_id", request.lease_id)
+        except InvalidNameError as e:
+            raise InvalidArgumentError("lease_id", str(e)) from None
+        if not request.argv or not request.argv[0]:
+            raise InvalidArgumentError("argv", "must not be empty")
+        if lease_id in self.calls:
+            raise ConflictError(f"lease {lease_id}: a call is already running under it")
+        try:
+            lease = await self.uplink.broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        if lease.state != types_pb2.LEASE_STATE_ACTIVE:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: is {types_pb2.LeaseState.Name(lease.state)}, not active"
+            )
+        if lease.node_id != self.node_id:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: placed on node {lease.node_id}, not {self.node_id}"
+            )
+        if lease_id in self.calls:  # a concurrent Exec won the race during GetLease
+            raise ConflictError(f"lease {lease_id}: a call is already running under it")
+        try:
+            tenant = validate_name("tenant", lease.tenant)
+            session = validate_name("session", lease.session)
+        except InvalidNameError as e:
+            raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
+        budget = lease.budget.memory_bytes
+        call_id = lease_id
+        self._users[(tenant,)] += 1
+        self._users[(tenant, session)] += 1
+        try:
+            cg = self.driver.create(tenant, session, call_id)
+            self.driver.set_memory_limit(cg, budget)
+            self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+            call = Call(
+                call_id=call_id,
+                lease=lease,
+                cgroup=cg,
+                cgroup_id=self.driver.cgroup_id(cg),
+                budget_bytes=budget,
+                events=asyncio.Queue(),
+            )
+            read_fd, write_fd = os.pipe()
+            try:
+                env = dict(os.environ)
+                env.update(request.env)
+                out = asyncio.subprocess.PIPE if request.capture_output else asyncio.subprocess.DEVNULL
+                proc = await asyncio.create_subprocess_exec(
+                    *gated_command(list(request.argv)),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    env=env,
+                    cwd=request.cwd or None,
+                    pass_fds=(read_fd,),
+                    start_new_session=True,
+                )
+                os.close(read_fd)
+                read_fd = -1
+                self.driver.attach(cg, proc.pid)
+                self.monitor.watch(
+                    call.cgroup_id,
+                    soft_bytes=soft_threshold(budget, self.policy),
+                    limit_bytes=budget,
+                )
+                self.monitor.add_pid(proc.pid, call.cgroup_id)
+                self.calls[lease_id] = call
+                self._by_cgroup[call.cgroup_id] = call
+                os.write(write_fd, b"go\n")
+            finally:
+                if read_fd >= 0:
+                    os.close(read_fd)
+                os.close(write_fd)
+        except BaseException:
+            self._release_dirs(tenant, session, None)
+            raise
+        log.info(
+            "start call %s lease %s tenant %s session %s budget %d pid %d argv %r",
+            call_id,
+            lease_id,
+            tenant,
+            session,
+            budget,
+            proc.pid,
+            list(request.argv)[:4],
+        )
+        return call, proc
+
+    async def _pump(
+        self, stream: asyncio.StreamReader, kind: node_pb2.Output.Stream.ValueType, call: Call
+    ) -> None:
+        while chunk := await stream.read(_OUTPUT_CHUNK):
+            call.events.put_nowait(node_pb2.ExecEvent(output=node_pb2.Output(stream=kind, data=chunk)))
+
+    @staticmethod
+    async def _wait_exit(proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]]) -> int:
+        code = await proc.wait()
+        if readers:
+            await asyncio.gather(*readers)
+        return code
+
+    def _finish(self, call: Call, returncode: int, started: float) -> node_pb2.Exited:
+        """Collect the result, tear the cgroup down, report upstream. Idempotent."""
+        if call.phase is CallPhase.EXITED:
+            raise RuntimeError("finished twice")
+        if call.pending is not None:
+            call.pending.timer.cancel()
+            call.pending = None
+        try:
+            stats = self.driver.read_stats(call.cgroup)
+            call.peak_bytes = max(call.peak_bytes, stats.peak_bytes)
+            if stats.oom_kills and not call.kill_reason:
+                call.kill_reason = f"kernel OOM kill at budget {call.budget_bytes} bytes"
+        except CgroupError as exc:
+            log.warning("call %s: cannot read final stats: %s", call.call_id, exc)
+        killed = bool(call.kill_reason) and returncode < 0
+        exit_code = 128 - returncode if returncode < 0 else returncode
+        if killed:
+            outcome = types_pb2.OUTCOME_KILLED
+            reason = call.kill_reason
+        elif call.grown:
+            outcome = types_pb2.OUTCOME_GROWN
+            reason = f"grown {call.grown} time(s) to {call.budget_bytes} bytes"
+        else:
+            outcome = types_pb2.OUTCOME_COMPLETED
+            reason = ""
+        call.phase = CallPhase.EXITED
+        self.calls.pop(call.lease.lease_id, None)
+        self._by_cgroup.pop(call.cgroup_id, None)
+        self.monitor.unwatch(call.cgroup_id)
+        self._release_dirs(call.lease.tenant, call.lease.session, call.cgroup)
+        exited = node_pb2.Exited(
+            exit_code=exit_code,
+            outcome=outcome,
+            peak_bytes=call.peak_bytes,
+            budget_bytes=call.budget_bytes,
+            reason=reason,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                finished=broker_pb2.CallFinished(
+                    lease_id=call.lease.lease_id,
+                    exit_code=exit_code,
+                    outcome=outcome,
+                    peak_memory_bytes=call.peak_bytes,
+                    budget_bytes=call.budget_bytes,
+                    reason=reason,
+                )
+            )
+        )
+        log.info(
+            "end call %s lease %s tenant %s exit %d outcome %s peak %d budget %d",
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            exit_code,
+            types_pb2.Outcome.Name(outcome),
+            call.peak_bytes,
+            call.budget_bytes,
+        )
+        return exited
+
+    def _release_dirs(self, tenant: str, session: str, cg: Cgroup | None) -> None:
+        """Remove the call's cgroup, then session and tenant dirs no other call uses."""
+        if cg is not None:
+            try:
+                self.driver.kill(cg)  # stray daemonised children die with the call
+                self.driver.remove(cg)
+            except CgroupError as exc:
+                log.error("cannot remove cgroup %s: %s", cg.path, exc)
+        for key in ((tenant, session), (tenant,)):
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+                try:
+                    self.driver.remove(self.driver.create(*key))
+                except CgroupError as exc:
+                    log.warning("cannot remove cgroup %s: %s", "/".join(key), exc)
+
+    # -- node-level ---------------------------------------------------------------------------
+
+    def heartbeat(self) -> broker_pb2.Heartbeat:
+        used = sum(c.budget_bytes for c in self.calls.values())
+        return broker_pb2.Heartbeat(
+            capacity=types_pb2.Resources(memory_bytes=self.capacity_bytes),
+            used=types_pb2.Resources(memory_bytes=used),
+            running_calls=len(self.calls),
+            dropped_events=self.uplink.dropped,
+        )
+
+    def kill_all(self, reason: str) -> None:
+        for call in list(self.calls.values()):
+            call.kill_reason = reason
+            try:
+                self.driver.kill(call.cgroup)
+            except CgroupError as exc:
+                log.error("call %s: kill failed: %s", call.call_id, exc)
+

@@ -1,0 +1,113 @@
+"""What the node does about a tool call's memory: pure decisions, no I/O, no clock.
+
+The ladder: running -> (hits its budget; the kernel pauses it) paused, asking the broker ->
+grown (resume with a larger budget) or killed (that one call only). If the broker does not
+answer by the deadline, the node falls back to its local rule: kill, or grow from node headroom.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from agentcg.quantity import format_bytes
+
+__all__ = [
+    "CallPhase",
+    "NodePolicy",
+    "CallView",
+    "AskBroker",
+    "Ignore",
+    "Resize",
+    "Kill",
+    "on_limit",
+    "on_decision_grow",
+    "on_deadline",
+    "soft_threshold",
+]
+
+
+class CallPhase(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"  # at its budget, waiting for the broker
+    KILLED = "killed"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True, slots=True)
+class NodePolicy:
+    growth_factor: float = 2.0  # ask for budget x this ...
+    min_growth_bytes: int = 32 << 20  # ... but at least this much more
+    soft_fraction: float = 0.8  # soft threshold = budget x this
+    broker_timeout_s: float = 5.0
+    on_timeout: str = "kill"  # "kill" | "grow-local"
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CallView:
+    lease_id: str
+    phase: CallPhase
+    budget_bytes: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class AskBroker:
+    requested_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    new_budget_bytes: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    reason: str
+
+
+def soft_threshold(budget_bytes: int, policy: NodePolicy) -> int:
+    return int(budget_bytes * policy.soft_fraction)
+
+
+def on_limit(call: CallView, policy: NodePolicy) -> AskBroker | Ignore:
+    """The call hit its budget (and is paused by the kernel): ask the broker for more."""
+    if call.phase is not CallPhase.RUNNING:
+        return Ignore(f"call is {call.phase.value}")
+    requested = max(
+        int(call.budget_bytes * policy.growth_factor), call.budget_bytes + policy.min_growth_bytes
+    )
+    return AskBroker(requested_bytes=requested)
+
+
+def on_decision_grow(call: CallView, new_budget_bytes: int) -> Resize | Ignore:
+    if call.phase is not CallPhase.PAUSED:
+        return Ignore(f"call is {call.phase.value}, not waiting for growth")
+    if new_budget_bytes <= call.budget_bytes:
+        return Ignore(
+            f"grow to {format_bytes(new_budget_bytes)} is not above {format_bytes(call.budget_bytes)}"
+        )
+    return Resize(new_budget_bytes, f"broker grew budget to {format_bytes(new_budget_bytes)}")
+
+
+def on_deadline(call: CallView, node_free_bytes: int, policy: NodePolicy) -> Resize | Kill | Ignore:
+    """The broker did not answer in time: apply the local rule."""
+    if call.phase is not CallPhase.PAUSED:
+        return Ignore(f"call is {call.phase.value}")
+    waited = f"broker did not answer within {policy.broker_timeout_s:g} s"
+    if policy.on_timeout == "grow-local":
+        ask = on_limit(CallView(call.lease_id, CallPhase.RUNNING, call.budget_bytes, call.peak_bytes), policy)
+        assert isinstance(ask, AskBroker)
+        extra = ask.requested_bytes - call.budget_bytes
+        if node_free_bytes >= extra:
+            return Resize(ask.requested_bytes, f"{waited}; grown from node headroom")
+    return Kill(
+        f"{waited}; budget {format_bytes(call.budget_bytes)}, peak {format_bytes(call.peak_bytes)}"
+    )

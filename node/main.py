@@ -1,0 +1,132 @@
+"""Composition root of the node agent: cgroup driver, eBPF monitor, uplink, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from agentcg.names import validate_name
+from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.v1 import broker_pb2, node_pb2_grpc, types_pb2
+
+from .agent import NodeAgent
+from .cgroup import detect_driver
+from .enforcement import NodePolicy
+from .monitor import MemoryMonitor
+from .uplink import Uplink
+
+__all__ = ["NodeConfig", "run_node", "main", "default_node_id", "default_capacity_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+def default_node_id() -> str:
+    return validate_name("node_id", socket.gethostname().split(".")[0][:63] or "node")
+
+
+def default_capacity_bytes() -> int:
+    """90% of MemTotal: what the node offers to tool calls by default."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024 * 9 // 10
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    broker: str = "127.0.0.1:50051"
+    listen: str = "127.0.0.1:0"
+    node_id: str = ""
+    capacity_bytes: int = 0
+    cgroup_root: str = ""  # default: agentcg-<node_id> under the agent's own cgroup
+    policy: NodePolicy = NodePolicy()
+    ready_file: Path | None = None
+    grace_s: float = 5.0
+
+
+async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    node_id = validate_name("node_id", config.node_id or default_node_id())
+    capacity = config.capacity_bytes or default_capacity_bytes()
+    driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
+    leftovers = driver.clear()
+    if leftovers:
+        log.warning("removed %d leftover cgroups under %s", leftovers, driver.root)
+
+    server = grpc.aio.server(interceptors=[aio_server_interceptor()])
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    address = f"{config.listen.rsplit(':', 1)[0]}:{port}"
+
+    agent: NodeAgent | None = None
+
+    async def on_decision(d: broker_pb2.Decision) -> None:
+        assert agent is not None
+        await agent.on_decision(d)
+
+    uplink = Uplink(
+        config.broker,
+        broker_pb2.RegisterNodeRequest(
+            node_id=node_id,
+            address=address,
+            capacity=types_pb2.Resources(memory_bytes=capacity),
+        ),
+        on_decision,
+        lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
+    )
+    monitor = MemoryMonitor(lambda ev: agent.on_mem_event(ev) if agent else None)
+    agent = NodeAgent(node_id, driver, monitor, uplink, capacity, config.policy)
+    agent.loop = asyncio.get_running_loop()
+    monitor.start()
+
+    node_pb2_grpc.add_NodeAgentServicer_to_server(agent, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    await uplink.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "node %s serving on %s, broker %s, capacity %d bytes, cgroups under %s (v%d)",
+        node_id,
+        address,
+        config.broker,
+        capacity,
+        driver.root,
+        driver.version,
+    )
+    if config.ready_file is not None:
+        tmp = config.ready_file.with_suffix(".tmp")
+        tmp.write_text(address)
+        tmp.replace(config.ready_file)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("node %s stopping (grace %.1f s)", node_id, config.grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    stopping = asyncio.create_task(server.stop(config.grace_s))
+    await asyncio.sleep(min(config.grace_s, 0.5))
+    agent.kill_all("node agent shutting down")
+    await stopping
+    await uplink.close()
+    monitor.close()
+    driver.clear()
+
+
+def main(config: NodeConfig, log_level: str = "INFO") -> None:
+    configure_logging(log_level)
+    configure_tracing("agentcg-node")
+    asyncio.run(run_node(config))

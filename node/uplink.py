@@ -1,0 +1,117 @@
+"""The node's link to the broker: register, then one long-lived bidirectional stream.
+
+Reconnects with exponential backoff. Messages produced while the link is down wait in a
+bounded buffer; when it overflows the oldest are dropped and counted (reported in heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from agentcg.v1 import broker_pb2, broker_pb2_grpc
+
+__all__ = ["Uplink"]
+
+log = logging.getLogger(__name__)
+
+
+class Uplink:
+    def __init__(
+        self,
+        broker_address: str,
+        registration: broker_pb2.RegisterNodeRequest,
+        on_decision: Callable[[broker_pb2.Decision], Awaitable[None]],
+        heartbeat: Callable[[], broker_pb2.Heartbeat],
+        *,
+        buffer_size: int = 10_000,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self.channel = grpc.aio.insecure_channel(
+            broker_address, interceptors=aio_client_interceptors()
+        )
+        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
+        self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)
+        self._registration = registration
+        self._on_decision = on_decision
+        self._heartbeat = heartbeat
+        self._buffer: collections.deque[broker_pb2.NodeMessage] = collections.deque()
+        self._buffer_size = buffer_size
+        self._ready = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._max_backoff_s = max_backoff_s
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.heartbeat_interval_s = 2.0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def send(self, msg: broker_pb2.NodeMessage) -> None:
+        if len(self._buffer) >= self._buffer_size:
+            self._buffer.popleft()
+            self.dropped += 1
+        self._buffer.append(msg)
+        self._ready.set()
+
+    async def start(self, *, wait_connected_s: float = 10.0) -> None:
+        self._task = asyncio.create_task(self._run(), name="uplink")
+        await asyncio.wait_for(self._connected.wait(), wait_connected_s)
+
+    async def _outgoing(self) -> AsyncIterator[broker_pb2.NodeMessage]:
+        yield broker_pb2.NodeMessage(
+            hello=broker_pb2.NodeHello(node_id=self._registration.node_id)
+        )
+        while True:
+            while self._buffer:
+                yield self._buffer.popleft()
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.heartbeat_interval_s)
+            except TimeoutError:
+                yield broker_pb2.NodeMessage(heartbeat=self._heartbeat())
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                reply = await self._gateway.RegisterNode(self._registration, timeout=5)
+                self.heartbeat_interval_s = max(0.1, reply.heartbeat_interval_ms / 1000)
+                stream = self._gateway.Connect(self._outgoing())
+                self._connected.set()
+                log.info("uplink connected to broker as node %s", self._registration.node_id)
+                backoff = 0.1
+                async for msg in stream:
+                    if msg.HasField("decision"):
+                        await self._on_decision(msg.decision)
+                log.warning("uplink: broker closed the stream")
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("uplink: %s: %s", exc.code().name, exc.details())
+            except Exception:
+                log.exception("uplink failed")
+            self._connected.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(self._max_backoff_s, backoff * 2)
+
+    async def close(self) -> None:
+        # Give buffered reports (final CallFinished messages) a moment to go out.
+        for _ in range(50):
+            if not self._buffer or not self.connected:
+                break
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.channel.close()
+

@@ -1,0 +1,202 @@
+"""Alembic migrations: every revision round-trips, and head matches the mapped classes.
+
+SQLite always; PostgreSQL when AGENTCG_TEST_POSTGRES_URL is set (scripts/start-postgres.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Column, Integer, MetaData, create_engine, inspect, make_url, text
+
+from agentcg.broker.store import (
+    MIGRATIONS_DIR,
+    Base,
+    Store,
+    alembic_config,
+    create_store_engine,
+)
+
+POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
+REPO = Path(__file__).resolve().parents[2]
+TABLES = {"tenants", "nodes", "leases", "audit"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a fresh schema in the PostgreSQL test database."""
+    if request.param == "sqlite":
+        yield Store.default_url(tmp_path)
+        return
+    if not POSTGRES_URL:
+        pytest.skip(
+            "PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set "
+            "(scripts/start-postgres.sh starts a local server and prints the URL)"
+        )
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
+def run_alembic(url: str, action: Callable[[Config], None]) -> None:
+    """Run an Alembic command as Store.migrate does: on our connection, in one transaction."""
+    engine = create_store_engine(url)
+    try:
+        with engine.begin() as conn:
+            action(alembic_config(url, conn))
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    run_alembic(url, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    run_alembic(url, lambda config: command.downgrade(config, revision))
+
+
+def tables(url: str) -> set[str]:
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def schema_diff(url: str, metadata: MetaData = Base.metadata) -> list[object]:
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, metadata))
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str) -> str | None:
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def test_one_head_named_by_its_revision() -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert script.get_heads() == ["0001"]
+    for revision in script.walk_revisions():
+        assert Path(revision.path).name.startswith(f"{revision.revision}_")
+
+
+def test_upgrade_downgrade_upgrade(database_url: str) -> None:
+    upgrade(database_url)
+    assert tables(database_url) == TABLES
+    assert current_revision(database_url) == "0001"
+
+    downgrade(database_url)
+    assert tables(database_url) == set()
+    assert current_revision(database_url) is None
+
+    upgrade(database_url)
+    assert tables(database_url) == TABLES
+    assert schema_diff(database_url) == []
+
+
+def test_every_revision_round_trips(database_url: str) -> None:
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    for revision in reversed(list(script.walk_revisions())):  # oldest first
+        previous = revision.down_revision
+        assert previous is None or isinstance(previous, str), "no merge revisions yet"
+        upgrade(database_url, revision.revision)
+        downgrade(database_url, previous or "base")
+        assert current_revision(database_url) == previous
+        upgrade(database_url, revision.revision)
+        assert current_revision(database_url) == revision.revision
+
+
+def test_migrated_schema_matches_the_mapped_classes(database_url: str) -> None:
+    store = Store(database_url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+    assert schema_diff(database_url) == []
+
+
+def test_schema_diff_sees_drift(tmp_path: Path) -> None:
+    # The empty diff above means something: a column missing from the database shows up.
+    url = Store.default_url(tmp_path)
+    upgrade(url)
+    drifted = MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(drifted)
+    drifted.tables["leases"].append_column(Column("added_later", Integer, nullable=True))
+    diff = schema_diff(url, drifted)
+    assert [d[0] for d in diff if isinstance(d, tuple)] == ["add_column"]  # type: ignore[misc]
+
+
+def test_schema_rejects_unknown_enum_values(database_url: str) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    upgrade(database_url)
+    engine = create_store_engine(database_url)
+    try:
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO leases VALUES ('l', 't', 's', 'c', 'n', 1, 1, 0, 1, 'bogus',"
+                    " 1, 0, 0, '', NULL, 0, '')"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_alembic_command_line_with_the_repo_ini(tmp_path: Path) -> None:
+    url = Store.default_url(tmp_path)
+
+    def alembic(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"url={url}"]
+            + list(args),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr, done.stderr
+        return done.stdout
+
+    alembic("upgrade", "head")
+    assert "0001 (head)" in alembic("current")
+    assert tables(url) == TABLES
+    alembic("downgrade", "base")
+    assert tables(url) == set()
+
+
+def test_migrations_live_in_the_package() -> None:
+    assert MIGRATIONS_DIR == REPO / "migrations"
+    assert (MIGRATIONS_DIR / "env.py").is_file()
+    assert (MIGRATIONS_DIR / "script.py.mako").is_file()

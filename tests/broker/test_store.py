@@ -1,0 +1,448 @@
+"""The store against real databases migrated with Alembic: SQLite always, PostgreSQL when
+AGENTCG_TEST_POSTGRES_URL is set (scripts/start-postgres.sh starts one and prints the URL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, make_url, text
+
+from agentcg.broker.model import (
+    Audit,
+    AuditEntry,
+    Change,
+    DeleteTenant,
+    Lease,
+    LeaseId,
+    LeaseState,
+    Node,
+    NodeId,
+    Outcome,
+    PutLease,
+    PutNode,
+    PutTenant,
+    SessionName,
+    Tenant,
+    TenantName,
+)
+from agentcg.broker.store import (
+    AuditRow,
+    LeaseRow,
+    NodeRow,
+    Snapshot,
+    Store,
+    StoreError,
+    StoreIntegrityError,
+    TenantRow,
+)
+
+POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a fresh schema in the PostgreSQL test database."""
+    if request.param == "sqlite":
+        yield Store.default_url(tmp_path)
+        return
+    if not POSTGRES_URL:
+        pytest.skip(
+            "PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set "
+            "(scripts/start-postgres.sh starts a local server and prints the URL)"
+        )
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+def tenant(name: str, memory_quota_bytes: int = 8 << 30, **kw: object) -> Tenant:
+    return Tenant(TenantName(name), memory_quota_bytes, **kw)  # type: ignore[arg-type]
+
+
+def node(node_id: str = "n1", **kw: object) -> Node:
+    defaults: dict[str, object] = {"address": f"{node_id}:7000", "memory_capacity_bytes": 64 << 30}
+    return Node(NodeId(node_id), **(defaults | kw))  # type: ignore[arg-type]
+
+
+def lease(lease_id: str, **kw: object) -> Lease:
+    defaults: dict[str, object] = {
+        "tenant": TenantName("t1"),
+        "session": SessionName("s1"),
+        "command_class": "pytest",
+        "node_id": NodeId("n1"),
+        "memory_bytes": 1 << 30,
+        "intent_memory_bytes": 1 << 30,
+        "granted_at_ms": 1_000,
+        "expires_at_ms": 61_000,
+    }
+    return Lease(LeaseId(lease_id), **(defaults | kw))  # type: ignore[arg-type]
+
+
+def everything(store: Store) -> tuple[Snapshot, list[Lease], list[AuditEntry]]:
+    return store.load(), store.list_leases(include_inactive=True), store.audit()
+
+
+# --- round trips of each change kind ---------------------------------------------------------
+
+
+def test_put_tenant_round_trips(store: Store) -> None:
+    parent = tenant("org", 64 << 30, cpu_quota_millis=16_000, max_calls=100)
+    # A child may come before its parent in a batch: the foreign key is checked at commit.
+    child = tenant("org/team", 8 << 30, parent=TenantName("org"), cpu_quota_millis=2_000)
+    store.apply([PutTenant(child), PutTenant(parent)])
+    assert store.load().tenants == [parent, child]
+
+    bigger = dataclasses.replace(child, memory_quota_bytes=16 << 30, max_calls=3)
+    store.apply([PutTenant(bigger)])
+    assert store.load().tenants == [parent, bigger]
+
+
+def test_delete_tenant_deletes_the_row(store: Store) -> None:
+    store.apply([PutTenant(tenant("a")), PutTenant(tenant("b"))])
+    store.apply([DeleteTenant(TenantName("a")), DeleteTenant(TenantName("never-existed"))])
+    assert [t.name for t in store.load().tenants] == ["b"]
+
+
+def test_deleting_a_parent_with_children_fails_and_writes_nothing(store: Store) -> None:
+    store.apply([PutTenant(tenant("org")), PutTenant(tenant("org/a", parent=TenantName("org")))])
+    with pytest.raises(StoreIntegrityError, match="apply 2 changes"):
+        store.apply([DeleteTenant(TenantName("org")), PutNode(node("n1"))])
+    snapshot = store.load()
+    assert [t.name for t in snapshot.tenants] == ["org", "org/a"]
+    assert snapshot.nodes == []
+
+
+def test_put_node_round_trips(store: Store) -> None:
+    n1 = node("n1", cpu_capacity_millis=8_000, registered_at_ms=1_700_000_000_000)
+    n2 = node("n2")
+    store.apply([PutNode(n2), PutNode(n1)])
+    assert store.load().nodes == [n1, n2]
+
+    moved = dataclasses.replace(n1, address="10.0.0.9:7000", memory_capacity_bytes=128 << 30)
+    store.apply([PutNode(moved)])
+    assert store.load().nodes == [moved, n2]
+
+
+def test_put_lease_round_trips_every_field(store: Store) -> None:
+    granted = lease(
+        "l-1",
+        memory_bytes=3 << 30,
+        intent_memory_bytes=2 << 30,
+        epoch=3,
+        priority=-5,
+        cpu_millis=1_500,
+        idempotency_key="req-42",
+        peak_memory_bytes=(3 << 30) - 1,
+        granted_at_ms=1_700_000_000_123,
+        expires_at_ms=1_700_000_060_123,
+    )
+    store.apply([PutLease(granted)])
+    assert store.get_lease(LeaseId("l-1")) == granted
+    assert store.load().active_leases == [granted]
+
+    ended = dataclasses.replace(
+        granted,
+        state=LeaseState.RELEASED,
+        ended_at_ms=1_700_000_030_000,
+        outcome=Outcome.COMPLETED,
+        epoch=4,
+    )
+    store.apply([PutLease(ended)])
+    assert store.get_lease(LeaseId("l-1")) == ended
+    assert store.get_lease(LeaseId("missing")) is None
+
+
+@pytest.mark.parametrize("state", list(LeaseState))
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_every_lease_state_and_outcome_round_trips(
+    store: Store, state: LeaseState, outcome: Outcome
+) -> None:
+    stored = lease("l-1", state=state, outcome=outcome)
+    store.apply([PutLease(stored)])
+    assert store.get_lease(LeaseId("l-1")) == stored
+
+
+def test_audit_entries_append_in_order(store: Store) -> None:
+    entries = [
+        AuditEntry(at_ms=5, kind="reserve", tenant="t1", lease_id="l-1", node_id="n1"),
+        AuditEntry(at_ms=5, kind="grow", tenant="t1", lease_id="l-1", detail='{"to": 2}'),
+        AuditEntry(at_ms=4, kind="tenant_set", tenant="t2"),
+    ]
+    store.apply([Audit(e) for e in entries[:2]])
+    store.apply([Audit(entries[2])])
+    assert store.audit() == entries
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def test_a_batch_reads_as_if_applied_in_order(store: Store) -> None:
+    v1, v2 = lease("l-1"), lease("l-1", memory_bytes=2 << 30, epoch=2)
+    store.apply(
+        [
+            PutLease(v1),
+            Audit(AuditEntry(1, "reserve", lease_id="l-1")),
+            PutTenant(tenant("gone")),
+            PutLease(v2),
+            DeleteTenant(TenantName("gone")),
+            DeleteTenant(TenantName("back")),
+            PutTenant(tenant("back", 1)),
+            PutNode(node("n1", address="old")),
+            PutNode(node("n1", address="new")),
+            Audit(AuditEntry(2, "grow", lease_id="l-1")),
+        ]
+    )
+    snapshot = store.load()
+    assert snapshot.active_leases == [v2]
+    assert snapshot.tenants == [tenant("back", 1)]
+    assert [n.address for n in snapshot.nodes] == ["new"]
+    assert [e.kind for e in store.audit()] == ["reserve", "grow"]
+
+
+def test_apply_of_nothing_is_a_no_op(store: Store) -> None:
+    store.apply([])
+    assert everything(store) == (Snapshot([], [], []), [], [])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        PutLease(lease("l-bad", memory_bytes=-1)),
+        PutTenant(tenant("t-bad", -1)),
+        PutTenant(tenant("orphan", parent=TenantName("no-such-parent"))),
+        PutNode(node("n-bad", cpu_capacity_millis=-1)),
+    ],
+    ids=["lease-negative-memory", "tenant-negative-quota", "tenant-unknown-parent", "node"],
+)
+def test_apply_is_atomic(store: Store, bad: Change) -> None:
+    store.apply([PutTenant(tenant("t0")), PutLease(lease("l-0"))])
+    before = everything(store)
+    batch: list[Change] = [
+        PutTenant(tenant("t1")),
+        PutNode(node("n1")),
+        PutLease(lease("l-1")),
+        PutLease(dataclasses.replace(lease("l-0"), state=LeaseState.RELEASED)),
+        DeleteTenant(TenantName("t0")),
+        Audit(AuditEntry(1, "reserve", tenant="t1", lease_id="l-1")),
+        bad,
+    ]
+    with pytest.raises(StoreIntegrityError, match="constraint violated"):
+        store.apply(batch)
+    assert everything(store) == before
+
+    # The store is usable after the failure.
+    store.apply(batch[:-1])
+    assert [le.lease_id for le in store.load().active_leases] == ["l-1"]
+
+
+def test_a_large_batch_in_one_transaction(store: Store) -> None:
+    leases = [lease(f"l-{i:04d}", granted_at_ms=i) for i in range(600)]
+    audit = [AuditEntry(i, "reserve", lease_id=f"l-{i:04d}") for i in range(600)]
+    store.apply([c for pair in zip(map(PutLease, leases), map(Audit, audit)) for c in pair])
+    assert store.load().active_leases == leases
+    assert store.audit(limit=10_000) == audit
+
+
+# --- reads -------------------------------------------------------------------------------------
+
+
+def test_load_returns_only_active_leases(store: Store) -> None:
+    active = [lease("l-a", granted_at_ms=2), lease("l-b", granted_at_ms=1)]
+    ended = [
+        lease("l-r", state=LeaseState.RELEASED, ended_at_ms=9, outcome=Outcome.COMPLETED),
+        lease("l-e", state=LeaseState.EXPIRED, ended_at_ms=9),
+        lease("l-k", state=LeaseState.REVOKED, ended_at_ms=9, outcome=Outcome.KILLED),
+    ]
+    store.apply([PutLease(le) for le in active + ended])
+    assert store.load().active_leases == [active[1], active[0]]  # by grant time
+
+
+def test_list_leases_filters(store: Store) -> None:
+    leases = [
+        lease("l-1", tenant=TenantName("t1"), node_id=NodeId("n1"), granted_at_ms=1),
+        lease("l-2", tenant=TenantName("t1"), node_id=NodeId("n2"), granted_at_ms=2),
+        lease("l-3", tenant=TenantName("t2"), node_id=NodeId("n1"), granted_at_ms=3),
+        lease(
+            "l-4",
+            tenant=TenantName("t1"),
+            node_id=NodeId("n1"),
+            granted_at_ms=4,
+            state=LeaseState.EXPIRED,
+        ),
+    ]
+    store.apply([PutLease(le) for le in reversed(leases)])
+
+    def ids(**kw: object) -> list[str]:
+        return [le.lease_id for le in store.list_leases(**kw)]  # type: ignore[arg-type]
+
+    assert ids() == ["l-1", "l-2", "l-3"]
+    assert ids(include_inactive=True) == ["l-1", "l-2", "l-3", "l-4"]
+    assert ids(tenant="t1") == ["l-1", "l-2"]
+    assert ids(tenant="t1", include_inactive=True) == ["l-1", "l-2", "l-4"]
+    assert ids(node_id="n1") == ["l-1", "l-3"]
+    assert ids(tenant="t1", node_id="n1", include_inactive=True) == ["l-1", "l-4"]
+    assert ids(tenant="nobody") == []
+    assert ids(include_inactive=True, limit=2) == ["l-1", "l-2"]
+
+
+def test_audit_filters_by_lease_and_keeps_the_newest(store: Store) -> None:
+    entries = [AuditEntry(i, "grow", lease_id=f"l-{i % 3}") for i in range(10)]
+    store.apply([Audit(e) for e in entries])
+    assert store.audit() == entries
+    assert store.audit(lease_id="l-1") == [e for e in entries if e.lease_id == "l-1"]
+    assert store.audit(lease_id="l-1", limit=2) == [entries[4], entries[7]]
+    assert store.audit(limit=3) == entries[-3:]
+    assert store.audit(lease_id="l-9") == []
+
+
+# --- durability and errors ---------------------------------------------------------------------
+
+
+def test_reopened_store_has_the_data(database_url: str) -> None:
+    first = Store(database_url)
+    first.migrate()
+    first.apply(
+        [
+            PutTenant(tenant("t1")),
+            PutNode(node("n1")),
+            PutLease(lease("l-1")),
+            Audit(AuditEntry(1, "reserve", lease_id="l-1")),
+        ]
+    )
+    expected = everything(first)
+    first.close()
+
+    second = Store(database_url)
+    second.migrate()  # already at head: a no-op
+    try:
+        assert everything(second) == expected
+        assert expected[0].active_leases == [lease("l-1")]
+    finally:
+        second.close()
+
+
+def test_store_works_from_another_thread(store: Store) -> None:
+    # The broker migrates at start-up, then uses the store from one dedicated DB thread.
+    with ThreadPoolExecutor(1) as db_thread:
+        db_thread.submit(store.apply, [PutLease(lease("l-1"))]).result()
+        assert db_thread.submit(store.load).result().active_leases == [lease("l-1")]
+
+
+def test_sqlite_connections_are_durable_wal(tmp_path: Path) -> None:
+    store = Store(Store.default_url(tmp_path))
+    try:
+        store.migrate()
+        with store._engine.connect() as conn:  # noqa: SLF001 - checking the connect hook
+            pragmas = {
+                p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+                for p in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+            }
+        assert pragmas == {
+            "journal_mode": "wal",
+            "synchronous": 2,  # FULL
+            "busy_timeout": 5000,
+            "foreign_keys": 1,
+        }
+        assert (tmp_path / "broker.db").is_file()
+    finally:
+        store.close()
+
+
+def test_default_url_is_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:
+    assert Store.default_url(tmp_path / "var") == f"sqlite:///{tmp_path}/var/broker.db"
+    store = Store(Store.default_url(tmp_path / "var" / "new"))  # creates the directory
+    store.close()
+    assert (tmp_path / "var" / "new").is_dir()
+
+
+def test_unmigrated_database_raises_store_error(database_url: str) -> None:
+    store = Store(database_url)
+    try:
+        with pytest.raises(StoreError, match="load: database .* unavailable"):
+            store.load()
+    finally:
+        store.close()
+
+
+def test_unreachable_database_raises_store_error() -> None:
+    # Nothing listens on port 1; the password must not appear in the message.
+    store = Store("postgresql+psycopg://agentcg:s3cret@127.0.0.1:1/agentcg?connect_timeout=2")
+    try:
+        with pytest.raises(StoreError, match="unavailable") as raised:
+            store.apply([PutNode(node())])
+        assert "s3cret" not in str(raised.value)
+        with pytest.raises(StoreError):
+            store.migrate()
+    finally:
+        store.close()
+
+
+def test_rows_have_a_column_per_record_field() -> None:
+    # apply() writes records by field name; the read side is typed field by field.
+    pairs = [(TenantRow, Tenant), (NodeRow, Node), (LeaseRow, Lease), (AuditRow, AuditEntry)]
+    for row, record in pairs:
+        columns = {c.name for c in row.__table__.columns} - {"id"}
+        assert columns == {f.name for f in dataclasses.fields(record)}, row.__tablename__
+
+
+# --- property: one batch == the same changes one by one ----------------------------------------
+
+_names = st.sampled_from(["a", "b", "c"])
+_changes = st.one_of(
+    st.builds(
+        lambda n, q: PutTenant(tenant(n, q)), _names, st.integers(0, 1 << 40)
+    ),
+    st.builds(lambda n: DeleteTenant(TenantName(n)), _names),
+    st.builds(lambda n, a: PutNode(node(n, address=a)), _names, st.text(max_size=5)),
+    st.builds(
+        lambda n, m, s: PutLease(lease(n, memory_bytes=m, state=s)),
+        _names,
+        st.integers(0, 1 << 40),
+        st.sampled_from(LeaseState),
+    ),
+    st.builds(lambda n, k: Audit(AuditEntry(1, k, lease_id=n)), _names, st.text(max_size=5)),
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(_changes, max_size=25))
+def test_one_batch_equals_one_change_at_a_time(changes: list[Change]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        batched, stepped = Store.default_url(Path(tmp, "a")), Store.default_url(Path(tmp, "b"))
+        stores = Store(batched), Store(stepped)
+        try:
+            for store in stores:
+                store.migrate()
+            stores[0].apply(changes)
+            for change in changes:
+                stores[1].apply([change])
+            assert everything(stores[0]) == everything(stores[1])
+        finally:
+            for store in stores:
+                store.close()

@@ -1,0 +1,155 @@
+"""The vertical slice end to end: broker and node as real subprocesses on loopback, real cgroups,
+the real BPF program, a real ~200 MiB spike under a 64 MiB reservation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import Client
+from agentcg.errors import InvalidArgumentError, NotFoundError
+
+MiB = 1 << 20
+# ~200 MiB held for half a second (the worker's curve is in decimal MB).
+SPIKE_ARGV = [sys.executable, "-m", "agentcg.clients.worker", "--curve", "0:210,0.5:0"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cgroup_write: Path, bcc_available: None):
+    with LocalCluster(tmp_path_factory.mktemp("slice"), node_memory="1G") as c:
+        yield c
+    # Nothing may be left behind: the node removes its cgroup root on shutdown.
+    left = [p.name for p in cgroup_write.iterdir() if p.is_dir() and p.name.startswith("agentcg-n")]
+    assert left == [], f"cgroups left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster):
+    with Client(cluster.broker_address) as c:
+        yield c
+
+
+def node_root(cgroup_write: Path) -> Path:
+    roots = [p for p in cgroup_write.iterdir() if p.is_dir() and p.name == f"agentcg-n0-{os.getpid()}"]
+    assert len(roots) == 1
+    return roots[0]
+
+
+def agentcg_run(cluster: LocalCluster, tenant: str, memory: str, argv: list[str]) -> tuple[int, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address,
+         "--tenant", tenant, "--memory", memory, "--json", "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.strip(), f"no JSON on stdout; stderr: {proc.stderr}"
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_spike_is_grown_for_tenant_with_headroom(cluster: LocalCluster, client: Client, cgroup_write: Path) -> None:
+    client.set_tenant("rich", 1024 * MiB)
+    code, result = agentcg_run(cluster, "rich", "64M", SPIKE_ARGV)
+    assert code == 0, result
+    assert result["outcome"] == "grown"
+    assert result["budget_bytes"] >= 200 * MiB
+    assert result["peak_bytes"] >= 200 * MiB
+    assert set(result) >= {"exit_code", "outcome", "peak_bytes", "budget_bytes", "reason"}
+    t = client.get_tenant("rich")
+    assert t.granted_memory_bytes == 0 and t.active_leases == 0  # quota whole again
+    assert list(node_root(cgroup_write).iterdir()) == [] or all(
+        not p.is_dir() for p in node_root(cgroup_write).iterdir()
+    )
+
+
+def test_spike_is_killed_for_tenant_without_headroom(cluster: LocalCluster, client: Client) -> None:
+    client.set_tenant("poor", 96 * MiB)
+    code, result = agentcg_run(cluster, "poor", "64M", SPIKE_ARGV)
+    assert code == 137, result
+    assert result["outcome"] == "killed"
+    reason = result["reason"]
+    assert "budget" in reason and "peak" in reason and "quota" in reason, reason
+    assert result["peak_bytes"] <= 96 * MiB + 4 * MiB
+    client.ping()  # the broker is still serving
+    t = client.get_tenant("poor")
+    assert t.granted_memory_bytes == 0 and t.active_leases == 0
+    leases = client.list_leases(tenant="poor", include_inactive=True)
+    assert [x.outcome for x in leases] == ["killed"]
+
+
+def test_small_call_completes_within_budget(cluster: LocalCluster, client: Client) -> None:
+    client.set_tenant("small", 256 * MiB)
+    code, result = agentcg_run(cluster, "small", "64M", [sys.executable, "-c", "print('hi')"])
+    assert (code, result["outcome"], result["budget_bytes"]) == (0, "completed", 64 * MiB)
+
+
+def test_exit_code_is_the_commands(cluster: LocalCluster, client: Client) -> None:
+    client.set_tenant("codes", 256 * MiB)
+    code, result = agentcg_run(cluster, "codes", "32M", ["sh", "-c", "exit 7"])
+    assert code == 7 and result["exit_code"] == 7
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "field"),
+    [
+        (lambda c: c.reserve("rich", 0), InvalidArgumentError, "intent.memory_bytes"),
+        (lambda c: c.reserve("rich", -5), InvalidArgumentError, "intent.memory_bytes"),
+        (lambda c: c.reserve("nobody-here", 64 * MiB), NotFoundError, "tenant"),
+        (lambda c: c.reserve("a/b", 64 * MiB), InvalidArgumentError, "tenant"),
+        (lambda c: c.reserve("..", 64 * MiB), InvalidArgumentError, "tenant"),
+        (lambda c: c.reserve("rich", 64 * MiB, session="../x"), InvalidArgumentError, "session"),
+        (lambda c: c.set_tenant("x/../y", 64 * MiB), InvalidArgumentError, "name"),
+        (lambda c: c.set_tenant("..", 64 * MiB), InvalidArgumentError, "name"),
+        (lambda c: c.set_tenant("ok-name", 0), InvalidArgumentError, "quota.memory_bytes"),
+        (lambda c: c.set_tenant("ok-name", -1), InvalidArgumentError, "quota.memory_bytes"),
+        (lambda c: c.release("no-such-lease"), NotFoundError, "lease_id"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(
+    cluster: LocalCluster, client: Client, call, error, field: str
+) -> None:
+    client.set_tenant("rich", 1024 * MiB)
+    before = client.list_tenants()
+    leases_before = client.list_leases(include_inactive=True)
+    with pytest.raises(error) as info:
+        call(client)
+    assert field in info.value.message
+    if isinstance(info.value, InvalidArgumentError):
+        assert info.value.field == field
+    assert client.list_tenants() == before
+    assert client.list_leases(include_inactive=True) == leases_before
+    client.ping()
+
+
+def test_empty_command_is_refused_and_lease_state_untouched(cluster: LocalCluster, client: Client) -> None:
+    client.set_tenant("rich", 1024 * MiB)
+    lease = client.reserve("rich", 64 * MiB)
+    with pytest.raises(InvalidArgumentError) as info:
+        client.exec(lease, [])
+    assert info.value.field == "argv"
+    assert client.get_lease(lease.lease_id).state == "active"
+    client.release(lease.lease_id)
+    assert client.get_tenant("rich").granted_memory_bytes == 0
+    # and through the CLI: no command at all
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address,
+         "--tenant", "rich", "--memory", "64M", "--"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0 and "argv" in proc.stderr
+    assert client.get_tenant("rich").granted_memory_bytes == 0
+
+
+def test_broker_reports_health(cluster: LocalCluster) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(cluster.broker_address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
