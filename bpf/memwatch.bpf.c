@@ -139,9 +139,11 @@ TRACEPOINT_PROBE(memcg, count_memcg_events)
 	rearm(w, st);
 
 	s64 usage = __sync_fetch_and_add(&st->usage_pages, delta) + delta;
-	__sync_fetch_and_add(&st->charge_events, 1);
+	/* Diagnostics, not decisions: plain stores (a concurrent update may be lost) keep the
+	 * per-page cost to one atomic. */
+	st->charge_events++;
 	if (usage > st->peak_pages)
-		st->peak_pages = usage; /* racy max: may miss a concurrent higher value by a page */
+		st->peak_pages = usage;
 
 	u64 soft = w->soft_bytes;
 	if (!soft)
@@ -218,6 +220,8 @@ TRACEPOINT_PROBE(task, task_newtask)
 	if (!cg)
 		return 0;
 	u64 id = *cg;
+	if (!watches.lookup(&id))
+		return 0; /* being unwatched: do not add entries behind the sweep */
 	u32 child = args->pid;
 	if (pids.update(&child, &id))
 		count_drop(MW_DROP_PIDS);

@@ -63,8 +63,18 @@ class Journal:
                 flat: list[Change] = [c for changes, _ in batch for c in changes]
                 try:
                     await loop.run_in_executor(self._db, self._sink.apply, flat)
-                except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                except Exception as exc:  # noqa: BLE001 - handed to the waiters
                     log.error("journal: commit of %d changes failed: %s", len(flat), exc)
+                    if len(batch) > 1:
+                        # One caller's bad change must not fail the others: commit each alone.
+                        for changes, fut in batch:
+                            try:
+                                await loop.run_in_executor(self._db, self._sink.apply, changes)
+                            except Exception as one:  # noqa: BLE001
+                                fut.set_exception(one)
+                            else:
+                                fut.set_result(None)
+                        continue
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)

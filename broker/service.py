@@ -53,7 +53,7 @@ from .model import (
     Tenant,
     TenantName,
 )
-from .store import Store
+from .store import Store, StoreError
 
 __all__ = ["BrokerCore", "BrokerServicer", "TenantAdminServicer", "NodeGatewayServicer"]
 
@@ -156,10 +156,17 @@ class BrokerCore:
     async def commit(self, changes: list[Change]) -> None:
         undo = self.ledger.apply(changes)
         try:
-            await self.journal.commit(changes)
-        except Exception as exc:
+            # Shielded: a caller that goes away does not stop a commit already queued, and the
+            # ledger keeps the change the database will have.
+            await asyncio.shield(self.journal.commit(changes))
+        except asyncio.CancelledError:
+            raise
+        except StoreError as exc:
             self.ledger.apply(undo)
             raise UnavailableError(f"database: could not persist the decision ({exc})") from exc
+        except BaseException:
+            self.ledger.apply(undo)
+            raise
 
     def lease_pb(self, lease: Lease) -> types_pb2.Lease:
         return lease_to_pb(lease, self.ledger.nodes.get(lease.node_id))
@@ -612,13 +619,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             )
             span.set_attribute("agentcg.decision", "kill")
             span.set_attribute("agentcg.reason", result.code)
-            log.info(
-                "kill lease %s tenant %s: %s (action %s)",
-                lease.lease_id,
-                lease.tenant,
-                result.message,
-                ev.action_id,
-            )
+            log.info("kill lease %s: %s (action %s)", lease.lease_id, result.message, ev.action_id)
             return broker_pb2.Decision(
                 decision_id=decision_id,
                 lease_id=lease.lease_id,

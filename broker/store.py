@@ -16,7 +16,9 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from importlib.resources import files
 from pathlib import Path
+from typing import ClassVar, assert_never
 
 import sqlalchemy.exc as sa_exc
 from alembic import command
@@ -46,8 +48,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from agentcg import migrations
-from agentcg.broker.model import (
+from .model import (
     Audit,
     AuditEntry,
     Change,
@@ -68,22 +69,22 @@ from agentcg.broker.model import (
 
 __all__ = [
     "NAMING_CONVENTION",
-    "Base",
-    "TenantRow",
-    "NodeRow",
-    "LeaseRow",
     "AuditRow",
-    "StoreError",
-    "StoreIntegrityError",
+    "Base",
+    "LeaseRow",
+    "NodeRow",
     "Snapshot",
     "Store",
-    "create_store_engine",
+    "StoreError",
+    "StoreIntegrityError",
+    "TenantRow",
     "alembic_config",
+    "create_store_engine",
 ]
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(migrations.__file__).parent
+MIGRATIONS_DIR = Path(str(files("agentcg.migrations")))
 
 # Stable constraint names, so that Alembic revisions can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -119,7 +120,10 @@ def _nonnegative(*columns: str) -> tuple[CheckConstraint, ...]:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     # Quantities are bytes, millis and epoch milliseconds: 64 bits everywhere.
-    type_annotation_map = {int: BigInteger(), str: String()}
+    type_annotation_map: ClassVar[dict[type[object], BigInteger | String]] = {
+        int: BigInteger(),
+        str: String(),
+    }
 
 
 class TenantRow(Base):
@@ -241,7 +245,7 @@ def create_store_engine(url: str) -> Engine:
         def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             # The sqlite3 module's legacy transaction control skips BEGIN for SELECT and DDL;
             # turn it off and let the "begin" hook below emit BEGIN instead.
-            dbapi_conn.isolation_level = None  # type: ignore[attr-defined]
+            dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             for pragma in (
                 "journal_mode=WAL",
@@ -311,12 +315,19 @@ class _Batch:
                     batch.leases[lease.lease_id] = lease
                 case Audit(entry=entry):
                     batch.audit.append(entry)
+                case _:
+                    assert_never(change)
         return batch
+
+
+_COLUMNS: dict[type, tuple[str, ...]] = {
+    record: tuple(f.name for f in fields(record)) for record in (Tenant, Node, Lease, AuditEntry)
+}
 
 
 def _values(record: Tenant | Node | Lease | AuditEntry) -> dict[str, object]:
     """Column values of a record: the columns are named as the record's fields."""
-    return {f.name: getattr(record, f.name) for f in fields(record)}
+    return {column: getattr(record, column) for column in _COLUMNS[type(record)]}
 
 
 def _tenant(row: TenantRow) -> Tenant:
@@ -389,17 +400,13 @@ class Store:
             if self._dialect == "postgresql"
             else self._engine
         )
-        self._upserts = {
-            table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)
-        }
+        self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
 
     @classmethod
     def default_url(cls, data_dir: Path) -> str:
         return f"sqlite:///{data_dir / 'broker.db'}"
 
-    def _upsert(
-        self, table: Table
-    ) -> sqlite.Insert | postgresql.Insert:
+    def _upsert(self, table: Table) -> sqlite.Insert | postgresql.Insert:
         """INSERT ... ON CONFLICT (primary key) DO UPDATE every other column."""
         key = [c.name for c in table.primary_key.columns]
         if self._dialect == "sqlite":
@@ -445,20 +452,20 @@ class Store:
         batch = _Batch.of(changes)
         deleted = [name for name, tenant in batch.tenants.items() if tenant is None]
         tenants = [_values(t) for t in batch.tenants.values() if t is not None]
-        with _translated(f"apply {len(changes)} changes", self._shown_url):
-            with self._engine.begin() as conn:
-                if deleted:
-                    conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
-                if tenants:
-                    conn.execute(self._upserts[_TENANTS.name], tenants)
-                if batch.nodes:
-                    nodes = [_values(n) for n in batch.nodes.values()]
-                    conn.execute(self._upserts[_NODES.name], nodes)
-                if batch.leases:
-                    leases = [_values(le) for le in batch.leases.values()]
-                    conn.execute(self._upserts[_LEASES.name], leases)
-                if batch.audit:
-                    conn.execute(insert(_AUDIT), [_values(e) for e in batch.audit])
+        action = f"apply {len(changes)} changes"
+        with _translated(action, self._shown_url), self._engine.begin() as conn:
+            if deleted:
+                conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
+            if tenants:
+                conn.execute(self._upserts[_TENANTS.name], tenants)
+            if batch.nodes:
+                nodes = [_values(n) for n in batch.nodes.values()]
+                conn.execute(self._upserts[_NODES.name], nodes)
+            if batch.leases:
+                leases = [_values(le) for le in batch.leases.values()]
+                conn.execute(self._upserts[_LEASES.name], leases)
+            if batch.audit:
+                conn.execute(insert(_AUDIT), [_values(e) for e in batch.audit])
 
     def get_lease(self, lease_id: LeaseId) -> Lease | None:
         with _translated(f"get lease {lease_id}", self._shown_url), Session(self._engine) as s:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from logging.config import fileConfig
 
+from agentcg.broker.store import Base, create_store_engine
 from alembic import context
 from sqlalchemy import Connection
-
-from agentcg.broker.store import Base, create_store_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -44,7 +44,7 @@ from .enforcement import (
     soft_threshold,
 )
 from .monitor import EventKind, MemEvent, MemoryMonitor
-from .spawn import gated_command
+from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
 
 __all__ = ["NodeAgent", "Call"]
@@ -388,6 +388,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call_id = lease_id
         self._users[(tenant,)] += 1
         self._users[(tenant, session)] += 1
+        cg: Cgroup | None = None
         try:
             cg = self.driver.create(tenant, session, call_id)
             self.driver.set_memory_limit(cg, budget)
@@ -400,23 +401,25 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 budget_bytes=budget,
                 events=asyncio.Queue(),
             )
-            read_fd, write_fd = os.pipe()
+            env = dict(os.environ)
+            env.update(request.env)
+            out = asyncio.subprocess.PIPE if request.capture_output else asyncio.subprocess.DEVNULL
+            # Gated: the call waits on its stdin until it sits in its cgroup and is watched.
             try:
-                env = dict(os.environ)
-                env.update(request.env)
-                out = asyncio.subprocess.PIPE if request.capture_output else asyncio.subprocess.DEVNULL
                 proc = await asyncio.create_subprocess_exec(
                     *gated_command(list(request.argv)),
-                    stdin=asyncio.subprocess.DEVNULL,
+                    stdin=asyncio.subprocess.PIPE,
                     stdout=out,
                     stderr=out,
                     env=env,
                     cwd=request.cwd or None,
-                    pass_fds=(read_fd,),
                     start_new_session=True,
                 )
-                os.close(read_fd)
-                read_fd = -1
+            except OSError as exc:
+                raise InvalidArgumentError("cwd", f"cannot start in {request.cwd!r}: {exc.strerror}")
+            gate = proc.stdin
+            assert gate is not None
+            try:
                 self.driver.attach(cg, proc.pid)
                 self.monitor.watch(
                     call.cgroup_id,
@@ -424,15 +427,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     limit_bytes=budget,
                 )
                 self.monitor.add_pid(proc.pid, call.cgroup_id)
-                self.calls[lease_id] = call
-                self._by_cgroup[call.cgroup_id] = call
-                os.write(write_fd, b"go\n")
-            finally:
-                if read_fd >= 0:
-                    os.close(read_fd)
-                os.close(write_fd)
+            except BaseException:
+                gate.close()  # never released: sh exits without running the call
+                await proc.wait()
+                self.monitor.unwatch(call.cgroup_id)
+                raise
+            self.calls[lease_id] = call
+            self._by_cgroup[call.cgroup_id] = call
+            gate.write(GATE_RELEASE)
+            gate.close()
         except BaseException:
-            self._release_dirs(tenant, session, None)
+            self._release_dirs(tenant, session, cg)
             raise
         log.info(
             "start call %s lease %s tenant %s session %s budget %d pid %d argv %r",
@@ -534,7 +539,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             if self._users[key] <= 0:
                 del self._users[key]
                 try:
-                    self.driver.remove(self.driver.create(*key))
+                    self.driver.remove(Cgroup(rel=key, path=self.driver.root.joinpath(*key)))
                 except CgroupError as exc:
                     log.warning("cannot remove cgroup %s: %s", "/".join(key), exc)
 

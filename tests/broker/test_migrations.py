@@ -13,13 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Integer, MetaData, create_engine, inspect, make_url, text
-
 from agentcg.broker.store import (
     MIGRATIONS_DIR,
     Base,
@@ -27,6 +20,13 @@ from agentcg.broker.store import (
     alembic_config,
     create_store_engine,
 )
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Column, Integer, MetaData, create_engine, inspect, make_url, text
+from sqlalchemy.exc import IntegrityError
 
 POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
 REPO = Path(__file__).resolve().parents[2]
@@ -154,12 +154,10 @@ def test_schema_diff_sees_drift(tmp_path: Path) -> None:
         table.to_metadata(drifted)
     drifted.tables["leases"].append_column(Column("added_later", Integer, nullable=True))
     diff = schema_diff(url, drifted)
-    assert [d[0] for d in diff if isinstance(d, tuple)] == ["add_column"]  # type: ignore[misc]
+    assert [d[0] for d in diff if isinstance(d, tuple)] == ["add_column"]
 
 
 def test_schema_rejects_unknown_enum_values(database_url: str) -> None:
-    from sqlalchemy.exc import IntegrityError
-
     upgrade(database_url)
     engine = create_store_engine(database_url)
     try:

@@ -13,10 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from sqlalchemy import create_engine, make_url, text
-
 from agentcg.broker.model import (
     Audit,
     AuditEntry,
@@ -45,6 +41,9 @@ from agentcg.broker.store import (
     StoreIntegrityError,
     TenantRow,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, make_url, text
 
 POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
 
@@ -358,7 +357,7 @@ def test_sqlite_connections_are_durable_wal(tmp_path: Path) -> None:
     store = Store(Store.default_url(tmp_path))
     try:
         store.migrate()
-        with store._engine.connect() as conn:  # noqa: SLF001 - checking the connect hook
+        with store._engine.connect() as conn:  # checking the connect hook
             pragmas = {
                 p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
                 for p in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
@@ -415,9 +414,7 @@ def test_rows_have_a_column_per_record_field() -> None:
 
 _names = st.sampled_from(["a", "b", "c"])
 _changes = st.one_of(
-    st.builds(
-        lambda n, q: PutTenant(tenant(n, q)), _names, st.integers(0, 1 << 40)
-    ),
+    st.builds(lambda n, q: PutTenant(tenant(n, q)), _names, st.integers(0, 1 << 40)),
     st.builds(lambda n: DeleteTenant(TenantName(n)), _names),
     st.builds(lambda n, a: PutNode(node(n, address=a)), _names, st.text(max_size=5)),
     st.builds(

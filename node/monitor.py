@@ -1,0 +1,397 @@
+"""eBPF memory monitor: the typed face of bpf/memwatch.bpf.c. The only module importing bcc.
+
+The BPF program aggregates every memcg charge of a watched cgroup in-kernel and sends only
+crossings (soft threshold, first reclaim at the limit, OOM victim, exec, exit) through a ring
+buffer. One daemon thread polls it and calls `on_event` with a `MemEvent`.
+
+    python -m agentcg.node.monitor --ebpf        # print the BPF program and its cflags
+    python -m agentcg.node.monitor [CGROUP_DIR]  # live demo: print events of a v1 memcg
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import enum
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import agentcg.bpf
+
+__all__ = [
+    "BPF_SOURCE",
+    "DropCounts",
+    "EventKind",
+    "MemEvent",
+    "MemoryMonitor",
+    "MonitorError",
+    "WatchStats",
+    "program_cflags",
+    "read_header_constants",
+]
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(agentcg.bpf.__file__).resolve().parent
+BPF_SOURCE = BPF_DIR / "memwatch.bpf.c"
+BPF_HEADER = BPF_DIR / "memwatch.h"
+
+DEFAULT_MAX_WATCHES = 4096
+DEFAULT_MAX_PIDS = 65536
+DEFAULT_RINGBUF_PAGES = 16  # 64 KiB: ~1600 events of 40 bytes in flight
+DEFAULT_POLL_TIMEOUT_MS = 50  # bounds how long close() waits for the poller
+
+
+class EventKind(enum.IntEnum):
+    SOFT = 1  # estimated usage crossed the soft threshold
+    LIMIT = 2  # a watched task started memcg reclaim: the call hit its budget
+    OOM_KILL = 3
+    EXEC = 4
+    EXIT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MemEvent:
+    kind: EventKind
+    cgroup_id: int
+    pid: int
+    usage_bytes: int  # in-kernel estimate (charged minus uncharged pages since the watch)
+    threshold_bytes: int  # soft threshold for SOFT, the budget (limit) for the others
+    kernel_time_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns() scale)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchStats:
+    usage_bytes: int
+    peak_bytes: int
+    reclaims: int
+    charge_events: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropCounts:
+    events: int  # ring buffer full
+    pids: int  # pids map full: a forked child went untracked
+    malformed: int = 0  # records user space could not decode (size or kind)
+
+
+class MonitorError(Exception):
+    """The BPF program could not be loaded or a map operation failed."""
+
+
+class _Event(ctypes.Structure):
+    # Mirrors struct memwatch_event in bpf/memwatch.h (size checked against MW_EVENT_SIZE).
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("usage_bytes", ctypes.c_uint64),
+        ("threshold_bytes", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+    ]
+
+
+_DEFINE_RE = re.compile(r"^\s*#define\s+(MW_[A-Z0-9_]+)\s+(\d+)\b", re.MULTILINE)
+
+
+def read_header_constants(text: str) -> dict[str, int]:
+    """The `#define MW_NAME <integer>` constants of bpf/memwatch.h."""
+    return {name: int(value) for name, value in _DEFINE_RE.findall(text)}
+
+
+def check_header(constants: dict[str, int]) -> None:
+    """Raise MonitorError if the header and this module disagree on kinds or layout."""
+    for kind in EventKind:
+        seen = constants.get(f"MW_{kind.name}")
+        if seen != kind.value:
+            raise MonitorError(f"memwatch.h: MW_{kind.name} is {seen}, monitor expects {kind}")
+    size = constants.get("MW_EVENT_SIZE")
+    if size != ctypes.sizeof(_Event):
+        raise MonitorError(f"memwatch.h: MW_EVENT_SIZE {size} != {ctypes.sizeof(_Event)}")
+
+
+def program_cflags(
+    *,
+    max_watches: int = DEFAULT_MAX_WATCHES,
+    max_pids: int = DEFAULT_MAX_PIDS,
+    ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
+    page_size: int | None = None,
+) -> list[str]:
+    if page_size is None:
+        page_size = os.sysconf("SC_PAGE_SIZE")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise MonitorError(f"page size {page_size} is not a power of two")
+    if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
+        raise MonitorError(f"ringbuf_pages {ringbuf_pages} is not a power of two")
+    return [
+        f"-I{BPF_DIR}",
+        f"-DMAX_WATCHES={max_watches}",
+        f"-DMAX_PIDS={max_pids}",
+        f"-DMW_PAGE_SHIFT={page_size.bit_length() - 1}",
+        f"-DMW_RINGBUF_PAGES={ringbuf_pages}",
+    ]
+
+
+def describe_program(cflags: Sequence[str]) -> str:
+    """The program as bcc compiles it: cflags, then the header and the source."""
+    return (
+        f"// cflags: {' '.join(cflags)}\n"
+        f"// ---- {BPF_HEADER.name}\n{BPF_HEADER.read_text()}"
+        f"// ---- {BPF_SOURCE.name}\n{BPF_SOURCE.read_text()}"
+    )
+
+
+class MemoryMonitor:
+    """Loads memwatch, keeps its maps, and delivers its events from one poller thread.
+
+    Map updates (`watch`, `add_pid`, `unwatch`) may be called from any one thread at a time
+    (they are serialised by a lock); `on_event` runs on the poller thread and must be quick
+    (hand the event to a queue or an event loop).
+    """
+
+    def __init__(
+        self,
+        on_event: Callable[[MemEvent], None],
+        *,
+        print_program: bool = False,
+        max_watches: int = DEFAULT_MAX_WATCHES,
+        max_pids: int = DEFAULT_MAX_PIDS,
+        ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
+        poll_timeout_ms: int = DEFAULT_POLL_TIMEOUT_MS,
+    ) -> None:
+        constants = read_header_constants(BPF_HEADER.read_text())
+        check_header(constants)
+        self._drop_slots = (constants["MW_DROP_EVENTS"], constants["MW_DROP_PIDS"])
+        self._on_event = on_event
+        self._poll_timeout_ms = poll_timeout_ms
+        self._page_size = os.sysconf("SC_PAGE_SIZE")
+        self._cflags = program_cflags(
+            max_watches=max_watches, max_pids=max_pids, ringbuf_pages=ringbuf_pages
+        )
+        if print_program:
+            print(describe_program(self._cflags))  # the hidden --ebpf flag (as runqlat)
+        try:
+            from bcc import BPF  # type: ignore[import-untyped]
+        except ImportError as e:
+            raise MonitorError(f"bcc python module not importable: {e}") from e
+        try:
+            # bcc wants the path as bytes (str: DeprecationWarning), the cflags as str.
+            self._bpf: Any = BPF(src_file=os.fsencode(BPF_SOURCE), cflags=self._cflags)
+        except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
+            raise MonitorError(f"loading {BPF_SOURCE.name} failed: {e}") from e
+        try:
+            self._watches: Any = self._bpf[b"watches"]
+            self._state: Any = self._bpf[b"watch_state"]
+            self._pids: Any = self._bpf[b"pids"]
+            self._drops: Any = self._bpf[b"drops"]
+            self._bpf[b"events"].open_ring_buffer(self._on_ringbuf)
+        except Exception as e:
+            self._bpf.cleanup()
+            raise MonitorError(f"opening the maps of {BPF_SOURCE.name} failed: {e}") from e
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._malformed = 0
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        if self._closed:
+            raise MonitorError("monitor is closed")
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._poll_loop, name="memwatch-poll", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._bpf.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- maps --
+
+    def watch(self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int) -> None:
+        """Watch a cgroup, or update its thresholds and re-arm its crossings (usage is kept).
+
+        soft_bytes=0 disables the soft threshold.
+        """
+        if soft_bytes < 0 or limit_bytes < 0:
+            raise ValueError(f"cgroup {cgroup_id}: thresholds must be >= 0")
+        key = self._watches.Key(cgroup_id)
+        with self._lock:
+            try:
+                old = self._watches[key]
+            except KeyError:
+                old = None
+            try:
+                if old is None:
+                    # Counters first (written by the kernel from now on), then the thresholds
+                    # that make the handlers look at this cgroup.
+                    self._state[key] = self._state.Leaf()
+                    self._watches[key] = self._watches.Leaf(soft_bytes, limit_bytes, 0)
+                else:
+                    self._watches[key] = self._watches.Leaf(
+                        soft_bytes, limit_bytes, old.arm_gen + 1
+                    )
+            except Exception as e:  # bcc: "Could not update table: <strerror>"
+                raise MonitorError(f"cgroup {cgroup_id}: watch failed: {e}") from e
+
+    def add_pid(self, pid: int, cgroup_id: int) -> None:
+        """Attribute process `pid` (and, in-kernel, every process it forks) to a cgroup."""
+        with self._lock:
+            try:
+                self._pids[self._pids.Key(pid)] = self._pids.Leaf(cgroup_id)
+            except Exception as e:
+                raise MonitorError(f"pid {pid}: add to cgroup {cgroup_id} failed: {e}") from e
+
+    def unwatch(self, cgroup_id: int) -> None:
+        """Forget a cgroup: its thresholds, counters and every pid attributed to it."""
+        key = self._watches.Key(cgroup_id)
+        with self._lock:
+            # Thresholds first: from then on no handler looks at this cgroup.
+            for table in (self._watches, self._state):
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+            stale = [k for k, v in self._pids.items() if v.value == cgroup_id]
+            for k in stale:
+                try:
+                    del self._pids[k]
+                except KeyError:
+                    pass  # exited meanwhile
+
+    def stats(self, cgroup_id: int) -> WatchStats | None:
+        try:
+            st = self._state[self._state.Key(cgroup_id)]
+        except KeyError:
+            return None
+        return WatchStats(
+            usage_bytes=max(0, st.usage_pages) * self._page_size,
+            peak_bytes=max(0, st.peak_pages) * self._page_size,
+            reclaims=st.reclaims,
+            charge_events=st.charge_events,
+        )
+
+    def entry_counts(self) -> tuple[int, int]:
+        """(watched cgroups, attributed pids): for leak checks."""
+        return len(self._watches), len(self._pids)
+
+    def drop_counts(self) -> DropCounts:
+        return DropCounts(
+            events=int(self._drops[self._drop_slots[0]].value),
+            pids=int(self._drops[self._drop_slots[1]].value),
+            malformed=self._malformed,
+        )
+
+    # -- poller --
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self._bpf.ring_buffer_poll(self._poll_timeout_ms)
+
+    def _on_ringbuf(self, _ctx: object, data: int | None, size: int) -> int:
+        if data is None or size < ctypes.sizeof(_Event):
+            self._malformed += 1
+            return 0
+        raw = _Event.from_address(data)
+        try:
+            kind = EventKind(raw.kind)
+        except ValueError:
+            self._malformed += 1
+            return 0
+        event = MemEvent(
+            kind=kind,
+            cgroup_id=raw.cgroup_id,
+            pid=raw.pid,
+            usage_bytes=raw.usage_bytes,
+            threshold_bytes=raw.threshold_bytes,
+            kernel_time_ns=raw.ts_ns,
+        )
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("memwatch: on_event failed for %s", event)
+        return 0
+
+
+# --- demo / --ebpf ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m agentcg.node.monitor",
+        description="Print memwatch events for a v1 memory cgroup directory (a demo).",
+    )
+    parser.add_argument("cgroup_dir", nargs="?", type=Path, help="v1 memcg directory to watch")
+    parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--soft-bytes", type=int, default=64 << 20)
+    parser.add_argument("--limit-bytes", type=int, default=0)
+    parser.add_argument("--pid", type=int, action="append", default=[], help="attribute a pid")
+    parser.add_argument("--seconds", type=float, default=0, help="stop after (0: until ^C)")
+    args = parser.parse_args(argv)
+
+    if args.ebpf:
+        print(describe_program(program_cflags()))
+        return 0
+    if args.cgroup_dir is None:
+        from agentcg.node.cgroup import current_cgroup_dir
+
+        args.cgroup_dir = current_cgroup_dir("memory")
+        if args.cgroup_dir is None:
+            parser.error("no v1 memory cgroup for this process: give a cgroup directory")
+    cgroup_id = os.stat(args.cgroup_dir).st_ino
+
+    def show(event: MemEvent) -> None:
+        print(
+            f"{event.kernel_time_ns / 1e9:.6f} {event.kind.name:8} cgroup={event.cgroup_id} "
+            f"pid={event.pid} usage={event.usage_bytes >> 20}MiB "
+            f"threshold={event.threshold_bytes >> 20}MiB",
+            flush=True,
+        )
+
+    with MemoryMonitor(show) as monitor:
+        monitor.watch(cgroup_id, soft_bytes=args.soft_bytes, limit_bytes=args.limit_bytes)
+        for pid in args.pid:
+            monitor.add_pid(pid, cgroup_id)
+        monitor.start()
+        print(f"watching {args.cgroup_dir} (id {cgroup_id}); ^C to stop", flush=True)
+        deadline = time.monotonic() + args.seconds if args.seconds > 0 else None
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(1.0)
+                stats = monitor.stats(cgroup_id)
+                if stats is not None:
+                    print(
+                        f"  usage~{stats.usage_bytes >> 20}MiB peak~{stats.peak_bytes >> 20}MiB"
+                        f" charges={stats.charge_events} reclaims={stats.reclaims}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""CgroupV1Driver against the real cgroup v1 hierarchies of this host."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from agentcg.names import InvalidNameError
+from agentcg.node.cgroup import CgroupError, CgroupV1Driver
+from agentcg.node.spawn import spawn_gated
+
+
+def cgroup_lines(pid: int) -> dict[str, str]:
+    result = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            result[c] = path
+    return result
+
+
+def test_lifecycle_create_limit_attach_stats_kill_remove(driver: CgroupV1Driver) -> None:
+    assert driver.version == 1
+    assert "memory" in driver.controllers
+    cg = driver.create("tenant-a", "session-1", "call-1")
+    assert cg.rel == ("tenant-a", "session-1", "call-1")
+    assert cg.path == driver.root / "tenant-a" / "session-1" / "call-1"
+    assert driver.create("tenant-a", "session-1", "call-1") == cg  # idempotent
+    assert driver.children() == ["tenant-a"]
+    assert driver.children(driver.create("tenant-a")) == ["session-1"]
+    for path in driver.paths(cg).values():
+        assert path.is_dir()
+
+    driver.set_memory_limit(cg, 64 << 20)
+    driver.set_pause_at_limit(cg, True)
+    if "cpu" in driver.controllers:
+        driver.set_cpu(cg, weight=50, quota_millis=500)
+        driver.set_cpu(cg)  # back to defaults: weight 100, no quota
+    if "pids" in driver.controllers:
+        driver.set_pids_max(cg, 32)
+        driver.set_pids_max(cg, None)
+
+    gated = spawn_gated(["sleep", "30"])
+    try:
+        driver.attach(cg, gated.pid)
+        gated.release()
+        lines = cgroup_lines(gated.pid)
+        for controller, path in driver.paths(cg).items():
+            assert path.name == "call-1"
+            assert lines[controller].endswith("/".join(cg.rel)), (controller, lines)
+        stats = driver.read_stats(cg)
+        assert stats.pids == (gated.pid,)
+        assert stats.limit_bytes == 64 << 20
+        assert stats.under_oom is False and stats.oom_kills == 0
+        assert 0 <= stats.usage_bytes <= stats.peak_bytes <= 64 << 20
+
+        driver.kill(cg)
+        assert gated.process.wait(timeout=5) == -9  # killed, not merely exited
+        assert driver.read_stats(cg).pids == ()
+    finally:
+        if gated.process.poll() is None:
+            gated.process.kill()
+        gated.process.wait()
+
+    driver.set_memory_limit(cg, None)
+    assert driver.read_stats(cg).limit_bytes is None
+    driver.remove(cg)
+    assert not any(p.exists() for p in driver.paths(cg).values())
+    driver.remove(cg)  # already gone is fine
+    assert driver.children(driver.create("tenant-a")) == ["session-1"]
+
+
+def test_cgroup_id_is_the_memcg_inode(driver: CgroupV1Driver) -> None:
+    cg = driver.create("call")
+    assert driver.cgroup_id(cg) == os.stat(cg.path).st_ino
+
+
+def test_names_are_validated_before_touching_the_fs(driver: CgroupV1Driver) -> None:
+    for bad in ("..", "a/b", "", "-x", "memory.limit_in_bytes/.."):
+        with pytest.raises(InvalidNameError):
+            driver.create("ok", bad)
+    assert not driver.root.exists()
+    with pytest.raises(InvalidNameError):
+        CgroupV1Driver("../escape")
+
+
+def test_remove_refuses_a_busy_cgroup(driver: CgroupV1Driver) -> None:
+    session = driver.create("tenant", "session")
+    call = driver.create("tenant", "session", "call")
+    gated = spawn_gated(["sleep", "30"])
+    try:
+        driver.attach(call, gated.pid)
+        gated.release()
+        with pytest.raises(CgroupError, match="still has tasks"):
+            driver.remove(session)
+        driver.kill(session)  # kills the subtree
+        assert gated.process.wait(timeout=5) == -9
+    finally:
+        if gated.process.poll() is None:
+            gated.process.kill()
+        gated.process.wait()
+    driver.remove(session)  # removes the empty child too
+    assert driver.children(driver.create("tenant")) == []
+
+
+def test_kill_reaches_forked_children(driver: CgroupV1Driver) -> None:
+    cg = driver.create("call")
+    gated = spawn_gated(["sh", "-c", "sleep 30 & sleep 30 & wait"], stdout=subprocess.DEVNULL)
+    try:
+        driver.attach(cg, gated.pid)
+        gated.release()
+        deadline = time.monotonic() + 5
+        while len(driver.read_stats(cg).pids) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(driver.read_stats(cg).pids) == 3
+        driver.kill(cg)
+        assert driver.read_stats(cg).pids == ()
+    finally:
+        if gated.process.poll() is None:
+            gated.process.kill()
+        gated.process.wait()
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_freeze_and_thaw(driver: CgroupV1Driver) -> None:
+    if "freezer" not in driver.controllers:
+        with pytest.raises(CgroupError, match="freezer controller is not available"):
+            driver.set_frozen(driver.create("call"), True)
+        return
+    cg = driver.create("call")
+    gated = spawn_gated(["sh", "-c", "while :; do :; done"])
+    try:
+        driver.attach(cg, gated.pid)
+        gated.release()
+        driver.set_frozen(cg, True)
+        before = cpu_ticks(gated.pid)
+        time.sleep(0.2)
+        assert cpu_ticks(gated.pid) == before
+        driver.set_frozen(cg, False)
+        time.sleep(0.2)
+        assert cpu_ticks(gated.pid) > before
+        driver.kill(cg)
+    finally:
+        if gated.process.poll() is None:
+            gated.process.kill()
+        gated.process.wait()
+
+
+def test_lowering_the_limit_below_usage_is_an_error_not_a_kill(driver: CgroupV1Driver) -> None:
+    cg = driver.create("call")
+    code = "import time; b = b'x' * (32 << 20); print('ok', flush=True); time.sleep(30)"
+    gated = spawn_gated(["python3", "-c", code], stdout=subprocess.PIPE)
+    try:
+        driver.attach(cg, gated.pid)
+        driver.set_pause_at_limit(cg, True)
+        gated.release()
+        assert gated.process.stdout is not None
+        assert gated.process.stdout.readline() == b"ok\n"
+        with pytest.raises(CgroupError, match="memory.limit_in_bytes"):
+            driver.set_memory_limit(cg, 1 << 20)
+        assert gated.process.poll() is None
+        driver.kill(cg)
+    finally:
+        if gated.process.poll() is None:
+            gated.process.kill()
+        gated.process.communicate()
+
+
+def test_clear_kills_and_removes_leftovers(driver: CgroupV1Driver) -> None:
+    assert driver.clear() == 0  # nothing there yet
+    driver.create("t1", "s1", "c1")
+    driver.create("t1", "s2")
+    busy = driver.create("t2", "s1", "c1")
+    gated = spawn_gated(["sleep", "30"])
+    try:
+        driver.attach(busy, gated.pid)
+        gated.release()
+        # A restarted agent finds these: 7 cgroups below the root, one with a live task.
+        assert driver.clear() == 7
+        assert gated.process.wait(timeout=5) == -9
+    finally:
+        if gated.process.poll() is None:
+            gated.process.kill()
+        gated.process.wait()
+    assert not any(p.exists() for p in driver.paths().values())
+    assert driver.children() == []

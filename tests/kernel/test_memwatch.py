@@ -1,0 +1,222 @@
+"""memwatch (bpf/memwatch.bpf.c through agentcg.node.monitor) against real spikes.
+
+Every spike is a real child process that allocates and touches memory inside a real cgroup v1
+memcg; the events asserted on come from the kernel's tracepoints.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from agentcg.node.cgroup import CgroupV1Driver
+from agentcg.node.monitor import DropCounts, EventKind, MemoryMonitor
+from kernel_helpers import EventLog, Spawn, wait_until
+
+MiB = 1 << 20
+LIMIT = 64 * MiB
+SOFT = 32 * MiB
+
+
+def alloc_code(mib: int, *, then: str = "") -> str:
+    # bytes * n memsets the buffer: every page is touched and charged.
+    return f"import sys, time; b = b'x' * ({mib} << 20); print('allocated', flush=True); {then}"
+
+
+def test_program_loads_with_empty_maps(monitor: MemoryMonitor) -> None:
+    assert monitor.entry_counts() == (0, 0)
+    assert monitor.drop_counts() == DropCounts(events=0, pids=0)
+    assert monitor.stats(123456789) is None
+
+
+def test_spike_is_seen_paused_resumed(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("tenant", "session", "call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, True)
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+
+    call = spawn(cg, [sys.executable, "-c", alloc_code(150)])
+
+    [limit] = events.wait_for(cid, EventKind.LIMIT)
+    assert (limit.pid, limit.cgroup_id, limit.threshold_bytes) == (call.pid, cid, LIMIT)
+    assert LIMIT - 4 * MiB < limit.usage_bytes <= LIMIT
+    [soft] = events.of(cid, EventKind.SOFT)
+    assert soft.pid == call.pid and soft.threshold_bytes == SOFT
+    assert SOFT <= soft.usage_bytes < SOFT + MiB
+    assert soft.kernel_time_ns < limit.kernel_time_ns
+    assert [e.kind for e in events.of(cid)] == [EventKind.EXEC, EventKind.SOFT, EventKind.LIMIT]
+
+    # The call is paused at its limit, not killed.
+    wait_until(lambda: driver.read_stats(cg).under_oom, "under_oom")
+    assert call.process.poll() is None
+    stats = driver.read_stats(cg)
+    watched = monitor.stats(cid)
+    assert watched is not None
+    assert watched.reclaims >= 1
+    assert watched.charge_events > 10_000  # aggregated in-kernel: 3 events reached user space
+    # The estimate counts charged pages; memory.usage_in_bytes adds kernel memory.
+    assert 0 <= stats.usage_bytes - watched.usage_bytes < 2 * MiB
+    assert watched.peak_bytes == watched.usage_bytes
+
+    # Raising the limit resumes it; it finishes its allocation.
+    driver.set_memory_limit(cg, 512 * MiB)
+    assert call.process.wait(timeout=30) == 0
+    assert call.process.stdout is not None and call.process.stdout.read() == b"allocated\n"
+    [exit_event] = events.wait_for(cid, EventKind.EXIT)
+    assert exit_event.pid == call.pid
+    watched = monitor.stats(cid)
+    assert watched is not None and watched.peak_bytes >= 150 * MiB
+    assert len(events.of(cid, EventKind.SOFT)) == 1  # still above 90% of soft until the end
+    assert len(events.of(cid, EventKind.LIMIT)) == 1  # once per arming
+    assert driver.read_stats(cg).oom_kills == 0
+
+    monitor.unwatch(cid)
+    assert monitor.entry_counts() == (0, 0)
+    assert monitor.drop_counts() == DropCounts(events=0, pids=0)
+
+
+def test_kill_while_paused(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, True)
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=0, limit_bytes=LIMIT)
+    call = spawn(cg, [sys.executable, "-c", alloc_code(150)])
+    events.wait_for(cid, EventKind.LIMIT)
+    wait_until(lambda: driver.read_stats(cg).under_oom, "under_oom")
+
+    driver.kill(cg)
+    assert call.process.wait(timeout=5) == -9
+    assert events.of(cid, EventKind.SOFT) == []  # soft threshold disabled
+    events.wait_for(cid, EventKind.EXIT)
+    driver.remove(cg)
+    monitor.unwatch(cid)
+    assert monitor.entry_counts() == (0, 0)
+
+
+def test_rewatch_rearms_and_keeps_usage(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, True)
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+    call = spawn(cg, [sys.executable, "-c", alloc_code(150)])
+    events.wait_for(cid, EventKind.LIMIT)
+    wait_until(lambda: driver.read_stats(cg).under_oom, "under_oom")
+
+    # Grow the grant: new thresholds, re-armed; the usage so far is kept.
+    monitor.watch(cid, soft_bytes=96 * MiB, limit_bytes=128 * MiB)
+    driver.set_memory_limit(cg, 128 * MiB)
+    second_limit = events.wait_for(cid, EventKind.LIMIT, count=2)[1]
+    assert second_limit.threshold_bytes == 128 * MiB
+    assert 124 * MiB < second_limit.usage_bytes <= 128 * MiB
+    second_soft = events.wait_for(cid, EventKind.SOFT, count=2)[1]
+    assert second_soft.threshold_bytes == 96 * MiB
+    assert 96 * MiB <= second_soft.usage_bytes < 97 * MiB
+    wait_until(lambda: driver.read_stats(cg).under_oom, "under_oom again")
+
+    driver.set_memory_limit(cg, 512 * MiB)
+    assert call.process.wait(timeout=30) == 0
+    assert len(events.of(cid, EventKind.LIMIT)) == 2
+    monitor.unwatch(cid)
+
+
+def test_soft_threshold_rearms_below_90_percent(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("call")
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=SOFT, limit_bytes=0)
+    # Up past soft, back down (munmap of the buffer), and up again.
+    code = alloc_code(40, then="del b; time.sleep(0.05); c = b'y' * (40 << 20)")
+    call = spawn(cg, [sys.executable, "-c", code])
+    assert call.process.wait(timeout=30) == 0
+    events.wait_for(cid, EventKind.EXIT)
+    soft = events.of(cid, EventKind.SOFT)
+    assert len(soft) == 2
+    assert all(e.usage_bytes >= SOFT for e in soft)
+    assert events.of(cid, EventKind.LIMIT) == []  # no limit, no reclaim
+    monitor.unwatch(cid)
+
+
+def test_forked_children_are_tracked_in_kernel(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, True)
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+    # The call starts threads (not tracked separately) and a child process that spikes.
+    parent = (
+        "import subprocess, sys, threading, time\n"
+        "ts = [threading.Thread(target=time.sleep, args=(0.5,)) for _ in range(4)]\n"
+        "[t.start() for t in ts]\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {alloc_code(150)!r}])\n"
+        "print(p.pid, flush=True)\n"
+        "sys.exit(p.wait())\n"
+    )
+    call = spawn(cg, [sys.executable, "-c", parent])
+    assert call.process.stdout is not None
+    child_pid = int(call.process.stdout.readline())
+    assert monitor.entry_counts() == (1, 2)  # the call and its child; no thread entries
+
+    [limit] = events.wait_for(cid, EventKind.LIMIT)
+    assert limit.pid == child_pid != call.pid
+    assert {e.pid for e in events.of(cid, EventKind.EXEC)} == {call.pid, child_pid}
+
+    driver.kill(cg)
+    assert call.process.wait(timeout=5) == -9
+    exits = events.wait_for(cid, EventKind.EXIT, count=2)
+    assert {e.pid for e in exits} == {call.pid, child_pid}
+    assert monitor.entry_counts() == (1, 0)  # exits removed their entries in-kernel
+    monitor.unwatch(cid)
+    assert monitor.entry_counts() == (0, 0)
+
+
+def test_oom_kill_without_pause(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, False)
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+    call = spawn(cg, [sys.executable, "-c", alloc_code(150)])
+    [oom] = events.wait_for(cid, EventKind.OOM_KILL)
+    assert (oom.pid, oom.cgroup_id, oom.threshold_bytes) == (call.pid, cid, LIMIT)
+    assert call.process.wait(timeout=10) == -9
+    [limit] = events.of(cid, EventKind.LIMIT)
+    assert limit.kernel_time_ns < oom.kernel_time_ns
+    events.wait_for(cid, EventKind.EXIT)
+    assert driver.read_stats(cg).oom_kills == 1
+    monitor.unwatch(cid)
+
+
+def test_unwatch_removes_every_entry(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    cg = driver.create("call")
+    cid = driver.cgroup_id(cg)
+    other = driver.create("other")
+    other_id = driver.cgroup_id(other)
+    monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+    monitor.watch(other_id, soft_bytes=SOFT, limit_bytes=LIMIT)
+    sleeper = "import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"
+    call = spawn(cg, [sys.executable, "-c", sleeper])
+    wait_until(lambda: monitor.entry_counts() == (2, 2), "the call and its child in `pids`")
+    monitor.add_pid(999_999_999 % (1 << 22), other_id)  # an entry of another watch is kept
+    monitor.unwatch(cid)
+    assert monitor.stats(cid) is None
+    assert monitor.entry_counts() == (1, 1)
+    monitor.unwatch(other_id)
+    monitor.unwatch(other_id)  # twice is fine
+    assert monitor.entry_counts() == (0, 0)
+    driver.kill(cg)
+    call.process.wait(timeout=5)

@@ -1,0 +1,56 @@
+"""bpf/memwatch.h and agentcg.node.monitor agree (no bcc or kernel needed)."""
+
+from __future__ import annotations
+
+import pytest
+from agentcg.node.monitor import (
+    BPF_SOURCE,
+    EventKind,
+    MonitorError,
+    check_header,
+    describe_program,
+    program_cflags,
+    read_header_constants,
+)
+
+
+def header_constants() -> dict[str, int]:
+    return read_header_constants((BPF_SOURCE.parent / "memwatch.h").read_text())
+
+
+def test_header_matches_event_kinds_and_layout() -> None:
+    constants = header_constants()
+    assert {k.name: k.value for k in EventKind} == {
+        name.removeprefix("MW_"): constants[name]
+        for name in ("MW_SOFT", "MW_LIMIT", "MW_OOM_KILL", "MW_EXEC", "MW_EXIT")
+    }
+    check_header(constants)
+
+
+def test_check_header_rejects_a_mismatch() -> None:
+    constants = header_constants() | {"MW_LIMIT": 7}
+    with pytest.raises(MonitorError, match="MW_LIMIT is 7"):
+        check_header(constants)
+    constants = header_constants() | {"MW_EVENT_SIZE": 48}
+    with pytest.raises(MonitorError, match="MW_EVENT_SIZE 48"):
+        check_header(constants)
+
+
+def test_read_header_constants_only_takes_integer_defines() -> None:
+    text = "#define MW_A 1\n  #define MW_B 22 /* c */\n#define MW_C (1 << 2)\n#define OTHER 3\n"
+    assert read_header_constants(text) == {"MW_A": 1, "MW_B": 22}
+
+
+def test_program_cflags_are_defines_not_text_edits() -> None:
+    cflags = program_cflags(max_watches=16, max_pids=64, ringbuf_pages=4, page_size=4096)
+    assert cflags[0].startswith("-I") and cflags[0].endswith("bpf")
+    assert cflags[1:] == [
+        "-DMAX_WATCHES=16",
+        "-DMAX_PIDS=64",
+        "-DMW_PAGE_SHIFT=12",
+        "-DMW_RINGBUF_PAGES=4",
+    ]
+    with pytest.raises(MonitorError, match="power of two"):
+        program_cflags(ringbuf_pages=3)
+    text = describe_program(cflags)
+    assert "-DMAX_WATCHES=16" in text and "TRACEPOINT_PROBE(memcg, count_memcg_events)" in text
