@@ -56,7 +56,7 @@ struct watch_state {
 	s64 usage_pages;   /* PGPGIN - PGPGOUT since the watch was created (approximate) */
 	s64 peak_pages;
 	u64 reclaims;      /* memcg reclaim passes started by watched tasks of this cgroup */
-	u64 charge_events; /* charge/uncharge events seen */
+	u64 charge_events; /* charge/uncharge events seen (approximate: plain increment) */
 	u64 armed_gen;     /* the watch.arm_gen the fired bits belong to */
 	u64 fired;         /* MW_FIRED_* */
 };

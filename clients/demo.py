@@ -109,7 +109,7 @@ def _pick(traces: list[Trace], n: int) -> list[Trace]:
 
 
 def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: float) -> int:
-    console = Console()
+    console = Console(width=max(140, Console().width))
     chosen = _pick(list(load_traces(traces or sample_traces_path())), tenants)
     with tempfile.TemporaryDirectory(prefix="agentcg-demo-") as tmp:
         console.print(f"[bold]agentcg demo[/bold]: broker + node on loopback, work dir {tmp}")
@@ -139,6 +139,8 @@ def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: fl
         reactions.sort()
         console.print(
             f"in-kernel limit event -> decision applied: {len(reactions)} actions, "
-            f"p50 {reactions[len(reactions) // 2] / 1e6:.2f} ms, max {reactions[-1] / 1e6:.2f} ms"
+            f"p50 {reactions[len(reactions) // 2] / 1e6:.2f} ms, "
+            f"p99 {reactions[min(len(reactions) - 1, len(reactions) * 99 // 100)] / 1e6:.2f} ms, "
+            f"max {reactions[-1] / 1e6:.2f} ms"
         )
     return 0
