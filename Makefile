@@ -35,8 +35,10 @@ proto: venv
 demo: setup
 	$(VENV)/bin/agentcg demo
 
+# The broker suite runs on SQLite and on a local PostgreSQL (Debian's, started here).
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	AGENTCG_TEST_POSTGRES_URL=$${AGENTCG_TEST_POSTGRES_URL:-$$(bash scripts/start-postgres.sh | tail -n 1)} \
+	  $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

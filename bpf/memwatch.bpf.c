@@ -6,14 +6,16 @@
  * comes from tracepoint fields and BPF helpers, so the program does not depend on the headers
  * matching the running kernel.
  *
- *   memcg:count_memcg_events          every charge/uncharge -> usage estimate in `watch_state`
+ *   memcg:mod_memcg_lruvec_state      LRU page-count updates -> usage estimate in `watch_state`
+ *     (or memcg:count_memcg_events, PGPGIN/PGPGOUT, with -DMW_USAGE_SOURCE=MW_USAGE_PGPGIN)
  *   vmscan:mm_vmscan_memcg_reclaim_begin  a watched task hit a memcg limit -> MW_LIMIT
  *   oom:mark_victim                   a watched task was chosen as OOM victim -> MW_OOM_KILL
  *   task:task_newtask                 a watched process forked -> child inherits its watch
  *   sched:sched_process_exec/exit     exec / last-thread exit of a watched process
  *
- * A 150 MiB allocation is ~40k charge events: they only update maps; user space gets the
- * crossings through the `events` ring buffer.
+ * A 150 MiB allocation is ~40k usage updates (~80k tracepoint hits): they only update maps;
+ * user space gets the crossings through the `events` ring buffer. Usage updates only count
+ * from the watch's creation on, and only pages on the LRU lists (not kernel memory).
  *
  * Two maps per watched cgroup, so that neither side ever overwrites what the other writes:
  * `watches` (thresholds, written by user space only) and `watch_state` (counters, created zeroed
@@ -21,7 +23,7 @@
  * bumps watch.arm_gen, and the first handler that sees the new generation clears the fired bits.
  *
  * Build-time settings come from cflags (-D...), never from editing this text:
- *   MAX_WATCHES, MAX_PIDS, MW_PAGE_SHIFT, MW_RINGBUF_PAGES.
+ *   MAX_WATCHES, MAX_PIDS, MW_PAGE_SHIFT, MW_RINGBUF_PAGES, MW_FILTER_SLOTS, MW_USAGE_SOURCE.
  */
 #include <uapi/linux/bpf.h>
 
@@ -39,6 +41,12 @@
 #ifndef MW_RINGBUF_PAGES
 #define MW_RINGBUF_PAGES 16
 #endif
+#ifndef MW_USAGE_SOURCE
+#define MW_USAGE_SOURCE MW_USAGE_LRU
+#endif
+#ifndef MW_FILTER_SLOTS
+#define MW_FILTER_SLOTS 4096 /* power of two */
+#endif
 
 #define MW_CLONE_THREAD 0x00010000ULL /* uapi/linux/sched.h CLONE_THREAD */
 
@@ -53,14 +61,18 @@ struct watch {
 
 /* Counters of one watched cgroup. Created zeroed by user space, then written by the kernel. */
 struct watch_state {
-	s64 usage_pages;   /* PGPGIN - PGPGOUT since the watch was created (approximate) */
+	s64 usage_pages;   /* net pages added since the watch was created (see MW_USAGE_SOURCE) */
 	s64 peak_pages;
 	u64 reclaims;      /* memcg reclaim passes started by watched tasks of this cgroup */
-	u64 charge_events; /* charge/uncharge events seen (approximate: plain increment) */
+	u64 charge_events; /* usage updates seen (approximate: plain increment) */
 	u64 armed_gen;     /* the watch.arm_gen the fired bits belong to */
 	u64 fired;         /* MW_FIRED_* */
 };
 
+/* Pre-filter for the per-page handler: watch_filter[id % MW_FILTER_SLOTS] counts the watched
+ * cgroups in that slot (maintained by user space). An array lookup is inlined by the JIT, so
+ * charges of unwatched cgroups (every other process on the host) skip the hash lookup. */
+BPF_ARRAY(watch_filter, u32, MW_FILTER_SLOTS);
 BPF_HASH(watches, u64, struct watch, MAX_WATCHES);
 BPF_HASH(watch_state, u64, struct watch_state, MAX_WATCHES);
 BPF_HASH(pids, u32, u64, MAX_PIDS); /* tgid -> cgroup id */
@@ -119,17 +131,13 @@ static __always_inline int fire_once(struct watch_state *st, u64 bit)
 	return !(__sync_fetch_and_or(&st->fired, bit) & bit);
 }
 
-TRACEPOINT_PROBE(memcg, count_memcg_events)
+/* One memory update of cgroup `id`: `delta` pages (see MW_USAGE_SOURCE). */
+static __always_inline int account(u64 id, s64 delta)
 {
-	s64 delta;
-	if (args->item == MW_ITEM_PGPGIN)
-		delta = (s64)args->val;
-	else if (args->item == MW_ITEM_PGPGOUT)
-		delta = -(s64)args->val;
-	else
+	u32 slot = id & (MW_FILTER_SLOTS - 1);
+	u32 *in_slot = watch_filter.lookup(&slot);
+	if (!in_slot || !*in_slot)
 		return 0;
-
-	u64 id = args->id;
 	struct watch *w = watches.lookup(&id);
 	if (!w)
 		return 0;
@@ -158,6 +166,28 @@ TRACEPOINT_PROBE(memcg, count_memcg_events)
 	}
 	return 0;
 }
+
+#if MW_USAGE_SOURCE == MW_USAGE_LRU
+/* Pages on the memcg's LRU lists: `val` is in pages, so a large folio (THP, or the large
+ * page-cache folios of ext4/xfs) counts in full. ~4 events per page over its life. */
+TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)
+{
+	if (args->item < MW_ITEM_LRU_FIRST || args->item > MW_ITEM_LRU_LAST)
+		return 0;
+	return account(args->id, args->val);
+}
+#else
+/* Charged minus uncharged folios: half the events of the LRU source, but the kernel counts
+ * one PGPGIN per folio whatever its size, so large folios are undercounted. */
+TRACEPOINT_PROBE(memcg, count_memcg_events)
+{
+	if (args->item == MW_ITEM_PGPGIN)
+		return account(args->id, (s64)args->val);
+	if (args->item == MW_ITEM_PGPGOUT)
+		return account(args->id, -(s64)args->val);
+	return 0;
+}
+#endif
 
 TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
 {

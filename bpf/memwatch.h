@@ -25,9 +25,18 @@
 #define MW_REARM_NUM 9
 #define MW_REARM_DEN 10
 
-/* memcg:count_memcg_events items (enum vm_event_item; stable since memcg stats began). */
-#define MW_ITEM_PGPGIN 0   /* a folio was charged to the memcg */
-#define MW_ITEM_PGPGOUT 1  /* a folio was uncharged */
+/* Where the in-kernel usage estimate comes from (-DMW_USAGE_SOURCE=...). */
+#define MW_USAGE_PGPGIN 1  /* memcg:count_memcg_events PGPGIN - PGPGOUT: folios, not pages */
+#define MW_USAGE_LRU 2     /* memcg:mod_memcg_lruvec_state LRU items: pages (the default) */
+
+/* memcg:count_memcg_events items (enum vm_event_item; first since memcg stats began). */
+#define MW_ITEM_PGPGIN 0   /* a folio was charged to the memcg (val 1 whatever its size) */
+#define MW_ITEM_PGPGOUT 1  /* folios were uncharged */
+
+/* memcg:mod_memcg_lruvec_state items (enum node_stat_item starts with the LRU lists:
+ * inactive anon, active anon, inactive file, active file, unevictable; val in pages). */
+#define MW_ITEM_LRU_FIRST 0
+#define MW_ITEM_LRU_LAST 4
 
 /* Index into the `drops` array map. */
 #define MW_DROP_EVENTS 0   /* ring buffer full: an event was lost */

@@ -15,15 +15,15 @@ from agentcg.quantity import format_bytes
 from .model import NodeId, Tenant
 
 __all__ = [
-    "QuotaLevel",
-    "NodeView",
+    "MIN_GROWTH_BYTES",
     "Admit",
     "Deny",
     "Grow",
+    "NodeView",
+    "QuotaLevel",
     "Refuse",
-    "decide_reserve",
     "decide_growth",
-    "MIN_GROWTH_BYTES",
+    "decide_reserve",
 ]
 
 # A growth smaller than this is not worth resuming a paused call for: it would hit the limit

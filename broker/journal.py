@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 
 from .model import Change
 
-__all__ = ["Journal", "ChangeSink"]
+__all__ = ["ChangeSink", "Journal"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,4 +96,3 @@ class Journal:
             except asyncio.CancelledError:
                 pass
         self._db.shutdown(wait=True)
-

@@ -28,7 +28,7 @@ from .model import (
     TenantName,
 )
 
-__all__ = ["Ledger", "Forget"]
+__all__ = ["Forget", "Ledger"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,9 @@ class Ledger:
 
     # -- changes -------------------------------------------------------------------------------
 
-    def load(self, tenants: Iterable[Tenant], nodes: Iterable[Node], leases: Iterable[Lease]) -> None:
+    def load(
+        self, tenants: Iterable[Tenant], nodes: Iterable[Node], leases: Iterable[Lease]
+    ) -> None:
         for t in tenants:
             self.tenants[t.name] = t
         for n in nodes:

@@ -9,19 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-from agentcg.telemetry import configure_logging, configure_tracing
-from agentcg.v1 import broker_pb2, broker_pb2_grpc
 
 from .journal import Journal
 from .ledger import Ledger
 from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
 from .store import Store
 
-__all__ = ["BrokerConfig", "run_broker", "main"]
+__all__ = ["BrokerConfig", "main", "run_broker"]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,10 @@ async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) ->
     broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = [
-        d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()
-    ] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    services = [d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()] + [
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    ]
     reflection.enable_server_reflection(services, server)
     port = server.add_insecure_port(config.listen)
     if port == 0:

@@ -11,22 +11,22 @@ from dataclasses import dataclass
 from typing import NewType, TypeAlias
 
 __all__ = [
-    "TenantName",
-    "SessionName",
-    "LeaseId",
-    "NodeId",
-    "LeaseState",
-    "Outcome",
-    "Tenant",
-    "Node",
-    "Lease",
-    "AuditEntry",
-    "PutTenant",
-    "DeleteTenant",
-    "PutNode",
-    "PutLease",
     "Audit",
+    "AuditEntry",
     "Change",
+    "DeleteTenant",
+    "Lease",
+    "LeaseId",
+    "LeaseState",
+    "Node",
+    "NodeId",
+    "Outcome",
+    "PutLease",
+    "PutNode",
+    "PutTenant",
+    "SessionName",
+    "Tenant",
+    "TenantName",
 ]
 
 TenantName = NewType("TenantName", str)

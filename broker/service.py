@@ -18,8 +18,6 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import trace
-
 from agentcg.errors import (
     AgentcgError,
     FailedPreconditionError,
@@ -31,6 +29,7 @@ from agentcg.errors import (
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import to_status
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+from opentelemetry import trace
 
 from .admission import Deny, Grow, decide_growth, decide_reserve
 from .journal import Journal
@@ -55,7 +54,7 @@ from .model import (
 )
 from .store import Store, StoreError
 
-__all__ = ["BrokerCore", "BrokerServicer", "TenantAdminServicer", "NodeGatewayServicer"]
+__all__ = ["BrokerCore", "BrokerServicer", "NodeGatewayServicer", "TenantAdminServicer"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -389,7 +388,9 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
         return broker_pb2.Tenant(
             name=t.name,
             parent=t.parent or "",
-            quota=types_pb2.Resources(memory_bytes=t.memory_quota_bytes, cpu_millis=t.cpu_quota_millis),
+            quota=types_pb2.Resources(
+                memory_bytes=t.memory_quota_bytes, cpu_millis=t.cpu_quota_millis
+            ),
             granted=types_pb2.Resources(memory_bytes=ledger.granted_bytes(t.name)),
             active_leases=ledger.active_calls(t.name),
         )
@@ -490,7 +491,9 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
     ) -> AsyncIterator[broker_pb2.BrokerMessage]:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello: first message must be hello")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "hello: first message must be hello"
+            )
             return
         node_id = NodeId(first.hello.node_id)
         ledger = self.core.ledger
@@ -615,7 +618,15 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                     reason=result.message,
                 )
             await self.core.commit(
-                [_audit("kill", lease, code=result.code, reason=result.message, action_id=ev.action_id)]
+                [
+                    _audit(
+                        "kill",
+                        lease,
+                        code=result.code,
+                        reason=result.message,
+                        action_id=ev.action_id,
+                    )
+                ]
             )
             span.set_attribute("agentcg.decision", "kill")
             span.set_attribute("agentcg.reason", result.code)

@@ -8,20 +8,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
 from agentcg.errors import AgentcgError
 from agentcg.quantity import format_bytes, parse_bytes
+from rich.console import Console
+from rich.table import Table
 
 from .sdk import AsyncClient, RunResult
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="agentcg: memory leases for agent tool calls")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="agentcg: memory leases for agent tool calls"
+)
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenant quotas")
 lease_app = typer.Typer(no_args_is_help=True, help="Leases")
 app.add_typer(tenant_app, name="tenant")
@@ -67,12 +68,15 @@ def _client_call(broker: str, fn):  # type: ignore[no-untyped-def]
 def broker(
     listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1:50051",
     db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in --data-dir)")] = "",
-    data_dir: Annotated[Path, typer.Option(help="where the embedded SQLite lives")] = Path("var/broker"),
-    ready_file: Annotated[Optional[Path], typer.Option(help="write the bound address here")] = None,
+    data_dir: Annotated[Path, typer.Option(help="where the embedded SQLite lives")] = Path(
+        "var/broker"
+    ),
+    ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
-    from agentcg.broker.main import BrokerConfig, main as broker_main
+    from agentcg.broker.main import BrokerConfig
+    from agentcg.broker.main import main as broker_main
 
     broker_main(
         BrokerConfig(listen=listen, database_url=db, data_dir=data_dir, ready_file=ready_file),
@@ -85,17 +89,26 @@ def node(
     broker: BrokerOpt = BROKER_DEFAULT,
     listen: Annotated[str, typer.Option(help="address for the NodeAgent service")] = "127.0.0.1:0",
     node_id: Annotated[str, typer.Option(help="default: host name")] = "",
-    memory: Annotated[str, typer.Option(help="memory offered to tool calls (default 90% of RAM)")] = "",
-    cgroup_root: Annotated[str, typer.Option(help="cgroup dir name under the agent's own cgroup")] = "",
-    broker_timeout: Annotated[float, typer.Option(help="seconds a paused call waits for the broker")] = 5.0,
+    memory: Annotated[
+        str, typer.Option(help="memory offered to tool calls (default 90% of RAM)")
+    ] = "",
+    cgroup_root: Annotated[
+        str, typer.Option(help="cgroup dir name under the agent's own cgroup")
+    ] = "",
+    broker_timeout: Annotated[
+        float, typer.Option(help="seconds a paused call waits for the broker")
+    ] = 5.0,
     on_timeout: Annotated[str, typer.Option(help="kill | grow-local")] = "kill",
-    dry_run: Annotated[bool, typer.Option(help="log enforcement actions without applying them")] = False,
-    ready_file: Annotated[Optional[Path], typer.Option(help="write the bound address here")] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="log enforcement actions without applying them")
+    ] = False,
+    ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
     """Run the node agent: registers with the broker and runs tool calls in cgroups."""
     from agentcg.node.enforcement import NodePolicy
-    from agentcg.node.main import NodeConfig, main as node_main
+    from agentcg.node.main import NodeConfig
+    from agentcg.node.main import main as node_main
 
     if on_timeout not in ("kill", "grow-local"):
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
@@ -106,7 +119,9 @@ def node(
             node_id=node_id,
             capacity_bytes=_size(memory) if memory else 0,
             cgroup_root=cgroup_root,
-            policy=NodePolicy(broker_timeout_s=broker_timeout, on_timeout=on_timeout, dry_run=dry_run),
+            policy=NodePolicy(
+                broker_timeout_s=broker_timeout, on_timeout=on_timeout, dry_run=dry_run
+            ),
             ready_file=ready_file,
         ),
         log_level,
@@ -190,9 +205,14 @@ def run(
     memory: Annotated[str, typer.Option(help="memory budget asked for, e.g. 64M")],
     broker: BrokerOpt = BROKER_DEFAULT,
     session: str = "default",
-    command_class: Annotated[str, typer.Option("--class", help="command class, e.g. pytest")] = "default",
+    command_class: Annotated[
+        str, typer.Option("--class", help="command class, e.g. pytest")
+    ] = "default",
     priority: int = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON (command output goes to stderr)")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="print the result as JSON (command output goes to stderr)"),
+    ] = False,
 ) -> None:
     """Reserve a lease and run CMD under it: agentcg run --tenant T --memory 64M -- CMD ARGS..."""
     argv = list(ctx.args)
@@ -230,7 +250,9 @@ def run(
 
 @app.command()
 def demo(
-    traces: Annotated[Optional[Path], typer.Option(help="traces file (default: the shipped sample)")] = None,
+    traces: Annotated[
+        Path | None, typer.Option(help="traces file (default: the shipped sample)")
+    ] = None,
     tenants: int = 4,
     speed: float = 20.0,
     max_seconds: float = 60.0,
@@ -239,6 +261,29 @@ def demo(
     from .demo import run_demo
 
     raise typer.Exit(run_demo(traces=traces, tenants=tenants, speed=speed, max_seconds=max_seconds))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (print numbers; --json PATH)")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("reaction")
+def bench_reaction_cmd(
+    calls: Annotated[int, typer.Option(help="spiking tool calls to run")] = 40,
+    spike: Annotated[int, typer.Option(help="spike size in MB (budget is 64 MiB)")] = 200,
+    concurrency: int = 2,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """In-kernel limit event -> broker decision applied, through a real broker and node."""
+    from .bench import bench_reaction
+
+    result = bench_reaction(
+        calls=calls, spike_mb=spike, concurrency=concurrency, json_path=json_path
+    )
+    table = Table("metric", "value")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    console.print(table)
 
 
 def main() -> None:

@@ -46,8 +46,16 @@ class LocalCluster:
         log = self.workdir / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agentcg.clients.cli", *args, "--ready-file", str(ready),
-                 "--log-level", self.log_level],
+                [
+                    sys.executable,
+                    "-m",
+                    "agentcg.clients.cli",
+                    *args,
+                    "--ready-file",
+                    str(ready),
+                    "--log-level",
+                    self.log_level,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -66,8 +74,16 @@ class LocalCluster:
         node_id = f"n{index}-{os.getpid()}"
         address = self._spawn(
             f"node{index}",
-            ["node", "--broker", self.broker_address, "--node-id", node_id,
-             "--memory", self.node_memory, *self.node_args],
+            [
+                "node",
+                "--broker",
+                self.broker_address,
+                "--node-id",
+                node_id,
+                "--memory",
+                self.node_memory,
+                *self.node_args,
+            ],
         )
         return address
 
@@ -87,7 +103,9 @@ class LocalCluster:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text()
 
-    def stop(self, name: str | None = None, *, sig: int = signal.SIGTERM, timeout_s: float = 15) -> None:
+    def stop(
+        self, name: str | None = None, *, sig: int = signal.SIGTERM, timeout_s: float = 15
+    ) -> None:
         names = [name] if name else [n for n in self.procs if n != "broker"] + ["broker"]
         for n in names:
             proc = self.procs.get(n)

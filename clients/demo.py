@@ -13,14 +13,12 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentcg.quantity import format_bytes
 from rich.console import Console
 from rich.table import Table
-
-from agentcg.quantity import format_bytes
 
 from .cluster import LocalCluster
 from .sdk import AsyncClient, RunResult
@@ -53,7 +51,12 @@ def _curve_arg(call: ToolCall, speed: float) -> str:
 
 
 async def _replay_tenant(
-    client: AsyncClient, tenant: str, trace: Trace, speed: float, deadline: float, report: TenantReport
+    client: AsyncClient,
+    tenant: str,
+    trace: Trace,
+    speed: float,
+    deadline: float,
+    report: TenantReport,
 ) -> None:
     t0 = time.monotonic()
     for call in trace.tool_calls:
@@ -82,21 +85,23 @@ async def _replay_tenant(
         report.reactions_ns.extend(result.reactions_ns)
 
 
-async def _replay(broker: str, traces: list[Trace], speed: float, max_seconds: float) -> dict[str, TenantReport]:
+async def _replay(
+    broker: str, traces: list[Trace], speed: float, max_seconds: float
+) -> dict[str, TenantReport]:
     reports: dict[str, TenantReport] = {}
     async with AsyncClient(broker) as client:
         for i, trace in enumerate(traces):
             name = f"tenant-{i}"
             rise = max((c.peak_rise_mb for c in trace.tool_calls), default=0) * MB
             # Alternate generous and tight quotas so both growth and kills show up.
-            quota = int(max(rise * 2, 256 << 20)) if i % 2 == 0 else int(96 << 20)
+            quota = int(max(rise * 2, 256 << 20)) if i % 2 == 0 else (96 << 20)
             await client.set_tenant(name, quota)
             reports[name] = TenantReport(trace.task, quota)
         deadline = time.monotonic() + max_seconds
         await asyncio.gather(
             *(
                 _replay_tenant(client, name, trace, speed, deadline, reports[name])
-                for name, trace in zip(reports, traces)
+                for name, trace in zip(reports, traces, strict=True)
             )
         )
     return reports
@@ -123,15 +128,32 @@ def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: fl
             reports = asyncio.run(_replay(cluster.broker_address, chosen, speed, max_seconds))
             elapsed = time.monotonic() - started
     table = Table(title=f"per-tenant results ({elapsed:.1f} s)")
-    for col in ("tenant", "trace", "quota", "admitted", "completed", "grown", "killed", "denied",
-                "peak", "largest budget"):
+    for col in (
+        "tenant",
+        "trace",
+        "quota",
+        "admitted",
+        "completed",
+        "grown",
+        "killed",
+        "denied",
+        "peak",
+        "largest budget",
+    ):
         table.add_column(col)
     reactions: list[int] = []
     for name, r in reports.items():
         reactions += r.reactions_ns
         table.add_row(
-            name, r.trace[:32], format_bytes(r.quota_bytes), str(r.admitted), str(r.completed),
-            str(r.grown), str(r.killed), str(r.denied), format_bytes(r.peak_bytes),
+            name,
+            r.trace[:32],
+            format_bytes(r.quota_bytes),
+            str(r.admitted),
+            str(r.completed),
+            str(r.grown),
+            str(r.killed),
+            str(r.denied),
+            format_bytes(r.peak_bytes),
             format_bytes(r.max_budget_bytes),
         )
     console.print(table)

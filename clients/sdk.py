@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-
 from agentcg.errors import AgentcgError, QuotaExceededError
 from agentcg.rpcstatus import error_from_rpc
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
-__all__ = ["AsyncClient", "Client", "Lease", "TenantInfo", "RunResult", "OUTCOMES"]
+__all__ = ["OUTCOMES", "AsyncClient", "Client", "Lease", "RunResult", "TenantInfo"]
 
 T = TypeVar("T")
 
@@ -381,5 +380,3 @@ class Client:
 
 async def _make_async(broker: str, timeout_s: float) -> AsyncClient:
     return AsyncClient(broker, timeout_s=timeout_s)
-
-

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["Trace", "ToolCall", "load_traces", "sample_traces_path", "MB"]
+__all__ = ["MB", "ToolCall", "Trace", "load_traces", "sample_traces_path"]
 
 MB = 1_000_000  # the traces' mem_mb is decimal MB (podman stats)
 
@@ -24,7 +24,9 @@ class ToolCall:
     tool: str
     command: str
     base_mb: float  # container memory just before the call
-    curve: tuple[tuple[float, float], ...]  # (seconds since call start, MB above base), clipped >= 0
+    curve: tuple[
+        tuple[float, float], ...
+    ]  # (seconds since call start, MB above base), clipped >= 0
 
     @property
     def duration_s(self) -> float:
@@ -73,7 +75,9 @@ class Trace:
             base = before[-1] if before else samples[0][1]
             inside = [(t - start, max(0.0, mb - base)) for t, mb in samples if start <= t <= end]
             calls.append(
-                ToolCall(start, end, str(c[2]), str(c[3]) if len(c) > 3 else "", base, tuple(inside))
+                ToolCall(
+                    start, end, str(c[2]), str(c[3]) if len(c) > 3 else "", base, tuple(inside)
+                )
             )
         return cls(
             task=str(obj.get("task", "?")),

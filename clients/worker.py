@@ -19,7 +19,7 @@ def parse_curve(text: str) -> list[tuple[float, float]]:
     for part in text.split(","):
         t, mb = part.split(":")
         points.append((float(t), float(mb)))
-    if not points or any(b[0] < a[0] for a, b in zip(points, points[1:])):
+    if not points or any(b[0] < a[0] for a, b in zip(points, points[1:], strict=False)):
         raise ValueError("curve: need time-ordered t:mb points")
     return points
 

@@ -18,8 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry import trace
-
 from agentcg.errors import (
     AgentcgError,
     ConflictError,
@@ -29,6 +27,7 @@ from agentcg.errors import (
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import error_from_rpc, to_status
 from agentcg.v1 import broker_pb2, node_pb2, node_pb2_grpc, types_pb2
+from opentelemetry import trace
 
 from .cgroup import Cgroup, CgroupDriver, CgroupError
 from .enforcement import (
@@ -47,7 +46,7 @@ from .monitor import EventKind, MemEvent, MemoryMonitor
 from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
 
-__all__ = ["NodeAgent", "Call"]
+__all__ = ["Call", "NodeAgent"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -76,6 +75,7 @@ class Call:
     kill_reason: str = ""
     peak_bytes: int = 0
     pending: _Pending | None = None
+    killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
 
     def view(self) -> CallView:
@@ -90,14 +90,14 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         monitor: MemoryMonitor,
         uplink: Uplink,
         capacity_bytes: int,
-        policy: NodePolicy = NodePolicy(),
+        policy: NodePolicy | None = None,
     ) -> None:
         self.node_id = node_id
         self.driver = driver
         self.monitor = monitor
         self.uplink = uplink
         self.capacity_bytes = capacity_bytes
-        self.policy = policy
+        self.policy = policy or NodePolicy()
         self.calls: dict[str, Call] = {}  # by lease id
         self._by_cgroup: dict[int, Call] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
@@ -165,8 +165,13 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             )
         )
         self._send_pressure(
-            call, broker_pb2.PRESSURE_KIND_LIMIT_REACHED, ev, action_id, decision.requested_bytes,
-            event_id=event_id, usage_bytes=stats.usage_bytes,
+            call,
+            broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
+            ev,
+            action_id,
+            decision.requested_bytes,
+            event_id=event_id,
+            usage_bytes=stats.usage_bytes,
         )
 
     def _send_pressure(
@@ -224,9 +229,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         elif isinstance(decision, Kill):
             self._kill(call, decision.reason)
 
-    def _finish_action(self, call: Call, kind: broker_pb2.ActionKind.ValueType, reason: str) -> None:
+    def _finish_action(
+        self, call: Call, kind: broker_pb2.ActionKind.ValueType, reason: str
+    ) -> None:
         pending = call.pending
-        assert pending is not None
+        if pending is None:  # the call ended first (e.g. its caller went away)
+            return
         pending.timer.cancel()
         call.pending = None
         reaction_ns = time.monotonic_ns() - pending.kernel_time_ns
@@ -293,13 +301,21 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     def _kill(self, call: Call, reason: str) -> None:
         call.kill_reason = reason
-        if not self.policy.dry_run:
-            call.phase = CallPhase.KILLED
-            try:
-                self.driver.kill(call.cgroup)
-            except CgroupError as exc:
-                log.error("call %s: kill failed: %s", call.call_id, exc)
-        self._finish_action(call, broker_pb2.ACTION_KIND_KILL, reason)
+        if self.policy.dry_run:
+            self._finish_action(call, broker_pb2.ACTION_KIND_KILL, reason)
+            return
+        call.phase = CallPhase.KILLED
+        assert self.loop is not None
+        # SIGKILL and wait for the tasks to be gone off the event loop: the action is in effect
+        # (and its reaction time taken) when the cgroup is empty.
+        done = call.killing = self.loop.run_in_executor(None, self.driver.kill, call.cgroup)
+
+        def killed(fut: asyncio.Future[None]) -> None:
+            if fut.exception() is not None:
+                log.error("call %s: kill failed: %s", call.call_id, fut.exception())
+            self._finish_action(call, broker_pb2.ACTION_KIND_KILL, reason)
+
+        done.add_done_callback(killed)
 
     # -- Exec -----------------------------------------------------------------------------------
 
@@ -338,6 +354,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     yield get.result()
                     continue
                 get.cancel()
+                if call.killing is not None:
+                    await asyncio.wait({call.killing})  # its report goes out before the exit
                 while not call.events.empty():
                     yield call.events.get_nowait()
                 break
@@ -416,7 +434,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise InvalidArgumentError("cwd", f"cannot start in {request.cwd!r}: {exc.strerror}")
+                raise InvalidArgumentError(
+                    "cwd", f"cannot start in {request.cwd!r}: {exc.strerror}"
+                ) from None
             gate = proc.stdin
             assert gate is not None
             try:
@@ -455,10 +475,14 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self, stream: asyncio.StreamReader, kind: node_pb2.Output.Stream.ValueType, call: Call
     ) -> None:
         while chunk := await stream.read(_OUTPUT_CHUNK):
-            call.events.put_nowait(node_pb2.ExecEvent(output=node_pb2.Output(stream=kind, data=chunk)))
+            call.events.put_nowait(
+                node_pb2.ExecEvent(output=node_pb2.Output(stream=kind, data=chunk))
+            )
 
     @staticmethod
-    async def _wait_exit(proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]]) -> int:
+    async def _wait_exit(
+        proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]]
+    ) -> int:
         code = await proc.wait()
         if readers:
             await asyncio.gather(*readers)
@@ -561,4 +585,3 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 self.driver.kill(call.cgroup)
             except CgroupError as exc:
                 log.error("call %s: kill failed: %s", call.call_id, exc)
-

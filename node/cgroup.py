@@ -439,6 +439,12 @@ class CgroupV1Driver:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            if "freezer" in self._roots:
+                # A frozen task only dies once thawed (thawing a cgroup thaws its subtree).
+                try:
+                    self._write(cg, "freezer", "freezer.state", "THAWED")
+                except CgroupError:
+                    pass
             if time.monotonic() > deadline:
                 raise CgroupError(
                     f"cgroup {cg.path}: {len(pids)} task(s) still present {timeout_s}s after "
@@ -452,8 +458,7 @@ class CgroupV1Driver:
             top = self._dir(cg, controller)
             if not top.is_dir():
                 continue
-            # Depth-first: children before parents.
-            for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
+            for dirpath, _, _ in os.walk(top, topdown=False):  # children before parents
                 try:
                     os.rmdir(dirpath)
                 except FileNotFoundError:

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from agentcg.quantity import format_bytes
 
 __all__ = [
-    "CallPhase",
-    "NodePolicy",
-    "CallView",
     "AskBroker",
+    "CallPhase",
+    "CallView",
     "Ignore",
-    "Resize",
     "Kill",
-    "on_limit",
-    "on_decision_grow",
+    "NodePolicy",
+    "Resize",
     "on_deadline",
+    "on_decision_grow",
+    "on_limit",
     "soft_threshold",
 ]
 
@@ -103,7 +103,9 @@ def on_deadline(call: CallView, node_free_bytes: int, policy: NodePolicy) -> Res
         return Ignore(f"call is {call.phase.value}")
     waited = f"broker did not answer within {policy.broker_timeout_s:g} s"
     if policy.on_timeout == "grow-local":
-        ask = on_limit(CallView(call.lease_id, CallPhase.RUNNING, call.budget_bytes, call.peak_bytes), policy)
+        ask = on_limit(
+            CallView(call.lease_id, CallPhase.RUNNING, call.budget_bytes, call.peak_bytes), policy
+        )
         assert isinstance(ask, AskBroker)
         extra = ask.requested_bytes - call.budget_bytes
         if node_free_bytes >= extra:

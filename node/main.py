@@ -6,16 +6,15 @@ import asyncio
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
 from agentcg.names import validate_name
 from agentcg.telemetry import configure_logging, configure_tracing
 from agentcg.v1 import broker_pb2, node_pb2_grpc, types_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from .agent import NodeAgent
 from .cgroup import detect_driver
@@ -23,7 +22,7 @@ from .enforcement import NodePolicy
 from .monitor import MemoryMonitor
 from .uplink import Uplink
 
-__all__ = ["NodeConfig", "run_node", "main", "default_node_id", "default_capacity_bytes"]
+__all__ = ["NodeConfig", "default_capacity_bytes", "default_node_id", "main", "run_node"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class NodeConfig:
     node_id: str = ""
     capacity_bytes: int = 0
     cgroup_root: str = ""  # default: agentcg-<node_id> under the agent's own cgroup
-    policy: NodePolicy = NodePolicy()
+    policy: NodePolicy = field(default_factory=NodePolicy)
     ready_file: Path | None = None
     grace_s: float = 5.0
 

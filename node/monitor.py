@@ -33,7 +33,10 @@ __all__ = [
     "MemEvent",
     "MemoryMonitor",
     "MonitorError",
+    "UsageSource",
     "WatchStats",
+    "check_header",
+    "describe_program",
     "program_cflags",
     "read_header_constants",
 ]
@@ -48,6 +51,7 @@ DEFAULT_MAX_WATCHES = 4096
 DEFAULT_MAX_PIDS = 65536
 DEFAULT_RINGBUF_PAGES = 16  # 64 KiB: ~1600 events of 40 bytes in flight
 DEFAULT_POLL_TIMEOUT_MS = 50  # bounds how long close() waits for the poller
+FILTER_SLOTS = 4096  # watch_filter size (power of two)
 
 
 class EventKind(enum.IntEnum):
@@ -58,12 +62,24 @@ class EventKind(enum.IntEnum):
     EXIT = 5
 
 
+class UsageSource(enum.IntEnum):
+    """Where the in-kernel usage estimate comes from (values as in bpf/memwatch.h)."""
+
+    # memcg:count_memcg_events PGPGIN - PGPGOUT: ~2 events per page, but one PGPGIN per
+    # folio whatever its size: THP and large page-cache folios are undercounted (a 64 MiB
+    # read on ext4 showed as ~1 MiB).
+    PGPGIN = 1
+    # memcg:mod_memcg_lruvec_state, LRU items: pages on the memcg's LRU lists, exact for
+    # large folios; ~4 events per page over its life.
+    LRU = 2
+
+
 @dataclass(frozen=True, slots=True)
 class MemEvent:
     kind: EventKind
     cgroup_id: int
     pid: int
-    usage_bytes: int  # in-kernel estimate (charged minus uncharged pages since the watch)
+    usage_bytes: int  # in-kernel estimate: net pages added since the watch (see UsageSource)
     threshold_bytes: int  # soft threshold for SOFT, the budget (limit) for the others
     kernel_time_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns() scale)
 
@@ -113,6 +129,10 @@ def check_header(constants: dict[str, int]) -> None:
         seen = constants.get(f"MW_{kind.name}")
         if seen != kind.value:
             raise MonitorError(f"memwatch.h: MW_{kind.name} is {seen}, monitor expects {kind}")
+    for source in UsageSource:
+        seen = constants.get(f"MW_USAGE_{source.name}")
+        if seen != source.value:
+            raise MonitorError(f"memwatch.h: MW_USAGE_{source.name} is {seen}, expected {source}")
     size = constants.get("MW_EVENT_SIZE")
     if size != ctypes.sizeof(_Event):
         raise MonitorError(f"memwatch.h: MW_EVENT_SIZE {size} != {ctypes.sizeof(_Event)}")
@@ -124,6 +144,7 @@ def program_cflags(
     max_pids: int = DEFAULT_MAX_PIDS,
     ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
     page_size: int | None = None,
+    usage_source: UsageSource = UsageSource.LRU,
 ) -> list[str]:
     if page_size is None:
         page_size = os.sysconf("SC_PAGE_SIZE")
@@ -137,6 +158,8 @@ def program_cflags(
         f"-DMAX_PIDS={max_pids}",
         f"-DMW_PAGE_SHIFT={page_size.bit_length() - 1}",
         f"-DMW_RINGBUF_PAGES={ringbuf_pages}",
+        f"-DMW_FILTER_SLOTS={FILTER_SLOTS}",
+        f"-DMW_USAGE_SOURCE={int(usage_source)}",
     ]
 
 
@@ -166,6 +189,7 @@ class MemoryMonitor:
         max_pids: int = DEFAULT_MAX_PIDS,
         ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
         poll_timeout_ms: int = DEFAULT_POLL_TIMEOUT_MS,
+        usage_source: UsageSource = UsageSource.LRU,
     ) -> None:
         constants = read_header_constants(BPF_HEADER.read_text())
         check_header(constants)
@@ -174,12 +198,15 @@ class MemoryMonitor:
         self._poll_timeout_ms = poll_timeout_ms
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         self._cflags = program_cflags(
-            max_watches=max_watches, max_pids=max_pids, ringbuf_pages=ringbuf_pages
+            max_watches=max_watches,
+            max_pids=max_pids,
+            ringbuf_pages=ringbuf_pages,
+            usage_source=usage_source,
         )
         if print_program:
             print(describe_program(self._cflags))  # the hidden --ebpf flag (as runqlat)
         try:
-            from bcc import BPF  # type: ignore[import-untyped]
+            from bcc import BPF
         except ImportError as e:
             raise MonitorError(f"bcc python module not importable: {e}") from e
         try:
@@ -192,6 +219,7 @@ class MemoryMonitor:
             self._state: Any = self._bpf[b"watch_state"]
             self._pids: Any = self._bpf[b"pids"]
             self._drops: Any = self._bpf[b"drops"]
+            self._filter: Any = self._bpf[b"watch_filter"]
             self._bpf[b"events"].open_ring_buffer(self._on_ringbuf)
         except Exception as e:
             self._bpf.cleanup()
@@ -246,9 +274,10 @@ class MemoryMonitor:
             try:
                 if old is None:
                     # Counters first (written by the kernel from now on), then the thresholds
-                    # that make the handlers look at this cgroup.
+                    # and the filter slot that make the handlers look at this cgroup.
                     self._state[key] = self._state.Leaf()
                     self._watches[key] = self._watches.Leaf(soft_bytes, limit_bytes, 0)
+                    self._bump_filter(cgroup_id, +1)
                 else:
                     self._watches[key] = self._watches.Leaf(
                         soft_bytes, limit_bytes, old.arm_gen + 1
@@ -269,17 +298,28 @@ class MemoryMonitor:
         key = self._watches.Key(cgroup_id)
         with self._lock:
             # Thresholds first: from then on no handler looks at this cgroup.
-            for table in (self._watches, self._state):
-                try:
-                    del table[key]
-                except KeyError:
-                    pass
+            try:
+                del self._watches[key]
+            except KeyError:
+                pass
+            else:
+                self._bump_filter(cgroup_id, -1)
+            try:
+                del self._state[key]
+            except KeyError:
+                pass
             stale = [k for k, v in self._pids.items() if v.value == cgroup_id]
             for k in stale:
                 try:
                     del self._pids[k]
                 except KeyError:
                     pass  # exited meanwhile
+
+    def _bump_filter(self, cgroup_id: int, delta: int) -> None:
+        # Only user space writes watch_filter, under self._lock: read-modify-write is safe.
+        slot = cgroup_id & (FILTER_SLOTS - 1)
+        count = self._filter[slot].value + delta
+        self._filter[slot] = self._filter.Leaf(max(0, count))
 
     def stats(self, cgroup_id: int) -> WatchStats | None:
         try:
@@ -349,10 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit-bytes", type=int, default=0)
     parser.add_argument("--pid", type=int, action="append", default=[], help="attribute a pid")
     parser.add_argument("--seconds", type=float, default=0, help="stop after (0: until ^C)")
+    parser.add_argument(
+        "--usage-source", choices=[s.name for s in UsageSource], default=UsageSource.LRU.name
+    )
     args = parser.parse_args(argv)
 
+    source = UsageSource[args.usage_source]
     if args.ebpf:
-        print(describe_program(program_cflags()))
+        print(describe_program(program_cflags(usage_source=source)))
         return 0
     if args.cgroup_dir is None:
         from agentcg.node.cgroup import current_cgroup_dir
@@ -370,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
 
-    with MemoryMonitor(show) as monitor:
+    with MemoryMonitor(show, usage_source=source) as monitor:
         monitor.watch(cgroup_id, soft_bytes=args.soft_bytes, limit_bytes=args.limit_bytes)
         for pid in args.pid:
             monitor.add_pid(pid, cgroup_id)

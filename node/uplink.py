@@ -12,9 +12,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
 from agentcg.v1 import broker_pb2, broker_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 __all__ = ["Uplink"]
 
@@ -65,9 +64,7 @@ class Uplink:
         await asyncio.wait_for(self._connected.wait(), wait_connected_s)
 
     async def _outgoing(self) -> AsyncIterator[broker_pb2.NodeMessage]:
-        yield broker_pb2.NodeMessage(
-            hello=broker_pb2.NodeHello(node_id=self._registration.node_id)
-        )
+        yield broker_pb2.NodeMessage(hello=broker_pb2.NodeHello(node_id=self._registration.node_id))
         while True:
             while self._buffer:
                 yield self._buffer.popleft()
@@ -114,4 +111,3 @@ class Uplink:
             except asyncio.CancelledError:
                 pass
         await self.channel.close()
-

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 __all__ = [
     "AgentcgError",
+    "ConflictError",
+    "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
-    "FailedPreconditionError",
-    "ConflictError",
     "QuotaExceededError",
     "UnavailableError",
 ]

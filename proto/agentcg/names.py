@@ -22,8 +22,6 @@ class InvalidNameError(ValueError):
         self.value = value
 
 
-
-
 def validate_name(field: str, value: str, *, allow_empty: bool = False) -> str:
     """Return ``value`` if it is a safe name, else raise InvalidNameError naming ``field``.
 

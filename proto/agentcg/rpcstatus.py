@@ -23,7 +23,7 @@ from agentcg.errors import (
 )
 from agentcg.v1 import types_pb2
 
-__all__ = ["to_status", "error_from_rpc", "GENERIC_INTERNAL"]
+__all__ = ["GENERIC_INTERNAL", "error_from_rpc", "to_status"]
 
 GENERIC_INTERNAL = "internal error (details are in the server log)"
 

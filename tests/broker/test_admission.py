@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from agentcg.broker.admission import (
     MIN_GROWTH_BYTES,
     Admit,
@@ -18,19 +15,32 @@ from agentcg.broker.admission import (
     decide_reserve,
 )
 from agentcg.broker.model import NodeId, Tenant, TenantName
+from hypothesis import given
+from hypothesis import strategies as st
 
 MiB = 1 << 20
 
 
-def level(name: str, quota: int, granted: int = 0, parent: str | None = None, calls: int = 0, max_calls: int = 0) -> QuotaLevel:
+def level(
+    name: str,
+    quota: int,
+    granted: int = 0,
+    parent: str | None = None,
+    calls: int = 0,
+    max_calls: int = 0,
+) -> QuotaLevel:
     return QuotaLevel(
-        Tenant(TenantName(name), quota, TenantName(parent) if parent else None, max_calls=max_calls),
+        Tenant(
+            TenantName(name), quota, TenantName(parent) if parent else None, max_calls=max_calls
+        ),
         granted,
         calls,
     )
 
 
-def node(nid: str, cap: int, granted: int = 0, connected: bool = True, pressured: bool = False) -> NodeView:
+def node(
+    nid: str, cap: int, granted: int = 0, connected: bool = True, pressured: bool = False
+) -> NodeView:
     return NodeView(NodeId(nid), cap, granted, connected, pressured)
 
 
@@ -38,20 +48,62 @@ def node(nid: str, cap: int, granted: int = 0, connected: bool = True, pressured
     ("ask", "levels", "nodes", "expect"),
     [
         (64 * MiB, [level("t", 128 * MiB)], [node("a", 1024 * MiB)], ("admit", "a")),
-        (128 * MiB, [level("t", 128 * MiB)], [node("a", 1024 * MiB)], ("admit", "a")),  # exactly fits
+        (
+            128 * MiB,
+            [level("t", 128 * MiB)],
+            [node("a", 1024 * MiB)],
+            ("admit", "a"),
+        ),  # exactly fits
         (129 * MiB, [level("t", 128 * MiB)], [node("a", 1024 * MiB)], ("deny", "tenant_quota")),
-        (64 * MiB, [level("t", 128 * MiB, 100 * MiB)], [node("a", 1024 * MiB)], ("deny", "tenant_quota")),
+        (
+            64 * MiB,
+            [level("t", 128 * MiB, 100 * MiB)],
+            [node("a", 1024 * MiB)],
+            ("deny", "tenant_quota"),
+        ),
         # the parent (org) is the tighter level
-        (64 * MiB, [level("t", 1024 * MiB), level("org", 100 * MiB, 50 * MiB)], [node("a", 4096 * MiB)], ("deny", "tenant_quota")),
+        (
+            64 * MiB,
+            [level("t", 1024 * MiB), level("org", 100 * MiB, 50 * MiB)],
+            [node("a", 4096 * MiB)],
+            ("deny", "tenant_quota"),
+        ),
         (64 * MiB, [level("t", 1024 * MiB)], [], ("deny", "no_nodes")),
-        (64 * MiB, [level("t", 1024 * MiB)], [node("a", 1024 * MiB, connected=False)], ("deny", "no_nodes")),
-        (64 * MiB, [level("t", 1024 * MiB)], [node("a", 1024 * MiB, pressured=True)], ("deny", "no_nodes")),
-        (64 * MiB, [level("t", 1024 * MiB)], [node("a", 0)], ("deny", "node_capacity")),  # zero capacity
-        (64 * MiB, [level("t", 1024 * MiB)], [node("a", 100 * MiB, 50 * MiB), node("b", 100 * MiB, 10 * MiB)], ("admit", "b")),
-        (64 * MiB, [level("t", 1024 * MiB, calls=2, max_calls=2)], [node("a", 1024 * MiB)], ("deny", "tenant_calls")),
+        (
+            64 * MiB,
+            [level("t", 1024 * MiB)],
+            [node("a", 1024 * MiB, connected=False)],
+            ("deny", "no_nodes"),
+        ),
+        (
+            64 * MiB,
+            [level("t", 1024 * MiB)],
+            [node("a", 1024 * MiB, pressured=True)],
+            ("deny", "no_nodes"),
+        ),
+        (
+            64 * MiB,
+            [level("t", 1024 * MiB)],
+            [node("a", 0)],
+            ("deny", "node_capacity"),
+        ),  # zero capacity
+        (
+            64 * MiB,
+            [level("t", 1024 * MiB)],
+            [node("a", 100 * MiB, 50 * MiB), node("b", 100 * MiB, 10 * MiB)],
+            ("admit", "b"),
+        ),
+        (
+            64 * MiB,
+            [level("t", 1024 * MiB, calls=2, max_calls=2)],
+            [node("a", 1024 * MiB)],
+            ("deny", "tenant_calls"),
+        ),
     ],
 )
-def test_decide_reserve(ask: int, levels: list[QuotaLevel], nodes: list[NodeView], expect: tuple[str, str]) -> None:
+def test_decide_reserve(
+    ask: int, levels: list[QuotaLevel], nodes: list[NodeView], expect: tuple[str, str]
+) -> None:
     d = decide_reserve(ask, levels, nodes)
     if expect[0] == "admit":
         assert isinstance(d, Admit) and d.node_id == expect[1] and d.memory_bytes == ask
@@ -61,27 +113,63 @@ def test_decide_reserve(ask: int, levels: list[QuotaLevel], nodes: list[NodeView
 
 
 def test_denial_names_tenant_limit_and_what_is_free() -> None:
-    d = decide_reserve(4096 * MiB, [level("t-42", 8192 * MiB, 6144 * MiB)], [node("a", 65536 * MiB)])
+    d = decide_reserve(
+        4096 * MiB, [level("t-42", 8192 * MiB, 6144 * MiB)], [node("a", 65536 * MiB)]
+    )
     assert isinstance(d, Deny)
-    assert d.message == "tenant t-42: memory quota exceeded (asked 4.0 GiB, 2.0 GiB of 8.0 GiB free)"
+    assert (
+        d.message == "tenant t-42: memory quota exceeded (asked 4.0 GiB, 2.0 GiB of 8.0 GiB free)"
+    )
     assert d.largest_memory_bytes_available == 2048 * MiB
 
 
 @pytest.mark.parametrize(
     ("current", "requested", "levels", "nd", "expect"),
     [
-        (64 * MiB, 128 * MiB, [level("t", 1024 * MiB, 64 * MiB)], node("a", 1024 * MiB, 64 * MiB), ("grow", 128 * MiB)),
+        (
+            64 * MiB,
+            128 * MiB,
+            [level("t", 1024 * MiB, 64 * MiB)],
+            node("a", 1024 * MiB, 64 * MiB),
+            ("grow", 128 * MiB),
+        ),
         # partial: only 32 MiB left in the tenant
-        (64 * MiB, 128 * MiB, [level("t", 96 * MiB, 64 * MiB)], node("a", 1024 * MiB, 64 * MiB), ("grow", 96 * MiB)),
+        (
+            64 * MiB,
+            128 * MiB,
+            [level("t", 96 * MiB, 64 * MiB)],
+            node("a", 1024 * MiB, 64 * MiB),
+            ("grow", 96 * MiB),
+        ),
         # nothing left in the tenant
-        (96 * MiB, 192 * MiB, [level("t", 96 * MiB, 96 * MiB)], node("a", 1024 * MiB, 96 * MiB), ("refuse", "tenant_quota")),
+        (
+            96 * MiB,
+            192 * MiB,
+            [level("t", 96 * MiB, 96 * MiB)],
+            node("a", 1024 * MiB, 96 * MiB),
+            ("refuse", "tenant_quota"),
+        ),
         # tenant has room, node does not
-        (64 * MiB, 128 * MiB, [level("t", 1024 * MiB, 64 * MiB)], node("a", 66 * MiB, 64 * MiB), ("refuse", "node_capacity")),
+        (
+            64 * MiB,
+            128 * MiB,
+            [level("t", 1024 * MiB, 64 * MiB)],
+            node("a", 66 * MiB, 64 * MiB),
+            ("refuse", "node_capacity"),
+        ),
         # less than the minimum step is refused
-        (64 * MiB, 128 * MiB, [level("t", 64 * MiB + MIN_GROWTH_BYTES - 1, 64 * MiB)], node("a", 1024 * MiB), ("refuse", "tenant_quota")),
+        (
+            64 * MiB,
+            128 * MiB,
+            [level("t", 64 * MiB + MIN_GROWTH_BYTES - 1, 64 * MiB)],
+            node("a", 1024 * MiB),
+            ("refuse", "tenant_quota"),
+        ),
     ],
 )
-def test_decide_growth(current: int, requested: int, levels: list[QuotaLevel], nd: NodeView, expect: tuple[str, object]) -> None:
+def test_decide_growth(
+    current: int, requested: int, levels: list[QuotaLevel], nd: NodeView, expect: tuple[str, object]
+) -> None:
     d = decide_growth(current, requested, current, levels, nd)
     if expect[0] == "grow":
         assert isinstance(d, Grow) and d.new_memory_bytes == expect[1]
@@ -90,7 +178,13 @@ def test_decide_growth(current: int, requested: int, levels: list[QuotaLevel], n
 
 
 def test_refusal_names_budget_peak_and_quota() -> None:
-    d = decide_growth(96 * MiB, 192 * MiB, 96 * MiB, [level("poor", 96 * MiB, 96 * MiB)], node("a", 1024 * MiB, 96 * MiB))
+    d = decide_growth(
+        96 * MiB,
+        192 * MiB,
+        96 * MiB,
+        [level("poor", 96 * MiB, 96 * MiB)],
+        node("a", 1024 * MiB, 96 * MiB),
+    )
     assert isinstance(d, Refuse)
     assert "tenant poor" in d.message and "budget 96.0 MiB" in d.message
     assert "peak 96.0 MiB" in d.message and "quota 96.0 MiB" in d.message
@@ -101,10 +195,19 @@ sizes = st.integers(min_value=1, max_value=1 << 40)
 
 @given(
     ask=sizes,
-    quotas=st.lists(st.tuples(sizes, st.integers(min_value=0, max_value=1 << 40)), min_size=1, max_size=4),
-    caps=st.lists(st.tuples(st.integers(min_value=0, max_value=1 << 41), st.integers(min_value=0, max_value=1 << 41)), max_size=4),
+    quotas=st.lists(
+        st.tuples(sizes, st.integers(min_value=0, max_value=1 << 40)), min_size=1, max_size=4
+    ),
+    caps=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=1 << 41), st.integers(min_value=0, max_value=1 << 41)
+        ),
+        max_size=4,
+    ),
 )
-def test_admitted_never_exceeds_any_level_or_node(ask: int, quotas: list[tuple[int, int]], caps: list[tuple[int, int]]) -> None:
+def test_admitted_never_exceeds_any_level_or_node(
+    ask: int, quotas: list[tuple[int, int]], caps: list[tuple[int, int]]
+) -> None:
     levels = [level(f"t{i}", q, g) for i, (q, g) in enumerate(quotas)]
     nodes = [node(f"n{i}", c, g) for i, (c, g) in enumerate(caps)]
     d = decide_reserve(ask, levels, nodes)
@@ -121,7 +224,9 @@ def test_admitted_never_exceeds_any_level_or_node(ask: int, quotas: list[tuple[i
     quotas=st.lists(st.tuples(sizes, sizes), min_size=1, max_size=4),
     cap=st.tuples(sizes, sizes),
 )
-def test_growth_never_exceeds_any_level_or_node(current: int, extra: int, quotas: list[tuple[int, int]], cap: tuple[int, int]) -> None:
+def test_growth_never_exceeds_any_level_or_node(
+    current: int, extra: int, quotas: list[tuple[int, int]], cap: tuple[int, int]
+) -> None:
     levels = [level(f"t{i}", q, g) for i, (q, g) in enumerate(quotas)]
     nd = node("n", cap[0], cap[1])
     d = decide_growth(current, current + extra, current, levels, nd)

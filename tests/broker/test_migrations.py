@@ -5,11 +5,9 @@ SQLite always; PostgreSQL when AGENTCG_TEST_POSTGRES_URL is set (scripts/start-p
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,36 +23,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Integer, MetaData, create_engine, inspect, make_url, text
+from sqlalchemy import Column, Integer, MetaData, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {"tenants", "nodes", "leases", "audit"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a fresh schema in the PostgreSQL test database."""
-    if request.param == "sqlite":
-        yield Store.default_url(tmp_path)
-        return
-    if not POSTGRES_URL:
-        pytest.skip(
-            "PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set "
-            "(scripts/start-postgres.sh starts a local server and prints the URL)"
-        )
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
 
 
 def run_alembic(url: str, action: Callable[[Config], None]) -> None:

@@ -5,9 +5,7 @@ AGENTCG_TEST_POSTGRES_URL is set (scripts/start-postgres.sh starts one and print
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,33 +41,6 @@ from agentcg.broker.store import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, make_url, text
-
-POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a SQLite file, or a fresh schema in the PostgreSQL test database."""
-    if request.param == "sqlite":
-        yield Store.default_url(tmp_path)
-        return
-    if not POSTGRES_URL:
-        pytest.skip(
-            "PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set "
-            "(scripts/start-postgres.sh starts a local server and prints the URL)"
-        )
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
 from agentcg.errors import InvalidArgumentError, NotFoundError
@@ -37,15 +36,32 @@ def client(cluster: LocalCluster):
 
 
 def node_root(cgroup_write: Path) -> Path:
-    roots = [p for p in cgroup_write.iterdir() if p.is_dir() and p.name == f"agentcg-n0-{os.getpid()}"]
+    roots = [
+        p for p in cgroup_write.iterdir() if p.is_dir() and p.name == f"agentcg-n0-{os.getpid()}"
+    ]
     assert len(roots) == 1
     return roots[0]
 
 
-def agentcg_run(cluster: LocalCluster, tenant: str, memory: str, argv: list[str]) -> tuple[int, dict]:
+def agentcg_run(
+    cluster: LocalCluster, tenant: str, memory: str, argv: list[str]
+) -> tuple[int, dict]:
     proc = subprocess.run(
-        [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address,
-         "--tenant", tenant, "--memory", memory, "--json", "--", *argv],
+        [
+            sys.executable,
+            "-m",
+            "agentcg.clients.cli",
+            "run",
+            "--broker",
+            cluster.broker_address,
+            "--tenant",
+            tenant,
+            "--memory",
+            memory,
+            "--json",
+            "--",
+            *argv,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -54,7 +70,9 @@ def agentcg_run(cluster: LocalCluster, tenant: str, memory: str, argv: list[str]
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_spike_is_grown_for_tenant_with_headroom(cluster: LocalCluster, client: Client, cgroup_write: Path) -> None:
+def test_spike_is_grown_for_tenant_with_headroom(
+    cluster: LocalCluster, client: Client, cgroup_write: Path
+) -> None:
     client.set_tenant("rich", 1024 * MiB)
     code, result = agentcg_run(cluster, "rich", "64M", SPIKE_ARGV)
     assert code == 0, result
@@ -128,7 +146,9 @@ def test_bad_input_is_refused_and_changes_nothing(
     client.ping()
 
 
-def test_empty_command_is_refused_and_lease_state_untouched(cluster: LocalCluster, client: Client) -> None:
+def test_empty_command_is_refused_and_lease_state_untouched(
+    cluster: LocalCluster, client: Client
+) -> None:
     client.set_tenant("rich", 1024 * MiB)
     lease = client.reserve("rich", 64 * MiB)
     with pytest.raises(InvalidArgumentError) as info:
@@ -139,9 +159,22 @@ def test_empty_command_is_refused_and_lease_state_untouched(cluster: LocalCluste
     assert client.get_tenant("rich").granted_memory_bytes == 0
     # and through the CLI: no command at all
     proc = subprocess.run(
-        [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address,
-         "--tenant", "rich", "--memory", "64M", "--"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "agentcg.clients.cli",
+            "run",
+            "--broker",
+            cluster.broker_address,
+            "--tenant",
+            "rich",
+            "--memory",
+            "64M",
+            "--",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0 and "argv" in proc.stderr
     assert client.get_tenant("rich").granted_memory_bytes == 0

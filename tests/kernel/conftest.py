@@ -15,7 +15,8 @@ import pytest
 from agentcg.node.cgroup import Cgroup, CgroupV1Driver
 from agentcg.node.monitor import MemoryMonitor
 from agentcg.node.spawn import GatedProcess, spawn_gated
-from kernel_helpers import EventLog, Spawn
+
+from .kernel_helpers import EventLog, Spawn
 
 
 @pytest.fixture

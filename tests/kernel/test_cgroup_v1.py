@@ -12,6 +12,8 @@ from agentcg.names import InvalidNameError
 from agentcg.node.cgroup import CgroupError, CgroupV1Driver
 from agentcg.node.spawn import spawn_gated
 
+pytestmark = pytest.mark.kernel
+
 
 def cgroup_lines(pid: int) -> dict[str, str]:
     result = {}
@@ -146,7 +148,9 @@ def test_freeze_and_thaw(driver: CgroupV1Driver) -> None:
         driver.set_frozen(cg, False)
         time.sleep(0.2)
         assert cpu_ticks(gated.pid) > before
-        driver.kill(cg)
+        driver.set_frozen(cg, True)
+        driver.kill(cg)  # a frozen task dies only once thawed: kill thaws
+        assert gated.process.wait(timeout=5) == -9
     finally:
         if gated.process.poll() is None:
             gated.process.kill()

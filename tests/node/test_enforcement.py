@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from agentcg.node.enforcement import (
     AskBroker,
     CallPhase,
@@ -36,7 +35,9 @@ def test_limit_while_not_running_is_ignored(phase: CallPhase) -> None:
 
 
 def test_grow_applies_only_to_a_paused_call_and_only_upwards() -> None:
-    assert on_decision_grow(call(CallPhase.PAUSED), 128 * MiB) == Resize(128 * MiB, "broker grew budget to 128.0 MiB")
+    assert on_decision_grow(call(CallPhase.PAUSED), 128 * MiB) == Resize(
+        128 * MiB, "broker grew budget to 128.0 MiB"
+    )
     assert isinstance(on_decision_grow(call(CallPhase.RUNNING), 128 * MiB), Ignore)
     assert isinstance(on_decision_grow(call(CallPhase.PAUSED), 64 * MiB), Ignore)
 
@@ -44,7 +45,9 @@ def test_grow_applies_only_to_a_paused_call_and_only_upwards() -> None:
 def test_deadline_kills_by_default_naming_budget_and_peak() -> None:
     d = on_deadline(call(CallPhase.PAUSED), 1 << 40, NodePolicy(broker_timeout_s=2))
     assert isinstance(d, Kill)
-    assert "within 2 s" in d.reason and "budget 64.0 MiB" in d.reason and "peak 64.0 MiB" in d.reason
+    assert (
+        "within 2 s" in d.reason and "budget 64.0 MiB" in d.reason and "peak 64.0 MiB" in d.reason
+    )
 
 
 def test_deadline_grows_locally_when_configured_and_room() -> None:

@@ -7,6 +7,7 @@ from agentcg.node.monitor import (
     BPF_SOURCE,
     EventKind,
     MonitorError,
+    UsageSource,
     check_header,
     describe_program,
     program_cflags,
@@ -31,6 +32,9 @@ def test_check_header_rejects_a_mismatch() -> None:
     constants = header_constants() | {"MW_LIMIT": 7}
     with pytest.raises(MonitorError, match="MW_LIMIT is 7"):
         check_header(constants)
+    constants = header_constants() | {"MW_USAGE_LRU": 0}
+    with pytest.raises(MonitorError, match="MW_USAGE_LRU is 0"):
+        check_header(constants)
     constants = header_constants() | {"MW_EVENT_SIZE": 48}
     with pytest.raises(MonitorError, match="MW_EVENT_SIZE 48"):
         check_header(constants)
@@ -49,8 +53,11 @@ def test_program_cflags_are_defines_not_text_edits() -> None:
         "-DMAX_PIDS=64",
         "-DMW_PAGE_SHIFT=12",
         "-DMW_RINGBUF_PAGES=4",
+        "-DMW_FILTER_SLOTS=4096",
+        "-DMW_USAGE_SOURCE=2",  # UsageSource.LRU by default
     ]
+    assert program_cflags(usage_source=UsageSource.PGPGIN)[-1] == "-DMW_USAGE_SOURCE=1"
     with pytest.raises(MonitorError, match="power of two"):
         program_cflags(ringbuf_pages=3)
     text = describe_program(cflags)
-    assert "-DMAX_WATCHES=16" in text and "TRACEPOINT_PROBE(memcg, count_memcg_events)" in text
+    assert "-DMAX_WATCHES=16" in text and "TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)" in text
