@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -33,7 +35,7 @@ from opentelemetry import trace
 
 from .admission import Deny, Grow, decide_growth, decide_reserve
 from .journal import Journal
-from .ledger import Ledger
+from .ledger import Forget, Ledger
 from .model import (
     Audit,
     AuditEntry,
@@ -78,6 +80,23 @@ _STATE_TO_PB = {
     LeaseState.EXPIRED: types_pb2.LEASE_STATE_EXPIRED,
     LeaseState.REVOKED: types_pb2.LEASE_STATE_REVOKED,
 }
+
+
+class _LeaseIds:
+    """Lease ids: 32 hex digits, a random 64-bit prefix drawn at start-up + a counter.
+
+    Unique across restarts (a fresh prefix each time) and far cheaper than uuid4's syscall.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> LeaseId:
+        return LeaseId(f"{self._prefix}{next(self._counter):016x}")
+
+
+_lease_ids = _LeaseIds()
 
 
 def now_ms() -> int:
@@ -139,6 +158,63 @@ def _audit(kind: str, lease: Lease | None = None, **detail: object) -> Audit:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReserveAsk:
+    """A validated ReserveRequest."""
+
+    tenant: TenantName
+    session: SessionName
+    command_class: str
+    memory_bytes: int
+    cpu_millis: int
+    priority: int
+    ttl_ms: int
+    idempotency_key: str
+    queue_timeout_ms: int
+
+
+def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> ReserveAsk:
+    """Validate a ReserveRequest; errors name the field (``prefix`` + field name)."""
+    tenant = TenantName(_name(prefix + "tenant", request.tenant))
+    session = SessionName(_name(prefix + "session", request.session or "default"))
+    command_class = _name(prefix + "command_class", request.command_class or "default")
+    memory = _positive(prefix + "intent.memory_bytes", request.intent.memory_bytes)
+    cpu = _non_negative(prefix + "intent.cpu_millis", request.intent.cpu_millis)
+    ttl_ms = _non_negative(prefix + "ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
+    if ttl_ms > MAX_TTL_MS:
+        raise InvalidArgumentError(prefix + "ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
+    if len(request.idempotency_key) > 128:
+        raise InvalidArgumentError(prefix + "idempotency_key", "must be at most 128 characters")
+    queue_ms = _non_negative(prefix + "queue_timeout_ms", request.queue_timeout_ms)
+    if queue_ms > MAX_TTL_MS:
+        raise InvalidArgumentError(
+            prefix + "queue_timeout_ms", f"must be <= {MAX_TTL_MS} (got {queue_ms})"
+        )
+    return ReserveAsk(
+        tenant=tenant,
+        session=session,
+        command_class=command_class,
+        memory_bytes=memory,
+        cpu_millis=cpu,
+        priority=request.priority,
+        ttl_ms=ttl_ms,
+        idempotency_key=request.idempotency_key,
+        queue_timeout_ms=queue_ms,
+    )
+
+
+def _denial_pb(d: Deny) -> broker_pb2.Denial:
+    return broker_pb2.Denial(
+        code=d.code,
+        message=d.message,
+        hint=types_pb2.AdmissionHint(
+            largest_memory_bytes_available=d.largest_memory_bytes_available,
+            retry_after_ms=d.retry_after_ms,
+            limiting_scope=d.scope,
+        ),
+    )
+
+
 # -- the application core -------------------------------------------------------------------
 
 
@@ -151,50 +227,138 @@ class BrokerCore:
         self.journal = journal
         self.ledger = ledger
         self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage]] = {}
+        # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
+        # with the same idempotency key waits on this before it answers (never replies with a
+        # grant that is not durable). Resolves True once durable, False if the commit failed.
+        self.not_durable: dict[LeaseId, asyncio.Future[bool]] = {}
 
     async def commit(self, changes: list[Change]) -> None:
-        undo = self.ledger.apply(changes)
+        await self.commit_applied(changes, self.ledger.apply(changes))
+
+    async def commit_applied(
+        self,
+        changes: list[Change],
+        undo: list[Change | Forget],
+        new_leases: list[LeaseId] = (),  # type: ignore[assignment]
+    ) -> None:
+        """Make ``changes`` (already applied to the ledger, ``undo`` reverts them) durable."""
+        durable: asyncio.Future[bool] | None = None
+        if new_leases:
+            durable = asyncio.get_running_loop().create_future()
+            for lid in new_leases:
+                self.not_durable[lid] = durable
+        inner = self.journal.submit(changes)
+
+        def settled(task: asyncio.Future[None]) -> None:
+            # Runs before any awaiter of ``inner`` resumes, also when the caller went away.
+            failed = task.cancelled() or task.exception() is not None
+            if failed:
+                self.ledger.apply(undo)
+            for lid in new_leases:
+                self.not_durable.pop(lid, None)
+            if durable is not None:
+                durable.set_result(not failed)
+
+        inner.add_done_callback(settled)
         try:
-            # Shielded: a caller that goes away does not stop a commit already queued, and the
-            # ledger keeps the change the database will have.
-            await asyncio.shield(self.journal.commit(changes))
-        except asyncio.CancelledError:
-            raise
+            # Shielded: a caller that goes away does not stop a commit already queued.
+            await asyncio.shield(inner)
         except StoreError as exc:
-            self.ledger.apply(undo)
             raise UnavailableError(f"database: could not persist the decision ({exc})") from exc
-        except BaseException:
-            self.ledger.apply(undo)
-            raise
+
+    async def existing_grant(self, tenant: TenantName, key: str) -> Lease | None:
+        """The durable active lease a retried Reserve with this idempotency key gets, if any."""
+        while key:
+            lid = self.ledger.by_key.get((tenant, key))
+            if lid is None:
+                return None
+            pending = self.not_durable.get(lid)
+            if pending is None:
+                return self.ledger.leases.get(lid)
+            if await asyncio.shield(pending):
+                return self.ledger.leases.get(lid)
+            # The first attempt's commit failed and was undone: decide afresh.
+        return None
 
     def lease_pb(self, lease: Lease) -> types_pb2.Lease:
         return lease_to_pb(lease, self.ledger.nodes.get(lease.node_id))
 
-    async def find_lease(self, lease_id: str) -> Lease:
-        lid = LeaseId(_name("lease_id", lease_id))
+    async def find_lease(self, lease_id: str, *, field: str = "lease_id") -> Lease:
+        lid = LeaseId(_name(field, lease_id))
         lease = self.ledger.leases.get(lid)
         if lease is None:
             lease = await self.journal.run_in_db(lambda: self.store.get_lease(lid))
         if lease is None:
-            raise NotFoundError("lease", lid, field="lease_id")
+            raise NotFoundError("lease", lid, field=field)
         return lease
+
+    def decide_reserve(self, ask: ReserveAsk, t_ms: int) -> tuple[Lease, list[Change]] | Deny:
+        """Decide one admission on the ledger as it is now (nothing applied)."""
+        ledger = self.ledger
+        decision = decide_reserve(
+            ask.memory_bytes, ledger.quota_levels(ask.tenant), ledger.node_views()
+        )
+        if isinstance(decision, Deny):
+            return decision
+        lease = Lease(
+            lease_id=_lease_ids.next(),
+            tenant=ask.tenant,
+            session=ask.session,
+            command_class=ask.command_class,
+            node_id=decision.node_id,
+            memory_bytes=decision.memory_bytes,
+            intent_memory_bytes=ask.memory_bytes,
+            cpu_millis=ask.cpu_millis,
+            priority=ask.priority,
+            granted_at_ms=t_ms,
+            expires_at_ms=t_ms + ask.ttl_ms,
+            idempotency_key=ask.idempotency_key,
+        )
+        audit = Audit(
+            AuditEntry(
+                at_ms=t_ms,
+                kind="reserve",
+                tenant=lease.tenant,
+                lease_id=lease.lease_id,
+                node_id=lease.node_id,
+                detail=f'{{"memory_bytes": {ask.memory_bytes}}}',
+            )
+        )
+        return lease, [PutLease(lease), audit]
+
+    @staticmethod
+    def ended(
+        lease: Lease, state: LeaseState, t_ms: int, *, peak_bytes: int, outcome: Outcome
+    ) -> Lease:
+        return replace(
+            lease,
+            state=state,
+            ended_at_ms=t_ms,
+            peak_memory_bytes=max(lease.peak_memory_bytes, peak_bytes),
+            outcome=outcome if outcome is not Outcome.UNKNOWN else lease.outcome,
+        )
+
+    @staticmethod
+    def end_changes(ended: Lease, kind: str, peak_bytes: int) -> list[Change]:
+        return [
+            PutLease(ended),
+            Audit(
+                AuditEntry(
+                    at_ms=ended.ended_at_ms or 0,
+                    kind=kind,
+                    tenant=ended.tenant,
+                    lease_id=ended.lease_id,
+                    node_id=ended.node_id,
+                    detail=f'{{"outcome": "{ended.outcome.value}", "peak_bytes": {peak_bytes}}}',
+                )
+            ),
+        ]
 
     async def end_lease(
         self, lease: Lease, state: LeaseState, *, peak_bytes: int, outcome: Outcome, kind: str
     ) -> Lease:
-        ended = replace(
-            lease,
-            state=state,
-            ended_at_ms=now_ms(),
-            peak_memory_bytes=max(lease.peak_memory_bytes, peak_bytes),
-            outcome=outcome if outcome is not Outcome.UNKNOWN else lease.outcome,
-        )
-        await self.commit(
-            [
-                PutLease(ended),
-                _audit(kind, ended, peak_bytes=peak_bytes, outcome=ended.outcome.value),
-            ]
-        )
+        ended = self.ended(lease, state, now_ms(), peak_bytes=peak_bytes, outcome=outcome)
+        await self.commit(self.end_changes(ended, kind, peak_bytes))
         log.info(
             "%s lease %s tenant %s budget %d peak %d outcome %s",
             kind,
@@ -208,8 +372,7 @@ class BrokerCore:
 
     async def expire_due(self) -> int:
         """Expire every active lease whose TTL passed; returns how many."""
-        t = now_ms()
-        due = [lease for lease in self.ledger.leases.values() if lease.expires_at_ms <= t]
+        due = self.ledger.due(now_ms())
         for lease in due:
             if self.ledger.leases.get(lease.lease_id) is lease:
                 await self.end_lease(
@@ -254,32 +417,19 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     async def Reserve(
         self, request: broker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> broker_pb2.ReserveResponse:
-        # validate
-        tenant_name = TenantName(_name("tenant", request.tenant))
-        session = SessionName(_name("session", request.session or "default"))
-        command_class = _name("command_class", request.command_class or "default")
-        memory = _positive("intent.memory_bytes", request.intent.memory_bytes)
-        _non_negative("intent.cpu_millis", request.intent.cpu_millis)
-        ttl_ms = _non_negative("ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
-        if ttl_ms > MAX_TTL_MS:
-            raise InvalidArgumentError("ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
-        if len(request.idempotency_key) > 128:
-            raise InvalidArgumentError("idempotency_key", "must be at most 128 characters")
-        ledger = self.core.ledger
-        # load
-        if tenant_name not in ledger.tenants:
-            raise NotFoundError("tenant", tenant_name, field="tenant")
-        if request.idempotency_key:
-            existing = ledger.by_key.get((tenant_name, request.idempotency_key))
-            if existing is not None:
-                return broker_pb2.ReserveResponse(lease=self.core.lease_pb(ledger.leases[existing]))
+        core = self.core
+        ask = parse_reserve(request)  # validate
+        if ask.tenant not in core.ledger.tenants:
+            raise NotFoundError("tenant", ask.tenant, field="tenant")
+        existing = await core.existing_grant(ask.tenant, ask.idempotency_key)  # load
+        if existing is not None:
+            return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
         with tracer.start_as_current_span("agentcg.admission") as span:
-            span.set_attribute("agentcg.tenant", tenant_name)
-            span.set_attribute("agentcg.memory_bytes", memory)
-            # decide
-            decision = decide_reserve(memory, ledger.quota_levels(tenant_name), ledger.node_views())
-            span.set_attribute("agentcg.decision", type(decision).__name__.lower())
+            span.set_attribute("agentcg.tenant", ask.tenant)
+            span.set_attribute("agentcg.memory_bytes", ask.memory_bytes)
+            decision = core.decide_reserve(ask, now_ms())  # decide
             if isinstance(decision, Deny):
+                span.set_attribute("agentcg.decision", "deny")
                 span.set_attribute("agentcg.reason", decision.code)
                 raise QuotaExceededError(
                     decision.message,
@@ -288,32 +438,98 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                     largest_memory_bytes_available=decision.largest_memory_bytes_available,
                     retry_after_ms=decision.retry_after_ms,
                 )
-            t = now_ms()
-            lease = Lease(
-                lease_id=LeaseId(uuid.uuid4().hex),
-                tenant=tenant_name,
-                session=session,
-                command_class=command_class,
-                node_id=decision.node_id,
-                memory_bytes=decision.memory_bytes,
-                intent_memory_bytes=memory,
-                cpu_millis=request.intent.cpu_millis,
-                priority=request.priority,
-                granted_at_ms=t,
-                expires_at_ms=t + ttl_ms,
-                idempotency_key=request.idempotency_key,
-            )
+            lease, changes = decision
+            span.set_attribute("agentcg.decision", "admit")
             span.set_attribute("agentcg.lease_id", lease.lease_id)
-            # persist
-            await self.core.commit([PutLease(lease), _audit("reserve", lease, memory_bytes=memory)])
+            undo = core.ledger.apply(changes)
+            await core.commit_applied(changes, undo, [lease.lease_id])  # persist
         log.info(
             "reserve lease %s tenant %s node %s budget %d",
             lease.lease_id,
-            tenant_name,
+            lease.tenant,
             lease.node_id,
-            memory,
+            lease.memory_bytes,
         )
-        return broker_pb2.ReserveResponse(lease=self.core.lease_pb(lease))
+        return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))  # respond
+
+    @_rpc
+    async def ReserveBatch(
+        self, request: broker_pb2.ReserveBatchRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.ReserveBatchResponse:
+        core = self.core
+        ledger = core.ledger
+        asks = [parse_reserve(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        for i, ask in enumerate(asks):
+            if ask.tenant not in ledger.tenants:
+                raise NotFoundError("tenant", ask.tenant, field=f"requests[{i}].tenant")
+        results: list[Lease | Deny] = []
+        changes: list[Change] = []
+        undo: list[Change | Forget] = []
+        new: list[LeaseId] = []
+        t = now_ms()
+        for ask in asks:
+            existing = (
+                await core.existing_grant(ask.tenant, ask.idempotency_key)
+                if ask.idempotency_key
+                else None
+            )
+            if existing is not None:
+                results.append(existing)
+                continue
+            decision = core.decide_reserve(ask, t)
+            if isinstance(decision, Deny):
+                results.append(decision)
+                continue
+            lease, lease_changes = decision
+            undo[:0] = ledger.apply(lease_changes)  # later grants see earlier ones
+            changes.extend(lease_changes)
+            new.append(lease.lease_id)
+            results.append(lease)
+        if changes:
+            await core.commit_applied(changes, undo, new)
+        log.info("reserve batch: %d asked, %d granted", len(asks), len(new))
+        return broker_pb2.ReserveBatchResponse(
+            results=[
+                broker_pb2.ReserveResult(denial=_denial_pb(r))
+                if isinstance(r, Deny)
+                else broker_pb2.ReserveResult(lease=core.lease_pb(r))
+                for r in results
+            ]
+        )
+
+    @_rpc
+    async def ReleaseBatch(
+        self, request: broker_pb2.ReleaseBatchRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.ReleaseBatchResponse:
+        core = self.core
+        for i, r in enumerate(request.requests):
+            _non_negative(f"requests[{i}].peak_memory_bytes", r.peak_memory_bytes)
+            if r.outcome not in _OUTCOME_TO_MODEL:
+                raise InvalidArgumentError(f"requests[{i}].outcome", f"unknown outcome {r.outcome}")
+        leases = [
+            await core.find_lease(r.lease_id, field=f"requests[{i}].lease_id")
+            for i, r in enumerate(request.requests)
+        ]
+        out: list[Lease] = []
+        changes: list[Change] = []
+        t = now_ms()
+        for r, lease in zip(request.requests, leases, strict=True):
+            current = core.ledger.leases.get(lease.lease_id)
+            if current is None:
+                out.append(lease)  # already ended: idempotent
+                continue
+            ended = core.ended(
+                current,
+                LeaseState.RELEASED,
+                t,
+                peak_bytes=r.peak_memory_bytes,
+                outcome=_OUTCOME_TO_MODEL[r.outcome],
+            )
+            changes.extend(core.end_changes(ended, "release", r.peak_memory_bytes))
+            out.append(ended)
+        if changes:
+            await core.commit(changes)
+        return broker_pb2.ReleaseBatchResponse(leases=[core.lease_pb(x) for x in out])
 
     @_rpc
     async def Release(

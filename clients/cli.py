@@ -286,6 +286,37 @@ def bench_reaction_cmd(
     console.print(table)
 
 
+@bench_app.command("admission")
+def bench_admission_cmd(
+    seconds: Annotated[float, typer.Option(help="seconds per measured phase")] = 3.0,
+    processes: Annotated[int, typer.Option(help="load generator processes")] = 2,
+    concurrency: Annotated[int, typer.Option(help="requests in flight per process")] = 16,
+    rate: Annotated[float, typer.Option(help="Reserve/s of the fixed-rate phase")] = 1000.0,
+    leases: Annotated[int, typer.Option(help="live leases for the 10k phase")] = 10_000,
+    node_streams: Annotated[int, typer.Option(help="simulated node streams for RSS")] = 1000,
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in a temp dir)")] = "",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Admission throughput and latency against a real broker process (see bench_admission)."""
+    from .bench_admission import bench_admission
+
+    result = bench_admission(
+        seconds=seconds,
+        processes=processes,
+        concurrency=concurrency,
+        rate=rate,
+        leases=leases,
+        node_streams=node_streams,
+        database_url=db,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    table = Table("metric", "value")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -210,6 +210,45 @@ class AsyncClient:
         )
         return [Lease.from_pb(x) for x in reply.leases]
 
+    async def reserve_batch(
+        self, requests: Sequence[broker_pb2.ReserveRequest]
+    ) -> list[Lease | QuotaExceededError]:
+        """Many admissions in one durable round trip: a Lease or the denial, per request."""
+        reply = await self._call(
+            self._broker.ReserveBatch(
+                broker_pb2.ReserveBatchRequest(requests=list(requests)), timeout=self._timeout_s
+            )
+        )
+        out: list[Lease | QuotaExceededError] = []
+        for r in reply.results:
+            if r.HasField("lease"):
+                out.append(Lease.from_pb(r.lease))
+            else:
+                d = r.denial
+                out.append(
+                    QuotaExceededError(
+                        d.message,
+                        code=d.code,
+                        scope=d.hint.limiting_scope,
+                        largest_memory_bytes_available=d.hint.largest_memory_bytes_available,
+                        retry_after_ms=d.hint.retry_after_ms,
+                        last_peak_memory_bytes=d.hint.last_peak_memory_bytes,
+                    )
+                )
+        return out
+
+    async def release_batch(self, lease_ids: Sequence[str]) -> list[Lease]:
+        """Release many leases in one durable round trip (idempotent per lease)."""
+        reply = await self._call(
+            self._broker.ReleaseBatch(
+                broker_pb2.ReleaseBatchRequest(
+                    requests=[broker_pb2.ReleaseRequest(lease_id=x) for x in lease_ids]
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [Lease.from_pb(x) for x in reply.leases]
+
     async def ping(self) -> None:
         await self._call(self._broker.Ping(broker_pb2.PingRequest(), timeout=self._timeout_s))
 
