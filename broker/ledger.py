@@ -49,6 +49,7 @@ class Ledger:
         self.by_key: dict[tuple[TenantName, str], LeaseId] = {}
         self._subtree_bytes: dict[TenantName, int] = defaultdict(int)
         self._subtree_calls: dict[TenantName, int] = defaultdict(int)
+        self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
         # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
         # finding the due leases costs O(due log n), not a scan of every lease.
@@ -68,7 +69,12 @@ class Ledger:
 
     def quota_levels(self, name: TenantName) -> list[QuotaLevel]:
         return [
-            QuotaLevel(t, self._subtree_bytes[t.name], self._subtree_calls[t.name])
+            QuotaLevel(
+                t,
+                self._subtree_bytes[t.name],
+                self._subtree_calls[t.name],
+                self._subtree_cpu[t.name],
+            )
             for t in self.chain(name)
         ]
 
@@ -90,6 +96,9 @@ class Ledger:
 
     def active_calls(self, name: TenantName) -> int:
         return self._subtree_calls[name]
+
+    def granted_cpu_millis(self, name: TenantName) -> int:
+        return self._subtree_cpu[name]
 
     def due(self, t_ms: int) -> list[Lease]:
         """Active leases whose expiry is at or before ``t_ms`` (left in place)."""
@@ -170,4 +179,5 @@ class Ledger:
         for t in self.chain(lease.tenant):
             self._subtree_bytes[t.name] += sign * lease.memory_bytes
             self._subtree_calls[t.name] += sign
+            self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes

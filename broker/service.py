@@ -296,7 +296,10 @@ class BrokerCore:
         """Decide one admission on the ledger as it is now (nothing applied)."""
         ledger = self.ledger
         decision = decide_reserve(
-            ask.memory_bytes, ledger.quota_levels(ask.tenant), ledger.node_views()
+            ask.memory_bytes,
+            ledger.quota_levels(ask.tenant),
+            ledger.node_views(),
+            cpu_millis=ask.cpu_millis,
         )
         if isinstance(decision, Deny):
             return decision
@@ -607,8 +610,13 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             quota=types_pb2.Resources(
                 memory_bytes=t.memory_quota_bytes, cpu_millis=t.cpu_quota_millis
             ),
-            granted=types_pb2.Resources(memory_bytes=ledger.granted_bytes(t.name)),
+            granted=types_pb2.Resources(
+                memory_bytes=ledger.granted_bytes(t.name),
+                cpu_millis=ledger.granted_cpu_millis(t.name),
+            ),
             active_leases=ledger.active_calls(t.name),
+            max_calls=t.max_calls,
+            weight=t.weight,
         )
 
     def _get(self, name: str, field: str = "name") -> Tenant:
@@ -625,6 +633,10 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
         parent_s = _name("parent", request.parent, allow_empty=True)
         memory = _positive("quota.memory_bytes", request.quota.memory_bytes)
         cpu = _non_negative("quota.cpu_millis", request.quota.cpu_millis)
+        max_calls = _non_negative("max_calls", request.max_calls)
+        weight = _non_negative("weight", request.weight) or 1
+        if weight > 1000:
+            raise InvalidArgumentError("weight", f"must be <= 1000 (got {weight})")
         ledger = self.core.ledger
         parent = TenantName(parent_s) if parent_s else None
         if parent is not None:
@@ -637,11 +649,37 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
                 f"tenant {name}: cannot move to another parent with {ledger.active_calls(name)} "
                 "active leases"
             )
-        tenant = Tenant(name=name, parent=parent, memory_quota_bytes=memory, cpu_quota_millis=cpu)
-        await self.core.commit(
-            [PutTenant(tenant), _audit("tenant_set", tenant=name, memory_quota_bytes=memory)]
+        tenant = Tenant(
+            name=name,
+            parent=parent,
+            memory_quota_bytes=memory,
+            cpu_quota_millis=cpu,
+            max_calls=max_calls,
+            weight=weight,
         )
-        log.info("tenant %s set: memory quota %d parent %s", name, memory, parent)
+        await self.core.commit(
+            [
+                PutTenant(tenant),
+                _audit(
+                    "tenant_set",
+                    tenant=name,
+                    parent=parent or "",
+                    memory_quota_bytes=memory,
+                    cpu_quota_millis=cpu,
+                    max_calls=max_calls,
+                    weight=weight,
+                ),
+            ]
+        )
+        log.info(
+            "tenant %s set: memory %d cpu %d calls %d weight %d parent %s",
+            name,
+            memory,
+            cpu,
+            max_calls,
+            weight,
+            parent,
+        )
         return self._tenant_pb(tenant)
 
     @_rpc

@@ -40,6 +40,7 @@ from sqlalchemy import (
     event,
     make_url,
     select,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects import postgresql, sqlite
@@ -136,6 +137,7 @@ class TenantRow(Base):
     memory_quota_bytes: Mapped[int]
     cpu_quota_millis: Mapped[int]
     max_calls: Mapped[int]
+    weight: Mapped[int] = mapped_column(server_default=text("1"))
 
     __table_args__ = _nonnegative("memory_quota_bytes", "cpu_quota_millis", "max_calls")
 
@@ -180,6 +182,9 @@ class LeaseRow(Base):
         Index("ix_leases_tenant_state", "tenant", "state"),
         Index("ix_leases_node_id_state", "node_id", "state"),
         Index("ix_leases_tenant_idempotency_key", "tenant", "idempotency_key"),
+        Index(
+            "ix_leases_tenant_command_class_ended_at_ms", "tenant", "command_class", "ended_at_ms"
+        ),
         *_nonnegative("memory_bytes", "intent_memory_bytes", "cpu_millis", "peak_memory_bytes"),
     )
 
@@ -368,6 +373,7 @@ def _tenant(row: TenantRow) -> Tenant:
         parent=None if row.parent is None else TenantName(row.parent),
         cpu_quota_millis=row.cpu_quota_millis,
         max_calls=row.max_calls,
+        weight=row.weight,
     )
 
 

@@ -279,7 +279,7 @@ class _Run:
             p.join()
         ops = sum(r["ops"] for r in results)
         self.cpu_ms_per_op[kind] = (cpu1 - cpu0) * 1000 / max(1, ops)
-        return ops / self.seconds
+        return float(ops) / self.seconds
 
     def fixed_rate(self, rate: float, live: int) -> dict[str, Any]:
         out: Queue[Any] = self.ctx.Queue()

@@ -132,14 +132,16 @@ def node(
 
 
 def _tenant_table(tenants) -> Table:  # type: ignore[no-untyped-def]
-    table = Table("tenant", "parent", "quota", "granted", "leases")
+    table = Table("tenant", "parent", "quota", "granted", "cpu", "leases", "weight")
     for t in tenants:
         table.add_row(
             t.name,
             t.parent or "-",
             format_bytes(t.memory_quota_bytes),
             format_bytes(t.granted_memory_bytes),
-            str(t.active_leases),
+            f"{t.granted_cpu_millis}/{t.cpu_quota_millis or '-'}",
+            f"{t.active_leases}/{t.max_calls or '-'}",
+            str(t.weight),
         )
     return table
 
@@ -149,11 +151,21 @@ def tenant_set(
     name: str,
     memory: Annotated[str, typer.Option(help="memory quota, e.g. 4G")],
     parent: Annotated[str, typer.Option(help="parent tenant (org)")] = "",
+    cpu: Annotated[int, typer.Option(help="CPU quota in millis for the subtree; 0: none")] = 0,
+    max_calls: Annotated[
+        int, typer.Option(help="concurrent calls in the subtree; 0: unlimited")
+    ] = 0,
+    weight: Annotated[int, typer.Option(help="fair-share weight under contention")] = 1,
     broker: BrokerOpt = BROKER_DEFAULT,
 ) -> None:
-    """Create or update a tenant's memory quota."""
+    """Create or update a tenant: quotas per resource, checked for its whole subtree."""
     mem = _size(memory)
-    t = _client_call(broker, lambda c: c.set_tenant(name, mem, parent=parent))
+    t = _client_call(
+        broker,
+        lambda c: c.set_tenant(
+            name, mem, parent=parent, cpu_millis=cpu, max_calls=max_calls, weight=weight
+        ),
+    )
     console.print(_tenant_table([t]))
 
 

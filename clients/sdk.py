@@ -74,11 +74,23 @@ class TenantInfo:
     memory_quota_bytes: int
     granted_memory_bytes: int
     active_leases: int
+    cpu_quota_millis: int = 0  # 0: unlimited
+    granted_cpu_millis: int = 0
+    max_calls: int = 0  # 0: unlimited
+    weight: int = 1
 
     @classmethod
     def from_pb(cls, pb: broker_pb2.Tenant) -> TenantInfo:
         return cls(
-            pb.name, pb.parent, pb.quota.memory_bytes, pb.granted.memory_bytes, pb.active_leases
+            pb.name,
+            pb.parent,
+            pb.quota.memory_bytes,
+            pb.granted.memory_bytes,
+            pb.active_leases,
+            cpu_quota_millis=pb.quota.cpu_millis,
+            granted_cpu_millis=pb.granted.cpu_millis,
+            max_calls=pb.max_calls,
+            weight=pb.weight or 1,
         )
 
 
@@ -150,20 +162,25 @@ class AsyncClient:
         ttl_ms: int = 0,
         idempotency_key: str = "",
         expected_duration_ms: int = 0,
+        cpu_millis: int = 0,
+        queue_timeout_ms: int = 0,
     ) -> Lease:
+        """Admit one tool call. With ``queue_timeout_ms`` the broker waits up to that long for
+        capacity (by priority, then arrival) before it denies."""
         reply = await self._call(
             self._broker.Reserve(
                 broker_pb2.ReserveRequest(
                     tenant=tenant,
                     session=session,
                     command_class=command_class,
-                    intent=types_pb2.Resources(memory_bytes=memory_bytes),
+                    intent=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
                     priority=priority,
                     ttl_ms=ttl_ms,
                     idempotency_key=idempotency_key,
                     expected_duration_ms=expected_duration_ms,
+                    queue_timeout_ms=queue_timeout_ms,
                 ),
-                timeout=self._timeout_s,
+                timeout=self._timeout_s + queue_timeout_ms / 1000,
             )
         )
         return Lease.from_pb(reply.lease)
@@ -254,11 +271,26 @@ class AsyncClient:
 
     # -- tenants ------------------------------------------------------------------------------
 
-    async def set_tenant(self, name: str, memory_bytes: int, *, parent: str = "") -> TenantInfo:
+    async def set_tenant(
+        self,
+        name: str,
+        memory_bytes: int,
+        *,
+        parent: str = "",
+        cpu_millis: int = 0,
+        max_calls: int = 0,
+        weight: int = 0,
+    ) -> TenantInfo:
+        """Create or update a tenant: quotas per resource (0 CPU / calls: unlimited), checked
+        at this level for its whole subtree; ``weight`` (0: 1) is its fair share."""
         pb = await self._call(
             self._admin.SetTenant(
                 broker_pb2.SetTenantRequest(
-                    name=name, parent=parent, quota=types_pb2.Resources(memory_bytes=memory_bytes)
+                    name=name,
+                    parent=parent,
+                    quota=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
+                    max_calls=max_calls,
+                    weight=weight,
                 ),
                 timeout=self._timeout_s,
             )
