@@ -34,6 +34,7 @@ from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry import trace
 
 from .admission import Deny, Grow, decide_growth, decide_reserve
+from .fairshare import Candidate, WaitingAsk, choose_victims, pick_next
 from .journal import Journal
 from .ledger import Forget, Ledger
 from .model import (
@@ -218,6 +219,18 @@ def _denial_pb(d: Deny) -> broker_pb2.Denial:
 # -- the application core -------------------------------------------------------------------
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    seq: int
+    ask: ReserveAsk
+    deny: Deny  # why it does not fit (the latest try)
+    admitted: asyncio.Future[Lease]
+
+    @property
+    def view(self) -> WaitingAsk:
+        return WaitingAsk(self.seq, self.ask.tenant, self.ask.priority, self.ask.memory_bytes)
+
+
 class BrokerCore:
     """State + durability shared by the servicers: commit = apply to the ledger, make durable,
     roll the ledger back if the database refused."""
@@ -231,6 +244,11 @@ class BrokerCore:
         # with the same idempotency key waits on this before it answers (never replies with a
         # grant that is not durable). Resolves True once durable, False if the commit failed.
         self.not_durable: dict[LeaseId, asyncio.Future[bool]] = {}
+        # Reserves waiting for capacity (queue_timeout_ms > 0), in arrival order.
+        self.waiters: dict[int, _Waiter] = {}
+        self._seq = itertools.count()
+        self._pump_scheduled = False
+        self._background: set[asyncio.Task[None]] = set()
 
     async def commit(self, changes: list[Change]) -> None:
         await self.commit_applied(changes, self.ledger.apply(changes))
@@ -362,6 +380,7 @@ class BrokerCore:
     ) -> Lease:
         ended = self.ended(lease, state, now_ms(), peak_bytes=peak_bytes, outcome=outcome)
         await self.commit(self.end_changes(ended, kind, peak_bytes))
+        self.kick()
         log.info(
             "%s lease %s tenant %s budget %d peak %d outcome %s",
             kind,
@@ -372,6 +391,162 @@ class BrokerCore:
             ended.outcome.value,
         )
         return ended
+
+    # -- the queue (order and preemption: fairshare.py) ------------------------------------------
+
+    async def wait_for_capacity(self, ask: ReserveAsk, deny: Deny) -> Lease:
+        """Queue ``ask`` until it is admitted (returns the durable lease) or its deadline passes
+        (raises QuotaExceededError with the last reason it did not fit)."""
+        waiter = _Waiter(next(self._seq), ask, deny, asyncio.get_running_loop().create_future())
+        self.waiters[waiter.seq] = waiter
+        self.kick()
+        try:
+            await asyncio.wait({waiter.admitted}, timeout=ask.queue_timeout_ms / 1000)
+        finally:
+            picked = self.waiters.pop(waiter.seq, None) is None
+        if not picked:
+            d = waiter.deny
+            raise QuotaExceededError(
+                f"{d.message} (waited {ask.queue_timeout_ms} ms in the queue)",
+                code=d.code,
+                scope=d.scope,
+                largest_memory_bytes_available=d.largest_memory_bytes_available,
+                retry_after_ms=d.retry_after_ms,
+            )
+        return await waiter.admitted  # picked: durable (or failed) soon
+
+    def kick(self) -> None:
+        """Capacity may have freed: try the queue once the current callback is done."""
+        if self.waiters and not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        ledger = self.ledger
+        t = now_ms()
+        skip: set[int] = set()
+        changes: list[Change] = []
+        undo: list[Change | Forget] = []
+        admitted: list[tuple[_Waiter, Lease]] = []
+        preempted: list[Lease] = []
+        while True:
+            views = [w.view for w in self.waiters.values()]
+            granted = {v.tenant: ledger.granted_bytes(v.tenant) for v in views}
+            weights = {
+                v.tenant: ledger.tenants[v.tenant].weight
+                for v in views
+                if v.tenant in ledger.tenants
+            }
+            nxt = pick_next(views, granted, weights, skip)
+            if nxt is None:
+                break
+            waiter = self.waiters[nxt.seq]
+            ask = waiter.ask
+            if ask.tenant not in ledger.tenants:  # deleted while waiting
+                skip.add(nxt.seq)
+                continue
+            decision = self.decide_reserve(ask, t)
+            if isinstance(decision, Deny):
+                victims = self._victims(ask)
+                if victims:
+                    for victim in victims:
+                        revoked = self.ended(
+                            victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
+                        )
+                        ch = self.end_changes(revoked, "preempt", 0)
+                        undo[:0] = ledger.apply(ch)
+                        changes.extend(ch)
+                        preempted.append(revoked)
+                    decision = self.decide_reserve(ask, t)
+            if isinstance(decision, Deny):
+                waiter.deny = decision
+                if decision.scope == f"tenant:{ask.tenant}":
+                    skip.add(nxt.seq)  # only its own quota holds it: it blocks no one
+                    continue
+                break  # shared capacity: no backfill past it
+            lease, ch = decision
+            undo[:0] = ledger.apply(ch)
+            changes.extend(ch)
+            del self.waiters[nxt.seq]
+            admitted.append((waiter, lease))
+        if changes:
+            task = asyncio.get_running_loop().create_task(
+                self._commit_queue(changes, undo, admitted, preempted)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _victims(self, ask: ReserveAsk) -> list[Lease]:
+        ledger = self.ledger
+        candidates = [
+            Candidate(
+                lease_id=x.lease_id,
+                priority=x.priority,
+                granted_at_ms=x.granted_at_ms,
+                memory_bytes=x.memory_bytes,
+                cpu_millis=x.cpu_millis,
+                node_id=x.node_id,
+                chain=frozenset(t.name for t in ledger.chain(x.tenant)),
+            )
+            for x in ledger.leases.values()
+            if x.priority < ask.priority
+        ]
+        if not candidates:
+            return []
+        chosen = choose_victims(
+            ask.memory_bytes,
+            ask.priority,
+            ledger.quota_levels(ask.tenant),
+            ledger.node_views(),
+            candidates,
+            cpu_millis=ask.cpu_millis,
+        )
+        return [ledger.leases[c.lease_id] for c in chosen or ()]
+
+    async def _commit_queue(
+        self,
+        changes: list[Change],
+        undo: list[Change | Forget],
+        admitted: list[tuple[_Waiter, Lease]],
+        preempted: list[Lease],
+    ) -> None:
+        try:
+            await self.commit_applied(changes, undo, [lease.lease_id for _, lease in admitted])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiters
+            for waiter, _ in admitted:
+                if not waiter.admitted.done():
+                    waiter.admitted.set_exception(exc)
+            return
+        for lease in preempted:
+            log.info(
+                "preempt lease %s tenant %s priority %d node %s",
+                lease.lease_id,
+                lease.tenant,
+                lease.priority,
+                lease.node_id,
+            )
+            queue = self.node_queues.get(lease.node_id)
+            if queue is not None:
+                queue.put_nowait(
+                    broker_pb2.BrokerMessage(
+                        decision=broker_pb2.Decision(
+                            decision_id=uuid.uuid4().hex[:16],
+                            lease_id=lease.lease_id,
+                            kind=broker_pb2.DECISION_KIND_PREEMPT,
+                            epoch=lease.epoch,
+                            reason=(
+                                f"lease {lease.lease_id}: preempted for higher-priority work "
+                                f"(priority {lease.priority})"
+                            ),
+                        )
+                    )
+                )
+        for waiter, lease in admitted:
+            if not waiter.admitted.done():
+                waiter.admitted.set_result(lease)
+        if preempted:
+            self.kick()
 
     async def expire_due(self) -> int:
         """Expire every active lease whose TTL passed; returns how many."""
@@ -431,6 +606,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             span.set_attribute("agentcg.tenant", ask.tenant)
             span.set_attribute("agentcg.memory_bytes", ask.memory_bytes)
             decision = core.decide_reserve(ask, now_ms())  # decide
+            if isinstance(decision, Deny) and ask.queue_timeout_ms > 0:
+                span.set_attribute("agentcg.decision", "queue")
+                lease = await core.wait_for_capacity(ask, decision)
+                span.set_attribute("agentcg.lease_id", lease.lease_id)
+                return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
             if isinstance(decision, Deny):
                 span.set_attribute("agentcg.decision", "deny")
                 span.set_attribute("agentcg.reason", decision.code)
@@ -532,6 +712,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             out.append(ended)
         if changes:
             await core.commit(changes)
+            core.kick()
         return broker_pb2.ReleaseBatchResponse(leases=[core.lease_pb(x) for x in out])
 
     @_rpc
@@ -671,6 +852,7 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
                 ),
             ]
         )
+        self.core.kick()
         log.info(
             "tenant %s set: memory %d cpu %d calls %d weight %d parent %s",
             name,
@@ -760,6 +942,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
         queue: asyncio.Queue[broker_pb2.BrokerMessage] = asyncio.Queue()
         self.core.node_queues[node_id] = queue
         ledger.connected.add(node_id)
+        self.core.kick()
         log.info("node %s connected", node_id)
         reader = asyncio.create_task(self._read(node_id, request_iterator, queue))
         try:
