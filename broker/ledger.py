@@ -8,7 +8,7 @@ event loop is its only user.
 from __future__ import annotations
 
 import heapq
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ from .model import (
     Tenant,
     TenantName,
 )
+from .sizing import WINDOW
 
 __all__ = ["Forget", "Ledger"]
 
@@ -40,7 +41,10 @@ class Forget:
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, *, overcommit_ratio: float = 0.0) -> None:
+        # Sum of declared intents on a node may reach capacity x ratio; 0: no ceiling.
+        self.overcommit_ratio = overcommit_ratio
+        self.peaks: dict[tuple[TenantName, str], deque[int]] = {}
         self.tenants: dict[TenantName, Tenant] = {}
         self.nodes: dict[NodeId, Node] = {}
         self.connected: set[NodeId] = set()
@@ -51,6 +55,7 @@ class Ledger:
         self._subtree_calls: dict[TenantName, int] = defaultdict(int)
         self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
+        self._node_intent: dict[NodeId, int] = defaultdict(int)
         # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
         # finding the due leases costs O(due log n), not a scan of every lease.
         self._expiry: list[tuple[int, LeaseId]] = []
@@ -86,6 +91,8 @@ class Ledger:
             granted_memory_bytes=self._node_bytes[n.node_id],
             connected=n.node_id in self.connected,
             pressured=n.node_id in self.pressured,
+            intent_memory_bytes=self._node_intent[n.node_id],
+            overcommit_ceiling_bytes=int(n.memory_capacity_bytes * self.overcommit_ratio),
         )
 
     def node_views(self) -> list[NodeView]:
@@ -99,6 +106,21 @@ class Ledger:
 
     def granted_cpu_millis(self, name: TenantName) -> int:
         return self._subtree_cpu[name]
+
+    def observe_peak(self, tenant: TenantName, command_class: str, peak_bytes: int) -> None:
+        """Remember a committed peak of (tenant, command class); the newest WINDOW are kept."""
+        key = (tenant, command_class)
+        window = self.peaks.get(key)
+        if window is None:
+            window = self.peaks[key] = deque(maxlen=WINDOW)
+        window.append(peak_bytes)
+
+    def recent_peaks(self, tenant: TenantName, command_class: str) -> tuple[int, ...]:
+        return tuple(self.peaks.get((tenant, command_class), ()))
+
+    def last_peak(self, tenant: TenantName, command_class: str) -> int:
+        window = self.peaks.get((tenant, command_class))
+        return window[-1] if window else 0
 
     def due(self, t_ms: int) -> list[Lease]:
         """Active leases whose expiry is at or before ``t_ms`` (left in place)."""
@@ -161,6 +183,8 @@ class Ledger:
         prev = self.leases.get(lease.lease_id)
         if prev is not None:
             self._drop_lease(prev)
+            if lease.state is not LeaseState.ACTIVE and lease.peak_memory_bytes > 0:
+                self.observe_peak(lease.tenant, lease.command_class, lease.peak_memory_bytes)
         if lease.state is LeaseState.ACTIVE:
             self.leases[lease.lease_id] = lease
             if prev is None or prev.expires_at_ms != lease.expires_at_ms:
@@ -181,3 +205,6 @@ class Ledger:
             self._subtree_calls[t.name] += sign
             self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes
+        self._node_intent[lease.node_id] += sign * max(
+            lease.intent_memory_bytes, lease.memory_bytes
+        )

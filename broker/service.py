@@ -55,6 +55,7 @@ from .model import (
     Tenant,
     TenantName,
 )
+from .sizing import size_budget
 from .store import Store, StoreError
 
 __all__ = ["BrokerCore", "BrokerServicer", "NodeGatewayServicer", "TenantAdminServicer"]
@@ -204,13 +205,14 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> Reser
     )
 
 
-def _denial_pb(d: Deny) -> broker_pb2.Denial:
+def _denial_pb(d: Deny, last_peak_bytes: int = 0) -> broker_pb2.Denial:
     return broker_pb2.Denial(
         code=d.code,
         message=d.message,
         hint=types_pb2.AdmissionHint(
             largest_memory_bytes_available=d.largest_memory_bytes_available,
             retry_after_ms=d.retry_after_ms,
+            last_peak_memory_bytes=last_peak_bytes,
             limiting_scope=d.scope,
         ),
     )
@@ -313,11 +315,13 @@ class BrokerCore:
     def decide_reserve(self, ask: ReserveAsk, t_ms: int) -> tuple[Lease, list[Change]] | Deny:
         """Decide one admission on the ledger as it is now (nothing applied)."""
         ledger = self.ledger
+        budget = size_budget(ask.memory_bytes, ledger.recent_peaks(ask.tenant, ask.command_class))
         decision = decide_reserve(
-            ask.memory_bytes,
+            budget,
             ledger.quota_levels(ask.tenant),
             ledger.node_views(),
             cpu_millis=ask.cpu_millis,
+            intent_bytes=ask.memory_bytes,
         )
         if isinstance(decision, Deny):
             return decision
@@ -342,7 +346,9 @@ class BrokerCore:
                 tenant=lease.tenant,
                 lease_id=lease.lease_id,
                 node_id=lease.node_id,
-                detail=f'{{"memory_bytes": {ask.memory_bytes}}}',
+                detail=(
+                    f'{{"intent_bytes": {ask.memory_bytes}, "memory_bytes": {lease.memory_bytes}}}'
+                ),
             )
         )
         return lease, [PutLease(lease), audit]
@@ -412,6 +418,7 @@ class BrokerCore:
                 scope=d.scope,
                 largest_memory_bytes_available=d.largest_memory_bytes_available,
                 retry_after_ms=d.retry_after_ms,
+                last_peak_memory_bytes=self.ledger.last_peak(ask.tenant, ask.command_class),
             )
         return await waiter.admitted  # picked: durable (or failed) soon
 
@@ -620,6 +627,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                     scope=decision.scope,
                     largest_memory_bytes_available=decision.largest_memory_bytes_available,
                     retry_after_ms=decision.retry_after_ms,
+                    last_peak_memory_bytes=core.ledger.last_peak(ask.tenant, ask.command_class),
                 )
             lease, changes = decision
             span.set_attribute("agentcg.decision", "admit")
@@ -645,7 +653,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         for i, ask in enumerate(asks):
             if ask.tenant not in ledger.tenants:
                 raise NotFoundError("tenant", ask.tenant, field=f"requests[{i}].tenant")
-        results: list[Lease | Deny] = []
+        results: list[Lease | broker_pb2.Denial] = []
         changes: list[Change] = []
         undo: list[Change | Forget] = []
         new: list[LeaseId] = []
@@ -661,7 +669,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 continue
             decision = core.decide_reserve(ask, t)
             if isinstance(decision, Deny):
-                results.append(decision)
+                results.append(
+                    _denial_pb(decision, ledger.last_peak(ask.tenant, ask.command_class))
+                )
                 continue
             lease, lease_changes = decision
             undo[:0] = ledger.apply(lease_changes)  # later grants see earlier ones
@@ -673,8 +683,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         log.info("reserve batch: %d asked, %d granted", len(asks), len(new))
         return broker_pb2.ReserveBatchResponse(
             results=[
-                broker_pb2.ReserveResult(denial=_denial_pb(r))
-                if isinstance(r, Deny)
+                broker_pb2.ReserveResult(denial=r)
+                if isinstance(r, broker_pb2.Denial)
                 else broker_pb2.ReserveResult(lease=core.lease_pb(r))
                 for r in results
             ]

@@ -545,6 +545,19 @@ class Store:
         if batch.audit:
             conn.exec_driver_sql(self._audit_insert_sql, [_audit_row(e) for e in batch.audit])
 
+    def recent_peaks(self, *, limit: int = 20_000) -> list[tuple[TenantName, str, int]]:
+        """(tenant, command class, peak) of the newest ``limit`` ended leases that reported a
+        peak, oldest first: what sizing learns from after a restart."""
+        query = (
+            select(LeaseRow.tenant, LeaseRow.command_class, LeaseRow.peak_memory_bytes)
+            .where(LeaseRow.state != LeaseState.ACTIVE, LeaseRow.peak_memory_bytes > 0)
+            .order_by(LeaseRow.ended_at_ms.desc(), LeaseRow.lease_id.desc())
+            .limit(limit)
+        )
+        with _translated("read peaks", self._shown_url), Session(self._engine) as session:
+            rows = session.execute(query).all()
+        return [(TenantName(t), c, p) for t, c, p in reversed(rows)]
+
     def get_lease(self, lease_id: LeaseId) -> Lease | None:
         with _translated(f"get lease {lease_id}", self._shown_url), Session(self._engine) as s:
             row = s.get(LeaseRow, lease_id)

@@ -61,5 +61,11 @@ def test_reserve_has_an_admission_span_with_tenant_and_decision(
     assert span.attributes["agentcg.decision"] == "deny"
     assert span.attributes["agentcg.reason"] == "tenant_quota"
     # the RPC span from the gRPC instrumentation is the admission span's parent
-    rpc = [s for s in EXPORTER.get_finished_spans() if s.name.endswith("Broker/Reserve")]
+    # (it ends after the reply is on its way: wait for it rather than race it)
+    rpc: list = []
+    for _ in range(250):
+        rpc = [s for s in EXPORTER.get_finished_spans() if s.name.endswith("Broker/Reserve")]
+        if rpc:
+            break
+        threading.Event().wait(0.02)
     assert rpc and span.parent is not None and span.parent.span_id == rpc[0].context.span_id
