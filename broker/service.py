@@ -105,11 +105,19 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _name(field: str, value: str, *, allow_empty: bool = False) -> str:
+_VALID_NAMES: set[str] = set()  # names already seen valid (tenants, sessions, classes repeat)
+
+
+def _name(field: str, value: str, *, allow_empty: bool = False, remember: bool = True) -> str:
+    if value in _VALID_NAMES:
+        return value
     try:
-        return validate_name(field, value, allow_empty=allow_empty)
+        valid = validate_name(field, value, allow_empty=allow_empty)
     except InvalidNameError as e:
         raise InvalidArgumentError(field, str(e)) from None
+    if valid and remember and len(_VALID_NAMES) < 10_000:
+        _VALID_NAMES.add(valid)
+    return valid
 
 
 def _positive(field: str, value: int) -> int:
@@ -304,7 +312,7 @@ class BrokerCore:
         return lease_to_pb(lease, self.ledger.nodes.get(lease.node_id))
 
     async def find_lease(self, lease_id: str, *, field: str = "lease_id") -> Lease:
-        lid = LeaseId(_name(field, lease_id))
+        lid = LeaseId(_name(field, lease_id, remember=False))
         lease = self.ledger.leases.get(lid)
         if lease is None:
             lease = await self.journal.run_in_db(lambda: self.store.get_lease(lid))
