@@ -182,9 +182,6 @@ class LeaseRow(Base):
         Index("ix_leases_tenant_state", "tenant", "state"),
         Index("ix_leases_node_id_state", "node_id", "state"),
         Index("ix_leases_tenant_idempotency_key", "tenant", "idempotency_key"),
-        Index(
-            "ix_leases_tenant_command_class_ended_at_ms", "tenant", "command_class", "ended_at_ms"
-        ),
         *_nonnegative("memory_bytes", "intent_memory_bytes", "cpu_millis", "peak_memory_bytes"),
     )
 
