@@ -15,6 +15,8 @@ Phases, in order, each reported under its key:
   releases the oldest leases beyond 100, so ~100 leases stay live;
 - ``stream_decisions_per_s``: ReserveBatch + ReleaseBatch, every grant and release durable in
   group commit before its reply; a decision is one admission or one release;
+- ``noop_p50_ms_at_rate``/``noop_p99_ms_at_rate``: the same fixed rate with Ping, the
+  floor those latencies sit on (the server stack and this machine);
 - ``p99_ratio_10k_leases``: the fixed-rate phase again with 10,000 more live leases, its p99 over
   the first one's;
 - ``broker_rss_mb``: the broker's resident set with those 10,000 leases and 1,000 connected
@@ -121,7 +123,13 @@ async def _closed_loop(
 
 
 async def _fixed_rate(
-    address: str, start_at: float, warmup_s: float, seconds: float, rate: float, live: int
+    address: str,
+    start_at: float,
+    warmup_s: float,
+    seconds: float,
+    rate: float,
+    live: int,
+    kind: str = "reserve",
 ) -> dict[str, Any]:
     from agentcg.v1 import broker_pb2
 
@@ -137,14 +145,18 @@ async def _fixed_rate(
     async def one(i: int, scheduled: float) -> None:
         nonlocal errors
         try:
-            r = await broker.Reserve(_reserve_request(i))
+            if kind == "ping":
+                await broker.Ping(broker_pb2.PingRequest())
+            else:
+                r = await broker.Reserve(_reserve_request(i))
         except Exception:  # noqa: BLE001 - counted and reported
             errors += 1
             return
         done = time.perf_counter()
         if scheduled >= t_begin_pc:
             latencies_ms.append((done - scheduled) * 1000)
-        pool.append(r.lease.lease_id)
+        if kind != "ping":
+            pool.append(r.lease.lease_id)
 
     async def release_old() -> None:
         # Keep ~``live`` leases: every 20 ms release the oldest beyond that in one ReleaseBatch
@@ -281,12 +293,12 @@ class _Run:
         self.cpu_ms_per_op[kind] = (cpu1 - cpu0) * 1000 / max(1, ops)
         return float(ops) / self.seconds
 
-    def fixed_rate(self, rate: float, live: int) -> dict[str, Any]:
+    def fixed_rate(self, rate: float, live: int, kind: str = "reserve") -> dict[str, Any]:
         out: Queue[Any] = self.ctx.Queue()
         start_at = time.time() + 1.5
         p = self.ctx.Process(
             target=_proc_main,
-            args=("rate", (self.address, start_at, 1.0, self.seconds, rate, live), out),
+            args=("rate", (self.address, start_at, 1.0, self.seconds, rate, live, kind), out),
         )
         p.start()
         result: dict[str, Any] = out.get(timeout=120)
@@ -372,6 +384,10 @@ def bench_admission(
                 result["broker_cpu_us_per_reserve_or_release"] = round(
                     run.cpu_ms_per_op["reserve_release"] * 1000, 1
                 )
+                say("fixed rate, no-op ...")
+                ping = run.fixed_rate(rate, 0, "ping")["latencies_ms"]
+                result["noop_p50_ms_at_rate"] = round(statistics.median(ping), 3)
+                result["noop_p99_ms_at_rate"] = round(percentile(ping, 99), 3)
                 say("fixed rate, ~100 live leases ...")
                 base = run.fixed_rate(rate, 100)
                 lat = base["latencies_ms"]
