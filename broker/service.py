@@ -66,6 +66,7 @@ tracer = trace.get_tracer(__name__)
 DEFAULT_TTL_MS = 10 * 60 * 1000
 MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
+PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
 
 _OUTCOME_TO_MODEL = {
     types_pb2.OUTCOME_UNSPECIFIED: Outcome.UNKNOWN,
@@ -259,6 +260,7 @@ class BrokerCore:
         self._seq = itertools.count()
         self._pump_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
+        self.pressured_until: dict[NodeId, int] = {}
 
     async def commit(self, changes: list[Change]) -> None:
         await self.commit_applied(changes, self.ledger.apply(changes))
@@ -563,8 +565,18 @@ class BrokerCore:
         if preempted:
             self.kick()
 
+    def recover_nodes(self, t_ms: int) -> None:
+        """Nodes whose last node-pressure report is PRESSURE_HOLD_MS old take work again."""
+        for node_id, until in list(self.pressured_until.items()):
+            if until <= t_ms:
+                del self.pressured_until[node_id]
+                self.ledger.pressured.discard(node_id)
+                log.info("node %s recovered: admitting to it again", node_id)
+                self.kick()
+
     async def expire_due(self) -> int:
         """Expire every active lease whose TTL passed; returns how many."""
+        self.recover_nodes(now_ms())
         due = self.ledger.due(now_ms())
         for lease in due:
             if self.ledger.leases.get(lease.lease_id) is lease:
@@ -1014,6 +1026,15 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
     async def on_pressure(
         self, node_id: NodeId, ev: broker_pb2.PressureEvent
     ) -> broker_pb2.Decision | None:
+        if ev.kind == broker_pb2.PRESSURE_KIND_NODE:
+            # No admission to a pressured node until it recovers: it counts as recovered once
+            # it has reported no node pressure for PRESSURE_HOLD_MS (each event extends it).
+            ledger = self.core.ledger
+            if node_id not in ledger.pressured:
+                log.info("node %s under pressure: no admission to it until it recovers", node_id)
+            ledger.pressured.add(node_id)
+            self.core.pressured_until[node_id] = now_ms() + PRESSURE_HOLD_MS
+            return None
         if ev.kind != broker_pb2.PRESSURE_KIND_LIMIT_REACHED:
             log.debug("node %s pressure %s lease %s", node_id, ev.kind, ev.lease_id)
             return None

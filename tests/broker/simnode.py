@@ -5,6 +5,7 @@ broker sends down the stream."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 
 import grpc
@@ -18,6 +19,7 @@ class SimNode:
         self.memory_bytes = memory_bytes
         self.decisions: list[broker_pb2.Decision] = []
         self.connected = threading.Event()
+        self.outbox: queue.Queue[broker_pb2.NodeMessage] = queue.Queue()  # sent while connected
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -55,6 +57,8 @@ class SimNode:
                     self.connected.set()
                     reader = asyncio.ensure_future(self._read(call))
                     while not self._stop.is_set() and not reader.done() and self.address == address:
+                        while not self.outbox.empty():
+                            await call.write(self.outbox.get_nowait())
                         await asyncio.sleep(0.05)
                     self.connected.clear()
                     reader.cancel()

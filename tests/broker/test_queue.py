@@ -110,3 +110,33 @@ def test_preempts_lower_priority_through_the_node_stream(env: tuple[str, SimNode
             assert (await c.get_lease(old.lease_id)).state == "active"
 
     asyncio.run(go())
+
+
+def test_no_admission_to_a_pressured_node_until_it_recovers(env: tuple[str, SimNode]) -> None:
+    address, node = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 1 << 30)
+            await c.reserve("t", MiB)
+            node.outbox.put(
+                broker_pb2.NodeMessage(
+                    pressure=broker_pb2.PressureEvent(
+                        event_id="e1", kind=broker_pb2.PRESSURE_KIND_NODE
+                    )
+                )
+            )
+            for _ in range(200):  # until the broker has taken the event in
+                try:
+                    await c.reserve("t", MiB)
+                except QuotaExceededError as exc:
+                    assert "no connected node" in exc.message
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the pressured node kept taking work")
+            # No further pressure: it recovers (after PRESSURE_HOLD_MS) and a queued ask gets in.
+            lease = await c.reserve("t", MiB, queue_timeout_ms=30_000)
+            assert lease.node_id == node.node_id
+
+    asyncio.run(go())
