@@ -359,6 +359,7 @@ def bench_admission(
         "in_flight": processes * concurrency,
         "seconds_per_phase": seconds,
         "cpus": os.cpu_count(),
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:
         cluster = LocalCluster(Path(tmp), nodes=0, database_url=database_url, log_level="WARNING")
@@ -424,6 +425,7 @@ def bench_admission(
             finally:
                 node_stop.set()
                 node_proc.join(30)
+    result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
