@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -269,7 +269,7 @@ class BrokerCore:
         self,
         changes: list[Change],
         undo: list[Change | Forget],
-        new_leases: list[LeaseId] = (),  # type: ignore[assignment]
+        new_leases: Sequence[LeaseId] = (),
     ) -> None:
         """Make ``changes`` (already applied to the ledger, ``undo`` reverts them) durable."""
         durable: asyncio.Future[bool] | None = None

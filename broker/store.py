@@ -546,8 +546,8 @@ class Store:
     def _rollback(self, raw: DBAPIConnection) -> None:
         try:
             if self._dialect == "sqlite":
-                if raw.in_transaction:  # type: ignore[attr-defined]
-                    raw.execute("ROLLBACK")  # type: ignore[attr-defined]
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
             else:
                 raw.rollback()
         except Exception:  # noqa: BLE001 - the connection is dropped next anyway
