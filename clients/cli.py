@@ -269,16 +269,37 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("reaction")
 def bench_reaction_cmd(
-    calls: Annotated[int, typer.Option(help="spiking tool calls to run")] = 40,
-    spike: Annotated[int, typer.Option(help="spike size in MB (budget is 64 MiB)")] = 200,
+    calls: Annotated[int, typer.Option(help="spiking tool calls through the broker")] = 40,
+    spike: Annotated[int, typer.Option(help="broker-path spike size in MB (budget 64 MiB)")] = 200,
     concurrency: int = 2,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll)")] = 50,
+    budget_mb: Annotated[int, typer.Option(help="budget the spike crosses, MiB")] = 64,
+    kernel_spike_mb: Annotated[int, typer.Option(help="kernel-path spike size, MiB")] = 512,
+    poll_interval_ms: Annotated[int, typer.Option(help="the user-space poller's period")] = 100,
+    lifecycle: Annotated[int, typer.Option(help="cgroup lifecycles to time")] = 300,
+    usage_source: Annotated[str, typer.Option(help="in-kernel usage source: lru|pgpgin")] = "lru",
+    overhead_rounds: Annotated[int, typer.Option(help="alloc-loop rounds (0: skip)")] = 5,
+    overhead_seconds: Annotated[float, typer.Option(help="seconds per alloc-loop run")] = 1.5,
+    cluster: Annotated[bool, typer.Option(help="also run the broker decision path")] = True,
 ) -> None:
-    """In-kernel limit event -> broker decision applied, through a real broker and node."""
+    """Spike -> enforcement: eBPF vs a 100 ms poller, cgroup lifecycle, BPF overhead, broker."""
     from .bench import bench_reaction
 
     result = bench_reaction(
-        calls=calls, spike_mb=spike, concurrency=concurrency, json_path=json_path
+        calls=calls,
+        spike_mb=spike,
+        concurrency=concurrency,
+        json_path=json_path,
+        trials=trials,
+        budget_mb=budget_mb,
+        kernel_spike_mb=kernel_spike_mb,
+        poll_interval_ms=poll_interval_ms,
+        lifecycle_n=lifecycle,
+        usage_source=usage_source,
+        overhead_rounds=overhead_rounds,
+        overhead_seconds=overhead_seconds,
+        cluster=cluster,
     )
     table = Table("metric", "value")
     for k, v in result.items():

@@ -60,6 +60,7 @@ class _Pending:
     event_id: str
     kernel_time_ns: int
     timer: asyncio.TimerHandle
+    decision_ns: int = 0  # kernel event -> the broker's decision received here
 
 
 @dataclass
@@ -209,6 +210,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if call is None or call.pending is None:
             log.debug("decision %s for lease %s: no waiting call", d.decision_id, d.lease_id)
             return
+        call.pending.decision_ns = time.monotonic_ns() - call.pending.kernel_time_ns
         if d.kind == broker_pb2.DECISION_KIND_GROW:
             grow = on_decision_grow(call.view(), d.new_budget_bytes)
             if isinstance(grow, Resize):
@@ -267,6 +269,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     usage_bytes=call.peak_bytes,
                     reason=reason,
                     reaction_ns=reaction_ns,
+                    decision_ns=pending.decision_ns,
                 )
             )
         )
