@@ -142,6 +142,8 @@ def _kernel_reaction(
     from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
     from agentcg.node.spawn import spawn_gated
 
+    if usage_source not in ("lru", "pgpgin"):
+        raise ValueError("the reaction timing needs an in-kernel usage estimate: lru or pgpgin")
     budget = budget_mb * MiB
     driver = CgroupV1Driver(f"agentcg-bench-{os.getpid()}")
     driver.clear()
@@ -344,12 +346,10 @@ def bench_reaction(
         lifecycle_n=lifecycle_n,
         usage_source=usage_source,
     )
-    other = "pgpgin" if usage_source == "lru" else "lru"
+    sources = [usage_source, *(s for s in ("lru", "pgpgin", "none") if s != usage_source)]
     if overhead_rounds > 0:
         result.update(
-            _bpf_overhead(
-                rounds=overhead_rounds, seconds=overhead_seconds, sources=[usage_source, other]
-            )
+            _bpf_overhead(rounds=overhead_rounds, seconds=overhead_seconds, sources=sources)
         )
     if cluster:
         result.update(_cluster_reaction(calls, spike_mb, concurrency))

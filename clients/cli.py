@@ -102,6 +102,10 @@ def node(
     dry_run: Annotated[
         bool, typer.Option(help="log enforcement actions without applying them")
     ] = False,
+    usage_source: Annotated[
+        str,
+        typer.Option(help="in-kernel usage estimate: lru (exact), pgpgin, none (cheapest)"),
+    ] = "lru",
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
@@ -112,6 +116,8 @@ def node(
 
     if on_timeout not in ("kill", "grow-local"):
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
+    if usage_source not in ("lru", "pgpgin", "none"):
+        raise typer.BadParameter("--usage-source must be lru, pgpgin or none")
     node_main(
         NodeConfig(
             broker=broker,
@@ -123,6 +129,7 @@ def node(
                 broker_timeout_s=broker_timeout, on_timeout=on_timeout, dry_run=dry_run
             ),
             ready_file=ready_file,
+            usage_source=usage_source,
         ),
         log_level,
     )

@@ -19,7 +19,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from .agent import NodeAgent
 from .cgroup import detect_driver
 from .enforcement import NodePolicy
-from .monitor import MemoryMonitor
+from .monitor import MemoryMonitor, UsageSource
 from .uplink import Uplink
 
 __all__ = ["NodeConfig", "default_capacity_bytes", "default_node_id", "main", "run_node"]
@@ -49,6 +49,7 @@ class NodeConfig:
     policy: NodePolicy = field(default_factory=NodePolicy)
     ready_file: Path | None = None
     grace_s: float = 5.0
+    usage_source: str = "lru"  # UsageSource name, lower case
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
@@ -81,7 +82,10 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
         on_decision,
         lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
     )
-    monitor = MemoryMonitor(lambda ev: agent.on_mem_event(ev) if agent else None)
+    monitor = MemoryMonitor(
+        lambda ev: agent.on_mem_event(ev) if agent else None,
+        usage_source=UsageSource[config.usage_source.upper()],
+    )
     agent = NodeAgent(node_id, driver, monitor, uplink, capacity, config.policy)
     agent.loop = asyncio.get_running_loop()
     monitor.start()

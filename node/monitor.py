@@ -72,6 +72,10 @@ class UsageSource(enum.IntEnum):
     # memcg:mod_memcg_lruvec_state, LRU items: pages on the memcg's LRU lists, exact for
     # large folios; ~4 events per page over its life.
     LRU = 2
+    # No per-page tracepoint at all: only the limit (reclaim), OOM, exec and exit events; no
+    # in-kernel usage estimate and no SOFT events. The cheapest: per-page tracepoints cost every
+    # allocation on the host something even when their program returns at once.
+    NONE = 3
 
 
 @dataclass(frozen=True, slots=True)
