@@ -35,10 +35,15 @@ from .enforcement import (
     CallPhase,
     CallView,
     Kill,
+    LeaseView,
     NodePolicy,
+    Refresh,
     Resize,
+    Update,
     on_deadline,
     on_decision_grow,
+    on_lease_refresh,
+    on_lease_tick,
     on_limit,
     soft_threshold,
 )
@@ -46,12 +51,23 @@ from .monitor import EventKind, MemEvent, MemoryMonitor
 from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
 
-__all__ = ["Call", "NodeAgent"]
+__all__ = ["Call", "NodeAgent", "lease_view"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 _OUTPUT_CHUNK = 64 * 1024
+
+
+def lease_view(lease: types_pb2.Lease) -> LeaseView:
+    return LeaseView(
+        epoch=lease.epoch,
+        expires_at_unix_ms=lease.expires_at_unix_ms,
+        active=lease.state == types_pb2.LEASE_STATE_ACTIVE,
+        node_id=lease.node_id,
+        budget_bytes=lease.budget.memory_bytes,
+        state=types_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_").lower(),
+    )
 
 
 @dataclass
@@ -210,6 +226,15 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if call is None or call.pending is None:
             log.debug("decision %s for lease %s: no waiting call", d.decision_id, d.lease_id)
             return
+        if d.epoch and d.epoch < call.lease.epoch:
+            log.warning(
+                "decision %s for lease %s: stale epoch %d < %d; ignored",
+                d.decision_id,
+                d.lease_id,
+                d.epoch,
+                call.lease.epoch,
+            )
+            return
         call.pending.decision_ns = time.monotonic_ns() - call.pending.kernel_time_ns
         if d.kind == broker_pb2.DECISION_KIND_GROW:
             grow = on_decision_grow(call.view(), d.new_budget_bytes)
@@ -317,6 +342,119 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             if fut.exception() is not None:
                 log.error("call %s: kill failed: %s", call.call_id, fut.exception())
             self._finish_action(call, broker_pb2.ACTION_KIND_KILL, reason)
+
+        done.add_done_callback(killed)
+
+    # -- leases: enforced locally ------------------------------------------------------------
+
+    async def watch_leases(self) -> None:
+        """Check every call's lease each policy.lease_check_interval_s (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(self.policy.lease_check_interval_s)
+            try:
+                await self.check_leases()
+            except Exception:
+                log.exception("lease check failed")
+
+    async def check_leases(self, now_unix_ms: int | None = None) -> None:
+        """One pass: refresh leases about to expire from the broker; stop expired/stale ones."""
+        for call in list(self.calls.values()):
+            if call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+                continue
+            now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
+            held = lease_view(call.lease)
+            if not isinstance(
+                on_lease_tick(held, now, self.policy.lease_refresh_margin_ms), Refresh
+            ):
+                continue
+            fresh: LeaseView | None
+            try:
+                lease = await self.uplink.broker.GetLease(
+                    broker_pb2.GetLeaseRequest(lease_id=call.lease.lease_id), timeout=2
+                )
+                fresh = lease_view(lease)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    fresh = LeaseView(0, 0, active=False, state="unknown")
+                else:
+                    log.warning("lease %s: cannot refresh: %s", call.lease.lease_id, exc.code())
+                    fresh = None
+            self.apply_lease(call, held, fresh, now)
+
+    def on_lease_update(self, lease: types_pb2.Lease) -> None:
+        """The broker pushed a lease change (renewal, revocation) on the stream."""
+        call = self.calls.get(lease.lease_id)
+        if call is not None:
+            self.apply_lease(
+                call, lease_view(call.lease), lease_view(lease), int(time.time() * 1000)
+            )
+
+    def apply_lease(
+        self, call: Call, held: LeaseView, fresh: LeaseView | None, now_unix_ms: int
+    ) -> None:
+        if call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+            return
+        verdict = on_lease_refresh(held, fresh, now_unix_ms, self.node_id)
+        if isinstance(verdict, Kill):
+            self._stop(call, verdict.reason)
+        elif isinstance(verdict, Update):
+            call.lease.epoch = verdict.lease.epoch
+            call.lease.expires_at_unix_ms = verdict.lease.expires_at_unix_ms
+            log.debug("call %s: %s", call.call_id, verdict.reason)
+
+    def _stop(self, call: Call, reason: str) -> None:
+        """Stop a call on the node's own authority (its lease no longer holds)."""
+        action_id = uuid.uuid4().hex[:12]
+        log.info(
+            "stop call %s lease %s tenant %s action %s: %s%s",
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            action_id,
+            reason,
+            " (dry run)" if self.policy.dry_run else "",
+        )
+        with tracer.start_as_current_span("agentcg.enforce.stop") as span:
+            span.set_attribute("agentcg.action_id", action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=action_id,
+                    action="kill",
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=call.peak_bytes,
+                    reason=reason,
+                )
+            )
+        )
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                action=broker_pb2.ActionReport(
+                    action_id=action_id,
+                    lease_id=call.lease.lease_id,
+                    kind=broker_pb2.ACTION_KIND_KILL,
+                    budget_bytes=call.budget_bytes,
+                    reason=reason,
+                    dry_run=self.policy.dry_run,
+                )
+            )
+        )
+        if self.policy.dry_run:
+            return
+        if call.pending is not None:
+            call.pending.timer.cancel()
+            call.pending = None
+        call.kill_reason = reason
+        call.phase = CallPhase.KILLED
+        assert self.loop is not None
+        done = call.killing = self.loop.run_in_executor(None, self.driver.kill, call.cgroup)
+
+        def killed(fut: asyncio.Future[None]) -> None:
+            if fut.exception() is not None:
+                log.error("call %s: kill failed: %s", call.call_id, fut.exception())
 
         done.add_done_callback(killed)
 

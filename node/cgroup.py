@@ -398,7 +398,7 @@ class CgroupV1Driver:
         self._write(cg, "freezer", "freezer.state", want)
         path = self._dir(cg, "freezer") / "freezer.state"
         deadline = time.monotonic() + timeout_s
-        delay_s = 0.0005
+        delay_s = 0.0001  # freezing usually settles within a few hundred microseconds
         while (state := _read_text(path).strip()) != want:
             if time.monotonic() > deadline:
                 raise CgroupError(f"cgroup {cg.path}: freezer state {state}, wanted {want}")

@@ -18,10 +18,15 @@ __all__ = [
     "CallView",
     "Ignore",
     "Kill",
+    "LeaseView",
     "NodePolicy",
+    "Refresh",
     "Resize",
+    "Update",
     "on_deadline",
     "on_decision_grow",
+    "on_lease_refresh",
+    "on_lease_tick",
     "on_limit",
     "soft_threshold",
 ]
@@ -42,6 +47,8 @@ class NodePolicy:
     broker_timeout_s: float = 5.0
     on_timeout: str = "kill"  # "kill" | "grow-local"
     dry_run: bool = False
+    lease_check_interval_s: float = 1.0
+    lease_refresh_margin_ms: int = 2000  # ask the broker this long before a lease expires
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,3 +120,71 @@ def on_deadline(call: CallView, node_free_bytes: int, policy: NodePolicy) -> Res
     return Kill(
         f"{waited}; budget {format_bytes(call.budget_bytes)}, peak {format_bytes(call.peak_bytes)}"
     )
+
+
+# --- leases ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """What the node knows of a call's lease (or what the broker says of it now)."""
+
+    epoch: int
+    expires_at_unix_ms: int  # 0: no expiry
+    active: bool = True
+    node_id: str = ""
+    budget_bytes: int = 0
+    state: str = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """Ask the broker for the lease (it may have been renewed) before deciding."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """The broker's newer view of the lease: adopt its epoch, expiry (and budget)."""
+
+    lease: LeaseView
+    reason: str
+
+
+def on_lease_tick(held: LeaseView, now_unix_ms: int, refresh_margin_ms: int) -> Refresh | Ignore:
+    """Periodic local check: refresh a lease that expires within the margin (or has expired)."""
+    if held.expires_at_unix_ms <= 0:
+        return Ignore("lease has no expiry")
+    left_ms = held.expires_at_unix_ms - now_unix_ms
+    if left_ms > refresh_margin_ms:
+        return Ignore(f"lease expires in {left_ms} ms")
+    return Refresh(f"lease expires in {left_ms} ms")
+
+
+def on_lease_refresh(
+    held: LeaseView, fresh: LeaseView | None, now_unix_ms: int, node_id: str
+) -> Update | Kill | Ignore:
+    """The broker's answer (None: unreachable) about a call's lease: keep, update or stop it.
+
+    Stop when the lease is no longer active, was moved to another node, carries an older epoch
+    than the one enforced here (the broker's state went back: a fencing violation), or expired
+    without renewal. A broker that cannot be reached does not stop a call before its expiry.
+    """
+    if fresh is None:
+        if held.expires_at_unix_ms > 0 and now_unix_ms >= held.expires_at_unix_ms:
+            late = now_unix_ms - held.expires_at_unix_ms
+            return Kill(f"lease expired {late} ms ago without renewal (broker unreachable)")
+        return Ignore("broker unreachable; lease not yet expired")
+    if not fresh.active:
+        return Kill(f"lease is {fresh.state} at the broker")
+    if fresh.node_id and node_id and fresh.node_id != node_id:
+        return Kill(f"lease now placed on node {fresh.node_id}, not {node_id}")
+    if fresh.epoch < held.epoch:
+        return Kill(f"stale epoch: broker has {fresh.epoch}, node enforces {held.epoch}")
+    if fresh.expires_at_unix_ms > 0 and now_unix_ms >= fresh.expires_at_unix_ms:
+        late = now_unix_ms - fresh.expires_at_unix_ms
+        return Kill(f"lease expired {late} ms ago without renewal")
+    if fresh == held:
+        return Ignore("lease unchanged")
+    return Update(fresh, f"lease epoch {fresh.epoch}, expires at {fresh.expires_at_unix_ms}")

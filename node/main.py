@@ -81,6 +81,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
         ),
         on_decision,
         lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
+        on_lease=lambda lease: agent.on_lease_update(lease) if agent else None,
     )
     monitor = MemoryMonitor(
         lambda ev: agent.on_mem_event(ev) if agent else None,
@@ -117,7 +118,9 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    leases = asyncio.create_task(agent.watch_leases(), name="leases")
     await stop.wait()
+    leases.cancel()
     log.info("node %s stopping (grace %.1f s)", node_id, config.grace_s)
     await health_servicer.enter_graceful_shutdown()
     stopping = asyncio.create_task(server.stop(config.grace_s))
