@@ -106,6 +106,9 @@ def node(
         str,
         typer.Option(help="in-kernel usage estimate: lru (exact), pgpgin, none (cheapest)"),
     ] = "lru",
+    keep_calls: Annotated[
+        bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
+    ] = False,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
@@ -130,6 +133,7 @@ def node(
             ),
             ready_file=ready_file,
             usage_source=usage_source,
+            keep_calls=keep_calls,
         ),
         log_level,
     )

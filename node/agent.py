@@ -94,6 +94,8 @@ class Call:
     pending: _Pending | None = None
     killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
+    adopted: bool = False  # re-adopted after a node agent restart: not our child process
+    started_s: float = field(default_factory=time.monotonic)
 
     def view(self) -> CallView:
         return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
@@ -119,6 +121,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._by_cgroup: dict[int, Call] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._adopt_poll: asyncio.Task[None] | None = None
 
     # -- monitor events (from the poller thread) -----------------------------------------------
 
@@ -138,6 +141,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         elif ev.kind is EventKind.SOFT:
             log.debug("call %s crossed soft threshold at %d bytes", call.call_id, ev.usage_bytes)
             self._send_pressure(call, broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD, ev, "", 0)
+        elif ev.kind is EventKind.EXIT and call.adopted:
+            self._check_adopted(call)
         elif ev.kind is EventKind.OOM_KILL:
             log.warning("call %s: kernel OOM-killed pid %d", call.call_id, ev.pid)
             call.kill_reason = call.kill_reason or (
@@ -707,6 +712,150 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     self.driver.remove(Cgroup(rel=key, path=self.driver.root.joinpath(*key)))
                 except CgroupError as exc:
                     log.warning("cannot remove cgroup %s: %s", "/".join(key), exc)
+
+    # -- restart: re-adopt the calls a previous agent left running -----------------------------
+
+    async def adopt(self) -> int:
+        """Take over every call cgroup under the root that still has tasks and a live lease;
+        stop the others and remove empty leftovers. Returns how many calls were adopted."""
+        adopted = 0
+        for tenant in self.driver.children():
+            for session in self.driver.children(self._dir(tenant)):
+                for call_id in self.driver.children(self._dir(tenant, session)):
+                    if await self._adopt_one(tenant, session, call_id):
+                        adopted += 1
+                if (tenant, session) not in self._users:
+                    self._remove_quietly(self._dir(tenant, session))
+            if (tenant,) not in self._users:
+                self._remove_quietly(self._dir(tenant))
+        self._adopt_poll = asyncio.create_task(self._poll_adopted(), name="adopted-calls")
+        return adopted
+
+    def _dir(self, *names: str) -> Cgroup:
+        return Cgroup(rel=names, path=self.driver.root.joinpath(*names))
+
+    def _remove_quietly(self, cg: Cgroup) -> None:
+        try:
+            self.driver.remove(cg)
+        except CgroupError as exc:
+            log.warning("cannot remove leftover cgroup %s: %s", cg.path, exc)
+
+    async def _adopt_one(self, tenant: str, session: str, call_id: str) -> bool:
+        cg = self._dir(tenant, session, call_id)
+        try:
+            validate_name("tenant", tenant)
+            validate_name("session", session)
+            validate_name("lease_id", call_id)
+            stats = self.driver.read_stats(cg)
+        except (InvalidNameError, CgroupError) as exc:
+            log.warning("leftover cgroup %s not adoptable: %s", cg.path, exc)
+            stats = None
+        if stats is None or not stats.pids:
+            self._kill_remove(cg)
+            return False
+        now_ms = int(time.time() * 1000)
+        try:
+            lease = await self.uplink.broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=call_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                lease = types_pb2.Lease(lease_id=call_id, state=types_pb2.LEASE_STATE_UNSPECIFIED)
+            else:
+                # Keep it for now: the lease check asks again and stops it if still unknown
+                # at this (local) expiry.
+                log.warning("lease %s: broker unreachable at adoption: %s", call_id, exc.code())
+                lease = types_pb2.Lease(
+                    lease_id=call_id,
+                    tenant=tenant,
+                    session=session,
+                    node_id=self.node_id,
+                    state=types_pb2.LEASE_STATE_ACTIVE,
+                    budget=types_pb2.Resources(memory_bytes=stats.limit_bytes or 0),
+                    expires_at_unix_ms=now_ms + self.policy.lease_refresh_margin_ms,
+                )
+        verdict = on_lease_refresh(
+            LeaseView(lease.epoch, 0, node_id=self.node_id), lease_view(lease), now_ms, self.node_id
+        )
+        if isinstance(verdict, Kill) or (lease.tenant, lease.session) != (tenant, session):
+            log.info(
+                "stop leftover call %s (%s): %s",
+                call_id,
+                cg.path,
+                getattr(verdict, "reason", "moved"),
+            )
+            self._kill_remove(cg)
+            return False
+        # The limit in force is the kernel's (it may have been grown by the previous agent).
+        budget = stats.limit_bytes or lease.budget.memory_bytes
+        call = Call(
+            call_id=call_id,
+            lease=lease,
+            cgroup=cg,
+            cgroup_id=self.driver.cgroup_id(cg),
+            budget_bytes=budget,
+            events=asyncio.Queue(),
+            peak_bytes=stats.peak_bytes,
+            adopted=True,
+        )
+        if budget > lease.budget.memory_bytes:
+            call.grown = 1
+        self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+        self.monitor.watch(
+            call.cgroup_id, soft_bytes=soft_threshold(budget, self.policy), limit_bytes=budget
+        )
+        for pid in stats.pids:
+            self.monitor.add_pid(pid, call.cgroup_id)
+        self.calls[call_id] = call
+        self._by_cgroup[call.cgroup_id] = call
+        self._users[(tenant,)] += 1
+        self._users[(tenant, session)] += 1
+        log.info(
+            "adopt call %s lease %s tenant %s session %s budget %d pids %s",
+            call_id,
+            call_id,
+            tenant,
+            session,
+            budget,
+            list(stats.pids)[:8],
+        )
+        # Tasks may have forked between the read and the watch: add the ones seen since.
+        for pid in self.driver.read_stats(cg).pids:
+            if pid not in stats.pids:
+                self.monitor.add_pid(pid, call.cgroup_id)
+        if stats.under_oom:  # paused at its limit while nobody was watching: ask now
+            self._on_limit(
+                call, MemEvent(EventKind.LIMIT, call.cgroup_id, 0, 0, budget, time.monotonic_ns())
+            )
+        return True
+
+    def _kill_remove(self, cg: Cgroup) -> None:
+        try:
+            self.driver.kill(cg)
+            self.driver.remove(cg)
+        except CgroupError as exc:
+            log.error("cannot remove leftover cgroup %s: %s", cg.path, exc)
+
+    async def _poll_adopted(self, interval_s: float = 1.0) -> None:
+        """Adopted calls are not our children: their end is seen as an empty cgroup (checked
+        on each EXIT event of theirs, and here as a fallback)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for call in list(self.calls.values()):
+                if call.adopted:
+                    self._check_adopted(call)
+
+    def _check_adopted(self, call: Call) -> None:
+        if call.phase is CallPhase.EXITED:
+            return
+        try:
+            pids = self.driver.read_stats(call.cgroup).pids
+        except CgroupError:
+            pids = ()
+        if pids:
+            return
+        # The exit code of a process that is not our child is not known: 137 if we killed it.
+        self._finish(call, -9 if call.kill_reason else 0, call.started_s)
 
     # -- node-level ---------------------------------------------------------------------------
 

@@ -50,15 +50,13 @@ class NodeConfig:
     ready_file: Path | None = None
     grace_s: float = 5.0
     usage_source: str = "lru"  # UsageSource name, lower case
+    keep_calls: bool = False  # on stop, leave calls running for the next agent to adopt
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     node_id = validate_name("node_id", config.node_id or default_node_id())
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
-    leftovers = driver.clear()
-    if leftovers:
-        log.warning("removed %d leftover cgroups under %s", leftovers, driver.root)
 
     server = grpc.aio.server(interceptors=[aio_server_interceptor()])
     port = server.add_insecure_port(config.listen)
@@ -96,6 +94,11 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
     await uplink.start()
+    # Calls a previous agent left running (it crashed, or stopped with keep_calls) are taken
+    # over if their lease still holds; the rest are stopped and their cgroups removed.
+    adopted = await agent.adopt()
+    if adopted:
+        log.warning("re-adopted %d running call(s) under %s", adopted, driver.root)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "node %s serving on %s, broker %s, capacity %d bytes, cgroups under %s (v%d)",
@@ -125,11 +128,13 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     await health_servicer.enter_graceful_shutdown()
     stopping = asyncio.create_task(server.stop(config.grace_s))
     await asyncio.sleep(min(config.grace_s, 0.5))
-    agent.kill_all("node agent shutting down")
+    if not config.keep_calls:
+        agent.kill_all("node agent shutting down")
     await stopping
     await uplink.close()
     monitor.close()
-    driver.clear()
+    if not config.keep_calls:
+        driver.clear()
 
 
 def main(config: NodeConfig, log_level: str = "INFO") -> None:
