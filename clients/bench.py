@@ -54,7 +54,7 @@ async def _spikes(broker: str, n: int, spike_mb: int, concurrency: int) -> dict[
                 for action, ns in zip(
                     [a for a in r.actions if a != "pause"], r.reactions_ns, strict=False
                 ):
-                    out[action].append(ns / 1e6)
+                    out.setdefault(action, []).append(ns / 1e6)
                 out["broker"].extend(ns / 1e6 for ns in r.decisions_ns)
 
         await asyncio.gather(*(one(i) for i in range(n)))

@@ -37,14 +37,20 @@ from .enforcement import (
     Kill,
     LeaseView,
     NodePolicy,
+    Pause,
     Refresh,
     Resize,
+    Throttle,
+    Unthrottle,
     Update,
     on_deadline,
     on_decision_grow,
+    on_denied,
     on_lease_refresh,
     on_lease_tick,
     on_limit,
+    on_soft,
+    on_throttle_deadline,
     soft_threshold,
 )
 from .monitor import EventKind, MemEvent, MemoryMonitor
@@ -94,6 +100,8 @@ class Call:
     pending: _Pending | None = None
     killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
+    frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
+    throttle_timer: asyncio.TimerHandle | None = None
     adopted: bool = False  # re-adopted after a node agent restart: not our child process
     started_s: float = field(default_factory=time.monotonic)
 
@@ -141,6 +149,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         elif ev.kind is EventKind.SOFT:
             log.debug("call %s crossed soft threshold at %d bytes", call.call_id, ev.usage_bytes)
             self._send_pressure(call, broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD, ev, "", 0)
+            self._on_soft(call, ev)
         elif ev.kind is EventKind.EXIT and call.adopted:
             self._check_adopted(call)
         elif ev.kind is EventKind.OOM_KILL:
@@ -157,8 +166,33 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if not isinstance(decision, AskBroker):
             log.debug("call %s: limit event ignored: %s", call.call_id, decision.reason)
             return
+        self._pause_and_ask(
+            call,
+            ev,
+            decision.requested_bytes,
+            stats.usage_bytes,
+            "budget reached; asking the broker to grow it",
+            freeze=False,  # the kernel holds it at its limit (pause at limit)
+        )
+
+    def _pause_and_ask(
+        self,
+        call: Call,
+        ev: MemEvent,
+        requested_bytes: int,
+        usage_bytes: int,
+        reason: str,
+        *,
+        freeze: bool,
+    ) -> None:
         action_id = uuid.uuid4().hex[:12]
         event_id = uuid.uuid4().hex[:12]
+        if call.throttle_timer is not None:
+            call.throttle_timer.cancel()
+            call.throttle_timer = None
+        if freeze and not self.policy.dry_run:
+            self.driver.set_frozen(call.cgroup, True)
+            call.frozen = True
         call.phase = CallPhase.PAUSED
         assert self.loop is not None
         timer = self.loop.call_later(
@@ -166,23 +200,30 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         call.pending = _Pending(action_id, event_id, ev.kernel_time_ns, timer)
         log.info(
-            "pause call %s lease %s tenant %s at budget %d (usage %d) action %s: asking broker for %d",
+            "pause call %s lease %s tenant %s at budget %d (usage %d) action %s: asking broker "
+            "for %d%s",
             call.call_id,
             call.lease.lease_id,
             call.lease.tenant,
             call.budget_bytes,
-            stats.usage_bytes,
+            usage_bytes,
             action_id,
-            decision.requested_bytes,
+            requested_bytes,
+            " (dry run)" if self.policy.dry_run else "",
         )
+        with tracer.start_as_current_span("agentcg.enforce.pause") as span:
+            span.set_attribute("agentcg.action_id", action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
         call.events.put_nowait(
             node_pb2.ExecEvent(
                 enforcement=node_pb2.Enforcement(
                     action_id=action_id,
                     action="pause",
                     budget_bytes=call.budget_bytes,
-                    usage_bytes=stats.usage_bytes,
-                    reason="budget reached; asking the broker to grow it",
+                    usage_bytes=usage_bytes,
+                    reason=reason,
                 )
             )
         )
@@ -191,9 +232,110 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
             ev,
             action_id,
-            decision.requested_bytes,
+            requested_bytes,
             event_id=event_id,
-            usage_bytes=stats.usage_bytes,
+            usage_bytes=usage_bytes,
+        )
+
+    # -- throttle: the first step of the ladder, always with a deadline ----------------------
+
+    def _on_soft(self, call: Call, ev: MemEvent) -> None:
+        decision = on_soft(call.view(), self.policy)
+        if not isinstance(decision, Throttle):
+            log.debug("call %s: soft event, no throttle: %s", call.call_id, decision.reason)
+            return
+        action_id = uuid.uuid4().hex[:12]
+        if not self.policy.dry_run:
+            self.driver.set_memory_throttle(call.cgroup, decision.high_bytes)
+        call.phase = CallPhase.THROTTLED
+        assert self.loop is not None
+        call.throttle_timer = self.loop.call_later(
+            decision.deadline_s, self._on_throttle_deadline, call, ev
+        )
+        self._report_local(
+            call, action_id, "throttle", broker_pb2.ACTION_KIND_THROTTLE, decision.reason, ev
+        )
+
+    def _on_throttle_deadline(self, call: Call, ev: MemEvent) -> None:
+        call.throttle_timer = None
+        try:
+            usage = self.driver.read_stats(call.cgroup).usage_bytes
+        except CgroupError as exc:
+            log.warning("call %s: throttle deadline: %s", call.call_id, exc)
+            return
+        decision = on_throttle_deadline(call.view(), usage, self.policy)
+        if isinstance(decision, Pause):
+            call.peak_bytes = max(call.peak_bytes, usage)
+            now = MemEvent(
+                ev.kind, ev.cgroup_id, ev.pid, usage, ev.threshold_bytes, time.monotonic_ns()
+            )
+            self._pause_and_ask(
+                call, now, decision.requested_bytes, usage, decision.reason, freeze=True
+            )
+        elif isinstance(decision, Unthrottle):
+            if not self.policy.dry_run:
+                self.driver.set_memory_throttle(call.cgroup, None)
+            call.phase = CallPhase.RUNNING
+            self._report_local(
+                call,
+                uuid.uuid4().hex[:12],
+                "unthrottle",
+                broker_pb2.ACTION_KIND_RESUME,
+                decision.reason,
+                ev,
+            )
+
+    def _report_local(
+        self,
+        call: Call,
+        action_id: str,
+        action: str,
+        kind: broker_pb2.ActionKind.ValueType,
+        reason: str,
+        ev: MemEvent,
+    ) -> None:
+        """An action the node took on its own: log, span, ExecEvent, ActionReport."""
+        reaction_ns = max(0, time.monotonic_ns() - ev.kernel_time_ns)
+        log.info(
+            "%s call %s lease %s tenant %s budget %d action %s: %s%s",
+            action,
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            call.budget_bytes,
+            action_id,
+            reason,
+            " (dry run)" if self.policy.dry_run else "",
+        )
+        with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
+            span.set_attribute("agentcg.action_id", action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=action_id,
+                    action=action,
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=ev.usage_bytes,
+                    reason=reason,
+                    reaction_ns=reaction_ns,
+                )
+            )
+        )
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                action=broker_pb2.ActionReport(
+                    action_id=action_id,
+                    lease_id=call.lease.lease_id,
+                    kind=kind,
+                    budget_bytes=call.budget_bytes,
+                    reason=reason,
+                    dry_run=self.policy.dry_run,
+                    reaction_ns=reaction_ns,
+                )
+            )
         )
 
     def _send_pressure(
@@ -249,7 +391,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             else:
                 log.warning("call %s: grow decision ignored: %s", call.call_id, grow.reason)
         elif d.kind == broker_pb2.DECISION_KIND_KILL:
-            self._kill(call, d.reason)
+            self._deny(call, d.reason)
 
     def _on_deadline(self, call: Call, action_id: str) -> None:
         if call.pending is None or call.pending.action_id != action_id:
@@ -259,7 +401,20 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if isinstance(decision, Resize):
             self._resize(call, decision.new_budget_bytes, decision.reason)
         elif isinstance(decision, Kill):
+            self._deny(call, decision.reason)
+
+    def _deny(self, call: Call, reason: str) -> None:
+        decision = on_denied(call.view(), not call.frozen, reason)
+        if isinstance(decision, Kill):
             self._kill(call, decision.reason)
+        elif isinstance(decision, Unthrottle):
+            if not self.policy.dry_run:
+                self.driver.set_memory_throttle(call.cgroup, None)
+                if call.frozen:
+                    self.driver.set_frozen(call.cgroup, False)
+            call.frozen = False
+            call.phase = CallPhase.RUNNING
+            self._finish_action(call, broker_pb2.ACTION_KIND_RESUME, decision.reason)
 
     def _finish_action(
         self, call: Call, kind: broker_pb2.ActionKind.ValueType, reason: str
@@ -271,7 +426,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.pending = None
         reaction_ns = time.monotonic_ns() - pending.kernel_time_ns
         call.reactions_ns.append(reaction_ns)
-        action = "grow" if kind == broker_pb2.ACTION_KIND_GROW else "kill"
+        action = {
+            broker_pb2.ACTION_KIND_GROW: "grow",
+            broker_pb2.ACTION_KIND_RESUME: "resume",
+        }.get(kind, "kill")
         with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
             span.set_attribute("agentcg.action_id", pending.action_id)
             span.set_attribute("agentcg.lease_id", call.lease.lease_id)
@@ -327,6 +485,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 limit_bytes=new_budget,
             )
             self.driver.set_memory_limit(call.cgroup, new_budget)
+            self.driver.set_memory_throttle(call.cgroup, None)
+            if call.frozen:
+                self.driver.set_frozen(call.cgroup, False)
+                call.frozen = False
         call.budget_bytes = new_budget
         call.grown += 1
         call.phase = CallPhase.RUNNING
@@ -641,6 +803,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if call.pending is not None:
             call.pending.timer.cancel()
             call.pending = None
+        if call.throttle_timer is not None:
+            call.throttle_timer.cancel()
+            call.throttle_timer = None
         try:
             stats = self.driver.read_stats(call.cgroup)
             call.peak_bytes = max(call.peak_bytes, stats.peak_bytes)

@@ -97,6 +97,14 @@ class CgroupDriver(Protocol):
         """Hard memory limit; None removes it."""
         ...
 
+    def set_memory_throttle(self, cg: Cgroup, high_bytes: int | None) -> None:
+        """Throttle above this usage (v2 memory.high: reclaim and stall the allocating tasks;
+        v1 memory.soft_limit_in_bytes: reclaimed first under host pressure). None removes it.
+        Never leave a call throttled without a deadline: memory.high can stall it for minutes."""
+        ...
+
+    def read_memory_throttle(self, cg: Cgroup) -> int | None: ...
+
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         """Tasks reaching the limit wait (instead of being OOM-killed) until it is raised."""
         ...
@@ -368,6 +376,15 @@ class CgroupV1Driver:
             raise ValueError(f"cgroup {cg.path}: memory limit must be >= 0, got {limit_bytes}")
         value = "-1" if limit_bytes is None else str(limit_bytes)
         self._write(cg, MEMORY, "memory.limit_in_bytes", value)
+
+    def set_memory_throttle(self, cg: Cgroup, high_bytes: int | None) -> None:
+        if high_bytes is not None and high_bytes < 0:
+            raise ValueError(f"cgroup {cg.path}: throttle must be >= 0, got {high_bytes}")
+        value = "-1" if high_bytes is None else str(high_bytes)
+        self._write(cg, MEMORY, "memory.soft_limit_in_bytes", value)
+
+    def read_memory_throttle(self, cg: Cgroup) -> int | None:
+        return parse_memory_limit(_read_text(cg.path / "memory.soft_limit_in_bytes"))
 
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         self._write(cg, MEMORY, "memory.oom_control", "1" if enabled else "0")

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from agentcg.node.agent import NodeAgent
+from agentcg.node.enforcement import NodePolicy
 from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
 MiB = 1 << 20
 NODE = "n1"
+
+MakeAgent = Callable[["StubUplink", NodePolicy | None], NodeAgent]
 
 
 def make_lease(

@@ -6,49 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from agentcg.node.agent import NodeAgent
 from agentcg.node.cgroup import CgroupV1Driver
-from agentcg.node.enforcement import NodePolicy
-from agentcg.node.monitor import MemEvent, MemoryMonitor
+from agentcg.node.monitor import MemoryMonitor
 from agentcg.v1 import broker_pb2, types_pb2
 
-from .agent_helpers import NODE, MiB, StubUplink, make_lease, run_call
+from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
 
 pytestmark = pytest.mark.kernel
 
 CALLS = int(os.environ.get("AGENTCG_TEST_CALLS", "10000"))
-
-
-@pytest.fixture
-def agent_monitor(bcc_available: None) -> Iterator[tuple[MemoryMonitor, list[NodeAgent]]]:
-    holder: list[NodeAgent] = []
-
-    def forward(ev: MemEvent) -> None:
-        if holder:
-            holder[0].on_mem_event(ev)
-
-    monitor = MemoryMonitor(forward)
-    monitor.start()
-    try:
-        yield monitor, holder
-    finally:
-        monitor.close()
-
-
-def make_agent(
-    driver: CgroupV1Driver,
-    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
-    uplink: StubUplink,
-    policy: NodePolicy | None = None,
-) -> NodeAgent:
-    monitor, holder = agent_monitor
-    agent = NodeAgent(NODE, driver, monitor, uplink, 8 << 30, policy)  # type: ignore[arg-type]
-    holder[:] = [agent]
-    return agent
 
 
 def rss_bytes() -> int:
@@ -59,10 +29,12 @@ def rss_bytes() -> int:
 
 
 def test_many_calls_leave_nothing_behind(
-    driver: CgroupV1Driver, agent_monitor: tuple[MemoryMonitor, list[NodeAgent]]
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
 ) -> None:
     uplink = StubUplink(keep=False)
-    agent = make_agent(driver, agent_monitor, uplink)
+    agent = make_agent(uplink, None)
     monitor = agent_monitor[0]
     warmup = min(1000, CALLS // 10)
     rss: dict[str, int] = {}
@@ -111,12 +83,12 @@ def test_many_calls_leave_nothing_behind(
 )
 def test_lease_that_no_longer_holds_stops_its_call(
     driver: CgroupV1Driver,
-    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
     broker_answer: str,
     reason: str,
 ) -> None:
     uplink = StubUplink()
-    agent = make_agent(driver, agent_monitor, uplink)
+    agent = make_agent(uplink, None)
     lease = make_lease("l1", epoch=2, expires_in_ms=60_000)
     uplink.broker.leases["l1"] = lease
 
@@ -153,11 +125,9 @@ def test_lease_that_no_longer_holds_stops_its_call(
     assert driver.children() == []
 
 
-def test_renewed_lease_keeps_its_call(
-    driver: CgroupV1Driver, agent_monitor: tuple[MemoryMonitor, list[NodeAgent]]
-) -> None:
+def test_renewed_lease_keeps_its_call(driver: CgroupV1Driver, make_agent: MakeAgent) -> None:
     uplink = StubUplink()
-    agent = make_agent(driver, agent_monitor, uplink)
+    agent = make_agent(uplink, None)
     lease = make_lease("l1", expires_in_ms=1_000)
     uplink.broker.leases["l1"] = lease
 
