@@ -116,7 +116,8 @@ def test_restarted_agent_adopts_and_enforces(
         [finished] = done
         assert finished.lease_id == "l1" and finished.outcome == types_pb2.OUTCOME_GROWN
         assert finished.budget_bytes == 256 * MiB
-        [grow] = [m.action for m in uplink.sent if m.HasField("action")]
+        throttle, grow = [m.action for m in uplink.sent if m.HasField("action")]
+        assert throttle.kind == broker_pb2.ACTION_KIND_THROTTLE  # at its soft threshold first
         assert grow.action_id == ask.action_id and grow.kind == broker_pb2.ACTION_KIND_GROW
         assert agent.calls == {} and monitor.entry_counts() == (0, 0)
         assert driver.children() == []
