@@ -287,7 +287,7 @@ def _read_text(path: Path) -> str:
 
 def _write_text(path: Path, value: str) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # as the shell's `>`
     except OSError as e:
         raise CgroupError(f"{path}: cannot open for writing: {e.strerror}") from e
     try:
@@ -857,7 +857,9 @@ def detect_driver(root_name: str, *, cgroup_fs: Path = CGROUP_FS) -> CgroupDrive
     if (cgroup_fs / MEMORY / "memory.limit_in_bytes").exists():
         return CgroupV1Driver(root_name)
     if (cgroup_fs / "cgroup.controllers").exists():
-        return CgroupV2Driver(root_name)
+        # The agent nests under its own v2 cgroup; a cgroup_fs other than the host's is taken
+        # as the base itself (a delegated subtree, or a fixture).
+        return CgroupV2Driver(root_name, base=None if cgroup_fs == CGROUP_FS else cgroup_fs)
     raise CgroupError(f"no cgroup v1 memory hierarchy or cgroup v2 root under {cgroup_fs}")
 
 
