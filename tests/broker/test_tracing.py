@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def test_reserve_has_an_admission_span_with_tenant_and_decision(broker: str, tmp
     assert span.attributes["agentcg.tenant"] == "traced"
     assert span.attributes["agentcg.decision"] == "deny"
     assert span.attributes["agentcg.reason"] == "tenant_quota"
-    # the RPC span from the gRPC instrumentation is the admission span's parent
-    rpc = [s for s in EXPORTER.get_finished_spans() if s.name.endswith("Broker/Reserve")]
+    # The RPC span from the gRPC instrumentation is the admission span's parent. It ends after
+    # the reply has gone out, so it may be exported a moment after the client has its answer.
+    rpc: list = []
+    for _ in range(200):
+        rpc = [s for s in EXPORTER.get_finished_spans() if s.name.endswith("Broker/Reserve")]
+        if rpc:
+            break
+        time.sleep(0.01)
     assert rpc and span.parent is not None and span.parent.span_id == rpc[0].context.span_id
