@@ -7,7 +7,10 @@
  * matching the running kernel.
  *
  *   memcg:mod_memcg_lruvec_state      LRU page-count updates -> usage estimate in `watch_state`
- *     (or memcg:count_memcg_events, PGPGIN/PGPGOUT, with -DMW_USAGE_SOURCE=MW_USAGE_PGPGIN)
+ *     (or memcg:count_memcg_events, PGPGIN/PGPGOUT, with -DMW_USAGE_SOURCE=MW_USAGE_PGPGIN;
+ *     or nothing with MW_USAGE_NONE: every tracepoint on the per-page charge path costs the
+ *     host's allocations even when empty, so this mode keeps only the rare tracepoints below,
+ *     with no usage estimate and no MW_SOFT; usage comes from the cgroup's own counters)
  *   vmscan:mm_vmscan_memcg_reclaim_begin  a watched task hit a memcg limit -> MW_LIMIT
  *   oom:mark_victim                   a watched task was chosen as OOM victim -> MW_OOM_KILL
  *   task:task_newtask                 a watched process forked -> child inherits its watch
@@ -176,7 +179,7 @@ TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)
 		return 0;
 	return account(args->id, args->val);
 }
-#else
+#elif MW_USAGE_SOURCE == MW_USAGE_PGPGIN
 /* Charged minus uncharged folios: half the events of the LRU source, but the kernel counts
  * one PGPGIN per folio whatever its size, so large folios are undercounted. */
 TRACEPOINT_PROBE(memcg, count_memcg_events)

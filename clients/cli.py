@@ -102,6 +102,13 @@ def node(
     dry_run: Annotated[
         bool, typer.Option(help="log enforcement actions without applying them")
     ] = False,
+    usage_source: Annotated[
+        str,
+        typer.Option(help="in-kernel usage estimate: lru (exact), pgpgin, none (cheapest)"),
+    ] = "lru",
+    keep_calls: Annotated[
+        bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
+    ] = False,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
@@ -112,6 +119,8 @@ def node(
 
     if on_timeout not in ("kill", "grow-local"):
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
+    if usage_source not in ("lru", "pgpgin", "none"):
+        raise typer.BadParameter("--usage-source must be lru, pgpgin or none")
     node_main(
         NodeConfig(
             broker=broker,
@@ -123,6 +132,8 @@ def node(
                 broker_timeout_s=broker_timeout, on_timeout=on_timeout, dry_run=dry_run
             ),
             ready_file=ready_file,
+            usage_source=usage_source,
+            keep_calls=keep_calls,
         ),
         log_level,
     )
@@ -281,16 +292,37 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("reaction")
 def bench_reaction_cmd(
-    calls: Annotated[int, typer.Option(help="spiking tool calls to run")] = 40,
-    spike: Annotated[int, typer.Option(help="spike size in MB (budget is 64 MiB)")] = 200,
+    calls: Annotated[int, typer.Option(help="spiking tool calls through the broker")] = 40,
+    spike: Annotated[int, typer.Option(help="broker-path spike size in MB (budget 64 MiB)")] = 200,
     concurrency: int = 2,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll)")] = 50,
+    budget_mb: Annotated[int, typer.Option(help="budget the spike crosses, MiB")] = 64,
+    kernel_spike_mb: Annotated[int, typer.Option(help="kernel-path spike size, MiB")] = 512,
+    poll_interval_ms: Annotated[int, typer.Option(help="the user-space poller's period")] = 100,
+    lifecycle: Annotated[int, typer.Option(help="cgroup lifecycles to time")] = 300,
+    usage_source: Annotated[str, typer.Option(help="in-kernel usage source: lru|pgpgin")] = "lru",
+    overhead_rounds: Annotated[int, typer.Option(help="alloc-loop rounds (0: skip)")] = 5,
+    overhead_seconds: Annotated[float, typer.Option(help="seconds per alloc-loop run")] = 1.5,
+    cluster: Annotated[bool, typer.Option(help="also run the broker decision path")] = True,
 ) -> None:
-    """In-kernel limit event -> broker decision applied, through a real broker and node."""
+    """Spike -> enforcement: eBPF vs a 100 ms poller, cgroup lifecycle, BPF overhead, broker."""
     from .bench import bench_reaction
 
     result = bench_reaction(
-        calls=calls, spike_mb=spike, concurrency=concurrency, json_path=json_path
+        calls=calls,
+        spike_mb=spike,
+        concurrency=concurrency,
+        json_path=json_path,
+        trials=trials,
+        budget_mb=budget_mb,
+        kernel_spike_mb=kernel_spike_mb,
+        poll_interval_ms=poll_interval_ms,
+        lifecycle_n=lifecycle,
+        usage_source=usage_source,
+        overhead_rounds=overhead_rounds,
+        overhead_seconds=overhead_seconds,
+        cluster=cluster,
     )
     table = Table("metric", "value")
     for k, v in result.items():

@@ -105,6 +105,7 @@ class RunResult:
     node_id: str = ""
     actions: tuple[str, ...] = ()  # enforcement actions seen, in order ("pause", "grow", ...)
     reactions_ns: tuple[int, ...] = ()
+    decisions_ns: tuple[int, ...] = ()  # kernel event -> broker decision on the node
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -345,6 +346,7 @@ class AsyncClient:
         )
         actions: list[str] = []
         reactions: list[int] = []
+        decisions: list[int] = []
         try:
             async for ev in stream:
                 kind = ev.WhichOneof("body")
@@ -354,6 +356,8 @@ class AsyncClient:
                     actions.append(ev.enforcement.action)
                     if ev.enforcement.reaction_ns:
                         reactions.append(ev.enforcement.reaction_ns)
+                    if ev.enforcement.decision_ns:
+                        decisions.append(ev.enforcement.decision_ns)
                 elif kind == "exited":
                     x = ev.exited
                     return RunResult(
@@ -366,6 +370,7 @@ class AsyncClient:
                         node_id=lease.node_id,
                         actions=tuple(actions),
                         reactions_ns=tuple(reactions),
+                        decisions_ns=tuple(decisions),
                     )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None

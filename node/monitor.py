@@ -39,6 +39,7 @@ __all__ = [
     "describe_program",
     "program_cflags",
     "read_header_constants",
+    "supported_usage_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class UsageSource(enum.IntEnum):
     # memcg:mod_memcg_lruvec_state, LRU items: pages on the memcg's LRU lists, exact for
     # large folios; ~4 events per page over its life.
     LRU = 2
+    # No per-page tracepoint at all: only the limit (reclaim), OOM, exec and exit events; no
+    # in-kernel usage estimate and no SOFT events. The cheapest: per-page tracepoints cost every
+    # allocation on the host something even when their program returns at once.
+    NONE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,22 @@ def check_header(constants: dict[str, int]) -> None:
         raise MonitorError(f"memwatch.h: MW_EVENT_SIZE {size} != {ctypes.sizeof(_Event)}")
 
 
+TRACEFS = Path("/sys/kernel/tracing")
+_USAGE_TRACEPOINTS = {
+    UsageSource.PGPGIN: "memcg/count_memcg_events",
+    UsageSource.LRU: "memcg/mod_memcg_lruvec_state",
+}
+
+
+def supported_usage_source(requested: UsageSource, tracefs: Path = TRACEFS) -> UsageSource:
+    """`requested`, or NONE when the kernel lacks its tracepoint (the memcg tracepoints are
+    newer than 6.12: Debian trixie's kernel has vmscan's memcg reclaim ones but no memcg/)."""
+    tracepoint = _USAGE_TRACEPOINTS.get(requested)
+    if tracepoint is None or (tracefs / "events" / tracepoint).is_dir():
+        return requested
+    return UsageSource.NONE
+
+
 def program_cflags(
     *,
     max_watches: int = DEFAULT_MAX_WATCHES,
@@ -197,6 +218,15 @@ class MemoryMonitor:
         self._on_event = on_event
         self._poll_timeout_ms = poll_timeout_ms
         self._page_size = os.sysconf("SC_PAGE_SIZE")
+        self.usage_source = supported_usage_source(usage_source)
+        if self.usage_source is not usage_source:
+            log.warning(
+                "memwatch: no tracepoint for usage source %s on this kernel; using %s (no "
+                "in-kernel usage estimate or soft threshold)",
+                usage_source.name,
+                self.usage_source.name,
+            )
+        usage_source = self.usage_source
         self._cflags = program_cflags(
             max_watches=max_watches,
             max_pids=max_pids,

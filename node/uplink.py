@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from agentcg.v1 import broker_pb2, broker_pb2_grpc
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 __all__ = ["Uplink"]
@@ -28,6 +28,7 @@ class Uplink:
         on_decision: Callable[[broker_pb2.Decision], Awaitable[None]],
         heartbeat: Callable[[], broker_pb2.Heartbeat],
         *,
+        on_lease: Callable[[types_pb2.Lease], None] | None = None,
         buffer_size: int = 10_000,
         max_backoff_s: float = 5.0,
     ) -> None:
@@ -39,6 +40,7 @@ class Uplink:
         self._registration = registration
         self._on_decision = on_decision
         self._heartbeat = heartbeat
+        self._on_lease = on_lease
         self._buffer: collections.deque[broker_pb2.NodeMessage] = collections.deque()
         self._buffer_size = buffer_size
         self._ready = asyncio.Event()
@@ -87,6 +89,8 @@ class Uplink:
                 async for msg in stream:
                     if msg.HasField("decision"):
                         await self._on_decision(msg.decision)
+                    elif msg.HasField("lease") and self._on_lease is not None:
+                        self._on_lease(msg.lease.lease)
                 log.warning("uplink: broker closed the stream")
             except asyncio.CancelledError:
                 raise

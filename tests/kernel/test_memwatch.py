@@ -267,6 +267,8 @@ def test_usage_estimate_with_page_cache(
         assert watched is not None
         if source is UsageSource.LRU:
             assert abs(usage - watched.usage_bytes) < 3 * MiB, (usage, watched)
+        elif source is UsageSource.NONE:
+            assert (watched.usage_bytes, watched.charge_events) == (0, 0)  # no estimate
         else:
             # One PGPGIN per folio: anon (order-0 here) is counted, large file folios are not.
             assert 32 * MiB <= watched.usage_bytes <= usage, (usage, watched)
@@ -276,3 +278,35 @@ def test_usage_estimate_with_page_cache(
             gated.process.kill()
         gated.process.communicate()
         monitor.close()
+
+
+def test_no_usage_source_still_sees_the_limit(
+    bcc_available: None, driver: CgroupV1Driver, events: EventLog
+) -> None:
+    # MW_USAGE_NONE: no per-page tracepoint, but the call hitting its budget is still caught
+    # in-kernel (first memcg reclaim of a watched task), and exec/exit are reported.
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, True)
+    cid = driver.cgroup_id(cg)
+    with MemoryMonitor(events, usage_source=UsageSource.NONE) as monitor:
+        monitor.start()
+        monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+        gated = spawn_gated([sys.executable, "-c", alloc_code(150)], stdout=subprocess.PIPE)
+        try:
+            driver.attach(cg, gated.pid)
+            monitor.add_pid(gated.pid, cid)
+            gated.release()
+            [limit] = events.wait_for(cid, EventKind.LIMIT)
+            assert (limit.pid, limit.threshold_bytes) == (gated.pid, LIMIT)
+            assert events.of(cid, EventKind.SOFT) == []
+            assert [e.kind for e in events.of(cid)] == [EventKind.EXEC, EventKind.LIMIT]
+            wait_until(lambda: driver.read_stats(cg).under_oom, "under_oom")
+            driver.kill(cg)
+            gated.process.wait(timeout=10)
+            events.wait_for(cid, EventKind.EXIT)
+        finally:
+            if gated.process.poll() is None:
+                gated.process.kill()
+            gated.process.communicate()
+            monitor.unwatch(cid)

@@ -955,22 +955,50 @@ class BrokerMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DECISION_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def decision(self) -> Global___Decision: ...
+    @_builtins.property
+    def lease(self) -> Global___LeaseUpdate: ...
     def __init__(
         self,
         *,
         decision: Global___Decision | None = ...,
+        lease: Global___LeaseUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "lease", b"lease"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["decision"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["decision", "lease"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___BrokerMessage: _TypeAlias = BrokerMessage  # noqa: Y015
+
+@_typing.final
+class LeaseUpdate(_message.Message):
+    """The broker tells the lease's node that it changed (renewed, grown, revoked, expired), so the
+    node enforces the new expiry/epoch at once instead of at its next local check.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> _types_pb2.Lease: ...
+    def __init__(
+        self,
+        *,
+        lease: _types_pb2.Lease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseUpdate: _TypeAlias = LeaseUpdate  # noqa: Y015
 
 @_typing.final
 class Decision(_message.Message):

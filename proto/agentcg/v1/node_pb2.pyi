@@ -182,6 +182,7 @@ class Enforcement(_message.Message):
     USAGE_BYTES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REACTION_NS_FIELD_NUMBER: _builtins.int
+    DECISION_NS_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     action: _builtins.str
     """"pause", "grow", "kill" """
@@ -189,6 +190,10 @@ class Enforcement(_message.Message):
     usage_bytes: _builtins.int
     reason: _builtins.str
     reaction_ns: _builtins.int
+    decision_ns: _builtins.int
+    """From the in-kernel event to the broker's decision (recorded and decided by the broker)
+    arriving on the node; 0 for local actions.
+    """
     def __init__(
         self,
         *,
@@ -198,10 +203,11 @@ class Enforcement(_message.Message):
         usage_bytes: _builtins.int = ...,
         reason: _builtins.str = ...,
         reaction_ns: _builtins.int = ...,
+        decision_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "budget_bytes", b"budget_bytes", "reaction_ns", b"reaction_ns", "reason", b"reason", "usage_bytes", b"usage_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "budget_bytes", b"budget_bytes", "decision_ns", b"decision_ns", "reaction_ns", b"reaction_ns", "reason", b"reason", "usage_bytes", b"usage_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
