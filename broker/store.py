@@ -332,6 +332,17 @@ def _values(record: Tenant | Node | Lease | AuditEntry) -> dict[str, object]:
 
 
 _LEASE_COLUMNS = _COLUMNS[Lease]
+# What a lease's later versions may change (release, renew, grow, expiry); the rest is fixed at
+# grant, and leaving it out of the upsert's SET spares SQLite the index updates on those columns.
+_LEASE_MUTABLE = (
+    "memory_bytes",
+    "expires_at_ms",
+    "state",
+    "epoch",
+    "ended_at_ms",
+    "peak_memory_bytes",
+    "outcome",
+)
 _AUDIT_COLUMNS = _COLUMNS[AuditEntry]
 assert _LEASE_COLUMNS[0] == "lease_id"
 
@@ -441,7 +452,7 @@ class Store:
             f"INSERT INTO leases ({', '.join(_LEASE_COLUMNS)}) "
             f"VALUES ({', '.join(mark for _ in _LEASE_COLUMNS)}) "
             "ON CONFLICT (lease_id) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in _LEASE_COLUMNS[1:])
+            + ", ".join(f"{c} = excluded.{c}" for c in _LEASE_MUTABLE)
         )
         self._audit_insert_sql = (
             f"INSERT INTO audit ({', '.join(_AUDIT_COLUMNS)}) "
@@ -491,7 +502,9 @@ class Store:
         """Persist a batch of changes in one transaction: all or nothing, durable on return.
 
         The result is that of applying the changes in order: a batch is reduced to the last
-        change per tenant, node and lease, and audit entries are appended in order.
+        change per tenant, node and lease, and audit entries are appended in order. A lease's
+        identity (tenant, session, class, node, intent, grant time, priority, CPU, key) is fixed
+        when it is first written; later versions change only ``_LEASE_MUTABLE``.
         """
         if not changes:
             return
