@@ -254,6 +254,18 @@ class AsyncClient:
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
 
+    async def attach(self, lease: Lease, pid: int) -> str:
+        """Move an existing process into the lease's call cgroup on its node; its cgroup path."""
+        request = node_pb2.AttachRequest(lease_id=lease.lease_id, pid=pid)
+        try:
+            # The generated stubs type the sync API; on a grpc.aio channel the call is awaited.
+            reply: node_pb2.AttachResponse = await self._node(  # type: ignore[misc]
+                lease.node_address
+            ).Attach(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return str(reply.cgroup_path)
+
     async def exec(
         self,
         lease: Lease,

@@ -323,6 +323,13 @@ class MemoryMonitor:
             except Exception as e:
                 raise MonitorError(f"pid {pid}: add to cgroup {cgroup_id} failed: {e}") from e
 
+    def remove_pid(self, pid: int) -> None:
+        with self._lock:
+            try:
+                del self._pids[self._pids.Key(pid)]
+            except KeyError:
+                pass
+
     def unwatch(self, cgroup_id: int) -> None:
         """Forget a cgroup: its thresholds, counters and every pid attributed to it."""
         key = self._watches.Key(cgroup_id)
