@@ -38,6 +38,7 @@ class QuotaLevel:
     tenant: Tenant
     granted_memory_bytes: int  # sum of active budgets in this tenant's whole subtree
     active_calls: int = 0
+    granted_cpu_millis: int = 0
 
     @property
     def free_memory_bytes(self) -> int:
@@ -93,11 +94,15 @@ def decide_reserve(
     levels: Sequence[QuotaLevel],
     nodes: Sequence[NodeView],
     *,
+    cpu_millis: int = 0,
     retry_after_ms: int = 1000,
 ) -> Admit | Deny:
-    """Admit ``memory_bytes`` if every quota level on the tenant's path and one node can hold it.
+    """Admit ``memory_bytes`` (and ``cpu_millis``) if every quota level on the tenant's path and
+    one node can hold it.
 
-    ``levels`` runs from the tenant itself up to its root. Placement takes the connected,
+    ``levels`` runs from the tenant itself up to its root; every level is checked for each
+    resource (concurrent calls, CPU, memory), so a child never takes more than any ancestor
+    allows. A zero CPU quota or call limit means unlimited. Placement takes the connected,
     unpressured node with the most free memory (spreading spikes rather than packing them).
     """
     assert levels, "levels must include the tenant itself"
@@ -109,6 +114,18 @@ def decide_reserve(
                 message=(
                     f"tenant {t.name}: concurrent call limit reached "
                     f"({level.active_calls} of {t.max_calls} running)"
+                ),
+                scope=f"tenant:{t.name}",
+                largest_memory_bytes_available=0,
+                retry_after_ms=retry_after_ms,
+            )
+        if t.cpu_quota_millis and level.granted_cpu_millis + cpu_millis > t.cpu_quota_millis:
+            free = max(0, t.cpu_quota_millis - level.granted_cpu_millis)
+            return Deny(
+                code="tenant_cpu",
+                message=(
+                    f"tenant {t.name}: CPU quota exceeded (asked {cpu_millis} millis, "
+                    f"{free} of {t.cpu_quota_millis} free)"
                 ),
                 scope=f"tenant:{t.name}",
                 largest_memory_bytes_available=0,

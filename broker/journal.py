@@ -45,12 +45,19 @@ class Journal:
 
     async def commit(self, changes: Sequence[Change]) -> None:
         """Return once ``changes`` are durable; raise the sink's error if the batch failed."""
-        if not changes:
-            return
+        if changes:
+            await self.submit(changes)
+
+    def submit(self, changes: Sequence[Change]) -> asyncio.Future[None]:
+        """Queue ``changes``; the future resolves once they are durable (or fails with the
+        sink's error). Cancelling the future does not withdraw the changes."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not changes:
+            fut.set_result(None)
+            return fut
         self._pending.append((changes, fut))
         self._wakeup.set()
-        await fut
+        return fut
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -71,9 +78,11 @@ class Journal:
                             try:
                                 await loop.run_in_executor(self._db, self._sink.apply, changes)
                             except Exception as one:  # noqa: BLE001
-                                fut.set_exception(one)
+                                if not fut.done():
+                                    fut.set_exception(one)
                             else:
-                                fut.set_result(None)
+                                if not fut.done():
+                                    fut.set_result(None)
                         continue
                     for _, fut in batch:
                         if not fut.done():

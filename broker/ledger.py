@@ -7,6 +7,7 @@ event loop is its only user.
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,11 @@ class Ledger:
         self.by_key: dict[tuple[TenantName, str], LeaseId] = {}
         self._subtree_bytes: dict[TenantName, int] = defaultdict(int)
         self._subtree_calls: dict[TenantName, int] = defaultdict(int)
+        self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
+        # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
+        # finding the due leases costs O(due log n), not a scan of every lease.
+        self._expiry: list[tuple[int, LeaseId]] = []
 
     # -- views for decisions -------------------------------------------------------------------
 
@@ -64,7 +69,12 @@ class Ledger:
 
     def quota_levels(self, name: TenantName) -> list[QuotaLevel]:
         return [
-            QuotaLevel(t, self._subtree_bytes[t.name], self._subtree_calls[t.name])
+            QuotaLevel(
+                t,
+                self._subtree_bytes[t.name],
+                self._subtree_calls[t.name],
+                self._subtree_cpu[t.name],
+            )
             for t in self.chain(name)
         ]
 
@@ -86,6 +96,20 @@ class Ledger:
 
     def active_calls(self, name: TenantName) -> int:
         return self._subtree_calls[name]
+
+    def granted_cpu_millis(self, name: TenantName) -> int:
+        return self._subtree_cpu[name]
+
+    def due(self, t_ms: int) -> list[Lease]:
+        """Active leases whose expiry is at or before ``t_ms`` (left in place)."""
+        out: list[Lease] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= t_ms:
+            expires, lid = heapq.heappop(heap)
+            lease = self.leases.get(lid)
+            if lease is not None and lease.expires_at_ms == expires:
+                out.append(lease)
+        return out
 
     def children(self, name: TenantName) -> list[Tenant]:
         return [t for t in self.tenants.values() if t.parent == name]
@@ -139,6 +163,8 @@ class Ledger:
             self._drop_lease(prev)
         if lease.state is LeaseState.ACTIVE:
             self.leases[lease.lease_id] = lease
+            if prev is None or prev.expires_at_ms != lease.expires_at_ms:
+                heapq.heappush(self._expiry, (lease.expires_at_ms, lease.lease_id))
             if lease.idempotency_key:
                 self.by_key[(lease.tenant, lease.idempotency_key)] = lease.lease_id
             self._account(lease, +1)
@@ -153,4 +179,5 @@ class Ledger:
         for t in self.chain(lease.tenant):
             self._subtree_bytes[t.name] += sign * lease.memory_bytes
             self._subtree_calls[t.name] += sign
+            self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes

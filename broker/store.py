@@ -38,9 +38,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    insert,
     make_url,
     select,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects import postgresql, sqlite
@@ -137,6 +137,7 @@ class TenantRow(Base):
     memory_quota_bytes: Mapped[int]
     cpu_quota_millis: Mapped[int]
     max_calls: Mapped[int]
+    weight: Mapped[int] = mapped_column(server_default=text("1"))
 
     __table_args__ = _nonnegative("memory_quota_bytes", "cpu_quota_millis", "max_calls")
 
@@ -181,6 +182,9 @@ class LeaseRow(Base):
         Index("ix_leases_tenant_state", "tenant", "state"),
         Index("ix_leases_node_id_state", "node_id", "state"),
         Index("ix_leases_tenant_idempotency_key", "tenant", "idempotency_key"),
+        Index(
+            "ix_leases_tenant_command_class_ended_at_ms", "tenant", "command_class", "ended_at_ms"
+        ),
         *_nonnegative("memory_bytes", "intent_memory_bytes", "cpu_millis", "peak_memory_bytes"),
     )
 
@@ -330,6 +334,38 @@ def _values(record: Tenant | Node | Lease | AuditEntry) -> dict[str, object]:
     return {column: getattr(record, column) for column in _COLUMNS[type(record)]}
 
 
+_LEASE_COLUMNS = _COLUMNS[Lease]
+_AUDIT_COLUMNS = _COLUMNS[AuditEntry]
+assert _LEASE_COLUMNS[0] == "lease_id"
+
+
+def _lease_row(le: Lease) -> tuple[object, ...]:
+    """A lease as DBAPI parameters in ``_LEASE_COLUMNS`` order (enums as their stored values)."""
+    return (
+        le.lease_id,
+        le.tenant,
+        le.session,
+        le.command_class,
+        le.node_id,
+        le.memory_bytes,
+        le.intent_memory_bytes,
+        le.granted_at_ms,
+        le.expires_at_ms,
+        le.state.value,
+        le.epoch,
+        le.priority,
+        le.cpu_millis,
+        le.idempotency_key,
+        le.ended_at_ms,
+        le.peak_memory_bytes,
+        le.outcome.value,
+    )
+
+
+def _audit_row(e: AuditEntry) -> tuple[object, ...]:
+    return (e.at_ms, e.kind, e.tenant, e.lease_id, e.node_id, e.detail)
+
+
 def _tenant(row: TenantRow) -> Tenant:
     return Tenant(
         name=TenantName(row.name),
@@ -337,6 +373,7 @@ def _tenant(row: TenantRow) -> Tenant:
         parent=None if row.parent is None else TenantName(row.parent),
         cpu_quota_millis=row.cpu_quota_millis,
         max_calls=row.max_calls,
+        weight=row.weight,
     )
 
 
@@ -400,7 +437,19 @@ class Store:
             if self._dialect == "postgresql"
             else self._engine
         )
+        self._writer: Connection | None = None
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
+        mark = "?" if self._dialect == "sqlite" else "%s"
+        self._lease_upsert_sql = (
+            f"INSERT INTO leases ({', '.join(_LEASE_COLUMNS)}) "
+            f"VALUES ({', '.join(mark for _ in _LEASE_COLUMNS)}) "
+            "ON CONFLICT (lease_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _LEASE_COLUMNS[1:])
+        )
+        self._audit_insert_sql = (
+            f"INSERT INTO audit ({', '.join(_AUDIT_COLUMNS)}) "
+            f"VALUES ({', '.join(mark for _ in _AUDIT_COLUMNS)})"
+        )
 
     @classmethod
     def default_url(cls, data_dir: Path) -> str:
@@ -453,19 +502,48 @@ class Store:
         deleted = [name for name, tenant in batch.tenants.items() if tenant is None]
         tenants = [_values(t) for t in batch.tenants.values() if t is not None]
         action = f"apply {len(changes)} changes"
-        with _translated(action, self._shown_url), self._engine.begin() as conn:
-            if deleted:
-                conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
-            if tenants:
-                conn.execute(self._upserts[_TENANTS.name], tenants)
-            if batch.nodes:
-                nodes = [_values(n) for n in batch.nodes.values()]
-                conn.execute(self._upserts[_NODES.name], nodes)
-            if batch.leases:
-                leases = [_values(le) for le in batch.leases.values()]
-                conn.execute(self._upserts[_LEASES.name], leases)
-            if batch.audit:
-                conn.execute(insert(_AUDIT), [_values(e) for e in batch.audit])
+        try:
+            with _translated(action, self._shown_url):
+                conn = self._writer_connection()
+                with conn.begin():
+                    self._write(conn, batch, deleted, tenants)
+        except (StoreError, StoreIntegrityError):
+            self._drop_writer()
+            raise
+
+    def _writer_connection(self) -> Connection:
+        """The connection every write batch uses: held open, so that a batch costs no pool
+        checkout and reset (a round trip on PostgreSQL). Reopened after a failure."""
+        if self._writer is None or self._writer.closed or self._writer.invalidated:
+            self._writer = self._engine.connect()
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except sa_exc.SQLAlchemyError:
+                pass
+            self._writer = None
+
+    def _write(
+        self, conn: Connection, batch: _Batch, deleted: list[str], tenants: list[dict[str, object]]
+    ) -> None:
+        if deleted:
+            conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
+        if tenants:
+            conn.execute(self._upserts[_TENANTS.name], tenants)
+        if batch.nodes:
+            nodes = [_values(n) for n in batch.nodes.values()]
+            conn.execute(self._upserts[_NODES.name], nodes)
+        # The hot path (every admission and release): plain DBAPI executemany of tuples
+        # with SQL prepared once, which skips SQLAlchemy's per-row parameter processing.
+        if batch.leases:
+            conn.exec_driver_sql(
+                self._lease_upsert_sql, [_lease_row(le) for le in batch.leases.values()]
+            )
+        if batch.audit:
+            conn.exec_driver_sql(self._audit_insert_sql, [_audit_row(e) for e in batch.audit])
 
     def get_lease(self, lease_id: LeaseId) -> Lease | None:
         with _translated(f"get lease {lease_id}", self._shown_url), Session(self._engine) as s:
@@ -502,4 +580,5 @@ class Store:
             return [_audit_entry(r) for r in reversed(session.scalars(query).all())]
 
     def close(self) -> None:
+        self._drop_writer()
         self._engine.dispose()

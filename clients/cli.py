@@ -143,14 +143,16 @@ def node(
 
 
 def _tenant_table(tenants) -> Table:  # type: ignore[no-untyped-def]
-    table = Table("tenant", "parent", "quota", "granted", "leases")
+    table = Table("tenant", "parent", "quota", "granted", "cpu", "leases", "weight")
     for t in tenants:
         table.add_row(
             t.name,
             t.parent or "-",
             format_bytes(t.memory_quota_bytes),
             format_bytes(t.granted_memory_bytes),
-            str(t.active_leases),
+            f"{t.granted_cpu_millis}/{t.cpu_quota_millis or '-'}",
+            f"{t.active_leases}/{t.max_calls or '-'}",
+            str(t.weight),
         )
     return table
 
@@ -160,11 +162,21 @@ def tenant_set(
     name: str,
     memory: Annotated[str, typer.Option(help="memory quota, e.g. 4G")],
     parent: Annotated[str, typer.Option(help="parent tenant (org)")] = "",
+    cpu: Annotated[int, typer.Option(help="CPU quota in millis for the subtree; 0: none")] = 0,
+    max_calls: Annotated[
+        int, typer.Option(help="concurrent calls in the subtree; 0: unlimited")
+    ] = 0,
+    weight: Annotated[int, typer.Option(help="fair-share weight under contention")] = 1,
     broker: BrokerOpt = BROKER_DEFAULT,
 ) -> None:
-    """Create or update a tenant's memory quota."""
+    """Create or update a tenant: quotas per resource, checked for its whole subtree."""
     mem = _size(memory)
-    t = _client_call(broker, lambda c: c.set_tenant(name, mem, parent=parent))
+    t = _client_call(
+        broker,
+        lambda c: c.set_tenant(
+            name, mem, parent=parent, cpu_millis=cpu, max_calls=max_calls, weight=weight
+        ),
+    )
     console.print(_tenant_table([t]))
 
 
@@ -311,6 +323,37 @@ def bench_reaction_cmd(
         overhead_rounds=overhead_rounds,
         overhead_seconds=overhead_seconds,
         cluster=cluster,
+    )
+    table = Table("metric", "value")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@bench_app.command("admission")
+def bench_admission_cmd(
+    seconds: Annotated[float, typer.Option(help="seconds per measured phase")] = 3.0,
+    processes: Annotated[int, typer.Option(help="load generator processes")] = 2,
+    concurrency: Annotated[int, typer.Option(help="requests in flight per process")] = 16,
+    rate: Annotated[float, typer.Option(help="Reserve/s of the fixed-rate phase")] = 1000.0,
+    leases: Annotated[int, typer.Option(help="live leases for the 10k phase")] = 10_000,
+    node_streams: Annotated[int, typer.Option(help="simulated node streams for RSS")] = 1000,
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in a temp dir)")] = "",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Admission throughput and latency against a real broker process (see bench_admission)."""
+    from .bench_admission import bench_admission
+
+    result = bench_admission(
+        seconds=seconds,
+        processes=processes,
+        concurrency=concurrency,
+        rate=rate,
+        leases=leases,
+        node_streams=node_streams,
+        database_url=db,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )
     table = Table("metric", "value")
     for k, v in result.items():

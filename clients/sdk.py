@@ -74,11 +74,23 @@ class TenantInfo:
     memory_quota_bytes: int
     granted_memory_bytes: int
     active_leases: int
+    cpu_quota_millis: int = 0  # 0: unlimited
+    granted_cpu_millis: int = 0
+    max_calls: int = 0  # 0: unlimited
+    weight: int = 1
 
     @classmethod
     def from_pb(cls, pb: broker_pb2.Tenant) -> TenantInfo:
         return cls(
-            pb.name, pb.parent, pb.quota.memory_bytes, pb.granted.memory_bytes, pb.active_leases
+            pb.name,
+            pb.parent,
+            pb.quota.memory_bytes,
+            pb.granted.memory_bytes,
+            pb.active_leases,
+            cpu_quota_millis=pb.quota.cpu_millis,
+            granted_cpu_millis=pb.granted.cpu_millis,
+            max_calls=pb.max_calls,
+            weight=pb.weight or 1,
         )
 
 
@@ -151,20 +163,25 @@ class AsyncClient:
         ttl_ms: int = 0,
         idempotency_key: str = "",
         expected_duration_ms: int = 0,
+        cpu_millis: int = 0,
+        queue_timeout_ms: int = 0,
     ) -> Lease:
+        """Admit one tool call. With ``queue_timeout_ms`` the broker waits up to that long for
+        capacity (by priority, then arrival) before it denies."""
         reply = await self._call(
             self._broker.Reserve(
                 broker_pb2.ReserveRequest(
                     tenant=tenant,
                     session=session,
                     command_class=command_class,
-                    intent=types_pb2.Resources(memory_bytes=memory_bytes),
+                    intent=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
                     priority=priority,
                     ttl_ms=ttl_ms,
                     idempotency_key=idempotency_key,
                     expected_duration_ms=expected_duration_ms,
+                    queue_timeout_ms=queue_timeout_ms,
                 ),
-                timeout=self._timeout_s,
+                timeout=self._timeout_s + queue_timeout_ms / 1000,
             )
         )
         return Lease.from_pb(reply.lease)
@@ -211,16 +228,70 @@ class AsyncClient:
         )
         return [Lease.from_pb(x) for x in reply.leases]
 
+    async def reserve_batch(
+        self, requests: Sequence[broker_pb2.ReserveRequest]
+    ) -> list[Lease | QuotaExceededError]:
+        """Many admissions in one durable round trip: a Lease or the denial, per request."""
+        reply = await self._call(
+            self._broker.ReserveBatch(
+                broker_pb2.ReserveBatchRequest(requests=list(requests)), timeout=self._timeout_s
+            )
+        )
+        out: list[Lease | QuotaExceededError] = []
+        for r in reply.results:
+            if r.HasField("lease"):
+                out.append(Lease.from_pb(r.lease))
+            else:
+                d = r.denial
+                out.append(
+                    QuotaExceededError(
+                        d.message,
+                        code=d.code,
+                        scope=d.hint.limiting_scope,
+                        largest_memory_bytes_available=d.hint.largest_memory_bytes_available,
+                        retry_after_ms=d.hint.retry_after_ms,
+                        last_peak_memory_bytes=d.hint.last_peak_memory_bytes,
+                    )
+                )
+        return out
+
+    async def release_batch(self, lease_ids: Sequence[str]) -> list[Lease]:
+        """Release many leases in one durable round trip (idempotent per lease)."""
+        reply = await self._call(
+            self._broker.ReleaseBatch(
+                broker_pb2.ReleaseBatchRequest(
+                    requests=[broker_pb2.ReleaseRequest(lease_id=x) for x in lease_ids]
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [Lease.from_pb(x) for x in reply.leases]
+
     async def ping(self) -> None:
         await self._call(self._broker.Ping(broker_pb2.PingRequest(), timeout=self._timeout_s))
 
     # -- tenants ------------------------------------------------------------------------------
 
-    async def set_tenant(self, name: str, memory_bytes: int, *, parent: str = "") -> TenantInfo:
+    async def set_tenant(
+        self,
+        name: str,
+        memory_bytes: int,
+        *,
+        parent: str = "",
+        cpu_millis: int = 0,
+        max_calls: int = 0,
+        weight: int = 0,
+    ) -> TenantInfo:
+        """Create or update a tenant: quotas per resource (0 CPU / calls: unlimited), checked
+        at this level for its whole subtree; ``weight`` (0: 1) is its fair share."""
         pb = await self._call(
             self._admin.SetTenant(
                 broker_pb2.SetTenantRequest(
-                    name=name, parent=parent, quota=types_pb2.Resources(memory_bytes=memory_bytes)
+                    name=name,
+                    parent=parent,
+                    quota=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
+                    max_calls=max_calls,
+                    weight=weight,
                 ),
                 timeout=self._timeout_s,
             )
