@@ -371,6 +371,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     async def on_decision(self, d: broker_pb2.Decision) -> None:
         call = self.calls.get(d.lease_id)
+        if d.kind == broker_pb2.DECISION_KIND_PREEMPT:
+            # The broker revoked the lease for higher-priority work: stop the call, paused or not.
+            if call is None or call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+                return
+            if d.epoch and d.epoch < call.lease.epoch:
+                log.warning(
+                    "preempt %s of lease %s: stale epoch; ignored", d.decision_id, d.lease_id
+                )
+                return
+            self._stop(call, d.reason or "preempted by the broker for higher-priority work")
+            return
         if call is None or call.pending is None:
             log.debug("decision %s for lease %s: no waiting call", d.decision_id, d.lease_id)
             return
