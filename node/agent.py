@@ -640,7 +640,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     # -- Exec -----------------------------------------------------------------------------------
 
     async def Exec(
-        self, request: node_pb2.ExecRequest, context: grpc.aio.ServicerContext
+        self,
+        request: node_pb2.ExecRequest,
+        context: grpc.aio.ServicerContext[node_pb2.ExecRequest, node_pb2.ExecEvent],
     ) -> AsyncIterator[node_pb2.ExecEvent]:
         try:
             call, proc = await self._start(request)
@@ -799,7 +801,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     # -- Attach ---------------------------------------------------------------------------------
 
     async def Attach(
-        self, request: node_pb2.AttachRequest, context: grpc.aio.ServicerContext
+        self,
+        request: node_pb2.AttachRequest,
+        context: grpc.aio.ServicerContext[node_pb2.AttachRequest, node_pb2.AttachResponse],
     ) -> node_pb2.AttachResponse:
         try:
             return await self.attach(request.lease_id, request.pid)
