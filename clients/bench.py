@@ -60,9 +60,7 @@ async def _spikes(broker: str, n: int, spike_mb: int, concurrency: int) -> dict[
                 t0 = time.monotonic()
                 r = await client.run(tenant, 64 * MiB, argv, session=f"b{i % concurrency}")
                 out["wall"].append((time.monotonic() - t0) * 1000)
-                for action, ns in zip(
-                    [a for a in r.actions if a != "pause"], r.reactions_ns, strict=False
-                ):
+                for action, ns in r.timed_actions:
                     out.setdefault(action, []).append(ns / 1e6)
                 out["broker"].extend(ns / 1e6 for ns in r.decisions_ns)
 
