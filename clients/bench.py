@@ -1,8 +1,17 @@
 """`agentcg bench ...`: benchmarks that print numbers (and write them with --json).
 
-reaction: from the in-kernel limit event of a real spike (the first memcg reclaim of a call at
-its budget, timestamped in BPF with CLOCK_MONOTONIC) to the broker's decision applied on the
-node (the cgroup limit raised, or the call killed), through a real broker and node on loopback.
+reaction, side by side in one run on real cgroups, with a real allocator spiking at >= 1 GB/s
+(1 MiB MAP_POPULATE mappings) past a budget; every time is on CLOCK_MONOTONIC, the crossing
+taken in BPF (the charge whose in-kernel estimate reaches the budget):
+- ebpf: the kernel SIGSTOPs the allocator from inside that charge; in effect when it dequeues
+  the signal (signal:signal_deliver, timestamped in BPF). ebpf_freeze: the node then freezes the
+  whole call from user space (freezer state FROZEN).
+- poll: a user-space poller reads the cgroup's usage every 100 ms and freezes the call once over.
+- overshoot: usage above the budget once the action took effect.
+- cgroup lifecycle: create + limit + attach + remove; bpf overhead: an allocation loop's
+  throughput with each monitor variant loaded and watching vs none.
+- decision path (LocalCluster): in-kernel limit event -> broker decision received on the node
+  (broker_*) and applied (decision_*: limit raised, or the call killed), broker and node real.
 """
 
 from __future__ import annotations
@@ -51,9 +60,7 @@ async def _spikes(broker: str, n: int, spike_mb: int, concurrency: int) -> dict[
                 t0 = time.monotonic()
                 r = await client.run(tenant, 64 * MiB, argv, session=f"b{i % concurrency}")
                 out["wall"].append((time.monotonic() - t0) * 1000)
-                for action, ns in zip(
-                    [a for a in r.actions if a != "pause"], r.reactions_ns, strict=False
-                ):
+                for action, ns in r.timed_actions:
                     out.setdefault(action, []).append(ns / 1e6)
                 out["broker"].extend(ns / 1e6 for ns in r.decisions_ns)
 
@@ -99,7 +106,8 @@ class _Trial:
     cgroup_id: int
     budget_bytes: int
     crossed_ns: int = 0  # in-kernel crossing of the budget (bpf_ktime_get_ns)
-    acted_ns: int = 0  # the freeze in effect (freezer.state FROZEN)
+    stopped_ns: int = 0  # ebpf: the in-kernel SIGSTOP in effect (signal dequeued; kernel clock)
+    acted_ns: int = 0  # the whole call frozen by user space (freezer.state FROZEN)
     usage_at_action_bytes: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -153,14 +161,19 @@ def _kernel_reaction(
     def on_event(ev: MemEvent) -> None:
         with lock:
             trial = current[0] if current else None
-        if trial is None or ev.cgroup_id != trial.cgroup_id or ev.kind is not EventKind.SOFT:
+        if trial is None or ev.cgroup_id != trial.cgroup_id:
             return
-        trial.crossed_ns = ev.kernel_time_ns
-        if trial.mode == "ebpf":
+        if ev.kind in (EventKind.SOFT, EventKind.STOP):  # the same charge emits both
+            if not trial.crossed_ns or ev.kernel_time_ns < trial.crossed_ns:
+                trial.crossed_ns = ev.kernel_time_ns
+        elif ev.kind is EventKind.STOPPED and trial.mode == "ebpf" and not trial.stopped_ns:
+            # The allocator is stopped in-kernel: its usage is settled; the node now freezes
+            # the whole call (user space), as it would before asking the broker.
+            trial.stopped_ns = ev.kernel_time_ns
             _freeze(driver, trial)
 
     out: dict[str, Any] = {}
-    samples: dict[str, list[int]] = {"ebpf": [], "poll": []}
+    samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": []}
     overshoot: dict[str, list[int]] = {"ebpf": [], "poll": []}
     rates: list[float] = []
     try:
@@ -183,7 +196,13 @@ def _kernel_reaction(
                 cg = driver.create("reaction", f"{mode}{i}")
                 driver.set_memory_limit(cg, 4 * spike_mb * MiB)  # a backstop, never reached
                 trial = _Trial(mode, cg, driver.cgroup_id(cg), budget)
-                monitor.watch(trial.cgroup_id, soft_bytes=budget, limit_bytes=4 * spike_mb * MiB)
+                monitor.watch(
+                    trial.cgroup_id,
+                    soft_bytes=budget,
+                    limit_bytes=4 * spike_mb * MiB,
+                    # ebpf: the kernel stops the allocator in the charge that crosses the budget
+                    stop_bytes=budget if mode == "ebpf" else 0,
+                )
                 with lock:
                     current[:] = [trial]
                 stop = threading.Event()
@@ -204,7 +223,11 @@ def _kernel_reaction(
                         poller.start()
                     gated.release()
                     if trial.done.wait(20) and trial.crossed_ns:
-                        samples[mode].append(trial.acted_ns - trial.crossed_ns)
+                        if mode == "ebpf":
+                            samples["ebpf"].append(trial.stopped_ns - trial.crossed_ns)
+                            samples["ebpf_freeze"].append(trial.acted_ns - trial.crossed_ns)
+                        else:
+                            samples["poll"].append(trial.acted_ns - trial.crossed_ns)
                         overshoot[mode].append(max(0, trial.usage_at_action_bytes - budget))
                 finally:
                     stop.set()
@@ -252,12 +275,13 @@ def _kernel_reaction(
     out["spike_rate_gbps"] = round(statistics.median(rates) / 1e9, 2) if rates else 0
     out["poll_interval_ms"] = poll_interval_ms
     out["usage_source"] = usage_source
-    for mode in ("ebpf", "poll"):
+    for mode in ("ebpf", "ebpf_freeze", "poll"):
         out[f"{mode}_samples"] = len(samples[mode])
         if samples[mode]:
             out[f"{mode}_p50_ms"] = _ms(samples[mode], 50)
             out[f"{mode}_p99_ms"] = _ms(samples[mode], 99)
             out[f"{mode}_max_ms"] = round(max(samples[mode]) / 1e6, 3)
+        if overshoot.get(mode):
             out[f"{mode}_overshoot_p99_bytes"] = int(percentile(overshoot[mode], 99))
     if samples["ebpf"] and samples["poll"]:
         out["speedup_p99"] = round(out["poll_p99_ms"] / max(out["ebpf_p99_ms"], 1e-3), 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -106,6 +107,8 @@ class RunResult:
     actions: tuple[str, ...] = ()  # enforcement actions seen, in order ("pause", "grow", ...)
     reactions_ns: tuple[int, ...] = ()
     decisions_ns: tuple[int, ...] = ()  # kernel event -> broker decision on the node
+    # (action, in-kernel event -> action in effect) for every action the node timed
+    timed_actions: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -325,6 +328,18 @@ class AsyncClient:
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
 
+    async def attach(self, lease: Lease, pid: int) -> str:
+        """Move an existing process into the lease's call cgroup on its node; its cgroup path."""
+        request = node_pb2.AttachRequest(lease_id=lease.lease_id, pid=pid)
+        try:
+            # The generated stubs type the sync API; on a grpc.aio channel the call is awaited.
+            reply: node_pb2.AttachResponse = await self._node(  # type: ignore[misc]
+                lease.node_address
+            ).Attach(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return str(reply.cgroup_path)
+
     async def exec(
         self,
         lease: Lease,
@@ -347,6 +362,7 @@ class AsyncClient:
         actions: list[str] = []
         reactions: list[int] = []
         decisions: list[int] = []
+        timed: list[tuple[str, int]] = []
         try:
             async for ev in stream:
                 kind = ev.WhichOneof("body")
@@ -356,6 +372,7 @@ class AsyncClient:
                     actions.append(ev.enforcement.action)
                     if ev.enforcement.reaction_ns:
                         reactions.append(ev.enforcement.reaction_ns)
+                        timed.append((ev.enforcement.action, ev.enforcement.reaction_ns))
                     if ev.enforcement.decision_ns:
                         decisions.append(ev.enforcement.decision_ns)
                 elif kind == "exited":
@@ -371,10 +388,23 @@ class AsyncClient:
                         actions=tuple(actions),
                         reactions_ns=tuple(reactions),
                         decisions_ns=tuple(decisions),
+                        timed_actions=tuple(timed),
                     )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         raise AgentcgError(f"node {lease.node_id}: stream ended without an exit status")
+
+    async def _keep_renewed(self, lease: Lease) -> None:
+        """Renew the lease at a third of its TTL for as long as the call runs (a long pytest
+        must not outlive its lease: the node stops calls whose lease expired)."""
+        ttl_ms = max(1000, lease.expires_at_unix_ms - int(time.time() * 1000))
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            try:
+                renewed = await self.renew(lease.lease_id, ttl_ms)
+            except AgentcgError:
+                return  # released, or the broker is gone: the node decides what happens
+            ttl_ms = max(1000, renewed.expires_at_unix_ms - int(time.time() * 1000))
 
     async def run(
         self,
@@ -385,11 +415,13 @@ class AsyncClient:
         session: str = "default",
         command_class: str = "default",
         priority: int = 0,
+        ttl_ms: int = 0,
         env: Mapping[str, str] | None = None,
         cwd: str = "",
         on_output: OutputSink | None = None,
     ) -> RunResult:
-        """Reserve, run on the chosen node, release. A denial is a result, not an exception."""
+        """Reserve, run on the chosen node (renewing the lease while it runs), release.
+        A denial is a result, not an exception."""
         try:
             lease = await self.reserve(
                 tenant,
@@ -397,16 +429,19 @@ class AsyncClient:
                 session=session,
                 command_class=command_class,
                 priority=priority,
+                ttl_ms=ttl_ms,
             )
         except QuotaExceededError as exc:
             return RunResult(
                 exit_code=1, outcome="denied", peak_bytes=0, budget_bytes=0, reason=exc.message
             )
         result: RunResult | None = None
+        keepalive = asyncio.create_task(self._keep_renewed(lease))
         try:
             result = await self.exec(lease, argv, env=env, cwd=cwd, on_output=on_output)
             return result
         finally:
+            keepalive.cancel()
             # The node releases on exit too; this covers a call that never started. Idempotent.
             await asyncio.shield(
                 self.release(

@@ -23,6 +23,7 @@ from agentcg.errors import (
     ConflictError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
 )
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import error_from_rpc, to_status
@@ -102,7 +103,7 @@ class Call:
     reactions_ns: list[int] = field(default_factory=list)
     frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
     throttle_timer: asyncio.TimerHandle | None = None
-    adopted: bool = False  # re-adopted after a node agent restart: not our child process
+    adopted: bool = False  # not our child (re-adopted after a restart, or attached)
     started_s: float = field(default_factory=time.monotonic)
 
     def view(self) -> CallView:
@@ -370,6 +371,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     async def on_decision(self, d: broker_pb2.Decision) -> None:
         call = self.calls.get(d.lease_id)
+        if d.kind == broker_pb2.DECISION_KIND_PREEMPT:
+            # The broker revoked the lease for higher-priority work: stop the call, paused or not.
+            if call is None or call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+                return
+            if d.epoch and d.epoch < call.lease.epoch:
+                log.warning(
+                    "preempt %s of lease %s: stale epoch; ignored", d.decision_id, d.lease_id
+                )
+                return
+            self._stop(call, d.reason or "preempted by the broker for higher-priority work")
+            return
         if call is None or call.pending is None:
             log.debug("decision %s for lease %s: no waiting call", d.decision_id, d.lease_id)
             return
@@ -628,7 +640,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     # -- Exec -----------------------------------------------------------------------------------
 
     async def Exec(
-        self, request: node_pb2.ExecRequest, context: grpc.aio.ServicerContext
+        self,
+        request: node_pb2.ExecRequest,
+        context: grpc.aio.ServicerContext[node_pb2.ExecRequest, node_pb2.ExecEvent],
     ) -> AsyncIterator[node_pb2.ExecEvent]:
         try:
             call, proc = await self._start(request)
@@ -689,27 +703,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             raise InvalidArgumentError("argv", "must not be empty")
         if lease_id in self.calls:
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
-        try:
-            lease = await self.uplink.broker.GetLease(
-                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        if lease.state != types_pb2.LEASE_STATE_ACTIVE:
-            raise FailedPreconditionError(
-                f"lease {lease_id}: is {types_pb2.LeaseState.Name(lease.state)}, not active"
-            )
-        if lease.node_id != self.node_id:
-            raise FailedPreconditionError(
-                f"lease {lease_id}: placed on node {lease.node_id}, not {self.node_id}"
-            )
+        lease, tenant, session = await self._fetch_lease(lease_id)
         if lease_id in self.calls:  # a concurrent Exec won the race during GetLease
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
-        try:
-            tenant = validate_name("tenant", lease.tenant)
-            session = validate_name("session", lease.session)
-        except InvalidNameError as e:
-            raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
         budget = lease.budget.memory_bytes
         call_id = lease_id
         self._users[(tenant,)] += 1
@@ -778,6 +774,123 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             list(request.argv)[:4],
         )
         return call, proc
+
+    async def _fetch_lease(self, lease_id: str) -> tuple[types_pb2.Lease, str, str]:
+        """The lease from the broker, checked active and placed here; its tenant and session."""
+        try:
+            lease = await self.uplink.broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        if lease.state != types_pb2.LEASE_STATE_ACTIVE:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: is {types_pb2.LeaseState.Name(lease.state)}, not active"
+            )
+        if lease.node_id != self.node_id:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: placed on node {lease.node_id}, not {self.node_id}"
+            )
+        try:
+            tenant = validate_name("tenant", lease.tenant)
+            session = validate_name("session", lease.session)
+        except InvalidNameError as e:
+            raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
+        return lease, tenant, session
+
+    # -- Attach ---------------------------------------------------------------------------------
+
+    async def Attach(
+        self,
+        request: node_pb2.AttachRequest,
+        context: grpc.aio.ServicerContext[node_pb2.AttachRequest, node_pb2.AttachResponse],
+    ) -> node_pb2.AttachResponse:
+        try:
+            return await self.attach(request.lease_id, request.pid)
+        except AgentcgError as exc:
+            await context.abort_with_status(to_status(exc))
+        except Exception as exc:
+            log.exception("attach failed")
+            await context.abort_with_status(to_status(exc))
+        raise AssertionError("unreachable: abort_with_status raises")
+
+    async def attach(self, lease_id: str, pid: int) -> node_pb2.AttachResponse:
+        """Move process `pid` into the lease's call cgroup (validate -> load -> act)."""
+        try:
+            lease_id = validate_name("lease_id", lease_id)
+        except InvalidNameError as e:
+            raise InvalidArgumentError("lease_id", str(e)) from None
+        if pid <= 1 or pid == os.getpid():
+            raise InvalidArgumentError("pid", f"cannot attach pid {pid}")
+        if not os.path.exists(f"/proc/{pid}"):
+            raise NotFoundError("process", str(pid), field="pid")
+        call = self.calls.get(lease_id)
+        created = False
+        if call is None:
+            lease, tenant, session = await self._fetch_lease(lease_id)
+            call = self.calls.get(lease_id)  # a concurrent Exec/Attach may have won
+        if call is None:
+            self._users[(tenant,)] += 1
+            self._users[(tenant, session)] += 1
+            cg: Cgroup | None = None
+            try:
+                budget = lease.budget.memory_bytes
+                cg = self.driver.create(tenant, session, lease_id)
+                self.driver.set_memory_limit(cg, budget)
+                self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+                call = Call(
+                    call_id=lease_id,
+                    lease=lease,
+                    cgroup=cg,
+                    cgroup_id=self.driver.cgroup_id(cg),
+                    budget_bytes=budget,
+                    events=asyncio.Queue(),
+                    adopted=True,
+                )
+                self.monitor.watch(
+                    call.cgroup_id,
+                    soft_bytes=soft_threshold(budget, self.policy),
+                    limit_bytes=budget,
+                )
+                self._attach_pid(call, pid)
+            except BaseException:
+                if cg is not None:
+                    self.monitor.unwatch(self.driver.cgroup_id(cg))
+                self._release_dirs(tenant, session, cg)
+                raise
+            self.calls[lease_id] = call
+            self._by_cgroup[call.cgroup_id] = call
+            created = True
+            self._ensure_adopt_poll()
+        else:
+            self._attach_pid(call, pid)
+        log.info(
+            "attach pid %d to call %s lease %s tenant %s budget %d%s",
+            pid,
+            call.call_id,
+            lease_id,
+            call.lease.tenant,
+            call.budget_bytes,
+            " (new call)" if created else "",
+        )
+        return node_pb2.AttachResponse(
+            call_id=call.call_id, cgroup_path=str(call.cgroup.path), created=created
+        )
+
+    def _attach_pid(self, call: Call, pid: int) -> None:
+        # Watched first: a child forked right after the move is attributed in-kernel.
+        self.monitor.add_pid(pid, call.cgroup_id)
+        try:
+            self.driver.attach(call.cgroup, pid)
+        except CgroupError as exc:
+            self.monitor.remove_pid(pid)
+            if not os.path.exists(f"/proc/{pid}"):
+                raise NotFoundError("process", str(pid), field="pid") from None
+            raise FailedPreconditionError(f"pid {pid}: cannot move it: {exc}") from None
+
+    def _ensure_adopt_poll(self) -> None:
+        if self._adopt_poll is None or self._adopt_poll.done():
+            self._adopt_poll = asyncio.create_task(self._poll_adopted(), name="adopted-calls")
 
     async def _pump(
         self, stream: asyncio.StreamReader, kind: node_pb2.Output.Stream.ValueType, call: Call
@@ -893,7 +1006,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     self._remove_quietly(self._dir(tenant, session))
             if (tenant,) not in self._users:
                 self._remove_quietly(self._dir(tenant))
-        self._adopt_poll = asyncio.create_task(self._poll_adopted(), name="adopted-calls")
+        self._ensure_adopt_poll()
         return adopted
 
     def _dir(self, *names: str) -> Cgroup:

@@ -58,7 +58,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
 
-    server = grpc.aio.server(interceptors=[aio_server_interceptor()])
+    # opentelemetry-instrumentation-grpc is untyped.
+    server = grpc.aio.server(interceptors=[aio_server_interceptor()])  # type: ignore[no-untyped-call]
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")

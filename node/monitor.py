@@ -61,6 +61,8 @@ class EventKind(enum.IntEnum):
     OOM_KILL = 3
     EXEC = 4
     EXIT = 5
+    STOP = 6  # SIGSTOP sent in-kernel at the stop threshold
+    STOPPED = 7  # a watched process dequeued SIGSTOP: the stop is in effect
 
 
 class UsageSource(enum.IntEnum):
@@ -288,12 +290,16 @@ class MemoryMonitor:
 
     # -- maps --
 
-    def watch(self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int) -> None:
+    def watch(
+        self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int, stop_bytes: int = 0
+    ) -> None:
         """Watch a cgroup, or update its thresholds and re-arm its crossings (usage is kept).
 
-        soft_bytes=0 disables the soft threshold.
+        soft_bytes=0 disables the soft threshold. stop_bytes>0: the kernel SIGSTOPs the watched
+        process whose charge takes the estimate there (EventKind.STOP, then STOPPED once in
+        effect); needs a usage source with an estimate (not NONE).
         """
-        if soft_bytes < 0 or limit_bytes < 0:
+        if soft_bytes < 0 or limit_bytes < 0 or stop_bytes < 0:
             raise ValueError(f"cgroup {cgroup_id}: thresholds must be >= 0")
         key = self._watches.Key(cgroup_id)
         with self._lock:
@@ -306,11 +312,11 @@ class MemoryMonitor:
                     # Counters first (written by the kernel from now on), then the thresholds
                     # and the filter slot that make the handlers look at this cgroup.
                     self._state[key] = self._state.Leaf()
-                    self._watches[key] = self._watches.Leaf(soft_bytes, limit_bytes, 0)
+                    self._watches[key] = self._watches.Leaf(soft_bytes, limit_bytes, 0, stop_bytes)
                     self._bump_filter(cgroup_id, +1)
                 else:
                     self._watches[key] = self._watches.Leaf(
-                        soft_bytes, limit_bytes, old.arm_gen + 1
+                        soft_bytes, limit_bytes, old.arm_gen + 1, stop_bytes
                     )
             except Exception as e:  # bcc: "Could not update table: <strerror>"
                 raise MonitorError(f"cgroup {cgroup_id}: watch failed: {e}") from e
@@ -322,6 +328,13 @@ class MemoryMonitor:
                 self._pids[self._pids.Key(pid)] = self._pids.Leaf(cgroup_id)
             except Exception as e:
                 raise MonitorError(f"pid {pid}: add to cgroup {cgroup_id} failed: {e}") from e
+
+    def remove_pid(self, pid: int) -> None:
+        with self._lock:
+            try:
+                del self._pids[self._pids.Key(pid)]
+            except KeyError:
+                pass
 
     def unwatch(self, cgroup_id: int) -> None:
         """Forget a cgroup: its thresholds, counters and every pid attributed to it."""

@@ -33,7 +33,8 @@ class Uplink:
         max_backoff_s: float = 5.0,
     ) -> None:
         self.channel = grpc.aio.insecure_channel(
-            broker_address, interceptors=aio_client_interceptors()
+            broker_address,
+            interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]
         )
         self.broker = broker_pb2_grpc.BrokerStub(self.channel)
         self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)

@@ -29,6 +29,13 @@ vmlinuz=$(ls "$VM"/kernel/boot/vmlinuz-6.12* 2>/dev/null | sort -V | tail -n 1 |
 if [ -z "$vmlinuz" ]; then
   apt_dir="$VM/apt"
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/etc/preferences.d"
+  # The same Debian mirror the host's apt uses, with the trixie suite.
+  mirror=$(grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' \
+    | grep -v -e security -e updates | head -n 1)
+  if [ -z "$mirror" ]; then
+    mirror=$(grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -n 1)
+  fi
+  if [ -z "$mirror" ]; then echo "setup-vm: no Debian mirror in the host's apt sources" >&2; exit 1; fi
   cat > "$apt_dir/etc/trixie.sources" <<SRC
 Types: deb
 URIs: $mirror

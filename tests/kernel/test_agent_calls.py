@@ -147,3 +147,37 @@ def test_renewed_lease_keeps_its_call(driver: CgroupV1Driver, make_agent: MakeAg
         assert not any(e.HasField("enforcement") for e in events)
 
     asyncio.run(main())
+
+
+def test_preempt_decision_stops_a_running_call(
+    driver: CgroupV1Driver, make_agent: MakeAgent
+) -> None:
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    uplink.broker.leases["l1"] = make_lease("l1", epoch=3)
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
+        )
+        await started.wait()
+        preempt = broker_pb2.Decision(
+            decision_id="d1", lease_id="l1", kind=broker_pb2.DECISION_KIND_PREEMPT, epoch=2
+        )
+        await agent.on_decision(preempt)  # stale epoch: ignored
+        assert agent.calls["l1"].phase.value == "running"
+        preempt.epoch = 3
+        preempt.reason = "preempted for tenant t9 (priority 5 > 0)"
+        await agent.on_decision(preempt)
+        events = await asyncio.wait_for(call, 30)
+        exited = events[-1].exited
+        assert exited.outcome == types_pb2.OUTCOME_KILLED and "preempted" in exited.reason
+        [report] = [m.action for m in uplink.sent if m.HasField("action")]
+        assert report.kind == broker_pb2.ACTION_KIND_KILL and "preempted" in report.reason
+        [done] = [m.finished for m in uplink.sent if m.HasField("finished")]
+        assert done.outcome == types_pb2.OUTCOME_KILLED
+
+    asyncio.run(main())
+    assert driver.children() == []

@@ -310,3 +310,32 @@ def test_no_usage_source_still_sees_the_limit(
                 gated.process.kill()
             gated.process.communicate()
             monitor.unwatch(cid)
+
+
+def test_in_kernel_stop_at_the_threshold(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    # The kernel SIGSTOPs the allocator from inside the charge that crosses stop_bytes: it
+    # stops with its usage just past the threshold, and MW_STOPPED marks the stop in effect.
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, 512 * MiB)  # a backstop, never reached
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=0, limit_bytes=512 * MiB, stop_bytes=LIMIT)
+    call = spawn(cg, [sys.executable, "-c", alloc_code(150)])
+    [stop] = events.wait_for(cid, EventKind.STOP)
+    [stopped] = events.wait_for(cid, EventKind.STOPPED)
+    assert stop.pid == stopped.pid == call.pid
+    assert stop.threshold_bytes == LIMIT and LIMIT <= stop.usage_bytes < LIMIT + MiB
+    assert stop.kernel_time_ns <= stopped.kernel_time_ns
+    wait_until(lambda: _state(call.pid) == "T", "the call to be stopped")
+    usage = driver.read_stats(cg).usage_bytes
+    assert usage < LIMIT + 4 * MiB  # stopped at the threshold, not at the backstop
+    # SIGCONT resumes it; the stop does not fire again until re-armed.
+    os.kill(call.pid, 18)
+    assert call.process.wait(timeout=30) == 0
+    assert len(events.of(cid, EventKind.STOP)) == 1
+
+
+def _state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]

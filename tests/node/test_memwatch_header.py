@@ -23,7 +23,15 @@ def test_header_matches_event_kinds_and_layout() -> None:
     constants = header_constants()
     assert {k.name: k.value for k in EventKind} == {
         name.removeprefix("MW_"): constants[name]
-        for name in ("MW_SOFT", "MW_LIMIT", "MW_OOM_KILL", "MW_EXEC", "MW_EXIT")
+        for name in (
+            "MW_SOFT",
+            "MW_LIMIT",
+            "MW_OOM_KILL",
+            "MW_EXEC",
+            "MW_EXIT",
+            "MW_STOP",
+            "MW_STOPPED",
+        )
     }
     check_header(constants)
 
