@@ -10,13 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentcg.broker.main import BrokerConfig, run_broker
-from agentcg.clients.sdk import Client
-from agentcg.errors import QuotaExceededError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from agentcg.broker.main import BrokerConfig, run_broker
+from agentcg.clients.sdk import Client
+from agentcg.errors import QuotaExceededError
 
 MiB = 1 << 20
 EXPORTER = InMemorySpanExporter()
@@ -49,9 +50,7 @@ def spans(name: str) -> list:
     return [s for s in EXPORTER.get_finished_spans() if s.name == name]
 
 
-def test_reserve_has_an_admission_span_with_tenant_and_decision(
-    broker: str, tmp_path: Path
-) -> None:
+def test_reserve_has_an_admission_span_with_tenant_and_decision(broker: str, tmp_path: Path) -> None:
     EXPORTER.clear()
     with Client(broker) as c:
         c.set_tenant("traced", 128 * MiB)
