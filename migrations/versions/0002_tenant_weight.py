@@ -1,11 +1,12 @@
-"""Tenants get a fair-share weight.
+"""Tenants get a fair-share weight; leases get an index to learn usage per command class.
 
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-24
 
 ``weight`` (>= 1 by the admin API; existing tenants get 1) divides contended capacity between
-tenants (see ``agentcg.broker.fairshare``).
+tenants (see ``agentcg.broker.fairshare``). The index serves the start-up load of the observed
+peaks per (tenant, command class) that overcommit learns from.
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ def upgrade() -> None:
         "tenants",
         sa.Column("weight", sa.BigInteger(), nullable=False, server_default=sa.text("1")),
     )
+    op.create_index(
+        "ix_leases_tenant_command_class_ended_at_ms",
+        "leases",
+        ["tenant", "command_class", "ended_at_ms"],
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_leases_tenant_command_class_ended_at_ms", table_name="leases")
     with op.batch_alter_table("tenants") as batch:
         batch.drop_column("weight")
