@@ -13,6 +13,8 @@ MODULES = [
     "agentcg.quantity",
     "agentcg.rpcstatus",
     "agentcg.broker.admission",
+    "agentcg.broker.fairshare",
+    "agentcg.broker.sizing",
     "agentcg.broker.model",
     "agentcg.node.enforcement",
 ]

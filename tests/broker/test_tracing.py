@@ -10,14 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentcg.broker.main import BrokerConfig, run_broker
+from agentcg.clients.sdk import Client
+from agentcg.errors import QuotaExceededError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-from agentcg.broker.main import BrokerConfig, run_broker
-from agentcg.clients.sdk import Client
-from agentcg.errors import QuotaExceededError
 
 MiB = 1 << 20
 EXPORTER = InMemorySpanExporter()
