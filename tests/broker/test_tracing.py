@@ -49,7 +49,9 @@ def spans(name: str) -> list:
     return [s for s in EXPORTER.get_finished_spans() if s.name == name]
 
 
-def test_reserve_has_an_admission_span_with_tenant_and_decision(broker: str, tmp_path: Path) -> None:
+def test_reserve_has_an_admission_span_with_tenant_and_decision(
+    broker: str, tmp_path: Path
+) -> None:
     EXPORTER.clear()
     with Client(broker) as c:
         c.set_tenant("traced", 128 * MiB)
