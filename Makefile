@@ -45,5 +45,11 @@ test: setup vm
 	AGENTCG_TEST_POSTGRES_URL=$${AGENTCG_TEST_POSTGRES_URL:-$$(bash scripts/start-postgres.sh | tail -n 1)} \
 	  $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Lint and type-check (ruff, ruff format --check, mypy --strict over the product package).
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	bash scripts/typecheck.sh
+
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.telemetry import aio_server_interceptor, configure_logging, configure_tracing
 from agentcg.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from .journal import Journal
 from .ledger import Ledger

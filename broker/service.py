@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from agentcg.errors import (
@@ -587,16 +587,17 @@ class BrokerCore:
 
 
 M = TypeVar("M")
+Q = TypeVar("Q")
 S = TypeVar("S")
 
 
 def _rpc(
-    fn: Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[M]],
-) -> Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[M]]:
+    fn: Callable[[S, Q, grpc.aio.ServicerContext[Q, M]], Awaitable[M]],
+) -> Callable[[S, Q, grpc.aio.ServicerContext[Q, M]], Awaitable[M]]:
     """Turn domain errors into gRPC status; anything else into a generic INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> M:
+    async def wrapper(self: S, request: Q, context: grpc.aio.ServicerContext[Q, M]) -> M:
         try:
             return await fn(self, request, context)
         except AgentcgError as exc:
@@ -620,7 +621,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def Reserve(
-        self, request: broker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ReserveRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.ReserveRequest, broker_pb2.ReserveResponse],
     ) -> broker_pb2.ReserveResponse:
         core = self.core
         ask = parse_reserve(request)  # validate
@@ -665,7 +668,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def ReserveBatch(
-        self, request: broker_pb2.ReserveBatchRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ReserveBatchRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ReserveBatchRequest, broker_pb2.ReserveBatchResponse
+        ],
     ) -> broker_pb2.ReserveBatchResponse:
         core = self.core
         ledger = core.ledger
@@ -712,7 +719,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def ReleaseBatch(
-        self, request: broker_pb2.ReleaseBatchRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ReleaseBatchRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ReleaseBatchRequest, broker_pb2.ReleaseBatchResponse
+        ],
     ) -> broker_pb2.ReleaseBatchResponse:
         core = self.core
         for i, r in enumerate(request.requests):
@@ -747,7 +758,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def Release(
-        self, request: broker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ReleaseRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.ReleaseRequest, broker_pb2.ReleaseResponse],
     ) -> broker_pb2.ReleaseResponse:
         _non_negative("peak_memory_bytes", request.peak_memory_bytes)
         if request.outcome not in _OUTCOME_TO_MODEL:
@@ -765,7 +778,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def Renew(
-        self, request: broker_pb2.RenewRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.RenewRequest, broker_pb2.RenewResponse],
     ) -> broker_pb2.RenewResponse:
         ttl_ms = _non_negative("ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
         if ttl_ms > MAX_TTL_MS:
@@ -781,13 +796,19 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def GetLease(
-        self, request: broker_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.GetLeaseRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.GetLeaseRequest, types_pb2.Lease],
     ) -> types_pb2.Lease:
         return self.core.lease_pb(await self.core.find_lease(request.lease_id))
 
     @_rpc
     async def ListLeases(
-        self, request: broker_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ListLeasesRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListLeasesRequest, broker_pb2.ListLeasesResponse
+        ],
     ) -> broker_pb2.ListLeasesResponse:
         tenant = _name("tenant", request.tenant, allow_empty=True)
         node_id = _name("node_id", request.node_id, allow_empty=True)
@@ -804,7 +825,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return broker_pb2.ListLeasesResponse(leases=[self.core.lease_pb(x) for x in leases])
 
     async def Ping(
-        self, request: broker_pb2.PingRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.PingRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.PingRequest, broker_pb2.PingResponse],
     ) -> broker_pb2.PingResponse:
         return broker_pb2.PingResponse()
 
@@ -838,7 +861,9 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
 
     @_rpc
     async def SetTenant(
-        self, request: broker_pb2.SetTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.SetTenantRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.SetTenantRequest, broker_pb2.Tenant],
     ) -> broker_pb2.Tenant:
         name = TenantName(_name("name", request.name))
         parent_s = _name("parent", request.parent, allow_empty=True)
@@ -896,20 +921,30 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
 
     @_rpc
     async def GetTenant(
-        self, request: broker_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.GetTenantRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.GetTenantRequest, broker_pb2.Tenant],
     ) -> broker_pb2.Tenant:
         return self._tenant_pb(self._get(request.name))
 
     @_rpc
     async def ListTenants(
-        self, request: broker_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ListTenantsRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListTenantsRequest, broker_pb2.ListTenantsResponse
+        ],
     ) -> broker_pb2.ListTenantsResponse:
         tenants = sorted(self.core.ledger.tenants.values(), key=lambda t: t.name)
         return broker_pb2.ListTenantsResponse(tenants=[self._tenant_pb(t) for t in tenants])
 
     @_rpc
     async def DeleteTenant(
-        self, request: broker_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.DeleteTenantRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.DeleteTenantRequest, broker_pb2.DeleteTenantResponse
+        ],
     ) -> broker_pb2.DeleteTenantResponse:
         t = self._get(request.name)
         ledger = self.core.ledger
@@ -929,7 +964,11 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
 
     @_rpc
     async def RegisterNode(
-        self, request: broker_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.RegisterNodeRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.RegisterNodeRequest, broker_pb2.RegisterNodeResponse
+        ],
     ) -> broker_pb2.RegisterNodeResponse:
         node_id = NodeId(_name("node_id", request.node_id))
         if not request.address or len(request.address) > 256:
@@ -953,7 +992,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
     async def Connect(
         self,
         request_iterator: AsyncIterator[broker_pb2.NodeMessage],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[broker_pb2.NodeMessage, broker_pb2.BrokerMessage],
     ) -> AsyncIterator[broker_pb2.BrokerMessage]:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):

@@ -7,8 +7,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from agentcg.errors import AgentcgError
@@ -16,7 +17,7 @@ from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .sdk import AsyncClient, RunResult
+from .sdk import AsyncClient, RunResult, TenantInfo
 
 __all__ = ["app", "main"]
 
@@ -37,6 +38,8 @@ BrokerOpt = Annotated[str, typer.Option("--broker", help="broker address host:po
 # Exit status of `agentcg run` when admission is denied (EX_TEMPFAIL: retry later).
 EXIT_DENIED = 75
 
+T = TypeVar("T")
+
 
 def _size(text: str) -> int:
     try:
@@ -45,13 +48,13 @@ def _size(text: str) -> int:
         raise typer.BadParameter(str(e)) from None
 
 
-def _fail(exc: AgentcgError) -> None:
+def _fail(exc: AgentcgError) -> NoReturn:
     err_console.print(f"[red]error:[/red] {exc.message}")
     raise typer.Exit(2)
 
 
-def _client_call(broker: str, fn):  # type: ignore[no-untyped-def]
-    async def go():  # type: ignore[no-untyped-def]
+def _client_call(broker: str, fn: Callable[[AsyncClient], Awaitable[T]]) -> T:
+    async def go() -> T:
         async with AsyncClient(broker) as c:
             return await fn(c)
 
@@ -142,7 +145,7 @@ def node(
 # -- tenants ----------------------------------------------------------------------------------
 
 
-def _tenant_table(tenants) -> Table:  # type: ignore[no-untyped-def]
+def _tenant_table(tenants: Iterable[TenantInfo]) -> Table:
     table = Table("tenant", "parent", "quota", "granted", "cpu", "leases", "weight")
     for t in tenants:
         table.add_row(

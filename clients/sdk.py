@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -132,7 +132,7 @@ class AsyncClient:
         self._channel = grpc.aio.insecure_channel(broker)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
-        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentStub]] = {}
+        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> AsyncClient:
@@ -147,9 +147,9 @@ class AsyncClient:
         self._nodes.clear()
         await self._channel.close()
 
-    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _call(self, call: Awaitable[T]) -> T:
         try:
-            return await coro
+            return await call
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -322,7 +322,7 @@ class AsyncClient:
 
     # -- running a tool call ------------------------------------------------------------------
 
-    def _node(self, address: str) -> node_pb2_grpc.NodeAgentStub:
+    def _node(self, address: str) -> node_pb2_grpc.NodeAgentAsyncStub:
         if address not in self._nodes:
             ch = grpc.aio.insecure_channel(address)
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
@@ -332,10 +332,7 @@ class AsyncClient:
         """Move an existing process into the lease's call cgroup on its node; its cgroup path."""
         request = node_pb2.AttachRequest(lease_id=lease.lease_id, pid=pid)
         try:
-            # The generated stubs type the sync API; on a grpc.aio channel the call is awaited.
-            reply: node_pb2.AttachResponse = await self._node(  # type: ignore[misc]
-                lease.node_address
-            ).Attach(request, timeout=self._timeout_s)
+            reply = await self._node(lease.node_address).Attach(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         return str(reply.cgroup_path)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import grpc
 from agentcg.names import validate_name
-from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.telemetry import aio_server_interceptor, configure_logging, configure_tracing
 from agentcg.v1 import broker_pb2, node_pb2_grpc, types_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from .agent import NodeAgent
 from .cgroup import detect_driver
@@ -58,8 +57,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
 
-    # opentelemetry-instrumentation-grpc is untyped.
-    server = grpc.aio.server(interceptors=[aio_server_interceptor()])  # type: ignore[no-untyped-call]
+    server = grpc.aio.server(interceptors=[aio_server_interceptor()])
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")

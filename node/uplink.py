@@ -12,8 +12,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+from agentcg.telemetry import aio_client_interceptors
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 __all__ = ["Uplink"]
 
@@ -34,7 +34,7 @@ class Uplink:
     ) -> None:
         self.channel = grpc.aio.insecure_channel(
             broker_address,
-            interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]
+            interceptors=aio_client_interceptors(),
         )
         self.broker = broker_pb2_grpc.BrokerStub(self.channel)
         self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)
