@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -24,7 +25,15 @@ def parse_curve(text: str) -> list[tuple[float, float]]:
     return points
 
 
-def follow(points: list[tuple[float, float]], scale: float = 1.0) -> int:
+def own_rss_bytes() -> int:
+    """This process's resident set (from /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def follow(points: list[tuple[float, float]], scale: float = 1.0, minus_bytes: int = 0) -> int:
+    """Follow the curve; ``minus_bytes`` (e.g. the interpreter's own RSS) is held back from
+    every point, so the process as a whole, not just its blocks, follows the curve."""
     blocks: list[bytearray] = []
     start = time.monotonic()
     peak = 0
@@ -32,7 +41,7 @@ def follow(points: list[tuple[float, float]], scale: float = 1.0) -> int:
         delay = start + t - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        want = int(mb * scale * 1_000_000) // BLOCK
+        want = max(0, int(mb * scale * 1_000_000) - minus_bytes) // BLOCK
         while len(blocks) < want:
             blocks.append(bytearray(BLOCK))  # zero-filled: every page touched
         del blocks[want:]
@@ -44,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--curve", required=True)
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument(
+        "--minus-own-rss",
+        action="store_true",
+        help="hold back this interpreter's own RSS so the whole process follows the curve",
+    )
     args = p.parse_args(argv)
-    follow(parse_curve(args.curve), args.scale)
+    follow(parse_curve(args.curve), args.scale, own_rss_bytes() if args.minus_own_rss else 0)
     return 0
 
 
