@@ -661,8 +661,8 @@ def find_min_pool(
     opts: ReplayOptions,
     console: Console,
     *,
-    steps: int = 3,
-    low: float = 0.5,
+    steps: int = 2,
+    low: float = 0.6,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Bisect per policy the smallest pool-of-oracle fraction meeting the goal (see
     ``meets_goal``) against ``unlimited`` at the oracle pool. Returns (summary per policy,
@@ -689,22 +689,18 @@ def find_min_pool(
             summary.append({"policy": policy, "min_pool_of_oracle": None, "note": "> 1.0"})
             continue
         lo, hi = low, 1.0
-        at_low = trial(policy, lo)
-        if meets_goal(at_low, ref_p95):
-            hi = lo
-        else:
-            for _ in range(steps):
-                mid = round((lo + hi) / 2, 4)
-                if meets_goal(trial(policy, mid), ref_p95):
-                    hi = mid
-                else:
-                    lo = mid
+        for _ in range(steps):
+            mid = round((lo + hi) / 2, 4)
+            if meets_goal(trial(policy, mid), ref_p95):
+                hi = mid
+            else:
+                lo = mid
         summary.append(
             {
                 "policy": policy,
                 "min_pool_of_oracle": hi,
                 "reference_inflation_p95": ref_p95,
-                "note": f"<= {low}" if hi == low else f"between {lo} and {hi}",
+                "note": f"in ({lo}, {hi}]",
             }
         )
     return summary, runs

@@ -22,7 +22,7 @@ import sys
 import time
 
 BLOCK = 1 << 20
-SHRINK_SLACK = 32 << 20  # give leased memory back once this much is unused
+SHRINK_SLACK = 8 << 20  # give leased memory back once this much is unused
 
 
 def _own_rss() -> int:
