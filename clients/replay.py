@@ -84,7 +84,8 @@ RESULT_KEYS = (
     "peak_static_fit",
     "traces",
 )
-CALL_MARGIN_BYTES = 4 * MiB  # declared intent = the call's measured peak rise + this
+CALL_MARGIN_BYTES = 4 * MiB  # declared intent = the call's measured peak rise + this ...
+CALL_FLOOR_BYTES = 10 * MiB  # ... and at least this (a tool call's interpreter alone is ~6 MiB)
 SESSION_CHUNK_BYTES = 2 * MiB  # session leases grow in steps of this
 SESSION_WAIT_S = 30.0  # a session growth waits this long for room, then goes ahead unleased
 SAMPLE_S = 0.1
@@ -354,7 +355,7 @@ class _Replay:
                 self.event(run, "oom")
             return
         assert self.client is not None
-        intent = call.peak_rise_bytes + CALL_MARGIN_BYTES
+        intent = max(call.peak_rise_bytes + CALL_MARGIN_BYTES, CALL_FLOOR_BYTES)
         while True:
             run.call_budget_bytes = intent
             result = await self.client.run(

@@ -17,7 +17,6 @@ Line protocol, this process -> driver (stdout) / driver -> this process (stdin):
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -26,8 +25,13 @@ SHRINK_SLACK = 8 << 20  # give leased memory back once this much is unused
 
 
 def _own_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # Anonymous pages only: the interpreter's file pages are page cache charged once, to whoever
+    # read them first, not to each process.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class Agent:

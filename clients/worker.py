@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -26,9 +25,14 @@ def parse_curve(text: str) -> list[tuple[float, float]]:
 
 
 def own_rss_bytes() -> int:
-    """This process's resident set (from /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's own anonymous memory (RssAnon from /proc/self/status)."""
+    # Anonymous pages only: the interpreter's file pages are page cache charged once, to whoever
+    # read them first, not to each process.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def follow(points: list[tuple[float, float]], scale: float = 1.0, minus_bytes: int = 0) -> int:
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--minus-own-rss",
         action="store_true",
-        help="hold back this interpreter's own RSS so the whole process follows the curve",
+        help="hold back this interpreter's own memory so the whole process follows the curve",
     )
     args = p.parse_args(argv)
     follow(parse_curve(args.curve), args.scale, own_rss_bytes() if args.minus_own_rss else 0)
