@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import statistics
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentcg.errors import QuotaExceededError
+from agentcg.errors import AgentcgError, QuotaExceededError
 from agentcg.node.cgroup import Cgroup, CgroupError, CgroupV1Driver
 from agentcg.node.spawn import GATE_RELEASE, gated_command
 from agentcg.quantity import format_bytes
@@ -63,6 +64,8 @@ __all__ = [
     "run_replay",
 ]
 
+log = logging.getLogger(__name__)
+
 POLICIES = ("unlimited", "static", "agentcg")
 RESULT_KEYS = (
     "policy",
@@ -87,6 +90,7 @@ RESULT_KEYS = (
 CALL_MARGIN_BYTES = 4 * MiB  # declared intent = the call's measured peak rise + this ...
 CALL_FLOOR_BYTES = 10 * MiB  # ... and at least this (a tool call's interpreter alone is ~6 MiB)
 SESSION_CHUNK_BYTES = 2 * MiB  # session leases grow in steps of this
+SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
 SESSION_WAIT_S = 30.0  # a session growth waits this long for room, then goes ahead unleased
 SAMPLE_S = 0.1
 # agentcg pauses (never kills) at the pool limit too: a task that would push the pool over waits
@@ -132,6 +136,7 @@ class Counters:
     killed: int = 0
     unleased_session_growths: int = 0
     pool_stalls: int = 0  # pool paused at its limit for POOL_STALL_S: kernel let kill
+    start_failures: int = 0  # a call the node could not start (retried)
 
 
 class _NodeCluster(LocalCluster):
@@ -264,6 +269,10 @@ class _Replay:
                 proc.stdin.write(reply.encode() + b"\n")
                 with contextlib.suppress(ConnectionError):
                     await proc.stdin.drain()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # the agent waits for a reply that will not come
+            raise
         finally:
             run.ready.set()
             run.returncode = await proc.wait()
@@ -284,7 +293,7 @@ class _Replay:
             want = target - run.leased_bytes
             try:
                 lease = await self.client.reserve(
-                    run.tenant, want, session="s", command_class="session"
+                    run.tenant, want, session="s", command_class="session", ttl_ms=SESSION_TTL_MS
                 )
             except QuotaExceededError:
                 self.c.denied += 1
@@ -358,9 +367,18 @@ class _Replay:
         intent = max(call.peak_rise_bytes + CALL_MARGIN_BYTES, CALL_FLOOR_BYTES)
         while True:
             run.call_budget_bytes = intent
-            result = await self.client.run(
-                run.tenant, intent, argv, session="s", command_class=call.command_class
-            )
+            try:
+                result = await self.client.run(
+                    run.tenant, intent, argv, session="s", command_class=call.command_class
+                )
+            except AgentcgError as exc:
+                # e.g. the node cannot create the call's cgroup while the pool is at its limit
+                # (the kernel charges a new memcg to its parent): the call did not start; retry.
+                log.debug("agent %d call %d not started: %s", run.plan.index, call.index, exc)
+                self.c.start_failures += 1
+                run.call_budget_bytes = 0
+                await self.wait_freed()
+                continue
             if result.outcome != "denied":
                 break
             run.call_budget_bytes = 0
@@ -485,6 +503,7 @@ class _Replay:
             "killed": self.c.killed,
             "unleased_session_growths": self.c.unleased_session_growths,
             "pool_stalls": self.c.pool_stalls,
+            "call_start_failures": self.c.start_failures,
             "pool_bytes": self.pool_bytes,
         }
 
