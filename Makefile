@@ -10,7 +10,7 @@ ifeq ($(CI),true)
 export AGENTCG_REQUIRE_KERNEL := 1
 endif
 
-.PHONY: setup host venv proto demo test lint clean
+.PHONY: setup host venv vm proto demo test lint clean
 
 setup: host venv
 
@@ -27,6 +27,11 @@ $(VENV)/.installed: pyproject.toml
 	ln -sfn /usr/lib/python3/dist-packages/bcc "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
 	touch $@
 
+# The qemu kit for the cgroup v2 driver's real-kernel test (Debian trixie's 6.12 kernel under
+# qemu without KVM): idempotent, a no-op once var/vm holds the kernel.
+vm: venv
+	PY=$(PY) bash scripts/setup-vm.sh >/dev/null
+
 # Regenerate the gRPC stubs (checked in; never edited by hand).
 proto: venv
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto \
@@ -36,9 +41,15 @@ demo: setup
 	$(VENV)/bin/agentcg demo
 
 # The broker suite runs on SQLite and on a local PostgreSQL (Debian's, started here).
-test: setup
+test: setup vm
 	AGENTCG_TEST_POSTGRES_URL=$${AGENTCG_TEST_POSTGRES_URL:-$$(bash scripts/start-postgres.sh | tail -n 1)} \
 	  $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Lint and type-check (ruff, ruff format --check, mypy --strict over the product package).
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	bash scripts/typecheck.sh
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

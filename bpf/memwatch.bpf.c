@@ -7,11 +7,20 @@
  * matching the running kernel.
  *
  *   memcg:mod_memcg_lruvec_state      LRU page-count updates -> usage estimate in `watch_state`
- *     (or memcg:count_memcg_events, PGPGIN/PGPGOUT, with -DMW_USAGE_SOURCE=MW_USAGE_PGPGIN)
+ *     (or memcg:count_memcg_events, PGPGIN/PGPGOUT, with -DMW_USAGE_SOURCE=MW_USAGE_PGPGIN;
+ *     or nothing with MW_USAGE_NONE: every tracepoint on the per-page charge path costs the
+ *     host's allocations even when empty, so this mode keeps only the rare tracepoints below,
+ *     with no usage estimate and no MW_SOFT; usage comes from the cgroup's own counters)
  *   vmscan:mm_vmscan_memcg_reclaim_begin  a watched task hit a memcg limit -> MW_LIMIT
  *   oom:mark_victim                   a watched task was chosen as OOM victim -> MW_OOM_KILL
  *   task:task_newtask                 a watched process forked -> child inherits its watch
  *   sched:sched_process_exec/exit     exec / last-thread exit of a watched process
+ *   signal:signal_deliver             a watched process dequeued SIGSTOP -> MW_STOPPED
+ *
+ * In-kernel action: a watch with stop_bytes set sends SIGSTOP (bpf_send_signal) to the watched
+ * process whose own charge crosses it, from inside that charge: the allocator stops on its
+ * return to user space, microseconds after the crossing, with no user-space round trip. The
+ * node then freezes the whole call (cgroup freezer) and resumes it with SIGCONT when thawed.
  *
  * A 150 MiB allocation is ~40k usage updates (~80k tracepoint hits): they only update maps;
  * user space gets the crossings through the `events` ring buffer. Usage updates only count
@@ -57,6 +66,7 @@ struct watch {
 	u64 soft_bytes;  /* MW_SOFT when the estimate reaches this; 0 = no soft threshold */
 	u64 limit_bytes; /* the budget, reported with MW_LIMIT/MW_OOM_KILL/MW_EXEC/MW_EXIT */
 	u64 arm_gen;     /* bumped by user space to re-arm the fired bits */
+	u64 stop_bytes;  /* SIGSTOP the crossing process at this usage (MW_STOP); 0 = never */
 };
 
 /* Counters of one watched cgroup. Created zeroed by user space, then written by the kernel. */
@@ -131,6 +141,21 @@ static __always_inline int fire_once(struct watch_state *st, u64 bit)
 	return !(__sync_fetch_and_or(&st->fired, bit) & bit);
 }
 
+/* SIGSTOP the current process if it belongs to watched cgroup `id` (charges can be made on a
+ * task's behalf elsewhere, e.g. by a kworker: never stop a bystander). */
+static __always_inline void stop_current(u64 id, struct watch_state *st, u64 usage_bytes,
+					 u64 stop_bytes)
+{
+	u32 tgid = current_tgid();
+	u64 *cg = pids.lookup(&tgid);
+	if (!cg || *cg != id)
+		return;
+	if (!fire_once(st, MW_FIRED_STOP))
+		return;
+	bpf_send_signal(MW_SIGSTOP);
+	emit(MW_STOP, id, tgid, usage_bytes, stop_bytes);
+}
+
 /* One memory update of cgroup `id`: `delta` pages (see MW_USAGE_SOURCE). */
 static __always_inline int account(u64 id, s64 delta)
 {
@@ -154,9 +179,14 @@ static __always_inline int account(u64 id, s64 delta)
 		st->peak_pages = usage;
 
 	u64 soft = w->soft_bytes;
-	if (!soft)
+	u64 stop = w->stop_bytes;
+	if (!soft && !stop)
 		return 0;
 	u64 usage_bytes = pages_to_bytes(usage);
+	if (stop && usage_bytes >= stop && !(st->fired & MW_FIRED_STOP))
+		stop_current(id, st, usage_bytes, stop);
+	if (!soft)
+		return 0;
 	if (usage_bytes >= soft) {
 		if (fire_once(st, MW_FIRED_SOFT))
 			emit(MW_SOFT, id, current_tgid(), usage_bytes, soft);
@@ -176,7 +206,7 @@ TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)
 		return 0;
 	return account(args->id, args->val);
 }
-#else
+#elif MW_USAGE_SOURCE == MW_USAGE_PGPGIN
 /* Charged minus uncharged folios: half the events of the LRU source, but the kernel counts
  * one PGPGIN per folio whatever its size, so large folios are undercounted. */
 TRACEPOINT_PROBE(memcg, count_memcg_events)
@@ -279,5 +309,17 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u64 id = *cg;
 	pids.delete(&tgid);
 	emit_for_task(MW_EXIT, id, tgid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(signal, signal_deliver)
+{
+	if (args->sig != MW_SIGSTOP)
+		return 0;
+	u32 tgid = current_tgid();
+	u64 *cg = pids.lookup(&tgid);
+	if (!cg)
+		return 0;
+	emit_for_task(MW_STOPPED, *cg, tgid);
 	return 0;
 }

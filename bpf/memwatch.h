@@ -16,10 +16,16 @@
 #define MW_OOM_KILL 3  /* the kernel chose a watched task as OOM victim */
 #define MW_EXEC 4      /* a watched task called execve */
 #define MW_EXIT 5      /* the last thread of a watched process exited (group_dead) */
+#define MW_STOP 6      /* usage crossed the stop threshold: SIGSTOP sent in-kernel to the
+                          watched process whose charge crossed it (once per arming) */
+#define MW_STOPPED 7   /* a watched process dequeued SIGSTOP: the stop is in effect */
 
 /* struct watch_state.fired bits: a crossing already reported in the current arming. */
 #define MW_FIRED_SOFT 1
 #define MW_FIRED_LIMIT 2
+#define MW_FIRED_STOP 4
+
+#define MW_SIGSTOP 19  /* x86-64 / generic */
 
 /* Soft threshold hysteresis: re-armed once usage drops below soft * NUM / DEN. */
 #define MW_REARM_NUM 9
@@ -28,6 +34,7 @@
 /* Where the in-kernel usage estimate comes from (-DMW_USAGE_SOURCE=...). */
 #define MW_USAGE_PGPGIN 1  /* memcg:count_memcg_events PGPGIN - PGPGOUT: folios, not pages */
 #define MW_USAGE_LRU 2     /* memcg:mod_memcg_lruvec_state LRU items: pages (the default) */
+#define MW_USAGE_NONE 3    /* no per-page tracepoint: limit/OOM/exec/exit only, no SOFT */
 
 /* memcg:count_memcg_events items (enum vm_event_item; first since memcg stats began). */
 #define MW_ITEM_PGPGIN 0   /* a folio was charged to the memcg (val 1 whatever its size) */

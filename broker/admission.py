@@ -38,6 +38,7 @@ class QuotaLevel:
     tenant: Tenant
     granted_memory_bytes: int  # sum of active budgets in this tenant's whole subtree
     active_calls: int = 0
+    granted_cpu_millis: int = 0
 
     @property
     def free_memory_bytes(self) -> int:
@@ -51,10 +52,19 @@ class NodeView:
     granted_memory_bytes: int
     connected: bool = True
     pressured: bool = False
+    intent_memory_bytes: int = 0  # sum of the declared intents of its active leases
+    overcommit_ceiling_bytes: int = 0  # bound on that sum; 0: none
 
     @property
     def free_memory_bytes(self) -> int:
         return max(0, self.memory_capacity_bytes - self.granted_memory_bytes)
+
+    def takes_intent(self, intent_bytes: int) -> bool:
+        """Within the overcommit ceiling with ``intent_bytes`` more declared."""
+        return (
+            not self.overcommit_ceiling_bytes
+            or self.intent_memory_bytes + intent_bytes <= self.overcommit_ceiling_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +75,7 @@ class Admit:
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    code: str  # "tenant_quota" | "tenant_calls" | "node_capacity" | "no_nodes"
+    code: str  # tenant_quota|tenant_calls|tenant_cpu|node_capacity|node_overcommit|no_nodes
     message: str
     scope: str  # "tenant:<name>" | "node:<id>" | "cluster"
     largest_memory_bytes_available: int
@@ -93,12 +103,19 @@ def decide_reserve(
     levels: Sequence[QuotaLevel],
     nodes: Sequence[NodeView],
     *,
+    cpu_millis: int = 0,
+    intent_bytes: int = 0,
     retry_after_ms: int = 1000,
 ) -> Admit | Deny:
-    """Admit ``memory_bytes`` if every quota level on the tenant's path and one node can hold it.
+    """Admit ``memory_bytes`` (and ``cpu_millis``) if every quota level on the tenant's path and
+    one node can hold it.
 
-    ``levels`` runs from the tenant itself up to its root. Placement takes the connected,
-    unpressured node with the most free memory (spreading spikes rather than packing them).
+    ``levels`` runs from the tenant itself up to its root; every level is checked for each
+    resource (concurrent calls, CPU, memory), so a child never takes more than any ancestor
+    allows. A zero CPU quota or call limit means unlimited. Placement takes the connected,
+    unpressured node with the most free memory (spreading spikes rather than packing them)
+    among those whose overcommit ceiling still takes ``intent_bytes`` (the declared intent when
+    ``memory_bytes`` is a smaller, learned budget).
     """
     assert levels, "levels must include the tenant itself"
     for level in levels:
@@ -109,6 +126,18 @@ def decide_reserve(
                 message=(
                     f"tenant {t.name}: concurrent call limit reached "
                     f"({level.active_calls} of {t.max_calls} running)"
+                ),
+                scope=f"tenant:{t.name}",
+                largest_memory_bytes_available=0,
+                retry_after_ms=retry_after_ms,
+            )
+        if t.cpu_quota_millis and level.granted_cpu_millis + cpu_millis > t.cpu_quota_millis:
+            free = max(0, t.cpu_quota_millis - level.granted_cpu_millis)
+            return Deny(
+                code="tenant_cpu",
+                message=(
+                    f"tenant {t.name}: CPU quota exceeded (asked {cpu_millis} millis, "
+                    f"{free} of {t.cpu_quota_millis} free)"
                 ),
                 scope=f"tenant:{t.name}",
                 largest_memory_bytes_available=0,
@@ -131,7 +160,28 @@ def decide_reserve(
                 ),
                 retry_after_ms=retry_after_ms,
             )
+    intent = max(intent_bytes, memory_bytes)
     usable = [n for n in nodes if n.connected and not n.pressured]
+    within = [n for n in usable if n.takes_intent(intent)]
+    if usable and not within:
+        best_oc = max(usable, key=lambda n: n.overcommit_ceiling_bytes - n.intent_memory_bytes)
+        return Deny(
+            code="node_overcommit",
+            message=(
+                f"no node can take {format_bytes(intent)} more declared intent within its "
+                f"overcommit ceiling (node {best_oc.node_id}: "
+                f"{format_bytes(best_oc.intent_memory_bytes)} of "
+                f"{format_bytes(best_oc.overcommit_ceiling_bytes)} declared)"
+            ),
+            scope=f"node:{best_oc.node_id}",
+            largest_memory_bytes_available=min(
+                max(0, best_oc.overcommit_ceiling_bytes - best_oc.intent_memory_bytes),
+                best_oc.free_memory_bytes,
+                _tightest(levels).free_memory_bytes,
+            ),
+            retry_after_ms=retry_after_ms,
+        )
+    usable = within
     if not usable:
         return Deny(
             code="no_nodes",

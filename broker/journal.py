@@ -1,17 +1,20 @@
 """Durable writes with group commit.
 
 Every decision's changes must be durable before its reply. Concurrent decisions hand their
-changes to the journal; one writer takes everything queued, commits it in ONE transaction on a
-dedicated database thread, then wakes every waiter. Under load this turns N fsyncs into one.
+changes to the journal; one database thread takes everything queued, commits it in ONE
+transaction, then wakes every waiter with one hop back to the event loop. Under load this turns
+N fsyncs into one; at low load a lone change costs one queue put and one loop wake-up (no
+executor, no extra loop iterations).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .model import Change
 
@@ -20,79 +23,153 @@ __all__ = ["ChangeSink", "Journal"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_STOP = object()
+
 
 class ChangeSink(Protocol):
     def apply(self, changes: Sequence[Change]) -> None: ...
+
+
+class _Read:
+    __slots__ = ("fn", "fut")
+
+    def __init__(self, fn: Callable[[], Any], fut: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.fut = fut
 
 
 class Journal:
     def __init__(self, sink: ChangeSink, *, max_batch: int = 2048) -> None:
         self._sink = sink
         self._max_batch = max_batch
-        self._pending: list[tuple[Sequence[Change], asyncio.Future[None]]] = []
-        self._wakeup = asyncio.Event()
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentcg-db")
-        self._task: asyncio.Task[None] | None = None
+        # (changes, future) to write, _Read to run, or _STOP; FIFO, so a read runs after every
+        # write queued before it.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.changes = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="journal")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="agentcg-db", daemon=True)
+        self._thread.start()
 
     async def run_in_db(self, fn: Callable[[], T]) -> T:
         """Run a read on the database thread (ordered after every write queued before it)."""
-        return await asyncio.get_running_loop().run_in_executor(self._db, fn)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Read(fn, fut))
+        return await fut
 
     async def commit(self, changes: Sequence[Change]) -> None:
         """Return once ``changes`` are durable; raise the sink's error if the batch failed."""
-        if not changes:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((changes, fut))
-        self._wakeup.set()
-        await fut
+        if changes:
+            await self.submit(changes)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def submit(self, changes: Sequence[Change]) -> asyncio.Future[None]:
+        """Queue ``changes``; the future resolves once they are durable (or fails with the
+        sink's error). Cancelling the future does not withdraw the changes."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not changes:
+            fut.set_result(None)
+            return fut
+        self._queue.put((changes, fut))
+        return fut
+
+    # -- the database thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        q = self._queue
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                flat: list[Change] = [c for changes, _ in batch for c in changes]
+            item = q.get()
+            if item is _STOP:
+                return
+            if isinstance(item, _Read):
+                self._read(item)
+                continue
+            batch = [item]
+            pending: Any = None
+            while len(batch) < self._max_batch:
                 try:
-                    await loop.run_in_executor(self._db, self._sink.apply, flat)
-                except Exception as exc:  # noqa: BLE001 - handed to the waiters
-                    log.error("journal: commit of %d changes failed: %s", len(flat), exc)
-                    if len(batch) > 1:
-                        # One caller's bad change must not fail the others: commit each alone.
-                        for changes, fut in batch:
-                            try:
-                                await loop.run_in_executor(self._db, self._sink.apply, changes)
-                            except Exception as one:  # noqa: BLE001
-                                fut.set_exception(one)
-                            else:
-                                fut.set_result(None)
-                        continue
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.changes += len(flat)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP or isinstance(nxt, _Read):
+                    pending = nxt  # after this batch, in order
+                    break
+                batch.append(nxt)
+            self._write(batch)
+            if pending is _STOP:
+                return
+            if pending is not None:
+                self._read(pending)
+
+    def _write(self, batch: list[tuple[Sequence[Change], asyncio.Future[None]]]) -> None:
+        flat: list[Change] = [c for changes, _ in batch for c in changes]
+        try:
+            self._sink.apply(flat)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiters
+            log.error("journal: commit of %d changes failed: %s", len(flat), exc)
+            if len(batch) == 1:
+                self._settle([(batch[0][1], exc)])
+                return
+            # One caller's bad change must not fail the others: commit each alone.
+            results: list[tuple[asyncio.Future[None], BaseException | None]] = []
+            for changes, fut in batch:
+                try:
+                    self._sink.apply(changes)
+                except Exception as one:  # noqa: BLE001
+                    results.append((fut, one))
+                else:
+                    results.append((fut, None))
+            self._settle(results)
+            return
+        self.batches += 1
+        self.changes += len(flat)
+        self._settle([(fut, None) for _, fut in batch])
+
+    def _read(self, item: _Read) -> None:
+        try:
+            value = item.fn()
+        except Exception as exc:  # noqa: BLE001 - handed to the reader
+            self._call_soon(_fail, item.fut, exc)
+        else:
+            self._call_soon(_succeed, item.fut, value)
+
+    def _settle(self, results: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+        self._call_soon(_settle_all, results)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
     async def close(self) -> None:
-        if self._task is not None:
-            # Let queued commits finish first.
-            while self._pending:
-                await asyncio.sleep(0.005)
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._db.shutdown(wait=True)
+        """Finish every queued write and read, then stop the database thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            await asyncio.sleep(0)  # let the last settlements run
+            self._thread = None
+
+
+def _settle_all(results: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for fut, exc in results:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+def _succeed(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

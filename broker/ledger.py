@@ -7,7 +7,8 @@ event loop is its only user.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import heapq
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from .model import (
     Tenant,
     TenantName,
 )
+from .sizing import WINDOW
 
 __all__ = ["Forget", "Ledger"]
 
@@ -39,7 +41,10 @@ class Forget:
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, *, overcommit_ratio: float = 0.0) -> None:
+        # Sum of declared intents on a node may reach capacity x ratio; 0: no ceiling.
+        self.overcommit_ratio = overcommit_ratio
+        self.peaks: dict[tuple[TenantName, str], deque[int]] = {}
         self.tenants: dict[TenantName, Tenant] = {}
         self.nodes: dict[NodeId, Node] = {}
         self.connected: set[NodeId] = set()
@@ -48,7 +53,12 @@ class Ledger:
         self.by_key: dict[tuple[TenantName, str], LeaseId] = {}
         self._subtree_bytes: dict[TenantName, int] = defaultdict(int)
         self._subtree_calls: dict[TenantName, int] = defaultdict(int)
+        self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
+        self._node_intent: dict[NodeId, int] = defaultdict(int)
+        # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
+        # finding the due leases costs O(due log n), not a scan of every lease.
+        self._expiry: list[tuple[int, LeaseId]] = []
 
     # -- views for decisions -------------------------------------------------------------------
 
@@ -64,7 +74,12 @@ class Ledger:
 
     def quota_levels(self, name: TenantName) -> list[QuotaLevel]:
         return [
-            QuotaLevel(t, self._subtree_bytes[t.name], self._subtree_calls[t.name])
+            QuotaLevel(
+                t,
+                self._subtree_bytes[t.name],
+                self._subtree_calls[t.name],
+                self._subtree_cpu[t.name],
+            )
             for t in self.chain(name)
         ]
 
@@ -76,6 +91,8 @@ class Ledger:
             granted_memory_bytes=self._node_bytes[n.node_id],
             connected=n.node_id in self.connected,
             pressured=n.node_id in self.pressured,
+            intent_memory_bytes=self._node_intent[n.node_id],
+            overcommit_ceiling_bytes=int(n.memory_capacity_bytes * self.overcommit_ratio),
         )
 
     def node_views(self) -> list[NodeView]:
@@ -86,6 +103,35 @@ class Ledger:
 
     def active_calls(self, name: TenantName) -> int:
         return self._subtree_calls[name]
+
+    def granted_cpu_millis(self, name: TenantName) -> int:
+        return self._subtree_cpu[name]
+
+    def observe_peak(self, tenant: TenantName, command_class: str, peak_bytes: int) -> None:
+        """Remember a committed peak of (tenant, command class); the newest WINDOW are kept."""
+        key = (tenant, command_class)
+        window = self.peaks.get(key)
+        if window is None:
+            window = self.peaks[key] = deque(maxlen=WINDOW)
+        window.append(peak_bytes)
+
+    def recent_peaks(self, tenant: TenantName, command_class: str) -> tuple[int, ...]:
+        return tuple(self.peaks.get((tenant, command_class), ()))
+
+    def last_peak(self, tenant: TenantName, command_class: str) -> int:
+        window = self.peaks.get((tenant, command_class))
+        return window[-1] if window else 0
+
+    def due(self, t_ms: int) -> list[Lease]:
+        """Active leases whose expiry is at or before ``t_ms`` (left in place)."""
+        out: list[Lease] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= t_ms:
+            expires, lid = heapq.heappop(heap)
+            lease = self.leases.get(lid)
+            if lease is not None and lease.expires_at_ms == expires:
+                out.append(lease)
+        return out
 
     def children(self, name: TenantName) -> list[Tenant]:
         return [t for t in self.tenants.values() if t.parent == name]
@@ -137,8 +183,12 @@ class Ledger:
         prev = self.leases.get(lease.lease_id)
         if prev is not None:
             self._drop_lease(prev)
+            if lease.state is not LeaseState.ACTIVE and lease.peak_memory_bytes > 0:
+                self.observe_peak(lease.tenant, lease.command_class, lease.peak_memory_bytes)
         if lease.state is LeaseState.ACTIVE:
             self.leases[lease.lease_id] = lease
+            if prev is None or prev.expires_at_ms != lease.expires_at_ms:
+                heapq.heappush(self._expiry, (lease.expires_at_ms, lease.lease_id))
             if lease.idempotency_key:
                 self.by_key[(lease.tenant, lease.idempotency_key)] = lease.lease_id
             self._account(lease, +1)
@@ -153,4 +203,8 @@ class Ledger:
         for t in self.chain(lease.tenant):
             self._subtree_bytes[t.name] += sign * lease.memory_bytes
             self._subtree_calls[t.name] += sign
+            self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes
+        self._node_intent[lease.node_id] += sign * max(
+            lease.intent_memory_bytes, lease.memory_bytes
+        )

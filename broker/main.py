@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.telemetry import aio_server_interceptor, configure_logging, configure_tracing
 from agentcg.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from .journal import Journal
 from .ledger import Ledger
@@ -33,6 +32,9 @@ class BrokerConfig:
     ready_file: Path | None = None  # written with the bound address once serving
     reap_interval_s: float = 1.0
     grace_s: float = 5.0
+    # Declared intents on a node may add up to capacity x this (budgets, sized from measured
+    # peaks, still fit its capacity); 0: no overcommit ceiling.
+    overcommit_ratio: float = 1.5
 
 
 async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) -> None:
@@ -43,8 +45,10 @@ async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) ->
     store = Store(url)
     store.migrate()
     snapshot = store.load()
-    ledger = Ledger()
+    ledger = Ledger(overcommit_ratio=config.overcommit_ratio)
     ledger.load(snapshot.tenants, snapshot.nodes, snapshot.active_leases)
+    for tenant, command_class, peak in store.recent_peaks():
+        ledger.observe_peak(tenant, command_class, peak)
     journal = Journal(store)
     journal.start()
     core = BrokerCore(store, journal, ledger)

@@ -57,7 +57,8 @@ class Tenant:
     memory_quota_bytes: int
     parent: TenantName | None = None
     cpu_quota_millis: int = 0  # 0: unlimited
-    max_calls: int = 0  # concurrent calls; 0: unlimited
+    max_calls: int = 0  # concurrent calls in the subtree; 0: unlimited
+    weight: int = 1  # fair-share weight between siblings under contention
 
 
 @dataclass(frozen=True, slots=True)

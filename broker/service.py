@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import grpc
 from agentcg.errors import (
@@ -32,8 +34,9 @@ from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry import trace
 
 from .admission import Deny, Grow, decide_growth, decide_reserve
+from .fairshare import Candidate, WaitingAsk, choose_victims, pick_next
 from .journal import Journal
-from .ledger import Ledger
+from .ledger import Forget, Ledger
 from .model import (
     Audit,
     AuditEntry,
@@ -52,6 +55,7 @@ from .model import (
     Tenant,
     TenantName,
 )
+from .sizing import size_budget
 from .store import Store, StoreError
 
 __all__ = ["BrokerCore", "BrokerServicer", "NodeGatewayServicer", "TenantAdminServicer"]
@@ -62,6 +66,7 @@ tracer = trace.get_tracer(__name__)
 DEFAULT_TTL_MS = 10 * 60 * 1000
 MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
+PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
 
 _OUTCOME_TO_MODEL = {
     types_pb2.OUTCOME_UNSPECIFIED: Outcome.UNKNOWN,
@@ -80,15 +85,40 @@ _STATE_TO_PB = {
 }
 
 
+class _LeaseIds:
+    """Lease ids: 32 hex digits, a random 64-bit prefix drawn at start-up + a counter.
+
+    Unique across restarts (a fresh prefix each time) and far cheaper than uuid4's syscall.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> LeaseId:
+        return LeaseId(f"{self._prefix}{next(self._counter):016x}")
+
+
+_lease_ids = _LeaseIds()
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _name(field: str, value: str, *, allow_empty: bool = False) -> str:
+_VALID_NAMES: set[str] = set()  # names already seen valid (tenants, sessions, classes repeat)
+
+
+def _name(field: str, value: str, *, allow_empty: bool = False, remember: bool = True) -> str:
+    if value in _VALID_NAMES:
+        return value
     try:
-        return validate_name(field, value, allow_empty=allow_empty)
+        valid = validate_name(field, value, allow_empty=allow_empty)
     except InvalidNameError as e:
         raise InvalidArgumentError(field, str(e)) from None
+    if valid and remember and len(_VALID_NAMES) < 10_000:
+        _VALID_NAMES.add(valid)
+    return valid
 
 
 def _positive(field: str, value: int) -> int:
@@ -139,7 +169,77 @@ def _audit(kind: str, lease: Lease | None = None, **detail: object) -> Audit:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReserveAsk:
+    """A validated ReserveRequest."""
+
+    tenant: TenantName
+    session: SessionName
+    command_class: str
+    memory_bytes: int
+    cpu_millis: int
+    priority: int
+    ttl_ms: int
+    idempotency_key: str
+    queue_timeout_ms: int
+
+
+def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> ReserveAsk:
+    """Validate a ReserveRequest; errors name the field (``prefix`` + field name)."""
+    tenant = TenantName(_name(prefix + "tenant", request.tenant))
+    session = SessionName(_name(prefix + "session", request.session or "default"))
+    command_class = _name(prefix + "command_class", request.command_class or "default")
+    memory = _positive(prefix + "intent.memory_bytes", request.intent.memory_bytes)
+    cpu = _non_negative(prefix + "intent.cpu_millis", request.intent.cpu_millis)
+    ttl_ms = _non_negative(prefix + "ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
+    if ttl_ms > MAX_TTL_MS:
+        raise InvalidArgumentError(prefix + "ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
+    if len(request.idempotency_key) > 128:
+        raise InvalidArgumentError(prefix + "idempotency_key", "must be at most 128 characters")
+    queue_ms = _non_negative(prefix + "queue_timeout_ms", request.queue_timeout_ms)
+    if queue_ms > MAX_TTL_MS:
+        raise InvalidArgumentError(
+            prefix + "queue_timeout_ms", f"must be <= {MAX_TTL_MS} (got {queue_ms})"
+        )
+    return ReserveAsk(
+        tenant=tenant,
+        session=session,
+        command_class=command_class,
+        memory_bytes=memory,
+        cpu_millis=cpu,
+        priority=request.priority,
+        ttl_ms=ttl_ms,
+        idempotency_key=request.idempotency_key,
+        queue_timeout_ms=queue_ms,
+    )
+
+
+def _denial_pb(d: Deny, last_peak_bytes: int = 0) -> broker_pb2.Denial:
+    return broker_pb2.Denial(
+        code=d.code,
+        message=d.message,
+        hint=types_pb2.AdmissionHint(
+            largest_memory_bytes_available=d.largest_memory_bytes_available,
+            retry_after_ms=d.retry_after_ms,
+            last_peak_memory_bytes=last_peak_bytes,
+            limiting_scope=d.scope,
+        ),
+    )
+
+
 # -- the application core -------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    seq: int
+    ask: ReserveAsk
+    deny: Deny  # why it does not fit (the latest try)
+    admitted: asyncio.Future[Lease]
+
+    @property
+    def view(self) -> WaitingAsk:
+        return WaitingAsk(self.seq, self.ask.tenant, self.ask.priority, self.ask.memory_bytes)
 
 
 class BrokerCore:
@@ -151,50 +251,152 @@ class BrokerCore:
         self.journal = journal
         self.ledger = ledger
         self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage]] = {}
+        # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
+        # with the same idempotency key waits on this before it answers (never replies with a
+        # grant that is not durable). Resolves True once durable, False if the commit failed.
+        self.not_durable: dict[LeaseId, asyncio.Future[bool]] = {}
+        # Reserves waiting for capacity (queue_timeout_ms > 0), in arrival order.
+        self.waiters: dict[int, _Waiter] = {}
+        self._seq = itertools.count()
+        self._pump_scheduled = False
+        self._background: set[asyncio.Task[None]] = set()
+        self.pressured_until: dict[NodeId, int] = {}
 
     async def commit(self, changes: list[Change]) -> None:
-        undo = self.ledger.apply(changes)
+        await self.commit_applied(changes, self.ledger.apply(changes))
+
+    async def commit_applied(
+        self,
+        changes: list[Change],
+        undo: list[Change | Forget],
+        new_leases: Sequence[LeaseId] = (),
+    ) -> None:
+        """Make ``changes`` (already applied to the ledger, ``undo`` reverts them) durable."""
+        durable: asyncio.Future[bool] | None = None
+        if new_leases:
+            durable = asyncio.get_running_loop().create_future()
+            for lid in new_leases:
+                self.not_durable[lid] = durable
+        inner = self.journal.submit(changes)
+
+        def settled(task: asyncio.Future[None]) -> None:
+            # Runs before any awaiter of ``inner`` resumes, also when the caller went away.
+            failed = task.cancelled() or task.exception() is not None
+            if failed:
+                self.ledger.apply(undo)
+            for lid in new_leases:
+                self.not_durable.pop(lid, None)
+            if durable is not None:
+                durable.set_result(not failed)
+
+        inner.add_done_callback(settled)
         try:
-            # Shielded: a caller that goes away does not stop a commit already queued, and the
-            # ledger keeps the change the database will have.
-            await asyncio.shield(self.journal.commit(changes))
-        except asyncio.CancelledError:
-            raise
+            # Shielded: a caller that goes away does not stop a commit already queued.
+            await asyncio.shield(inner)
         except StoreError as exc:
-            self.ledger.apply(undo)
             raise UnavailableError(f"database: could not persist the decision ({exc})") from exc
-        except BaseException:
-            self.ledger.apply(undo)
-            raise
+
+    async def existing_grant(self, tenant: TenantName, key: str) -> Lease | None:
+        """The durable active lease a retried Reserve with this idempotency key gets, if any."""
+        while key:
+            lid = self.ledger.by_key.get((tenant, key))
+            if lid is None:
+                return None
+            pending = self.not_durable.get(lid)
+            if pending is None:
+                return self.ledger.leases.get(lid)
+            if await asyncio.shield(pending):
+                return self.ledger.leases.get(lid)
+            # The first attempt's commit failed and was undone: decide afresh.
+        return None
 
     def lease_pb(self, lease: Lease) -> types_pb2.Lease:
         return lease_to_pb(lease, self.ledger.nodes.get(lease.node_id))
 
-    async def find_lease(self, lease_id: str) -> Lease:
-        lid = LeaseId(_name("lease_id", lease_id))
+    async def find_lease(self, lease_id: str, *, field: str = "lease_id") -> Lease:
+        lid = LeaseId(_name(field, lease_id, remember=False))
         lease = self.ledger.leases.get(lid)
         if lease is None:
             lease = await self.journal.run_in_db(lambda: self.store.get_lease(lid))
         if lease is None:
-            raise NotFoundError("lease", lid, field="lease_id")
+            raise NotFoundError("lease", lid, field=field)
         return lease
+
+    def decide_reserve(self, ask: ReserveAsk, t_ms: int) -> tuple[Lease, list[Change]] | Deny:
+        """Decide one admission on the ledger as it is now (nothing applied)."""
+        ledger = self.ledger
+        budget = size_budget(ask.memory_bytes, ledger.recent_peaks(ask.tenant, ask.command_class))
+        decision = decide_reserve(
+            budget,
+            ledger.quota_levels(ask.tenant),
+            ledger.node_views(),
+            cpu_millis=ask.cpu_millis,
+            intent_bytes=ask.memory_bytes,
+        )
+        if isinstance(decision, Deny):
+            return decision
+        lease = Lease(
+            lease_id=_lease_ids.next(),
+            tenant=ask.tenant,
+            session=ask.session,
+            command_class=ask.command_class,
+            node_id=decision.node_id,
+            memory_bytes=decision.memory_bytes,
+            intent_memory_bytes=ask.memory_bytes,
+            cpu_millis=ask.cpu_millis,
+            priority=ask.priority,
+            granted_at_ms=t_ms,
+            expires_at_ms=t_ms + ask.ttl_ms,
+            idempotency_key=ask.idempotency_key,
+        )
+        audit = Audit(
+            AuditEntry(
+                at_ms=t_ms,
+                kind="reserve",
+                tenant=lease.tenant,
+                lease_id=lease.lease_id,
+                node_id=lease.node_id,
+                detail=(
+                    f'{{"intent_bytes": {ask.memory_bytes}, "memory_bytes": {lease.memory_bytes}}}'
+                ),
+            )
+        )
+        return lease, [PutLease(lease), audit]
+
+    @staticmethod
+    def ended(
+        lease: Lease, state: LeaseState, t_ms: int, *, peak_bytes: int, outcome: Outcome
+    ) -> Lease:
+        return replace(
+            lease,
+            state=state,
+            ended_at_ms=t_ms,
+            peak_memory_bytes=max(lease.peak_memory_bytes, peak_bytes),
+            outcome=outcome if outcome is not Outcome.UNKNOWN else lease.outcome,
+        )
+
+    @staticmethod
+    def end_changes(ended: Lease, kind: str, peak_bytes: int) -> list[Change]:
+        return [
+            PutLease(ended),
+            Audit(
+                AuditEntry(
+                    at_ms=ended.ended_at_ms or 0,
+                    kind=kind,
+                    tenant=ended.tenant,
+                    lease_id=ended.lease_id,
+                    node_id=ended.node_id,
+                    detail=f'{{"outcome": "{ended.outcome.value}", "peak_bytes": {peak_bytes}}}',
+                )
+            ),
+        ]
 
     async def end_lease(
         self, lease: Lease, state: LeaseState, *, peak_bytes: int, outcome: Outcome, kind: str
     ) -> Lease:
-        ended = replace(
-            lease,
-            state=state,
-            ended_at_ms=now_ms(),
-            peak_memory_bytes=max(lease.peak_memory_bytes, peak_bytes),
-            outcome=outcome if outcome is not Outcome.UNKNOWN else lease.outcome,
-        )
-        await self.commit(
-            [
-                PutLease(ended),
-                _audit(kind, ended, peak_bytes=peak_bytes, outcome=ended.outcome.value),
-            ]
-        )
+        ended = self.ended(lease, state, now_ms(), peak_bytes=peak_bytes, outcome=outcome)
+        await self.commit(self.end_changes(ended, kind, peak_bytes))
+        self.kick()
         log.info(
             "%s lease %s tenant %s budget %d peak %d outcome %s",
             kind,
@@ -206,10 +408,176 @@ class BrokerCore:
         )
         return ended
 
+    # -- the queue (order and preemption: fairshare.py) ------------------------------------------
+
+    async def wait_for_capacity(self, ask: ReserveAsk, deny: Deny) -> Lease:
+        """Queue ``ask`` until it is admitted (returns the durable lease) or its deadline passes
+        (raises QuotaExceededError with the last reason it did not fit)."""
+        waiter = _Waiter(next(self._seq), ask, deny, asyncio.get_running_loop().create_future())
+        self.waiters[waiter.seq] = waiter
+        self.kick()
+        try:
+            await asyncio.wait({waiter.admitted}, timeout=ask.queue_timeout_ms / 1000)
+        finally:
+            picked = self.waiters.pop(waiter.seq, None) is None
+        if not picked:
+            d = waiter.deny
+            raise QuotaExceededError(
+                f"{d.message} (waited {ask.queue_timeout_ms} ms in the queue)",
+                code=d.code,
+                scope=d.scope,
+                largest_memory_bytes_available=d.largest_memory_bytes_available,
+                retry_after_ms=d.retry_after_ms,
+                last_peak_memory_bytes=self.ledger.last_peak(ask.tenant, ask.command_class),
+            )
+        return await waiter.admitted  # picked: durable (or failed) soon
+
+    def kick(self) -> None:
+        """Capacity may have freed: try the queue once the current callback is done."""
+        if self.waiters and not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        ledger = self.ledger
+        t = now_ms()
+        skip: set[int] = set()
+        changes: list[Change] = []
+        undo: list[Change | Forget] = []
+        admitted: list[tuple[_Waiter, Lease]] = []
+        preempted: list[Lease] = []
+        while True:
+            views = [w.view for w in self.waiters.values()]
+            granted = {v.tenant: ledger.granted_bytes(v.tenant) for v in views}
+            weights = {
+                v.tenant: ledger.tenants[v.tenant].weight
+                for v in views
+                if v.tenant in ledger.tenants
+            }
+            nxt = pick_next(views, granted, weights, skip)
+            if nxt is None:
+                break
+            waiter = self.waiters[nxt.seq]
+            ask = waiter.ask
+            if ask.tenant not in ledger.tenants:  # deleted while waiting
+                skip.add(nxt.seq)
+                continue
+            decision = self.decide_reserve(ask, t)
+            if isinstance(decision, Deny):
+                victims = self._victims(ask)
+                if victims:
+                    for victim in victims:
+                        revoked = self.ended(
+                            victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
+                        )
+                        ch = self.end_changes(revoked, "preempt", 0)
+                        undo[:0] = ledger.apply(ch)
+                        changes.extend(ch)
+                        preempted.append(revoked)
+                    decision = self.decide_reserve(ask, t)
+            if isinstance(decision, Deny):
+                waiter.deny = decision
+                if decision.scope == f"tenant:{ask.tenant}":
+                    skip.add(nxt.seq)  # only its own quota holds it: it blocks no one
+                    continue
+                break  # shared capacity: no backfill past it
+            lease, ch = decision
+            undo[:0] = ledger.apply(ch)
+            changes.extend(ch)
+            del self.waiters[nxt.seq]
+            admitted.append((waiter, lease))
+        if changes:
+            task = asyncio.get_running_loop().create_task(
+                self._commit_queue(changes, undo, admitted, preempted)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _victims(self, ask: ReserveAsk) -> list[Lease]:
+        ledger = self.ledger
+        candidates = [
+            Candidate(
+                lease_id=x.lease_id,
+                priority=x.priority,
+                granted_at_ms=x.granted_at_ms,
+                memory_bytes=x.memory_bytes,
+                cpu_millis=x.cpu_millis,
+                node_id=x.node_id,
+                chain=frozenset(t.name for t in ledger.chain(x.tenant)),
+            )
+            for x in ledger.leases.values()
+            if x.priority < ask.priority
+        ]
+        if not candidates:
+            return []
+        chosen = choose_victims(
+            ask.memory_bytes,
+            ask.priority,
+            ledger.quota_levels(ask.tenant),
+            ledger.node_views(),
+            candidates,
+            cpu_millis=ask.cpu_millis,
+        )
+        return [ledger.leases[c.lease_id] for c in chosen or ()]
+
+    async def _commit_queue(
+        self,
+        changes: list[Change],
+        undo: list[Change | Forget],
+        admitted: list[tuple[_Waiter, Lease]],
+        preempted: list[Lease],
+    ) -> None:
+        try:
+            await self.commit_applied(changes, undo, [lease.lease_id for _, lease in admitted])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiters
+            for waiter, _ in admitted:
+                if not waiter.admitted.done():
+                    waiter.admitted.set_exception(exc)
+            return
+        for lease in preempted:
+            log.info(
+                "preempt lease %s tenant %s priority %d node %s",
+                lease.lease_id,
+                lease.tenant,
+                lease.priority,
+                lease.node_id,
+            )
+            queue = self.node_queues.get(lease.node_id)
+            if queue is not None:
+                queue.put_nowait(
+                    broker_pb2.BrokerMessage(
+                        decision=broker_pb2.Decision(
+                            decision_id=uuid.uuid4().hex[:16],
+                            lease_id=lease.lease_id,
+                            kind=broker_pb2.DECISION_KIND_PREEMPT,
+                            epoch=lease.epoch,
+                            reason=(
+                                f"lease {lease.lease_id}: preempted for higher-priority work "
+                                f"(priority {lease.priority})"
+                            ),
+                        )
+                    )
+                )
+        for waiter, lease in admitted:
+            if not waiter.admitted.done():
+                waiter.admitted.set_result(lease)
+        if preempted:
+            self.kick()
+
+    def recover_nodes(self, t_ms: int) -> None:
+        """Nodes whose last node-pressure report is PRESSURE_HOLD_MS old take work again."""
+        for node_id, until in list(self.pressured_until.items()):
+            if until <= t_ms:
+                del self.pressured_until[node_id]
+                self.ledger.pressured.discard(node_id)
+                log.info("node %s recovered: admitting to it again", node_id)
+                self.kick()
+
     async def expire_due(self) -> int:
         """Expire every active lease whose TTL passed; returns how many."""
-        t = now_ms()
-        due = [lease for lease in self.ledger.leases.values() if lease.expires_at_ms <= t]
+        self.recover_nodes(now_ms())
+        due = self.ledger.due(now_ms())
         for lease in due:
             if self.ledger.leases.get(lease.lease_id) is lease:
                 await self.end_lease(
@@ -219,16 +587,17 @@ class BrokerCore:
 
 
 M = TypeVar("M")
+Q = TypeVar("Q")
 S = TypeVar("S")
 
 
 def _rpc(
-    fn: Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[M]],
-) -> Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[M]]:
+    fn: Callable[[S, Q, grpc.aio.ServicerContext[Q, M]], Awaitable[M]],
+) -> Callable[[S, Q, grpc.aio.ServicerContext[Q, M]], Awaitable[M]]:
     """Turn domain errors into gRPC status; anything else into a generic INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: S, request: Any, context: grpc.aio.ServicerContext) -> M:
+    async def wrapper(self: S, request: Q, context: grpc.aio.ServicerContext[Q, M]) -> M:
         try:
             return await fn(self, request, context)
         except AgentcgError as exc:
@@ -252,34 +621,28 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def Reserve(
-        self, request: broker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ReserveRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.ReserveRequest, broker_pb2.ReserveResponse],
     ) -> broker_pb2.ReserveResponse:
-        # validate
-        tenant_name = TenantName(_name("tenant", request.tenant))
-        session = SessionName(_name("session", request.session or "default"))
-        command_class = _name("command_class", request.command_class or "default")
-        memory = _positive("intent.memory_bytes", request.intent.memory_bytes)
-        _non_negative("intent.cpu_millis", request.intent.cpu_millis)
-        ttl_ms = _non_negative("ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
-        if ttl_ms > MAX_TTL_MS:
-            raise InvalidArgumentError("ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
-        if len(request.idempotency_key) > 128:
-            raise InvalidArgumentError("idempotency_key", "must be at most 128 characters")
-        ledger = self.core.ledger
-        # load
-        if tenant_name not in ledger.tenants:
-            raise NotFoundError("tenant", tenant_name, field="tenant")
-        if request.idempotency_key:
-            existing = ledger.by_key.get((tenant_name, request.idempotency_key))
-            if existing is not None:
-                return broker_pb2.ReserveResponse(lease=self.core.lease_pb(ledger.leases[existing]))
+        core = self.core
+        ask = parse_reserve(request)  # validate
+        if ask.tenant not in core.ledger.tenants:
+            raise NotFoundError("tenant", ask.tenant, field="tenant")
+        existing = await core.existing_grant(ask.tenant, ask.idempotency_key)  # load
+        if existing is not None:
+            return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
         with tracer.start_as_current_span("agentcg.admission") as span:
-            span.set_attribute("agentcg.tenant", tenant_name)
-            span.set_attribute("agentcg.memory_bytes", memory)
-            # decide
-            decision = decide_reserve(memory, ledger.quota_levels(tenant_name), ledger.node_views())
-            span.set_attribute("agentcg.decision", type(decision).__name__.lower())
+            span.set_attribute("agentcg.tenant", ask.tenant)
+            span.set_attribute("agentcg.memory_bytes", ask.memory_bytes)
+            decision = core.decide_reserve(ask, now_ms())  # decide
+            if isinstance(decision, Deny) and ask.queue_timeout_ms > 0:
+                span.set_attribute("agentcg.decision", "queue")
+                lease = await core.wait_for_capacity(ask, decision)
+                span.set_attribute("agentcg.lease_id", lease.lease_id)
+                return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
             if isinstance(decision, Deny):
+                span.set_attribute("agentcg.decision", "deny")
                 span.set_attribute("agentcg.reason", decision.code)
                 raise QuotaExceededError(
                     decision.message,
@@ -287,37 +650,117 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                     scope=decision.scope,
                     largest_memory_bytes_available=decision.largest_memory_bytes_available,
                     retry_after_ms=decision.retry_after_ms,
+                    last_peak_memory_bytes=core.ledger.last_peak(ask.tenant, ask.command_class),
                 )
-            t = now_ms()
-            lease = Lease(
-                lease_id=LeaseId(uuid.uuid4().hex),
-                tenant=tenant_name,
-                session=session,
-                command_class=command_class,
-                node_id=decision.node_id,
-                memory_bytes=decision.memory_bytes,
-                intent_memory_bytes=memory,
-                cpu_millis=request.intent.cpu_millis,
-                priority=request.priority,
-                granted_at_ms=t,
-                expires_at_ms=t + ttl_ms,
-                idempotency_key=request.idempotency_key,
-            )
+            lease, changes = decision
+            span.set_attribute("agentcg.decision", "admit")
             span.set_attribute("agentcg.lease_id", lease.lease_id)
-            # persist
-            await self.core.commit([PutLease(lease), _audit("reserve", lease, memory_bytes=memory)])
+            undo = core.ledger.apply(changes)
+            await core.commit_applied(changes, undo, [lease.lease_id])  # persist
         log.info(
             "reserve lease %s tenant %s node %s budget %d",
             lease.lease_id,
-            tenant_name,
+            lease.tenant,
             lease.node_id,
-            memory,
+            lease.memory_bytes,
         )
-        return broker_pb2.ReserveResponse(lease=self.core.lease_pb(lease))
+        return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))  # respond
+
+    @_rpc
+    async def ReserveBatch(
+        self,
+        request: broker_pb2.ReserveBatchRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ReserveBatchRequest, broker_pb2.ReserveBatchResponse
+        ],
+    ) -> broker_pb2.ReserveBatchResponse:
+        core = self.core
+        ledger = core.ledger
+        asks = [parse_reserve(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        for i, ask in enumerate(asks):
+            if ask.tenant not in ledger.tenants:
+                raise NotFoundError("tenant", ask.tenant, field=f"requests[{i}].tenant")
+        results: list[Lease | broker_pb2.Denial] = []
+        changes: list[Change] = []
+        undo: list[Change | Forget] = []
+        new: list[LeaseId] = []
+        t = now_ms()
+        for ask in asks:
+            existing = (
+                await core.existing_grant(ask.tenant, ask.idempotency_key)
+                if ask.idempotency_key
+                else None
+            )
+            if existing is not None:
+                results.append(existing)
+                continue
+            decision = core.decide_reserve(ask, t)
+            if isinstance(decision, Deny):
+                results.append(
+                    _denial_pb(decision, ledger.last_peak(ask.tenant, ask.command_class))
+                )
+                continue
+            lease, lease_changes = decision
+            undo[:0] = ledger.apply(lease_changes)  # later grants see earlier ones
+            changes.extend(lease_changes)
+            new.append(lease.lease_id)
+            results.append(lease)
+        if changes:
+            await core.commit_applied(changes, undo, new)
+        log.info("reserve batch: %d asked, %d granted", len(asks), len(new))
+        return broker_pb2.ReserveBatchResponse(
+            results=[
+                broker_pb2.ReserveResult(denial=r)
+                if isinstance(r, broker_pb2.Denial)
+                else broker_pb2.ReserveResult(lease=core.lease_pb(r))
+                for r in results
+            ]
+        )
+
+    @_rpc
+    async def ReleaseBatch(
+        self,
+        request: broker_pb2.ReleaseBatchRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ReleaseBatchRequest, broker_pb2.ReleaseBatchResponse
+        ],
+    ) -> broker_pb2.ReleaseBatchResponse:
+        core = self.core
+        for i, r in enumerate(request.requests):
+            _non_negative(f"requests[{i}].peak_memory_bytes", r.peak_memory_bytes)
+            if r.outcome not in _OUTCOME_TO_MODEL:
+                raise InvalidArgumentError(f"requests[{i}].outcome", f"unknown outcome {r.outcome}")
+        leases = [
+            await core.find_lease(r.lease_id, field=f"requests[{i}].lease_id")
+            for i, r in enumerate(request.requests)
+        ]
+        out: list[Lease] = []
+        changes: list[Change] = []
+        t = now_ms()
+        for r, lease in zip(request.requests, leases, strict=True):
+            current = core.ledger.leases.get(lease.lease_id)
+            if current is None:
+                out.append(lease)  # already ended: idempotent
+                continue
+            ended = core.ended(
+                current,
+                LeaseState.RELEASED,
+                t,
+                peak_bytes=r.peak_memory_bytes,
+                outcome=_OUTCOME_TO_MODEL[r.outcome],
+            )
+            changes.extend(core.end_changes(ended, "release", r.peak_memory_bytes))
+            out.append(ended)
+        if changes:
+            await core.commit(changes)
+            core.kick()
+        return broker_pb2.ReleaseBatchResponse(leases=[core.lease_pb(x) for x in out])
 
     @_rpc
     async def Release(
-        self, request: broker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ReleaseRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.ReleaseRequest, broker_pb2.ReleaseResponse],
     ) -> broker_pb2.ReleaseResponse:
         _non_negative("peak_memory_bytes", request.peak_memory_bytes)
         if request.outcome not in _OUTCOME_TO_MODEL:
@@ -335,7 +778,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def Renew(
-        self, request: broker_pb2.RenewRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.RenewRequest, broker_pb2.RenewResponse],
     ) -> broker_pb2.RenewResponse:
         ttl_ms = _non_negative("ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
         if ttl_ms > MAX_TTL_MS:
@@ -351,13 +796,19 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     @_rpc
     async def GetLease(
-        self, request: broker_pb2.GetLeaseRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.GetLeaseRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.GetLeaseRequest, types_pb2.Lease],
     ) -> types_pb2.Lease:
         return self.core.lease_pb(await self.core.find_lease(request.lease_id))
 
     @_rpc
     async def ListLeases(
-        self, request: broker_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ListLeasesRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListLeasesRequest, broker_pb2.ListLeasesResponse
+        ],
     ) -> broker_pb2.ListLeasesResponse:
         tenant = _name("tenant", request.tenant, allow_empty=True)
         node_id = _name("node_id", request.node_id, allow_empty=True)
@@ -374,7 +825,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return broker_pb2.ListLeasesResponse(leases=[self.core.lease_pb(x) for x in leases])
 
     async def Ping(
-        self, request: broker_pb2.PingRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.PingRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.PingRequest, broker_pb2.PingResponse],
     ) -> broker_pb2.PingResponse:
         return broker_pb2.PingResponse()
 
@@ -391,8 +844,13 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             quota=types_pb2.Resources(
                 memory_bytes=t.memory_quota_bytes, cpu_millis=t.cpu_quota_millis
             ),
-            granted=types_pb2.Resources(memory_bytes=ledger.granted_bytes(t.name)),
+            granted=types_pb2.Resources(
+                memory_bytes=ledger.granted_bytes(t.name),
+                cpu_millis=ledger.granted_cpu_millis(t.name),
+            ),
             active_leases=ledger.active_calls(t.name),
+            max_calls=t.max_calls,
+            weight=t.weight,
         )
 
     def _get(self, name: str, field: str = "name") -> Tenant:
@@ -403,12 +861,18 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
 
     @_rpc
     async def SetTenant(
-        self, request: broker_pb2.SetTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.SetTenantRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.SetTenantRequest, broker_pb2.Tenant],
     ) -> broker_pb2.Tenant:
         name = TenantName(_name("name", request.name))
         parent_s = _name("parent", request.parent, allow_empty=True)
         memory = _positive("quota.memory_bytes", request.quota.memory_bytes)
         cpu = _non_negative("quota.cpu_millis", request.quota.cpu_millis)
+        max_calls = _non_negative("max_calls", request.max_calls)
+        weight = _non_negative("weight", request.weight) or 1
+        if weight > 1000:
+            raise InvalidArgumentError("weight", f"must be <= 1000 (got {weight})")
         ledger = self.core.ledger
         parent = TenantName(parent_s) if parent_s else None
         if parent is not None:
@@ -421,29 +885,66 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
                 f"tenant {name}: cannot move to another parent with {ledger.active_calls(name)} "
                 "active leases"
             )
-        tenant = Tenant(name=name, parent=parent, memory_quota_bytes=memory, cpu_quota_millis=cpu)
-        await self.core.commit(
-            [PutTenant(tenant), _audit("tenant_set", tenant=name, memory_quota_bytes=memory)]
+        tenant = Tenant(
+            name=name,
+            parent=parent,
+            memory_quota_bytes=memory,
+            cpu_quota_millis=cpu,
+            max_calls=max_calls,
+            weight=weight,
         )
-        log.info("tenant %s set: memory quota %d parent %s", name, memory, parent)
+        await self.core.commit(
+            [
+                PutTenant(tenant),
+                _audit(
+                    "tenant_set",
+                    tenant=name,
+                    parent=parent or "",
+                    memory_quota_bytes=memory,
+                    cpu_quota_millis=cpu,
+                    max_calls=max_calls,
+                    weight=weight,
+                ),
+            ]
+        )
+        self.core.kick()
+        log.info(
+            "tenant %s set: memory %d cpu %d calls %d weight %d parent %s",
+            name,
+            memory,
+            cpu,
+            max_calls,
+            weight,
+            parent,
+        )
         return self._tenant_pb(tenant)
 
     @_rpc
     async def GetTenant(
-        self, request: broker_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.GetTenantRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.GetTenantRequest, broker_pb2.Tenant],
     ) -> broker_pb2.Tenant:
         return self._tenant_pb(self._get(request.name))
 
     @_rpc
     async def ListTenants(
-        self, request: broker_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.ListTenantsRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListTenantsRequest, broker_pb2.ListTenantsResponse
+        ],
     ) -> broker_pb2.ListTenantsResponse:
         tenants = sorted(self.core.ledger.tenants.values(), key=lambda t: t.name)
         return broker_pb2.ListTenantsResponse(tenants=[self._tenant_pb(t) for t in tenants])
 
     @_rpc
     async def DeleteTenant(
-        self, request: broker_pb2.DeleteTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.DeleteTenantRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.DeleteTenantRequest, broker_pb2.DeleteTenantResponse
+        ],
     ) -> broker_pb2.DeleteTenantResponse:
         t = self._get(request.name)
         ledger = self.core.ledger
@@ -463,7 +964,11 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
 
     @_rpc
     async def RegisterNode(
-        self, request: broker_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.RegisterNodeRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.RegisterNodeRequest, broker_pb2.RegisterNodeResponse
+        ],
     ) -> broker_pb2.RegisterNodeResponse:
         node_id = NodeId(_name("node_id", request.node_id))
         if not request.address or len(request.address) > 256:
@@ -487,7 +992,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
     async def Connect(
         self,
         request_iterator: AsyncIterator[broker_pb2.NodeMessage],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[broker_pb2.NodeMessage, broker_pb2.BrokerMessage],
     ) -> AsyncIterator[broker_pb2.BrokerMessage]:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("hello"):
@@ -506,6 +1011,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
         queue: asyncio.Queue[broker_pb2.BrokerMessage] = asyncio.Queue()
         self.core.node_queues[node_id] = queue
         ledger.connected.add(node_id)
+        self.core.kick()
         log.info("node %s connected", node_id)
         reader = asyncio.create_task(self._read(node_id, request_iterator, queue))
         try:
@@ -559,6 +1065,15 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
     async def on_pressure(
         self, node_id: NodeId, ev: broker_pb2.PressureEvent
     ) -> broker_pb2.Decision | None:
+        if ev.kind == broker_pb2.PRESSURE_KIND_NODE:
+            # No admission to a pressured node until it recovers: it counts as recovered once
+            # it has reported no node pressure for PRESSURE_HOLD_MS (each event extends it).
+            ledger = self.core.ledger
+            if node_id not in ledger.pressured:
+                log.info("node %s under pressure: no admission to it until it recovers", node_id)
+            ledger.pressured.add(node_id)
+            self.core.pressured_until[node_id] = now_ms() + PRESSURE_HOLD_MS
+            return None
         if ev.kind != broker_pb2.PRESSURE_KIND_LIMIT_REACHED:
             log.debug("node %s pressure %s lease %s", node_id, ev.kind, ev.lease_id)
             return None

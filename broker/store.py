@@ -38,9 +38,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    insert,
     make_url,
     select,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects import postgresql, sqlite
@@ -137,6 +137,7 @@ class TenantRow(Base):
     memory_quota_bytes: Mapped[int]
     cpu_quota_millis: Mapped[int]
     max_calls: Mapped[int]
+    weight: Mapped[int] = mapped_column(server_default=text("1"))
 
     __table_args__ = _nonnegative("memory_quota_bytes", "cpu_quota_millis", "max_calls")
 
@@ -330,6 +331,49 @@ def _values(record: Tenant | Node | Lease | AuditEntry) -> dict[str, object]:
     return {column: getattr(record, column) for column in _COLUMNS[type(record)]}
 
 
+_LEASE_COLUMNS = _COLUMNS[Lease]
+# What a lease's later versions may change (release, renew, grow, expiry); the rest is fixed at
+# grant, and leaving it out of the upsert's SET spares SQLite the index updates on those columns.
+_LEASE_MUTABLE = (
+    "memory_bytes",
+    "expires_at_ms",
+    "state",
+    "epoch",
+    "ended_at_ms",
+    "peak_memory_bytes",
+    "outcome",
+)
+_AUDIT_COLUMNS = _COLUMNS[AuditEntry]
+assert _LEASE_COLUMNS[0] == "lease_id"
+
+
+def _lease_row(le: Lease) -> tuple[object, ...]:
+    """A lease as DBAPI parameters in ``_LEASE_COLUMNS`` order (enums as their stored values)."""
+    return (
+        le.lease_id,
+        le.tenant,
+        le.session,
+        le.command_class,
+        le.node_id,
+        le.memory_bytes,
+        le.intent_memory_bytes,
+        le.granted_at_ms,
+        le.expires_at_ms,
+        le.state.value,
+        le.epoch,
+        le.priority,
+        le.cpu_millis,
+        le.idempotency_key,
+        le.ended_at_ms,
+        le.peak_memory_bytes,
+        le.outcome.value,
+    )
+
+
+def _audit_row(e: AuditEntry) -> tuple[object, ...]:
+    return (e.at_ms, e.kind, e.tenant, e.lease_id, e.node_id, e.detail)
+
+
 def _tenant(row: TenantRow) -> Tenant:
     return Tenant(
         name=TenantName(row.name),
@@ -337,6 +381,7 @@ def _tenant(row: TenantRow) -> Tenant:
         parent=None if row.parent is None else TenantName(row.parent),
         cpu_quota_millis=row.cpu_quota_millis,
         max_calls=row.max_calls,
+        weight=row.weight,
     )
 
 
@@ -400,7 +445,19 @@ class Store:
             if self._dialect == "postgresql"
             else self._engine
         )
+        self._writer: Connection | None = None
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
+        mark = "?" if self._dialect == "sqlite" else "%s"
+        self._lease_upsert_sql = (
+            f"INSERT INTO leases ({', '.join(_LEASE_COLUMNS)}) "
+            f"VALUES ({', '.join(mark for _ in _LEASE_COLUMNS)}) "
+            "ON CONFLICT (lease_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _LEASE_MUTABLE)
+        )
+        self._audit_insert_sql = (
+            f"INSERT INTO audit ({', '.join(_AUDIT_COLUMNS)}) "
+            f"VALUES ({', '.join(mark for _ in _AUDIT_COLUMNS)})"
+        )
 
     @classmethod
     def default_url(cls, data_dir: Path) -> str:
@@ -445,7 +502,9 @@ class Store:
         """Persist a batch of changes in one transaction: all or nothing, durable on return.
 
         The result is that of applying the changes in order: a batch is reduced to the last
-        change per tenant, node and lease, and audit entries are appended in order.
+        change per tenant, node and lease, and audit entries are appended in order. A lease's
+        identity (tenant, session, class, node, intent, grant time, priority, CPU, key) is fixed
+        when it is first written; later versions change only ``_LEASE_MUTABLE``.
         """
         if not changes:
             return
@@ -453,19 +512,106 @@ class Store:
         deleted = [name for name, tenant in batch.tenants.items() if tenant is None]
         tenants = [_values(t) for t in batch.tenants.values() if t is not None]
         action = f"apply {len(changes)} changes"
-        with _translated(action, self._shown_url), self._engine.begin() as conn:
-            if deleted:
-                conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
-            if tenants:
-                conn.execute(self._upserts[_TENANTS.name], tenants)
-            if batch.nodes:
-                nodes = [_values(n) for n in batch.nodes.values()]
-                conn.execute(self._upserts[_NODES.name], nodes)
-            if batch.leases:
-                leases = [_values(le) for le in batch.leases.values()]
-                conn.execute(self._upserts[_LEASES.name], leases)
-            if batch.audit:
-                conn.execute(insert(_AUDIT), [_values(e) for e in batch.audit])
+        try:
+            if not batch.tenants and not batch.nodes:
+                self._write_leases(action, batch)
+                return
+            with _translated(action, self._shown_url):
+                conn = self._writer_connection()
+                with conn.begin():
+                    self._write(conn, batch, deleted, tenants)
+        except (StoreError, StoreIntegrityError):
+            self._drop_writer()
+            raise
+
+    def _write_leases(self, action: str, batch: _Batch) -> None:
+        """The hot path (admissions, releases, growth, expiry): leases and audit only, in one
+        transaction driven on the driver connection itself. Per batch this saves SQLAlchemy's
+        execution machinery for BEGIN, two statements and COMMIT, which at low load (a batch
+        per request) costs more than the statements."""
+        with _translated(action, self._shown_url):
+            raw = self._writer_connection().connection.dbapi_connection
+        assert raw is not None
+        dbapi = self._engine.dialect.loaded_dbapi
+        leases = [_lease_row(le) for le in batch.leases.values()]
+        audit = [_audit_row(e) for e in batch.audit]
+        cursor = raw.cursor()
+        try:
+            if self._dialect == "sqlite":
+                cursor.execute("BEGIN")  # the sqlite3 module runs in autocommit mode here
+            if leases:
+                cursor.executemany(self._lease_upsert_sql, leases)
+            if audit:
+                cursor.executemany(self._audit_insert_sql, audit)
+            if self._dialect == "sqlite":
+                cursor.execute("COMMIT")
+            else:
+                raw.commit()
+        except (dbapi.IntegrityError, dbapi.DataError) as e:
+            self._rollback(raw)
+            raise StoreIntegrityError(f"{action}: constraint violated: {e}") from e
+        except dbapi.Error as e:
+            self._rollback(raw)
+            raise StoreError(f"{action}: database {self._shown_url} unavailable: {e}") from e
+        finally:
+            cursor.close()
+
+    def _rollback(self, raw: DBAPIConnection) -> None:
+        try:
+            if self._dialect == "sqlite":
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+            else:
+                raw.rollback()
+        except Exception:  # noqa: BLE001 - the connection is dropped next anyway
+            logger.debug("rollback failed", exc_info=True)
+
+    def _writer_connection(self) -> Connection:
+        """The connection every write batch uses: held open, so that a batch costs no pool
+        checkout and reset (a round trip on PostgreSQL). Reopened after a failure."""
+        if self._writer is None or self._writer.closed or self._writer.invalidated:
+            self._writer = self._engine.connect()
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except sa_exc.SQLAlchemyError:
+                pass
+            self._writer = None
+
+    def _write(
+        self, conn: Connection, batch: _Batch, deleted: list[str], tenants: list[dict[str, object]]
+    ) -> None:
+        if deleted:
+            conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
+        if tenants:
+            conn.execute(self._upserts[_TENANTS.name], tenants)
+        if batch.nodes:
+            nodes = [_values(n) for n in batch.nodes.values()]
+            conn.execute(self._upserts[_NODES.name], nodes)
+        # The hot path (every admission and release): plain DBAPI executemany of tuples
+        # with SQL prepared once, which skips SQLAlchemy's per-row parameter processing.
+        if batch.leases:
+            conn.exec_driver_sql(
+                self._lease_upsert_sql, [_lease_row(le) for le in batch.leases.values()]
+            )
+        if batch.audit:
+            conn.exec_driver_sql(self._audit_insert_sql, [_audit_row(e) for e in batch.audit])
+
+    def recent_peaks(self, *, limit: int = 20_000) -> list[tuple[TenantName, str, int]]:
+        """(tenant, command class, peak) of the newest ``limit`` ended leases that reported a
+        peak, oldest first: what sizing learns from after a restart."""
+        query = (
+            select(LeaseRow.tenant, LeaseRow.command_class, LeaseRow.peak_memory_bytes)
+            .where(LeaseRow.state != LeaseState.ACTIVE, LeaseRow.peak_memory_bytes > 0)
+            .order_by(LeaseRow.ended_at_ms.desc(), LeaseRow.lease_id.desc())
+            .limit(limit)
+        )
+        with _translated("read peaks", self._shown_url), Session(self._engine) as session:
+            rows = session.execute(query).all()
+        return [(TenantName(t), c, p) for t, c, p in reversed(rows)]
 
     def get_lease(self, lease_id: LeaseId) -> Lease | None:
         with _translated(f"get lease {lease_id}", self._shown_url), Session(self._engine) as s:
@@ -502,4 +648,5 @@ class Store:
             return [_audit_entry(r) for r in reversed(session.scalars(query).all())]
 
     def close(self) -> None:
+        self._drop_writer()
         self._engine.dispose()

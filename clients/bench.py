@@ -1,18 +1,33 @@
 """`agentcg bench ...`: benchmarks that print numbers (and write them with --json).
 
-reaction: from the in-kernel limit event of a real spike (the first memcg reclaim of a call at
-its budget, timestamped in BPF with CLOCK_MONOTONIC) to the broker's decision applied on the
-node (the cgroup limit raised, or the call killed), through a real broker and node on loopback.
+reaction, side by side in one run on real cgroups, with a real allocator spiking at >= 1 GB/s
+(1 MiB MAP_POPULATE mappings) past a budget; every time is on CLOCK_MONOTONIC, the crossing
+taken in BPF (the charge whose in-kernel estimate reaches the budget):
+- ebpf: the kernel SIGSTOPs the allocator from inside that charge; in effect when it dequeues
+  the signal (signal:signal_deliver, timestamped in BPF). ebpf_freeze: the node then freezes the
+  whole call from user space (freezer state FROZEN).
+- poll: a user-space poller reads the cgroup's usage every 100 ms and freezes the call once over.
+- overshoot: usage above the budget once the action took effect.
+- cgroup lifecycle: create + limit + attach + remove; bpf overhead: an allocation loop's
+  throughput with each monitor variant loaded and watching vs none.
+- decision path (LocalCluster): in-kernel limit event -> broker decision received on the node
+  (broker_*) and applied (decision_*: limit raised, or the call killed), broker and node real.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +39,7 @@ __all__ = ["bench_reaction", "percentile"]
 MiB = 1 << 20
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
@@ -32,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _spikes(broker: str, n: int, spike_mb: int, concurrency: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"grow": [], "kill": [], "wall": []}
+    out: dict[str, list[float]] = {"grow": [], "kill": [], "wall": [], "broker": []}
     argv = [sys.executable, "-m", "agentcg.clients.worker", "--curve", f"0:{spike_mb},0.2:0"]
     async with AsyncClient(broker) as client:
         await client.set_tenant("bench-rich", 64 * 1024 * MiB)
@@ -45,22 +60,338 @@ async def _spikes(broker: str, n: int, spike_mb: int, concurrency: int) -> dict[
                 t0 = time.monotonic()
                 r = await client.run(tenant, 64 * MiB, argv, session=f"b{i % concurrency}")
                 out["wall"].append((time.monotonic() - t0) * 1000)
-                for action, ns in zip(
-                    [a for a in r.actions if a != "pause"], r.reactions_ns, strict=False
-                ):
-                    out[action].append(ns / 1e6)
+                for action, ns in r.timed_actions:
+                    out.setdefault(action, []).append(ns / 1e6)
+                out["broker"].extend(ns / 1e6 for ns in r.decisions_ns)
 
         await asyncio.gather(*(one(i) for i in range(n)))
     return out
 
 
-def bench_reaction(
-    *, calls: int, spike_mb: int, concurrency: int, json_path: Path | None
+# --- in-kernel detection vs a 100 ms poller, on real cgroups ------------------------------------
+
+# A spike: 1 MiB anonymous mappings populated by the kernel (MAP_POPULATE: no Python per page),
+# kept until the process is frozen or killed. Prints its rate (bytes/s) if it gets to the end.
+_SPIKE_CODE = """
+import mmap, sys, time
+chunk = 1 << 20
+total = int(sys.argv[1]) << 20
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+keep = []
+t0 = time.perf_counter()
+for _ in range(total // chunk):
+    keep.append(mmap.mmap(-1, chunk, flags=flags))
+print(f"{total / (time.perf_counter() - t0):.0f}", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+# An allocation loop: map, populate and unmap 64 MiB for `seconds`; prints bytes/s.
+_LOOP_CODE = """
+import mmap, sys, time
+size = 64 << 20
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+n = 0
+t0 = time.perf_counter()
+while (elapsed := time.perf_counter() - t0) < float(sys.argv[1]):
+    mmap.mmap(-1, size, flags=flags).close()
+    n += 1
+print(f"{n * size / elapsed:.0f}", flush=True)
+"""
+
+
+@dataclass
+class _Trial:
+    mode: str  # "ebpf" | "poll"
+    cgroup: Any  # node.cgroup.Cgroup
+    cgroup_id: int
+    budget_bytes: int
+    crossed_ns: int = 0  # in-kernel crossing of the budget (bpf_ktime_get_ns)
+    stopped_ns: int = 0  # ebpf: the in-kernel SIGSTOP in effect (signal dequeued; kernel clock)
+    acted_ns: int = 0  # the whole call frozen by user space (freezer.state FROZEN)
+    usage_at_action_bytes: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _ms(values_ns: list[int], q: float) -> float:
+    return round(percentile([v / 1e6 for v in values_ns], q), 3)
+
+
+def _freeze(driver: Any, trial: _Trial) -> None:
+    """The enforcement action: pause the call (freezer), timestamped once in effect."""
+    driver.set_frozen(trial.cgroup, True)
+    trial.acted_ns = time.monotonic_ns()
+    trial.usage_at_action_bytes = driver.read_stats(trial.cgroup).usage_bytes
+    trial.done.set()
+
+
+def _poll_until_over(driver: Any, trial: _Trial, interval_s: float, stop: threading.Event) -> None:
+    """A user-space poller: read the cgroup's usage every interval_s, act once over budget."""
+    next_s = time.monotonic() + random.uniform(0, interval_s)  # random phase vs the spike
+    while not stop.is_set():
+        delay = next_s - time.monotonic()
+        if delay > 0 and stop.wait(delay):
+            return
+        next_s += interval_s
+        if driver.read_stats(trial.cgroup).usage_bytes > trial.budget_bytes:
+            _freeze(driver, trial)
+            return
+
+
+def _kernel_reaction(
+    *,
+    trials: int,
+    budget_mb: int,
+    spike_mb: int,
+    poll_interval_ms: int,
+    lifecycle_n: int,
+    usage_source: str,
 ) -> dict[str, Any]:
+    from agentcg.node.cgroup import CgroupV1Driver
+    from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
+    from agentcg.node.spawn import spawn_gated
+
+    if usage_source not in ("lru", "pgpgin"):
+        raise ValueError("the reaction timing needs an in-kernel usage estimate: lru or pgpgin")
+    budget = budget_mb * MiB
+    driver = CgroupV1Driver(f"agentcg-bench-{os.getpid()}")
+    driver.clear()
+    current: list[_Trial] = []
+    lock = threading.Lock()
+
+    def on_event(ev: MemEvent) -> None:
+        with lock:
+            trial = current[0] if current else None
+        if trial is None or ev.cgroup_id != trial.cgroup_id:
+            return
+        if ev.kind in (EventKind.SOFT, EventKind.STOP):  # the same charge emits both
+            if not trial.crossed_ns or ev.kernel_time_ns < trial.crossed_ns:
+                trial.crossed_ns = ev.kernel_time_ns
+        elif ev.kind is EventKind.STOPPED and trial.mode == "ebpf" and not trial.stopped_ns:
+            # The allocator is stopped in-kernel: its usage is settled; the node now freezes
+            # the whole call (user space), as it would before asking the broker.
+            trial.stopped_ns = ev.kernel_time_ns
+            _freeze(driver, trial)
+
+    out: dict[str, Any] = {}
+    samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": []}
+    overshoot: dict[str, list[int]] = {"ebpf": [], "poll": []}
+    rates: list[float] = []
+    try:
+        with MemoryMonitor(on_event, usage_source=UsageSource[usage_source.upper()]) as monitor:
+            monitor.start()
+            # The spike rate, measured without any action taken.
+            for i in range(3):
+                cg = driver.create("rate", str(i))
+                gated = spawn_gated(
+                    [sys.executable, "-c", _SPIKE_CODE, str(spike_mb), "0"],
+                    stdout=subprocess.PIPE,
+                )
+                driver.attach(cg, gated.pid)
+                gated.release()
+                stdout, _ = gated.process.communicate(timeout=60)
+                rates.append(float(stdout.decode().strip() or 0))
+                driver.remove(cg)
+            for i in range(trials * 2):
+                mode = "ebpf" if i % 2 == 0 else "poll"
+                cg = driver.create("reaction", f"{mode}{i}")
+                driver.set_memory_limit(cg, 4 * spike_mb * MiB)  # a backstop, never reached
+                trial = _Trial(mode, cg, driver.cgroup_id(cg), budget)
+                monitor.watch(
+                    trial.cgroup_id,
+                    soft_bytes=budget,
+                    limit_bytes=4 * spike_mb * MiB,
+                    # ebpf: the kernel stops the allocator in the charge that crosses the budget
+                    stop_bytes=budget if mode == "ebpf" else 0,
+                )
+                with lock:
+                    current[:] = [trial]
+                stop = threading.Event()
+                poller = None
+                gated = spawn_gated(
+                    [sys.executable, "-c", _SPIKE_CODE, str(spike_mb), "5"],
+                    stdout=subprocess.DEVNULL,
+                )
+                try:
+                    driver.attach(cg, gated.pid)
+                    monitor.add_pid(gated.pid, trial.cgroup_id)
+                    if mode == "poll":
+                        poller = threading.Thread(
+                            target=_poll_until_over,
+                            args=(driver, trial, poll_interval_ms / 1000, stop),
+                            daemon=True,
+                        )
+                        poller.start()
+                    gated.release()
+                    if trial.done.wait(20) and trial.crossed_ns:
+                        if mode == "ebpf":
+                            samples["ebpf"].append(trial.stopped_ns - trial.crossed_ns)
+                            samples["ebpf_freeze"].append(trial.acted_ns - trial.crossed_ns)
+                        else:
+                            samples["poll"].append(trial.acted_ns - trial.crossed_ns)
+                        overshoot[mode].append(max(0, trial.usage_at_action_bytes - budget))
+                finally:
+                    stop.set()
+                    if poller is not None:
+                        poller.join()
+                    with lock:
+                        current.clear()
+                    gated.abort()
+                    driver.kill(cg)
+                    gated.process.wait()
+                    monitor.unwatch(trial.cgroup_id)
+                    driver.remove(cg)
+            out["bpf_map_entries_left"] = list(monitor.entry_counts())
+
+        # Per-tool-call cgroup lifecycle: create + limit + attach (a gated process) + remove
+        # (after it exited). Spawning and reaping the process are not timed.
+        create_ns: list[int] = []
+        attach_ns: list[int] = []
+        remove_ns: list[int] = []
+        lifecycle_ns: list[int] = []
+        driver.create("lifecycle")
+        for i in range(lifecycle_n):
+            gated = spawn_gated(["true"])
+            t0 = time.perf_counter_ns()
+            cg = driver.create("lifecycle", f"c{i}")
+            driver.set_memory_limit(cg, budget)
+            t1 = time.perf_counter_ns()
+            driver.attach(cg, gated.pid)
+            t2 = time.perf_counter_ns()
+            gated.abort()
+            gated.process.wait()
+            t3 = time.perf_counter_ns()
+            driver.remove(cg)
+            t4 = time.perf_counter_ns()
+            create_ns.append(t1 - t0)
+            attach_ns.append(t2 - t1)
+            remove_ns.append(t4 - t3)
+            lifecycle_ns.append(t4 - t3 + t2 - t0)
+    finally:
+        driver.clear()
+
+    out["trials_per_mode"] = trials
+    out["budget_mb"] = budget_mb
+    out["spike_mb"] = spike_mb
+    out["spike_rate_gbps"] = round(statistics.median(rates) / 1e9, 2) if rates else 0
+    out["poll_interval_ms"] = poll_interval_ms
+    out["usage_source"] = usage_source
+    for mode in ("ebpf", "ebpf_freeze", "poll"):
+        out[f"{mode}_samples"] = len(samples[mode])
+        if samples[mode]:
+            out[f"{mode}_p50_ms"] = _ms(samples[mode], 50)
+            out[f"{mode}_p99_ms"] = _ms(samples[mode], 99)
+            out[f"{mode}_max_ms"] = round(max(samples[mode]) / 1e6, 3)
+        if overshoot.get(mode):
+            out[f"{mode}_overshoot_p99_bytes"] = int(percentile(overshoot[mode], 99))
+    if samples["ebpf"] and samples["poll"]:
+        out["speedup_p99"] = round(out["poll_p99_ms"] / max(out["ebpf_p99_ms"], 1e-3), 1)
+        out["overshoot_p99_bytes"] = out["ebpf_overshoot_p99_bytes"]
+    out["cgroup_lifecycle_p50_ms"] = _ms(lifecycle_ns, 50)
+    out["cgroup_lifecycle_p99_ms"] = _ms(lifecycle_ns, 99)
+    out["cgroup_create_limit_p50_ms"] = _ms(create_ns, 50)
+    out["cgroup_attach_p50_ms"] = _ms(attach_ns, 50)
+    out["cgroup_remove_p50_ms"] = _ms(remove_ns, 50)
+    out["cgroup_controllers"] = ",".join(driver.controllers)
+    return out
+
+
+def _bpf_overhead(*, rounds: int, seconds: float, sources: list[str]) -> dict[str, Any]:
+    """Throughput of an allocation loop in a watched cgroup, with each monitor vs none."""
+    from agentcg.node.cgroup import CgroupV1Driver
+    from agentcg.node.monitor import MemoryMonitor, UsageSource
+    from agentcg.node.spawn import spawn_gated
+
+    driver = CgroupV1Driver(f"agentcg-bench-ovh-{os.getpid()}")
+    driver.clear()
+    rates: dict[str, list[float]] = {v: [] for v in ["none", *sources]}
+    try:
+        for r in range(rounds):
+            for variant in rates:
+                monitor = (
+                    None
+                    if variant == "none"
+                    else MemoryMonitor(lambda ev: None, usage_source=UsageSource[variant.upper()])
+                )
+                try:
+                    if monitor is not None:
+                        monitor.start()
+                    cg = driver.create("loop", f"{variant}{r}")
+                    gated = spawn_gated(
+                        [sys.executable, "-c", _LOOP_CODE, str(seconds)], stdout=subprocess.PIPE
+                    )
+                    driver.attach(cg, gated.pid)
+                    if monitor is not None:
+                        cid = driver.cgroup_id(cg)
+                        # Watched as a call is: a soft threshold never reached.
+                        monitor.watch(cid, soft_bytes=1 << 40, limit_bytes=1 << 40)
+                        monitor.add_pid(gated.pid, cid)
+                    gated.release()
+                    stdout, _ = gated.process.communicate(timeout=seconds + 30)
+                    rates[variant].append(float(stdout.decode().strip()))
+                    driver.remove(cg)
+                finally:
+                    if monitor is not None:
+                        monitor.close()
+    finally:
+        driver.clear()
+    base = statistics.median(rates["none"])
+    out: dict[str, Any] = {"alloc_loop_gbps": round(base / 1e9, 2)}
+    for source in sources:
+        out[f"bpf_overhead_{source}_pct"] = round(
+            (1 - statistics.median(rates[source]) / base) * 100, 1
+        )
+    out["bpf_overhead_pct"] = out[f"bpf_overhead_{sources[0]}_pct"]
+    return out
+
+
+def bench_reaction(
+    *,
+    calls: int,
+    spike_mb: int,
+    concurrency: int,
+    json_path: Path | None,
+    trials: int = 50,
+    budget_mb: int = 64,
+    kernel_spike_mb: int = 512,
+    poll_interval_ms: int = 100,
+    lifecycle_n: int = 300,
+    usage_source: str = "lru",
+    overhead_rounds: int = 5,
+    overhead_seconds: float = 1.5,
+    cluster: bool = True,
+) -> dict[str, Any]:
+    """Side by side in one run: in-kernel detection vs a poller (real cgroups, a real spike),
+    the cgroup lifecycle, the BPF overhead, and the decision path through a real broker."""
+    result: dict[str, Any] = _kernel_reaction(
+        trials=trials,
+        budget_mb=budget_mb,
+        spike_mb=kernel_spike_mb,
+        poll_interval_ms=poll_interval_ms,
+        lifecycle_n=lifecycle_n,
+        usage_source=usage_source,
+    )
+    sources = [usage_source, *(s for s in ("lru", "pgpgin", "none") if s != usage_source)]
+    if overhead_rounds > 0:
+        result.update(
+            _bpf_overhead(rounds=overhead_rounds, seconds=overhead_seconds, sources=sources)
+        )
+    if cluster:
+        result.update(_cluster_reaction(calls, spike_mb, concurrency))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _cluster_reaction(calls: int, spike_mb: int, concurrency: int) -> dict[str, Any]:
+    """In-kernel limit event -> broker decision on the node / applied, via a real broker."""
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-") as tmp:
         with LocalCluster(Path(tmp), nodes=1, node_memory="8G", log_level="WARNING") as cluster:
             samples = asyncio.run(_spikes(cluster.broker_address, calls, spike_mb, concurrency))
-    result: dict[str, Any] = {"calls": calls, "spike_mb": spike_mb, "concurrency": concurrency}
+    result: dict[str, Any] = {
+        "calls": calls,
+        "cluster_spike_mb": spike_mb,
+        "concurrency": concurrency,
+    }
     for kind in ("grow", "kill"):
         v = samples[kind]
         result[f"{kind}_actions"] = len(v)
@@ -72,7 +403,8 @@ def bench_reaction(
     if both:
         result["decision_applied_p50_ms"] = round(statistics.median(both), 3)
         result["decision_applied_p99_ms"] = round(percentile(both, 99), 3)
+    if samples["broker"]:
+        result["broker_p50_ms"] = round(statistics.median(samples["broker"]), 3)
+        result["broker_p99_ms"] = round(percentile(samples["broker"], 99), 3)
     result["call_wall_p50_ms"] = round(statistics.median(samples["wall"]), 1)
-    if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -7,8 +7,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from agentcg.errors import AgentcgError
@@ -16,7 +17,7 @@ from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .sdk import AsyncClient, RunResult
+from .sdk import AsyncClient, RunResult, TenantInfo
 
 __all__ = ["app", "main"]
 
@@ -37,6 +38,8 @@ BrokerOpt = Annotated[str, typer.Option("--broker", help="broker address host:po
 # Exit status of `agentcg run` when admission is denied (EX_TEMPFAIL: retry later).
 EXIT_DENIED = 75
 
+T = TypeVar("T")
+
 
 def _size(text: str) -> int:
     try:
@@ -45,13 +48,13 @@ def _size(text: str) -> int:
         raise typer.BadParameter(str(e)) from None
 
 
-def _fail(exc: AgentcgError) -> None:
+def _fail(exc: AgentcgError) -> NoReturn:
     err_console.print(f"[red]error:[/red] {exc.message}")
     raise typer.Exit(2)
 
 
-def _client_call(broker: str, fn):  # type: ignore[no-untyped-def]
-    async def go():  # type: ignore[no-untyped-def]
+def _client_call(broker: str, fn: Callable[[AsyncClient], Awaitable[T]]) -> T:
+    async def go() -> T:
         async with AsyncClient(broker) as c:
             return await fn(c)
 
@@ -102,6 +105,13 @@ def node(
     dry_run: Annotated[
         bool, typer.Option(help="log enforcement actions without applying them")
     ] = False,
+    usage_source: Annotated[
+        str,
+        typer.Option(help="in-kernel usage estimate: lru (exact), pgpgin, none (cheapest)"),
+    ] = "lru",
+    keep_calls: Annotated[
+        bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
+    ] = False,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
@@ -112,6 +122,8 @@ def node(
 
     if on_timeout not in ("kill", "grow-local"):
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
+    if usage_source not in ("lru", "pgpgin", "none"):
+        raise typer.BadParameter("--usage-source must be lru, pgpgin or none")
     node_main(
         NodeConfig(
             broker=broker,
@@ -123,6 +135,8 @@ def node(
                 broker_timeout_s=broker_timeout, on_timeout=on_timeout, dry_run=dry_run
             ),
             ready_file=ready_file,
+            usage_source=usage_source,
+            keep_calls=keep_calls,
         ),
         log_level,
     )
@@ -131,15 +145,17 @@ def node(
 # -- tenants ----------------------------------------------------------------------------------
 
 
-def _tenant_table(tenants) -> Table:  # type: ignore[no-untyped-def]
-    table = Table("tenant", "parent", "quota", "granted", "leases")
+def _tenant_table(tenants: Iterable[TenantInfo]) -> Table:
+    table = Table("tenant", "parent", "quota", "granted", "cpu", "leases", "weight")
     for t in tenants:
         table.add_row(
             t.name,
             t.parent or "-",
             format_bytes(t.memory_quota_bytes),
             format_bytes(t.granted_memory_bytes),
-            str(t.active_leases),
+            f"{t.granted_cpu_millis}/{t.cpu_quota_millis or '-'}",
+            f"{t.active_leases}/{t.max_calls or '-'}",
+            str(t.weight),
         )
     return table
 
@@ -149,11 +165,21 @@ def tenant_set(
     name: str,
     memory: Annotated[str, typer.Option(help="memory quota, e.g. 4G")],
     parent: Annotated[str, typer.Option(help="parent tenant (org)")] = "",
+    cpu: Annotated[int, typer.Option(help="CPU quota in millis for the subtree; 0: none")] = 0,
+    max_calls: Annotated[
+        int, typer.Option(help="concurrent calls in the subtree; 0: unlimited")
+    ] = 0,
+    weight: Annotated[int, typer.Option(help="fair-share weight under contention")] = 1,
     broker: BrokerOpt = BROKER_DEFAULT,
 ) -> None:
-    """Create or update a tenant's memory quota."""
+    """Create or update a tenant: quotas per resource, checked for its whole subtree."""
     mem = _size(memory)
-    t = _client_call(broker, lambda c: c.set_tenant(name, mem, parent=parent))
+    t = _client_call(
+        broker,
+        lambda c: c.set_tenant(
+            name, mem, parent=parent, cpu_millis=cpu, max_calls=max_calls, weight=weight
+        ),
+    )
     console.print(_tenant_table([t]))
 
 
@@ -269,16 +295,68 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("reaction")
 def bench_reaction_cmd(
-    calls: Annotated[int, typer.Option(help="spiking tool calls to run")] = 40,
-    spike: Annotated[int, typer.Option(help="spike size in MB (budget is 64 MiB)")] = 200,
+    calls: Annotated[int, typer.Option(help="spiking tool calls through the broker")] = 40,
+    spike: Annotated[int, typer.Option(help="broker-path spike size in MB (budget 64 MiB)")] = 200,
     concurrency: int = 2,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll)")] = 50,
+    budget_mb: Annotated[int, typer.Option(help="budget the spike crosses, MiB")] = 64,
+    kernel_spike_mb: Annotated[int, typer.Option(help="kernel-path spike size, MiB")] = 512,
+    poll_interval_ms: Annotated[int, typer.Option(help="the user-space poller's period")] = 100,
+    lifecycle: Annotated[int, typer.Option(help="cgroup lifecycles to time")] = 300,
+    usage_source: Annotated[str, typer.Option(help="in-kernel usage source: lru|pgpgin")] = "lru",
+    overhead_rounds: Annotated[int, typer.Option(help="alloc-loop rounds (0: skip)")] = 5,
+    overhead_seconds: Annotated[float, typer.Option(help="seconds per alloc-loop run")] = 1.5,
+    cluster: Annotated[bool, typer.Option(help="also run the broker decision path")] = True,
 ) -> None:
-    """In-kernel limit event -> broker decision applied, through a real broker and node."""
+    """Spike -> enforcement: eBPF vs a 100 ms poller, cgroup lifecycle, BPF overhead, broker."""
     from .bench import bench_reaction
 
     result = bench_reaction(
-        calls=calls, spike_mb=spike, concurrency=concurrency, json_path=json_path
+        calls=calls,
+        spike_mb=spike,
+        concurrency=concurrency,
+        json_path=json_path,
+        trials=trials,
+        budget_mb=budget_mb,
+        kernel_spike_mb=kernel_spike_mb,
+        poll_interval_ms=poll_interval_ms,
+        lifecycle_n=lifecycle,
+        usage_source=usage_source,
+        overhead_rounds=overhead_rounds,
+        overhead_seconds=overhead_seconds,
+        cluster=cluster,
+    )
+    table = Table("metric", "value")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@bench_app.command("admission")
+def bench_admission_cmd(
+    seconds: Annotated[float, typer.Option(help="seconds per measured phase")] = 3.0,
+    processes: Annotated[int, typer.Option(help="load generator processes")] = 2,
+    concurrency: Annotated[int, typer.Option(help="requests in flight per process")] = 16,
+    rate: Annotated[float, typer.Option(help="Reserve/s of the fixed-rate phase")] = 1000.0,
+    leases: Annotated[int, typer.Option(help="live leases for the 10k phase")] = 10_000,
+    node_streams: Annotated[int, typer.Option(help="simulated node streams for RSS")] = 1000,
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in a temp dir)")] = "",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Admission throughput and latency against a real broker process (see bench_admission)."""
+    from .bench_admission import bench_admission
+
+    result = bench_admission(
+        seconds=seconds,
+        processes=processes,
+        concurrency=concurrency,
+        rate=rate,
+        leases=leases,
+        node_streams=node_streams,
+        database_url=db,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )
     table = Table("metric", "value")
     for k, v in result.items():

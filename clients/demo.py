@@ -82,7 +82,7 @@ async def _replay_tenant(
         report.killed += result.outcome == "killed"
         report.peak_bytes = max(report.peak_bytes, result.peak_bytes)
         report.max_budget_bytes = max(report.max_budget_bytes, result.budget_bytes)
-        report.reactions_ns.extend(result.reactions_ns)
+        report.reactions_ns.extend(ns for a, ns in result.timed_actions if a in ("grow", "kill"))
 
 
 async def _replay(

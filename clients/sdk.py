@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -74,11 +75,23 @@ class TenantInfo:
     memory_quota_bytes: int
     granted_memory_bytes: int
     active_leases: int
+    cpu_quota_millis: int = 0  # 0: unlimited
+    granted_cpu_millis: int = 0
+    max_calls: int = 0  # 0: unlimited
+    weight: int = 1
 
     @classmethod
     def from_pb(cls, pb: broker_pb2.Tenant) -> TenantInfo:
         return cls(
-            pb.name, pb.parent, pb.quota.memory_bytes, pb.granted.memory_bytes, pb.active_leases
+            pb.name,
+            pb.parent,
+            pb.quota.memory_bytes,
+            pb.granted.memory_bytes,
+            pb.active_leases,
+            cpu_quota_millis=pb.quota.cpu_millis,
+            granted_cpu_millis=pb.granted.cpu_millis,
+            max_calls=pb.max_calls,
+            weight=pb.weight or 1,
         )
 
 
@@ -93,6 +106,9 @@ class RunResult:
     node_id: str = ""
     actions: tuple[str, ...] = ()  # enforcement actions seen, in order ("pause", "grow", ...)
     reactions_ns: tuple[int, ...] = ()
+    decisions_ns: tuple[int, ...] = ()  # kernel event -> broker decision on the node
+    # (action, in-kernel event -> action in effect) for every action the node timed
+    timed_actions: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +132,7 @@ class AsyncClient:
         self._channel = grpc.aio.insecure_channel(broker)
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
-        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentStub]] = {}
+        self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> AsyncClient:
@@ -131,9 +147,9 @@ class AsyncClient:
         self._nodes.clear()
         await self._channel.close()
 
-    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _call(self, call: Awaitable[T]) -> T:
         try:
-            return await coro
+            return await call
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -150,20 +166,25 @@ class AsyncClient:
         ttl_ms: int = 0,
         idempotency_key: str = "",
         expected_duration_ms: int = 0,
+        cpu_millis: int = 0,
+        queue_timeout_ms: int = 0,
     ) -> Lease:
+        """Admit one tool call. With ``queue_timeout_ms`` the broker waits up to that long for
+        capacity (by priority, then arrival) before it denies."""
         reply = await self._call(
             self._broker.Reserve(
                 broker_pb2.ReserveRequest(
                     tenant=tenant,
                     session=session,
                     command_class=command_class,
-                    intent=types_pb2.Resources(memory_bytes=memory_bytes),
+                    intent=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
                     priority=priority,
                     ttl_ms=ttl_ms,
                     idempotency_key=idempotency_key,
                     expected_duration_ms=expected_duration_ms,
+                    queue_timeout_ms=queue_timeout_ms,
                 ),
-                timeout=self._timeout_s,
+                timeout=self._timeout_s + queue_timeout_ms / 1000,
             )
         )
         return Lease.from_pb(reply.lease)
@@ -210,16 +231,70 @@ class AsyncClient:
         )
         return [Lease.from_pb(x) for x in reply.leases]
 
+    async def reserve_batch(
+        self, requests: Sequence[broker_pb2.ReserveRequest]
+    ) -> list[Lease | QuotaExceededError]:
+        """Many admissions in one durable round trip: a Lease or the denial, per request."""
+        reply = await self._call(
+            self._broker.ReserveBatch(
+                broker_pb2.ReserveBatchRequest(requests=list(requests)), timeout=self._timeout_s
+            )
+        )
+        out: list[Lease | QuotaExceededError] = []
+        for r in reply.results:
+            if r.HasField("lease"):
+                out.append(Lease.from_pb(r.lease))
+            else:
+                d = r.denial
+                out.append(
+                    QuotaExceededError(
+                        d.message,
+                        code=d.code,
+                        scope=d.hint.limiting_scope,
+                        largest_memory_bytes_available=d.hint.largest_memory_bytes_available,
+                        retry_after_ms=d.hint.retry_after_ms,
+                        last_peak_memory_bytes=d.hint.last_peak_memory_bytes,
+                    )
+                )
+        return out
+
+    async def release_batch(self, lease_ids: Sequence[str]) -> list[Lease]:
+        """Release many leases in one durable round trip (idempotent per lease)."""
+        reply = await self._call(
+            self._broker.ReleaseBatch(
+                broker_pb2.ReleaseBatchRequest(
+                    requests=[broker_pb2.ReleaseRequest(lease_id=x) for x in lease_ids]
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [Lease.from_pb(x) for x in reply.leases]
+
     async def ping(self) -> None:
         await self._call(self._broker.Ping(broker_pb2.PingRequest(), timeout=self._timeout_s))
 
     # -- tenants ------------------------------------------------------------------------------
 
-    async def set_tenant(self, name: str, memory_bytes: int, *, parent: str = "") -> TenantInfo:
+    async def set_tenant(
+        self,
+        name: str,
+        memory_bytes: int,
+        *,
+        parent: str = "",
+        cpu_millis: int = 0,
+        max_calls: int = 0,
+        weight: int = 0,
+    ) -> TenantInfo:
+        """Create or update a tenant: quotas per resource (0 CPU / calls: unlimited), checked
+        at this level for its whole subtree; ``weight`` (0: 1) is its fair share."""
         pb = await self._call(
             self._admin.SetTenant(
                 broker_pb2.SetTenantRequest(
-                    name=name, parent=parent, quota=types_pb2.Resources(memory_bytes=memory_bytes)
+                    name=name,
+                    parent=parent,
+                    quota=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
+                    max_calls=max_calls,
+                    weight=weight,
                 ),
                 timeout=self._timeout_s,
             )
@@ -247,11 +322,20 @@ class AsyncClient:
 
     # -- running a tool call ------------------------------------------------------------------
 
-    def _node(self, address: str) -> node_pb2_grpc.NodeAgentStub:
+    def _node(self, address: str) -> node_pb2_grpc.NodeAgentAsyncStub:
         if address not in self._nodes:
             ch = grpc.aio.insecure_channel(address)
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
+
+    async def attach(self, lease: Lease, pid: int) -> str:
+        """Move an existing process into the lease's call cgroup on its node; its cgroup path."""
+        request = node_pb2.AttachRequest(lease_id=lease.lease_id, pid=pid)
+        try:
+            reply = await self._node(lease.node_address).Attach(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return str(reply.cgroup_path)
 
     async def exec(
         self,
@@ -274,6 +358,8 @@ class AsyncClient:
         )
         actions: list[str] = []
         reactions: list[int] = []
+        decisions: list[int] = []
+        timed: list[tuple[str, int]] = []
         try:
             async for ev in stream:
                 kind = ev.WhichOneof("body")
@@ -283,6 +369,9 @@ class AsyncClient:
                     actions.append(ev.enforcement.action)
                     if ev.enforcement.reaction_ns:
                         reactions.append(ev.enforcement.reaction_ns)
+                        timed.append((ev.enforcement.action, ev.enforcement.reaction_ns))
+                    if ev.enforcement.decision_ns:
+                        decisions.append(ev.enforcement.decision_ns)
                 elif kind == "exited":
                     x = ev.exited
                     return RunResult(
@@ -295,10 +384,24 @@ class AsyncClient:
                         node_id=lease.node_id,
                         actions=tuple(actions),
                         reactions_ns=tuple(reactions),
+                        decisions_ns=tuple(decisions),
+                        timed_actions=tuple(timed),
                     )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         raise AgentcgError(f"node {lease.node_id}: stream ended without an exit status")
+
+    async def _keep_renewed(self, lease: Lease) -> None:
+        """Renew the lease at a third of its TTL for as long as the call runs (a long pytest
+        must not outlive its lease: the node stops calls whose lease expired)."""
+        ttl_ms = max(1000, lease.expires_at_unix_ms - int(time.time() * 1000))
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            try:
+                renewed = await self.renew(lease.lease_id, ttl_ms)
+            except AgentcgError:
+                return  # released, or the broker is gone: the node decides what happens
+            ttl_ms = max(1000, renewed.expires_at_unix_ms - int(time.time() * 1000))
 
     async def run(
         self,
@@ -309,11 +412,13 @@ class AsyncClient:
         session: str = "default",
         command_class: str = "default",
         priority: int = 0,
+        ttl_ms: int = 0,
         env: Mapping[str, str] | None = None,
         cwd: str = "",
         on_output: OutputSink | None = None,
     ) -> RunResult:
-        """Reserve, run on the chosen node, release. A denial is a result, not an exception."""
+        """Reserve, run on the chosen node (renewing the lease while it runs), release.
+        A denial is a result, not an exception."""
         try:
             lease = await self.reserve(
                 tenant,
@@ -321,16 +426,19 @@ class AsyncClient:
                 session=session,
                 command_class=command_class,
                 priority=priority,
+                ttl_ms=ttl_ms,
             )
         except QuotaExceededError as exc:
             return RunResult(
                 exit_code=1, outcome="denied", peak_bytes=0, budget_bytes=0, reason=exc.message
             )
         result: RunResult | None = None
+        keepalive = asyncio.create_task(self._keep_renewed(lease))
         try:
             result = await self.exec(lease, argv, env=env, cwd=cwd, on_output=on_output)
             return result
         finally:
+            keepalive.cancel()
             # The node releases on exit too; this covers a call that never started. Idempotent.
             await asyncio.shield(
                 self.release(

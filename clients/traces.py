@@ -81,6 +81,7 @@ class Trace:
             )
         return cls(
             task=str(obj.get("task", "?")),
+            # A JSON number (object-typed here); float() rejects anything else at runtime.
             interval_s=float(obj.get("interval_s", 1.0)),  # type: ignore[arg-type]
             samples=samples,
             tool_calls=tuple(calls),

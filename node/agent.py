@@ -23,6 +23,7 @@ from agentcg.errors import (
     ConflictError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
 )
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import error_from_rpc, to_status
@@ -35,23 +36,45 @@ from .enforcement import (
     CallPhase,
     CallView,
     Kill,
+    LeaseView,
     NodePolicy,
+    Pause,
+    Refresh,
     Resize,
+    Throttle,
+    Unthrottle,
+    Update,
     on_deadline,
     on_decision_grow,
+    on_denied,
+    on_lease_refresh,
+    on_lease_tick,
     on_limit,
+    on_soft,
+    on_throttle_deadline,
     soft_threshold,
 )
 from .monitor import EventKind, MemEvent, MemoryMonitor
 from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
 
-__all__ = ["Call", "NodeAgent"]
+__all__ = ["Call", "NodeAgent", "lease_view"]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 _OUTPUT_CHUNK = 64 * 1024
+
+
+def lease_view(lease: types_pb2.Lease) -> LeaseView:
+    return LeaseView(
+        epoch=lease.epoch,
+        expires_at_unix_ms=lease.expires_at_unix_ms,
+        active=lease.state == types_pb2.LEASE_STATE_ACTIVE,
+        node_id=lease.node_id,
+        budget_bytes=lease.budget.memory_bytes,
+        state=types_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_").lower(),
+    )
 
 
 @dataclass
@@ -60,6 +83,7 @@ class _Pending:
     event_id: str
     kernel_time_ns: int
     timer: asyncio.TimerHandle
+    decision_ns: int = 0  # kernel event -> the broker's decision received here
 
 
 @dataclass
@@ -77,6 +101,10 @@ class Call:
     pending: _Pending | None = None
     killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
+    frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
+    throttle_timer: asyncio.TimerHandle | None = None
+    adopted: bool = False  # not our child (re-adopted after a restart, or attached)
+    started_s: float = field(default_factory=time.monotonic)
 
     def view(self) -> CallView:
         return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
@@ -102,6 +130,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._by_cgroup: dict[int, Call] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._adopt_poll: asyncio.Task[None] | None = None
 
     # -- monitor events (from the poller thread) -----------------------------------------------
 
@@ -121,6 +150,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         elif ev.kind is EventKind.SOFT:
             log.debug("call %s crossed soft threshold at %d bytes", call.call_id, ev.usage_bytes)
             self._send_pressure(call, broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD, ev, "", 0)
+            self._on_soft(call, ev)
+        elif ev.kind is EventKind.EXIT and call.adopted:
+            self._check_adopted(call)
         elif ev.kind is EventKind.OOM_KILL:
             log.warning("call %s: kernel OOM-killed pid %d", call.call_id, ev.pid)
             call.kill_reason = call.kill_reason or (
@@ -135,8 +167,33 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if not isinstance(decision, AskBroker):
             log.debug("call %s: limit event ignored: %s", call.call_id, decision.reason)
             return
+        self._pause_and_ask(
+            call,
+            ev,
+            decision.requested_bytes,
+            stats.usage_bytes,
+            "budget reached; asking the broker to grow it",
+            freeze=False,  # the kernel holds it at its limit (pause at limit)
+        )
+
+    def _pause_and_ask(
+        self,
+        call: Call,
+        ev: MemEvent,
+        requested_bytes: int,
+        usage_bytes: int,
+        reason: str,
+        *,
+        freeze: bool,
+    ) -> None:
         action_id = uuid.uuid4().hex[:12]
         event_id = uuid.uuid4().hex[:12]
+        if call.throttle_timer is not None:
+            call.throttle_timer.cancel()
+            call.throttle_timer = None
+        if freeze and not self.policy.dry_run:
+            self.driver.set_frozen(call.cgroup, True)
+            call.frozen = True
         call.phase = CallPhase.PAUSED
         assert self.loop is not None
         timer = self.loop.call_later(
@@ -144,23 +201,30 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         call.pending = _Pending(action_id, event_id, ev.kernel_time_ns, timer)
         log.info(
-            "pause call %s lease %s tenant %s at budget %d (usage %d) action %s: asking broker for %d",
+            "pause call %s lease %s tenant %s at budget %d (usage %d) action %s: asking broker "
+            "for %d%s",
             call.call_id,
             call.lease.lease_id,
             call.lease.tenant,
             call.budget_bytes,
-            stats.usage_bytes,
+            usage_bytes,
             action_id,
-            decision.requested_bytes,
+            requested_bytes,
+            " (dry run)" if self.policy.dry_run else "",
         )
+        with tracer.start_as_current_span("agentcg.enforce.pause") as span:
+            span.set_attribute("agentcg.action_id", action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
         call.events.put_nowait(
             node_pb2.ExecEvent(
                 enforcement=node_pb2.Enforcement(
                     action_id=action_id,
                     action="pause",
                     budget_bytes=call.budget_bytes,
-                    usage_bytes=stats.usage_bytes,
-                    reason="budget reached; asking the broker to grow it",
+                    usage_bytes=usage_bytes,
+                    reason=reason,
                 )
             )
         )
@@ -169,9 +233,110 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
             ev,
             action_id,
-            decision.requested_bytes,
+            requested_bytes,
             event_id=event_id,
-            usage_bytes=stats.usage_bytes,
+            usage_bytes=usage_bytes,
+        )
+
+    # -- throttle: the first step of the ladder, always with a deadline ----------------------
+
+    def _on_soft(self, call: Call, ev: MemEvent) -> None:
+        decision = on_soft(call.view(), self.policy)
+        if not isinstance(decision, Throttle):
+            log.debug("call %s: soft event, no throttle: %s", call.call_id, decision.reason)
+            return
+        action_id = uuid.uuid4().hex[:12]
+        if not self.policy.dry_run:
+            self.driver.set_memory_throttle(call.cgroup, decision.high_bytes)
+        call.phase = CallPhase.THROTTLED
+        assert self.loop is not None
+        call.throttle_timer = self.loop.call_later(
+            decision.deadline_s, self._on_throttle_deadline, call, ev
+        )
+        self._report_local(
+            call, action_id, "throttle", broker_pb2.ACTION_KIND_THROTTLE, decision.reason, ev
+        )
+
+    def _on_throttle_deadline(self, call: Call, ev: MemEvent) -> None:
+        call.throttle_timer = None
+        try:
+            usage = self.driver.read_stats(call.cgroup).usage_bytes
+        except CgroupError as exc:
+            log.warning("call %s: throttle deadline: %s", call.call_id, exc)
+            return
+        decision = on_throttle_deadline(call.view(), usage, self.policy)
+        if isinstance(decision, Pause):
+            call.peak_bytes = max(call.peak_bytes, usage)
+            now = MemEvent(
+                ev.kind, ev.cgroup_id, ev.pid, usage, ev.threshold_bytes, time.monotonic_ns()
+            )
+            self._pause_and_ask(
+                call, now, decision.requested_bytes, usage, decision.reason, freeze=True
+            )
+        elif isinstance(decision, Unthrottle):
+            if not self.policy.dry_run:
+                self.driver.set_memory_throttle(call.cgroup, None)
+            call.phase = CallPhase.RUNNING
+            self._report_local(
+                call,
+                uuid.uuid4().hex[:12],
+                "unthrottle",
+                broker_pb2.ACTION_KIND_RESUME,
+                decision.reason,
+                ev,
+            )
+
+    def _report_local(
+        self,
+        call: Call,
+        action_id: str,
+        action: str,
+        kind: broker_pb2.ActionKind.ValueType,
+        reason: str,
+        ev: MemEvent,
+    ) -> None:
+        """An action the node took on its own: log, span, ExecEvent, ActionReport."""
+        reaction_ns = max(0, time.monotonic_ns() - ev.kernel_time_ns)
+        log.info(
+            "%s call %s lease %s tenant %s budget %d action %s: %s%s",
+            action,
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            call.budget_bytes,
+            action_id,
+            reason,
+            " (dry run)" if self.policy.dry_run else "",
+        )
+        with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
+            span.set_attribute("agentcg.action_id", action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=action_id,
+                    action=action,
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=ev.usage_bytes,
+                    reason=reason,
+                    reaction_ns=reaction_ns,
+                )
+            )
+        )
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                action=broker_pb2.ActionReport(
+                    action_id=action_id,
+                    lease_id=call.lease.lease_id,
+                    kind=kind,
+                    budget_bytes=call.budget_bytes,
+                    reason=reason,
+                    dry_run=self.policy.dry_run,
+                    reaction_ns=reaction_ns,
+                )
+            )
         )
 
     def _send_pressure(
@@ -206,9 +371,30 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     async def on_decision(self, d: broker_pb2.Decision) -> None:
         call = self.calls.get(d.lease_id)
+        if d.kind == broker_pb2.DECISION_KIND_PREEMPT:
+            # The broker revoked the lease for higher-priority work: stop the call, paused or not.
+            if call is None or call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+                return
+            if d.epoch and d.epoch < call.lease.epoch:
+                log.warning(
+                    "preempt %s of lease %s: stale epoch; ignored", d.decision_id, d.lease_id
+                )
+                return
+            self._stop(call, d.reason or "preempted by the broker for higher-priority work")
+            return
         if call is None or call.pending is None:
             log.debug("decision %s for lease %s: no waiting call", d.decision_id, d.lease_id)
             return
+        if d.epoch and d.epoch < call.lease.epoch:
+            log.warning(
+                "decision %s for lease %s: stale epoch %d < %d; ignored",
+                d.decision_id,
+                d.lease_id,
+                d.epoch,
+                call.lease.epoch,
+            )
+            return
+        call.pending.decision_ns = time.monotonic_ns() - call.pending.kernel_time_ns
         if d.kind == broker_pb2.DECISION_KIND_GROW:
             grow = on_decision_grow(call.view(), d.new_budget_bytes)
             if isinstance(grow, Resize):
@@ -217,7 +403,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             else:
                 log.warning("call %s: grow decision ignored: %s", call.call_id, grow.reason)
         elif d.kind == broker_pb2.DECISION_KIND_KILL:
-            self._kill(call, d.reason)
+            self._deny(call, d.reason)
 
     def _on_deadline(self, call: Call, action_id: str) -> None:
         if call.pending is None or call.pending.action_id != action_id:
@@ -227,7 +413,20 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if isinstance(decision, Resize):
             self._resize(call, decision.new_budget_bytes, decision.reason)
         elif isinstance(decision, Kill):
+            self._deny(call, decision.reason)
+
+    def _deny(self, call: Call, reason: str) -> None:
+        decision = on_denied(call.view(), not call.frozen, reason)
+        if isinstance(decision, Kill):
             self._kill(call, decision.reason)
+        elif isinstance(decision, Unthrottle):
+            if not self.policy.dry_run:
+                self.driver.set_memory_throttle(call.cgroup, None)
+                if call.frozen:
+                    self.driver.set_frozen(call.cgroup, False)
+            call.frozen = False
+            call.phase = CallPhase.RUNNING
+            self._finish_action(call, broker_pb2.ACTION_KIND_RESUME, decision.reason)
 
     def _finish_action(
         self, call: Call, kind: broker_pb2.ActionKind.ValueType, reason: str
@@ -239,7 +438,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.pending = None
         reaction_ns = time.monotonic_ns() - pending.kernel_time_ns
         call.reactions_ns.append(reaction_ns)
-        action = "grow" if kind == broker_pb2.ACTION_KIND_GROW else "kill"
+        action = {
+            broker_pb2.ACTION_KIND_GROW: "grow",
+            broker_pb2.ACTION_KIND_RESUME: "resume",
+        }.get(kind, "kill")
         with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
             span.set_attribute("agentcg.action_id", pending.action_id)
             span.set_attribute("agentcg.lease_id", call.lease.lease_id)
@@ -267,6 +469,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     usage_bytes=call.peak_bytes,
                     reason=reason,
                     reaction_ns=reaction_ns,
+                    decision_ns=pending.decision_ns,
                 )
             )
         )
@@ -294,6 +497,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 limit_bytes=new_budget,
             )
             self.driver.set_memory_limit(call.cgroup, new_budget)
+            self.driver.set_memory_throttle(call.cgroup, None)
+            if call.frozen:
+                self.driver.set_frozen(call.cgroup, False)
+                call.frozen = False
         call.budget_bytes = new_budget
         call.grown += 1
         call.phase = CallPhase.RUNNING
@@ -317,10 +524,125 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
         done.add_done_callback(killed)
 
+    # -- leases: enforced locally ------------------------------------------------------------
+
+    async def watch_leases(self) -> None:
+        """Check every call's lease each policy.lease_check_interval_s (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(self.policy.lease_check_interval_s)
+            try:
+                await self.check_leases()
+            except Exception:
+                log.exception("lease check failed")
+
+    async def check_leases(self, now_unix_ms: int | None = None) -> None:
+        """One pass: refresh leases about to expire from the broker; stop expired/stale ones."""
+        for call in list(self.calls.values()):
+            if call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+                continue
+            now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
+            held = lease_view(call.lease)
+            if not isinstance(
+                on_lease_tick(held, now, self.policy.lease_refresh_margin_ms), Refresh
+            ):
+                continue
+            fresh: LeaseView | None
+            try:
+                lease = await self.uplink.broker.GetLease(
+                    broker_pb2.GetLeaseRequest(lease_id=call.lease.lease_id), timeout=2
+                )
+                fresh = lease_view(lease)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    fresh = LeaseView(0, 0, active=False, state="unknown")
+                else:
+                    log.warning("lease %s: cannot refresh: %s", call.lease.lease_id, exc.code())
+                    fresh = None
+            self.apply_lease(call, held, fresh, now)
+
+    def on_lease_update(self, lease: types_pb2.Lease) -> None:
+        """The broker pushed a lease change (renewal, revocation) on the stream."""
+        call = self.calls.get(lease.lease_id)
+        if call is not None:
+            self.apply_lease(
+                call, lease_view(call.lease), lease_view(lease), int(time.time() * 1000)
+            )
+
+    def apply_lease(
+        self, call: Call, held: LeaseView, fresh: LeaseView | None, now_unix_ms: int
+    ) -> None:
+        if call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+            return
+        verdict = on_lease_refresh(held, fresh, now_unix_ms, self.node_id)
+        if isinstance(verdict, Kill):
+            self._stop(call, verdict.reason)
+        elif isinstance(verdict, Update):
+            call.lease.epoch = verdict.lease.epoch
+            call.lease.expires_at_unix_ms = verdict.lease.expires_at_unix_ms
+            log.debug("call %s: %s", call.call_id, verdict.reason)
+
+    def _stop(self, call: Call, reason: str) -> None:
+        """Stop a call on the node's own authority (its lease no longer holds)."""
+        action_id = uuid.uuid4().hex[:12]
+        log.info(
+            "stop call %s lease %s tenant %s action %s: %s%s",
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            action_id,
+            reason,
+            " (dry run)" if self.policy.dry_run else "",
+        )
+        with tracer.start_as_current_span("agentcg.enforce.stop") as span:
+            span.set_attribute("agentcg.action_id", action_id)
+            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            span.set_attribute("agentcg.tenant", call.lease.tenant)
+            span.set_attribute("agentcg.reason", reason)
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=action_id,
+                    action="kill",
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=call.peak_bytes,
+                    reason=reason,
+                )
+            )
+        )
+        self.uplink.send(
+            broker_pb2.NodeMessage(
+                action=broker_pb2.ActionReport(
+                    action_id=action_id,
+                    lease_id=call.lease.lease_id,
+                    kind=broker_pb2.ACTION_KIND_KILL,
+                    budget_bytes=call.budget_bytes,
+                    reason=reason,
+                    dry_run=self.policy.dry_run,
+                )
+            )
+        )
+        if self.policy.dry_run:
+            return
+        if call.pending is not None:
+            call.pending.timer.cancel()
+            call.pending = None
+        call.kill_reason = reason
+        call.phase = CallPhase.KILLED
+        assert self.loop is not None
+        done = call.killing = self.loop.run_in_executor(None, self.driver.kill, call.cgroup)
+
+        def killed(fut: asyncio.Future[None]) -> None:
+            if fut.exception() is not None:
+                log.error("call %s: kill failed: %s", call.call_id, fut.exception())
+
+        done.add_done_callback(killed)
+
     # -- Exec -----------------------------------------------------------------------------------
 
     async def Exec(
-        self, request: node_pb2.ExecRequest, context: grpc.aio.ServicerContext
+        self,
+        request: node_pb2.ExecRequest,
+        context: grpc.aio.ServicerContext[node_pb2.ExecRequest, node_pb2.ExecEvent],
     ) -> AsyncIterator[node_pb2.ExecEvent]:
         try:
             call, proc = await self._start(request)
@@ -381,27 +703,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             raise InvalidArgumentError("argv", "must not be empty")
         if lease_id in self.calls:
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
-        try:
-            lease = await self.uplink.broker.GetLease(
-                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        if lease.state != types_pb2.LEASE_STATE_ACTIVE:
-            raise FailedPreconditionError(
-                f"lease {lease_id}: is {types_pb2.LeaseState.Name(lease.state)}, not active"
-            )
-        if lease.node_id != self.node_id:
-            raise FailedPreconditionError(
-                f"lease {lease_id}: placed on node {lease.node_id}, not {self.node_id}"
-            )
+        lease, tenant, session = await self._fetch_lease(lease_id)
         if lease_id in self.calls:  # a concurrent Exec won the race during GetLease
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
-        try:
-            tenant = validate_name("tenant", lease.tenant)
-            session = validate_name("session", lease.session)
-        except InvalidNameError as e:
-            raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
         budget = lease.budget.memory_bytes
         call_id = lease_id
         self._users[(tenant,)] += 1
@@ -471,6 +775,123 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         return call, proc
 
+    async def _fetch_lease(self, lease_id: str) -> tuple[types_pb2.Lease, str, str]:
+        """The lease from the broker, checked active and placed here; its tenant and session."""
+        try:
+            lease = await self.uplink.broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        if lease.state != types_pb2.LEASE_STATE_ACTIVE:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: is {types_pb2.LeaseState.Name(lease.state)}, not active"
+            )
+        if lease.node_id != self.node_id:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: placed on node {lease.node_id}, not {self.node_id}"
+            )
+        try:
+            tenant = validate_name("tenant", lease.tenant)
+            session = validate_name("session", lease.session)
+        except InvalidNameError as e:
+            raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
+        return lease, tenant, session
+
+    # -- Attach ---------------------------------------------------------------------------------
+
+    async def Attach(
+        self,
+        request: node_pb2.AttachRequest,
+        context: grpc.aio.ServicerContext[node_pb2.AttachRequest, node_pb2.AttachResponse],
+    ) -> node_pb2.AttachResponse:
+        try:
+            return await self.attach(request.lease_id, request.pid)
+        except AgentcgError as exc:
+            await context.abort_with_status(to_status(exc))
+        except Exception as exc:
+            log.exception("attach failed")
+            await context.abort_with_status(to_status(exc))
+        raise AssertionError("unreachable: abort_with_status raises")
+
+    async def attach(self, lease_id: str, pid: int) -> node_pb2.AttachResponse:
+        """Move process `pid` into the lease's call cgroup (validate -> load -> act)."""
+        try:
+            lease_id = validate_name("lease_id", lease_id)
+        except InvalidNameError as e:
+            raise InvalidArgumentError("lease_id", str(e)) from None
+        if pid <= 1 or pid == os.getpid():
+            raise InvalidArgumentError("pid", f"cannot attach pid {pid}")
+        if not os.path.exists(f"/proc/{pid}"):
+            raise NotFoundError("process", str(pid), field="pid")
+        call = self.calls.get(lease_id)
+        created = False
+        if call is None:
+            lease, tenant, session = await self._fetch_lease(lease_id)
+            call = self.calls.get(lease_id)  # a concurrent Exec/Attach may have won
+        if call is None:
+            self._users[(tenant,)] += 1
+            self._users[(tenant, session)] += 1
+            cg: Cgroup | None = None
+            try:
+                budget = lease.budget.memory_bytes
+                cg = self.driver.create(tenant, session, lease_id)
+                self.driver.set_memory_limit(cg, budget)
+                self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+                call = Call(
+                    call_id=lease_id,
+                    lease=lease,
+                    cgroup=cg,
+                    cgroup_id=self.driver.cgroup_id(cg),
+                    budget_bytes=budget,
+                    events=asyncio.Queue(),
+                    adopted=True,
+                )
+                self.monitor.watch(
+                    call.cgroup_id,
+                    soft_bytes=soft_threshold(budget, self.policy),
+                    limit_bytes=budget,
+                )
+                self._attach_pid(call, pid)
+            except BaseException:
+                if cg is not None:
+                    self.monitor.unwatch(self.driver.cgroup_id(cg))
+                self._release_dirs(tenant, session, cg)
+                raise
+            self.calls[lease_id] = call
+            self._by_cgroup[call.cgroup_id] = call
+            created = True
+            self._ensure_adopt_poll()
+        else:
+            self._attach_pid(call, pid)
+        log.info(
+            "attach pid %d to call %s lease %s tenant %s budget %d%s",
+            pid,
+            call.call_id,
+            lease_id,
+            call.lease.tenant,
+            call.budget_bytes,
+            " (new call)" if created else "",
+        )
+        return node_pb2.AttachResponse(
+            call_id=call.call_id, cgroup_path=str(call.cgroup.path), created=created
+        )
+
+    def _attach_pid(self, call: Call, pid: int) -> None:
+        # Watched first: a child forked right after the move is attributed in-kernel.
+        self.monitor.add_pid(pid, call.cgroup_id)
+        try:
+            self.driver.attach(call.cgroup, pid)
+        except CgroupError as exc:
+            self.monitor.remove_pid(pid)
+            if not os.path.exists(f"/proc/{pid}"):
+                raise NotFoundError("process", str(pid), field="pid") from None
+            raise FailedPreconditionError(f"pid {pid}: cannot move it: {exc}") from None
+
+    def _ensure_adopt_poll(self) -> None:
+        if self._adopt_poll is None or self._adopt_poll.done():
+            self._adopt_poll = asyncio.create_task(self._poll_adopted(), name="adopted-calls")
+
     async def _pump(
         self, stream: asyncio.StreamReader, kind: node_pb2.Output.Stream.ValueType, call: Call
     ) -> None:
@@ -495,6 +916,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if call.pending is not None:
             call.pending.timer.cancel()
             call.pending = None
+        if call.throttle_timer is not None:
+            call.throttle_timer.cancel()
+            call.throttle_timer = None
         try:
             stats = self.driver.read_stats(call.cgroup)
             call.peak_bytes = max(call.peak_bytes, stats.peak_bytes)
@@ -566,6 +990,150 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     self.driver.remove(Cgroup(rel=key, path=self.driver.root.joinpath(*key)))
                 except CgroupError as exc:
                     log.warning("cannot remove cgroup %s: %s", "/".join(key), exc)
+
+    # -- restart: re-adopt the calls a previous agent left running -----------------------------
+
+    async def adopt(self) -> int:
+        """Take over every call cgroup under the root that still has tasks and a live lease;
+        stop the others and remove empty leftovers. Returns how many calls were adopted."""
+        adopted = 0
+        for tenant in self.driver.children():
+            for session in self.driver.children(self._dir(tenant)):
+                for call_id in self.driver.children(self._dir(tenant, session)):
+                    if await self._adopt_one(tenant, session, call_id):
+                        adopted += 1
+                if (tenant, session) not in self._users:
+                    self._remove_quietly(self._dir(tenant, session))
+            if (tenant,) not in self._users:
+                self._remove_quietly(self._dir(tenant))
+        self._ensure_adopt_poll()
+        return adopted
+
+    def _dir(self, *names: str) -> Cgroup:
+        return Cgroup(rel=names, path=self.driver.root.joinpath(*names))
+
+    def _remove_quietly(self, cg: Cgroup) -> None:
+        try:
+            self.driver.remove(cg)
+        except CgroupError as exc:
+            log.warning("cannot remove leftover cgroup %s: %s", cg.path, exc)
+
+    async def _adopt_one(self, tenant: str, session: str, call_id: str) -> bool:
+        cg = self._dir(tenant, session, call_id)
+        try:
+            validate_name("tenant", tenant)
+            validate_name("session", session)
+            validate_name("lease_id", call_id)
+            stats = self.driver.read_stats(cg)
+        except (InvalidNameError, CgroupError) as exc:
+            log.warning("leftover cgroup %s not adoptable: %s", cg.path, exc)
+            stats = None
+        if stats is None or not stats.pids:
+            self._kill_remove(cg)
+            return False
+        now_ms = int(time.time() * 1000)
+        try:
+            lease = await self.uplink.broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=call_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                lease = types_pb2.Lease(lease_id=call_id, state=types_pb2.LEASE_STATE_UNSPECIFIED)
+            else:
+                # Keep it for now: the lease check asks again and stops it if still unknown
+                # at this (local) expiry.
+                log.warning("lease %s: broker unreachable at adoption: %s", call_id, exc.code())
+                lease = types_pb2.Lease(
+                    lease_id=call_id,
+                    tenant=tenant,
+                    session=session,
+                    node_id=self.node_id,
+                    state=types_pb2.LEASE_STATE_ACTIVE,
+                    budget=types_pb2.Resources(memory_bytes=stats.limit_bytes or 0),
+                    expires_at_unix_ms=now_ms + self.policy.lease_refresh_margin_ms,
+                )
+        verdict = on_lease_refresh(
+            LeaseView(lease.epoch, 0, node_id=self.node_id), lease_view(lease), now_ms, self.node_id
+        )
+        if isinstance(verdict, Kill) or (lease.tenant, lease.session) != (tenant, session):
+            log.info(
+                "stop leftover call %s (%s): %s",
+                call_id,
+                cg.path,
+                getattr(verdict, "reason", "moved"),
+            )
+            self._kill_remove(cg)
+            return False
+        # The limit in force is the kernel's (it may have been grown by the previous agent).
+        budget = stats.limit_bytes or lease.budget.memory_bytes
+        call = Call(
+            call_id=call_id,
+            lease=lease,
+            cgroup=cg,
+            cgroup_id=self.driver.cgroup_id(cg),
+            budget_bytes=budget,
+            events=asyncio.Queue(),
+            peak_bytes=stats.peak_bytes,
+            adopted=True,
+        )
+        if budget > lease.budget.memory_bytes:
+            call.grown = 1
+        self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+        self.monitor.watch(
+            call.cgroup_id, soft_bytes=soft_threshold(budget, self.policy), limit_bytes=budget
+        )
+        for pid in stats.pids:
+            self.monitor.add_pid(pid, call.cgroup_id)
+        self.calls[call_id] = call
+        self._by_cgroup[call.cgroup_id] = call
+        self._users[(tenant,)] += 1
+        self._users[(tenant, session)] += 1
+        log.info(
+            "adopt call %s lease %s tenant %s session %s budget %d pids %s",
+            call_id,
+            call_id,
+            tenant,
+            session,
+            budget,
+            list(stats.pids)[:8],
+        )
+        # Tasks may have forked between the read and the watch: add the ones seen since.
+        for pid in self.driver.read_stats(cg).pids:
+            if pid not in stats.pids:
+                self.monitor.add_pid(pid, call.cgroup_id)
+        if stats.under_oom:  # paused at its limit while nobody was watching: ask now
+            self._on_limit(
+                call, MemEvent(EventKind.LIMIT, call.cgroup_id, 0, 0, budget, time.monotonic_ns())
+            )
+        return True
+
+    def _kill_remove(self, cg: Cgroup) -> None:
+        try:
+            self.driver.kill(cg)
+            self.driver.remove(cg)
+        except CgroupError as exc:
+            log.error("cannot remove leftover cgroup %s: %s", cg.path, exc)
+
+    async def _poll_adopted(self, interval_s: float = 1.0) -> None:
+        """Adopted calls are not our children: their end is seen as an empty cgroup (checked
+        on each EXIT event of theirs, and here as a fallback)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for call in list(self.calls.values()):
+                if call.adopted:
+                    self._check_adopted(call)
+
+    def _check_adopted(self, call: Call) -> None:
+        if call.phase is CallPhase.EXITED:
+            return
+        try:
+            pids = self.driver.read_stats(call.cgroup).pids
+        except CgroupError:
+            pids = ()
+        if pids:
+            return
+        # The exit code of a process that is not our child is not known: 137 if we killed it.
+        self._finish(call, -9 if call.kill_reason else 0, call.started_s)
 
     # -- node-level ---------------------------------------------------------------------------
 

@@ -28,15 +28,20 @@ __all__ = [
     "CgroupError",
     "CgroupStats",
     "CgroupV1Driver",
+    "CgroupV2Driver",
     "OomControl",
     "current_cgroup_dir",
     "detect_driver",
+    "format_cpu_max",
     "parse_cgroup_procs",
+    "parse_cgroup_v2_path",
+    "parse_flat_keyed",
     "parse_int",
     "parse_memory_limit",
     "parse_mountinfo",
     "parse_oom_control",
     "parse_proc_cgroup",
+    "parse_v2_mount",
 ]
 
 CGROUP_FS = Path("/sys/fs/cgroup")
@@ -96,6 +101,14 @@ class CgroupDriver(Protocol):
     def set_memory_limit(self, cg: Cgroup, limit_bytes: int | None) -> None:
         """Hard memory limit; None removes it."""
         ...
+
+    def set_memory_throttle(self, cg: Cgroup, high_bytes: int | None) -> None:
+        """Throttle above this usage (v2 memory.high: reclaim and stall the allocating tasks;
+        v1 memory.soft_limit_in_bytes: reclaimed first under host pressure). None removes it.
+        Never leave a call throttled without a deadline: memory.high can stall it for minutes."""
+        ...
+
+    def read_memory_throttle(self, cg: Cgroup) -> int | None: ...
 
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         """Tasks reaching the limit wait (instead of being OOM-killed) until it is raised."""
@@ -274,7 +287,7 @@ def _read_text(path: Path) -> str:
 
 def _write_text(path: Path, value: str) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # as the shell's `>`
     except OSError as e:
         raise CgroupError(f"{path}: cannot open for writing: {e.strerror}") from e
     try:
@@ -369,6 +382,15 @@ class CgroupV1Driver:
         value = "-1" if limit_bytes is None else str(limit_bytes)
         self._write(cg, MEMORY, "memory.limit_in_bytes", value)
 
+    def set_memory_throttle(self, cg: Cgroup, high_bytes: int | None) -> None:
+        if high_bytes is not None and high_bytes < 0:
+            raise ValueError(f"cgroup {cg.path}: throttle must be >= 0, got {high_bytes}")
+        value = "-1" if high_bytes is None else str(high_bytes)
+        self._write(cg, MEMORY, "memory.soft_limit_in_bytes", value)
+
+    def read_memory_throttle(self, cg: Cgroup) -> int | None:
+        return parse_memory_limit(_read_text(cg.path / "memory.soft_limit_in_bytes"))
+
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         self._write(cg, MEMORY, "memory.oom_control", "1" if enabled else "0")
 
@@ -398,7 +420,7 @@ class CgroupV1Driver:
         self._write(cg, "freezer", "freezer.state", want)
         path = self._dir(cg, "freezer") / "freezer.state"
         deadline = time.monotonic() + timeout_s
-        delay_s = 0.0005
+        delay_s = 0.0001  # freezing usually settles within a few hundred microseconds
         while (state := _read_text(path).strip()) != want:
             if time.monotonic() > deadline:
                 raise CgroupError(f"cgroup {cg.path}: freezer state {state}, wanted {want}")
@@ -511,14 +533,335 @@ class CgroupV1Driver:
         return pids
 
 
+# --- cgroup v2 ------------------------------------------------------------------------------
+
+V2_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "pids")
+_V2_CPU_PERIOD_US = 100_000
+
+
+def parse_cgroup_v2_path(proc_cgroup: str) -> str | None:
+    """The v2 path ('0::/x') of /proc/<pid>/cgroup, if the process has one."""
+    return parse_proc_cgroup(proc_cgroup).get("")
+
+
+def parse_v2_mount(mountinfo: str) -> Path | None:
+    """The mount point of the cgroup2 file system in /proc/self/mountinfo."""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+        except ValueError:
+            continue
+        if len(fields) > sep + 1 and fields[sep + 1] == "cgroup2":
+            return Path(_unescape_mount(fields[4]))
+    return None
+
+
+def parse_flat_keyed(text: str, *, what: str) -> dict[str, int]:
+    """'key value' lines (memory.events, cgroup.events, memory.stat) -> {key: value}."""
+    return _parse_flat_keyed(text, what=what)
+
+
+def format_cpu_max(quota_millis: int | None, period_us: int = _V2_CPU_PERIOD_US) -> str:
+    """v2 cpu.max: 'max 100000' or '<quota_us> <period_us>' (at least 1 ms per period)."""
+    if quota_millis is None:
+        return f"max {period_us}"
+    return f"{max(1000, quota_millis * period_us // 1000)} {period_us}"
+
+
+class CgroupV2Driver:
+    """cgroup v2: one unified hierarchy; memory, cpu and pids enabled down to each call.
+
+    Rooted at `<this process's v2 cgroup>/<root_name>` (or `base/<root_name>`). v2 forbids
+    processes in a cgroup that delegates controllers to children ("no internal processes"), so
+    the base must be the v2 root or a delegated cgroup the agent does not itself sit in.
+
+    v2 has no oom_kill_disable. With pause at limit on, the budget is memory.high (allocators
+    above it are stalled in reclaim, and that reclaim is the limit event the BPF program sees)
+    and memory.max sits a backstop above it; the node then freezes the call (cgroup.freeze)
+    while it asks the broker. memory.high alone can stall a call for minutes: the node always
+    puts a deadline on it.
+    """
+
+    version = 2
+
+    def __init__(
+        self,
+        root_name: str,
+        *,
+        base: Path | None = None,
+        controllers: Iterable[str] = V2_CONTROLLERS,
+        backstop_fraction: float = 0.25,
+        min_backstop_bytes: int = 16 << 20,
+    ) -> None:
+        validate_name("cgroup", root_name)
+        if base is None:
+            mount = parse_v2_mount(_read_text(Path("/proc/self/mountinfo")))
+            own = parse_cgroup_v2_path(_read_text(Path("/proc/self/cgroup")))
+            if mount is None or own is None:
+                raise CgroupError("no cgroup v2 hierarchy for this process")
+            base = mount.joinpath(*[p for p in own.split("/") if p])
+        if not (base / "cgroup.controllers").exists():
+            raise CgroupError(f"{base}: not a cgroup v2 directory (no cgroup.controllers)")
+        available = set(_read_text(base / "cgroup.controllers").split())
+        wanted = [c for c in controllers if c in available]
+        if "memory" not in wanted:
+            raise CgroupError(f"{base}: the v2 memory controller is not available ({available})")
+        self._controllers = tuple(wanted)
+        self._base = base
+        self._root = base / root_name
+        self._backstop_fraction = backstop_fraction
+        self._min_backstop_bytes = min_backstop_bytes
+        self._pausing: set[tuple[str, ...]] = set()  # cgroups with pause at limit on
+        self._delegating: set[tuple[str, ...]] = set()  # subtree_control written
+        self._enable(self._base)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def controllers(self) -> tuple[str, ...]:
+        return self._controllers
+
+    def _enable(self, path: Path) -> None:
+        """Delegate the controllers to path's children (idempotent in the kernel)."""
+        enabled = set(_read_text(path / "cgroup.subtree_control").split())
+        missing = [c for c in self._controllers if c not in enabled]
+        if not missing:
+            return
+        try:
+            _write_text(path / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+        except CgroupError as e:
+            raise CgroupError(
+                f"{e}; a v2 cgroup with processes of its own cannot delegate controllers: "
+                "start the agent in a leaf and give it a delegated base"
+            ) from e
+
+    def create(self, *names: str) -> Cgroup:
+        for name in names:
+            validate_name("cgroup", name)
+        path = self._root.joinpath(*names)
+        try:
+            _mkdir_p(path, self._base)
+        except OSError as e:
+            raise CgroupError(f"cgroup {path}: mkdir failed: {e.strerror}") from e
+        # Every level above a call delegates the controllers (the root included).
+        for depth in range(len(names)):
+            rel = tuple(names[:depth])
+            if rel not in self._delegating:
+                self._enable(self._root.joinpath(*rel))
+                self._delegating.add(rel)
+        return Cgroup(rel=tuple(names), path=path)
+
+    def _backstop(self, limit_bytes: int) -> int:
+        return limit_bytes + max(
+            self._min_backstop_bytes, int(limit_bytes * self._backstop_fraction)
+        )
+
+    def set_memory_limit(self, cg: Cgroup, limit_bytes: int | None) -> None:
+        if limit_bytes is not None and limit_bytes < 0:
+            raise ValueError(f"cgroup {cg.path}: memory limit must be >= 0, got {limit_bytes}")
+        if limit_bytes is None:
+            _write_text(cg.path / "memory.max", "max")
+            if cg.rel in self._pausing:
+                _write_text(cg.path / "memory.high", "max")
+            return
+        if cg.rel in self._pausing:
+            # Raise max before high, lower high before max: high never exceeds max.
+            _write_text(cg.path / "memory.max", str(self._backstop(limit_bytes)))
+            _write_text(cg.path / "memory.high", str(limit_bytes))
+            _write_text(cg.path / "memory.max", str(self._backstop(limit_bytes)))
+        else:
+            _write_text(cg.path / "memory.max", str(limit_bytes))
+
+    def set_memory_throttle(self, cg: Cgroup, high_bytes: int | None) -> None:
+        if high_bytes is not None and high_bytes < 0:
+            raise ValueError(f"cgroup {cg.path}: throttle must be >= 0, got {high_bytes}")
+        if high_bytes is None and cg.rel in self._pausing:
+            # Lifting the throttle goes back to the pause point (the budget), not to none.
+            limit = parse_memory_limit(_read_text(cg.path / "memory.max"))
+            if limit is not None:
+                budget = self._budget_from_backstop(limit)
+                _write_text(cg.path / "memory.high", str(budget))
+                return
+        _write_text(cg.path / "memory.high", "max" if high_bytes is None else str(high_bytes))
+
+    def _budget_from_backstop(self, backstop: int) -> int:
+        by_fraction = int(backstop / (1 + self._backstop_fraction))
+        if backstop - by_fraction >= self._min_backstop_bytes:
+            return by_fraction
+        return backstop - self._min_backstop_bytes
+
+    def read_memory_throttle(self, cg: Cgroup) -> int | None:
+        return parse_memory_limit(_read_text(cg.path / "memory.high"))
+
+    def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
+        current = parse_memory_limit(_read_text(cg.path / "memory.max"))
+        was = cg.rel in self._pausing
+        if enabled == was:
+            return
+        if enabled:
+            self._pausing.add(cg.rel)
+            self.set_memory_limit(cg, current)
+        else:
+            budget = None if current is None else self._budget_from_backstop(current)
+            self._pausing.discard(cg.rel)
+            _write_text(cg.path / "memory.high", "max")
+            self.set_memory_limit(cg, budget)
+
+    def set_cpu(
+        self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
+    ) -> None:
+        if weight is not None and not 1 <= weight <= 10_000:
+            raise ValueError(f"cgroup {cg.path}: cpu weight must be 1..10000, got {weight}")
+        if quota_millis is not None and quota_millis <= 0:
+            raise ValueError(f"cgroup {cg.path}: cpu quota must be > 0 millis, got {quota_millis}")
+        self._need("cpu", cg)
+        _write_text(cg.path / "cpu.weight", str(weight or _DEFAULT_CPU_WEIGHT))
+        _write_text(cg.path / "cpu.max", format_cpu_max(quota_millis))
+
+    def set_pids_max(self, cg: Cgroup, n: int | None) -> None:
+        if n is not None and n < 0:
+            raise ValueError(f"cgroup {cg.path}: pids.max must be >= 0, got {n}")
+        self._need("pids", cg)
+        _write_text(cg.path / "pids.max", "max" if n is None else str(n))
+
+    def set_frozen(self, cg: Cgroup, frozen: bool, *, timeout_s: float = 5.0) -> None:
+        _write_text(cg.path / "cgroup.freeze", "1" if frozen else "0")
+        want = 1 if frozen else 0
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.0001
+        while (
+            state := _parse_flat_keyed(
+                _read_text(cg.path / "cgroup.events"), what="cgroup.events"
+            ).get("frozen", 0)
+        ) != want:
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup {cg.path}: frozen {state}, wanted {want}")
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.02)
+
+    def attach(self, cg: Cgroup, pid: int) -> None:
+        _write_text(cg.path / "cgroup.procs", str(pid))
+
+    def cgroup_id(self, cg: Cgroup) -> int:
+        try:
+            return os.stat(cg.path).st_ino  # the kernfs id: what the memcg tracepoints report
+        except OSError as e:
+            raise CgroupError(f"cgroup {cg.path}: stat failed: {e.strerror}") from e
+
+    def read_stats(self, cg: Cgroup) -> CgroupStats:
+        d = cg.path
+        usage = parse_int(_read_text(d / "memory.current"), what="memory.current")
+        try:
+            peak = parse_int(_read_text(d / "memory.peak"), what="memory.peak")
+        except CgroupError:
+            if (d / "memory.peak").exists():
+                raise
+            peak = usage  # memory.peak is 5.19+
+        limit = parse_memory_limit(_read_text(d / "memory.max"))
+        events = _parse_flat_keyed(_read_text(d / "memory.events"), what="memory.events")
+        under = False
+        if cg.rel in self._pausing and limit is not None:
+            limit = self._budget_from_backstop(limit)
+            under = usage >= limit
+        return CgroupStats(
+            usage_bytes=usage,
+            peak_bytes=max(peak, usage),
+            limit_bytes=limit,
+            oom_kills=events.get("oom_kill", 0),
+            under_oom=under,
+            pids=parse_cgroup_procs(_read_text(d / "cgroup.procs")),
+        )
+
+    def kill(self, cg: Cgroup, *, timeout_s: float = 5.0) -> None:
+        if not cg.path.is_dir():
+            return
+        if (cg.path / "cgroup.kill").exists():
+            _write_text(cg.path / "cgroup.kill", "1")  # the subtree, frozen tasks included
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.0002
+        while True:
+            events = _parse_flat_keyed(_read_text(cg.path / "cgroup.events"), what="cgroup.events")
+            if not events.get("populated", 0):
+                return
+            pids = _subtree_pids(cg.path)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise CgroupError(
+                    f"cgroup {cg.path}: {len(pids)} task(s) still present {timeout_s}s after "
+                    f"kill: {sorted(pids)[:10]}"
+                )
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.02)
+
+    def remove(self, cg: Cgroup) -> None:
+        top = cg.path
+        if not top.is_dir():
+            return
+        for dirpath, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(dirpath)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise CgroupError(
+                        f"cgroup {dirpath}: cannot remove: still has tasks (EBUSY)"
+                    ) from e
+                raise CgroupError(f"cgroup {dirpath}: rmdir failed: {e.strerror}") from e
+        gone = {rel for rel in self._pausing | self._delegating if rel[: len(cg.rel)] == cg.rel}
+        self._pausing -= gone
+        self._delegating -= gone
+
+    def children(self, cg: Cgroup | None = None) -> list[str]:
+        path = self._root if cg is None else cg.path
+        try:
+            return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise CgroupError(f"cgroup {path}: cannot list: {e.strerror}") from e
+
+    def clear(self) -> int:
+        root = Cgroup(rel=(), path=self._root)
+        below = sum(len(dirs) for _, dirs, _ in os.walk(self._root))
+        if self._root.is_dir():
+            self.kill(root)
+        self.remove(root)
+        return below
+
+    def _need(self, controller: str, cg: Cgroup) -> None:
+        if controller not in self._controllers:
+            raise CgroupError(f"cgroup {cg.path}: the {controller} controller is not available")
+
+
+def _subtree_pids(top: Path) -> set[int]:
+    pids: set[int] = set()
+    for dirpath, _, _ in os.walk(top):
+        try:
+            pids.update(parse_cgroup_procs(_read_text(Path(dirpath) / "cgroup.procs")))
+        except CgroupError:
+            if os.path.isdir(dirpath):
+                raise
+    return pids
+
+
 def detect_driver(root_name: str, *, cgroup_fs: Path = CGROUP_FS) -> CgroupDriver:
-    """The driver for this host: v1 when a v1 memory hierarchy is mounted."""
+    """The driver for this host: v1 when a v1 memory hierarchy is mounted, else v2."""
     if (cgroup_fs / MEMORY / "memory.limit_in_bytes").exists():
         return CgroupV1Driver(root_name)
     if (cgroup_fs / "cgroup.controllers").exists():
-        raise NotImplementedError("cgroup v2 driver not yet implemented")
+        # The agent nests under its own v2 cgroup; a cgroup_fs other than the host's is taken
+        # as the base itself (a delegated subtree, or a fixture).
+        return CgroupV2Driver(root_name, base=None if cgroup_fs == CGROUP_FS else cgroup_fs)
     raise CgroupError(f"no cgroup v1 memory hierarchy or cgroup v2 root under {cgroup_fs}")
 
 
-def _check_protocol(driver: CgroupV1Driver) -> CgroupDriver:
-    return driver  # mypy checks here that CgroupV1Driver satisfies the Protocol
+def _check_protocol(v1: CgroupV1Driver, v2: CgroupV2Driver) -> tuple[CgroupDriver, CgroupDriver]:
+    return v1, v2  # mypy checks here that both drivers satisfy the Protocol

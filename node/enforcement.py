@@ -1,8 +1,10 @@
 """What the node does about a tool call's memory: pure decisions, no I/O, no clock.
 
-The ladder: running -> (hits its budget; the kernel pauses it) paused, asking the broker ->
-grown (resume with a larger budget) or killed (that one call only). If the broker does not
-answer by the deadline, the node falls back to its local rule: kill, or grow from node headroom.
+The ladder: running -> (crosses its soft threshold) throttled, for at most a deadline ->
+(hits its budget: the kernel pauses it; or still above the threshold at the throttle deadline:
+the node freezes it) paused, asking the broker -> grown (resume with a larger budget) or killed
+(that one call only). If the broker does not answer by its deadline, the node falls back to its
+local rule: kill, or grow from node headroom.
 """
 
 from __future__ import annotations
@@ -18,17 +20,29 @@ __all__ = [
     "CallView",
     "Ignore",
     "Kill",
+    "Pause",
+    "Throttle",
+    "Unthrottle",
+    "LeaseView",
     "NodePolicy",
+    "Refresh",
     "Resize",
+    "Update",
     "on_deadline",
+    "on_denied",
     "on_decision_grow",
+    "on_lease_refresh",
+    "on_lease_tick",
     "on_limit",
+    "on_soft",
+    "on_throttle_deadline",
     "soft_threshold",
 ]
 
 
 class CallPhase(enum.Enum):
     RUNNING = "running"
+    THROTTLED = "throttled"  # above its soft threshold, reclaimed/slowed, until a deadline
     PAUSED = "paused"  # at its budget, waiting for the broker
     KILLED = "killed"
     EXITED = "exited"
@@ -42,6 +56,12 @@ class NodePolicy:
     broker_timeout_s: float = 5.0
     on_timeout: str = "kill"  # "kill" | "grow-local"
     dry_run: bool = False
+    # Throttle at the soft threshold, for at most this long (memory.high alone stalled a call
+    # for minutes): then pause and ask the broker if still above it, else lift the throttle.
+    throttle: bool = True
+    throttle_deadline_s: float = 2.0
+    lease_check_interval_s: float = 1.0
+    lease_refresh_margin_ms: int = 2000  # ask the broker this long before a lease expires
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +93,71 @@ class Kill:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    high_bytes: int
+    deadline_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unthrottle:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Freeze the call and ask the broker for `requested_bytes`."""
+
+    requested_bytes: int
+    reason: str
+
+
 def soft_threshold(budget_bytes: int, policy: NodePolicy) -> int:
     return int(budget_bytes * policy.soft_fraction)
 
 
+def _growth(budget_bytes: int, policy: NodePolicy) -> int:
+    return max(int(budget_bytes * policy.growth_factor), budget_bytes + policy.min_growth_bytes)
+
+
 def on_limit(call: CallView, policy: NodePolicy) -> AskBroker | Ignore:
     """The call hit its budget (and is paused by the kernel): ask the broker for more."""
+    if call.phase not in (CallPhase.RUNNING, CallPhase.THROTTLED):
+        return Ignore(f"call is {call.phase.value}")
+    return AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
+
+
+def on_soft(call: CallView, policy: NodePolicy) -> Throttle | Ignore:
+    """The call crossed its soft threshold: throttle it there, with a deadline."""
+    if not policy.throttle:
+        return Ignore("throttling disabled")
     if call.phase is not CallPhase.RUNNING:
         return Ignore(f"call is {call.phase.value}")
-    requested = max(
-        int(call.budget_bytes * policy.growth_factor), call.budget_bytes + policy.min_growth_bytes
+    high = soft_threshold(call.budget_bytes, policy)
+    return Throttle(
+        high,
+        policy.throttle_deadline_s,
+        f"above {format_bytes(high)} of {format_bytes(call.budget_bytes)}: throttled for at most "
+        f"{policy.throttle_deadline_s:g} s",
     )
-    return AskBroker(requested_bytes=requested)
+
+
+def on_throttle_deadline(
+    call: CallView, usage_bytes: int, policy: NodePolicy
+) -> Pause | Unthrottle | Ignore:
+    """The throttle's deadline passed: still above the threshold -> pause and ask the broker;
+    back below it -> lift the throttle."""
+    if call.phase is not CallPhase.THROTTLED:
+        return Ignore(f"call is {call.phase.value}")
+    high = soft_threshold(call.budget_bytes, policy)
+    if usage_bytes >= high:
+        return Pause(
+            _growth(call.budget_bytes, policy),
+            f"still at {format_bytes(usage_bytes)} (>= {format_bytes(high)}) after "
+            f"{policy.throttle_deadline_s:g} s throttled; asking the broker",
+        )
+    return Unthrottle(f"back to {format_bytes(usage_bytes)} (< {format_bytes(high)})")
 
 
 def on_decision_grow(call: CallView, new_budget_bytes: int) -> Resize | Ignore:
@@ -97,19 +170,97 @@ def on_decision_grow(call: CallView, new_budget_bytes: int) -> Resize | Ignore:
     return Resize(new_budget_bytes, f"broker grew budget to {format_bytes(new_budget_bytes)}")
 
 
+def on_denied(call: CallView, at_limit: bool, reason: str) -> Kill | Unthrottle | Ignore:
+    """The broker refused growth (or did not answer and the local rule is kill).
+
+    A call held by the kernel at its budget is killed. A call the node paused at its throttle
+    deadline is still within its budget: it resumes (the hard limit still holds, and hitting it
+    asks again) instead of being killed for using what it was granted.
+    """
+    if call.phase is not CallPhase.PAUSED:
+        return Ignore(f"call is {call.phase.value}")
+    if at_limit:
+        return Kill(reason)
+    return Unthrottle(f"{reason}; resumed within its budget of {format_bytes(call.budget_bytes)}")
+
+
 def on_deadline(call: CallView, node_free_bytes: int, policy: NodePolicy) -> Resize | Kill | Ignore:
     """The broker did not answer in time: apply the local rule."""
     if call.phase is not CallPhase.PAUSED:
         return Ignore(f"call is {call.phase.value}")
     waited = f"broker did not answer within {policy.broker_timeout_s:g} s"
     if policy.on_timeout == "grow-local":
-        ask = on_limit(
-            CallView(call.lease_id, CallPhase.RUNNING, call.budget_bytes, call.peak_bytes), policy
-        )
-        assert isinstance(ask, AskBroker)
-        extra = ask.requested_bytes - call.budget_bytes
-        if node_free_bytes >= extra:
-            return Resize(ask.requested_bytes, f"{waited}; grown from node headroom")
+        requested = _growth(call.budget_bytes, policy)
+        if node_free_bytes >= requested - call.budget_bytes:
+            return Resize(requested, f"{waited}; grown from node headroom")
     return Kill(
         f"{waited}; budget {format_bytes(call.budget_bytes)}, peak {format_bytes(call.peak_bytes)}"
     )
+
+
+# --- leases ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """What the node knows of a call's lease (or what the broker says of it now)."""
+
+    epoch: int
+    expires_at_unix_ms: int  # 0: no expiry
+    active: bool = True
+    node_id: str = ""
+    budget_bytes: int = 0
+    state: str = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """Ask the broker for the lease (it may have been renewed) before deciding."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """The broker's newer view of the lease: adopt its epoch, expiry (and budget)."""
+
+    lease: LeaseView
+    reason: str
+
+
+def on_lease_tick(held: LeaseView, now_unix_ms: int, refresh_margin_ms: int) -> Refresh | Ignore:
+    """Periodic local check: refresh a lease that expires within the margin (or has expired)."""
+    if held.expires_at_unix_ms <= 0:
+        return Ignore("lease has no expiry")
+    left_ms = held.expires_at_unix_ms - now_unix_ms
+    if left_ms > refresh_margin_ms:
+        return Ignore(f"lease expires in {left_ms} ms")
+    return Refresh(f"lease expires in {left_ms} ms")
+
+
+def on_lease_refresh(
+    held: LeaseView, fresh: LeaseView | None, now_unix_ms: int, node_id: str
+) -> Update | Kill | Ignore:
+    """The broker's answer (None: unreachable) about a call's lease: keep, update or stop it.
+
+    Stop when the lease is no longer active, was moved to another node, carries an older epoch
+    than the one enforced here (the broker's state went back: a fencing violation), or expired
+    without renewal. A broker that cannot be reached does not stop a call before its expiry.
+    """
+    if fresh is None:
+        if held.expires_at_unix_ms > 0 and now_unix_ms >= held.expires_at_unix_ms:
+            late = now_unix_ms - held.expires_at_unix_ms
+            return Kill(f"lease expired {late} ms ago without renewal (broker unreachable)")
+        return Ignore("broker unreachable; lease not yet expired")
+    if not fresh.active:
+        return Kill(f"lease is {fresh.state} at the broker")
+    if fresh.node_id and node_id and fresh.node_id != node_id:
+        return Kill(f"lease now placed on node {fresh.node_id}, not {node_id}")
+    if fresh.epoch < held.epoch:
+        return Kill(f"stale epoch: broker has {fresh.epoch}, node enforces {held.epoch}")
+    if fresh.expires_at_unix_ms > 0 and now_unix_ms >= fresh.expires_at_unix_ms:
+        late = now_unix_ms - fresh.expires_at_unix_ms
+        return Kill(f"lease expired {late} ms ago without renewal")
+    if fresh == held:
+        return Ignore("lease unchanged")
+    return Update(fresh, f"lease epoch {fresh.epoch}, expires at {fresh.expires_at_unix_ms}")

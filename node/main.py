@@ -11,15 +11,14 @@ from pathlib import Path
 
 import grpc
 from agentcg.names import validate_name
-from agentcg.telemetry import configure_logging, configure_tracing
+from agentcg.telemetry import aio_server_interceptor, configure_logging, configure_tracing
 from agentcg.v1 import broker_pb2, node_pb2_grpc, types_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from .agent import NodeAgent
 from .cgroup import detect_driver
 from .enforcement import NodePolicy
-from .monitor import MemoryMonitor
+from .monitor import MemoryMonitor, UsageSource
 from .uplink import Uplink
 
 __all__ = ["NodeConfig", "default_capacity_bytes", "default_node_id", "main", "run_node"]
@@ -49,15 +48,14 @@ class NodeConfig:
     policy: NodePolicy = field(default_factory=NodePolicy)
     ready_file: Path | None = None
     grace_s: float = 5.0
+    usage_source: str = "lru"  # UsageSource name, lower case
+    keep_calls: bool = False  # on stop, leave calls running for the next agent to adopt
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     node_id = validate_name("node_id", config.node_id or default_node_id())
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
-    leftovers = driver.clear()
-    if leftovers:
-        log.warning("removed %d leftover cgroups under %s", leftovers, driver.root)
 
     server = grpc.aio.server(interceptors=[aio_server_interceptor()])
     port = server.add_insecure_port(config.listen)
@@ -80,8 +78,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
         ),
         on_decision,
         lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
+        on_lease=lambda lease: agent.on_lease_update(lease) if agent else None,
     )
-    monitor = MemoryMonitor(lambda ev: agent.on_mem_event(ev) if agent else None)
+    monitor = MemoryMonitor(
+        lambda ev: agent.on_mem_event(ev) if agent else None,
+        usage_source=UsageSource[config.usage_source.upper()],
+    )
     agent = NodeAgent(node_id, driver, monitor, uplink, capacity, config.policy)
     agent.loop = asyncio.get_running_loop()
     monitor.start()
@@ -91,6 +93,11 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
     await uplink.start()
+    # Calls a previous agent left running (it crashed, or stopped with keep_calls) are taken
+    # over if their lease still holds; the rest are stopped and their cgroups removed.
+    adopted = await agent.adopt()
+    if adopted:
+        log.warning("re-adopted %d running call(s) under %s", adopted, driver.root)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "node %s serving on %s, broker %s, capacity %d bytes, cgroups under %s (v%d)",
@@ -113,16 +120,20 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    leases = asyncio.create_task(agent.watch_leases(), name="leases")
     await stop.wait()
+    leases.cancel()
     log.info("node %s stopping (grace %.1f s)", node_id, config.grace_s)
     await health_servicer.enter_graceful_shutdown()
     stopping = asyncio.create_task(server.stop(config.grace_s))
     await asyncio.sleep(min(config.grace_s, 0.5))
-    agent.kill_all("node agent shutting down")
+    if not config.keep_calls:
+        agent.kill_all("node agent shutting down")
     await stopping
     await uplink.close()
     monitor.close()
-    driver.clear()
+    if not config.keep_calls:
+        driver.clear()
 
 
 def main(config: NodeConfig, log_level: str = "INFO") -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "describe_program",
     "program_cflags",
     "read_header_constants",
+    "supported_usage_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class EventKind(enum.IntEnum):
     OOM_KILL = 3
     EXEC = 4
     EXIT = 5
+    STOP = 6  # SIGSTOP sent in-kernel at the stop threshold
+    STOPPED = 7  # a watched process dequeued SIGSTOP: the stop is in effect
 
 
 class UsageSource(enum.IntEnum):
@@ -72,6 +75,10 @@ class UsageSource(enum.IntEnum):
     # memcg:mod_memcg_lruvec_state, LRU items: pages on the memcg's LRU lists, exact for
     # large folios; ~4 events per page over its life.
     LRU = 2
+    # No per-page tracepoint at all: only the limit (reclaim), OOM, exec and exit events; no
+    # in-kernel usage estimate and no SOFT events. The cheapest: per-page tracepoints cost every
+    # allocation on the host something even when their program returns at once.
+    NONE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,22 @@ def check_header(constants: dict[str, int]) -> None:
         raise MonitorError(f"memwatch.h: MW_EVENT_SIZE {size} != {ctypes.sizeof(_Event)}")
 
 
+TRACEFS = Path("/sys/kernel/tracing")
+_USAGE_TRACEPOINTS = {
+    UsageSource.PGPGIN: "memcg/count_memcg_events",
+    UsageSource.LRU: "memcg/mod_memcg_lruvec_state",
+}
+
+
+def supported_usage_source(requested: UsageSource, tracefs: Path = TRACEFS) -> UsageSource:
+    """`requested`, or NONE when the kernel lacks its tracepoint (the memcg tracepoints are
+    newer than 6.12: Debian trixie's kernel has vmscan's memcg reclaim ones but no memcg/)."""
+    tracepoint = _USAGE_TRACEPOINTS.get(requested)
+    if tracepoint is None or (tracefs / "events" / tracepoint).is_dir():
+        return requested
+    return UsageSource.NONE
+
+
 def program_cflags(
     *,
     max_watches: int = DEFAULT_MAX_WATCHES,
@@ -197,6 +220,15 @@ class MemoryMonitor:
         self._on_event = on_event
         self._poll_timeout_ms = poll_timeout_ms
         self._page_size = os.sysconf("SC_PAGE_SIZE")
+        self.usage_source = supported_usage_source(usage_source)
+        if self.usage_source is not usage_source:
+            log.warning(
+                "memwatch: no tracepoint for usage source %s on this kernel; using %s (no "
+                "in-kernel usage estimate or soft threshold)",
+                usage_source.name,
+                self.usage_source.name,
+            )
+        usage_source = self.usage_source
         self._cflags = program_cflags(
             max_watches=max_watches,
             max_pids=max_pids,
@@ -258,12 +290,16 @@ class MemoryMonitor:
 
     # -- maps --
 
-    def watch(self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int) -> None:
+    def watch(
+        self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int, stop_bytes: int = 0
+    ) -> None:
         """Watch a cgroup, or update its thresholds and re-arm its crossings (usage is kept).
 
-        soft_bytes=0 disables the soft threshold.
+        soft_bytes=0 disables the soft threshold. stop_bytes>0: the kernel SIGSTOPs the watched
+        process whose charge takes the estimate there (EventKind.STOP, then STOPPED once in
+        effect); needs a usage source with an estimate (not NONE).
         """
-        if soft_bytes < 0 or limit_bytes < 0:
+        if soft_bytes < 0 or limit_bytes < 0 or stop_bytes < 0:
             raise ValueError(f"cgroup {cgroup_id}: thresholds must be >= 0")
         key = self._watches.Key(cgroup_id)
         with self._lock:
@@ -276,11 +312,11 @@ class MemoryMonitor:
                     # Counters first (written by the kernel from now on), then the thresholds
                     # and the filter slot that make the handlers look at this cgroup.
                     self._state[key] = self._state.Leaf()
-                    self._watches[key] = self._watches.Leaf(soft_bytes, limit_bytes, 0)
+                    self._watches[key] = self._watches.Leaf(soft_bytes, limit_bytes, 0, stop_bytes)
                     self._bump_filter(cgroup_id, +1)
                 else:
                     self._watches[key] = self._watches.Leaf(
-                        soft_bytes, limit_bytes, old.arm_gen + 1
+                        soft_bytes, limit_bytes, old.arm_gen + 1, stop_bytes
                     )
             except Exception as e:  # bcc: "Could not update table: <strerror>"
                 raise MonitorError(f"cgroup {cgroup_id}: watch failed: {e}") from e
@@ -292,6 +328,13 @@ class MemoryMonitor:
                 self._pids[self._pids.Key(pid)] = self._pids.Leaf(cgroup_id)
             except Exception as e:
                 raise MonitorError(f"pid {pid}: add to cgroup {cgroup_id} failed: {e}") from e
+
+    def remove_pid(self, pid: int) -> None:
+        with self._lock:
+            try:
+                del self._pids[self._pids.Key(pid)]
+            except KeyError:
+                pass
 
     def unwatch(self, cgroup_id: int) -> None:
         """Forget a cgroup: its thresholds, counters and every pid attributed to it."""

@@ -12,8 +12,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from agentcg.v1 import broker_pb2, broker_pb2_grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from agentcg.telemetry import aio_client_interceptors
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 __all__ = ["Uplink"]
 
@@ -28,17 +28,20 @@ class Uplink:
         on_decision: Callable[[broker_pb2.Decision], Awaitable[None]],
         heartbeat: Callable[[], broker_pb2.Heartbeat],
         *,
+        on_lease: Callable[[types_pb2.Lease], None] | None = None,
         buffer_size: int = 10_000,
         max_backoff_s: float = 5.0,
     ) -> None:
         self.channel = grpc.aio.insecure_channel(
-            broker_address, interceptors=aio_client_interceptors()
+            broker_address,
+            interceptors=aio_client_interceptors(),
         )
         self.broker = broker_pb2_grpc.BrokerStub(self.channel)
         self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)
         self._registration = registration
         self._on_decision = on_decision
         self._heartbeat = heartbeat
+        self._on_lease = on_lease
         self._buffer: collections.deque[broker_pb2.NodeMessage] = collections.deque()
         self._buffer_size = buffer_size
         self._ready = asyncio.Event()
@@ -87,6 +90,8 @@ class Uplink:
                 async for msg in stream:
                     if msg.HasField("decision"):
                         await self._on_decision(msg.decision)
+                    elif msg.HasField("lease") and self._on_lease is not None:
+                        self._on_lease(msg.lease.lease)
                 log.warning("uplink: broker closed the stream")
             except asyncio.CancelledError:
                 raise

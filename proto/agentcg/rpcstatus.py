@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -37,9 +38,9 @@ _CODES: list[tuple[type[AgentcgError], int]] = [
 ]
 
 
-def _pack(msg: object) -> any_pb2.Any:
+def _pack(msg: Message) -> any_pb2.Any:
     a = any_pb2.Any()
-    a.Pack(msg)  # type: ignore[arg-type]
+    a.Pack(msg)
     return a
 
 
@@ -96,6 +97,8 @@ def to_status(exc: BaseException) -> grpc.Status:
 
 def error_from_rpc(err: grpc.RpcError) -> AgentcgError:
     """Rebuild the domain error a server sent; transport failures become UnavailableError."""
+    # Raised RpcErrors (sync and aio) are also the call (code, details, trailing metadata); the
+    # stubs type from_call's argument as grpc.Call only.
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (err.details() if hasattr(err, "details") else None) or str(err)

@@ -78,7 +78,7 @@ def current_revision(url: str) -> str | None:
 
 def test_one_head_named_by_its_revision() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert script.get_heads() == ["0001"]
+    assert script.get_heads() == ["0003"]
     for revision in script.walk_revisions():
         assert Path(revision.path).name.startswith(f"{revision.revision}_")
 
@@ -86,7 +86,7 @@ def test_one_head_named_by_its_revision() -> None:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     upgrade(database_url)
     assert tables(database_url) == TABLES
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == "0003"
 
     downgrade(database_url)
     assert tables(database_url) == set()
@@ -161,7 +161,7 @@ def test_alembic_command_line_with_the_repo_ini(tmp_path: Path) -> None:
         return done.stdout
 
     alembic("upgrade", "head")
-    assert "0001 (head)" in alembic("current")
+    assert "0003 (head)" in alembic("current")
     assert tables(url) == TABLES
     alembic("downgrade", "base")
     assert tables(url) == set()
@@ -171,3 +171,26 @@ def test_migrations_live_in_the_package() -> None:
     assert MIGRATIONS_DIR == REPO / "migrations"
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
+
+
+def test_0002_gives_existing_tenants_weight_1_and_downgrades_keeping_them(
+    database_url: str,
+) -> None:
+    upgrade(database_url, "0001")
+    engine = create_store_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO tenants (name, parent, memory_quota_bytes, cpu_quota_millis,"
+                    " max_calls) VALUES ('org', NULL, 1024, 0, 0)"
+                )
+            )
+        upgrade(database_url, "0002")
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT weight FROM tenants")).scalar_one() == 1
+        downgrade(database_url, "0001")
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT name FROM tenants")).scalar_one() == "org"
+    finally:
+        engine.dispose()

@@ -186,3 +186,14 @@ def test_broker_reports_health(cluster: LocalCluster) -> None:
     with grpc.insecure_channel(cluster.broker_address) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_run_renews_its_lease_while_the_call_outlives_the_ttl(
+    cluster: LocalCluster, client: Client
+) -> None:
+    """A 1.5 s TTL and a 5 s call: `run` keeps the lease alive, so the node does not stop it."""
+    client.set_tenant("long", 256 * MiB)
+    result = client.run("long", 32 * MiB, ["sleep", "5"], ttl_ms=1500)
+    assert (result.exit_code, result.outcome) == (0, "completed"), result
+    (lease,) = client.list_leases(tenant="long", include_inactive=True)
+    assert lease.state == "released"

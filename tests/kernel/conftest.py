@@ -12,10 +12,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from agentcg.node.agent import NodeAgent
 from agentcg.node.cgroup import Cgroup, CgroupV1Driver
-from agentcg.node.monitor import MemoryMonitor
+from agentcg.node.enforcement import NodePolicy
+from agentcg.node.monitor import MemEvent, MemoryMonitor
 from agentcg.node.spawn import GatedProcess, spawn_gated
 
+from .agent_helpers import NODE, MakeAgent, StubUplink
 from .kernel_helpers import EventLog, Spawn
 
 
@@ -66,3 +69,32 @@ def spawn(driver: CgroupV1Driver, monitor: MemoryMonitor) -> Iterator[Spawn]:
             if gated.process.poll() is None:
                 gated.process.kill()
             gated.process.communicate()
+
+
+@pytest.fixture
+def agent_monitor(bcc_available: None) -> Iterator[tuple[MemoryMonitor, list[NodeAgent]]]:
+    holder: list[NodeAgent] = []
+
+    def forward(ev: MemEvent) -> None:
+        if holder:
+            holder[0].on_mem_event(ev)
+
+    monitor = MemoryMonitor(forward)
+    monitor.start()
+    try:
+        yield monitor, holder
+    finally:
+        monitor.close()
+
+
+@pytest.fixture
+def make_agent(
+    driver: CgroupV1Driver, agent_monitor: tuple[MemoryMonitor, list[NodeAgent]]
+) -> MakeAgent:
+    def make(uplink: StubUplink, policy: NodePolicy | None = None) -> NodeAgent:
+        monitor, holder = agent_monitor
+        agent = NodeAgent(NODE, driver, monitor, uplink, 8 << 30, policy)  # type: ignore[arg-type]
+        holder[:] = [agent]
+        return agent
+
+    return make

@@ -267,6 +267,8 @@ def test_usage_estimate_with_page_cache(
         assert watched is not None
         if source is UsageSource.LRU:
             assert abs(usage - watched.usage_bytes) < 3 * MiB, (usage, watched)
+        elif source is UsageSource.NONE:
+            assert (watched.usage_bytes, watched.charge_events) == (0, 0)  # no estimate
         else:
             # One PGPGIN per folio: anon (order-0 here) is counted, large file folios are not.
             assert 32 * MiB <= watched.usage_bytes <= usage, (usage, watched)
@@ -276,3 +278,64 @@ def test_usage_estimate_with_page_cache(
             gated.process.kill()
         gated.process.communicate()
         monitor.close()
+
+
+def test_no_usage_source_still_sees_the_limit(
+    bcc_available: None, driver: CgroupV1Driver, events: EventLog
+) -> None:
+    # MW_USAGE_NONE: no per-page tracepoint, but the call hitting its budget is still caught
+    # in-kernel (first memcg reclaim of a watched task), and exec/exit are reported.
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, LIMIT)
+    driver.set_pause_at_limit(cg, True)
+    cid = driver.cgroup_id(cg)
+    with MemoryMonitor(events, usage_source=UsageSource.NONE) as monitor:
+        monitor.start()
+        monitor.watch(cid, soft_bytes=SOFT, limit_bytes=LIMIT)
+        gated = spawn_gated([sys.executable, "-c", alloc_code(150)], stdout=subprocess.PIPE)
+        try:
+            driver.attach(cg, gated.pid)
+            monitor.add_pid(gated.pid, cid)
+            gated.release()
+            [limit] = events.wait_for(cid, EventKind.LIMIT)
+            assert (limit.pid, limit.threshold_bytes) == (gated.pid, LIMIT)
+            assert events.of(cid, EventKind.SOFT) == []
+            assert [e.kind for e in events.of(cid)] == [EventKind.EXEC, EventKind.LIMIT]
+            wait_until(lambda: driver.read_stats(cg).under_oom, "under_oom")
+            driver.kill(cg)
+            gated.process.wait(timeout=10)
+            events.wait_for(cid, EventKind.EXIT)
+        finally:
+            if gated.process.poll() is None:
+                gated.process.kill()
+            gated.process.communicate()
+            monitor.unwatch(cid)
+
+
+def test_in_kernel_stop_at_the_threshold(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    # The kernel SIGSTOPs the allocator from inside the charge that crosses stop_bytes: it
+    # stops with its usage just past the threshold, and MW_STOPPED marks the stop in effect.
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, 512 * MiB)  # a backstop, never reached
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=0, limit_bytes=512 * MiB, stop_bytes=LIMIT)
+    call = spawn(cg, [sys.executable, "-c", alloc_code(150)])
+    [stop] = events.wait_for(cid, EventKind.STOP)
+    [stopped] = events.wait_for(cid, EventKind.STOPPED)
+    assert stop.pid == stopped.pid == call.pid
+    assert stop.threshold_bytes == LIMIT and LIMIT <= stop.usage_bytes < LIMIT + MiB
+    assert stop.kernel_time_ns <= stopped.kernel_time_ns
+    wait_until(lambda: _state(call.pid) == "T", "the call to be stopped")
+    usage = driver.read_stats(cg).usage_bytes
+    assert usage < LIMIT + 4 * MiB  # stopped at the threshold, not at the backstop
+    # SIGCONT resumes it; the stop does not fire again until re-armed.
+    os.kill(call.pid, 18)
+    assert call.process.wait(timeout=30) == 0
+    assert len(events.of(cid, EventKind.STOP)) == 1
+
+
+def _state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]

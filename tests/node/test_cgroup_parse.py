@@ -152,10 +152,11 @@ def test_current_cgroup_dir_strips_the_mount_root() -> None:
     assert current_cgroup_dir("memory", **kw) == Path("/sys/fs/cgroup/my memory/inner")
 
 
-def test_detect_driver_v2_is_not_implemented_yet(tmp_path: Path) -> None:
+def test_detect_driver_v2(tmp_path: Path) -> None:
     write_fixture(tmp_path, "cgroup.controllers", "cpuset cpu io memory pids\n")
-    with pytest.raises(NotImplementedError, match="cgroup v2 driver not yet implemented"):
-        detect_driver("agentcg", cgroup_fs=tmp_path)
+    write_fixture(tmp_path, "cgroup.subtree_control", "\n")
+    driver = detect_driver("agentcg", cgroup_fs=tmp_path)
+    assert (driver.version, driver.root) == (2, tmp_path / "agentcg")
 
 
 def test_detect_driver_without_cgroups(tmp_path: Path) -> None:

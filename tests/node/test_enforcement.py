@@ -59,3 +59,71 @@ def test_deadline_grows_locally_when_configured_and_room() -> None:
 
 def test_soft_threshold_below_budget() -> None:
     assert soft_threshold(100, NodePolicy(soft_fraction=0.8)) == 80
+
+
+# --- the throttle step and denials ----------------------------------------------------------
+
+from agentcg.node.enforcement import (  # noqa: E402
+    Pause,
+    Throttle,
+    Unthrottle,
+    on_denied,
+    on_soft,
+    on_throttle_deadline,
+)
+
+
+@pytest.mark.parametrize(
+    ("phase", "policy", "expected"),
+    [
+        (CallPhase.RUNNING, NodePolicy(), Throttle),
+        (CallPhase.RUNNING, NodePolicy(throttle=False), Ignore),
+        (CallPhase.THROTTLED, NodePolicy(), Ignore),
+        (CallPhase.PAUSED, NodePolicy(), Ignore),
+        (CallPhase.KILLED, NodePolicy(), Ignore),
+    ],
+)
+def test_soft_threshold_throttles_running_calls(
+    phase: CallPhase, policy: NodePolicy, expected: type
+) -> None:
+    assert isinstance(on_soft(call(phase), policy), expected)
+
+
+def test_throttle_is_at_the_soft_threshold_with_a_deadline() -> None:
+    t = on_soft(call(budget=100 * MiB), NodePolicy(soft_fraction=0.5, throttle_deadline_s=1.5))
+    assert isinstance(t, Throttle)
+    assert (t.high_bytes, t.deadline_s) == (50 * MiB, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("phase", "usage", "expected"),
+    [
+        (CallPhase.THROTTLED, 60 * MiB, Pause),  # still above 80% of 64 MiB at the deadline
+        (CallPhase.THROTTLED, 40 * MiB, Unthrottle),  # came back down: lift it
+        (CallPhase.PAUSED, 60 * MiB, Ignore),  # hit the limit meanwhile: already asking
+        (CallPhase.RUNNING, 60 * MiB, Ignore),
+    ],
+)
+def test_throttle_deadline(phase: CallPhase, usage: int, expected: type) -> None:
+    assert isinstance(on_throttle_deadline(call(phase), usage, NodePolicy()), expected)
+
+
+def test_throttle_deadline_pause_asks_for_growth() -> None:
+    p = on_throttle_deadline(call(CallPhase.THROTTLED), 60 * MiB, NodePolicy())
+    assert isinstance(p, Pause) and p.requested_bytes == 128 * MiB
+
+
+def test_limit_while_throttled_asks_broker() -> None:
+    assert on_limit(call(CallPhase.THROTTLED), NodePolicy()) == AskBroker(128 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("phase", "at_limit", "expected"),
+    [
+        (CallPhase.PAUSED, True, Kill),  # held by the kernel at its budget: killed
+        (CallPhase.PAUSED, False, Unthrottle),  # paused by the node within budget: resumed
+        (CallPhase.RUNNING, True, Ignore),
+    ],
+)
+def test_denial(phase: CallPhase, at_limit: bool, expected: type) -> None:
+    assert isinstance(on_denied(call(phase), at_limit, "denied"), expected)

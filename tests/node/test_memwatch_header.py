@@ -23,7 +23,15 @@ def test_header_matches_event_kinds_and_layout() -> None:
     constants = header_constants()
     assert {k.name: k.value for k in EventKind} == {
         name.removeprefix("MW_"): constants[name]
-        for name in ("MW_SOFT", "MW_LIMIT", "MW_OOM_KILL", "MW_EXEC", "MW_EXIT")
+        for name in (
+            "MW_SOFT",
+            "MW_LIMIT",
+            "MW_OOM_KILL",
+            "MW_EXEC",
+            "MW_EXIT",
+            "MW_STOP",
+            "MW_STOPPED",
+        )
     }
     check_header(constants)
 
@@ -61,3 +69,16 @@ def test_program_cflags_are_defines_not_text_edits() -> None:
         program_cflags(ringbuf_pages=3)
     text = describe_program(cflags)
     assert "-DMAX_WATCHES=16" in text and "TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)" in text
+
+
+def test_usage_source_falls_back_when_the_kernel_lacks_its_tracepoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from agentcg.node.monitor import supported_usage_source
+
+    # 6.12 (Debian trixie): vmscan's memcg reclaim tracepoints, no memcg/ category.
+    (tmp_path / "events" / "vmscan" / "mm_vmscan_memcg_reclaim_begin").mkdir(parents=True)
+    assert supported_usage_source(UsageSource.LRU, tmp_path) is UsageSource.NONE
+    assert supported_usage_source(UsageSource.PGPGIN, tmp_path) is UsageSource.NONE
+    assert supported_usage_source(UsageSource.NONE, tmp_path) is UsageSource.NONE
+    (tmp_path / "events" / "memcg" / "mod_memcg_lruvec_state").mkdir(parents=True)
+    assert supported_usage_source(UsageSource.LRU, tmp_path) is UsageSource.LRU
+    assert supported_usage_source(UsageSource.PGPGIN, tmp_path) is UsageSource.NONE

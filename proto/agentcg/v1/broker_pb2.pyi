@@ -85,6 +85,11 @@ class _DecisionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision
     """raise the call's budget to new_budget_bytes and resume it"""
     DECISION_KIND_KILL: _DecisionKind.ValueType  # 2
     """kill that one call"""
+    DECISION_KIND_PREEMPT: _DecisionKind.ValueType  # 3
+    """Give the lease's memory back for higher-priority work: kill that one call (like KILL) and
+    report CallFinished with OUTCOME_KILLED. The broker has already revoked the lease (state
+    REVOKED) and frees its budget when the decision is sent; epoch fences stale decisions.
+    """
 
 class DecisionKind(_DecisionKind, metaclass=_DecisionKindEnumTypeWrapper): ...
 
@@ -93,7 +98,151 @@ DECISION_KIND_GROW: DecisionKind.ValueType  # 1
 """raise the call's budget to new_budget_bytes and resume it"""
 DECISION_KIND_KILL: DecisionKind.ValueType  # 2
 """kill that one call"""
+DECISION_KIND_PREEMPT: DecisionKind.ValueType  # 3
+"""Give the lease's memory back for higher-priority work: kill that one call (like KILL) and
+report CallFinished with OUTCOME_KILLED. The broker has already revoked the lease (state
+REVOKED) and frees its budget when the decision is sent; epoch fences stale decisions.
+"""
 Global___DecisionKind: _TypeAlias = DecisionKind  # noqa: Y015
+
+@_typing.final
+class ReserveBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReserveRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ReserveRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveBatchRequest: _TypeAlias = ReserveBatchRequest  # noqa: Y015
+
+@_typing.final
+class Denial(_message.Message):
+    """Why one admission was refused (the batch form of RESOURCE_EXHAUSTED's details)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HINT_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """"tenant_quota" | "tenant_calls" | "tenant_cpu" | "node_capacity" | "no_nodes" """
+    message: _builtins.str
+    @_builtins.property
+    def hint(self) -> _types_pb2.AdmissionHint: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+        hint: _types_pb2.AdmissionHint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "hint", b"hint", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Denial: _TypeAlias = Denial  # noqa: Y015
+
+@_typing.final
+class ReserveResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    DENIAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> _types_pb2.Lease: ...
+    @_builtins.property
+    def denial(self) -> Global___Denial: ...
+    def __init__(
+        self,
+        *,
+        lease: _types_pb2.Lease | None = ...,
+        denial: Global___Denial | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["denial", b"denial", "lease", b"lease", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["denial", b"denial", "lease", b"lease", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["lease", "denial"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___ReserveResult: _TypeAlias = ReserveResult  # noqa: Y015
+
+@_typing.final
+class ReserveBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReserveResult]:
+        """one per request, in order"""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ReserveResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveBatchResponse: _TypeAlias = ReserveBatchResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ReleaseRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseBatchRequest: _TypeAlias = ReleaseBatchRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Lease]:
+        """one per request, in order"""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[_types_pb2.Lease] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseBatchResponse: _TypeAlias = ReleaseBatchResponse  # noqa: Y015
 
 @_typing.final
 class ReserveRequest(_message.Message):
@@ -359,10 +508,16 @@ class Tenant(_message.Message):
     QUOTA_FIELD_NUMBER: _builtins.int
     GRANTED_FIELD_NUMBER: _builtins.int
     ACTIVE_LEASES_FIELD_NUMBER: _builtins.int
+    MAX_CALLS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     parent: _builtins.str
     """empty: top level (an org)"""
     active_leases: _builtins.int
+    max_calls: _builtins.int
+    """concurrent calls in this subtree; 0: unlimited"""
+    weight: _builtins.int
+    """fair-share weight under contention; 0: 1"""
     @_builtins.property
     def quota(self) -> _types_pb2.Resources: ...
     @_builtins.property
@@ -377,10 +532,12 @@ class Tenant(_message.Message):
         quota: _types_pb2.Resources | None = ...,
         granted: _types_pb2.Resources | None = ...,
         active_leases: _builtins.int = ...,
+        max_calls: _builtins.int = ...,
+        weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "quota", b"quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_leases", b"active_leases", "granted", b"granted", "name", b"name", "parent", b"parent", "quota", b"quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_leases", b"active_leases", "granted", b"granted", "max_calls", b"max_calls", "name", b"name", "parent", b"parent", "quota", b"quota", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -393,20 +550,30 @@ class SetTenantRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
+    MAX_CALLS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     parent: _builtins.str
+    max_calls: _builtins.int
+    """concurrent calls in this subtree; 0: unlimited"""
+    weight: _builtins.int
+    """fair-share weight under contention; 0: 1"""
     @_builtins.property
-    def quota(self) -> _types_pb2.Resources: ...
+    def quota(self) -> _types_pb2.Resources:
+        """memory_bytes > 0; cpu_millis 0: unlimited"""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         parent: _builtins.str = ...,
         quota: _types_pb2.Resources | None = ...,
+        max_calls: _builtins.int = ...,
+        weight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "parent", b"parent", "quota", b"quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls", b"max_calls", "name", b"name", "parent", b"parent", "quota", b"quota", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -788,22 +955,50 @@ class BrokerMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DECISION_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def decision(self) -> Global___Decision: ...
+    @_builtins.property
+    def lease(self) -> Global___LeaseUpdate: ...
     def __init__(
         self,
         *,
         decision: Global___Decision | None = ...,
+        lease: Global___LeaseUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "lease", b"lease"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["decision"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["decision", "lease"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___BrokerMessage: _TypeAlias = BrokerMessage  # noqa: Y015
+
+@_typing.final
+class LeaseUpdate(_message.Message):
+    """The broker tells the lease's node that it changed (renewed, grown, revoked, expired), so the
+    node enforces the new expiry/epoch at once instead of at its next local check.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> _types_pb2.Lease: ...
+    def __init__(
+        self,
+        *,
+        lease: _types_pb2.Lease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseUpdate: _TypeAlias = LeaseUpdate  # noqa: Y015
 
 @_typing.final
 class Decision(_message.Message):

@@ -65,6 +65,16 @@ class BrokerStub:
                 request_serializer=agentcg_dot_v1_dot_broker__pb2.PingRequest.SerializeToString,
                 response_deserializer=agentcg_dot_v1_dot_broker__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.ReserveBatch = channel.unary_unary(
+                '/agentcg.v1.Broker/ReserveBatch',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ReserveBatchRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ReserveBatchResponse.FromString,
+                _registered_method=True)
+        self.ReleaseBatch = channel.unary_unary(
+                '/agentcg.v1.Broker/ReleaseBatch',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -110,6 +120,22 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveBatch(self, request, context):
+        """Many admissions in one call: decided in order, made durable in one group commit, then
+        answered (each grant is durable before the reply). A malformed item fails the whole batch
+        with INVALID_ARGUMENT naming requests[i].<field> and changes nothing; a denial is per item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseBatch(self, request, context):
+        """Many releases in one call, durable before the reply; idempotent per lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +168,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=agentcg_dot_v1_dot_broker__pb2.PingRequest.FromString,
                     response_serializer=agentcg_dot_v1_dot_broker__pb2.PingResponse.SerializeToString,
+            ),
+            'ReserveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveBatch,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ReserveBatchRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ReserveBatchResponse.SerializeToString,
+            ),
+            'ReleaseBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseBatch,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +342,60 @@ class Broker:
             '/agentcg.v1.Broker/Ping',
             agentcg_dot_v1_dot_broker__pb2.PingRequest.SerializeToString,
             agentcg_dot_v1_dot_broker__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.Broker/ReserveBatch',
+            agentcg_dot_v1_dot_broker__pb2.ReserveBatchRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ReserveBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.Broker/ReleaseBatch',
+            agentcg_dot_v1_dot_broker__pb2.ReleaseBatchRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ReleaseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

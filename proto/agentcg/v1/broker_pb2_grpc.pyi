@@ -45,6 +45,13 @@ class BrokerStub:
     ListLeases: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListLeasesRequest, _broker_pb2.ListLeasesResponse]
     Ping: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PingRequest, _broker_pb2.PingResponse]
     """A no-op on the same server stack: the ceiling for admission benchmarks."""
+    ReserveBatch: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ReserveBatchRequest, _broker_pb2.ReserveBatchResponse]
+    """Many admissions in one call: decided in order, made durable in one group commit, then
+    answered (each grant is durable before the reply). A malformed item fails the whole batch
+    with INVALID_ARGUMENT naming requests[i].<field> and changes nothing; a denial is per item.
+    """
+    ReleaseBatch: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ReleaseBatchRequest, _broker_pb2.ReleaseBatchResponse]
+    """Many releases in one call, durable before the reply; idempotent per lease."""
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -60,6 +67,13 @@ class BrokerAsyncStub(BrokerStub):
     ListLeases: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListLeasesRequest, _broker_pb2.ListLeasesResponse]  # type: ignore[assignment]
     Ping: _aio.UnaryUnaryMultiCallable[_broker_pb2.PingRequest, _broker_pb2.PingResponse]  # type: ignore[assignment]
     """A no-op on the same server stack: the ceiling for admission benchmarks."""
+    ReserveBatch: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReserveBatchRequest, _broker_pb2.ReserveBatchResponse]  # type: ignore[assignment]
+    """Many admissions in one call: decided in order, made durable in one group commit, then
+    answered (each grant is durable before the reply). A malformed item fails the whole batch
+    with INVALID_ARGUMENT naming requests[i].<field> and changes nothing; a denial is per item.
+    """
+    ReleaseBatch: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReleaseBatchRequest, _broker_pb2.ReleaseBatchResponse]  # type: ignore[assignment]
+    """Many releases in one call, durable before the reply; idempotent per lease."""
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -108,6 +122,25 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.PingResponse, _abc.Awaitable[_broker_pb2.PingResponse]]:
         """A no-op on the same server stack: the ceiling for admission benchmarks."""
+
+    @_abc_1.abstractmethod
+    def ReserveBatch(
+        self,
+        request: _broker_pb2.ReserveBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ReserveBatchResponse, _abc.Awaitable[_broker_pb2.ReserveBatchResponse]]:
+        """Many admissions in one call: decided in order, made durable in one group commit, then
+        answered (each grant is durable before the reply). A malformed item fails the whole batch
+        with INVALID_ARGUMENT naming requests[i].<field> and changes nothing; a denial is per item.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseBatch(
+        self,
+        request: _broker_pb2.ReleaseBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ReleaseBatchResponse, _abc.Awaitable[_broker_pb2.ReleaseBatchResponse]]:
+        """Many releases in one call, durable before the reply; idempotent per lease."""
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -21,6 +21,54 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class AttachRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    pid: _builtins.int
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        pid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class AttachResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    CGROUP_PATH_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    cgroup_path: _builtins.str
+    created: _builtins.bool
+    """a new call cgroup (false: joined the call already running)"""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        cgroup_path: _builtins.str = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "cgroup_path", b"cgroup_path", "created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
+
+@_typing.final
 class ExecRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -182,6 +230,7 @@ class Enforcement(_message.Message):
     USAGE_BYTES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REACTION_NS_FIELD_NUMBER: _builtins.int
+    DECISION_NS_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     action: _builtins.str
     """"pause", "grow", "kill" """
@@ -189,6 +238,10 @@ class Enforcement(_message.Message):
     usage_bytes: _builtins.int
     reason: _builtins.str
     reaction_ns: _builtins.int
+    decision_ns: _builtins.int
+    """From the in-kernel event to the broker's decision (recorded and decided by the broker)
+    arriving on the node; 0 for local actions.
+    """
     def __init__(
         self,
         *,
@@ -198,10 +251,11 @@ class Enforcement(_message.Message):
         usage_bytes: _builtins.int = ...,
         reason: _builtins.str = ...,
         reaction_ns: _builtins.int = ...,
+        decision_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "budget_bytes", b"budget_bytes", "reaction_ns", b"reaction_ns", "reason", b"reason", "usage_bytes", b"usage_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "budget_bytes", b"budget_bytes", "decision_ns", b"decision_ns", "reaction_ns", b"reaction_ns", "reason", b"reason", "usage_bytes", b"usage_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

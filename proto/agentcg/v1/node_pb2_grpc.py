@@ -39,6 +39,11 @@ class NodeAgentStub:
                 request_serializer=agentcg_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
                 response_deserializer=agentcg_dot_v1_dot_node__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/agentcg.v1.NodeAgent/Attach',
+                request_serializer=agentcg_dot_v1_dot_node__pb2.AttachRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_node__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -52,6 +57,16 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Moves an existing process (e.g. one inside a sandbox) into the lease's call cgroup, which
+        is created if no call runs under the lease yet; the call is watched and enforced like an
+        Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
+        where it was (cgroups do not move charges); what it allocates from now on is the call's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +74,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=agentcg_dot_v1_dot_node__pb2.ExecRequest.FromString,
                     response_serializer=agentcg_dot_v1_dot_node__pb2.ExecEvent.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=agentcg_dot_v1_dot_node__pb2.AttachRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_node__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +108,33 @@ class NodeAgent:
             '/agentcg.v1.NodeAgent/Exec',
             agentcg_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
             agentcg_dot_v1_dot_node__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.NodeAgent/Attach',
+            agentcg_dot_v1_dot_node__pb2.AttachRequest.SerializeToString,
+            agentcg_dot_v1_dot_node__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,12 @@ class NodeAgentStub:
     """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
     its output and enforcement actions, and ends with exactly one Exited event.
     """
+    Attach: _grpc.UnaryUnaryMultiCallable[_node_pb2.AttachRequest, _node_pb2.AttachResponse]
+    """Moves an existing process (e.g. one inside a sandbox) into the lease's call cgroup, which
+    is created if no call runs under the lease yet; the call is watched and enforced like an
+    Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
+    where it was (cgroups do not move charges); what it allocates from now on is the call's.
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -42,6 +48,12 @@ class NodeAgentAsyncStub(NodeAgentStub):
     Exec: _aio.UnaryStreamMultiCallable[_node_pb2.ExecRequest, _node_pb2.ExecEvent]  # type: ignore[assignment]
     """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
     its output and enforcement actions, and ends with exactly one Exited event.
+    """
+    Attach: _aio.UnaryUnaryMultiCallable[_node_pb2.AttachRequest, _node_pb2.AttachResponse]  # type: ignore[assignment]
+    """Moves an existing process (e.g. one inside a sandbox) into the lease's call cgroup, which
+    is created if no call runs under the lease yet; the call is watched and enforced like an
+    Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
+    where it was (cgroups do not move charges); what it allocates from now on is the call's.
     """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -53,6 +65,18 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_node_pb2.ExecEvent], _abc.AsyncIterator[_node_pb2.ExecEvent]]:
         """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
         its output and enforcement actions, and ends with exactly one Exited event.
+        """
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request: _node_pb2.AttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.AttachResponse, _abc.Awaitable[_node_pb2.AttachResponse]]:
+        """Moves an existing process (e.g. one inside a sandbox) into the lease's call cgroup, which
+        is created if no call runs under the lease yet; the call is watched and enforced like an
+        Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
+        where it was (cgroups do not move charges); what it allocates from now on is the call's.
         """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,147 @@
+"""Who gets capacity when it is contended: queue order and preemption, as pure functions.
+
+When nothing fits, a Reserve with ``queue_timeout_ms`` waits. Each time capacity frees (a
+release, an expiry, a quota raised, a node connected) the broker asks ``pick_next`` for the next
+waiter, decides it with ``admission.decide_reserve`` and repeats until one does not fit.
+
+The order, and why:
+
+1. **Priority class first** (higher ``priority`` wins). Priorities express what the platform
+   values (an interactive agent's call over a batch evaluation's); no amount of fairness
+   between tenants should let low-priority work hold back high-priority work.
+2. **Weighted fair share between tenants within a class**: the waiter whose tenant holds the
+   least memory per unit of weight (``granted_bytes / weight``) goes first. Giving each unit of
+   freed capacity to the tenant furthest below its weighted share is weighted max-min fairness
+   (the single-resource case of DRF, the policy of Hadoop's and Mesos' fair schedulers): under
+   sustained contention every backlogged tenant's holding converges to capacity x weight / sum
+   of weights, and a tenant that asks for less than its share keeps all it asks for. Memory is
+   the resource that limits how many agents fit (DESIGN.md), so it is the one shared fairly.
+3. **Arrival order (FIFO) within a tenant**: an agent's calls run in the order it asked.
+
+A waiter that does not fit only because of its *own* tenant's quota is skipped (it blocks no
+one else); one that does not fit the shared capacity (a node, the cluster, an ancestor's quota)
+stops the round, so that smaller later asks cannot starve it by backfilling.
+
+Preemption (``choose_victims``): a waiter may take capacity from active leases of strictly
+lower priority only. Victims are chosen lowest priority first, then youngest first (the least
+work lost), and only among leases that relieve the limit that denies the waiter (the same
+tenant subtree or node); as few as needed, or none when even all of them would not make it fit.
+The broker revokes them durably, then sends each one's node a PREEMPT decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, replace
+
+from .admission import Admit, NodeView, QuotaLevel, decide_reserve
+from .model import LeaseId, NodeId, TenantName
+
+__all__ = ["Candidate", "WaitingAsk", "choose_victims", "pick_next"]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingAsk:
+    seq: int  # arrival order
+    tenant: TenantName
+    priority: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An active lease that could be preempted."""
+
+    lease_id: LeaseId
+    priority: int
+    granted_at_ms: int
+    memory_bytes: int
+    cpu_millis: int
+    node_id: NodeId
+    chain: frozenset[TenantName]  # its tenant and every ancestor
+
+
+def pick_next(
+    waiting: Sequence[WaitingAsk],
+    granted_bytes: Mapping[TenantName, int],
+    weights: Mapping[TenantName, int],
+    skip: Set[int] = frozenset(),
+) -> WaitingAsk | None:
+    """The waiter to try next: highest priority, then the tenant with the least memory per
+    unit of weight, then the earliest arrival. ``skip`` holds ``seq`` numbers to pass over."""
+    best: WaitingAsk | None = None
+    best_key: tuple[int, float, int] | None = None
+    for w in waiting:
+        if w.seq in skip:
+            continue
+        key = (
+            -w.priority,
+            granted_bytes.get(w.tenant, 0) / max(1, weights.get(w.tenant, 1)),
+            w.seq,
+        )
+        if best_key is None or key < best_key:
+            best, best_key = w, key
+    return best
+
+
+def _without(
+    levels: Sequence[QuotaLevel], nodes: Sequence[NodeView], victims: Sequence[Candidate]
+) -> tuple[list[QuotaLevel], list[NodeView]]:
+    lv = [
+        replace(
+            level,
+            granted_memory_bytes=level.granted_memory_bytes
+            - sum(v.memory_bytes for v in victims if level.tenant.name in v.chain),
+            granted_cpu_millis=level.granted_cpu_millis
+            - sum(v.cpu_millis for v in victims if level.tenant.name in v.chain),
+            active_calls=level.active_calls
+            - sum(1 for v in victims if level.tenant.name in v.chain),
+        )
+        for level in levels
+    ]
+    nv = [
+        replace(
+            n,
+            granted_memory_bytes=n.granted_memory_bytes
+            - sum(v.memory_bytes for v in victims if v.node_id == n.node_id),
+        )
+        for n in nodes
+    ]
+    return lv, nv
+
+
+def choose_victims(
+    memory_bytes: int,
+    priority: int,
+    levels: Sequence[QuotaLevel],
+    nodes: Sequence[NodeView],
+    candidates: Sequence[Candidate],
+    *,
+    cpu_millis: int = 0,
+) -> list[Candidate] | None:
+    """The fewest lower-priority leases whose revocation lets the ask in (see the module
+    docstring for the order), or None when preemption cannot make it fit."""
+    eligible = sorted(
+        (c for c in candidates if c.priority < priority),
+        key=lambda c: (c.priority, -c.granted_at_ms, c.lease_id),
+    )
+    chosen: list[Candidate] = []
+    while True:
+        lv, nv = _without(levels, nodes, chosen)
+        d = decide_reserve(memory_bytes, lv, nv, cpu_millis=cpu_millis)
+        if isinstance(d, Admit):
+            return chosen or None
+        kind, _, name = d.scope.partition(":")
+        taken = {c.lease_id for c in chosen}
+        relevant = [
+            c
+            for c in eligible
+            if c.lease_id not in taken
+            and (
+                (kind == "tenant" and TenantName(name) in c.chain)
+                or (kind == "node" and c.node_id == NodeId(name))
+            )
+        ]
+        if not relevant:
+            return None
+        chosen.append(relevant[0])

@@ -1,0 +1,431 @@
+"""`agentcg bench admission`: admission throughput and latency against a real broker process.
+
+Everything runs in one go on this machine: a broker subprocess (embedded SQLite by default, or
+``--db URL``), simulated nodes (register + a long-lived Connect stream with heartbeats) and load
+generator processes (``multiprocessing`` spawn: the load is generated outside the broker's
+process, but it shares the machine's cores with it; the numbers are ratios within one run).
+
+Phases, in order, each reported under its key:
+- ``noop_rps``: closed-loop Ping RPCs/s (the same server stack, interceptors included);
+- ``reserve_release_rps``: closed-loop Reserve then Release, counted in RPCs/s (each Reserve and
+  each Release is one unary RPC, so it compares with ``noop_rps`` RPC for RPC), and
+  ``ratio`` = reserve_release_rps / noop_rps; ``reserve_release_pairs_per_s`` is half of it;
+- ``p50_ms``/``p99_ms``: Reserve latency at a fixed open-loop 1,000 Reserve/s, measured from
+  each request's scheduled send time (no coordinated omission); every 20 ms one ReleaseBatch
+  releases the oldest leases beyond 100, so ~100 leases stay live;
+- ``stream_decisions_per_s``: ReserveBatch + ReleaseBatch, every grant and release durable in
+  group commit before its reply; a decision is one admission or one release;
+- ``noop_p50_ms_at_rate``/``noop_p99_ms_at_rate``: the same fixed rate with Ping, the
+  floor those latencies sit on (the server stack and this machine);
+- ``p99_ratio_10k_leases``: the fixed-rate phase again with 10,000 more live leases, its p99 over
+  the first one's;
+- ``broker_rss_mb``: the broker's resident set with those 10,000 leases and 1,000 connected
+  simulated node streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from collections import deque
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+from .bench import percentile
+from .cluster import LocalCluster
+
+__all__ = ["bench_admission"]
+
+MiB = 1 << 20
+HUGE = 1 << 50  # quota / capacity that never limits the benchmark
+TENANT = "bench"
+
+
+def _stubs(address: str) -> tuple[Any, Any, Any]:
+    import grpc
+    from agentcg.v1 import broker_pb2_grpc
+
+    ch = grpc.aio.insecure_channel(address)
+    return ch, broker_pb2_grpc.BrokerStub(ch), broker_pb2_grpc.NodeGatewayStub(ch)
+
+
+def _reserve_request(i: int, ttl_ms: int = 0, key: str = "") -> Any:
+    from agentcg.v1 import broker_pb2, types_pb2
+
+    return broker_pb2.ReserveRequest(
+        tenant=TENANT,
+        session=f"s{i % 64}",
+        command_class="bench",
+        intent=types_pb2.Resources(memory_bytes=MiB),
+        ttl_ms=ttl_ms,
+        idempotency_key=key,
+    )
+
+
+# -- load generator processes (spawned: no grpc state inherited) -------------------------------
+
+
+async def _closed_loop(
+    kind: str, address: str, start_at: float, warmup_s: float, seconds: float, concurrency: int
+) -> dict[str, float]:
+    from agentcg.v1 import broker_pb2
+
+    ch, broker, _ = _stubs(address)
+    await ch.channel_ready()
+    count = 0
+    t_begin = start_at + warmup_s
+    t_end = t_begin + seconds
+    batch = 500
+    ping = broker_pb2.PingRequest()
+    batch_request = broker_pb2.ReserveBatchRequest(
+        requests=[_reserve_request(k) for k in range(batch)]
+    )
+
+    async def one(w: int) -> None:
+        nonlocal count
+        i = 0
+        while True:
+            now = time.time()
+            if now >= t_end:
+                return
+            if kind == "noop":
+                await broker.Ping(ping)
+                n = 1
+            elif kind == "reserve_release":
+                r = await broker.Reserve(_reserve_request(i))
+                await broker.Release(broker_pb2.ReleaseRequest(lease_id=r.lease.lease_id))
+                n = 2
+            else:  # batch
+                rb = await broker.ReserveBatch(batch_request)
+                ids = [x.lease.lease_id for x in rb.results if x.HasField("lease")]
+                await broker.ReleaseBatch(
+                    broker_pb2.ReleaseBatchRequest(
+                        requests=[broker_pb2.ReleaseRequest(lease_id=x) for x in ids]
+                    )
+                )
+                n = len(rb.results) + len(ids)
+            i += 1
+            if t_begin <= now and time.time() <= t_end:
+                count += n
+
+    delay = start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    await asyncio.gather(*(one(w) for w in range(concurrency)))
+    await ch.close()
+    return {"ops": count, "seconds": seconds}
+
+
+async def _fixed_rate(
+    address: str,
+    start_at: float,
+    warmup_s: float,
+    seconds: float,
+    rate: float,
+    live: int,
+    kind: str = "reserve",
+) -> dict[str, Any]:
+    from agentcg.v1 import broker_pb2
+
+    ch, broker, _ = _stubs(address)
+    await ch.channel_ready()
+    latencies_ms: list[float] = []
+    pool: deque[str] = deque()
+    tasks: set[asyncio.Task[None]] = set()
+    t_begin = start_at + warmup_s
+    n = int((warmup_s + seconds) * rate)
+    errors = 0
+
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal errors
+        try:
+            if kind == "ping":
+                await broker.Ping(broker_pb2.PingRequest())
+            else:
+                r = await broker.Reserve(_reserve_request(i))
+        except Exception:  # noqa: BLE001 - counted and reported
+            errors += 1
+            return
+        done = time.perf_counter()
+        if scheduled >= t_begin_pc:
+            latencies_ms.append((done - scheduled) * 1000)
+        if kind != "ping":
+            pool.append(r.lease.lease_id)
+
+    async def release_old() -> None:
+        # Keep ~``live`` leases: every 20 ms release the oldest beyond that in one ReleaseBatch
+        # (off the measured path, so that the fixed rate measures Reserve alone).
+        while True:
+            await asyncio.sleep(0.02)
+            old = [pool.popleft() for _ in range(max(0, len(pool) - live))]
+            if old:
+                await broker.ReleaseBatch(
+                    broker_pb2.ReleaseBatchRequest(
+                        requests=[broker_pb2.ReleaseRequest(lease_id=x) for x in old]
+                    )
+                )
+
+    delay = start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    releaser = asyncio.create_task(release_old())
+    t0 = time.perf_counter()
+    t_begin_pc = t0 + (t_begin - start_at)
+    for i in range(n):
+        scheduled = t0 + i / rate
+        wait = scheduled - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        task = asyncio.create_task(one(i, scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    while tasks:
+        await asyncio.gather(*list(tasks))
+    releaser.cancel()
+    if pool:
+        await broker.ReleaseBatch(
+            broker_pb2.ReleaseBatchRequest(
+                requests=[broker_pb2.ReleaseRequest(lease_id=x) for x in pool]
+            )
+        )
+    await ch.close()
+    return {"latencies_ms": latencies_ms, "errors": errors}
+
+
+async def _nodes(address: str, first: int, count: int, ready: Any, stop: Any) -> None:
+    import grpc
+    from agentcg.v1 import broker_pb2, types_pb2
+
+    channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, count // 100))]
+    from agentcg.v1 import broker_pb2_grpc
+
+    gateways = [broker_pb2_grpc.NodeGatewayStub(ch) for ch in channels]
+    calls = []
+    for k in range(count):
+        node_id = f"bench-node-{first + k}"
+        gw = gateways[k % len(gateways)]
+        await gw.RegisterNode(
+            broker_pb2.RegisterNodeRequest(
+                node_id=node_id,
+                address="127.0.0.1:1",
+                capacity=types_pb2.Resources(memory_bytes=HUGE),
+            )
+        )
+        call = gw.Connect()
+        await call.write(broker_pb2.NodeMessage(hello=broker_pb2.NodeHello(node_id=node_id)))
+        await call.write(
+            broker_pb2.NodeMessage(
+                heartbeat=broker_pb2.Heartbeat(capacity=types_pb2.Resources(memory_bytes=HUGE))
+            )
+        )
+        calls.append(call)
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.2)
+    for call in calls:
+        call.cancel()
+    for ch in channels:
+        await ch.close()
+
+
+def _proc_main(job: str, args: tuple[Any, ...], out: Queue[Any] | None) -> None:
+    if job == "nodes":
+        asyncio.run(_nodes(*args))
+        return
+    if job == "rate":
+        result = asyncio.run(_fixed_rate(*args))
+    else:
+        result = asyncio.run(_closed_loop(job, *args))
+    assert out is not None
+    out.put(result)
+
+
+# -- the orchestration --------------------------------------------------------------------------
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Run:
+    def __init__(
+        self, address: str, processes: int, concurrency: int, seconds: float, broker_pid: int
+    ) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.broker_pid = broker_pid
+        self.cpu_ms_per_op: dict[str, float] = {}
+        self.address = address
+        self.processes = processes
+        self.concurrency = concurrency
+        self.seconds = seconds
+        self.warmup_s = 0.5
+
+    def closed_loop(self, kind: str, concurrency: int | None = None) -> float:
+        """Total operations per second over all load processes."""
+        out: Queue[Any] = self.ctx.Queue()
+        start_at = time.time() + 1.5  # spawned interpreters need ~1 s to import
+        per = concurrency or self.concurrency
+        procs = [
+            self.ctx.Process(
+                target=_proc_main,
+                args=(kind, (self.address, start_at, self.warmup_s, self.seconds, per), out),
+            )
+            for _ in range(self.processes)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(max(0.0, start_at + self.warmup_s - time.time()))
+        cpu0 = _cpu_s(self.broker_pid)
+        time.sleep(max(0.0, start_at + self.warmup_s + self.seconds - time.time()))
+        cpu1 = _cpu_s(self.broker_pid)
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join()
+        ops = sum(r["ops"] for r in results)
+        self.cpu_ms_per_op[kind] = (cpu1 - cpu0) * 1000 / max(1, ops)
+        return float(ops) / self.seconds
+
+    def fixed_rate(self, rate: float, live: int, kind: str = "reserve") -> dict[str, Any]:
+        out: Queue[Any] = self.ctx.Queue()
+        start_at = time.time() + 1.5
+        p = self.ctx.Process(
+            target=_proc_main,
+            args=("rate", (self.address, start_at, 1.0, self.seconds, rate, live, kind), out),
+        )
+        p.start()
+        result: dict[str, Any] = out.get(timeout=120)
+        p.join()
+        return result
+
+    def start_nodes(self, first: int, count: int) -> tuple[Any, Any]:
+        ready = self.ctx.Event()
+        stop = self.ctx.Event()
+        p = self.ctx.Process(
+            target=_proc_main, args=("nodes", (self.address, first, count, ready, stop), None)
+        )
+        p.start()
+        if not ready.wait(120):
+            raise TimeoutError(f"{count} simulated nodes not connected after 120 s")
+        return p, stop
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _fill(address: str, leases: int) -> None:
+    """Reserve ``leases`` long-lived leases in batches of 500 (through the SDK)."""
+    from .sdk import Client
+
+    with Client(address, timeout_s=60) as c:
+        for start in range(0, leases, 500):
+            n = min(500, leases - start)
+            got = c.reserve_batch([_reserve_request(start + k, ttl_ms=3600_000) for k in range(n)])
+            assert all(not isinstance(x, Exception) for x in got), got[:1]
+
+
+def bench_admission(
+    *,
+    seconds: float = 3.0,
+    processes: int = 2,
+    concurrency: int = 16,
+    rate: float = 1000.0,
+    leases: int = 10_000,
+    node_streams: int = 1000,
+    database_url: str = "",
+    json_path: Path | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Run every phase against a fresh broker subprocess; return (and write) the figures."""
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log(msg)
+
+    result: dict[str, Any] = {
+        "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
+        "loadgen_processes": processes,
+        "in_flight": processes * concurrency,
+        "seconds_per_phase": seconds,
+        "cpus": os.cpu_count(),
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+    }
+    with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:
+        cluster = LocalCluster(Path(tmp), nodes=0, database_url=database_url, log_level="WARNING")
+        with cluster:
+            address = cluster.broker_address
+            broker_pid = cluster.procs["broker"].pid
+            from .sdk import Client
+
+            with Client(address) as c:
+                c.set_tenant(TENANT, HUGE)
+            run = _Run(address, processes, concurrency, seconds, broker_pid)
+            node_proc, node_stop = run.start_nodes(0, 1)
+            try:
+                say("noop ...")
+                noop = run.closed_loop("noop")
+                say("reserve+release ...")
+                rr = run.closed_loop("reserve_release")
+                result["noop_rps"] = round(noop)
+                result["reserve_release_rps"] = round(rr)
+                result["reserve_release_pairs_per_s"] = round(rr / 2)
+                result["ratio"] = round(rr / noop, 3)
+                result["broker_cpu_us_per_noop"] = round(run.cpu_ms_per_op["noop"] * 1000, 1)
+                result["broker_cpu_us_per_reserve_or_release"] = round(
+                    run.cpu_ms_per_op["reserve_release"] * 1000, 1
+                )
+                say("fixed rate, no-op ...")
+                ping = run.fixed_rate(rate, 0, "ping")["latencies_ms"]
+                result["noop_p50_ms_at_rate"] = round(statistics.median(ping), 3)
+                result["noop_p99_ms_at_rate"] = round(percentile(ping, 99), 3)
+                say("fixed rate, ~100 live leases ...")
+                base = run.fixed_rate(rate, 100)
+                lat = base["latencies_ms"]
+                result["rate_per_s"] = rate
+                result["p50_ms"] = round(statistics.median(lat), 3)
+                result["p99_ms"] = round(percentile(lat, 99), 3)
+                result["rate_errors"] = base["errors"]
+                say("batched admission ...")
+                result["stream_batch_size"] = 500
+                result["stream_decisions_per_s"] = round(run.closed_loop("batch", 2))
+                result["broker_cpu_us_per_stream_decision"] = round(
+                    run.cpu_ms_per_op["batch"] * 1000, 1
+                )
+                say(f"filling {leases} live leases ...")
+                _fill(address, leases)
+                say("fixed rate, 10k live leases ...")
+                big = run.fixed_rate(rate, 100)
+                lat_big = big["latencies_ms"]
+                result["p50_ms_10k_leases"] = round(statistics.median(lat_big), 3)
+                result["p99_ms_10k_leases"] = round(percentile(lat_big, 99), 3)
+                result["p99_ratio_10k_leases"] = round(
+                    result["p99_ms_10k_leases"] / result["p99_ms"], 3
+                )
+                say(f"connecting {node_streams - 1} more simulated nodes ...")
+                more_proc, more_stop = run.start_nodes(1, node_streams - 1)
+                try:
+                    time.sleep(2.0)  # a heartbeat round on every stream
+                    result["live_leases"] = leases
+                    result["node_streams"] = node_streams
+                    result["broker_rss_mb"] = round(_rss_mb(broker_pid), 1)
+                finally:
+                    more_stop.set()
+                    more_proc.join(30)
+            finally:
+                node_stop.set()
+                node_proc.join(30)
+    result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result

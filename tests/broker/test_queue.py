@@ -1,0 +1,142 @@
+"""The admission queue through a real broker process: wait up to the caller's deadline, admit by
+priority when capacity frees, preempt lower-priority leases through the node stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import AsyncClient
+from agentcg.errors import QuotaExceededError
+from agentcg.v1 import broker_pb2
+
+from .simnode import SimNode
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str) -> Iterator[tuple[str, SimNode]]:
+    with LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as c:
+        with SimNode(c.broker_address, memory_bytes=1 << 34) as node:
+            yield c.broker_address, node
+
+
+async def settle(c: AsyncClient) -> None:
+    """A round trip, so the broker has handled everything sent before."""
+    await c.ping()
+    await asyncio.sleep(0.05)
+
+
+def test_waits_until_capacity_frees_or_its_deadline(env: tuple[str, SimNode]) -> None:
+    address, _ = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 64 * MiB)
+            first = await c.reserve("t", 64 * MiB)
+            with pytest.raises(QuotaExceededError) as late:
+                await c.reserve("t", 32 * MiB, queue_timeout_ms=200)
+            assert "waited 200 ms" in late.value.message
+            assert late.value.largest_memory_bytes_available == 0
+            waiting = asyncio.ensure_future(c.reserve("t", 32 * MiB, queue_timeout_ms=30_000))
+            await settle(c)
+            assert not waiting.done()
+            await c.release(first.lease_id)
+            second = await waiting
+            assert second.state == "active" and second.memory_bytes == 32 * MiB
+            assert (await c.get_tenant("t")).granted_memory_bytes == 32 * MiB
+
+    asyncio.run(go())
+
+
+def test_priority_then_arrival_when_capacity_frees(env: tuple[str, SimNode]) -> None:
+    address, _ = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 64 * MiB)
+            hold = await c.reserve("t", 64 * MiB, priority=9)
+            order: list[str] = []
+
+            async def queued(name: str, priority: int) -> str:
+                lease = await c.reserve("t", 64 * MiB, priority=priority, queue_timeout_ms=30_000)
+                order.append(name)
+                return lease.lease_id
+
+            low1 = asyncio.ensure_future(queued("low1", 1))
+            await settle(c)
+            low2 = asyncio.ensure_future(queued("low2", 1))
+            await settle(c)
+            high = asyncio.ensure_future(queued("high", 5))
+            await settle(c)
+            await c.release(hold.lease_id)
+            await c.release(await high)
+            await c.release(await low1)
+            await c.release(await low2)
+            assert order == ["high", "low1", "low2"]
+
+    asyncio.run(go())
+
+
+def test_preempts_lower_priority_through_the_node_stream(env: tuple[str, SimNode]) -> None:
+    address, node = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("org", 96 * MiB)
+            await c.set_tenant("batch", 96 * MiB, parent="org")
+            await c.set_tenant("live", 96 * MiB, parent="org")
+            old = await c.reserve("batch", 48 * MiB, priority=0)
+            young = await c.reserve("batch", 48 * MiB, priority=0)
+            urgent = await c.reserve("live", 40 * MiB, priority=10, queue_timeout_ms=10_000)
+            assert urgent.state == "active"
+            # The youngest low-priority lease gave way, and only it.
+            assert (await c.get_lease(young.lease_id)).state == "revoked"
+            assert (await c.get_lease(old.lease_id)).state == "active"
+            for _ in range(100):
+                if node.decisions:
+                    break
+                await asyncio.sleep(0.05)
+            [d] = node.decisions
+            assert d.kind == broker_pb2.DECISION_KIND_PREEMPT
+            assert d.lease_id == young.lease_id and d.epoch == young.epoch
+            # Equal priority never preempts: it waits and times out.
+            with pytest.raises(QuotaExceededError):
+                await c.reserve("batch", 48 * MiB, priority=0, queue_timeout_ms=100)
+            assert (await c.get_lease(old.lease_id)).state == "active"
+
+    asyncio.run(go())
+
+
+def test_no_admission_to_a_pressured_node_until_it_recovers(env: tuple[str, SimNode]) -> None:
+    address, node = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 1 << 30)
+            await c.reserve("t", MiB)
+            node.outbox.put(
+                broker_pb2.NodeMessage(
+                    pressure=broker_pb2.PressureEvent(
+                        event_id="e1", kind=broker_pb2.PRESSURE_KIND_NODE
+                    )
+                )
+            )
+            for _ in range(200):  # until the broker has taken the event in
+                try:
+                    await c.reserve("t", MiB)
+                except QuotaExceededError as exc:
+                    assert "no connected node" in exc.message
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the pressured node kept taking work")
+            # No further pressure: it recovers (after PRESSURE_HOLD_MS) and a queued ask gets in.
+            lease = await c.reserve("t", MiB, queue_timeout_ms=30_000)
+            assert lease.node_id == node.node_id
+
+    asyncio.run(go())

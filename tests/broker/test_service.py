@@ -1,0 +1,105 @@
+"""The broker's servicers through a real broker process on a real database (SQLite and
+PostgreSQL): batched admission, idempotent retries that wait for durability, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentcg.broker.store import Store
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import AsyncClient, Client, Lease
+from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
+from agentcg.v1 import broker_pb2, types_pb2
+
+from .simnode import SimNode
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def broker(tmp_path: Path, database_url: str) -> Iterator[tuple[str, str]]:
+    """(broker address, database URL) with one connected simulated node."""
+    with LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as c:
+        with SimNode(c.broker_address, memory_bytes=1 << 34):
+            yield c.broker_address, database_url
+
+
+def ask(tenant: str, memory_bytes: int, key: str = "") -> broker_pb2.ReserveRequest:
+    return broker_pb2.ReserveRequest(
+        tenant=tenant,
+        intent=types_pb2.Resources(memory_bytes=memory_bytes),
+        idempotency_key=key,
+    )
+
+
+def test_concurrent_retries_get_the_same_durable_lease(broker: tuple[str, str]) -> None:
+    address, url = broker
+    store = Store(url)
+
+    async def go() -> list[tuple[Lease, bool]]:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 1 << 30)
+
+            async def one() -> tuple[Lease, bool]:
+                lease = await c.reserve("t", 8 * MiB, idempotency_key="k1")
+                # Checked at the moment the reply arrived: the grant is in the database.
+                return lease, store.get_lease(lease.lease_id) is not None  # type: ignore[arg-type]
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        store.close()
+    assert len({lease.lease_id for lease, _ in results}) == 1
+    assert all(durable for _, durable in results)
+    with Client(address) as c:
+        assert c.get_tenant("t").granted_memory_bytes == 8 * MiB
+
+
+def test_reserve_batch_grants_in_order_and_denies_per_item(broker: tuple[str, str]) -> None:
+    address, url = broker
+    with Client(address) as c:
+        c.set_tenant("t", 40 * MiB)
+        got = c.reserve_batch([ask("t", 16 * MiB), ask("t", 16 * MiB), ask("t", 16 * MiB)])
+        assert [isinstance(x, Lease) for x in got] == [True, True, False]
+        denial = got[2]
+        assert isinstance(denial, QuotaExceededError)
+        assert denial.largest_memory_bytes_available == 8 * MiB
+        assert "tenant t" in denial.message
+        # Retried with keys: the same leases come back.
+        keyed = c.reserve_batch([ask("t", 4 * MiB, "a"), ask("t", 4 * MiB, "a")])
+        assert isinstance(keyed[0], Lease) and isinstance(keyed[1], Lease)
+        assert keyed[0].lease_id == keyed[1].lease_id
+        ids = [x.lease_id for x in got[:2] if isinstance(x, Lease)] + [keyed[0].lease_id]
+        released = c.release_batch(ids + ids[:1])  # a repeated release is idempotent
+        assert [x.state for x in released] == ["released"] * 4
+        assert c.get_tenant("t").granted_memory_bytes == 0
+    store = Store(url)
+    try:
+        assert {x.lease_id for x in store.list_leases(include_inactive=True)} == set(ids)
+    finally:
+        store.close()
+
+
+def test_reserve_batch_bad_item_changes_nothing(broker: tuple[str, str]) -> None:
+    address, url = broker
+    with Client(address) as c:
+        c.set_tenant("t", 1 << 30)
+        with pytest.raises(InvalidArgumentError) as err:
+            c.reserve_batch([ask("t", MiB), ask("t", -1)])
+        assert err.value.field == "requests[1].intent.memory_bytes"
+        with pytest.raises(NotFoundError) as nf:
+            c.reserve_batch([ask("t", MiB), ask("nobody", MiB)])
+        assert "requests[1].tenant" in nf.value.message
+        with pytest.raises(NotFoundError):
+            c.release_batch(["0" * 32])
+        assert c.get_tenant("t").active_leases == 0
+    store = Store(url)
+    try:
+        assert store.list_leases(include_inactive=True) == []
+    finally:
+        store.close()

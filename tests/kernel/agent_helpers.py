@@ -1,0 +1,100 @@
+"""A NodeAgent on real cgroups and a real monitor, with a stand-in for the broker side.
+
+The broker is replaced (it is not the kernel): `StubBroker.GetLease` answers from a dict, and
+`StubUplink.send` records what the node reports upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from agentcg.node.agent import NodeAgent
+from agentcg.node.enforcement import NodePolicy
+from agentcg.v1 import broker_pb2, node_pb2, types_pb2
+
+MiB = 1 << 20
+NODE = "n1"
+
+MakeAgent = Callable[["StubUplink", NodePolicy | None], NodeAgent]
+
+
+def make_lease(
+    lease_id: str,
+    *,
+    budget: int = 64 * MiB,
+    epoch: int = 1,
+    expires_in_ms: int = 60_000,
+    tenant: str = "t1",
+    session: str = "s1",
+) -> types_pb2.Lease:
+    return types_pb2.Lease(
+        lease_id=lease_id,
+        tenant=tenant,
+        session=session,
+        node_id=NODE,
+        budget=types_pb2.Resources(memory_bytes=budget),
+        epoch=epoch,
+        state=types_pb2.LEASE_STATE_ACTIVE,
+        expires_at_unix_ms=int(time.time() * 1000) + expires_in_ms,
+    )
+
+
+class StubBroker:
+    def __init__(self) -> None:
+        self.leases: dict[str, types_pb2.Lease] = {}
+        self.reachable = True
+
+    async def GetLease(  # noqa: N802 - the gRPC method name
+        self, request: broker_pb2.GetLeaseRequest, timeout: float | None = None
+    ) -> types_pb2.Lease:
+        if not self.reachable:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+            )
+        lease = self.leases.get(request.lease_id)
+        if lease is None:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "no lease"
+            )
+        out = types_pb2.Lease()
+        out.CopyFrom(lease)
+        return out
+
+
+@dataclass
+class StubUplink:
+    broker: StubBroker = field(default_factory=StubBroker)
+    keep: bool = True
+    sent: list[broker_pb2.NodeMessage] = field(default_factory=list)
+    kinds: Counter[str] = field(default_factory=Counter)
+    dropped: int = 0
+
+    def send(self, msg: broker_pb2.NodeMessage) -> None:
+        self.kinds[str(msg.WhichOneof("body"))] += 1
+        if self.keep:
+            self.sent.append(msg)
+
+
+class NoContext:
+    async def abort_with_status(self, status: object) -> None:
+        raise AssertionError(f"Exec aborted: {status}")
+
+
+async def run_call(
+    agent: NodeAgent,
+    lease_id: str,
+    argv: Sequence[str],
+    started: asyncio.Event | None = None,
+) -> list[node_pb2.ExecEvent]:
+    events = []
+    request = node_pb2.ExecRequest(lease_id=lease_id, argv=list(argv))
+    async for ev in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
+        events.append(ev)
+        if started is not None and ev.HasField("started"):
+            started.set()
+    return events

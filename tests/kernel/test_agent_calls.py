@@ -1,0 +1,183 @@
+"""The node agent on real cgroups and a real BPF monitor: many calls leave nothing behind; a
+call whose lease expired without renewal or whose epoch is stale is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from agentcg.node.agent import NodeAgent
+from agentcg.node.cgroup import CgroupV1Driver
+from agentcg.node.monitor import MemoryMonitor
+from agentcg.v1 import broker_pb2, types_pb2
+
+from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+
+pytestmark = pytest.mark.kernel
+
+CALLS = int(os.environ.get("AGENTCG_TEST_CALLS", "10000"))
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_many_calls_leave_nothing_behind(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+) -> None:
+    uplink = StubUplink(keep=False)
+    agent = make_agent(uplink, None)
+    monitor = agent_monitor[0]
+    warmup = min(1000, CALLS // 10)
+    rss: dict[str, int] = {}
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(8)
+        outcomes: list[int] = []
+
+        async def one(i: int) -> None:
+            lease_id = f"l{i}"
+            # Spread over tenants and sessions: their dirs come and go with their calls.
+            uplink.broker.leases[lease_id] = make_lease(
+                lease_id, tenant=f"t{i % 3}", session=f"s{i % 7}"
+            )
+            async with sem:
+                events = await run_call(agent, lease_id, ["true"])
+            del uplink.broker.leases[lease_id]
+            outcomes.append(events[-1].exited.outcome)
+
+        await asyncio.gather(*(one(i) for i in range(warmup)))
+        rss["warm"] = rss_bytes()
+        await asyncio.gather(*(one(i) for i in range(warmup, CALLS)))
+        rss["end"] = rss_bytes()
+        assert outcomes.count(types_pb2.OUTCOME_COMPLETED) == CALLS
+
+    asyncio.run(main())
+    assert agent.calls == {} and agent._by_cgroup == {}
+    assert driver.children() == [], "cgroups left behind"
+    assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
+    assert monitor.drop_counts().events == 0
+    assert uplink.kinds["finished"] == CALLS
+    # Flat: what the node holds does not grow with the number of calls it has run.
+    assert rss["end"] - rss["warm"] < 16 * MiB, rss
+
+
+@pytest.mark.parametrize(
+    ("broker_answer", "reason"),
+    [
+        ("same", "without renewal"),
+        ("unreachable", "without renewal (broker unreachable)"),
+        ("stale", "stale epoch: broker has 1, node enforces 2"),
+        ("released", "lease is released at the broker"),
+        ("gone", "lease is unknown at the broker"),
+    ],
+)
+def test_lease_that_no_longer_holds_stops_its_call(
+    driver: CgroupV1Driver,
+    make_agent: MakeAgent,
+    broker_answer: str,
+    reason: str,
+) -> None:
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    lease = make_lease("l1", epoch=2, expires_in_ms=60_000)
+    uplink.broker.leases["l1"] = lease
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
+        )
+        await started.wait()
+        now = lease.expires_at_unix_ms + 5  # as if it were 5 ms past its expiry
+        if broker_answer == "unreachable":
+            uplink.broker.reachable = False
+        elif broker_answer == "stale":
+            uplink.broker.leases["l1"].epoch = 1
+        elif broker_answer == "released":
+            uplink.broker.leases["l1"].state = types_pb2.LEASE_STATE_RELEASED
+            now = lease.expires_at_unix_ms - 1_000  # not yet expired: stopped all the same
+        elif broker_answer == "gone":
+            del uplink.broker.leases["l1"]
+            now = lease.expires_at_unix_ms - 1_000
+        await agent.check_leases(now)
+        events = await asyncio.wait_for(call, 30)
+        [stop] = [e.enforcement for e in events if e.HasField("enforcement")]
+        assert stop.action == "kill" and reason in stop.reason and stop.action_id
+        exited = events[-1].exited
+        assert exited.outcome == types_pb2.OUTCOME_KILLED
+        assert exited.exit_code == 137 and reason in exited.reason
+        [report] = [m.action for m in uplink.sent if m.HasField("action")]
+        assert report.action_id == stop.action_id
+        assert report.kind == broker_pb2.ACTION_KIND_KILL
+
+    asyncio.run(main())
+    assert driver.children() == []
+
+
+def test_renewed_lease_keeps_its_call(driver: CgroupV1Driver, make_agent: MakeAgent) -> None:
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    lease = make_lease("l1", expires_in_ms=1_000)
+    uplink.broker.leases["l1"] = lease
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        code = "import sys; sys.stdin.read(); print('done')"  # ends at EOF: a quick call
+        call = asyncio.create_task(run_call(agent, "l1", [sys.executable, "-c", code], started))
+        await started.wait()
+        expired_ms = lease.expires_at_unix_ms
+        renewed = uplink.broker.leases["l1"]
+        renewed.expires_at_unix_ms += 60_000  # renewed at the broker; the node did not see it
+        await agent.check_leases(expired_ms + 5)
+        assert agent.calls["l1"].lease.expires_at_unix_ms == renewed.expires_at_unix_ms
+        events = await asyncio.wait_for(call, 30)
+        assert events[-1].exited.outcome == types_pb2.OUTCOME_COMPLETED
+        assert not any(e.HasField("enforcement") for e in events)
+
+    asyncio.run(main())
+
+
+def test_preempt_decision_stops_a_running_call(
+    driver: CgroupV1Driver, make_agent: MakeAgent
+) -> None:
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    uplink.broker.leases["l1"] = make_lease("l1", epoch=3)
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
+        )
+        await started.wait()
+        preempt = broker_pb2.Decision(
+            decision_id="d1", lease_id="l1", kind=broker_pb2.DECISION_KIND_PREEMPT, epoch=2
+        )
+        await agent.on_decision(preempt)  # stale epoch: ignored
+        assert agent.calls["l1"].phase.value == "running"
+        preempt.epoch = 3
+        preempt.reason = "preempted for tenant t9 (priority 5 > 0)"
+        await agent.on_decision(preempt)
+        events = await asyncio.wait_for(call, 30)
+        exited = events[-1].exited
+        assert exited.outcome == types_pb2.OUTCOME_KILLED and "preempted" in exited.reason
+        [report] = [m.action for m in uplink.sent if m.HasField("action")]
+        assert report.kind == broker_pb2.ACTION_KIND_KILL and "preempted" in report.reason
+        [done] = [m.finished for m in uplink.sent if m.HasField("finished")]
+        assert done.outcome == types_pb2.OUTCOME_KILLED
+
+    asyncio.run(main())
+    assert driver.children() == []

@@ -1,0 +1,138 @@
+"""The graduated ladder on real cgroups and a real BPF monitor: running -> throttled (with a
+deadline) -> paused asking the broker -> grown, or resumed/killed; dry-run writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agentcg.node.agent import NodeAgent
+from agentcg.node.cgroup import CgroupV1Driver
+from agentcg.node.enforcement import NodePolicy
+from agentcg.v1 import broker_pb2, node_pb2, types_pb2
+
+from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+
+pytestmark = pytest.mark.kernel
+
+POLICY = NodePolicy(throttle_deadline_s=0.3, broker_timeout_s=30)
+
+
+def hold_code(mib: int, release: Path) -> str:
+    # Hold `mib` MiB (between the 80% soft threshold and the 64 MiB budget) until told to end.
+    return (
+        f"import os, time\nb = b'x' * ({mib} << 20)\n"
+        f"while not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+    )
+
+
+async def wait_for(predicate, what: str, timeout_s: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def actions(uplink: StubUplink) -> list[broker_pb2.ActionReport]:
+    return [m.action for m in uplink.sent if m.HasField("action")]
+
+
+def limit_asks(uplink: StubUplink) -> list[broker_pb2.PressureEvent]:
+    return [
+        m.pressure
+        for m in uplink.sent
+        if m.HasField("pressure") and m.pressure.kind == broker_pb2.PRESSURE_KIND_LIMIT_REACHED
+    ]
+
+
+@pytest.mark.parametrize("decision", ["grow", "deny"])
+def test_throttle_then_pause_then_decision(
+    driver: CgroupV1Driver, make_agent: MakeAgent, tmp_path: Path, decision: str
+) -> None:
+    uplink = StubUplink()
+    agent: NodeAgent = make_agent(uplink, POLICY)
+    uplink.broker.leases["l1"] = make_lease("l1")
+    release = tmp_path / "release"
+
+    async def main() -> list[node_pb2.ExecEvent]:
+        agent.loop = asyncio.get_running_loop()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", hold_code(56, release)])
+        )
+        # Throttled at 80% of 64 MiB, with the soft limit written.
+        await wait_for(lambda: len(actions(uplink)) >= 1, "throttle")
+        [throttle] = actions(uplink)
+        assert throttle.kind == broker_pb2.ACTION_KIND_THROTTLE and throttle.action_id
+        cg = agent.calls["l1"].cgroup
+        assert driver.read_memory_throttle(cg) == int(64 * MiB * 0.8) // 4096 * 4096  # pages
+        # Still above it at the deadline: frozen, the broker asked.
+        await wait_for(lambda: limit_asks(uplink), "pause after the throttle deadline")
+        [ask] = limit_asks(uplink)
+        assert ask.action_id and ask.action_id != throttle.action_id
+        assert ask.requested_memory_bytes == 128 * MiB
+        assert agent.calls["l1"].frozen
+        kind = (
+            broker_pb2.DECISION_KIND_GROW if decision == "grow" else broker_pb2.DECISION_KIND_KILL
+        )
+        await agent.on_decision(
+            broker_pb2.Decision(
+                decision_id="d1",
+                lease_id="l1",
+                event_id=ask.event_id,
+                kind=kind,
+                new_budget_bytes=128 * MiB,
+                epoch=2,
+                reason="denied: tenant quota" if decision == "deny" else "",
+            )
+        )
+        # Either way it runs again (a denial does not kill a call within its budget).
+        assert not agent.calls["l1"].frozen
+        assert driver.read_memory_throttle(cg) is None
+        release.touch()
+        return await asyncio.wait_for(call, 30)
+
+    events = asyncio.run(main())
+    seen = [e.enforcement.action for e in events if e.HasField("enforcement")]
+    exited = events[-1].exited
+    if decision == "grow":
+        assert seen == ["throttle", "pause", "grow"]
+        assert exited.outcome == types_pb2.OUTCOME_GROWN and exited.budget_bytes == 128 * MiB
+    else:
+        assert seen == ["throttle", "pause", "resume"]
+        assert exited.outcome == types_pb2.OUTCOME_COMPLETED and exited.budget_bytes == 64 * MiB
+        assert "resumed within its budget" in actions(uplink)[-1].reason
+    assert exited.exit_code == 0
+    assert driver.children() == []
+
+
+def test_dry_run_reports_but_writes_nothing(
+    driver: CgroupV1Driver, make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    uplink = StubUplink()
+    agent = make_agent(uplink, NodePolicy(dry_run=True, throttle_deadline_s=0.2))
+    uplink.broker.leases["l1"] = make_lease("l1")
+    release = tmp_path / "release"
+
+    async def main() -> list[node_pb2.ExecEvent]:
+        agent.loop = asyncio.get_running_loop()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", hold_code(56, release)])
+        )
+        await wait_for(lambda: limit_asks(uplink), "dry-run pause")
+        cg = agent.calls["l1"].cgroup
+        assert driver.read_memory_throttle(cg) is None  # nothing written
+        assert not agent.calls["l1"].frozen
+        [throttle] = actions(uplink)
+        assert throttle.dry_run and throttle.kind == broker_pb2.ACTION_KIND_THROTTLE
+        release.touch()
+        return await asyncio.wait_for(call, 30)
+
+    events = asyncio.run(main())
+    assert events[-1].exited.exit_code == 0
+    assert [e.enforcement.action for e in events if e.HasField("enforcement")] == [
+        "throttle",
+        "pause",
+    ]
