@@ -364,6 +364,47 @@ def bench_admission_cmd(
     console.print(table)
 
 
+@bench_app.command("replay")
+def bench_replay_cmd(
+    traces: Annotated[Path, typer.Option(help="traces file (shared/traces JSONL format)")],
+    agents: Annotated[int, typer.Option(help="how many traces to replay at once")] = 32,
+    pool_fraction: Annotated[
+        float | None, typer.Option(help="pool = F x the sum of the traces' peaks")
+    ] = None,
+    pool_of_oracle: Annotated[
+        float | None, typer.Option(help="pool = F x the oracle pool (max of summed curves)")
+    ] = None,
+    speed: Annotated[float, typer.Option(help="time compression")] = 10.0,
+    policy: Annotated[str, typer.Option(help="unlimited | static | agentcg | all")] = "all",
+    seed: int = 0,
+    mem_scale: Annotated[float, typer.Option(help="shrink the traces' memory by this")] = 1.0,
+    find_min_pool: Annotated[
+        bool, typer.Option(help="bisect the smallest zero-kill pool per policy")
+    ] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
+) -> None:
+    """Replay real agent traces as real processes in one memory pool, per policy."""
+    from .replay_cli import bench_replay
+
+    raise typer.Exit(
+        bench_replay(
+            console,
+            traces=traces,
+            agents=agents,
+            pool_fraction=pool_fraction,
+            pool_of_oracle=pool_of_oracle,
+            speed=speed,
+            policy=policy,
+            seed=seed,
+            mem_scale=mem_scale,
+            find_min_pool=find_min_pool,
+            json_path=json_path,
+            plot=plot,
+        )
+    )
+
+
 def main() -> None:
     app()
 

@@ -24,7 +24,20 @@ def parse_curve(text: str) -> list[tuple[float, float]]:
     return points
 
 
-def follow(points: list[tuple[float, float]], scale: float = 1.0) -> int:
+def own_rss_bytes() -> int:
+    """This process's own anonymous memory (RssAnon from /proc/self/status)."""
+    # Anonymous pages only: the interpreter's file pages are page cache charged once, to whoever
+    # read them first, not to each process.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def follow(points: list[tuple[float, float]], scale: float = 1.0, minus_bytes: int = 0) -> int:
+    """Follow the curve; ``minus_bytes`` (e.g. the interpreter's own RSS) is held back from
+    every point, so the process as a whole, not just its blocks, follows the curve."""
     blocks: list[bytearray] = []
     start = time.monotonic()
     peak = 0
@@ -32,7 +45,7 @@ def follow(points: list[tuple[float, float]], scale: float = 1.0) -> int:
         delay = start + t - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        want = int(mb * scale * 1_000_000) // BLOCK
+        want = max(0, int(mb * scale * 1_000_000) - minus_bytes) // BLOCK
         while len(blocks) < want:
             blocks.append(bytearray(BLOCK))  # zero-filled: every page touched
         del blocks[want:]
@@ -44,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--curve", required=True)
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument(
+        "--minus-own-rss",
+        action="store_true",
+        help="hold back this interpreter's own memory so the whole process follows the curve",
+    )
     args = p.parse_args(argv)
-    follow(parse_curve(args.curve), args.scale)
+    follow(parse_curve(args.curve), args.scale, own_rss_bytes() if args.minus_own_rss else 0)
     return 0
 
 

@@ -1,0 +1,138 @@
+"""`agentcg bench replay` end to end on a tiny replay: 3 agents, a few seconds, every policy.
+
+Real agent and tool-call processes in a real pool cgroup; for `agentcg` a real broker and node
+(subprocesses) with the node's call cgroups inside the pool. Checks the output keys and the
+invariants, never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agentcg.clients.replay import RESULT_KEYS
+
+
+def tiny_trace(name: str, base_mb: float, spike_mb: float) -> dict[str, object]:
+    # 4 s sampled every 0.5 s: a between-calls rise at 1 s, a tool call spiking 1.9..3.1 s.
+    samples = []
+    for i in range(9):
+        t = i * 0.5
+        mb = base_mb + (15 if t >= 1 else 0) + (spike_mb if 2 <= t <= 3 else 0)
+        samples.append([t, mb, 50.0])
+    return {
+        "task": name,
+        "interval_s": 0.5,
+        "samples": samples,
+        "tool_calls": [[1.9, 3.1, "Bash", "python -m pytest -q"]],
+    }
+
+
+@pytest.fixture
+def traces(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(tiny_trace(f"tiny-{i}", 40 + 10 * i, 60 + 20 * i)) + "\n" for i in range(3)
+        )
+    )
+    return path
+
+
+def bench(tmp_path: Path, traces: Path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentcg.clients.cli",
+            "bench",
+            "replay",
+            "--traces",
+            str(traces),
+            "--agents",
+            "3",
+            "--speed",
+            "1",
+            "--json",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.kernel
+def test_tiny_replay_all_policies(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    data = bench(tmp_path, traces, "--pool-of-oracle", "1.0", "--policy", "all")
+    results = data["results"]
+    assert [r["policy"] for r in results] == ["unlimited", "static", "agentcg"]
+    for r in results:
+        assert set(RESULT_KEYS) <= set(r), set(RESULT_KEYS) - set(r)
+        assert r["agents"] == 3
+        assert r["agents_completed"] + r["agents_lost"] == r["agents"]
+        assert 0 <= r["pool_utilisation_mean"] <= r["pool_utilisation_p95"] <= 1
+        assert r["oracle_pool_bytes"] <= r["sum_peaks_bytes"]
+        assert r["pool_bytes"] == r["oracle_pool_bytes"]
+        assert 0 <= r["peak_static_fit"] <= 3
+        assert sorted(r["traces"]) == ["tiny-0", "tiny-1", "tiny-2"]
+        for k in ("oom_kills", "denied", "grown", "paused", "killed"):
+            assert r[k] >= 0
+        if r["agents_completed"]:
+            assert r["inflation_p50"] <= r["inflation_p95"]
+            assert r["inflation_p50"] > 0.5
+    unlimited, static, agentcg = results
+    # Only agentcg talks to a broker.
+    assert unlimited["denied"] == static["denied"] == 0
+    assert unlimited["grown"] == static["grown"] == unlimited["killed"] == static["killed"] == 0
+    # agentcg never loses an agent to the kernel in a pool the size of the oracle.
+    assert agentcg["oom_kills"] == 0
+    assert agentcg["agents_completed"] == 3
+    # Nothing left behind: the pool cgroup and the node's tree are gone.
+    left = [p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-replay")]
+    assert left == []
+
+
+@pytest.mark.kernel
+def test_pool_fraction_and_plot(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "replay.png"
+    data = bench(
+        tmp_path, traces, "--pool-fraction", "0.8", "--policy", "static", "--plot", str(plot)
+    )
+    (r,) = data["results"]
+    assert r["pool_bytes"] == int(0.8 * r["sum_peaks_bytes"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rejects_two_pool_sizes(tmp_path: Path, traces: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentcg.clients.cli",
+            "bench",
+            "replay",
+            "--traces",
+            str(traces),
+            "--pool-fraction",
+            "1",
+            "--pool-of-oracle",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "exactly one" in proc.stdout + proc.stderr
