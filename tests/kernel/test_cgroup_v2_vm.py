@@ -30,10 +30,12 @@ def test_cgroup_v2_driver_in_a_v2_vm() -> None:
     out = REPO / "var/vm" / f"out-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True)
     script = (
-        "mount -t tmpfs tmpfs /tmp; "
+        # The host's root is read-only in the VM. Scratch space goes on a tmpfs over /mnt, not
+        # /tmp: the checkout (and the rw output dir inside it) may itself live under /tmp.
+        "mount -t tmpfs tmpfs /mnt; export TMPDIR=/mnt; "
         "[ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing; "
         f"cd {REPO} && AGENTCG_IN_VM=1 .venv/bin/python -m pytest -q -s -p no:cacheprovider "
-        f"--basetemp=/tmp/pytest tests/vm > {out}/pytest.txt 2>&1; echo $? > {out}/rc"
+        f"--basetemp=/mnt/pytest tests/vm > {out}/pytest.txt 2>&1; echo $? > {out}/rc"
     )
     try:
         boot = subprocess.run(
