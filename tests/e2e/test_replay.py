@@ -106,7 +106,8 @@ def test_tiny_replay_all_policies(
 def test_pool_fraction_and_plot(
     tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
 ) -> None:
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (a pinned dependency: fail, never skip, if it is missing)
+
     plot = tmp_path / "replay.png"
     data = bench(
         tmp_path, traces, "--pool-fraction", "0.8", "--policy", "static", "--plot", str(plot)
