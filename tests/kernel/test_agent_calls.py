@@ -57,7 +57,10 @@ def test_many_calls_leave_nothing_behind(
 
         await asyncio.gather(*(one(i) for i in range(warmup)))
         rss["warm"] = rss_bytes()
-        await asyncio.gather(*(one(i) for i in range(warmup, CALLS)))
+        half = warmup + (CALLS - warmup) // 2
+        await asyncio.gather(*(one(i) for i in range(warmup, half)))
+        rss["half"] = rss_bytes()
+        await asyncio.gather(*(one(i) for i in range(half, CALLS)))
         rss["end"] = rss_bytes()
         assert outcomes.count(types_pb2.OUTCOME_COMPLETED) == CALLS
 
@@ -67,8 +70,11 @@ def test_many_calls_leave_nothing_behind(
     assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
     assert monitor.drop_counts().events == 0
     assert uplink.kinds["finished"] == CALLS
-    # Flat: what the node holds does not grow with the number of calls it has run.
-    assert rss["end"] - rss["warm"] < 16 * MiB, rss
+    # Flat: what the node holds does not grow with the number of calls it has run. The
+    # allocator settles during the first half after warm-up; a per-call leak would grow the
+    # second half as much as the first (>= 1 KiB per call: 4.4 MiB over 4,500 calls).
+    assert rss["end"] - rss["warm"] < 24 * MiB, rss
+    assert rss["end"] - rss["half"] < max(4 * MiB, (rss["half"] - rss["warm"]) // 2), rss
 
 
 @pytest.mark.parametrize(
