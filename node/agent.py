@@ -212,22 +212,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             requested_bytes,
             " (dry run)" if self.policy.dry_run else "",
         )
-        with tracer.start_as_current_span("agentcg.enforce.pause") as span:
-            span.set_attribute("agentcg.action_id", action_id)
-            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
-            span.set_attribute("agentcg.tenant", call.lease.tenant)
-            span.set_attribute("agentcg.reason", reason)
-        call.events.put_nowait(
-            node_pb2.ExecEvent(
-                enforcement=node_pb2.Enforcement(
-                    action_id=action_id,
-                    action="pause",
-                    budget_bytes=call.budget_bytes,
-                    usage_bytes=usage_bytes,
-                    reason=reason,
-                )
-            )
-        )
+        self._announce(call, action_id, "pause", reason, usage_bytes=usage_bytes)
         self._send_pressure(
             call,
             broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
@@ -286,6 +271,40 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 ev,
             )
 
+    def _announce(
+        self,
+        call: Call,
+        action_id: str,
+        action: str,
+        reason: str,
+        *,
+        usage_bytes: int,
+        reaction_ns: int = 0,
+        decision_ns: int = 0,
+        span: str = "",
+    ) -> None:
+        """An enforcement action's span and its ExecEvent to the caller (same action id)."""
+        with tracer.start_as_current_span(f"agentcg.enforce.{span or action}") as sp:
+            sp.set_attribute("agentcg.action_id", action_id)
+            sp.set_attribute("agentcg.lease_id", call.lease.lease_id)
+            sp.set_attribute("agentcg.tenant", call.lease.tenant)
+            sp.set_attribute("agentcg.reason", reason)
+            if reaction_ns:
+                sp.set_attribute("agentcg.reaction_ms", reaction_ns / 1e6)
+        call.events.put_nowait(
+            node_pb2.ExecEvent(
+                enforcement=node_pb2.Enforcement(
+                    action_id=action_id,
+                    action=action,
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=usage_bytes,
+                    reason=reason,
+                    reaction_ns=reaction_ns,
+                    decision_ns=decision_ns,
+                )
+            )
+        )
+
     def _report_local(
         self,
         call: Call,
@@ -308,22 +327,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             reason,
             " (dry run)" if self.policy.dry_run else "",
         )
-        with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
-            span.set_attribute("agentcg.action_id", action_id)
-            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
-            span.set_attribute("agentcg.tenant", call.lease.tenant)
-            span.set_attribute("agentcg.reason", reason)
-        call.events.put_nowait(
-            node_pb2.ExecEvent(
-                enforcement=node_pb2.Enforcement(
-                    action_id=action_id,
-                    action=action,
-                    budget_bytes=call.budget_bytes,
-                    usage_bytes=ev.usage_bytes,
-                    reason=reason,
-                    reaction_ns=reaction_ns,
-                )
-            )
+        self._announce(
+            call, action_id, action, reason, usage_bytes=ev.usage_bytes, reaction_ns=reaction_ns
         )
         self.uplink.send(
             broker_pb2.NodeMessage(
@@ -442,12 +447,6 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             broker_pb2.ACTION_KIND_GROW: "grow",
             broker_pb2.ACTION_KIND_RESUME: "resume",
         }.get(kind, "kill")
-        with tracer.start_as_current_span(f"agentcg.enforce.{action}") as span:
-            span.set_attribute("agentcg.action_id", pending.action_id)
-            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
-            span.set_attribute("agentcg.tenant", call.lease.tenant)
-            span.set_attribute("agentcg.reason", reason)
-            span.set_attribute("agentcg.reaction_ms", reaction_ns / 1e6)
         log.info(
             "%s call %s lease %s tenant %s budget %d action %s reaction %.3f ms: %s%s",
             action,
@@ -460,18 +459,14 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             reason,
             " (dry run)" if self.policy.dry_run else "",
         )
-        call.events.put_nowait(
-            node_pb2.ExecEvent(
-                enforcement=node_pb2.Enforcement(
-                    action_id=pending.action_id,
-                    action=action,
-                    budget_bytes=call.budget_bytes,
-                    usage_bytes=call.peak_bytes,
-                    reason=reason,
-                    reaction_ns=reaction_ns,
-                    decision_ns=pending.decision_ns,
-                )
-            )
+        self._announce(
+            call,
+            pending.action_id,
+            action,
+            reason,
+            usage_bytes=call.peak_bytes,
+            reaction_ns=reaction_ns,
+            decision_ns=pending.decision_ns,
         )
         self.uplink.send(
             broker_pb2.NodeMessage(
@@ -593,22 +588,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             reason,
             " (dry run)" if self.policy.dry_run else "",
         )
-        with tracer.start_as_current_span("agentcg.enforce.stop") as span:
-            span.set_attribute("agentcg.action_id", action_id)
-            span.set_attribute("agentcg.lease_id", call.lease.lease_id)
-            span.set_attribute("agentcg.tenant", call.lease.tenant)
-            span.set_attribute("agentcg.reason", reason)
-        call.events.put_nowait(
-            node_pb2.ExecEvent(
-                enforcement=node_pb2.Enforcement(
-                    action_id=action_id,
-                    action="kill",
-                    budget_bytes=call.budget_bytes,
-                    usage_bytes=call.peak_bytes,
-                    reason=reason,
-                )
-            )
-        )
+        self._announce(call, action_id, "kill", reason, usage_bytes=call.peak_bytes, span="stop")
         self.uplink.send(
             broker_pb2.NodeMessage(
                 action=broker_pb2.ActionReport(
