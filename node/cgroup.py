@@ -480,34 +480,13 @@ class CgroupV1Driver:
             top = self._dir(cg, controller)
             if not top.is_dir():
                 continue
-            for dirpath, _, _ in os.walk(top, topdown=False):  # children before parents
-                try:
-                    os.rmdir(dirpath)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    if e.errno == errno.EBUSY:
-                        raise CgroupError(
-                            f"cgroup {dirpath}: cannot remove: still has tasks (EBUSY)"
-                        ) from e
-                    raise CgroupError(f"cgroup {dirpath}: rmdir failed: {e.strerror}") from e
+            _rmdir_tree(top)
 
     def children(self, cg: Cgroup | None = None) -> list[str]:
-        path = self._root if cg is None else cg.path
-        try:
-            return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise CgroupError(f"cgroup {path}: cannot list: {e.strerror}") from e
+        return _child_dirs(self._root if cg is None else cg.path)
 
     def clear(self) -> int:
-        root = Cgroup(rel=(), path=self._root)
-        below = sum(len(dirs) for _, dirs, _ in os.walk(self._root))
-        if self._root.is_dir():
-            self.kill(root)
-        self.remove(root)
-        return below
+        return _clear(self)
 
     # -- helpers --
 
@@ -804,37 +783,16 @@ class CgroupV2Driver:
         top = cg.path
         if not top.is_dir():
             return
-        for dirpath, _, _ in os.walk(top, topdown=False):
-            try:
-                os.rmdir(dirpath)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    raise CgroupError(
-                        f"cgroup {dirpath}: cannot remove: still has tasks (EBUSY)"
-                    ) from e
-                raise CgroupError(f"cgroup {dirpath}: rmdir failed: {e.strerror}") from e
+        _rmdir_tree(top)
         gone = {rel for rel in self._pausing | self._delegating if rel[: len(cg.rel)] == cg.rel}
         self._pausing -= gone
         self._delegating -= gone
 
     def children(self, cg: Cgroup | None = None) -> list[str]:
-        path = self._root if cg is None else cg.path
-        try:
-            return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise CgroupError(f"cgroup {path}: cannot list: {e.strerror}") from e
+        return _child_dirs(self._root if cg is None else cg.path)
 
     def clear(self) -> int:
-        root = Cgroup(rel=(), path=self._root)
-        below = sum(len(dirs) for _, dirs, _ in os.walk(self._root))
-        if self._root.is_dir():
-            self.kill(root)
-        self.remove(root)
-        return below
+        return _clear(self)
 
     def _need(self, controller: str, cg: Cgroup) -> None:
         if controller not in self._controllers:
@@ -850,6 +808,40 @@ def _subtree_pids(top: Path) -> set[int]:
             if os.path.isdir(dirpath):
                 raise
     return pids
+
+
+def _rmdir_tree(top: Path) -> None:
+    """rmdir a cgroup directory and its descendants, children before parents."""
+    for dirpath, _, _ in os.walk(top, topdown=False):
+        try:
+            os.rmdir(dirpath)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise CgroupError(
+                    f"cgroup {dirpath}: cannot remove: still has tasks (EBUSY)"
+                ) from e
+            raise CgroupError(f"cgroup {dirpath}: rmdir failed: {e.strerror}") from e
+
+
+def _child_dirs(path: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CgroupError(f"cgroup {path}: cannot list: {e.strerror}") from e
+
+
+def _clear(driver: CgroupDriver) -> int:
+    """Kill and remove everything under a driver's root, the root included."""
+    root = Cgroup(rel=(), path=driver.root)
+    below = sum(len(dirs) for _, dirs, _ in os.walk(driver.root))
+    if driver.root.is_dir():
+        driver.kill(root)
+    driver.remove(root)
+    return below
 
 
 def _kill_poll_delay(delay_s: float, started: float) -> float:
