@@ -7,8 +7,8 @@ that names the object, the limit and what was seen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from agentcg.quantity import format_bytes
 
@@ -22,9 +22,14 @@ __all__ = [
     "NodeView",
     "QuotaLevel",
     "Refuse",
+    "SessionClaim",
+    "SessionKey",
     "decide_growth",
     "decide_reserve",
+    "is_safe",
 ]
+
+SessionKey = tuple[str, str]  # (tenant, session)
 
 # A growth smaller than this is not worth resuming a paused call for: it would hit the limit
 # again at once. Refuse instead (the node then kills the call).
@@ -46,6 +51,45 @@ class QuotaLevel:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionClaim:
+    """A session that declared the most it will hold at once on its node."""
+
+    held_bytes: int  # its active budgets together
+    max_bytes: int  # its declared maximum (never below what it holds)
+
+    @property
+    def need_bytes(self) -> int:
+        return max(0, self.max_bytes - self.held_bytes)
+
+
+def is_safe(free_bytes: int, claims: Iterable[SessionClaim]) -> bool:
+    """Can every declared session still reach its maximum, one after another? (Dijkstra's
+    banker's algorithm for one resource.)
+
+    With no swap, sessions that each hold memory and wait for more can wait on each other
+    forever: pausing is only safe while some order lets each finish. Taking the sessions in
+    increasing order of what they still need is the best order for one resource (each one that
+    finishes gives back what it held, so the free memory only grows along it); the state is
+    safe iff every session's need fits in the memory free when its turn comes.
+    """
+    for need, held in sorted((c.need_bytes, c.held_bytes) for c in claims):
+        if need > free_bytes:
+            return False
+        free_bytes += held
+    return True
+
+
+def claims_after(
+    claims: Mapping[SessionKey, SessionClaim], key: SessionKey, add_bytes: int, max_bytes: int
+) -> list[SessionClaim]:
+    """The claims once session ``key`` holds ``add_bytes`` more (declaring ``max_bytes``)."""
+    old = claims.get(key, SessionClaim(0, 0))
+    held = old.held_bytes + add_bytes
+    new = SessionClaim(held, max(old.max_bytes, max_bytes, held))
+    return [new, *(c for k, c in claims.items() if k != key)]
+
+
+@dataclass(frozen=True, slots=True)
 class NodeView:
     node_id: NodeId
     memory_capacity_bytes: int
@@ -54,6 +98,8 @@ class NodeView:
     pressured: bool = False
     intent_memory_bytes: int = 0  # sum of the declared intents of its active leases
     overcommit_ceiling_bytes: int = 0  # bound on that sum; 0: none
+    # Sessions on this node that declared their maximum (their intent is that maximum).
+    claims: Mapping[SessionKey, SessionClaim] = field(default_factory=dict)
 
     @property
     def free_memory_bytes(self) -> int:
@@ -75,7 +121,9 @@ class Admit:
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    code: str  # tenant_quota|tenant_calls|tenant_cpu|node_capacity|node_overcommit|no_nodes
+    # tenant_quota|tenant_calls|tenant_cpu|node_capacity|node_overcommit|no_nodes|node_unsafe|
+    # session_admission (the last two depend on the asking session's own claim: see ``is_safe``)
+    code: str
     message: str
     scope: str  # "tenant:<name>" | "node:<id>" | "cluster"
     largest_memory_bytes_available: int
@@ -90,7 +138,7 @@ class Grow:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    code: str  # "tenant_quota" | "node_capacity" | "lease_inactive"
+    code: str  # "tenant_quota" | "node_capacity" | "node_unsafe" | "lease_inactive"
     message: str
 
 
@@ -106,6 +154,9 @@ def decide_reserve(
     cpu_millis: int = 0,
     intent_bytes: int = 0,
     retry_after_ms: int = 1000,
+    session: SessionKey | None = None,
+    session_max_bytes: int = 0,
+    session_node: NodeId | None = None,
 ) -> Admit | Deny:
     """Admit ``memory_bytes`` (and ``cpu_millis``) if every quota level on the tenant's path and
     one node can hold it.
@@ -116,6 +167,11 @@ def decide_reserve(
     unpressured node with the most free memory (spreading spikes rather than packing them)
     among those whose overcommit ceiling still takes ``intent_bytes`` (the declared intent when
     ``memory_bytes`` is a smaller, learned budget).
+
+    A ``session`` that declared its maximum (``session_max_bytes``), or already holds declared
+    leases on ``session_node``, is placed by ``_place_declared`` instead: it stays on its node,
+    counts its maximum (not each lease's intent) against the overcommit ceiling, and is admitted
+    only if ``is_safe`` still holds afterwards.
     """
     assert levels, "levels must include the tenant itself"
     for level in levels:
@@ -160,8 +216,12 @@ def decide_reserve(
                 ),
                 retry_after_ms=retry_after_ms,
             )
-    intent = max(intent_bytes, memory_bytes)
     usable = [n for n in nodes if n.connected and not n.pressured]
+    if session is not None and (session_max_bytes > 0 or session_node is not None):
+        return _place_declared(
+            memory_bytes, levels, usable, session, session_max_bytes, session_node, retry_after_ms
+        )
+    intent = max(intent_bytes, memory_bytes)
     within = [n for n in usable if n.takes_intent(intent)]
     if usable and not within:
         best_oc = max(usable, key=lambda n: n.overcommit_ceiling_bytes - n.intent_memory_bytes)
@@ -207,17 +267,109 @@ def decide_reserve(
     return Admit(node_id=best.node_id, memory_bytes=memory_bytes)
 
 
+def _place_declared(
+    memory_bytes: int,
+    levels: Sequence[QuotaLevel],
+    usable: Sequence[NodeView],
+    session: SessionKey,
+    session_max_bytes: int,
+    session_node: NodeId | None,
+    retry_after_ms: int,
+) -> Admit | Deny:
+    """Placement for a session with a declared maximum (quota levels already checked)."""
+    name = f"session {session[0]}/{session[1]}"
+    quota_free = _tightest(levels).free_memory_bytes
+    if session_node is not None:
+        usable = [n for n in usable if n.node_id == session_node]
+        if not usable:
+            return Deny(
+                code="no_nodes",
+                message=f"{name} lives on node {session_node}, which is not taking work now",
+                scope=f"node:{session_node}",
+                largest_memory_bytes_available=0,
+                retry_after_ms=retry_after_ms,
+            )
+    if not usable:
+        return Deny(
+            code="no_nodes",
+            message="no connected node can take work",
+            scope="cluster",
+            largest_memory_bytes_available=0,
+            retry_after_ms=retry_after_ms,
+        )
+
+    def added_intent(n: NodeView) -> int:
+        old = n.claims.get(session)
+        held = (old.held_bytes if old else 0) + memory_bytes
+        new_max = max(session_max_bytes, held, old.max_bytes if old else 0)
+        return new_max - (old.max_bytes if old else 0)
+
+    within = [n for n in usable if n.takes_intent(added_intent(n))]
+    if not within:
+        n = usable[0]
+        return Deny(
+            code="session_admission",
+            message=(
+                f"{name}: no node can take its declared maximum "
+                f"{format_bytes(max(session_max_bytes, memory_bytes))} within the overcommit "
+                f"ceiling (node {n.node_id}: {format_bytes(n.intent_memory_bytes)} of "
+                f"{format_bytes(n.overcommit_ceiling_bytes)} declared)"
+            ),
+            scope=f"node:{n.node_id}",
+            largest_memory_bytes_available=0,
+            retry_after_ms=retry_after_ms,
+        )
+    fits = [n for n in within if memory_bytes <= n.free_memory_bytes]
+    if not fits:
+        best = max(within, key=lambda n: (n.free_memory_bytes, n.node_id))
+        return Deny(
+            code="node_capacity",
+            message=(
+                f"no node has {format_bytes(memory_bytes)} free for {name} "
+                f"(largest: node {best.node_id} with {format_bytes(best.free_memory_bytes)})"
+            ),
+            scope=f"node:{best.node_id}",
+            largest_memory_bytes_available=min(best.free_memory_bytes, quota_free),
+            retry_after_ms=retry_after_ms,
+        )
+    safe = [
+        n
+        for n in fits
+        if is_safe(
+            n.free_memory_bytes - memory_bytes,
+            claims_after(n.claims, session, memory_bytes, session_max_bytes),
+        )
+    ]
+    if not safe:
+        n = fits[0]
+        return Deny(
+            code="node_unsafe",
+            message=(
+                f"node {n.node_id}: {format_bytes(memory_bytes)} more for {name} could leave "
+                f"its {len(n.claims)} declared sessions waiting on each other "
+                f"({format_bytes(n.free_memory_bytes)} free; waits until one finishes)"
+            ),
+            scope=f"node:{n.node_id}",
+            largest_memory_bytes_available=0,
+            retry_after_ms=retry_after_ms,
+        )
+    best = max(safe, key=lambda n: (n.free_memory_bytes, n.node_id))
+    return Admit(node_id=best.node_id, memory_bytes=memory_bytes)
+
+
 def decide_growth(
     current_bytes: int,
     requested_bytes: int,
     peak_bytes: int,
     levels: Sequence[QuotaLevel],
     node: NodeView,
+    session: SessionKey | None = None,
 ) -> Grow | Refuse:
     """Grow a paused call's budget towards ``requested_bytes`` from tenant and node headroom.
 
     Grants what fits (possibly less than asked) when that is at least MIN_GROWTH_BYTES; else
-    refuses, naming the budget, the peak seen and the limiting quota or node.
+    refuses, naming the budget, the peak seen and the limiting quota or node. A call of a
+    declared ``session`` (in ``node.claims``) grows only while ``is_safe`` holds afterwards.
     """
     assert levels, "levels must include the tenant itself"
     want = max(0, requested_bytes - current_bytes)
@@ -228,6 +380,20 @@ def decide_growth(
         f"budget {format_bytes(current_bytes)}, peak {format_bytes(peak_bytes)}, "
         f"asked {format_bytes(requested_bytes)}"
     )
+    claimed = session is not None and session in node.claims
+    if claimed and grant > 0:
+        assert session is not None
+        if not is_safe(
+            node.free_memory_bytes - grant, claims_after(node.claims, session, grant, 0)
+        ):
+            return Refuse(
+                code="node_unsafe",
+                message=(
+                    f"node {node.node_id}: growing session {session[0]}/{session[1]} by "
+                    f"{format_bytes(grant)} could leave its declared sessions waiting on each "
+                    f"other ({seen})"
+                ),
+            )
     if grant >= MIN_GROWTH_BYTES or (want > 0 and grant == want):
         return Grow(
             new_memory_bytes=current_bytes + grant,

@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .admission import NodeView, QuotaLevel
+from .admission import NodeView, QuotaLevel, SessionClaim, SessionKey
 from .model import (
     Audit,
     Change,
@@ -25,6 +25,7 @@ from .model import (
     PutLease,
     PutNode,
     PutTenant,
+    SessionName,
     Tenant,
     TenantName,
 )
@@ -56,6 +57,9 @@ class Ledger:
         self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
         self._node_intent: dict[NodeId, int] = defaultdict(int)
+        # Declared sessions per node: (tenant, session) -> [held bytes, declared max, leases].
+        self._claims: dict[NodeId, dict[SessionKey, list[int]]] = defaultdict(dict)
+        self._session_node: dict[SessionKey, NodeId] = {}
         # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
         # finding the due leases costs O(due log n), not a scan of every lease.
         self._expiry: list[tuple[int, LeaseId]] = []
@@ -93,10 +97,25 @@ class Ledger:
             pressured=n.node_id in self.pressured,
             intent_memory_bytes=self._node_intent[n.node_id],
             overcommit_ceiling_bytes=int(n.memory_capacity_bytes * self.overcommit_ratio),
+            claims={
+                k: SessionClaim(held, max(top, held))
+                for k, (held, top, _) in self._claims[n.node_id].items()
+            },
         )
 
     def node_views(self) -> list[NodeView]:
         return [self.node_view(nid) for nid in sorted(self.nodes)]
+
+    def session_claim(
+        self, tenant: TenantName, session: SessionName
+    ) -> tuple[NodeId, SessionClaim] | None:
+        """The node a declared session's active leases are on and its claim there, if any."""
+        key = (tenant, session)
+        node = self._session_node.get(key)
+        if node is None:
+            return None
+        held, top, _ = self._claims[node][key]
+        return node, SessionClaim(held, max(top, held))
 
     def granted_bytes(self, name: TenantName) -> int:
         return self._subtree_bytes[name]
@@ -205,6 +224,30 @@ class Ledger:
             self._subtree_calls[t.name] += sign
             self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes
-        self._node_intent[lease.node_id] += sign * max(
-            lease.intent_memory_bytes, lease.memory_bytes
-        )
+        if lease.session_max_memory_bytes:
+            self._account_claim(lease, sign)
+        else:
+            self._node_intent[lease.node_id] += sign * max(
+                lease.intent_memory_bytes, lease.memory_bytes
+            )
+
+    def _account_claim(self, lease: Lease, sign: int) -> None:
+        """A declared session's intent on its node is its maximum, counted once."""
+        key = (lease.tenant, lease.session)
+        claims = self._claims[lease.node_id]
+        entry = claims.get(key)
+        if entry is None:
+            if sign < 0:
+                return
+            entry = claims[key] = [0, 0, 0]
+            self._session_node[key] = lease.node_id
+        entry[0] += sign * lease.memory_bytes
+        entry[2] += sign
+        if entry[2] <= 0:
+            self._node_intent[lease.node_id] -= entry[1]
+            del claims[key]
+            self._session_node.pop(key, None)
+            return
+        top = max(entry[1], lease.session_max_memory_bytes, entry[0])
+        self._node_intent[lease.node_id] += top - entry[1]
+        entry[1] = top

@@ -89,6 +89,7 @@ class Lease:
     ended_at_ms: int | None = None
     peak_memory_bytes: int = 0
     outcome: Outcome = Outcome.UNKNOWN
+    session_max_memory_bytes: int = 0  # the session's declared maximum; 0: not declared
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,6 +182,7 @@ class ReserveAsk:
     ttl_ms: int
     idempotency_key: str
     queue_timeout_ms: int
+    session_max_memory_bytes: int = 0
 
 
 def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> ReserveAsk:
@@ -196,6 +197,9 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> Reser
         raise InvalidArgumentError(prefix + "ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
     if len(request.idempotency_key) > 128:
         raise InvalidArgumentError(prefix + "idempotency_key", "must be at most 128 characters")
+    session_max = _non_negative(
+        prefix + "session_max_memory_bytes", request.session_max_memory_bytes
+    )
     queue_ms = _non_negative(prefix + "queue_timeout_ms", request.queue_timeout_ms)
     if queue_ms > MAX_TTL_MS:
         raise InvalidArgumentError(
@@ -211,6 +215,7 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> Reser
         ttl_ms=ttl_ms,
         idempotency_key=request.idempotency_key,
         queue_timeout_ms=queue_ms,
+        session_max_memory_bytes=session_max,
     )
 
 
@@ -228,6 +233,11 @@ def _denial_pb(d: Deny, last_peak_bytes: int = 0) -> broker_pb2.Denial:
 
 
 # -- the application core -------------------------------------------------------------------
+
+
+# Denials that come from the asking session's own declared maximum (admission.is_safe and the
+# overcommit ceiling for a new declared session): the queue passes over them.
+OWN_CLAIM_DENIALS = frozenset({"node_unsafe", "session_admission"})
 
 
 @dataclass(eq=False, slots=True)
@@ -325,13 +335,30 @@ class BrokerCore:
     def decide_reserve(self, ask: ReserveAsk, t_ms: int) -> tuple[Lease, list[Change]] | Deny:
         """Decide one admission on the ledger as it is now (nothing applied)."""
         ledger = self.ledger
-        budget = size_budget(ask.memory_bytes, ledger.recent_peaks(ask.tenant, ask.command_class))
+        claim = ledger.session_claim(ask.tenant, ask.session)
+        session_node = None
+        session_max = ask.session_max_memory_bytes
+        if claim is None and not session_max:
+            budget = size_budget(
+                ask.memory_bytes, ledger.recent_peaks(ask.tenant, ask.command_class)
+            )
+        else:
+            # A declared session: its maximum is what admission keeps room for (is_safe), so
+            # its calls get their intent (no learned undersizing to grow back from while
+            # paused), and every lease of it carries the claim.
+            budget = ask.memory_bytes
+            if claim is not None:
+                session_node, held = claim
+                session_max = max(session_max, held.max_bytes, held.held_bytes + budget)
         decision = decide_reserve(
             budget,
             ledger.quota_levels(ask.tenant),
             ledger.node_views(),
             cpu_millis=ask.cpu_millis,
             intent_bytes=ask.memory_bytes,
+            session=(ask.tenant, ask.session),
+            session_max_bytes=session_max,
+            session_node=session_node,
         )
         if isinstance(decision, Deny):
             return decision
@@ -348,6 +375,7 @@ class BrokerCore:
             granted_at_ms=t_ms,
             expires_at_ms=t_ms + ask.ttl_ms,
             idempotency_key=ask.idempotency_key,
+            session_max_memory_bytes=session_max,
         )
         audit = Audit(
             AuditEntry(
@@ -478,8 +506,10 @@ class BrokerCore:
                     decision = self.decide_reserve(ask, t)
             if isinstance(decision, Deny):
                 waiter.deny = decision
-                if decision.scope == f"tenant:{ask.tenant}":
-                    skip.add(nxt.seq)  # only its own quota holds it: it blocks no one
+                if decision.scope == f"tenant:{ask.tenant}" or decision.code in OWN_CLAIM_DENIALS:
+                    # Only its own quota, or its own session's declared maximum, holds it: an
+                    # ask after it may still go (it blocks no one).
+                    skip.add(nxt.seq)
                     continue
                 break  # shared capacity: no backfill past it
             lease, ch = decision
@@ -1098,6 +1128,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                 ev.peak_bytes,
                 ledger.quota_levels(lease.tenant),
                 ledger.node_view(node_id),
+                (lease.tenant, lease.session),
             )
             span.set_attribute("agentcg.tenant", lease.tenant)
             if isinstance(result, Grow):

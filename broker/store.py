@@ -176,13 +176,20 @@ class LeaseRow(Base):
     ended_at_ms: Mapped[int | None]
     peak_memory_bytes: Mapped[int]
     outcome: Mapped[Outcome] = mapped_column(_string_enum(Outcome, "outcome"))
+    session_max_memory_bytes: Mapped[int] = mapped_column(server_default=text("0"))
 
     __table_args__ = (
         Index("ix_leases_state", "state"),
         Index("ix_leases_tenant_state", "tenant", "state"),
         Index("ix_leases_node_id_state", "node_id", "state"),
         Index("ix_leases_tenant_idempotency_key", "tenant", "idempotency_key"),
-        *_nonnegative("memory_bytes", "intent_memory_bytes", "cpu_millis", "peak_memory_bytes"),
+        *_nonnegative(
+            "memory_bytes",
+            "intent_memory_bytes",
+            "cpu_millis",
+            "peak_memory_bytes",
+            "session_max_memory_bytes",
+        ),
     )
 
 
@@ -367,6 +374,7 @@ def _lease_row(le: Lease) -> tuple[object, ...]:
         le.ended_at_ms,
         le.peak_memory_bytes,
         le.outcome.value,
+        le.session_max_memory_bytes,
     )
 
 
@@ -414,6 +422,7 @@ def _lease(row: LeaseRow) -> Lease:
         ended_at_ms=row.ended_at_ms,
         peak_memory_bytes=row.peak_memory_bytes,
         outcome=row.outcome,
+        session_max_memory_bytes=row.session_max_memory_bytes,
     )
 
 

@@ -75,6 +75,14 @@ def broker(
         "var/broker"
     ),
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
+    overcommit_ratio: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="declared intents (a declared session's maximum) on a node may add up to "
+            "capacity x this; 0: no ceiling",
+        ),
+    ] = 1.5,
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
@@ -82,7 +90,13 @@ def broker(
     from agentcg.broker.main import main as broker_main
 
     broker_main(
-        BrokerConfig(listen=listen, database_url=db, data_dir=data_dir, ready_file=ready_file),
+        BrokerConfig(
+            listen=listen,
+            database_url=db,
+            data_dir=data_dir,
+            ready_file=ready_file,
+            overcommit_ratio=overcommit_ratio,
+        ),
         log_level,
     )
 

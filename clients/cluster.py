@@ -35,6 +35,7 @@ class LocalCluster:
     node_memory: str = "2G"
     database_url: str = ""
     node_args: tuple[str, ...] = ()
+    broker_args: tuple[str, ...] = ()
     log_level: str = "INFO"
     broker_address: str = ""
     node_addresses: list[str] = field(default_factory=list)
@@ -67,7 +68,7 @@ class LocalCluster:
         args = ["broker", "--listen", "127.0.0.1:0", "--data-dir", str(self.workdir / "broker")]
         if self.database_url:
             args += ["--db", self.database_url]
-        self.broker_address = self._spawn("broker", args)
+        self.broker_address = self._spawn("broker", [*args, *self.broker_args])
         return self.broker_address
 
     def start_node(self, index: int) -> str:

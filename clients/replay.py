@@ -91,7 +91,14 @@ CALL_MARGIN_BYTES = 4 * MiB  # declared intent = the call's measured peak rise +
 CALL_FLOOR_BYTES = 10 * MiB  # ... and at least this (a tool call's interpreter alone is ~6 MiB)
 SESSION_CHUNK_BYTES = 2 * MiB  # session leases grow in steps of this
 SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
-SESSION_WAIT_S = 30.0  # a session growth waits this long for room, then goes ahead unleased
+# An agent declares its session's maximum (its trace's peak plus what the call processes' own
+# interpreters and lease rounding add), so that the broker admits sessions and their growth only
+# in an order in which all of them can finish (no pool of agents waiting on each other).
+SESSION_MAX_MARGIN_BYTES = 16 * MiB
+# New sessions may declare up to this x the node's capacity together (the broker's overcommit
+# ratio): above it a new agent waits to start, which is where most time-shifting happens.
+SESSION_OVERCOMMIT_RATIO = 1.3
+QUEUE_TIMEOUT_MS = 300_000  # a reservation waits in the broker's queue this long, then ...
 SAMPLE_S = 0.1
 # agentcg pauses (never kills) at the pool limit too: a task that would push the pool over waits
 # for memory. No swap: if the pool stays stalled this long, the kernel is let kill (counted).
@@ -117,6 +124,11 @@ class AgentRun:
     lost_calls: int = 0  # tool calls killed (by the kernel or the node)
     leases: list[tuple[str, int]] = field(default_factory=list)  # session leases, in order
     call_budget_bytes: int = 0
+    started_at: float | None = None  # the first level in place: the trace's clock starts
+
+    @property
+    def session_max_bytes(self) -> int:
+        return self.plan.peak_bytes + SESSION_MAX_MARGIN_BYTES
 
     @property
     def leased_bytes(self) -> int:
@@ -134,7 +146,8 @@ class Counters:
     grown: int = 0
     paused: int = 0
     killed: int = 0
-    unleased_session_growths: int = 0
+    unleased_session_growths: int = 0  # ... after which a session growth goes ahead unleased
+    queued: int = 0  # reservations that waited in the broker's queue (> 20 ms) before admitted
     pool_stalls: int = 0  # pool paused at its limit for POOL_STALL_S: kernel let kill
     start_failures: int = 0  # a call the node could not start (retried)
 
@@ -261,6 +274,10 @@ class _Replay:
                 elif cmd == "CALL":
                     await self.run_call(run, run.plan.calls[int(args[0])])
                     reply = f"DONE {args[0]}"
+                elif cmd == "START":
+                    run.started_at = time.monotonic()
+                    self.event(run, "start")
+                    continue
                 elif cmd == "END":
                     run.ended_at = time.monotonic()
                     continue
@@ -288,21 +305,26 @@ class _Replay:
 
     async def session_grow(self, run: AgentRun, target: int) -> int:
         assert self.client is not None
-        deadline = time.monotonic() + SESSION_WAIT_S
-        while run.leased_bytes < target:
+        if run.leased_bytes < target:
             want = target - run.leased_bytes
+            asked = time.monotonic()
             try:
                 lease = await self.client.reserve(
-                    run.tenant, want, session="s", command_class="session", ttl_ms=SESSION_TTL_MS
+                    run.tenant,
+                    want,
+                    session="s",
+                    command_class="session",
+                    ttl_ms=SESSION_TTL_MS,
+                    queue_timeout_ms=QUEUE_TIMEOUT_MS,
+                    session_max_bytes=run.session_max_bytes,
                 )
             except QuotaExceededError:
                 self.c.denied += 1
                 self.event(run, "denied")
-                if time.monotonic() > deadline:
-                    self.c.unleased_session_growths += 1
-                    return target  # goes ahead unleased: the kernel may have to decide
-                await self.wait_freed()
-                continue
+                self.c.unleased_session_growths += 1
+                return target  # goes ahead unleased: the kernel may have to decide
+            if time.monotonic() - asked > 0.02:
+                self.c.queued += 1
             run.leases.append((lease.lease_id, lease.memory_bytes))
         return run.leased_bytes
 
@@ -369,7 +391,13 @@ class _Replay:
             run.call_budget_bytes = intent
             try:
                 result = await self.client.run(
-                    run.tenant, intent, argv, session="s", command_class=call.command_class
+                    run.tenant,
+                    intent,
+                    argv,
+                    session="s",
+                    command_class=call.command_class,
+                    queue_timeout_ms=QUEUE_TIMEOUT_MS,
+                    session_max_bytes=run.session_max_bytes,
                 )
             except AgentcgError as exc:
                 # e.g. the node cannot create the call's cgroup while the pool is at its limit
@@ -476,10 +504,18 @@ class _Replay:
         completed = [
             r
             for r in self.runs
-            if r.returncode == 0 and r.ended_at is not None and r.lost_calls == 0
+            if r.returncode == 0
+            and r.ended_at is not None
+            and r.started_at is not None
+            and r.lost_calls == 0
         ]
-        inflation = [(r.ended_at - self.go_at) / r.plan.duration_s for r in completed]  # type: ignore[operator]
-        delay = [(r.ended_at - self.go_at) - r.plan.duration_s for r in completed]  # type: ignore[operator]
+        # Replayed duration from when the agent's first sample is in place (an agent admitted
+        # later starts later; its wait to start is reported apart, as start_wait_*).
+        ran = [(r.ended_at or 0.0) - (r.started_at or 0.0) for r in completed]
+        inflation = [d / r.plan.duration_s for d, r in zip(ran, completed, strict=True)]
+        delay = [d - r.plan.duration_s for d, r in zip(ran, completed, strict=True)]
+        waits = [(r.started_at or 0.0) - self.go_at for r in completed]
+        whole = [((r.ended_at or 0.0) - self.go_at) / r.plan.duration_s for r in completed]
         end = max((t for t, _ in self.pool_samples), default=0.0)
         util = [min(1.0, b / self.pool_bytes) for t, b in self.pool_samples if t <= end]
         try:
@@ -495,6 +531,12 @@ class _Replay:
             "inflation_p50": round(statistics.median(inflation), 3) if inflation else None,
             "inflation_p95": round(percentile(inflation, 95), 3) if inflation else None,
             "delay_p95_s": round(percentile(delay, 95), 2) if delay else None,
+            "start_wait_p50_s": round(statistics.median(waits), 2) if waits else None,
+            "start_wait_p95_s": round(percentile(waits, 95), 2) if waits else None,
+            "inflation_with_start_wait_p95": round(percentile(whole, 95), 3) if whole else None,
+            "makespan_s": round(max((r.ended_at or 0.0) for r in completed) - self.go_at, 1)
+            if completed
+            else None,
             "pool_utilisation_mean": round(statistics.fmean(util), 3) if util else 0.0,
             "pool_utilisation_p95": round(percentile(util, 95), 3) if util else 0.0,
             "denied": self.c.denied,
@@ -502,6 +544,7 @@ class _Replay:
             "paused": self.c.paused,
             "killed": self.c.killed,
             "unleased_session_growths": self.c.unleased_session_growths,
+            "queued": self.c.queued,
             "pool_stalls": self.c.pool_stalls,
             "call_start_failures": self.c.start_failures,
             "pool_bytes": self.pool_bytes,
@@ -561,6 +604,7 @@ def run_policy(
             cluster = _NodeCluster(opts.workdir / "cluster", log_level=opts.log_level)
             cluster.cgroup_base = pool.path
             cluster.cgroup_root = "node"
+            cluster.broker_args = ("--overcommit-ratio", str(SESSION_OVERCOMMIT_RATIO))
             cluster.node_memory = str(pool_bytes)
             cluster.node_policy_args = (
                 "--growth-factor",

@@ -9,7 +9,8 @@ own memory stays small; that memory is held back from every level.
 Line protocol, this process -> driver (stdout) / driver -> this process (stdin):
   GROW <bytes>    -> OK <leased bytes>   (lease mode: before rising above what is leased)
   SHRINK <bytes>  -> OK <leased bytes>   (lease mode: well below what is leased)
-  READY           -> GO                  (first level in place; all agents start together)
+  READY           -> GO                  (interpreter up; all agents are let go together)
+  START                                   (first level in place: the trace's clock starts)
   CALL <index>    -> DONE <index>
   END                                     (the trace is over; then exit 0)
 """
@@ -68,10 +69,13 @@ def main(argv: list[str]) -> int:
         plan = json.load(f)
     steps = plan["steps"]
     agent = Agent(bool(plan["lease"]), int(plan["chunk"]))
-    first = steps[0]
-    agent.level(int(first[2] if first[0] == "hold" else first[4]))
     if agent.ask("READY") != "GO":
         return 3
+    # The first level may wait for its session reservation: the agent starts once it is in.
+    first = steps[0]
+    agent.level(int(first[2] if first[0] == "hold" else first[4]))
+    sys.stdout.write("START\n")
+    sys.stdout.flush()
     t0 = time.monotonic()
     shift = 0.0
     for step in steps:

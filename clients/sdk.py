@@ -168,9 +168,12 @@ class AsyncClient:
         expected_duration_ms: int = 0,
         cpu_millis: int = 0,
         queue_timeout_ms: int = 0,
+        session_max_bytes: int = 0,
     ) -> Lease:
         """Admit one tool call. With ``queue_timeout_ms`` the broker waits up to that long for
-        capacity (by priority, then arrival) before it denies."""
+        capacity (by priority, then arrival) before it denies. ``session_max_bytes`` declares
+        the most the whole session will hold at once: the broker then keeps it on one node and
+        admits its leases only in an order in which every declared session there can finish."""
         reply = await self._call(
             self._broker.Reserve(
                 broker_pb2.ReserveRequest(
@@ -183,6 +186,7 @@ class AsyncClient:
                     idempotency_key=idempotency_key,
                     expected_duration_ms=expected_duration_ms,
                     queue_timeout_ms=queue_timeout_ms,
+                    session_max_memory_bytes=session_max_bytes,
                 ),
                 timeout=self._timeout_s + queue_timeout_ms / 1000,
             )
@@ -416,9 +420,11 @@ class AsyncClient:
         env: Mapping[str, str] | None = None,
         cwd: str = "",
         on_output: OutputSink | None = None,
+        queue_timeout_ms: int = 0,
+        session_max_bytes: int = 0,
     ) -> RunResult:
-        """Reserve, run on the chosen node (renewing the lease while it runs), release.
-        A denial is a result, not an exception."""
+        """Reserve (waiting up to ``queue_timeout_ms`` for room), run on the chosen node
+        (renewing the lease while it runs), release. A denial is a result, not an exception."""
         try:
             lease = await self.reserve(
                 tenant,
@@ -427,6 +433,8 @@ class AsyncClient:
                 command_class=command_class,
                 priority=priority,
                 ttl_ms=ttl_ms,
+                queue_timeout_ms=queue_timeout_ms,
+                session_max_bytes=session_max_bytes,
             )
         except QuotaExceededError as exc:
             return RunResult(

@@ -27,6 +27,7 @@ from agentcg.v1 import types_pb2
 __all__ = ["GENERIC_INTERNAL", "error_from_rpc", "to_status"]
 
 GENERIC_INTERNAL = "internal error (details are in the server log)"
+DOMAIN = "agentcg.v1"  # ErrorInfo.domain of the denial codes this server sends
 
 _CODES: list[tuple[type[AgentcgError], int]] = [
     (InvalidArgumentError, code_pb2.INVALID_ARGUMENT),
@@ -79,6 +80,8 @@ def to_status(exc: BaseException) -> grpc.Status:
                     )
                 )
             )
+            # The machine-readable denial code (tenant_quota, node_capacity, node_unsafe, ...).
+            details.append(_pack(error_details_pb2.ErrorInfo(reason=exc.code, domain=DOMAIN)))
             delay = duration_pb2.Duration()
             delay.FromMilliseconds(exc.retry_after_ms)
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
@@ -105,6 +108,7 @@ def error_from_rpc(err: grpc.RpcError) -> AgentcgError:
     field = ""
     hint = types_pb2.AdmissionHint()
     scope = ""
+    reason = ""
     if status is not None:
         for d in status.details:
             if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -112,6 +116,11 @@ def error_from_rpc(err: grpc.RpcError) -> AgentcgError:
                 d.Unpack(br)
                 if br.field_violations:
                     field = br.field_violations[0].field
+            elif d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                d.Unpack(info)
+                if info.domain == DOMAIN:
+                    reason = info.reason
             elif d.Is(types_pb2.AdmissionHint.DESCRIPTOR):
                 d.Unpack(hint)
                 scope = hint.limiting_scope
@@ -129,7 +138,7 @@ def error_from_rpc(err: grpc.RpcError) -> AgentcgError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return QuotaExceededError(
             message,
-            code="denied",
+            code=reason or "denied",
             scope=scope,
             largest_memory_bytes_available=hint.largest_memory_bytes_available,
             retry_after_ms=hint.retry_after_ms,

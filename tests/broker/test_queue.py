@@ -140,3 +140,49 @@ def test_no_admission_to_a_pressured_node_until_it_recovers(env: tuple[str, SimN
             assert lease.node_id == node.node_id
 
     asyncio.run(go())
+
+
+def test_declared_sessions_wait_instead_of_deadlocking(tmp_path: Path, database_url: str) -> None:
+    """Two sessions declare 70 MiB each on a 100 MiB node. Granting either one's growth that
+    would leave neither able to finish waits in the queue, while the other's growth that keeps
+    an order to finish passes it; once the other session ends, the waiting growth is admitted."""
+
+    async def go(address: str) -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 1 << 30)
+
+            async def take(session: str, mib: int, wait_ms: int = 0) -> str:
+                lease = await c.reserve(
+                    "t",
+                    mib * MiB,
+                    session=session,
+                    session_max_bytes=70 * MiB,
+                    queue_timeout_ms=wait_ms,
+                    ttl_ms=600_000,
+                )
+                return lease.lease_id
+
+            a1 = await take("a", 40)
+            b1 = await take("b", 30)
+            # 30 MiB free. b to 50 would leave 10 free: a needs 30, b needs 20: unsafe.
+            with pytest.raises(QuotaExceededError) as unsafe:
+                await take("b", 20)
+            assert unsafe.value.code == "node_unsafe"
+            assert "waiting on each other" in unsafe.value.message
+            b_waits = asyncio.ensure_future(take("b", 20, 30_000))
+            await settle(c)
+            assert not b_waits.done()
+            a2 = await take("a", 30)  # a to its maximum: 0 free, but a can finish: safe
+            assert not b_waits.done()
+            await c.release(a2)  # a back at 40 of 70: b's growth is still unsafe
+            await settle(c)
+            assert not b_waits.done()
+            await c.release(a1)  # a ended: b can reach its maximum
+            await b_waits
+            leases = await c.list_leases(tenant="t")
+            assert sum(x.memory_bytes for x in leases) == 50 * MiB
+            assert b1 in {x.lease_id for x in leases}
+
+    with LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as c:
+        with SimNode(c.broker_address, memory_bytes=100 * MiB):
+            asyncio.run(go(c.broker_address))

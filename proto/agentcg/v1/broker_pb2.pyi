@@ -257,6 +257,7 @@ class ReserveRequest(_message.Message):
     TTL_MS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    SESSION_MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session: _builtins.str
     command_class: _builtins.str
@@ -269,6 +270,13 @@ class ReserveRequest(_message.Message):
     """a retried Reserve with the same key returns the same lease"""
     queue_timeout_ms: _builtins.int
     """0: deny at once when nothing fits"""
+    session_max_memory_bytes: _builtins.int
+    """The most this session will hold at once (all its leases together), 0: not declared. A
+    declared session stays on one node; its leases are admitted only while every declared
+    session on that node can still reach its maximum in some order (deadlock avoidance: no
+    pool of paused sessions waiting on each other), and its first lease only while the node's
+    declared total stays within the overcommit ceiling. Exceeding it raises it (if still safe).
+    """
     @_builtins.property
     def intent(self) -> _types_pb2.Resources:
         """declared budget; memory_bytes > 0 is required"""
@@ -285,10 +293,11 @@ class ReserveRequest(_message.Message):
         ttl_ms: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
         queue_timeout_ms: _builtins.int = ...,
+        session_max_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_class", b"command_class", "expected_duration_ms", b"expected_duration_ms", "idempotency_key", b"idempotency_key", "intent", b"intent", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "session", b"session", "tenant", b"tenant", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_class", b"command_class", "expected_duration_ms", b"expected_duration_ms", "idempotency_key", b"idempotency_key", "intent", b"intent", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "session", b"session", "session_max_memory_bytes", b"session_max_memory_bytes", "tenant", b"tenant", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
