@@ -304,7 +304,9 @@ def _place_declared(
         new_max = max(session_max_bytes, held, old.max_bytes if old else 0)
         return new_max - (old.max_bytes if old else 0)
 
-    within = [n for n in usable if n.takes_intent(added_intent(n))]
+    # The ceiling holds back new sessions only: a running one may always ask again (is_safe
+    # decides), also past its declared maximum.
+    within = [n for n in usable if session in n.claims or n.takes_intent(added_intent(n))]
     if not within:
         n = usable[0]
         return Deny(

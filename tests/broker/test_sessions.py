@@ -147,3 +147,12 @@ def test_sessions_admitted_this_way_always_finish(
             (cap - granted) * MiB,
             [SessionClaim(h * MiB, top[k] * MiB) for k, h in held.items() if h],
         )
+
+
+def test_a_running_session_is_never_held_back_by_the_ceiling() -> None:
+    # Over the ceiling already (sessions went past their declared maxima): a running session
+    # still gets what is safe; a new one waits.
+    n = view(100, 60, {"a": (30, 70), "b": (30, 70)}, ratio=1.2)  # 140 of 120 declared
+    assert isinstance(reserve(n, 5, "a"), Admit)
+    d = reserve(n, 5, "new", 10)
+    assert isinstance(d, Deny) and d.code == "session_admission"
