@@ -548,6 +548,20 @@ class _Replay:
             "pool_stalls": self.c.pool_stalls,
             "call_start_failures": self.c.start_failures,
             "pool_bytes": self.pool_bytes,
+            "per_agent": [
+                {
+                    "agent": r.plan.index,
+                    "trace_s": round(r.plan.duration_s, 2),
+                    "start_wait_s": None
+                    if r.started_at is None
+                    else round(r.started_at - self.go_at, 2),
+                    "ran_s": None
+                    if r.started_at is None or r.ended_at is None
+                    else round(r.ended_at - r.started_at, 2),
+                    "lost_calls": r.lost_calls,
+                }
+                for r in self.runs
+            ],
         }
 
 
@@ -786,6 +800,7 @@ def write_plot(timelines: Sequence[dict[str, Any]], oracle_bytes: int, path: Pat
         "grow": ("^", "green"),
         "pause": ("o", "orange"),
         "denied": (".", "grey"),
+        "start": ("|", "blue"),
     }
     gib = float(1 << 30)
     for col, tl in enumerate(timelines):
