@@ -157,6 +157,7 @@ def decide_reserve(
     session: SessionKey | None = None,
     session_max_bytes: int = 0,
     session_node: NodeId | None = None,
+    started_sessions_waiting: int = 0,
 ) -> Admit | Deny:
     """Admit ``memory_bytes`` (and ``cpu_millis``) if every quota level on the tenant's path and
     one node can hold it.
@@ -171,7 +172,9 @@ def decide_reserve(
     A ``session`` that declared its maximum (``session_max_bytes``), or already holds declared
     leases on ``session_node``, is placed by ``_place_declared`` instead: it stays on its node,
     counts its maximum (not each lease's intent) against the overcommit ceiling, and is admitted
-    only if ``is_safe`` still holds afterwards.
+    only if ``is_safe`` still holds afterwards. A new declared session also waits while
+    ``started_sessions_waiting`` declared sessions that already run wait for memory: work in
+    progress comes before new work (the least progress held up).
     """
     assert levels, "levels must include the tenant itself"
     for level in levels:
@@ -218,6 +221,17 @@ def decide_reserve(
             )
     usable = [n for n in nodes if n.connected and not n.pressured]
     if session is not None and (session_max_bytes > 0 or session_node is not None):
+        if session_node is None and started_sessions_waiting:
+            return Deny(
+                code="session_admission",
+                message=(
+                    f"session {session[0]}/{session[1]} waits to start: "
+                    f"{started_sessions_waiting} running sessions are waiting for memory"
+                ),
+                scope="cluster",
+                largest_memory_bytes_available=0,
+                retry_after_ms=retry_after_ms,
+            )
         return _place_declared(
             memory_bytes, levels, usable, session, session_max_bytes, session_node, retry_after_ms
         )

@@ -359,6 +359,7 @@ class BrokerCore:
             session=(ask.tenant, ask.session),
             session_max_bytes=session_max,
             session_node=session_node,
+            started_sessions_waiting=self._started_sessions_waiting() if session_max else 0,
         )
         if isinstance(decision, Deny):
             return decision
@@ -390,6 +391,15 @@ class BrokerCore:
             )
         )
         return lease, [PutLease(lease), audit]
+
+    def _started_sessions_waiting(self) -> int:
+        """Queued asks of declared sessions that already hold leases."""
+        claim = self.ledger.session_claim
+        return sum(
+            1
+            for w in self.waiters.values()
+            if w.ask.session_max_memory_bytes and claim(w.ask.tenant, w.ask.session) is not None
+        )
 
     @staticmethod
     def ended(

@@ -97,7 +97,7 @@ SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
 SESSION_MAX_MARGIN_BYTES = 16 * MiB
 # New sessions may declare up to this x the node's capacity together (the broker's overcommit
 # ratio): above it a new agent waits to start, which is where most time-shifting happens.
-SESSION_OVERCOMMIT_RATIO = 1.3
+SESSION_OVERCOMMIT_RATIO = 1.1
 QUEUE_TIMEOUT_MS = 300_000  # a reservation waits in the broker's queue this long, then ...
 SAMPLE_S = 0.1
 # agentcg pauses (never kills) at the pool limit too: a task that would push the pool over waits

@@ -156,3 +156,25 @@ def test_a_running_session_is_never_held_back_by_the_ceiling() -> None:
     assert isinstance(reserve(n, 5, "a"), Admit)
     d = reserve(n, 5, "new", 10)
     assert isinstance(d, Deny) and d.code == "session_admission"
+
+
+def test_a_new_session_waits_while_started_ones_wait() -> None:
+    n = view(100, 10, {"a": (10, 20)})
+    d = decide_reserve(
+        5 * MiB,
+        QUOTA,
+        [n],
+        session=("t", "new"),
+        session_max_bytes=10 * MiB,
+        started_sessions_waiting=1,
+    )
+    assert isinstance(d, Deny) and d.code == "session_admission" and "1 running" in d.message
+    d = decide_reserve(
+        5 * MiB,
+        QUOTA,
+        [n],
+        session=("t", "a"),
+        session_node=NodeId("n"),
+        started_sessions_waiting=1,
+    )
+    assert isinstance(d, Admit)
