@@ -125,6 +125,10 @@ class AgentRun:
     leases: list[tuple[str, int]] = field(default_factory=list)  # session leases, in order
     call_budget_bytes: int = 0
     started_at: float | None = None  # the first level in place: the trace's clock starts
+    grow_wait_s: float = 0.0  # time spent waiting for session growth (after the start)
+    call_s: float = 0.0  # time tool calls took, admission included
+    call_plan_s: float = 0.0  # what they take in the trace
+    call_admission_s: float = 0.0  # of call_s: waiting for the call's reservation
 
     @property
     def session_max_bytes(self) -> int:
@@ -272,7 +276,11 @@ class _Replay:
                 elif cmd == "SHRINK":
                     reply = f"OK {await self.session_shrink(run, int(args[0]))}"
                 elif cmd == "CALL":
-                    await self.run_call(run, run.plan.calls[int(args[0])])
+                    call = run.plan.calls[int(args[0])]
+                    began = time.monotonic()
+                    await self.run_call(run, call)
+                    run.call_s += time.monotonic() - began
+                    run.call_plan_s += call.end_s - call.start_s
                     reply = f"DONE {args[0]}"
                 elif cmd == "START":
                     run.started_at = time.monotonic()
@@ -323,7 +331,10 @@ class _Replay:
                 self.event(run, "denied")
                 self.c.unleased_session_growths += 1
                 return target  # goes ahead unleased: the kernel may have to decide
-            if time.monotonic() - asked > 0.02:
+            waited = time.monotonic() - asked
+            if run.started_at is not None:
+                run.grow_wait_s += waited
+            if waited > 0.02:
                 self.c.queued += 1
             run.leases.append((lease.lease_id, lease.memory_bytes))
         return run.leased_bytes
@@ -414,6 +425,7 @@ class _Replay:
             self.event(run, "denied")
             await self.wait_freed()
         run.call_budget_bytes = 0
+        run.call_admission_s += result.admission_s
         await self.notify_freed()
         for action in result.actions:
             if action == "pause":
@@ -559,6 +571,10 @@ class _Replay:
                     if r.started_at is None or r.ended_at is None
                     else round(r.ended_at - r.started_at, 2),
                     "lost_calls": r.lost_calls,
+                    "grow_wait_s": round(r.grow_wait_s, 2),
+                    "call_s": round(r.call_s, 2),
+                    "call_plan_s": round(r.call_plan_s, 2),
+                    "call_admission_s": round(r.call_admission_s, 2),
                 }
                 for r in self.runs
             ],

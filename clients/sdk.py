@@ -9,6 +9,7 @@ carrying what would fit now).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -109,6 +110,7 @@ class RunResult:
     decisions_ns: tuple[int, ...] = ()  # kernel event -> broker decision on the node
     # (action, in-kernel event -> action in effect) for every action the node timed
     timed_actions: tuple[tuple[str, int], ...] = ()
+    admission_s: float = 0.0  # how long the Reserve took (queueing included), in ``run``
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -425,6 +427,7 @@ class AsyncClient:
     ) -> RunResult:
         """Reserve (waiting up to ``queue_timeout_ms`` for room), run on the chosen node
         (renewing the lease while it runs), release. A denial is a result, not an exception."""
+        asked = time.monotonic()
         try:
             lease = await self.reserve(
                 tenant,
@@ -440,11 +443,12 @@ class AsyncClient:
             return RunResult(
                 exit_code=1, outcome="denied", peak_bytes=0, budget_bytes=0, reason=exc.message
             )
+        admission_s = time.monotonic() - asked
         result: RunResult | None = None
         keepalive = asyncio.create_task(self._keep_renewed(lease))
         try:
             result = await self.exec(lease, argv, env=env, cwd=cwd, on_output=on_output)
-            return result
+            return dataclasses.replace(result, admission_s=admission_s)
         finally:
             keepalive.cancel()
             # The node releases on exit too; this covers a call that never started. Idempotent.
