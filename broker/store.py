@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from importlib.resources import files
@@ -345,6 +345,9 @@ _LEASE_MUTABLE = (
 )
 _AUDIT_COLUMNS = _COLUMNS[AuditEntry]
 assert _LEASE_COLUMNS[0] == "lease_id"
+# Most rows per multi-row INSERT (a power of two): 17 lease columns x 256 stays well under
+# SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
+_ROWS_PER_STATEMENT = 256
 
 
 def _lease_row(le: Lease) -> tuple[object, ...]:
@@ -447,17 +450,45 @@ class Store:
         )
         self._writer: Connection | None = None
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
-        mark = "?" if self._dialect == "sqlite" else "%s"
-        self._lease_upsert_sql = (
+        self._mark = "?" if self._dialect == "sqlite" else "%s"
+        self._lease_upsert_sql = self._lease_upsert(1)
+        self._audit_insert_sql = self._audit_insert(1)
+        # Multi-row statements by row count (see _write_leases), built on first use.
+        self._lease_upserts: dict[int, str] = {}
+        self._audit_inserts: dict[int, str] = {}
+
+    def _rows_sql(self, columns: Sequence[str], rows: int) -> str:
+        one = f"({', '.join(self._mark for _ in columns)})"
+        return ", ".join(one for _ in range(rows))
+
+    def _lease_upsert(self, rows: int) -> str:
+        return (
             f"INSERT INTO leases ({', '.join(_LEASE_COLUMNS)}) "
-            f"VALUES ({', '.join(mark for _ in _LEASE_COLUMNS)}) "
+            f"VALUES {self._rows_sql(_LEASE_COLUMNS, rows)} "
             "ON CONFLICT (lease_id) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in _LEASE_MUTABLE)
         )
-        self._audit_insert_sql = (
+
+    def _audit_insert(self, rows: int) -> str:
+        return (
             f"INSERT INTO audit ({', '.join(_AUDIT_COLUMNS)}) "
-            f"VALUES ({', '.join(mark for _ in _AUDIT_COLUMNS)})"
+            f"VALUES {self._rows_sql(_AUDIT_COLUMNS, rows)}"
         )
+
+    @staticmethod
+    def _multi_row(
+        cache: dict[int, str], build: Callable[[int], str], rows: list[tuple[object, ...]]
+    ) -> Iterator[tuple[str, list[object]]]:
+        """``rows`` as statements of 2**k rows each, largest first (13 rows: 8 + 4 + 1), so
+        that at most ~10 distinct statements per table are ever prepared and cached."""
+        start = 0
+        while start < len(rows):
+            n = min(_ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
+            sql = cache.get(n)
+            if sql is None:
+                sql = cache[n] = build(n)
+            yield sql, [v for row in rows[start : start + n] for v in row]
+            start += n
 
     @classmethod
     def default_url(cls, data_dir: Path) -> str:
@@ -539,10 +570,14 @@ class Store:
         try:
             if self._dialect == "sqlite":
                 cursor.execute("BEGIN")  # the sqlite3 module runs in autocommit mode here
-            if leases:
-                cursor.executemany(self._lease_upsert_sql, leases)
-            if audit:
-                cursor.executemany(self._audit_insert_sql, audit)
+            # A few multi-row statements per table, not an executemany of one per row: the
+            # driver lets go of the GIL around every statement it steps, and each time the
+            # database thread then queues for the GIL behind the event loop (up to the switch
+            # interval), so a batch must cost a handful of statements, not one per row.
+            for sql, params in self._multi_row(self._lease_upserts, self._lease_upsert, leases):
+                cursor.execute(sql, params)
+            for sql, params in self._multi_row(self._audit_inserts, self._audit_insert, audit):
+                cursor.execute(sql, params)
             if self._dialect == "sqlite":
                 cursor.execute("COMMIT")
             else:
