@@ -633,8 +633,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         if existing is not None:
             return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
         with tracer.start_as_current_span("agentcg.admission") as span:
-            span.set_attribute("agentcg.tenant", ask.tenant)
-            span.set_attribute("agentcg.memory_bytes", ask.memory_bytes)
+            recording = span.is_recording()  # not sampled: skip building the attributes
+            if recording:
+                span.set_attribute("agentcg.tenant", ask.tenant)
+                span.set_attribute("agentcg.memory_bytes", ask.memory_bytes)
             decision = core.decide_reserve(ask, now_ms())  # decide
             if isinstance(decision, Deny) and ask.queue_timeout_ms > 0:
                 span.set_attribute("agentcg.decision", "queue")
@@ -653,8 +655,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                     last_peak_memory_bytes=core.ledger.last_peak(ask.tenant, ask.command_class),
                 )
             lease, changes = decision
-            span.set_attribute("agentcg.decision", "admit")
-            span.set_attribute("agentcg.lease_id", lease.lease_id)
+            if recording:
+                span.set_attribute("agentcg.decision", "admit")
+                span.set_attribute("agentcg.lease_id", lease.lease_id)
             undo = core.ledger.apply(changes)
             await core.commit_applied(changes, undo, [lease.lease_id])  # persist
         log.info(
