@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -431,6 +432,54 @@ def _audit_entry(row: AuditRow) -> AuditEntry:
     )
 
 
+class _Checkpointer:
+    """SQLite WAL checkpoints off the commit path.
+
+    By default the connection whose commit takes the WAL past 1,000 pages copies the WAL back
+    into the database file (and fsyncs it) inside that commit: every few hundred group commits
+    one waits for a checkpoint, and the decisions in it with it. The writer turns that off
+    (``wal_autocheckpoint=0``); this thread, on its own connection, runs a PASSIVE checkpoint
+    (which never blocks the writer) every ``interval_s``. A full checkpoint lets the writer
+    restart the WAL from its start, so the file stays at about one interval of writes.
+    """
+
+    def __init__(self, engine: Engine, interval_s: float = 0.2) -> None:
+        self._engine = engine
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.checkpoints = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="agentcg-db-checkpoint", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        raw = None
+        while not self._stop.wait(self._interval_s):
+            try:
+                if raw is None:
+                    raw = self._engine.raw_connection()
+                raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+            except Exception:  # noqa: BLE001 - the next round retries; commits are unaffected
+                logger.warning("WAL checkpoint failed", exc_info=True)
+                if raw is not None:
+                    raw.invalidate()
+                    raw = None
+        if raw is not None:
+            raw.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
 class Store:
     """The broker's database. Not thread-safe: use it from one thread."""
 
@@ -449,6 +498,10 @@ class Store:
             else self._engine
         )
         self._writer: Connection | None = None
+        file_db = parsed.database not in (None, "", ":memory:")
+        self._checkpoints = (
+            _Checkpointer(self._engine) if self._dialect == "sqlite" and file_db else None
+        )
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
         self._mark = "?" if self._dialect == "sqlite" else "%s"
         self._lease_upsert_sql = self._lease_upsert(1)
@@ -606,6 +659,11 @@ class Store:
         checkout and reset (a round trip on PostgreSQL). Reopened after a failure."""
         if self._writer is None or self._writer.closed or self._writer.invalidated:
             self._writer = self._engine.connect()
+            if self._dialect == "sqlite" and self._checkpoints is not None:
+                # Checkpoints run on the checkpointer's connection, never inline in a commit.
+                self._writer.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+                self._writer.commit()
+                self._checkpoints.start()
         return self._writer
 
     def _drop_writer(self) -> None:
@@ -683,5 +741,7 @@ class Store:
             return [_audit_entry(r) for r in reversed(session.scalars(query).all())]
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         self._drop_writer()
         self._engine.dispose()
