@@ -236,6 +236,11 @@ class _Waiter:
     ask: ReserveAsk
     deny: Deny  # why it does not fit (the latest try)
     admitted: asyncio.Future[Lease]
+    callers: int = 0  # RPCs waiting on it: the first ask and retries with its idempotency key
+
+    @property
+    def key(self) -> tuple[TenantName, str] | None:
+        return (self.ask.tenant, self.ask.idempotency_key) if self.ask.idempotency_key else None
 
     @property
     def view(self) -> WaitingAsk:
@@ -257,6 +262,8 @@ class BrokerCore:
         self.not_durable: dict[LeaseId, asyncio.Future[bool]] = {}
         # Reserves waiting for capacity (queue_timeout_ms > 0), in arrival order.
         self.waiters: dict[int, _Waiter] = {}
+        # The same waiters by (tenant, idempotency key): a retry joins the queued first ask.
+        self.waiting_keys: dict[tuple[TenantName, str], _Waiter] = {}
         self._seq = itertools.count()
         self._pump_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
@@ -413,13 +420,21 @@ class BrokerCore:
     async def wait_for_capacity(self, ask: ReserveAsk, deny: Deny) -> Lease:
         """Queue ``ask`` until it is admitted (returns the durable lease) or its deadline passes
         (raises QuotaExceededError with the last reason it did not fit)."""
-        waiter = _Waiter(next(self._seq), ask, deny, asyncio.get_running_loop().create_future())
-        self.waiters[waiter.seq] = waiter
-        self.kick()
+        waiter = self.queued(ask)
+        if waiter is None:
+            waiter = _Waiter(next(self._seq), ask, deny, asyncio.get_running_loop().create_future())
+            self.waiters[waiter.seq] = waiter
+            if waiter.key is not None:
+                self.waiting_keys[waiter.key] = waiter
+            self.kick()
+        waiter.callers += 1
         try:
             await asyncio.wait({waiter.admitted}, timeout=ask.queue_timeout_ms / 1000)
         finally:
-            picked = self.waiters.pop(waiter.seq, None) is None
+            waiter.callers -= 1
+            picked = waiter.seq not in self.waiters
+            if not picked and not waiter.callers:  # the last caller gave up: leave the queue
+                self._unqueue(waiter)
         if not picked:
             d = waiter.deny
             raise QuotaExceededError(
@@ -431,6 +446,17 @@ class BrokerCore:
                 last_peak_memory_bytes=self.ledger.last_peak(ask.tenant, ask.command_class),
             )
         return await waiter.admitted  # picked: durable (or failed) soon
+
+    def queued(self, ask: ReserveAsk) -> _Waiter | None:
+        """The queued ask a Reserve with the same idempotency key joins, if any."""
+        if not ask.idempotency_key:
+            return None
+        return self.waiting_keys.get((ask.tenant, ask.idempotency_key))
+
+    def _unqueue(self, waiter: _Waiter) -> None:
+        self.waiters.pop(waiter.seq, None)
+        if waiter.key is not None and self.waiting_keys.get(waiter.key) is waiter:
+            del self.waiting_keys[waiter.key]
 
     def kick(self) -> None:
         """Capacity may have freed: try the queue once the current callback is done."""
@@ -485,7 +511,7 @@ class BrokerCore:
             lease, ch = decision
             undo[:0] = ledger.apply(ch)
             changes.extend(ch)
-            del self.waiters[nxt.seq]
+            self._unqueue(waiter)
             admitted.append((waiter, lease))
         if changes:
             task = asyncio.get_running_loop().create_task(
@@ -632,6 +658,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         existing = await core.existing_grant(ask.tenant, ask.idempotency_key)  # load
         if existing is not None:
             return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
+        waiting = core.queued(ask)
+        if waiting is not None:  # a retry of a queued ask: wait with it for the same lease
+            lease = await core.wait_for_capacity(ask, waiting.deny)
+            return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
         with tracer.start_as_current_span("agentcg.admission") as span:
             recording = span.is_recording()  # not sampled: skip building the attributes
             if recording:
@@ -696,6 +726,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             )
             if existing is not None:
                 results.append(existing)
+                continue
+            waiting = core.queued(ask)
+            if waiting is not None:  # queued by a Reserve with this key: no second lease
+                results.append(
+                    _denial_pb(waiting.deny, ledger.last_peak(ask.tenant, ask.command_class))
+                )
                 continue
             decision = core.decide_reserve(ask, t)
             if isinstance(decision, Deny):
