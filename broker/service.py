@@ -8,6 +8,7 @@ place (``_rpc`` below, via ``agentcg.rpcstatus``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -660,6 +661,9 @@ def _rpc(
     return wrapper
 
 
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
 class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
@@ -674,14 +678,22 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         ask = parse_reserve(request)  # validate
         if ask.tenant not in core.ledger.tenants:
             raise NotFoundError("tenant", ask.tenant, field="tenant")
-        existing = await core.existing_grant(ask.tenant, ask.idempotency_key)  # load
-        if existing is not None:
-            return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
-        waiting = core.queued(ask)
-        if waiting is not None:  # a retry of a queued ask: wait with it for the same lease
-            lease = await core.wait_for_capacity(ask, waiting.deny)
-            return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
-        with tracer.start_as_current_span("agentcg.admission") as span:
+        if ask.idempotency_key:  # load
+            existing = await core.existing_grant(ask.tenant, ask.idempotency_key)
+            if existing is not None:
+                return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
+            waiting = core.queued(ask)
+            if waiting is not None:  # a retry of a queued ask: wait with it for the same lease
+                lease = await core.wait_for_capacity(ask, waiting.deny)
+                return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
+        # The admission span is a child of the RPC's: when that one is not sampled neither is
+        # this one (ParentBased), so do not pay for creating and entering a non-recording span.
+        admission_span = (
+            tracer.start_as_current_span("agentcg.admission")
+            if trace.get_current_span().is_recording()
+            else _NO_SPAN
+        )
+        with admission_span as span:
             recording = span.is_recording()  # not sampled: skip building the attributes
             if recording:
                 span.set_attribute("agentcg.tenant", ask.tenant)
