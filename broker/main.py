@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,14 +119,6 @@ async def run_broker(
     store.close()
 
 
-# The broker process is one event loop (every RPC) plus the journal's database thread. The
-# database driver lets go of the GIL around each statement; taking it back, that thread waits
-# until the busy loop gives it up, which CPython forces only after the switch interval: at the
-# default 5 ms one commit of 4 statements measured 7 ms at the median behind a busy thread,
-# 0.9 ms at 0.5 ms. The gRPC poller thread waits the same way to hand over completions.
-SWITCH_INTERVAL_S = 0.0005
-
-
 def _after_start() -> None:
     """Everything allocated at start-up (modules, stubs, the loaded state) lives as long as the
     process: move it out of the collector's way, so that a full collection walks only what was
@@ -140,5 +131,4 @@ def _after_start() -> None:
 def main(config: BrokerConfig, log_level: str = "INFO") -> None:
     configure_logging(log_level)
     configure_tracing("agentcg-broker")
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     asyncio.run(run_broker(config, on_serving=_after_start))
