@@ -623,14 +623,22 @@ class Store:
         try:
             if self._dialect == "sqlite":
                 cursor.execute("BEGIN")  # the sqlite3 module runs in autocommit mode here
-            # A few multi-row statements per table, not an executemany of one per row: the
-            # driver lets go of the GIL around every statement it steps, and each time the
-            # database thread then queues for the GIL behind the event loop (up to the switch
-            # interval), so a batch must cost a handful of statements, not one per row.
-            for sql, params in self._multi_row(self._lease_upserts, self._lease_upsert, leases):
-                cursor.execute(sql, params)
-            for sql, params in self._multi_row(self._audit_inserts, self._audit_insert, audit):
-                cursor.execute(sql, params)
+            if self._dialect == "sqlite":
+                # A few multi-row statements per table, not an executemany of one per row: the
+                # sqlite3 driver lets go of the GIL around every statement it steps, and each
+                # time the database thread then queues for the GIL behind the event loop (up
+                # to the switch interval), so a batch must cost a handful of statements.
+                upserts = self._multi_row(self._lease_upserts, self._lease_upsert, leases)
+                inserts = self._multi_row(self._audit_inserts, self._audit_insert, audit)
+                for sql, params in (*upserts, *inserts):
+                    cursor.execute(sql, params)
+            else:
+                # psycopg pipelines an executemany of one prepared statement; multi-row
+                # statements measured twice its CPU per row there (ReserveBatch+ReleaseBatch).
+                if leases:
+                    cursor.executemany(self._lease_upsert_sql, leases)
+                if audit:
+                    cursor.executemany(self._audit_insert_sql, audit)
             if self._dialect == "sqlite":
                 cursor.execute("COMMIT")
             else:
