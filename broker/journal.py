@@ -4,7 +4,13 @@ Every decision's changes must be durable before its reply. Concurrent decisions 
 changes to the journal; one database thread takes everything queued, commits it in ONE
 transaction, then wakes every waiter with one hop back to the event loop. Under load this turns
 N fsyncs into one; at low load a lone change costs one queue put and one loop wake-up (no
-executor, no extra loop iterations).
+executor).
+
+Hand-offs to the database thread happen once per event-loop round, not once per decision: the
+changes submitted while the loop works through its ready callbacks (every RPC whose data came in
+together) are put on the queue as one item at the end of that round. A put per decision woke
+the database thread for the first one, which then took the GIL back from the loop mid-round and
+committed a batch of one or two while the rest of the round's decisions waited for the next.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class Journal:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.changes = 0
+        # Submitted this loop round, put on the queue by _flush at its end.
+        self._round: list[tuple[Sequence[Change], asyncio.Future[None]]] = []
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -58,6 +66,7 @@ class Journal:
     async def run_in_db(self, fn: Callable[[], T]) -> T:
         """Run a read on the database thread (ordered after every write queued before it)."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._flush()  # after the writes submitted before it
         self._queue.put(_Read(fn, fut))
         return await fut
 
@@ -69,12 +78,20 @@ class Journal:
     def submit(self, changes: Sequence[Change]) -> asyncio.Future[None]:
         """Queue ``changes``; the future resolves once they are durable (or fails with the
         sink's error). Cancelling the future does not withdraw the changes."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         if not changes:
             fut.set_result(None)
             return fut
-        self._queue.put((changes, fut))
+        if not self._round:
+            loop.call_soon(self._flush)
+        self._round.append((changes, fut))
         return fut
+
+    def _flush(self) -> None:
+        if self._round:
+            self._queue.put(self._round)
+            self._round = []
 
     # -- the database thread -------------------------------------------------------------------
 
@@ -87,7 +104,7 @@ class Journal:
             if isinstance(item, _Read):
                 self._read(item)
                 continue
-            batch = [item]
+            batch = list(item)  # one loop round's submissions
             pending: Any = None
             while len(batch) < self._max_batch:
                 try:
@@ -97,7 +114,7 @@ class Journal:
                 if nxt is _STOP or isinstance(nxt, _Read):
                     pending = nxt  # after this batch, in order
                     break
-                batch.append(nxt)
+                batch.extend(nxt)
             self._write(batch)
             if pending is _STOP:
                 return
@@ -149,6 +166,7 @@ class Journal:
     async def close(self) -> None:
         """Finish every queued write and read, then stop the database thread."""
         if self._thread is not None:
+            self._flush()
             self._queue.put(_STOP)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             await asyncio.sleep(0)  # let the last settlements run

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,11 @@ class BrokerConfig:
     overcommit_ratio: float = 1.5
 
 
-async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) -> None:
+async def run_broker(
+    config: BrokerConfig,
+    stop: asyncio.Event | None = None,
+    on_serving: Callable[[], None] | None = None,
+) -> None:
     url = config.database_url
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +86,8 @@ async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) ->
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("broker serving on %s (database %s)", address, url.split("@")[-1])
+    if on_serving is not None:
+        on_serving()
     if config.ready_file is not None:
         tmp = config.ready_file.with_suffix(".tmp")
         tmp.write_text(address)
@@ -111,7 +119,16 @@ async def run_broker(config: BrokerConfig, stop: asyncio.Event | None = None) ->
     store.close()
 
 
+def _after_start() -> None:
+    """Everything allocated at start-up (modules, stubs, the loaded state) lives as long as the
+    process: move it out of the collector's way, so that a full collection walks only what was
+    allocated since. The imports alone are ~88,000 tracked objects, a ~40 ms full collection
+    here: a pause any request may land in."""
+    gc.collect()
+    gc.freeze()
+
+
 def main(config: BrokerConfig, log_level: str = "INFO") -> None:
     configure_logging(log_level)
     configure_tracing("agentcg-broker")
-    asyncio.run(run_broker(config))
+    asyncio.run(run_broker(config, on_serving=_after_start))

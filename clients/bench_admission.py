@@ -9,7 +9,11 @@ Phases, in order, each reported under its key:
 - ``noop_rps``: closed-loop Ping RPCs/s (the same server stack, interceptors included);
 - ``reserve_release_rps``: closed-loop Reserve then Release, counted in RPCs/s (each Reserve and
   each Release is one unary RPC, so it compares with ``noop_rps`` RPC for RPC), and
-  ``ratio`` = reserve_release_rps / noop_rps; ``reserve_release_pairs_per_s`` is half of it;
+  ``ratio`` = reserve_release_rps / noop_rps; ``reserve_release_pairs_per_s`` is half of it.
+  The two run interleaved in one closed loop, in alternating ``SLICE_S`` slices (the same load
+  processes and in-flight count, ``seconds`` of each): on a machine shared with other work the
+  load drifts over seconds, and two phases run one after the other compared that drift as much
+  as the two RPCs. An operation counts for the slice it started in;
 - ``p50_ms``/``p99_ms``: Reserve latency at a fixed open-loop 1,000 Reserve/s, measured from
   each request's scheduled send time (no coordinated omission); every 20 ms one ReleaseBatch
   releases the oldest leases beyond 100, so ~100 leases stay live;
@@ -45,6 +49,8 @@ __all__ = ["bench_admission"]
 MiB = 1 << 20
 HUGE = 1 << 50  # quota / capacity that never limits the benchmark
 TENANT = "bench"
+SLICE_S = 0.5  # noop and reserve_release alternate in slices this long
+MIXED = ("noop", "reserve_release")  # slice 0, 2, 4, ...: noop; 1, 3, 5, ...: reserve_release
 
 
 def _stubs(address: str) -> tuple[Any, Any, Any]:
@@ -73,12 +79,13 @@ def _reserve_request(i: int, ttl_ms: int = 0, key: str = "") -> Any:
 
 async def _closed_loop(
     kind: str, address: str, start_at: float, warmup_s: float, seconds: float, concurrency: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     from agentcg.v1 import broker_pb2
 
     ch, broker, _ = _stubs(address)
     await ch.channel_ready()
     count = 0
+    counts = dict.fromkeys(MIXED, 0)
     t_begin = start_at + warmup_s
     t_end = t_begin + seconds
     batch = 500
@@ -94,10 +101,13 @@ async def _closed_loop(
             now = time.time()
             if now >= t_end:
                 return
-            if kind == "noop":
+            op = kind
+            if kind == "mixed":
+                op = MIXED[int((now - t_begin) // SLICE_S) % 2]
+            if op == "noop":
                 await broker.Ping(ping)
                 n = 1
-            elif kind == "reserve_release":
+            elif op == "reserve_release":
                 r = await broker.Reserve(_reserve_request(i))
                 await broker.Release(broker_pb2.ReleaseRequest(lease_id=r.lease.lease_id))
                 n = 2
@@ -111,7 +121,10 @@ async def _closed_loop(
                 )
                 n = len(rb.results) + len(ids)
             i += 1
-            if t_begin <= now and time.time() <= t_end:
+            if kind == "mixed":
+                if t_begin <= now:  # by the slice it started in (ops may end past t_end)
+                    counts[op] += n
+            elif t_begin <= now and time.time() <= t_end:
                 count += n
 
     delay = start_at - time.time()
@@ -119,7 +132,7 @@ async def _closed_loop(
         await asyncio.sleep(delay)
     await asyncio.gather(*(one(w) for w in range(concurrency)))
     await ch.close()
-    return {"ops": count, "seconds": seconds}
+    return {"ops": count, "seconds": seconds, "counts": counts}
 
 
 async def _fixed_rate(
@@ -293,6 +306,47 @@ class _Run:
         self.cpu_ms_per_op[kind] = (cpu1 - cpu0) * 1000 / max(1, ops)
         return float(ops) / self.seconds
 
+    def mixed(self) -> dict[str, float]:
+        """noop and reserve_release interleaved (``MIXED``, ``SLICE_S``), ``seconds`` of each:
+        operations per second of each, and the broker's CPU per operation from its CPU time
+        read at every slice boundary."""
+        out: Queue[Any] = self.ctx.Queue()
+        start_at = time.time() + 1.5
+        slices = max(2, 2 * round(self.seconds / SLICE_S))
+        seconds = slices * SLICE_S
+        procs = [
+            self.ctx.Process(
+                target=_proc_main,
+                args=(
+                    "mixed",
+                    (self.address, start_at, self.warmup_s, seconds, self.concurrency),
+                    out,
+                ),
+            )
+            for _ in range(self.processes)
+        ]
+        for p in procs:
+            p.start()
+        t_begin = start_at + self.warmup_s
+        cpu_s = dict.fromkeys(MIXED, 0.0)
+        time.sleep(max(0.0, t_begin - time.time()))
+        last = _cpu_s(self.broker_pid)
+        for k in range(slices):
+            time.sleep(max(0.0, t_begin + (k + 1) * SLICE_S - time.time()))
+            now = _cpu_s(self.broker_pid)
+            cpu_s[MIXED[k % 2]] += now - last
+            last = now
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join()
+        per_kind_s = seconds / 2
+        figures: dict[str, float] = {}
+        for kind in MIXED:
+            ops = sum(r["counts"][kind] for r in results)
+            figures[kind] = ops / per_kind_s
+            self.cpu_ms_per_op[kind] = cpu_s[kind] * 1000 / max(1, ops)
+        return figures
+
     def fixed_rate(self, rate: float, live: int, kind: str = "reserve") -> dict[str, Any]:
         out: Queue[Any] = self.ctx.Queue()
         start_at = time.time() + 1.5
@@ -373,10 +427,9 @@ def bench_admission(
             run = _Run(address, processes, concurrency, seconds, broker_pid)
             node_proc, node_stop = run.start_nodes(0, 1)
             try:
-                say("noop ...")
-                noop = run.closed_loop("noop")
-                say("reserve+release ...")
-                rr = run.closed_loop("reserve_release")
+                say("noop and reserve+release, interleaved ...")
+                mixed = run.mixed()
+                noop, rr = mixed["noop"], mixed["reserve_release"]
                 result["noop_rps"] = round(noop)
                 result["reserve_release_rps"] = round(rr)
                 result["reserve_release_pairs_per_s"] = round(rr / 2)

@@ -2,7 +2,9 @@
 
 Library code uses ``logging.getLogger(__name__)`` and the OpenTelemetry API only. Exporters:
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` set -> OTLP/gRPC; ``AGENTCG_TRACE_CONSOLE=1`` -> console;
-otherwise spans are created (so ids propagate) and dropped.
+otherwise nothing is exported, so nothing is sampled: spans are still created as non-recording
+spans (trace and span ids propagate) but cost no attributes, events or processing.
+``OTEL_TRACES_SAMPLER`` (the SDK's variable) overrides the sampler either way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from opentelemetry import trace
 from opentelemetry.instrumentation import grpc as otel_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 __all__ = [
     "aio_client_interceptors",
@@ -33,13 +36,24 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def configure_tracing(service_name: str) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    exporter: SpanExporter | None = None
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        exporter = OTLPSpanExporter()
     elif os.environ.get("AGENTCG_TRACE_CONSOLE") == "1":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        exporter = ConsoleSpanExporter()
+    # Recording a span nobody exports costs every RPC its attributes, timestamps and processor
+    # calls (a tenth of a no-op RPC's CPU here); without an exporter sample nothing, unless a
+    # caller's sampled parent says otherwise (ParentBased) or OTEL_TRACES_SAMPLER is set.
+    sampler = None
+    if exporter is None and not os.environ.get("OTEL_TRACES_SAMPLER"):
+        sampler = ParentBased(ALWAYS_OFF)
+    provider = TracerProvider(
+        sampler=sampler, resource=Resource.create({"service.name": service_name})
+    )
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 

@@ -186,3 +186,60 @@ def test_declared_sessions_wait_instead_of_deadlocking(tmp_path: Path, database_
     with LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as c:
         with SimNode(c.broker_address, memory_bytes=100 * MiB):
             asyncio.run(go(c.broker_address))
+
+
+def test_a_retried_queued_reserve_joins_the_same_waiter(env: tuple[str, SimNode]) -> None:
+    """Same idempotency key while the first ask is still queued: the retry waits with it and
+    both get the same lease; one that gives up early leaves the others queued."""
+    address, _ = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 64 * MiB)
+            hold = await c.reserve("t", 64 * MiB)
+
+            def ask(timeout_ms: int = 30_000) -> asyncio.Future[object]:
+                return asyncio.ensure_future(
+                    c.reserve("t", 32 * MiB, idempotency_key="k1", queue_timeout_ms=timeout_ms)
+                )
+
+            first = ask()
+            await settle(c)
+            retry = ask()
+            await settle(c)
+            with pytest.raises(QuotaExceededError):  # its own deadline; the others stay queued
+                await ask(100)
+            assert not first.done() and not retry.done()
+            await c.release(hold.lease_id)
+            a, b = await first, await retry
+            assert a.lease_id == b.lease_id  # type: ignore[attr-defined]
+            t = await c.get_tenant("t")
+            assert t.active_leases == 1 and t.granted_memory_bytes == 32 * MiB
+            # Once granted, a later retry gets the same lease at once.
+            again = await c.reserve("t", 32 * MiB, idempotency_key="k1")
+            assert again.lease_id == a.lease_id  # type: ignore[attr-defined]
+
+    asyncio.run(go())
+
+
+def test_a_queued_retry_outlives_the_caller_that_gave_up(env: tuple[str, SimNode]) -> None:
+    address, _ = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 64 * MiB)
+            hold = await c.reserve("t", 64 * MiB)
+            key = {"idempotency_key": "k2", "queue_timeout_ms": 30_000}
+            first = asyncio.ensure_future(c.reserve("t", 32 * MiB, **key))  # type: ignore[arg-type]
+            await settle(c)
+            retry = asyncio.ensure_future(c.reserve("t", 32 * MiB, **key))  # type: ignore[arg-type]
+            await settle(c)
+            first.cancel()  # the original caller goes away (cancelled RPC)
+            await settle(c)
+            await c.release(hold.lease_id)
+            lease = await retry
+            assert lease.state == "active" and lease.memory_bytes == 32 * MiB
+            t = await c.get_tenant("t")
+            assert t.active_leases == 1 and t.granted_memory_bytes == 32 * MiB
+
+    asyncio.run(go())

@@ -103,3 +103,22 @@ def test_reserve_batch_bad_item_changes_nothing(broker: tuple[str, str]) -> None
         assert store.list_leases(include_inactive=True) == []
     finally:
         store.close()
+
+
+def test_an_ended_lease_keeps_every_other_field() -> None:
+    """BrokerCore.ended spells the lease's fields out: none may be dropped or reset."""
+    import dataclasses
+
+    from agentcg.broker.model import Lease, LeaseState, Outcome
+    from agentcg.broker.service import BrokerCore
+
+    values: dict[str, object] = {}
+    for i, f in enumerate(dataclasses.fields(Lease)):
+        values[f.name] = i + 7 if f.type in ("int", "int | None") else f"v{i}"
+    values |= {"state": LeaseState.ACTIVE, "outcome": Outcome.GROWN}
+    lease = Lease(**values)  # type: ignore[arg-type]
+    ended = BrokerCore.ended(lease, LeaseState.RELEASED, 99, peak_bytes=3, outcome=Outcome.UNKNOWN)
+    expected = dataclasses.replace(
+        lease, state=LeaseState.RELEASED, ended_at_ms=99, peak_memory_bytes=lease.peak_memory_bytes
+    )
+    assert ended == expected

@@ -239,6 +239,39 @@ def test_a_large_batch_in_one_transaction(store: Store) -> None:
     assert store.audit(limit=10_000) == audit
 
 
+def test_sqlite_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
+    """The writer never checkpoints inside a commit; the checkpointer thread copies the WAL
+    back into the database file, so the WAL does not keep growing."""
+    import sqlite3
+    import time
+
+    url = Store.default_url(tmp_path)
+    store = Store(url)
+    store.migrate()
+    try:
+        store.apply([PutLease(lease("l-0"))])
+        raw = store._writer_connection().connection.dbapi_connection
+        assert raw is not None
+        assert raw.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        for i in range(1, 1500):  # ~10 WAL pages each: well past the default 1,000-page mark
+            store.apply([PutLease(lease(f"l-{i}")), Audit(AuditEntry(i, "reserve"))])
+        checkpointer = store._checkpoints
+        assert checkpointer is not None
+        seen = checkpointer.checkpoints
+        for _ in range(500):  # liveness, not timing: wait for a round after the writes
+            if checkpointer.checkpoints >= seen + 2:
+                break
+            time.sleep(0.02)
+        assert checkpointer.checkpoints >= seen + 2
+        db = sqlite3.connect(tmp_path / "broker.db")
+        busy, wal_frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        db.close()
+        assert busy == 0 and wal_frames == copied  # nothing was left for this checkpoint
+        assert len(store.load().active_leases) == 1500
+    finally:
+        store.close()
+
+
 # --- reads -------------------------------------------------------------------------------------
 
 
