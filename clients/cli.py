@@ -107,8 +107,11 @@ def node(
     ] = False,
     usage_source: Annotated[
         str,
-        typer.Option(help="in-kernel usage estimate: lru (exact), pgpgin, none (cheapest)"),
-    ] = "lru",
+        typer.Option(
+            help="in-kernel usage: counter (memcg counter, raw tracepoint; falls back to lru),"
+            " lru, pgpgin, none (cheapest)"
+        ),
+    ] = "counter",
     keep_calls: Annotated[
         bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
     ] = False,
@@ -122,8 +125,8 @@ def node(
 
     if on_timeout not in ("kill", "grow-local"):
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
-    if usage_source not in ("lru", "pgpgin", "none"):
-        raise typer.BadParameter("--usage-source must be lru, pgpgin or none")
+    if usage_source not in ("counter", "lru", "pgpgin", "none"):
+        raise typer.BadParameter("--usage-source must be counter, lru, pgpgin or none")
     node_main(
         NodeConfig(
             broker=broker,
@@ -304,7 +307,9 @@ def bench_reaction_cmd(
     kernel_spike_mb: Annotated[int, typer.Option(help="kernel-path spike size, MiB")] = 512,
     poll_interval_ms: Annotated[int, typer.Option(help="the user-space poller's period")] = 100,
     lifecycle: Annotated[int, typer.Option(help="cgroup lifecycles to time")] = 300,
-    usage_source: Annotated[str, typer.Option(help="in-kernel usage source: lru|pgpgin")] = "lru",
+    usage_source: Annotated[
+        str, typer.Option(help="in-kernel usage source: counter|lru|pgpgin")
+    ] = "counter",
     overhead_rounds: Annotated[int, typer.Option(help="alloc-loop rounds (0: skip)")] = 5,
     overhead_seconds: Annotated[float, typer.Option(help="seconds per alloc-loop run")] = 1.5,
     cluster: Annotated[bool, typer.Option(help="also run the broker decision path")] = True,
