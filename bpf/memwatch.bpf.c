@@ -264,7 +264,11 @@ static __always_inline u64 memcg_cgroup_id(const void *memcg)
 	return id;
 }
 
-RAW_TRACEPOINT_PROBE(count_memcg_events)
+/* Not a RAW_TRACEPOINT_PROBE: bcc would attach it at load. The loader attaches it (to
+ * count_memcg_events) only while some watch is armed: a per-page program costs every charge on
+ * the host (~2 calls per 4 KiB page: PGFAULT and PGPGIN), so it runs only while a watched call is
+ * within reach of a threshold. Its usage is absolute, so arming late loses nothing. */
+int memwatch_counter(struct bpf_raw_tracepoint_args *ctx)
 {
 	int item = (int)ctx->args[1];
 	if (item != MW_ITEM_PGPGIN && item != MW_ITEM_PGPGOUT)

@@ -114,6 +114,7 @@ class _Trial:
     stopped_ns: int = 0  # ebpf: the in-kernel SIGSTOP in effect (signal dequeued; kernel clock)
     acted_ns: int = 0  # the whole call frozen by user space (freezer.state FROZEN)
     usage_at_action_bytes: int = 0
+    usage_at_arm_bytes: int = -1  # ebpf: usage when the per-page program was armed
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -127,6 +128,22 @@ def _freeze(driver: Any, trial: _Trial) -> None:
     trial.acted_ns = time.monotonic_ns()
     trial.usage_at_action_bytes = driver.read_stats(trial.cgroup).usage_bytes
     trial.done.set()
+
+
+def _arm_when_signalled(
+    driver: Any, monitor: Any, trial: _Trial, arm_fd: int, stop: threading.Event
+) -> None:
+    """As the node agent does: arm the call's per-page accounting when the kernel's usage
+    threshold (arm_threshold, below the budget) signals; record the usage at that moment."""
+    import select
+
+    while not stop.is_set():
+        ready, _, _ = select.select([arm_fd], [], [], 0.05)
+        if ready:
+            os.eventfd_read(arm_fd)
+            trial.usage_at_arm_bytes = driver.read_stats(trial.cgroup).usage_bytes
+            monitor.arm(trial.cgroup_id)
+            return
 
 
 def _poll_until_over(driver: Any, trial: _Trial, interval_s: float, stop: threading.Event) -> None:
@@ -152,6 +169,7 @@ def _kernel_reaction(
     usage_source: str,
 ) -> dict[str, Any]:
     from agentcg.node.cgroup import CgroupV1Driver
+    from agentcg.node.enforcement import NodePolicy, arm_threshold
     from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
     from agentcg.node.spawn import spawn_gated
 
@@ -178,6 +196,9 @@ def _kernel_reaction(
             _freeze(driver, trial)
 
     out: dict[str, Any] = {}
+    late_arms = 0
+    # The policy the node agent runs, with the budget as the soft threshold (the crossing).
+    policy = NodePolicy(soft_fraction=1.0)
     samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": []}
     overshoot: dict[str, list[int]] = {"ebpf": [], "poll": []}
     rates: list[float] = []
@@ -207,11 +228,24 @@ def _kernel_reaction(
                     limit_bytes=4 * spike_mb * MiB,
                     # ebpf: the kernel stops the allocator in the charge that crosses the budget
                     stop_bytes=budget if mode == "ebpf" else 0,
+                    # ebpf: armed by the kernel's usage threshold, as the agent arms a call;
+                    # poll: armed throughout (its BPF crossing is only the timing reference)
+                    armed=mode == "poll",
                 )
                 with lock:
                     current[:] = [trial]
                 stop = threading.Event()
                 poller = None
+                arm_fd = None
+                if mode == "ebpf":
+                    arm_fd = driver.watch_usage(cg, arm_threshold(budget, policy))
+                    assert arm_fd is not None  # v1
+                    poller = threading.Thread(
+                        target=_arm_when_signalled,
+                        args=(driver, monitor, trial, arm_fd, stop),
+                        daemon=True,
+                    )
+                    poller.start()
                 gated = spawn_gated(
                     [sys.executable, "-c", _SPIKE_CODE, str(spike_mb), "5"],
                     stdout=subprocess.DEVNULL,
@@ -229,6 +263,8 @@ def _kernel_reaction(
                     gated.release()
                     if trial.done.wait(20) and trial.crossed_ns:
                         if mode == "ebpf":
+                            if trial.usage_at_arm_bytes >= budget:
+                                late_arms += 1  # crossing seen late: its time is not it
                             samples["ebpf"].append(trial.stopped_ns - trial.crossed_ns)
                             samples["ebpf_freeze"].append(trial.acted_ns - trial.crossed_ns)
                         else:
@@ -238,6 +274,8 @@ def _kernel_reaction(
                     stop.set()
                     if poller is not None:
                         poller.join()
+                    if arm_fd is not None:
+                        os.close(arm_fd)
                     with lock:
                         current.clear()
                     gated.abort()
@@ -280,6 +318,7 @@ def _kernel_reaction(
     out["spike_rate_gbps"] = round(statistics.median(rates) / 1e9, 2) if rates else 0
     out["poll_interval_ms"] = poll_interval_ms
     out["usage_source"] = usage_source
+    out["ebpf_late_arms"] = late_arms  # armed only after the crossing (0 expected)
     for mode in ("ebpf", "ebpf_freeze", "poll"):
         out[f"{mode}_samples"] = len(samples[mode])
         if samples[mode]:
@@ -303,27 +342,41 @@ def _kernel_reaction(
 def _bpf_overhead(*, rounds: int, seconds: float, sources: list[str]) -> dict[str, Any]:
     """Throughput of an allocation loop in a watched cgroup, with each monitor vs none.
 
+    The loop is watched as the node agent watches a call with a 1 GiB budget (NodePolicy
+    defaults): thresholds in the maps, and for the COUNTER source the kernel's usage threshold
+    that arms the per-page program at arm_threshold (never reached by this loop, so its figure
+    is that of a call below it). `counter_armed` is the same with the per-page program
+    attached throughout: a call near its budget. The other sources are always attached.
+
     The variants run interleaved, in reversed order every other round, so a drift in the
     machine's speed (other tenants on shared cores) hits them alike; each variant's overhead is
     the median over rounds of its slowdown against the unmonitored run of the same round.
     """
     from agentcg.node.cgroup import CgroupV1Driver
+    from agentcg.node.enforcement import NodePolicy, arm_threshold, soft_threshold
     from agentcg.node.monitor import MemoryMonitor, UsageSource
     from agentcg.node.spawn import spawn_gated
 
+    budget = 1 << 30
+    policy = NodePolicy()
     driver = CgroupV1Driver(f"agentcg-bench-ovh-{os.getpid()}")
     driver.clear()
     variants = ["off", *sources]  # off: no monitor loaded
+    if "counter" in sources:
+        variants.insert(variants.index("counter") + 1, "counter_armed")
     rates: dict[str, list[float]] = {v: [] for v in variants}
     loaded: dict[str, str] = {}  # variant -> the source the monitor really loaded
+    armed_during_run = False
     try:
         for r in range(rounds):
             for variant in variants if r % 2 == 0 else variants[::-1]:
+                source = variant.removesuffix("_armed")
                 monitor = (
                     None
                     if variant == "off"
-                    else MemoryMonitor(lambda ev: None, usage_source=UsageSource[variant.upper()])
+                    else MemoryMonitor(lambda ev: None, usage_source=UsageSource[source.upper()])
                 )
+                arm_fd = None
                 try:
                     if monitor is not None:
                         loaded[variant] = monitor.usage_source.name.lower()
@@ -335,26 +388,44 @@ def _bpf_overhead(*, rounds: int, seconds: float, sources: list[str]) -> dict[st
                     driver.attach(cg, gated.pid)
                     if monitor is not None:
                         cid = driver.cgroup_id(cg)
-                        # Watched as a call is: a soft threshold never reached.
-                        monitor.watch(cid, soft_bytes=1 << 40, limit_bytes=1 << 40)
+                        armed = variant.endswith("_armed")
+                        monitor.watch(
+                            cid,
+                            soft_bytes=soft_threshold(budget, policy),
+                            limit_bytes=budget,
+                            armed=armed,
+                        )
+                        if not armed:
+                            arm_fd = driver.watch_usage(cg, arm_threshold(budget, policy))
+                            if arm_fd is None:  # no kernel usage threshold: always armed
+                                monitor.arm(cid)
                         monitor.add_pid(gated.pid, cid)
                     gated.release()
                     stdout, _ = gated.process.communicate(timeout=seconds + 30)
                     rates[variant].append(float(stdout.decode().strip()))
+                    if arm_fd is not None:
+                        try:
+                            os.eventfd_read(arm_fd)
+                            armed_during_run = True  # would have armed: not a below-arm run
+                        except BlockingIOError:
+                            pass
                     driver.remove(cg)
                 finally:
+                    if arm_fd is not None:
+                        os.close(arm_fd)
                     if monitor is not None:
                         monitor.close()
     finally:
         driver.clear()
     base = statistics.median(rates["off"])
     out: dict[str, Any] = {"alloc_loop_gbps": round(base / 1e9, 2), "overhead_rounds": rounds}
-    for source in sources:
-        slowdowns = [1 - v / n for v, n in zip(rates[source], rates["off"], strict=True)]
-        out[f"bpf_overhead_{source}_pct"] = round(statistics.median(slowdowns) * 100, 1)
-        if loaded.get(source, source) != source:
-            out[f"bpf_overhead_{source}_loaded"] = loaded[source]
+    for variant in variants[1:]:
+        slowdowns = [1 - v / n for v, n in zip(rates[variant], rates["off"], strict=True)]
+        out[f"bpf_overhead_{variant}_pct"] = round(statistics.median(slowdowns) * 100, 1)
+        if loaded.get(variant, variant).removesuffix("_armed") != variant.removesuffix("_armed"):
+            out[f"bpf_overhead_{variant}_loaded"] = loaded[variant]
     out["bpf_overhead_pct"] = out[f"bpf_overhead_{sources[0]}_pct"]
+    out["bpf_overhead_armed_during_run"] = armed_during_run
     out["loadavg_overhead"] = _loadavg()
     return out
 

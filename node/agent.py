@@ -44,6 +44,7 @@ from .enforcement import (
     Throttle,
     Unthrottle,
     Update,
+    arm_threshold,
     on_deadline,
     on_decision_grow,
     on_denied,
@@ -104,6 +105,8 @@ class Call:
     frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
     throttle_timer: asyncio.TimerHandle | None = None
     adopted: bool = False  # not our child (re-adopted after a restart, or attached)
+    arm_fd: int = -1  # eventfd of the kernel usage threshold that arms per-page accounting
+    arm_bytes: int = 0
     started_s: float = field(default_factory=time.monotonic)
 
     def view(self) -> CallView:
@@ -291,19 +294,16 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             sp.set_attribute("agentcg.reason", reason)
             if reaction_ns:
                 sp.set_attribute("agentcg.reaction_ms", reaction_ns / 1e6)
-        call.events.put_nowait(
-            node_pb2.ExecEvent(
-                enforcement=node_pb2.Enforcement(
-                    action_id=action_id,
-                    action=action,
-                    budget_bytes=call.budget_bytes,
-                    usage_bytes=usage_bytes,
-                    reason=reason,
-                    reaction_ns=reaction_ns,
-                    decision_ns=decision_ns,
-                )
-            )
+        enforcement = node_pb2.Enforcement(
+            action_id=action_id,
+            action=action,
+            budget_bytes=call.budget_bytes,
+            usage_bytes=usage_bytes,
+            reason=reason,
+            reaction_ns=reaction_ns,
+            decision_ns=decision_ns,
         )
+        call.events.put_nowait(node_pb2.ExecEvent(enforcement=enforcement))
 
     def _report_local(
         self,
@@ -486,11 +486,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if not self.policy.dry_run:
             # Re-arm the in-kernel thresholds first, then raise the limit: a call that hits the
             # new budget at once must produce a fresh event.
-            self.monitor.watch(
-                call.cgroup_id,
-                soft_bytes=soft_threshold(new_budget, self.policy),
-                limit_bytes=new_budget,
-            )
+            self._watch(call, new_budget)
             self.driver.set_memory_limit(call.cgroup, new_budget)
             self.driver.set_memory_throttle(call.cgroup, None)
             if call.frozen:
@@ -500,6 +496,59 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.grown += 1
         call.phase = CallPhase.RUNNING
         self._finish_action(call, broker_pb2.ACTION_KIND_GROW, reason)
+
+    # -- watching: thresholds in the monitor, per-page accounting armed by the kernel ----------
+
+    def _watch(self, call: Call, budget: int) -> None:
+        """Watch (or re-arm at a new budget) a call. Its per-page in-kernel accounting is armed
+        by the kernel's own usage threshold at arm_threshold(budget) where the cgroup version
+        has one (v1), else always."""
+        self.monitor.watch(
+            call.cgroup_id,
+            soft_bytes=soft_threshold(budget, self.policy),
+            limit_bytes=budget,
+            armed=False,
+        )
+        self._close_arm(call)
+        loop = self.loop
+        fd = self.driver.watch_usage(call.cgroup, arm_threshold(budget, self.policy))
+        if fd is None or loop is None:
+            if fd is not None:
+                os.close(fd)
+            self.monitor.arm(call.cgroup_id)
+            return
+        call.arm_fd, call.arm_bytes = fd, arm_threshold(budget, self.policy)
+        loop.add_reader(fd, self._on_usage_threshold, call)
+        self._on_usage_threshold(call)  # it may be above already
+
+    def _on_usage_threshold(self, call: Call) -> None:
+        """The kernel saw the call's usage cross its arm threshold (either way)."""
+        if call.arm_fd < 0:
+            return
+        try:
+            os.eventfd_read(call.arm_fd)
+        except BlockingIOError:
+            pass
+        try:
+            usage = self.driver.read_stats(call.cgroup).usage_bytes
+        except CgroupError:
+            return  # being removed
+        if usage >= call.arm_bytes:
+            self.monitor.arm(call.cgroup_id)
+        else:
+            self.monitor.disarm(call.cgroup_id)
+
+    def _close_arm(self, call: Call) -> None:
+        if call.arm_fd < 0:
+            return
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(call.arm_fd)
+        os.close(call.arm_fd)
+        call.arm_fd = -1
+
+    def _unwatch(self, call: Call) -> None:
+        self._close_arm(call)
+        self.monitor.unwatch(call.cgroup_id)
 
     def _kill(self, call: Call, reason: str) -> None:
         call.kill_reason = reason
@@ -725,16 +774,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             assert gate is not None
             try:
                 self.driver.attach(cg, proc.pid)
-                self.monitor.watch(
-                    call.cgroup_id,
-                    soft_bytes=soft_threshold(budget, self.policy),
-                    limit_bytes=budget,
-                )
+                self._watch(call, budget)
                 self.monitor.add_pid(proc.pid, call.cgroup_id)
             except BaseException:
                 gate.close()  # never released: sh exits without running the call
                 await proc.wait()
-                self.monitor.unwatch(call.cgroup_id)
+                self._unwatch(call)
                 raise
             self.calls[lease_id] = call
             self._by_cgroup[call.cgroup_id] = call
@@ -827,14 +872,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     events=asyncio.Queue(),
                     adopted=True,
                 )
-                self.monitor.watch(
-                    call.cgroup_id,
-                    soft_bytes=soft_threshold(budget, self.policy),
-                    limit_bytes=budget,
-                )
+                self._watch(call, budget)
                 self._attach_pid(call, pid)
             except BaseException:
-                if cg is not None:
+                if call is not None:
+                    self._unwatch(call)
+                elif cg is not None:
                     self.monitor.unwatch(self.driver.cgroup_id(cg))
                 self._release_dirs(tenant, session, cg)
                 raise
@@ -920,7 +963,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.phase = CallPhase.EXITED
         self.calls.pop(call.lease.lease_id, None)
         self._by_cgroup.pop(call.cgroup_id, None)
-        self.monitor.unwatch(call.cgroup_id)
+        self._unwatch(call)
         self._release_dirs(call.lease.tenant, call.lease.session, call.cgroup)
         exited = node_pb2.Exited(
             exit_code=exit_code,
@@ -1059,9 +1102,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if budget > lease.budget.memory_bytes:
             call.grown = 1
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
-        self.monitor.watch(
-            call.cgroup_id, soft_bytes=soft_threshold(budget, self.policy), limit_bytes=budget
-        )
+        self._watch(call, budget)
         for pid in stats.pids:
             self.monitor.add_pid(pid, call.cgroup_id)
         self.calls[call_id] = call

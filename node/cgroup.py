@@ -114,6 +114,13 @@ class CgroupDriver(Protocol):
         """Tasks reaching the limit wait (instead of being OOM-killed) until it is raised."""
         ...
 
+    def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
+        """An eventfd the kernel signals when the cgroup's memory usage crosses threshold_bytes
+        (either way), checked by the kernel itself on its charge path at no extra cost (v1
+        memory thresholds); the caller owns and closes it (closing unregisters it). None when
+        the cgroup version has no such notification (v2)."""
+        ...
+
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
     ) -> None:
@@ -393,6 +400,25 @@ class CgroupV1Driver:
 
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         self._write(cg, MEMORY, "memory.oom_control", "1" if enabled else "0")
+
+    def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
+        if threshold_bytes <= 0:
+            raise ValueError(f"cgroup {cg.path}: usage threshold must be > 0")
+        memdir = self._dir(cg, MEMORY)
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            try:
+                ufd = os.open(memdir / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CgroupError(f"{memdir}: memory.usage_in_bytes: {e.strerror}") from e
+            try:
+                _write_text(memdir / "cgroup.event_control", f"{efd} {ufd} {threshold_bytes}")
+            finally:
+                os.close(ufd)
+        except BaseException:
+            os.close(efd)
+            raise
+        return efd
 
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
@@ -688,6 +714,9 @@ class CgroupV2Driver:
             self._pausing.discard(cg.rel)
             _write_text(cg.path / "memory.high", "max")
             self.set_memory_limit(cg, budget)
+
+    def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
+        return None  # v2 has no usage thresholds (memory.events only reports high/max/oom)
 
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None

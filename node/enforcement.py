@@ -53,6 +53,10 @@ class NodePolicy:
     growth_factor: float = 2.0  # ask for budget x this ...
     min_growth_bytes: int = 32 << 20  # ... but at least this much more
     soft_fraction: float = 0.8  # soft threshold = budget x this
+    # The in-kernel per-page accounting of a call runs only while its usage is above
+    # soft threshold x this (the kernel's own usage threshold arms it): calls well below their
+    # budget cost the host's allocations nothing.
+    arm_fraction: float = 0.5
     broker_timeout_s: float = 5.0
     on_timeout: str = "kill"  # "kill" | "grow-local"
     dry_run: bool = False
@@ -115,6 +119,11 @@ class Pause:
 
 def soft_threshold(budget_bytes: int, policy: NodePolicy) -> int:
     return int(budget_bytes * policy.soft_fraction)
+
+
+def arm_threshold(budget_bytes: int, policy: NodePolicy) -> int:
+    """Usage from which a call's per-page in-kernel accounting runs (at least one page)."""
+    return max(4096, int(soft_threshold(budget_bytes, policy) * policy.arm_fraction))
 
 
 def _growth(budget_bytes: int, policy: NodePolicy) -> int:

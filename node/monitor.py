@@ -90,6 +90,10 @@ class UsageSource(enum.IntEnum):
     COUNTER = 4
 
 
+# The COUNTER program (attached by the loader while a watch is armed) and its raw tracepoint.
+_COUNTER_FN = b"memwatch_counter"
+_COUNTER_TP = b"count_memcg_events"
+
 # Preference order when the requested source is not available on this kernel.
 _FALLBACK = {
     UsageSource.COUNTER: UsageSource.LRU,
@@ -304,6 +308,7 @@ class MemoryMonitor:
         except ImportError as e:
             raise MonitorError(f"bcc python module not importable: {e}") from e
         source, offsets = resolve_usage_source(usage_source)
+        self._bpf: Any = None
         while True:
             self._cflags = program_cflags(
                 max_watches=max_watches,
@@ -316,9 +321,18 @@ class MemoryMonitor:
                 print(describe_program(self._cflags))  # the hidden --ebpf flag (as runqlat)
             try:
                 # bcc wants the path as bytes (str: DeprecationWarning), the cflags as str.
-                self._bpf: Any = BPF(src_file=os.fsencode(BPF_SOURCE), cflags=self._cflags)
+                self._bpf = BPF(src_file=os.fsencode(BPF_SOURCE), cflags=self._cflags)
+                if source is UsageSource.COUNTER:
+                    # Verified and attached once now, so a kernel that refuses it falls back
+                    # here rather than at the first arming.
+                    self._bpf.load_func(_COUNTER_FN, BPF.RAW_TRACEPOINT)
+                    self._bpf.attach_raw_tracepoint(tp=_COUNTER_TP, fn_name=_COUNTER_FN)
+                    self._bpf.detach_raw_tracepoint(tp=_COUNTER_TP)
                 break
             except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
+                if self._bpf is not None:
+                    self._bpf.cleanup()
+                    self._bpf = None
                 fallback = _FALLBACK.get(source)
                 if fallback is None:
                     raise MonitorError(f"loading {BPF_SOURCE.name} failed: {e}") from e
@@ -345,6 +359,8 @@ class MemoryMonitor:
             self._bpf.cleanup()
             raise MonitorError(f"opening the maps of {BPF_SOURCE.name} failed: {e}") from e
         self._lock = threading.Lock()
+        self._armed: set[int] = set()
+        self._counter_attached = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -379,13 +395,24 @@ class MemoryMonitor:
     # -- maps --
 
     def watch(
-        self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int, stop_bytes: int = 0
+        self,
+        cgroup_id: int,
+        *,
+        soft_bytes: int,
+        limit_bytes: int,
+        stop_bytes: int = 0,
+        armed: bool = True,
     ) -> None:
         """Watch a cgroup, or update its thresholds and re-arm its crossings (usage is kept).
 
         soft_bytes=0 disables the soft threshold. stop_bytes>0: the kernel SIGSTOPs the watched
         process whose charge takes the estimate there (EventKind.STOP, then STOPPED once in
         effect); needs a usage source with an estimate (not NONE).
+
+        armed: with the COUNTER source, the per-page program runs only while at least one
+        watch is armed (see `arm`); armed=False leaves arming to the caller, typically on a
+        kernel usage threshold below soft/stop (cgroup driver `watch_usage`). The limit, OOM,
+        exec and exit events do not depend on arming. Other sources are always armed.
         """
         if soft_bytes < 0 or limit_bytes < 0 or stop_bytes < 0:
             raise ValueError(f"cgroup {cgroup_id}: thresholds must be >= 0")
@@ -408,6 +435,44 @@ class MemoryMonitor:
                     )
             except Exception as e:  # bcc: "Could not update table: <strerror>"
                 raise MonitorError(f"cgroup {cgroup_id}: watch failed: {e}") from e
+        if armed:
+            self.arm(cgroup_id)
+
+    def arm(self, cgroup_id: int) -> None:
+        """Let the per-page program look at this cgroup (attached while any watch is armed)."""
+        with self._lock:
+            self._armed.add(cgroup_id)
+            self._sync_counter()
+
+    def disarm(self, cgroup_id: int) -> None:
+        with self._lock:
+            self._armed.discard(cgroup_id)
+            self._sync_counter()
+
+    @property
+    def per_page_attached(self) -> bool:
+        """Whether a per-page program is attached now (always, for LRU and PGPGIN)."""
+        if self.usage_source is UsageSource.COUNTER:
+            return self._counter_attached
+        return self.usage_source is not UsageSource.NONE
+
+    def _sync_counter(self) -> None:
+        # Under self._lock. Attach/detach is a bpf(2) call on an already verified program.
+        if self.usage_source is not UsageSource.COUNTER or self._closed:
+            return
+        want = bool(self._armed)
+        if want == self._counter_attached:
+            return
+        try:
+            if want:
+                self._bpf.attach_raw_tracepoint(tp=_COUNTER_TP, fn_name=_COUNTER_FN)
+            else:
+                self._bpf.detach_raw_tracepoint(tp=_COUNTER_TP)
+        except Exception as e:
+            what = "attaching" if want else "detaching"
+            raise MonitorError(f"{what} memwatch_counter: {e}") from e
+        self._counter_attached = want
+        log.debug("memwatch: per-page program %s", "attached" if want else "detached")
 
     def add_pid(self, pid: int, cgroup_id: int) -> None:
         """Attribute process `pid` (and, in-kernel, every process it forks) to a cgroup."""
@@ -428,6 +493,8 @@ class MemoryMonitor:
         """Forget a cgroup: its thresholds, counters and every pid attributed to it."""
         key = self._watches.Key(cgroup_id)
         with self._lock:
+            self._armed.discard(cgroup_id)
+            self._sync_counter()
             # Thresholds first: from then on no handler looks at this cgroup.
             try:
                 del self._watches[key]

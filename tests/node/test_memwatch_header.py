@@ -74,7 +74,7 @@ def test_program_cflags_are_defines_not_text_edits() -> None:
         program_cflags(ringbuf_pages=3)
     text = describe_program(cflags)
     assert "-DMAX_WATCHES=16" in text and "TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)" in text
-    assert "RAW_TRACEPOINT_PROBE(count_memcg_events)" in text
+    assert "int memwatch_counter(struct bpf_raw_tracepoint_args *ctx)" in text
 
 
 def test_usage_source_falls_back_when_the_kernel_lacks_its_tracepoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
