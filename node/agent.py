@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -87,6 +87,9 @@ class _Pending:
     decision_ns: int = 0  # kernel event -> the broker's decision received here
 
 
+RECENT_ACTIONS = 8  # enforcement actions kept per call for ListCalls
+
+
 @dataclass
 class Call:
     call_id: str
@@ -105,6 +108,9 @@ class Call:
     frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
     throttle_timer: asyncio.TimerHandle | None = None
     adopted: bool = False  # not our child (re-adopted after a restart, or attached)
+    recent_actions: deque[node_pb2.Enforcement] = field(
+        default_factory=lambda: deque(maxlen=RECENT_ACTIONS)
+    )
     arm_fd: int = -1  # eventfd of the kernel usage threshold that arms per-page accounting
     arm_bytes: int = 0
     started_s: float = field(default_factory=time.monotonic)
@@ -303,6 +309,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             reaction_ns=reaction_ns,
             decision_ns=decision_ns,
         )
+        call.recent_actions.append(enforcement)
         call.events.put_nowait(node_pb2.ExecEvent(enforcement=enforcement))
 
     def _report_local(
@@ -822,6 +829,48 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         except InvalidNameError as e:
             raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
         return lease, tenant, session
+
+    # -- ListCalls (read-only) ------------------------------------------------------------------
+
+    async def ListCalls(
+        self,
+        request: node_pb2.ListCallsRequest,
+        context: grpc.aio.ServicerContext[node_pb2.ListCallsRequest, node_pb2.ListCallsResponse],
+    ) -> node_pb2.ListCallsResponse:
+        return self.list_calls(request.tenant)
+
+    def list_calls(self, tenant: str = "") -> node_pb2.ListCallsResponse:
+        """The calls running now: lease, budget, the cgroup's usage and peak, state, actions."""
+        now = time.monotonic()
+        reply = node_pb2.ListCallsResponse(node_id=self.node_id, capacity_bytes=self.capacity_bytes)
+        for call in list(self.calls.values()):
+            if tenant and call.lease.tenant != tenant:
+                continue
+            try:
+                stats = self.driver.read_stats(call.cgroup)
+            except CgroupError:
+                continue  # finished meanwhile
+            peak = max(call.peak_bytes, stats.peak_bytes, stats.usage_bytes)
+            state = call.phase.value
+            if call.frozen or stats.under_oom:
+                state = CallPhase.PAUSED.value
+            reply.calls.append(
+                node_pb2.CallStatus(
+                    lease_id=call.lease.lease_id,
+                    tenant=call.lease.tenant,
+                    session=call.lease.session,
+                    command_class=call.lease.command_class,
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=stats.usage_bytes,
+                    peak_bytes=peak,
+                    state=state,
+                    grown=call.grown,
+                    running_ms=int((now - call.started_s) * 1000),
+                    recent_actions=list(call.recent_actions),
+                    adopted=call.adopted,
+                )
+            )
+        return reply
 
     # -- Attach ---------------------------------------------------------------------------------
 
