@@ -7,6 +7,10 @@ taken in BPF (the charge whose in-kernel estimate reaches the budget):
   the signal (signal:signal_deliver, timestamped in BPF). ebpf_freeze: the node then freezes the
   whole call from user space (freezer state FROZEN).
 - poll: a user-space poller reads the cgroup's usage every 100 ms and freezes the call once over.
+- pause: the node agent's default at a call's budget (the ebpf stop above is its opt-in
+  NodePolicy.stop_fraction): the limit is the budget with v1 oom_kill_disable, so the kernel
+  pauses the charging task; from its first reclaim at the limit (vmscan tracepoint, in BPF) to
+  the kernel's memory.oom_control notification of the pause (user space: an upper bound).
 - overshoot: usage above the budget once the action took effect.
 - cgroup lifecycle: create + limit + attach + remove; bpf overhead: an allocation loop's
   throughput with each monitor variant loaded and watching vs none.
@@ -38,6 +42,12 @@ __all__ = ["bench_reaction", "percentile"]
 
 MiB = 1 << 20
 SOURCES = ("counter", "lru", "pgpgin", "none")  # UsageSource names, the default first
+# Reaction trials, interleaved: the in-kernel SIGSTOP at the budget then the freeze of the call
+# (ebpf: the node agent's path with NodePolicy.stop_fraction set, `agentcg node
+# --stop-fraction`), a 100 ms user-space poller (poll), and the node agent's default path
+# (pause: the kernel pauses the charging task at the v1 limit after its reclaim attempts there;
+# the agent then asks the broker, timed end to end by the cluster part as decision_*).
+MODES = ("ebpf", "poll", "pause")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -106,7 +116,7 @@ print(f"{size / times[len(times) // 10] * 1e9:.0f}", flush=True)
 
 @dataclass
 class _Trial:
-    mode: str  # "ebpf" | "poll"
+    mode: str  # one of MODES
     cgroup: Any  # node.cgroup.Cgroup
     cgroup_id: int
     budget_bytes: int
@@ -143,6 +153,21 @@ def _arm_when_signalled(
             os.eventfd_read(arm_fd)
             trial.usage_at_arm_bytes = driver.read_stats(trial.cgroup).usage_bytes
             monitor.arm(trial.cgroup_id)
+            return
+
+
+def _paused_when_signalled(driver: Any, trial: _Trial, fd: int, stop: threading.Event) -> None:
+    """pause mode: the kernel's memory.oom_control notification that a task of the call waits
+    at its limit (an upper bound of when the pause took effect: it includes this wake-up)."""
+    import select
+
+    while not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            trial.acted_ns = time.monotonic_ns()
+            os.eventfd_read(fd)
+            trial.usage_at_action_bytes = driver.read_stats(trial.cgroup).usage_bytes
+            trial.done.set()
             return
 
 
@@ -189,6 +214,8 @@ def _kernel_reaction(
         if ev.kind in (EventKind.SOFT, EventKind.STOP):  # the same charge emits both
             if not trial.crossed_ns or ev.kernel_time_ns < trial.crossed_ns:
                 trial.crossed_ns = ev.kernel_time_ns
+        elif ev.kind is EventKind.LIMIT and trial.mode == "pause" and not trial.crossed_ns:
+            trial.crossed_ns = ev.kernel_time_ns  # the charge that met the limit: reclaim
         elif ev.kind is EventKind.STOPPED and trial.mode == "ebpf" and not trial.stopped_ns:
             # The allocator is stopped in-kernel: its usage is settled; the node now freezes
             # the whole call (user space), as it would before asking the broker.
@@ -199,8 +226,8 @@ def _kernel_reaction(
     late_arms = 0
     # The policy the node agent runs, with the budget as the soft threshold (the crossing).
     policy = NodePolicy(soft_fraction=1.0)
-    samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": []}
-    overshoot: dict[str, list[int]] = {"ebpf": [], "poll": []}
+    samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": [], "pause": []}
+    overshoot: dict[str, list[int]] = {"ebpf": [], "poll": [], "pause": []}
     rates: list[float] = []
     try:
         with MemoryMonitor(on_event, usage_source=UsageSource[usage_source.upper()]) as monitor:
@@ -217,15 +244,21 @@ def _kernel_reaction(
                 stdout, _ = gated.process.communicate(timeout=60)
                 rates.append(float(stdout.decode().strip() or 0))
                 driver.remove(cg)
-            for i in range(trials * 2):
-                mode = "ebpf" if i % 2 == 0 else "poll"
+            for i in range(trials * len(MODES)):
+                mode = MODES[i % len(MODES)]
                 cg = driver.create("reaction", f"{mode}{i}")
-                driver.set_memory_limit(cg, 4 * spike_mb * MiB)  # a backstop, never reached
+                if mode == "pause":
+                    # What the node agent does at a call's budget: the kernel pauses the task
+                    # in the charge that meets the limit (v1 oom_kill_disable).
+                    driver.set_memory_limit(cg, budget)
+                    driver.set_pause_at_limit(cg, True)
+                else:
+                    driver.set_memory_limit(cg, 4 * spike_mb * MiB)  # a backstop, never reached
                 trial = _Trial(mode, cg, driver.cgroup_id(cg), budget)
                 monitor.watch(
                     trial.cgroup_id,
-                    soft_bytes=budget,
-                    limit_bytes=4 * spike_mb * MiB,
+                    soft_bytes=0 if mode == "pause" else budget,
+                    limit_bytes=budget if mode == "pause" else 4 * spike_mb * MiB,
                     # ebpf: the kernel stops the allocator in the charge that crosses the budget
                     stop_bytes=budget if mode == "ebpf" else 0,
                     # ebpf: armed by the kernel's usage threshold, as the agent arms a call;
@@ -243,6 +276,15 @@ def _kernel_reaction(
                     poller = threading.Thread(
                         target=_arm_when_signalled,
                         args=(driver, monitor, trial, arm_fd, stop),
+                        daemon=True,
+                    )
+                    poller.start()
+                elif mode == "pause":
+                    arm_fd = driver.watch_pause(cg)
+                    assert arm_fd is not None  # v1
+                    poller = threading.Thread(
+                        target=_paused_when_signalled,
+                        args=(driver, trial, arm_fd, stop),
                         daemon=True,
                     )
                     poller.start()
@@ -268,7 +310,7 @@ def _kernel_reaction(
                             samples["ebpf"].append(trial.stopped_ns - trial.crossed_ns)
                             samples["ebpf_freeze"].append(trial.acted_ns - trial.crossed_ns)
                         else:
-                            samples["poll"].append(trial.acted_ns - trial.crossed_ns)
+                            samples[mode].append(trial.acted_ns - trial.crossed_ns)
                         overshoot[mode].append(max(0, trial.usage_at_action_bytes - budget))
                 finally:
                     stop.set()
@@ -319,7 +361,7 @@ def _kernel_reaction(
     out["poll_interval_ms"] = poll_interval_ms
     out["usage_source"] = usage_source
     out["ebpf_late_arms"] = late_arms  # armed only after the crossing (0 expected)
-    for mode in ("ebpf", "ebpf_freeze", "poll"):
+    for mode in ("ebpf", "ebpf_freeze", "poll", "pause"):
         out[f"{mode}_samples"] = len(samples[mode])
         if samples[mode]:
             out[f"{mode}_p50_ms"] = _ms(samples[mode], 50)
@@ -330,6 +372,8 @@ def _kernel_reaction(
     if samples["ebpf"] and samples["poll"]:
         out["speedup_p99"] = round(out["poll_p99_ms"] / max(out["ebpf_p99_ms"], 1e-3), 1)
         out["overshoot_p99_bytes"] = out["ebpf_overshoot_p99_bytes"]
+    if samples["pause"] and samples["poll"]:
+        out["speedup_pause_p99"] = round(out["poll_p99_ms"] / max(out["pause_p99_ms"], 1e-3), 1)
     out["cgroup_lifecycle_p50_ms"] = _ms(lifecycle_ns, 50)
     out["cgroup_lifecycle_p99_ms"] = _ms(lifecycle_ns, 99)
     out["cgroup_create_limit_p50_ms"] = _ms(create_ns, 50)

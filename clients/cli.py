@@ -116,6 +116,13 @@ def node(
     keep_calls: Annotated[
         bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
     ] = False,
+    stop_fraction: Annotated[
+        float,
+        typer.Option(
+            help="pause a call in-kernel (SIGSTOP from BPF) at budget x this, before the "
+            "kernel's reclaim at the limit; 0: off (the kernel pauses it at the limit)"
+        ),
+    ] = 0.0,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
@@ -128,6 +135,8 @@ def node(
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
     if usage_source not in ("counter", "lru", "pgpgin", "none"):
         raise typer.BadParameter("--usage-source must be counter, lru, pgpgin or none")
+    if not 0 <= stop_fraction < 1:
+        raise typer.BadParameter("--stop-fraction must be in [0, 1)")
     node_main(
         NodeConfig(
             broker=broker,
@@ -139,6 +148,7 @@ def node(
                 broker_timeout_s=broker_timeout,
                 on_timeout=on_timeout,
                 dry_run=dry_run,
+                stop_fraction=stop_fraction,
             ),
             ready_file=ready_file,
             usage_source=usage_source,
@@ -386,7 +396,7 @@ def bench_reaction_cmd(
     spike: Annotated[int, typer.Option(help="broker-path spike size in MB (budget 64 MiB)")] = 200,
     concurrency: int = 2,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
-    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll)")] = 50,
+    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll, pause)")] = 50,
     budget_mb: Annotated[int, typer.Option(help="budget the spike crosses, MiB")] = 64,
     kernel_spike_mb: Annotated[int, typer.Option(help="kernel-path spike size, MiB")] = 512,
     poll_interval_ms: Annotated[int, typer.Option(help="the user-space poller's period")] = 100,

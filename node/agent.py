@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 import uuid
 from collections import Counter, deque
@@ -54,8 +55,9 @@ from .enforcement import (
     on_soft,
     on_throttle_deadline,
     soft_threshold,
+    stop_threshold,
 )
-from .monitor import EventKind, MemEvent, MemoryMonitor
+from .monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
 from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
 
@@ -106,6 +108,7 @@ class Call:
     killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
     frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
+    stopped: bool = False  # SIGSTOPped in-kernel at its stop threshold: SIGCONT when thawed
     throttle_timer: asyncio.TimerHandle | None = None
     adopted: bool = False  # not our child (re-adopted after a restart, or attached)
     recent_actions: deque[node_pb2.Enforcement] = field(
@@ -139,6 +142,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._by_cgroup: dict[int, Call] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._has_estimate = monitor.usage_source is not UsageSource.NONE
+        if self.policy.stop_fraction > 0 and not self._has_estimate:
+            log.warning("in-kernel stop off: usage source NONE has no in-kernel usage estimate")
         self._adopt_poll: asyncio.Task[None] | None = None
 
     # -- monitor events (from the poller thread) -----------------------------------------------
@@ -156,6 +162,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.peak_bytes = max(call.peak_bytes, ev.usage_bytes)
         if ev.kind is EventKind.LIMIT:
             self._on_limit(call, ev)
+        elif ev.kind is EventKind.STOP:
+            self._on_stop(call, ev)
         elif ev.kind is EventKind.SOFT:
             log.debug("call %s crossed soft threshold at %d bytes", call.call_id, ev.usage_bytes)
             self._send_pressure(call, broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD, ev, "", 0)
@@ -184,6 +192,39 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             "budget reached; asking the broker to grow it",
             freeze=False,  # the kernel holds it at its limit (pause at limit)
         )
+
+    def _on_stop(self, call: Call, ev: MemEvent) -> None:
+        """The kernel SIGSTOPped the charging process at the stop threshold: freeze the rest
+        of the call and ask the broker, as at the limit."""
+        call.stopped = True
+        decision = on_limit(call.view(), self.policy)
+        if not isinstance(decision, AskBroker):
+            log.debug("call %s: stop event: %s", call.call_id, decision.reason)
+            self._resume_stopped(call)
+            return
+        self._pause_and_ask(
+            call,
+            ev,
+            decision.requested_bytes,
+            ev.usage_bytes,
+            "stopped in-kernel at its stop threshold; asking the broker to grow it",
+            freeze=True,
+        )
+
+    def _resume_stopped(self, call: Call) -> None:
+        """SIGCONT what the kernel stopped (after a thaw: a frozen task ignores it)."""
+        if not call.stopped:
+            return
+        call.stopped = False
+        try:
+            pids = self.driver.read_stats(call.cgroup).pids
+        except CgroupError:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def _pause_and_ask(
         self,
@@ -436,6 +477,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 self.driver.set_memory_throttle(call.cgroup, None)
                 if call.frozen:
                     self.driver.set_frozen(call.cgroup, False)
+                self._resume_stopped(call)
             call.frozen = False
             call.phase = CallPhase.RUNNING
             self._finish_action(call, broker_pb2.ACTION_KIND_RESUME, decision.reason)
@@ -499,6 +541,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             if call.frozen:
                 self.driver.set_frozen(call.cgroup, False)
                 call.frozen = False
+            self._resume_stopped(call)
         call.budget_bytes = new_budget
         call.grown += 1
         call.phase = CallPhase.RUNNING
@@ -514,6 +557,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             call.cgroup_id,
             soft_bytes=soft_threshold(budget, self.policy),
             limit_bytes=budget,
+            stop_bytes=stop_threshold(budget, self.policy) if self._has_estimate else 0,
             armed=False,
         )
         self._close_arm(call)

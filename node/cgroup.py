@@ -121,6 +121,12 @@ class CgroupDriver(Protocol):
         the cgroup version has no such notification (v2)."""
         ...
 
+    def watch_pause(self, cg: Cgroup) -> int | None:
+        """An eventfd the kernel signals when a task of the cgroup is paused at its limit
+        (v1 memory.oom_control notification with set_pause_at_limit); the caller closes it.
+        None when the cgroup version has no such notification (v2)."""
+        ...
+
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
     ) -> None:
@@ -404,17 +410,24 @@ class CgroupV1Driver:
     def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
         if threshold_bytes <= 0:
             raise ValueError(f"cgroup {cg.path}: usage threshold must be > 0")
+        return self._event_fd(cg, "memory.usage_in_bytes", f" {threshold_bytes}")
+
+    def watch_pause(self, cg: Cgroup) -> int | None:
+        return self._event_fd(cg, "memory.oom_control", "")
+
+    def _event_fd(self, cg: Cgroup, filename: str, args: str) -> int:
+        """A v1 memcg notification (cgroup.event_control) on `filename`, as an eventfd."""
         memdir = self._dir(cg, MEMORY)
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             try:
-                ufd = os.open(memdir / "memory.usage_in_bytes", os.O_RDONLY | os.O_CLOEXEC)
+                cfd = os.open(memdir / filename, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
-                raise CgroupError(f"{memdir}: memory.usage_in_bytes: {e.strerror}") from e
+                raise CgroupError(f"{memdir}: {filename}: {e.strerror}") from e
             try:
-                _write_text(memdir / "cgroup.event_control", f"{efd} {ufd} {threshold_bytes}")
+                _write_text(memdir / "cgroup.event_control", f"{efd} {cfd}{args}")
             finally:
-                os.close(ufd)
+                os.close(cfd)
         except BaseException:
             os.close(efd)
             raise
@@ -717,6 +730,9 @@ class CgroupV2Driver:
 
     def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
         return None  # v2 has no usage thresholds (memory.events only reports high/max/oom)
+
+    def watch_pause(self, cg: Cgroup) -> int | None:
+        return None  # v2 pauses with the freezer at memory.high, not in the charge path
 
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
