@@ -2,10 +2,12 @@
 /*
  * memwatch: in-kernel per-cgroup memory accounting for agentcg tool calls (bcc C).
  *
- * Tracepoints only (no kprobes/fentry on our hosts), and no kernel struct is read: everything
- * comes from tracepoint fields and BPF helpers, so the program does not depend on the headers
- * matching the running kernel.
+ * Tracepoints only (no kprobes/fentry on our hosts). No kernel struct is read through the build
+ * headers (ours are 6.1's): the tracepoint sources use tracepoint fields; the raw-tracepoint
+ * source (MW_USAGE_COUNTER, the default) reads a few struct members at offsets taken from the
+ * running kernel's BTF and passed as -D cflags.
  *
+ *   raw memcg count_memcg_events      PGPGIN/PGPGOUT -> usage = memcg->memory.usage (exact)
  *   memcg:mod_memcg_lruvec_state      LRU page-count updates -> usage estimate in `watch_state`
  *     (or memcg:count_memcg_events, PGPGIN/PGPGOUT, with -DMW_USAGE_SOURCE=MW_USAGE_PGPGIN;
  *     or nothing with MW_USAGE_NONE: every tracepoint on the per-page charge path costs the
@@ -32,7 +34,8 @@
  * bumps watch.arm_gen, and the first handler that sees the new generation clears the fired bits.
  *
  * Build-time settings come from cflags (-D...), never from editing this text:
- *   MAX_WATCHES, MAX_PIDS, MW_PAGE_SHIFT, MW_RINGBUF_PAGES, MW_FILTER_SLOTS, MW_USAGE_SOURCE.
+ *   MAX_WATCHES, MAX_PIDS, MW_PAGE_SHIFT, MW_RINGBUF_PAGES, MW_FILTER_SLOTS, MW_USAGE_SOURCE,
+ *   and for MW_USAGE_COUNTER MW_OFF_CSS_CGROUP, MW_OFF_CGROUP_KN, MW_OFF_KN_ID, MW_OFF_MEMCG_USAGE.
  */
 #include <uapi/linux/bpf.h>
 
@@ -156,24 +159,22 @@ static __always_inline void stop_current(u64 id, struct watch_state *st, u64 usa
 	emit(MW_STOP, id, tgid, usage_bytes, stop_bytes);
 }
 
-/* One memory update of cgroup `id`: `delta` pages (see MW_USAGE_SOURCE). */
-static __always_inline int account(u64 id, s64 delta)
+/* The watch of cgroup `id`, if any; the array pre-filter first (inlined by the JIT). */
+static __always_inline struct watch *lookup_watch(u64 id)
 {
 	u32 slot = id & (MW_FILTER_SLOTS - 1);
 	u32 *in_slot = watch_filter.lookup(&slot);
 	if (!in_slot || !*in_slot)
 		return 0;
-	struct watch *w = watches.lookup(&id);
-	if (!w)
-		return 0;
-	struct watch_state *st = watch_state.lookup(&id);
-	if (!st)
-		return 0;
-	rearm(w, st);
+	return watches.lookup(&id);
+}
 
-	s64 usage = __sync_fetch_and_add(&st->usage_pages, delta) + delta;
+/* Usage of watched cgroup `id` is now `usage` pages: peak, then the soft and stop thresholds. */
+static __always_inline int check_usage(u64 id, struct watch *w, struct watch_state *st,
+				       s64 usage)
+{
 	/* Diagnostics, not decisions: plain stores (a concurrent update may be lost) keep the
-	 * per-page cost to one atomic. */
+	 * per-page cost to at most one atomic. */
 	st->charge_events++;
 	if (usage > st->peak_pages)
 		st->peak_pages = usage;
@@ -197,6 +198,20 @@ static __always_inline int account(u64 id, s64 delta)
 	return 0;
 }
 
+/* One memory update of cgroup `id`: `delta` pages (the LRU and PGPGIN sources). */
+static __always_inline int account(u64 id, s64 delta)
+{
+	struct watch *w = lookup_watch(id);
+	if (!w)
+		return 0;
+	struct watch_state *st = watch_state.lookup(&id);
+	if (!st)
+		return 0;
+	rearm(w, st);
+	s64 usage = __sync_fetch_and_add(&st->usage_pages, delta) + delta;
+	return check_usage(id, w, st, usage);
+}
+
 #if MW_USAGE_SOURCE == MW_USAGE_LRU
 /* Pages on the memcg's LRU lists: `val` is in pages, so a large folio (THP, or the large
  * page-cache folios of ext4/xfs) counts in full. ~4 events per page over its life. */
@@ -216,6 +231,62 @@ TRACEPOINT_PROBE(memcg, count_memcg_events)
 	if (args->item == MW_ITEM_PGPGOUT)
 		return account(args->id, -(s64)args->val);
 	return 0;
+}
+#elif MW_USAGE_SOURCE == MW_USAGE_COUNTER
+/*
+ * Raw tracepoint count_memcg_events(struct mem_cgroup *memcg, int item, unsigned long val):
+ * no argument record is built (the perf path of a TRACEPOINT_PROBE does that per event), so an
+ * event costs little more than the call. Only PGPGIN (a folio charged) and PGPGOUT (a batch
+ * uncharged) are looked at; at each, the memcg's own page counter (memcg->memory.usage, what
+ * memory.usage_in_bytes reads) is the usage: exact, large folios and kernel memory included.
+ *
+ * The struct offsets come from the running kernel's BTF (agentcg.node.btf) as -D cflags; they
+ * are read with bpf_probe_read_kernel, never through the build headers' struct layouts.
+ */
+#if !defined(MW_OFF_CSS_CGROUP) || !defined(MW_OFF_CGROUP_KN) || !defined(MW_OFF_KN_ID) || \
+	!defined(MW_OFF_MEMCG_USAGE)
+#error "MW_USAGE_COUNTER needs -DMW_OFF_CSS_CGROUP, _CGROUP_KN, _KN_ID and _MEMCG_USAGE"
+#endif
+
+/* cgroup_id(memcg->css.cgroup), as the memcg tracepoints compute it: the v1 memcg directory's
+ * inode number, the v2 cgroup id. */
+static __always_inline u64 memcg_cgroup_id(const void *memcg)
+{
+	const void *cgrp = 0;
+	const void *kn = 0;
+	u64 id = 0;
+	if (bpf_probe_read_kernel(&cgrp, sizeof(cgrp), memcg + MW_OFF_CSS_CGROUP) || !cgrp)
+		return 0;
+	if (bpf_probe_read_kernel(&kn, sizeof(kn), cgrp + MW_OFF_CGROUP_KN) || !kn)
+		return 0;
+	if (bpf_probe_read_kernel(&id, sizeof(id), kn + MW_OFF_KN_ID))
+		return 0;
+	return id;
+}
+
+/* Not a RAW_TRACEPOINT_PROBE: bcc would attach it at load. The loader attaches it (to
+ * count_memcg_events) only while some watch is armed: a per-page program costs every charge on
+ * the host (~2 calls per 4 KiB page: PGFAULT and PGPGIN), so it runs only while a watched call is
+ * within reach of a threshold. Its usage is absolute, so arming late loses nothing. */
+int memwatch_counter(struct bpf_raw_tracepoint_args *ctx)
+{
+	int item = (int)ctx->args[1];
+	if (item != MW_ITEM_PGPGIN && item != MW_ITEM_PGPGOUT)
+		return 0;
+	const void *memcg = (const void *)ctx->args[0];
+	u64 id = memcg_cgroup_id(memcg);
+	struct watch *w = lookup_watch(id);
+	if (!w)
+		return 0;
+	struct watch_state *st = watch_state.lookup(&id);
+	if (!st)
+		return 0;
+	rearm(w, st);
+	long usage = 0;
+	if (bpf_probe_read_kernel(&usage, sizeof(usage), memcg + MW_OFF_MEMCG_USAGE))
+		return 0;
+	st->usage_pages = usage;
+	return check_usage(id, w, st, usage);
 }
 #endif
 

@@ -35,6 +35,8 @@
 #define MW_USAGE_PGPGIN 1  /* memcg:count_memcg_events PGPGIN - PGPGOUT: folios, not pages */
 #define MW_USAGE_LRU 2     /* memcg:mod_memcg_lruvec_state LRU items: pages (the default) */
 #define MW_USAGE_NONE 3    /* no per-page tracepoint: limit/OOM/exec/exit only, no SOFT */
+#define MW_USAGE_COUNTER 4 /* raw tracepoint count_memcg_events, PGPGIN/PGPGOUT only: reads the
+                              memcg's own page counter (exact usage); needs BTF offsets */
 
 /* memcg:count_memcg_events items (enum vm_event_item; first since memcg stats began). */
 #define MW_ITEM_PGPGIN 0   /* a folio was charged to the memcg (val 1 whatever its size) */

@@ -7,6 +7,10 @@ taken in BPF (the charge whose in-kernel estimate reaches the budget):
   the signal (signal:signal_deliver, timestamped in BPF). ebpf_freeze: the node then freezes the
   whole call from user space (freezer state FROZEN).
 - poll: a user-space poller reads the cgroup's usage every 100 ms and freezes the call once over.
+- pause: the node agent's default at a call's budget (the ebpf stop above is its opt-in
+  NodePolicy.stop_fraction): the limit is the budget with v1 oom_kill_disable, so the kernel
+  pauses the charging task; from its first reclaim at the limit (vmscan tracepoint, in BPF) to
+  the kernel's memory.oom_control notification of the pause (user space: an upper bound).
 - overshoot: usage above the budget once the action took effect.
 - cgroup lifecycle: create + limit + attach + remove; bpf overhead: an allocation loop's
   throughput with each monitor variant loaded and watching vs none.
@@ -37,6 +41,13 @@ from .sdk import AsyncClient
 __all__ = ["bench_reaction", "percentile"]
 
 MiB = 1 << 20
+SOURCES = ("counter", "lru", "pgpgin", "none")  # UsageSource names, the default first
+# Reaction trials, interleaved: the in-kernel SIGSTOP at the budget then the freeze of the call
+# (ebpf: the node agent's path with NodePolicy.stop_fraction set, `agentcg node
+# --stop-fraction`), a 100 ms user-space poller (poll), and the node agent's default path
+# (pause: the kernel pauses the charging task at the v1 limit after its reclaim attempts there;
+# the agent then asks the broker, timed end to end by the cluster part as decision_*).
+MODES = ("ebpf", "poll", "pause")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -85,23 +96,27 @@ print(f"{total / (time.perf_counter() - t0):.0f}", flush=True)
 time.sleep(float(sys.argv[2]))
 """
 
-# An allocation loop: map, populate and unmap 64 MiB for `seconds`; prints bytes/s.
+# An allocation loop: map, populate and unmap 16 MiB for `seconds`; prints bytes/s of its
+# fastest decile of iterations (on shared cores other tenants' bursts only ever add time to an
+# iteration; what the monitor adds, it adds to every one).
 _LOOP_CODE = """
 import mmap, sys, time
-size = 64 << 20
+size = 16 << 20
 flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
-n = 0
+times = []
 t0 = time.perf_counter()
-while (elapsed := time.perf_counter() - t0) < float(sys.argv[1]):
+while time.perf_counter() - t0 < float(sys.argv[1]):
+    t = time.perf_counter_ns()
     mmap.mmap(-1, size, flags=flags).close()
-    n += 1
-print(f"{n * size / elapsed:.0f}", flush=True)
+    times.append(time.perf_counter_ns() - t)
+times.sort()
+print(f"{size / times[len(times) // 10] * 1e9:.0f}", flush=True)
 """
 
 
 @dataclass
 class _Trial:
-    mode: str  # "ebpf" | "poll"
+    mode: str  # one of MODES
     cgroup: Any  # node.cgroup.Cgroup
     cgroup_id: int
     budget_bytes: int
@@ -109,6 +124,7 @@ class _Trial:
     stopped_ns: int = 0  # ebpf: the in-kernel SIGSTOP in effect (signal dequeued; kernel clock)
     acted_ns: int = 0  # the whole call frozen by user space (freezer.state FROZEN)
     usage_at_action_bytes: int = 0
+    usage_at_arm_bytes: int = -1  # ebpf: usage when the per-page program was armed
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -122,6 +138,37 @@ def _freeze(driver: Any, trial: _Trial) -> None:
     trial.acted_ns = time.monotonic_ns()
     trial.usage_at_action_bytes = driver.read_stats(trial.cgroup).usage_bytes
     trial.done.set()
+
+
+def _arm_when_signalled(
+    driver: Any, monitor: Any, trial: _Trial, arm_fd: int, stop: threading.Event
+) -> None:
+    """As the node agent does: arm the call's per-page accounting when the kernel's usage
+    threshold (arm_threshold, below the budget) signals; record the usage at that moment."""
+    import select
+
+    while not stop.is_set():
+        ready, _, _ = select.select([arm_fd], [], [], 0.05)
+        if ready:
+            os.eventfd_read(arm_fd)
+            trial.usage_at_arm_bytes = driver.read_stats(trial.cgroup).usage_bytes
+            monitor.arm(trial.cgroup_id)
+            return
+
+
+def _paused_when_signalled(driver: Any, trial: _Trial, fd: int, stop: threading.Event) -> None:
+    """pause mode: the kernel's memory.oom_control notification that a task of the call waits
+    at its limit (an upper bound of when the pause took effect: it includes this wake-up)."""
+    import select
+
+    while not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            trial.acted_ns = time.monotonic_ns()
+            os.eventfd_read(fd)
+            trial.usage_at_action_bytes = driver.read_stats(trial.cgroup).usage_bytes
+            trial.done.set()
+            return
 
 
 def _poll_until_over(driver: Any, trial: _Trial, interval_s: float, stop: threading.Event) -> None:
@@ -147,11 +194,12 @@ def _kernel_reaction(
     usage_source: str,
 ) -> dict[str, Any]:
     from agentcg.node.cgroup import CgroupV1Driver
+    from agentcg.node.enforcement import NodePolicy, arm_threshold
     from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
     from agentcg.node.spawn import spawn_gated
 
-    if usage_source not in ("lru", "pgpgin"):
-        raise ValueError("the reaction timing needs an in-kernel usage estimate: lru or pgpgin")
+    if usage_source not in ("counter", "lru", "pgpgin"):
+        raise ValueError("the reaction timing needs an in-kernel usage estimate: not none")
     budget = budget_mb * MiB
     driver = CgroupV1Driver(f"agentcg-bench-{os.getpid()}")
     driver.clear()
@@ -166,6 +214,8 @@ def _kernel_reaction(
         if ev.kind in (EventKind.SOFT, EventKind.STOP):  # the same charge emits both
             if not trial.crossed_ns or ev.kernel_time_ns < trial.crossed_ns:
                 trial.crossed_ns = ev.kernel_time_ns
+        elif ev.kind is EventKind.LIMIT and trial.mode == "pause" and not trial.crossed_ns:
+            trial.crossed_ns = ev.kernel_time_ns  # the charge that met the limit: reclaim
         elif ev.kind is EventKind.STOPPED and trial.mode == "ebpf" and not trial.stopped_ns:
             # The allocator is stopped in-kernel: its usage is settled; the node now freezes
             # the whole call (user space), as it would before asking the broker.
@@ -173,8 +223,11 @@ def _kernel_reaction(
             _freeze(driver, trial)
 
     out: dict[str, Any] = {}
-    samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": []}
-    overshoot: dict[str, list[int]] = {"ebpf": [], "poll": []}
+    late_arms = 0
+    # The policy the node agent runs, with the budget as the soft threshold (the crossing).
+    policy = NodePolicy(soft_fraction=1.0)
+    samples: dict[str, list[int]] = {"ebpf": [], "ebpf_freeze": [], "poll": [], "pause": []}
+    overshoot: dict[str, list[int]] = {"ebpf": [], "poll": [], "pause": []}
     rates: list[float] = []
     try:
         with MemoryMonitor(on_event, usage_source=UsageSource[usage_source.upper()]) as monitor:
@@ -191,22 +244,50 @@ def _kernel_reaction(
                 stdout, _ = gated.process.communicate(timeout=60)
                 rates.append(float(stdout.decode().strip() or 0))
                 driver.remove(cg)
-            for i in range(trials * 2):
-                mode = "ebpf" if i % 2 == 0 else "poll"
+            for i in range(trials * len(MODES)):
+                mode = MODES[i % len(MODES)]
                 cg = driver.create("reaction", f"{mode}{i}")
-                driver.set_memory_limit(cg, 4 * spike_mb * MiB)  # a backstop, never reached
+                if mode == "pause":
+                    # What the node agent does at a call's budget: the kernel pauses the task
+                    # in the charge that meets the limit (v1 oom_kill_disable).
+                    driver.set_memory_limit(cg, budget)
+                    driver.set_pause_at_limit(cg, True)
+                else:
+                    driver.set_memory_limit(cg, 4 * spike_mb * MiB)  # a backstop, never reached
                 trial = _Trial(mode, cg, driver.cgroup_id(cg), budget)
                 monitor.watch(
                     trial.cgroup_id,
-                    soft_bytes=budget,
-                    limit_bytes=4 * spike_mb * MiB,
+                    soft_bytes=0 if mode == "pause" else budget,
+                    limit_bytes=budget if mode == "pause" else 4 * spike_mb * MiB,
                     # ebpf: the kernel stops the allocator in the charge that crosses the budget
                     stop_bytes=budget if mode == "ebpf" else 0,
+                    # ebpf: armed by the kernel's usage threshold, as the agent arms a call;
+                    # poll: armed throughout (its BPF crossing is only the timing reference)
+                    armed=mode == "poll",
                 )
                 with lock:
                     current[:] = [trial]
                 stop = threading.Event()
                 poller = None
+                arm_fd = None
+                if mode == "ebpf":
+                    arm_fd = driver.watch_usage(cg, arm_threshold(budget, policy))
+                    assert arm_fd is not None  # v1
+                    poller = threading.Thread(
+                        target=_arm_when_signalled,
+                        args=(driver, monitor, trial, arm_fd, stop),
+                        daemon=True,
+                    )
+                    poller.start()
+                elif mode == "pause":
+                    arm_fd = driver.watch_pause(cg)
+                    assert arm_fd is not None  # v1
+                    poller = threading.Thread(
+                        target=_paused_when_signalled,
+                        args=(driver, trial, arm_fd, stop),
+                        daemon=True,
+                    )
+                    poller.start()
                 gated = spawn_gated(
                     [sys.executable, "-c", _SPIKE_CODE, str(spike_mb), "5"],
                     stdout=subprocess.DEVNULL,
@@ -224,15 +305,19 @@ def _kernel_reaction(
                     gated.release()
                     if trial.done.wait(20) and trial.crossed_ns:
                         if mode == "ebpf":
+                            if trial.usage_at_arm_bytes >= budget:
+                                late_arms += 1  # crossing seen late: its time is not it
                             samples["ebpf"].append(trial.stopped_ns - trial.crossed_ns)
                             samples["ebpf_freeze"].append(trial.acted_ns - trial.crossed_ns)
                         else:
-                            samples["poll"].append(trial.acted_ns - trial.crossed_ns)
+                            samples[mode].append(trial.acted_ns - trial.crossed_ns)
                         overshoot[mode].append(max(0, trial.usage_at_action_bytes - budget))
                 finally:
                     stop.set()
                     if poller is not None:
                         poller.join()
+                    if arm_fd is not None:
+                        os.close(arm_fd)
                     with lock:
                         current.clear()
                     gated.abort()
@@ -275,7 +360,8 @@ def _kernel_reaction(
     out["spike_rate_gbps"] = round(statistics.median(rates) / 1e9, 2) if rates else 0
     out["poll_interval_ms"] = poll_interval_ms
     out["usage_source"] = usage_source
-    for mode in ("ebpf", "ebpf_freeze", "poll"):
+    out["ebpf_late_arms"] = late_arms  # armed only after the crossing (0 expected)
+    for mode in ("ebpf", "ebpf_freeze", "poll", "pause"):
         out[f"{mode}_samples"] = len(samples[mode])
         if samples[mode]:
             out[f"{mode}_p50_ms"] = _ms(samples[mode], 50)
@@ -286,6 +372,8 @@ def _kernel_reaction(
     if samples["ebpf"] and samples["poll"]:
         out["speedup_p99"] = round(out["poll_p99_ms"] / max(out["ebpf_p99_ms"], 1e-3), 1)
         out["overshoot_p99_bytes"] = out["ebpf_overshoot_p99_bytes"]
+    if samples["pause"] and samples["poll"]:
+        out["speedup_pause_p99"] = round(out["poll_p99_ms"] / max(out["pause_p99_ms"], 1e-3), 1)
     out["cgroup_lifecycle_p50_ms"] = _ms(lifecycle_ns, 50)
     out["cgroup_lifecycle_p99_ms"] = _ms(lifecycle_ns, 99)
     out["cgroup_create_limit_p50_ms"] = _ms(create_ns, 50)
@@ -296,24 +384,46 @@ def _kernel_reaction(
 
 
 def _bpf_overhead(*, rounds: int, seconds: float, sources: list[str]) -> dict[str, Any]:
-    """Throughput of an allocation loop in a watched cgroup, with each monitor vs none."""
+    """Throughput of an allocation loop in a watched cgroup, with each monitor vs none.
+
+    The loop is watched as the node agent watches a call with a 1 GiB budget (NodePolicy
+    defaults): thresholds in the maps, and for the COUNTER source the kernel's usage threshold
+    that arms the per-page program at arm_threshold (never reached by this loop, so its figure
+    is that of a call below it). `counter_armed` is the same with the per-page program
+    attached throughout: a call near its budget. The other sources are always attached.
+
+    The variants run interleaved, in reversed order every other round, so a drift in the
+    machine's speed (other tenants on shared cores) hits them alike; each variant's overhead is
+    the median over rounds of its slowdown against the unmonitored run of the same round.
+    """
     from agentcg.node.cgroup import CgroupV1Driver
+    from agentcg.node.enforcement import NodePolicy, arm_threshold, soft_threshold
     from agentcg.node.monitor import MemoryMonitor, UsageSource
     from agentcg.node.spawn import spawn_gated
 
+    budget = 1 << 30
+    policy = NodePolicy()
     driver = CgroupV1Driver(f"agentcg-bench-ovh-{os.getpid()}")
     driver.clear()
-    rates: dict[str, list[float]] = {v: [] for v in ["none", *sources]}
+    variants = ["off", *sources]  # off: no monitor loaded
+    if "counter" in sources:
+        variants.insert(variants.index("counter") + 1, "counter_armed")
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    loaded: dict[str, str] = {}  # variant -> the source the monitor really loaded
+    armed_during_run = False
     try:
         for r in range(rounds):
-            for variant in rates:
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                source = variant.removesuffix("_armed")
                 monitor = (
                     None
-                    if variant == "none"
-                    else MemoryMonitor(lambda ev: None, usage_source=UsageSource[variant.upper()])
+                    if variant == "off"
+                    else MemoryMonitor(lambda ev: None, usage_source=UsageSource[source.upper()])
                 )
+                arm_fd = None
                 try:
                     if monitor is not None:
+                        loaded[variant] = monitor.usage_source.name.lower()
                         monitor.start()
                     cg = driver.create("loop", f"{variant}{r}")
                     gated = spawn_gated(
@@ -322,26 +432,53 @@ def _bpf_overhead(*, rounds: int, seconds: float, sources: list[str]) -> dict[st
                     driver.attach(cg, gated.pid)
                     if monitor is not None:
                         cid = driver.cgroup_id(cg)
-                        # Watched as a call is: a soft threshold never reached.
-                        monitor.watch(cid, soft_bytes=1 << 40, limit_bytes=1 << 40)
+                        armed = variant.endswith("_armed")
+                        monitor.watch(
+                            cid,
+                            soft_bytes=soft_threshold(budget, policy),
+                            limit_bytes=budget,
+                            armed=armed,
+                        )
+                        if not armed:
+                            arm_fd = driver.watch_usage(cg, arm_threshold(budget, policy))
+                            if arm_fd is None:  # no kernel usage threshold: always armed
+                                monitor.arm(cid)
                         monitor.add_pid(gated.pid, cid)
                     gated.release()
                     stdout, _ = gated.process.communicate(timeout=seconds + 30)
                     rates[variant].append(float(stdout.decode().strip()))
+                    if arm_fd is not None:
+                        try:
+                            os.eventfd_read(arm_fd)
+                            armed_during_run = True  # would have armed: not a below-arm run
+                        except BlockingIOError:
+                            pass
                     driver.remove(cg)
                 finally:
+                    if arm_fd is not None:
+                        os.close(arm_fd)
                     if monitor is not None:
                         monitor.close()
     finally:
         driver.clear()
-    base = statistics.median(rates["none"])
-    out: dict[str, Any] = {"alloc_loop_gbps": round(base / 1e9, 2)}
-    for source in sources:
-        out[f"bpf_overhead_{source}_pct"] = round(
-            (1 - statistics.median(rates[source]) / base) * 100, 1
-        )
+    base = statistics.median(rates["off"])
+    out: dict[str, Any] = {"alloc_loop_gbps": round(base / 1e9, 2), "overhead_rounds": rounds}
+    for variant in variants[1:]:
+        slowdowns = [1 - v / n for v, n in zip(rates[variant], rates["off"], strict=True)]
+        out[f"bpf_overhead_{variant}_pct"] = round(statistics.median(slowdowns) * 100, 1)
+        if loaded.get(variant, variant).removesuffix("_armed") != variant.removesuffix("_armed"):
+            out[f"bpf_overhead_{variant}_loaded"] = loaded[variant]
     out["bpf_overhead_pct"] = out[f"bpf_overhead_{sources[0]}_pct"]
+    out["bpf_overhead_armed_during_run"] = armed_during_run
+    out["loadavg_overhead"] = _loadavg()
     return out
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
 
 
 def bench_reaction(
@@ -355,7 +492,7 @@ def bench_reaction(
     kernel_spike_mb: int = 512,
     poll_interval_ms: int = 100,
     lifecycle_n: int = 300,
-    usage_source: str = "lru",
+    usage_source: str = "counter",
     overhead_rounds: int = 5,
     overhead_seconds: float = 1.5,
     cluster: bool = True,
@@ -370,7 +507,7 @@ def bench_reaction(
         lifecycle_n=lifecycle_n,
         usage_source=usage_source,
     )
-    sources = [usage_source, *(s for s in ("lru", "pgpgin", "none") if s != usage_source)]
+    sources = [usage_source, *(s for s in SOURCES if s != usage_source)]
     if overhead_rounds > 0:
         result.update(
             _bpf_overhead(rounds=overhead_rounds, seconds=overhead_seconds, sources=sources)

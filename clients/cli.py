@@ -4,6 +4,7 @@ the servers through their composition roots."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .sdk import AsyncClient, RunResult, TenantInfo
+from .sdk import AsyncClient, NodeCalls, RunResult, TenantInfo
 
 __all__ = ["app", "main"]
 
@@ -121,11 +122,21 @@ def node(
     ] = False,
     usage_source: Annotated[
         str,
-        typer.Option(help="in-kernel usage estimate: lru (exact), pgpgin, none (cheapest)"),
-    ] = "lru",
+        typer.Option(
+            help="in-kernel usage: counter (memcg counter, raw tracepoint; falls back to lru),"
+            " lru, pgpgin, none (cheapest)"
+        ),
+    ] = "counter",
     keep_calls: Annotated[
         bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
     ] = False,
+    stop_fraction: Annotated[
+        float,
+        typer.Option(
+            help="pause a call in-kernel (SIGSTOP from BPF) at budget x this, before the "
+            "kernel's reclaim at the limit; 0: off (the kernel pauses it at the limit)"
+        ),
+    ] = 0.0,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     log_level: str = "INFO",
 ) -> None:
@@ -136,8 +147,10 @@ def node(
 
     if on_timeout not in ("kill", "grow-local"):
         raise typer.BadParameter("--on-timeout must be kill or grow-local")
-    if usage_source not in ("lru", "pgpgin", "none"):
-        raise typer.BadParameter("--usage-source must be lru, pgpgin or none")
+    if usage_source not in ("counter", "lru", "pgpgin", "none"):
+        raise typer.BadParameter("--usage-source must be counter, lru, pgpgin or none")
+    if not 0 <= stop_fraction < 1:
+        raise typer.BadParameter("--stop-fraction must be in [0, 1)")
     node_main(
         NodeConfig(
             broker=broker,
@@ -146,7 +159,10 @@ def node(
             capacity_bytes=_size(memory) if memory else 0,
             cgroup_root=cgroup_root,
             policy=NodePolicy(
-                broker_timeout_s=broker_timeout, on_timeout=on_timeout, dry_run=dry_run
+                broker_timeout_s=broker_timeout,
+                on_timeout=on_timeout,
+                dry_run=dry_run,
+                stop_fraction=stop_fraction,
             ),
             ready_file=ready_file,
             usage_source=usage_source,
@@ -235,6 +251,87 @@ def lease_list(
     console.print(table)
 
 
+# -- top --------------------------------------------------------------------------------------
+
+
+def _top_table(snapshot: list[NodeCalls]) -> Table:
+    table = Table(
+        "node", "tenant", "session", "lease", "budget", "usage", "peak", "state", "up", "actions"
+    )
+    for node in snapshot:
+        for c in sorted(node.calls, key=lambda c: (c.tenant, c.session, c.lease_id)):
+            actions = ", ".join(a.action for a in c.recent_actions[-3:]) or "-"
+            table.add_row(
+                node.node_id,
+                c.tenant,
+                c.session,
+                c.lease_id[:12],
+                format_bytes(c.budget_bytes),
+                format_bytes(c.usage_bytes),
+                format_bytes(c.peak_bytes),
+                c.state + (" (grown)" if c.grown else ""),
+                f"{c.running_ms / 1000:.1f}s",
+                actions,
+            )
+    total = sum(len(n.calls) for n in snapshot)
+    table.caption = f"{total} call(s) on {len(snapshot)} node(s)"
+    return table
+
+
+def _top_json(snapshot: list[NodeCalls]) -> str:
+    return json.dumps({"nodes": [dataclasses.asdict(n) for n in snapshot]}, indent=2) + "\n"
+
+
+@app.command()
+def top(
+    node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node",
+            help="node agent address host:port (repeatable); default: "
+            "every node with an active lease at the broker",
+        ),
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="only this tenant's calls")] = "",
+    once: Annotated[bool, typer.Option("--once", help="print one table and exit")] = False,
+    interval: Annotated[float, typer.Option(help="refresh period, seconds")] = 1.0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="write the (latest) snapshot here")
+    ] = None,
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """Live view of the tool calls running on nodes: budget, usage, peak, state, actions."""
+    from rich.live import Live
+
+    async def snapshot(c: AsyncClient) -> list[NodeCalls]:
+        if node:
+            return [await c.node_calls(a, tenant=tenant) for a in node]
+        return await c.nodes_calls(tenant=tenant)
+
+    async def go() -> None:
+        async with AsyncClient(broker) as c:
+            snap = await snapshot(c)
+            if json_path is not None:
+                json_path.write_text(_top_json(snap))
+            if once:
+                console.print(_top_table(snap))
+                return
+            with Live(_top_table(snap), console=console, auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(interval)
+                    snap = await snapshot(c)
+                    if json_path is not None:
+                        json_path.write_text(_top_json(snap))
+                    live.update(_top_table(snap), refresh=True)
+
+    try:
+        asyncio.run(go())
+    except AgentcgError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
 # -- run --------------------------------------------------------------------------------------
 
 
@@ -313,12 +410,14 @@ def bench_reaction_cmd(
     spike: Annotated[int, typer.Option(help="broker-path spike size in MB (budget 64 MiB)")] = 200,
     concurrency: int = 2,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
-    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll)")] = 50,
+    trials: Annotated[int, typer.Option(help="spikes per mode (ebpf, poll, pause)")] = 50,
     budget_mb: Annotated[int, typer.Option(help="budget the spike crosses, MiB")] = 64,
     kernel_spike_mb: Annotated[int, typer.Option(help="kernel-path spike size, MiB")] = 512,
     poll_interval_ms: Annotated[int, typer.Option(help="the user-space poller's period")] = 100,
     lifecycle: Annotated[int, typer.Option(help="cgroup lifecycles to time")] = 300,
-    usage_source: Annotated[str, typer.Option(help="in-kernel usage source: lru|pgpgin")] = "lru",
+    usage_source: Annotated[
+        str, typer.Option(help="in-kernel usage source: counter|lru|pgpgin")
+    ] = "counter",
     overhead_rounds: Annotated[int, typer.Option(help="alloc-loop rounds (0: skip)")] = 5,
     overhead_seconds: Annotated[float, typer.Option(help="seconds per alloc-loop run")] = 1.5,
     cluster: Annotated[bool, typer.Option(help="also run the broker decision path")] = True,

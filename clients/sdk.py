@@ -21,7 +21,17 @@ from agentcg.errors import AgentcgError, QuotaExceededError
 from agentcg.rpcstatus import error_from_rpc
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
-__all__ = ["OUTCOMES", "AsyncClient", "Client", "Lease", "RunResult", "TenantInfo"]
+__all__ = [
+    "OUTCOMES",
+    "Action",
+    "AsyncClient",
+    "CallStatus",
+    "Client",
+    "Lease",
+    "NodeCalls",
+    "RunResult",
+    "TenantInfo",
+]
 
 T = TypeVar("T")
 
@@ -67,6 +77,74 @@ class Lease:
             peak_memory_bytes=pb.peak_memory_bytes,
             outcome=OUTCOMES.get(pb.outcome, ""),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """An enforcement action the node took on a call."""
+
+    action_id: str
+    action: str  # pause | grow | kill | throttle | ...
+    budget_bytes: int
+    usage_bytes: int
+    reason: str
+    reaction_ms: float
+
+    @classmethod
+    def from_pb(cls, pb: node_pb2.Enforcement) -> Action:
+        return cls(
+            action_id=pb.action_id,
+            action=pb.action,
+            budget_bytes=pb.budget_bytes,
+            usage_bytes=pb.usage_bytes,
+            reason=pb.reason,
+            reaction_ms=pb.reaction_ns / 1e6,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallStatus:
+    """A tool call running on a node, as the node sees it now."""
+
+    lease_id: str
+    tenant: str
+    session: str
+    command_class: str
+    budget_bytes: int
+    usage_bytes: int
+    peak_bytes: int
+    state: str  # running | throttled | paused | killed
+    grown: int
+    running_ms: int
+    adopted: bool
+    recent_actions: tuple[Action, ...]
+
+    @classmethod
+    def from_pb(cls, pb: node_pb2.CallStatus) -> CallStatus:
+        return cls(
+            lease_id=pb.lease_id,
+            tenant=pb.tenant,
+            session=pb.session,
+            command_class=pb.command_class,
+            budget_bytes=pb.budget_bytes,
+            usage_bytes=pb.usage_bytes,
+            peak_bytes=pb.peak_bytes,
+            state=pb.state,
+            grown=pb.grown,
+            running_ms=pb.running_ms,
+            adopted=pb.adopted,
+            recent_actions=tuple(Action.from_pb(a) for a in pb.recent_actions),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCalls:
+    """One node's running calls (`AsyncClient.node_calls`)."""
+
+    node_id: str
+    address: str
+    capacity_bytes: int
+    calls: tuple[CallStatus, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +411,26 @@ class AsyncClient:
             ch = grpc.aio.insecure_channel(address)
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
+
+    async def node_calls(self, address: str, *, tenant: str = "") -> NodeCalls:
+        """The tool calls running on the node agent at `address` now (read-only)."""
+        request = node_pb2.ListCallsRequest(tenant=tenant)
+        try:
+            reply = await self._node(address).ListCalls(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return NodeCalls(
+            node_id=reply.node_id,
+            address=address,
+            capacity_bytes=reply.capacity_bytes,
+            calls=tuple(CallStatus.from_pb(c) for c in reply.calls),
+        )
+
+    async def nodes_calls(self, *, tenant: str = "") -> list[NodeCalls]:
+        """Every node with an active lease at the broker, and its running calls."""
+        leases = await self.list_leases(tenant=tenant)
+        addresses = sorted({x.node_address for x in leases if x.node_address})
+        return [await self.node_calls(a, tenant=tenant) for a in addresses]
 
     async def attach(self, lease: Lease, pid: int) -> str:
         """Move an existing process into the lease's call cgroup on its node; its cgroup path."""

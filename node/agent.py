@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from .enforcement import (
     Throttle,
     Unthrottle,
     Update,
+    arm_threshold,
     on_deadline,
     on_decision_grow,
     on_denied,
@@ -53,8 +55,9 @@ from .enforcement import (
     on_soft,
     on_throttle_deadline,
     soft_threshold,
+    stop_threshold,
 )
-from .monitor import EventKind, MemEvent, MemoryMonitor
+from .monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
 from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
 
@@ -86,6 +89,9 @@ class _Pending:
     decision_ns: int = 0  # kernel event -> the broker's decision received here
 
 
+RECENT_ACTIONS = 8  # enforcement actions kept per call for ListCalls
+
+
 @dataclass
 class Call:
     call_id: str
@@ -102,8 +108,14 @@ class Call:
     killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
     frozen: bool = False  # paused by the node (freezer), not by the kernel at its limit
+    stopped: bool = False  # SIGSTOPped in-kernel at its stop threshold: SIGCONT when thawed
     throttle_timer: asyncio.TimerHandle | None = None
     adopted: bool = False  # not our child (re-adopted after a restart, or attached)
+    recent_actions: deque[node_pb2.Enforcement] = field(
+        default_factory=lambda: deque(maxlen=RECENT_ACTIONS)
+    )
+    arm_fd: int = -1  # eventfd of the kernel usage threshold that arms per-page accounting
+    arm_bytes: int = 0
     started_s: float = field(default_factory=time.monotonic)
 
     def view(self) -> CallView:
@@ -130,6 +142,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._by_cgroup: dict[int, Call] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._has_estimate = monitor.usage_source is not UsageSource.NONE
+        if self.policy.stop_fraction > 0 and not self._has_estimate:
+            log.warning("in-kernel stop off: usage source NONE has no in-kernel usage estimate")
         self._adopt_poll: asyncio.Task[None] | None = None
 
     # -- monitor events (from the poller thread) -----------------------------------------------
@@ -147,6 +162,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.peak_bytes = max(call.peak_bytes, ev.usage_bytes)
         if ev.kind is EventKind.LIMIT:
             self._on_limit(call, ev)
+        elif ev.kind is EventKind.STOP:
+            self._on_stop(call, ev)
         elif ev.kind is EventKind.SOFT:
             log.debug("call %s crossed soft threshold at %d bytes", call.call_id, ev.usage_bytes)
             self._send_pressure(call, broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD, ev, "", 0)
@@ -175,6 +192,39 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             "budget reached; asking the broker to grow it",
             freeze=False,  # the kernel holds it at its limit (pause at limit)
         )
+
+    def _on_stop(self, call: Call, ev: MemEvent) -> None:
+        """The kernel SIGSTOPped the charging process at the stop threshold: freeze the rest
+        of the call and ask the broker, as at the limit."""
+        call.stopped = True
+        decision = on_limit(call.view(), self.policy)
+        if not isinstance(decision, AskBroker):
+            log.debug("call %s: stop event: %s", call.call_id, decision.reason)
+            self._resume_stopped(call)
+            return
+        self._pause_and_ask(
+            call,
+            ev,
+            decision.requested_bytes,
+            ev.usage_bytes,
+            "stopped in-kernel at its stop threshold; asking the broker to grow it",
+            freeze=True,
+        )
+
+    def _resume_stopped(self, call: Call) -> None:
+        """SIGCONT what the kernel stopped (after a thaw: a frozen task ignores it)."""
+        if not call.stopped:
+            return
+        call.stopped = False
+        try:
+            pids = self.driver.read_stats(call.cgroup).pids
+        except CgroupError:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def _pause_and_ask(
         self,
@@ -291,19 +341,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             sp.set_attribute("agentcg.reason", reason)
             if reaction_ns:
                 sp.set_attribute("agentcg.reaction_ms", reaction_ns / 1e6)
-        call.events.put_nowait(
-            node_pb2.ExecEvent(
-                enforcement=node_pb2.Enforcement(
-                    action_id=action_id,
-                    action=action,
-                    budget_bytes=call.budget_bytes,
-                    usage_bytes=usage_bytes,
-                    reason=reason,
-                    reaction_ns=reaction_ns,
-                    decision_ns=decision_ns,
-                )
-            )
+        enforcement = node_pb2.Enforcement(
+            action_id=action_id,
+            action=action,
+            budget_bytes=call.budget_bytes,
+            usage_bytes=usage_bytes,
+            reason=reason,
+            reaction_ns=reaction_ns,
+            decision_ns=decision_ns,
         )
+        call.recent_actions.append(enforcement)
+        call.events.put_nowait(node_pb2.ExecEvent(enforcement=enforcement))
 
     def _report_local(
         self,
@@ -429,6 +477,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 self.driver.set_memory_throttle(call.cgroup, None)
                 if call.frozen:
                     self.driver.set_frozen(call.cgroup, False)
+                self._resume_stopped(call)
             call.frozen = False
             call.phase = CallPhase.RUNNING
             self._finish_action(call, broker_pb2.ACTION_KIND_RESUME, decision.reason)
@@ -486,20 +535,71 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if not self.policy.dry_run:
             # Re-arm the in-kernel thresholds first, then raise the limit: a call that hits the
             # new budget at once must produce a fresh event.
-            self.monitor.watch(
-                call.cgroup_id,
-                soft_bytes=soft_threshold(new_budget, self.policy),
-                limit_bytes=new_budget,
-            )
+            self._watch(call, new_budget)
             self.driver.set_memory_limit(call.cgroup, new_budget)
             self.driver.set_memory_throttle(call.cgroup, None)
             if call.frozen:
                 self.driver.set_frozen(call.cgroup, False)
                 call.frozen = False
+            self._resume_stopped(call)
         call.budget_bytes = new_budget
         call.grown += 1
         call.phase = CallPhase.RUNNING
         self._finish_action(call, broker_pb2.ACTION_KIND_GROW, reason)
+
+    # -- watching: thresholds in the monitor, per-page accounting armed by the kernel ----------
+
+    def _watch(self, call: Call, budget: int) -> None:
+        """Watch (or re-arm at a new budget) a call. Its per-page in-kernel accounting is armed
+        by the kernel's own usage threshold at arm_threshold(budget) where the cgroup version
+        has one (v1), else always."""
+        self.monitor.watch(
+            call.cgroup_id,
+            soft_bytes=soft_threshold(budget, self.policy),
+            limit_bytes=budget,
+            stop_bytes=stop_threshold(budget, self.policy) if self._has_estimate else 0,
+            armed=False,
+        )
+        self._close_arm(call)
+        loop = self.loop
+        fd = self.driver.watch_usage(call.cgroup, arm_threshold(budget, self.policy))
+        if fd is None or loop is None:
+            if fd is not None:
+                os.close(fd)
+            self.monitor.arm(call.cgroup_id)
+            return
+        call.arm_fd, call.arm_bytes = fd, arm_threshold(budget, self.policy)
+        loop.add_reader(fd, self._on_usage_threshold, call)
+        self._on_usage_threshold(call)  # it may be above already
+
+    def _on_usage_threshold(self, call: Call) -> None:
+        """The kernel saw the call's usage cross its arm threshold (either way)."""
+        if call.arm_fd < 0:
+            return
+        try:
+            os.eventfd_read(call.arm_fd)
+        except BlockingIOError:
+            pass
+        try:
+            usage = self.driver.read_stats(call.cgroup).usage_bytes
+        except CgroupError:
+            return  # being removed
+        if usage >= call.arm_bytes:
+            self.monitor.arm(call.cgroup_id)
+        else:
+            self.monitor.disarm(call.cgroup_id)
+
+    def _close_arm(self, call: Call) -> None:
+        if call.arm_fd < 0:
+            return
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(call.arm_fd)
+        os.close(call.arm_fd)
+        call.arm_fd = -1
+
+    def _unwatch(self, call: Call) -> None:
+        self._close_arm(call)
+        self.monitor.unwatch(call.cgroup_id)
 
     def _kill(self, call: Call, reason: str) -> None:
         call.kill_reason = reason
@@ -725,16 +825,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             assert gate is not None
             try:
                 self.driver.attach(cg, proc.pid)
-                self.monitor.watch(
-                    call.cgroup_id,
-                    soft_bytes=soft_threshold(budget, self.policy),
-                    limit_bytes=budget,
-                )
+                self._watch(call, budget)
                 self.monitor.add_pid(proc.pid, call.cgroup_id)
             except BaseException:
                 gate.close()  # never released: sh exits without running the call
                 await proc.wait()
-                self.monitor.unwatch(call.cgroup_id)
+                self._unwatch(call)
                 raise
             self.calls[lease_id] = call
             self._by_cgroup[call.cgroup_id] = call
@@ -777,6 +873,48 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         except InvalidNameError as e:
             raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
         return lease, tenant, session
+
+    # -- ListCalls (read-only) ------------------------------------------------------------------
+
+    async def ListCalls(
+        self,
+        request: node_pb2.ListCallsRequest,
+        context: grpc.aio.ServicerContext[node_pb2.ListCallsRequest, node_pb2.ListCallsResponse],
+    ) -> node_pb2.ListCallsResponse:
+        return self.list_calls(request.tenant)
+
+    def list_calls(self, tenant: str = "") -> node_pb2.ListCallsResponse:
+        """The calls running now: lease, budget, the cgroup's usage and peak, state, actions."""
+        now = time.monotonic()
+        reply = node_pb2.ListCallsResponse(node_id=self.node_id, capacity_bytes=self.capacity_bytes)
+        for call in list(self.calls.values()):
+            if tenant and call.lease.tenant != tenant:
+                continue
+            try:
+                stats = self.driver.read_stats(call.cgroup)
+            except CgroupError:
+                continue  # finished meanwhile
+            peak = max(call.peak_bytes, stats.peak_bytes, stats.usage_bytes)
+            state = call.phase.value
+            if call.frozen or stats.under_oom:
+                state = CallPhase.PAUSED.value
+            reply.calls.append(
+                node_pb2.CallStatus(
+                    lease_id=call.lease.lease_id,
+                    tenant=call.lease.tenant,
+                    session=call.lease.session,
+                    command_class=call.lease.command_class,
+                    budget_bytes=call.budget_bytes,
+                    usage_bytes=stats.usage_bytes,
+                    peak_bytes=peak,
+                    state=state,
+                    grown=call.grown,
+                    running_ms=int((now - call.started_s) * 1000),
+                    recent_actions=list(call.recent_actions),
+                    adopted=call.adopted,
+                )
+            )
+        return reply
 
     # -- Attach ---------------------------------------------------------------------------------
 
@@ -827,14 +965,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     events=asyncio.Queue(),
                     adopted=True,
                 )
-                self.monitor.watch(
-                    call.cgroup_id,
-                    soft_bytes=soft_threshold(budget, self.policy),
-                    limit_bytes=budget,
-                )
+                self._watch(call, budget)
                 self._attach_pid(call, pid)
             except BaseException:
-                if cg is not None:
+                if call is not None:
+                    self._unwatch(call)
+                elif cg is not None:
                     self.monitor.unwatch(self.driver.cgroup_id(cg))
                 self._release_dirs(tenant, session, cg)
                 raise
@@ -920,7 +1056,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.phase = CallPhase.EXITED
         self.calls.pop(call.lease.lease_id, None)
         self._by_cgroup.pop(call.cgroup_id, None)
-        self.monitor.unwatch(call.cgroup_id)
+        self._unwatch(call)
         self._release_dirs(call.lease.tenant, call.lease.session, call.cgroup)
         exited = node_pb2.Exited(
             exit_code=exit_code,
@@ -1059,9 +1195,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if budget > lease.budget.memory_bytes:
             call.grown = 1
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
-        self.monitor.watch(
-            call.cgroup_id, soft_bytes=soft_threshold(budget, self.policy), limit_bytes=budget
-        )
+        self._watch(call, budget)
         for pid in stats.pids:
             self.monitor.add_pid(pid, call.cgroup_id)
         self.calls[call_id] = call

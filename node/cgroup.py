@@ -114,6 +114,19 @@ class CgroupDriver(Protocol):
         """Tasks reaching the limit wait (instead of being OOM-killed) until it is raised."""
         ...
 
+    def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
+        """An eventfd the kernel signals when the cgroup's memory usage crosses threshold_bytes
+        (either way), checked by the kernel itself on its charge path at no extra cost (v1
+        memory thresholds); the caller owns and closes it (closing unregisters it). None when
+        the cgroup version has no such notification (v2)."""
+        ...
+
+    def watch_pause(self, cg: Cgroup) -> int | None:
+        """An eventfd the kernel signals when a task of the cgroup is paused at its limit
+        (v1 memory.oom_control notification with set_pause_at_limit); the caller closes it.
+        None when the cgroup version has no such notification (v2)."""
+        ...
+
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
     ) -> None:
@@ -393,6 +406,32 @@ class CgroupV1Driver:
 
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         self._write(cg, MEMORY, "memory.oom_control", "1" if enabled else "0")
+
+    def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
+        if threshold_bytes <= 0:
+            raise ValueError(f"cgroup {cg.path}: usage threshold must be > 0")
+        return self._event_fd(cg, "memory.usage_in_bytes", f" {threshold_bytes}")
+
+    def watch_pause(self, cg: Cgroup) -> int | None:
+        return self._event_fd(cg, "memory.oom_control", "")
+
+    def _event_fd(self, cg: Cgroup, filename: str, args: str) -> int:
+        """A v1 memcg notification (cgroup.event_control) on `filename`, as an eventfd."""
+        memdir = self._dir(cg, MEMORY)
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            try:
+                cfd = os.open(memdir / filename, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CgroupError(f"{memdir}: {filename}: {e.strerror}") from e
+            try:
+                _write_text(memdir / "cgroup.event_control", f"{efd} {cfd}{args}")
+            finally:
+                os.close(cfd)
+        except BaseException:
+            os.close(efd)
+            raise
+        return efd
 
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None
@@ -688,6 +727,12 @@ class CgroupV2Driver:
             self._pausing.discard(cg.rel)
             _write_text(cg.path / "memory.high", "max")
             self.set_memory_limit(cg, budget)
+
+    def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
+        return None  # v2 has no usage thresholds (memory.events only reports high/max/oom)
+
+    def watch_pause(self, cg: Cgroup) -> int | None:
+        return None  # v2 pauses with the freezer at memory.high, not in the charge path
 
     def set_cpu(
         self, cg: Cgroup, *, weight: int | None = None, quota_millis: int | None = None

@@ -53,6 +53,16 @@ class NodePolicy:
     growth_factor: float = 2.0  # ask for budget x this ...
     min_growth_bytes: int = 32 << 20  # ... but at least this much more
     soft_fraction: float = 0.8  # soft threshold = budget x this
+    # The in-kernel per-page accounting of a call runs only while its usage is above
+    # soft threshold x this (the kernel's own usage threshold arms it): calls well below their
+    # budget cost the host's allocations nothing.
+    arm_fraction: float = 0.5
+    # In-kernel pause (0: off): the kernel SIGSTOPs the process whose charge takes the call to
+    # budget x this (bpf_send_signal, microseconds after the crossing, before any reclaim at the
+    # limit); the node then freezes the call and asks the broker, as at the limit. Off, the
+    # kernel pauses the charging task at the limit itself (v1 oom_kill_disable), after its
+    # reclaim attempts there (~20-30 ms measured). Needs an in-kernel usage estimate.
+    stop_fraction: float = 0.0
     broker_timeout_s: float = 5.0
     on_timeout: str = "kill"  # "kill" | "grow-local"
     dry_run: bool = False
@@ -115,6 +125,16 @@ class Pause:
 
 def soft_threshold(budget_bytes: int, policy: NodePolicy) -> int:
     return int(budget_bytes * policy.soft_fraction)
+
+
+def stop_threshold(budget_bytes: int, policy: NodePolicy) -> int:
+    """Usage at which the kernel stops the call in-kernel (0: never)."""
+    return int(budget_bytes * policy.stop_fraction) if policy.stop_fraction > 0 else 0
+
+
+def arm_threshold(budget_bytes: int, policy: NodePolicy) -> int:
+    """Usage from which a call's per-page in-kernel accounting runs (at least one page)."""
+    return max(4096, int(soft_threshold(budget_bytes, policy) * policy.arm_fraction))
 
 
 def _growth(budget_bytes: int, policy: NodePolicy) -> int:

@@ -48,7 +48,7 @@ class NodeConfig:
     policy: NodePolicy = field(default_factory=NodePolicy)
     ready_file: Path | None = None
     grace_s: float = 5.0
-    usage_source: str = "lru"  # UsageSource name, lower case
+    usage_source: str = "counter"  # UsageSource name, lower case
     keep_calls: bool = False  # on stop, leave calls running for the next agent to adopt
 
 

@@ -26,6 +26,8 @@ from typing import Any, Self
 
 import agentcg.bpf
 
+from .btf import VMLINUX_BTF, Btf, BtfError, load_btf
+
 __all__ = [
     "BPF_SOURCE",
     "DropCounts",
@@ -36,9 +38,11 @@ __all__ = [
     "UsageSource",
     "WatchStats",
     "check_header",
+    "counter_offsets",
     "describe_program",
     "program_cflags",
     "read_header_constants",
+    "resolve_usage_source",
     "supported_usage_source",
 ]
 
@@ -79,6 +83,23 @@ class UsageSource(enum.IntEnum):
     # in-kernel usage estimate and no SOFT events. The cheapest: per-page tracepoints cost every
     # allocation on the host something even when their program returns at once.
     NONE = 3
+    # The raw tracepoint memcg count_memcg_events, PGPGIN/PGPGOUT only (~1 event per 4 KiB
+    # page): no argument record built per event (the perf path of a TRACEPOINT_PROBE does),
+    # and the usage is the memcg's own page counter read at each, exact for large folios and
+    # kernel memory. Needs the kernel's BTF for struct offsets. The default.
+    COUNTER = 4
+
+
+# The COUNTER program (attached by the loader while a watch is armed) and its raw tracepoint.
+_COUNTER_FN = b"memwatch_counter"
+_COUNTER_TP = b"count_memcg_events"
+
+# Preference order when the requested source is not available on this kernel.
+_FALLBACK = {
+    UsageSource.COUNTER: UsageSource.LRU,
+    UsageSource.LRU: UsageSource.NONE,
+    UsageSource.PGPGIN: UsageSource.NONE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,16 +170,76 @@ TRACEFS = Path("/sys/kernel/tracing")
 _USAGE_TRACEPOINTS = {
     UsageSource.PGPGIN: "memcg/count_memcg_events",
     UsageSource.LRU: "memcg/mod_memcg_lruvec_state",
+    UsageSource.COUNTER: "memcg/count_memcg_events",
+}
+
+# The raw tracepoint the COUNTER source attaches to, and the prototype it was written against.
+COUNTER_TRACEPOINT = "count_memcg_events"
+_COUNTER_ARGS = ("struct mem_cgroup *", "int")
+# -D name -> (struct, member path, size in bytes) read by the COUNTER program.
+_COUNTER_FIELDS = {
+    "MW_OFF_CSS_CGROUP": ("mem_cgroup", "css.cgroup", 8),
+    "MW_OFF_CGROUP_KN": ("cgroup", "kn", 8),
+    "MW_OFF_KN_ID": ("kernfs_node", "id", 8),
+    "MW_OFF_MEMCG_USAGE": ("mem_cgroup", "memory.usage", 8),
 }
 
 
-def supported_usage_source(requested: UsageSource, tracefs: Path = TRACEFS) -> UsageSource:
-    """`requested`, or NONE when the kernel lacks its tracepoint (the memcg tracepoints are
-    newer than 6.12: Debian trixie's kernel has vmscan's memcg reclaim ones but no memcg/)."""
-    tracepoint = _USAGE_TRACEPOINTS.get(requested)
-    if tracepoint is None or (tracefs / "events" / tracepoint).is_dir():
-        return requested
-    return UsageSource.NONE
+def counter_offsets(btf: Btf) -> dict[str, int]:
+    """The struct offsets of the COUNTER program, from the running kernel's BTF.
+
+    Raises BtfError when a member is missing or has another size, or when the raw tracepoint's
+    prototype is not (struct mem_cgroup *, int, <integer>): another kernel's layout.
+    """
+    args = tuple(btf.raw_tracepoint_args(COUNTER_TRACEPOINT))
+    if args[:2] != _COUNTER_ARGS or len(args) != 3:
+        raise BtfError(f"raw tracepoint {COUNTER_TRACEPOINT} has arguments {args}")
+    offsets: dict[str, int] = {}
+    for name, (struct_name, path, size) in _COUNTER_FIELDS.items():
+        seen = btf.member_size(struct_name, path)
+        if seen != size:
+            raise BtfError(f"struct {struct_name}.{path} is {seen} bytes, expected {size}")
+        offsets[name] = btf.member_offset(struct_name, path)
+    return offsets
+
+
+def _source_available(
+    source: UsageSource, tracefs: Path, btf_path: Path
+) -> tuple[bool, str, dict[str, int]]:
+    tracepoint = _USAGE_TRACEPOINTS.get(source)
+    if tracepoint is not None and not (tracefs / "events" / tracepoint).is_dir():
+        return False, f"no tracepoint {tracepoint}", {}
+    if source is not UsageSource.COUNTER:
+        return True, "", {}
+    try:
+        return True, "", counter_offsets(load_btf(btf_path))
+    except BtfError as e:
+        return False, f"kernel BTF: {e}", {}
+
+
+def resolve_usage_source(
+    requested: UsageSource, tracefs: Path = TRACEFS, btf_path: Path = VMLINUX_BTF
+) -> tuple[UsageSource, dict[str, int]]:
+    """The first available source from `requested` down its fallbacks (COUNTER > LRU > NONE;
+    PGPGIN > NONE), with the struct offsets it needs (COUNTER only)."""
+    source = requested
+    while True:
+        ok, why, offsets = _source_available(source, tracefs, btf_path)
+        if ok:
+            return source, offsets
+        fallback = _FALLBACK[source]
+        log.warning(
+            "memwatch: usage source %s unavailable (%s); trying %s", source.name, why, fallback.name
+        )
+        source = fallback
+
+
+def supported_usage_source(
+    requested: UsageSource, tracefs: Path = TRACEFS, btf_path: Path = VMLINUX_BTF
+) -> UsageSource:
+    """`requested`, or the first fallback the kernel supports (the memcg tracepoints are newer
+    than 6.12: Debian trixie's kernel has vmscan's memcg reclaim ones but no memcg/)."""
+    return resolve_usage_source(requested, tracefs, btf_path)[0]
 
 
 def program_cflags(
@@ -167,7 +248,8 @@ def program_cflags(
     max_pids: int = DEFAULT_MAX_PIDS,
     ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
     page_size: int | None = None,
-    usage_source: UsageSource = UsageSource.LRU,
+    usage_source: UsageSource = UsageSource.COUNTER,
+    offsets: dict[str, int] | None = None,
 ) -> list[str]:
     if page_size is None:
         page_size = os.sysconf("SC_PAGE_SIZE")
@@ -183,6 +265,7 @@ def program_cflags(
         f"-DMW_RINGBUF_PAGES={ringbuf_pages}",
         f"-DMW_FILTER_SLOTS={FILTER_SLOTS}",
         f"-DMW_USAGE_SOURCE={int(usage_source)}",
+        *(f"-D{name}={value}" for name, value in sorted((offsets or {}).items())),
     ]
 
 
@@ -212,7 +295,7 @@ class MemoryMonitor:
         max_pids: int = DEFAULT_MAX_PIDS,
         ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
         poll_timeout_ms: int = DEFAULT_POLL_TIMEOUT_MS,
-        usage_source: UsageSource = UsageSource.LRU,
+        usage_source: UsageSource = UsageSource.COUNTER,
     ) -> None:
         constants = read_header_constants(BPF_HEADER.read_text())
         check_header(constants)
@@ -220,32 +303,51 @@ class MemoryMonitor:
         self._on_event = on_event
         self._poll_timeout_ms = poll_timeout_ms
         self._page_size = os.sysconf("SC_PAGE_SIZE")
-        self.usage_source = supported_usage_source(usage_source)
-        if self.usage_source is not usage_source:
-            log.warning(
-                "memwatch: no tracepoint for usage source %s on this kernel; using %s (no "
-                "in-kernel usage estimate or soft threshold)",
-                usage_source.name,
-                self.usage_source.name,
-            )
-        usage_source = self.usage_source
-        self._cflags = program_cflags(
-            max_watches=max_watches,
-            max_pids=max_pids,
-            ringbuf_pages=ringbuf_pages,
-            usage_source=usage_source,
-        )
-        if print_program:
-            print(describe_program(self._cflags))  # the hidden --ebpf flag (as runqlat)
         try:
             from bcc import BPF
         except ImportError as e:
             raise MonitorError(f"bcc python module not importable: {e}") from e
-        try:
-            # bcc wants the path as bytes (str: DeprecationWarning), the cflags as str.
-            self._bpf: Any = BPF(src_file=os.fsencode(BPF_SOURCE), cflags=self._cflags)
-        except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
-            raise MonitorError(f"loading {BPF_SOURCE.name} failed: {e}") from e
+        source, offsets = resolve_usage_source(usage_source)
+        self._bpf: Any = None
+        while True:
+            self._cflags = program_cflags(
+                max_watches=max_watches,
+                max_pids=max_pids,
+                ringbuf_pages=ringbuf_pages,
+                usage_source=source,
+                offsets=offsets,
+            )
+            if print_program:
+                print(describe_program(self._cflags))  # the hidden --ebpf flag (as runqlat)
+            try:
+                # bcc wants the path as bytes (str: DeprecationWarning), the cflags as str.
+                self._bpf = BPF(src_file=os.fsencode(BPF_SOURCE), cflags=self._cflags)
+                if source is UsageSource.COUNTER:
+                    # Verified and attached once now, so a kernel that refuses it falls back
+                    # here rather than at the first arming.
+                    self._bpf.load_func(_COUNTER_FN, BPF.RAW_TRACEPOINT)
+                    self._bpf.attach_raw_tracepoint(tp=_COUNTER_TP, fn_name=_COUNTER_FN)
+                    self._bpf.detach_raw_tracepoint(tp=_COUNTER_TP)
+                break
+            except Exception as e:  # bcc raises bare Exception on compile/load/attach errors
+                if self._bpf is not None:
+                    self._bpf.cleanup()
+                    self._bpf = None
+                fallback = _FALLBACK.get(source)
+                if fallback is None:
+                    raise MonitorError(f"loading {BPF_SOURCE.name} failed: {e}") from e
+                # A kernel whose tracepoint or verifier disagrees with what BTF promised: the
+                # monitor degrades (down to NONE: no per-page program), it does not fail.
+                log.warning(
+                    "memwatch: loading with usage source %s failed (%s); trying %s",
+                    source.name,
+                    e,
+                    fallback.name,
+                )
+                source, offsets = resolve_usage_source(fallback)
+        self.usage_source = source
+        if source is not usage_source:
+            log.warning("memwatch: usage source %s, not %s", source.name, usage_source.name)
         try:
             self._watches: Any = self._bpf[b"watches"]
             self._state: Any = self._bpf[b"watch_state"]
@@ -257,6 +359,8 @@ class MemoryMonitor:
             self._bpf.cleanup()
             raise MonitorError(f"opening the maps of {BPF_SOURCE.name} failed: {e}") from e
         self._lock = threading.Lock()
+        self._armed: set[int] = set()
+        self._counter_attached = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -291,13 +395,24 @@ class MemoryMonitor:
     # -- maps --
 
     def watch(
-        self, cgroup_id: int, *, soft_bytes: int, limit_bytes: int, stop_bytes: int = 0
+        self,
+        cgroup_id: int,
+        *,
+        soft_bytes: int,
+        limit_bytes: int,
+        stop_bytes: int = 0,
+        armed: bool = True,
     ) -> None:
         """Watch a cgroup, or update its thresholds and re-arm its crossings (usage is kept).
 
         soft_bytes=0 disables the soft threshold. stop_bytes>0: the kernel SIGSTOPs the watched
         process whose charge takes the estimate there (EventKind.STOP, then STOPPED once in
         effect); needs a usage source with an estimate (not NONE).
+
+        armed: with the COUNTER source, the per-page program runs only while at least one
+        watch is armed (see `arm`); armed=False leaves arming to the caller, typically on a
+        kernel usage threshold below soft/stop (cgroup driver `watch_usage`). The limit, OOM,
+        exec and exit events do not depend on arming. Other sources are always armed.
         """
         if soft_bytes < 0 or limit_bytes < 0 or stop_bytes < 0:
             raise ValueError(f"cgroup {cgroup_id}: thresholds must be >= 0")
@@ -320,6 +435,44 @@ class MemoryMonitor:
                     )
             except Exception as e:  # bcc: "Could not update table: <strerror>"
                 raise MonitorError(f"cgroup {cgroup_id}: watch failed: {e}") from e
+        if armed:
+            self.arm(cgroup_id)
+
+    def arm(self, cgroup_id: int) -> None:
+        """Let the per-page program look at this cgroup (attached while any watch is armed)."""
+        with self._lock:
+            self._armed.add(cgroup_id)
+            self._sync_counter()
+
+    def disarm(self, cgroup_id: int) -> None:
+        with self._lock:
+            self._armed.discard(cgroup_id)
+            self._sync_counter()
+
+    @property
+    def per_page_attached(self) -> bool:
+        """Whether a per-page program is attached now (always, for LRU and PGPGIN)."""
+        if self.usage_source is UsageSource.COUNTER:
+            return self._counter_attached
+        return self.usage_source is not UsageSource.NONE
+
+    def _sync_counter(self) -> None:
+        # Under self._lock. Attach/detach is a bpf(2) call on an already verified program.
+        if self.usage_source is not UsageSource.COUNTER or self._closed:
+            return
+        want = bool(self._armed)
+        if want == self._counter_attached:
+            return
+        try:
+            if want:
+                self._bpf.attach_raw_tracepoint(tp=_COUNTER_TP, fn_name=_COUNTER_FN)
+            else:
+                self._bpf.detach_raw_tracepoint(tp=_COUNTER_TP)
+        except Exception as e:
+            what = "attaching" if want else "detaching"
+            raise MonitorError(f"{what} memwatch_counter: {e}") from e
+        self._counter_attached = want
+        log.debug("memwatch: per-page program %s", "attached" if want else "detached")
 
     def add_pid(self, pid: int, cgroup_id: int) -> None:
         """Attribute process `pid` (and, in-kernel, every process it forks) to a cgroup."""
@@ -340,6 +493,8 @@ class MemoryMonitor:
         """Forget a cgroup: its thresholds, counters and every pid attributed to it."""
         key = self._watches.Key(cgroup_id)
         with self._lock:
+            self._armed.discard(cgroup_id)
+            self._sync_counter()
             # Thresholds first: from then on no handler looks at this cgroup.
             try:
                 del self._watches[key]
@@ -433,13 +588,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, action="append", default=[], help="attribute a pid")
     parser.add_argument("--seconds", type=float, default=0, help="stop after (0: until ^C)")
     parser.add_argument(
-        "--usage-source", choices=[s.name for s in UsageSource], default=UsageSource.LRU.name
+        "--usage-source", choices=[s.name for s in UsageSource], default=UsageSource.COUNTER.name
     )
     args = parser.parse_args(argv)
 
     source = UsageSource[args.usage_source]
     if args.ebpf:
-        print(describe_program(program_cflags(usage_source=source)))
+        source, offsets = resolve_usage_source(source)
+        print(describe_program(program_cflags(usage_source=source, offsets=offsets)))
         return 0
     if args.cgroup_dir is None:
         from agentcg.node.cgroup import current_cgroup_dir

@@ -12,9 +12,9 @@ import pytest
 from agentcg.node.agent import NodeAgent
 from agentcg.node.cgroup import CgroupV1Driver
 from agentcg.node.monitor import MemoryMonitor
-from agentcg.v1 import broker_pb2, types_pb2
+from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
-from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+from .agent_helpers import MakeAgent, MiB, NoContext, StubUplink, make_lease, run_call
 
 pytestmark = pytest.mark.kernel
 
@@ -38,6 +38,7 @@ def test_many_calls_leave_nothing_behind(
     monitor = agent_monitor[0]
     warmup = min(1000, CALLS // 10)
     rss: dict[str, int] = {}
+    fds_before = len(os.listdir("/proc/self/fd"))
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
@@ -69,6 +70,9 @@ def test_many_calls_leave_nothing_behind(
     assert driver.children() == [], "cgroups left behind"
     assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
     assert monitor.drop_counts().events == 0
+    assert not monitor.per_page_attached, "per-page accounting left armed"
+    # Each call's usage-threshold eventfd is closed with it.
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
     assert uplink.kinds["finished"] == CALLS
     # Flat: what the node holds does not grow with the number of calls it has run. The
     # allocator settles during the first half after warm-up; a per-call leak would grow the
@@ -187,3 +191,43 @@ def test_preempt_decision_stops_a_running_call(
 
     asyncio.run(main())
     assert driver.children() == []
+
+
+def test_per_page_accounting_runs_only_above_the_arm_threshold(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+) -> None:
+    # Budget 64 MiB: soft 51 MiB; per-page accounting armed from 25.6 MiB by the kernel's own
+    # usage threshold (v1), disarmed when the call ends.
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    monitor = agent_monitor[0]
+    seen: dict[str, object] = {}
+    code = (
+        "import time\n"
+        "a = b'x' * (8 << 20); print('low', flush=True); time.sleep(1.5)\n"
+        "b = b'x' * (32 << 20); print('high', flush=True); time.sleep(1.5)\n"
+    )
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        uplink.broker.leases["l1"] = make_lease("l1")
+        request = node_pb2.ExecRequest(
+            lease_id="l1", argv=[sys.executable, "-c", code], capture_output=True
+        )
+        async for ev in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
+            if ev.HasField("output"):
+                line = ev.output.data.decode().strip()
+                await asyncio.sleep(0.5)  # the threshold's eventfd is read on this loop
+                seen[line] = monitor.per_page_attached
+                stats = monitor.stats(agent.calls["l1"].cgroup_id)
+                seen[line + "_usage"] = stats.usage_bytes if stats else None
+        seen["after"] = monitor.per_page_attached
+
+    asyncio.run(main())
+    assert seen["low"] is False, seen
+    assert seen["high"] is True, seen
+    usage = seen["high_usage"]
+    assert isinstance(usage, int) and usage >= 40 * MiB, seen  # the memcg's own counter
+    assert seen["after"] is False, seen

@@ -136,3 +136,55 @@ def test_dry_run_reports_but_writes_nothing(
         "throttle",
         "pause",
     ]
+
+
+def test_in_kernel_stop_pauses_before_the_limit_then_grows(
+    driver: CgroupV1Driver, make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    # stop_fraction: the kernel SIGSTOPs the allocator at 90% of its 64 MiB budget (no reclaim
+    # at the limit); the node freezes the call, asks the broker, and on growth thaws + SIGCONTs.
+    uplink = StubUplink()
+    agent = make_agent(uplink, NodePolicy(stop_fraction=0.9, throttle=False, broker_timeout_s=30))
+    uplink.broker.leases["l1"] = make_lease("l1")
+    release = tmp_path / "release"
+    code = (
+        "import os, time\nkeep = []\n"
+        "for _ in range(80):\n    keep.append(b'x' * (1 << 20)); time.sleep(0.003)\n"
+        f"while not os.path.exists({str(release)!r}): time.sleep(0.01)\n"
+    )
+
+    async def main() -> list[node_pb2.ExecEvent]:
+        agent.loop = asyncio.get_running_loop()
+        call = asyncio.create_task(run_call(agent, "l1", [sys.executable, "-c", code]))
+        await wait_for(lambda: limit_asks(uplink), "the in-kernel stop and the ask")
+        [ask] = limit_asks(uplink)
+        c = agent.calls["l1"]
+        assert c.stopped and c.frozen
+        stats = driver.read_stats(c.cgroup)
+        assert not stats.under_oom  # stopped before the kernel's own pause at the limit
+        # Stopped at its 57.6 MiB stop threshold (give or take the kernel's per-cpu charge batch).
+        assert 56 * MiB <= stats.peak_bytes < 64 * MiB, stats
+        await agent.on_decision(
+            broker_pb2.Decision(
+                decision_id="d1",
+                lease_id="l1",
+                event_id=ask.event_id,
+                kind=broker_pb2.DECISION_KIND_GROW,
+                new_budget_bytes=128 * MiB,
+                epoch=2,
+            )
+        )
+        assert not c.stopped and not c.frozen
+        # It goes on to its 80 MiB (SIGCONT), under the new budget.
+        await wait_for(
+            lambda: driver.read_stats(c.cgroup).usage_bytes >= 80 * MiB, "the call to resume"
+        )
+        release.touch()
+        return await asyncio.wait_for(call, 30)
+
+    events = asyncio.run(main())
+    seen = [e.enforcement.action for e in events if e.HasField("enforcement")]
+    exited = events[-1].exited
+    assert seen == ["pause", "grow"], seen
+    assert exited.outcome == types_pb2.OUTCOME_GROWN and exited.exit_code == 0
+    assert driver.children() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -195,3 +196,33 @@ def test_clear_kills_and_removes_leftovers(driver: CgroupV1Driver) -> None:
         gated.process.wait()
     assert not any(p.exists() for p in driver.paths().values())
     assert driver.children() == []
+
+
+def test_usage_threshold_and_pause_notifications(driver: CgroupV1Driver) -> None:
+    # The kernel's own v1 notifications, as eventfds: usage crossing a threshold (either way),
+    # and a task paused at the limit (oom_kill_disable).
+    import select
+
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, 48 << 20)
+    driver.set_pause_at_limit(cg, True)
+    usage_fd = driver.watch_usage(cg, 16 << 20)
+    pause_fd = driver.watch_pause(cg)
+    assert usage_fd is not None and pause_fd is not None
+    code = "import time\nb = bytearray(8 << 20)\ntime.sleep(2)\nc = bytearray(64 << 20)\n"
+    gated = spawn_gated([sys.executable, "-c", code])
+    try:
+        driver.attach(cg, gated.pid)
+        gated.release()
+        assert select.select([usage_fd, pause_fd], [], [], 1.0)[0] == []  # 8 MiB: below both
+        assert select.select([usage_fd], [], [], 10)[0] == [usage_fd]
+        assert os.eventfd_read(usage_fd) >= 1
+        assert select.select([pause_fd], [], [], 10)[0] == [pause_fd]  # 72 MiB > 48 MiB limit
+        assert driver.read_stats(cg).under_oom is True
+    finally:
+        os.close(usage_fd)
+        os.close(pause_fd)
+        driver.kill(cg)
+        gated.process.wait()
+    with pytest.raises(ValueError):
+        driver.watch_usage(cg, 0)

@@ -127,3 +127,19 @@ def test_limit_while_throttled_asks_broker() -> None:
 )
 def test_denial(phase: CallPhase, at_limit: bool, expected: type) -> None:
     assert isinstance(on_denied(call(phase), at_limit, "denied"), expected)
+
+
+@pytest.mark.parametrize(
+    ("policy", "budget", "arm", "stop"),
+    [
+        (NodePolicy(), 64 << 20, int((64 << 20) * 0.8 * 0.5), 0),  # stop off by default
+        (NodePolicy(stop_fraction=0.9), 64 << 20, int((64 << 20) * 0.4), int((64 << 20) * 0.9)),
+        (NodePolicy(arm_fraction=0.0), 64 << 20, 4096, 0),  # armed from the first page
+        (NodePolicy(), 0, 4096, 0),
+    ],
+)
+def test_arm_and_stop_thresholds(policy: NodePolicy, budget: int, arm: int, stop: int) -> None:
+    from agentcg.node.enforcement import arm_threshold, stop_threshold
+
+    assert arm_threshold(budget, policy) == arm
+    assert stop_threshold(budget, policy) == stop

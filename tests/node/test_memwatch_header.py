@@ -62,13 +62,19 @@ def test_program_cflags_are_defines_not_text_edits() -> None:
         "-DMW_PAGE_SHIFT=12",
         "-DMW_RINGBUF_PAGES=4",
         "-DMW_FILTER_SLOTS=4096",
-        "-DMW_USAGE_SOURCE=2",  # UsageSource.LRU by default
+        "-DMW_USAGE_SOURCE=4",  # UsageSource.COUNTER by default
     ]
     assert program_cflags(usage_source=UsageSource.PGPGIN)[-1] == "-DMW_USAGE_SOURCE=1"
+    # Struct offsets (from BTF) are defines too, in a stable order.
+    assert program_cflags(offsets={"MW_OFF_KN_ID": 96, "MW_OFF_CGROUP_KN": 256})[-2:] == [
+        "-DMW_OFF_CGROUP_KN=256",
+        "-DMW_OFF_KN_ID=96",
+    ]
     with pytest.raises(MonitorError, match="power of two"):
         program_cflags(ringbuf_pages=3)
     text = describe_program(cflags)
     assert "-DMAX_WATCHES=16" in text and "TRACEPOINT_PROBE(memcg, mod_memcg_lruvec_state)" in text
+    assert "int memwatch_counter(struct bpf_raw_tracepoint_args *ctx)" in text
 
 
 def test_usage_source_falls_back_when_the_kernel_lacks_its_tracepoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -82,3 +88,11 @@ def test_usage_source_falls_back_when_the_kernel_lacks_its_tracepoint(tmp_path) 
     (tmp_path / "events" / "memcg" / "mod_memcg_lruvec_state").mkdir(parents=True)
     assert supported_usage_source(UsageSource.LRU, tmp_path) is UsageSource.LRU
     assert supported_usage_source(UsageSource.PGPGIN, tmp_path) is UsageSource.NONE
+    # COUNTER needs its tracepoint and BTF; without either it falls back to LRU.
+    no_btf = tmp_path / "no-btf"
+    assert supported_usage_source(UsageSource.COUNTER, tmp_path, no_btf) is UsageSource.LRU
+    (tmp_path / "events" / "memcg" / "count_memcg_events").mkdir(parents=True)
+    assert supported_usage_source(UsageSource.COUNTER, tmp_path, no_btf) is UsageSource.LRU
+    bad_btf = tmp_path / "bad-btf"
+    bad_btf.write_bytes(b"\0" * 64)
+    assert supported_usage_source(UsageSource.COUNTER, tmp_path, bad_btf) is UsageSource.LRU

@@ -21,6 +21,111 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ListCallsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """only this tenant's calls; empty: all"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallsRequest: _TypeAlias = ListCallsRequest  # noqa: Y015
+
+@_typing.final
+class ListCallsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    capacity_bytes: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallStatus]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+        calls: _abc.Iterable[Global___CallStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "capacity_bytes", b"capacity_bytes", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallsResponse: _TypeAlias = ListCallsResponse  # noqa: Y015
+
+@_typing.final
+class CallStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    COMMAND_CLASS_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    USAGE_BYTES_FIELD_NUMBER: _builtins.int
+    PEAK_BYTES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    GROWN_FIELD_NUMBER: _builtins.int
+    RUNNING_MS_FIELD_NUMBER: _builtins.int
+    RECENT_ACTIONS_FIELD_NUMBER: _builtins.int
+    ADOPTED_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    tenant: _builtins.str
+    session: _builtins.str
+    command_class: _builtins.str
+    budget_bytes: _builtins.int
+    usage_bytes: _builtins.int
+    """the cgroup's own counter, read now"""
+    peak_bytes: _builtins.int
+    state: _builtins.str
+    """running | throttled | paused | killed (node's view; frozen = paused)"""
+    grown: _builtins.int
+    """times the budget was grown"""
+    running_ms: _builtins.int
+    adopted: _builtins.bool
+    """attached or re-adopted, not started by this agent's Exec"""
+    @_builtins.property
+    def recent_actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Enforcement]:
+        """the last few, oldest first"""
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        session: _builtins.str = ...,
+        command_class: _builtins.str = ...,
+        budget_bytes: _builtins.int = ...,
+        usage_bytes: _builtins.int = ...,
+        peak_bytes: _builtins.int = ...,
+        state: _builtins.str = ...,
+        grown: _builtins.int = ...,
+        running_ms: _builtins.int = ...,
+        recent_actions: _abc.Iterable[Global___Enforcement] | None = ...,
+        adopted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "budget_bytes", b"budget_bytes", "command_class", b"command_class", "grown", b"grown", "lease_id", b"lease_id", "peak_bytes", b"peak_bytes", "recent_actions", b"recent_actions", "running_ms", b"running_ms", "session", b"session", "state", b"state", "tenant", b"tenant", "usage_bytes", b"usage_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015
+
+@_typing.final
 class AttachRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class NodeAgentStub:
                 request_serializer=agentcg_dot_v1_dot_node__pb2.AttachRequest.SerializeToString,
                 response_deserializer=agentcg_dot_v1_dot_node__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.ListCalls = channel.unary_unary(
+                '/agentcg.v1.NodeAgent/ListCalls',
+                request_serializer=agentcg_dot_v1_dot_node__pb2.ListCallsRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_node__pb2.ListCallsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -67,6 +72,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCalls(self, request, context):
+        """Read-only: the tool calls running on this node now, with their budget, usage and state
+        (what `agentcg top` shows).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +92,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=agentcg_dot_v1_dot_node__pb2.AttachRequest.FromString,
                     response_serializer=agentcg_dot_v1_dot_node__pb2.AttachResponse.SerializeToString,
+            ),
+            'ListCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCalls,
+                    request_deserializer=agentcg_dot_v1_dot_node__pb2.ListCallsRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_node__pb2.ListCallsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class NodeAgent:
             '/agentcg.v1.NodeAgent/Attach',
             agentcg_dot_v1_dot_node__pb2.AttachRequest.SerializeToString,
             agentcg_dot_v1_dot_node__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.NodeAgent/ListCalls',
+            agentcg_dot_v1_dot_node__pb2.ListCallsRequest.SerializeToString,
+            agentcg_dot_v1_dot_node__pb2.ListCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

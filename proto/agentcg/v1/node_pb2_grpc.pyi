@@ -41,6 +41,10 @@ class NodeAgentStub:
     Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
     where it was (cgroups do not move charges); what it allocates from now on is the call's.
     """
+    ListCalls: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListCallsRequest, _node_pb2.ListCallsResponse]
+    """Read-only: the tool calls running on this node now, with their budget, usage and state
+    (what `agentcg top` shows).
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -54,6 +58,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     is created if no call runs under the lease yet; the call is watched and enforced like an
     Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
     where it was (cgroups do not move charges); what it allocates from now on is the call's.
+    """
+    ListCalls: _aio.UnaryUnaryMultiCallable[_node_pb2.ListCallsRequest, _node_pb2.ListCallsResponse]  # type: ignore[assignment]
+    """Read-only: the tool calls running on this node now, with their budget, usage and state
+    (what `agentcg top` shows).
     """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -77,6 +85,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         is created if no call runs under the lease yet; the call is watched and enforced like an
         Exec'd one and ends when its cgroup is empty. Memory the process already had stays charged
         where it was (cgroups do not move charges); what it allocates from now on is the call's.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCalls(
+        self,
+        request: _node_pb2.ListCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListCallsResponse, _abc.Awaitable[_node_pb2.ListCallsResponse]]:
+        """Read-only: the tool calls running on this node now, with their budget, usage and state
+        (what `agentcg top` shows).
         """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
