@@ -304,7 +304,9 @@ class _Replay:
             if run.returncode == -signal.SIGKILL:
                 self.c.oom_kills += 1
                 self.event(run, "oom")
-            await self.session_shrink(run, 0)
+            # On the way out of an interrupted run the broker may be gone (its leases with it).
+            with contextlib.suppress(Exception):
+                await self.session_shrink(run, 0)
 
     def event(self, run: AgentRun, kind: str) -> None:
         self.events.append((time.monotonic() - self.go_at, run.plan.index, kind))

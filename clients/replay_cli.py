@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ def _table(results: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: the cleanup itself is not interrupted again
+    raise SystemExit(128 + signum)
+
+
 def bench_replay(
     console: Console,
     *,
@@ -58,6 +64,9 @@ def bench_replay(
     plot: Path | None,
 ) -> int:
     console = Console(width=max(180, console.width), highlight=False)
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool cgroup, the agents and the cluster
+    # are cleaned up on the way out instead of left behind.
+    signal.signal(signal.SIGTERM, _terminate)
     policies = list(POLICIES) if policy == "all" else [policy]
     if any(p not in POLICIES for p in policies):
         console.print(f"[red]error:[/red] --policy: one of {', '.join(POLICIES)}, all")

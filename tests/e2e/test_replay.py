@@ -8,8 +8,10 @@ invariants, never timings.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,7 @@ def bench(tmp_path: Path, traces: Path, *args: str) -> dict:
 def test_tiny_replay_all_policies(
     tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
 ) -> None:
+    replays_before = {p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-")}
     data = bench(tmp_path, traces, "--pool-of-oracle", "1.0", "--policy", "all")
     results = data["results"]
     assert [r["policy"] for r in results] == ["unlimited", "static", "agentcg"]
@@ -98,8 +101,8 @@ def test_tiny_replay_all_policies(
     assert agentcg["oom_kills"] == 0
     assert agentcg["agents_completed"] == 3
     # Nothing left behind: the pool cgroup and the node's tree are gone.
-    left = [p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-replay")]
-    assert left == []
+    left = {p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-replay")}
+    assert left <= replays_before
 
 
 @pytest.mark.kernel
@@ -137,3 +140,49 @@ def test_rejects_two_pool_sizes(tmp_path: Path, traces: Path) -> None:
     )
     assert proc.returncode == 2
     assert "exactly one" in proc.stdout + proc.stderr
+
+
+@pytest.mark.kernel
+def test_sigterm_cleans_up(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """A replay stopped with SIGTERM (timeout, kill) leaves no pool cgroup and no agent."""
+    before = replay_processes()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "agentcg"),
+            "bench",
+            "replay",
+            "--traces",
+            str(traces),
+            "--agents",
+            "3",
+            "--pool-of-oracle",
+            "1.0",
+            "--policy",
+            "agentcg",
+            "--speed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pool = f"agentcg-replay-{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not (cgroup_write / pool).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    time.sleep(3)  # broker, node and agents running
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert not (cgroup_write / pool).exists()
+    assert replay_processes() <= before
+
+
+def replay_processes() -> set[str]:
+    done = subprocess.run(
+        ["pgrep", "-f", "agentcg.clients.replay_(agent|node)"], capture_output=True, text=True
+    )
+    return set(done.stdout.split())
