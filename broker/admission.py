@@ -142,6 +142,16 @@ class Refuse:
     message: str
 
 
+def _no_nodes(retry_after_ms: int) -> Deny:
+    return Deny(
+        code="no_nodes",
+        message="no connected node can take work",
+        scope="cluster",
+        largest_memory_bytes_available=0,
+        retry_after_ms=retry_after_ms,
+    )
+
+
 def _tightest(levels: Sequence[QuotaLevel]) -> QuotaLevel:
     return min(levels, key=lambda lv: lv.free_memory_bytes)
 
@@ -257,13 +267,7 @@ def decide_reserve(
         )
     usable = within
     if not usable:
-        return Deny(
-            code="no_nodes",
-            message="no connected node can take work",
-            scope="cluster",
-            largest_memory_bytes_available=0,
-            retry_after_ms=retry_after_ms,
-        )
+        return _no_nodes(retry_after_ms)
     best = max(usable, key=lambda n: (n.free_memory_bytes, n.node_id))
     if memory_bytes > best.free_memory_bytes:
         return Deny(
@@ -304,13 +308,7 @@ def _place_declared(
                 retry_after_ms=retry_after_ms,
             )
     if not usable:
-        return Deny(
-            code="no_nodes",
-            message="no connected node can take work",
-            scope="cluster",
-            largest_memory_bytes_available=0,
-            retry_after_ms=retry_after_ms,
-        )
+        return _no_nodes(retry_after_ms)
 
     def added_intent(n: NodeView) -> int:
         old = n.claims.get(session)
