@@ -533,15 +533,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     def _resize(self, call: Call, new_budget: int, reason: str) -> None:
         if not self.policy.dry_run:
-            # Re-arm the in-kernel thresholds first, then raise the limit: a call that hits the
-            # new budget at once must produce a fresh event.
-            self._watch(call, new_budget)
+            # The in-kernel thresholds first, then raise the limit: a call that hits the new
+            # budget at once must produce a fresh event. The kernel usage threshold that arms
+            # per-page accounting is moved after the call runs again (it costs cgroup writes).
+            self._watch_thresholds(call, new_budget)
             self.driver.set_memory_limit(call.cgroup, new_budget)
             self.driver.set_memory_throttle(call.cgroup, None)
             if call.frozen:
                 self.driver.set_frozen(call.cgroup, False)
                 call.frozen = False
             self._resume_stopped(call)
+            self._watch_arming(call, new_budget)
         call.budget_bytes = new_budget
         call.grown += 1
         call.phase = CallPhase.RUNNING
@@ -553,6 +555,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         """Watch (or re-arm at a new budget) a call. Its per-page in-kernel accounting is armed
         by the kernel's own usage threshold at arm_threshold(budget) where the cgroup version
         has one (v1), else always."""
+        self._watch_thresholds(call, budget)
+        self._watch_arming(call, budget)
+
+    def _watch_thresholds(self, call: Call, budget: int) -> None:
         self.monitor.watch(
             call.cgroup_id,
             soft_bytes=soft_threshold(budget, self.policy),
@@ -560,6 +566,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             stop_bytes=stop_threshold(budget, self.policy) if self._has_estimate else 0,
             armed=False,
         )
+
+    def _watch_arming(self, call: Call, budget: int) -> None:
         self._close_arm(call)
         loop = self.loop
         fd = self.driver.watch_usage(call.cgroup, arm_threshold(budget, self.policy))
@@ -581,7 +589,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         except BlockingIOError:
             pass
         try:
-            usage = self.driver.read_stats(call.cgroup).usage_bytes
+            usage = self.driver.read_usage(call.cgroup)
         except CgroupError:
             return  # being removed
         if usage >= call.arm_bytes:

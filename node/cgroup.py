@@ -147,6 +147,10 @@ class CgroupDriver(Protocol):
 
     def read_stats(self, cg: Cgroup) -> CgroupStats: ...
 
+    def read_usage(self, cg: Cgroup) -> int:
+        """Memory charged to the cgroup now (one control file: cheaper than read_stats)."""
+        ...
+
     def kill(self, cg: Cgroup, *, timeout_s: float = 5.0) -> None:
         """SIGKILL every task of the cgroup and its descendants; return once none is left."""
         ...
@@ -476,6 +480,9 @@ class CgroupV1Driver:
         except OSError as e:
             raise CgroupError(f"cgroup {cg.path}: stat failed: {e.strerror}") from e
 
+    def read_usage(self, cg: Cgroup) -> int:
+        return parse_int(_read_text(cg.path / "memory.usage_in_bytes"), what="usage")
+
     def read_stats(self, cg: Cgroup) -> CgroupStats:
         d = cg.path
         oom = parse_oom_control(_read_text(d / "memory.oom_control"))
@@ -774,6 +781,9 @@ class CgroupV2Driver:
             return os.stat(cg.path).st_ino  # the kernfs id: what the memcg tracepoints report
         except OSError as e:
             raise CgroupError(f"cgroup {cg.path}: stat failed: {e.strerror}") from e
+
+    def read_usage(self, cg: Cgroup) -> int:
+        return parse_int(_read_text(cg.path / "memory.current"), what="memory.current")
 
     def read_stats(self, cg: Cgroup) -> CgroupStats:
         d = cg.path
