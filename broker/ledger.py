@@ -11,6 +11,7 @@ import heapq
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from .admission import NodeView, QuotaLevel, SessionClaim, SessionKey
 from .model import (
@@ -57,8 +58,9 @@ class Ledger:
         self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
         self._node_intent: dict[NodeId, int] = defaultdict(int)
-        # Declared sessions per node: (tenant, session) -> [held bytes, declared max, leases].
-        self._claims: dict[NodeId, dict[SessionKey, list[int]]] = defaultdict(dict)
+        # Declared sessions per node, and how many active leases each has there.
+        self._claims: dict[NodeId, dict[SessionKey, SessionClaim]] = defaultdict(dict)
+        self._claim_leases: dict[SessionKey, int] = {}
         self._session_node: dict[SessionKey, NodeId] = {}
         # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
         # finding the due leases costs O(due log n), not a scan of every lease.
@@ -97,10 +99,7 @@ class Ledger:
             pressured=n.node_id in self.pressured,
             intent_memory_bytes=self._node_intent[n.node_id],
             overcommit_ceiling_bytes=int(n.memory_capacity_bytes * self.overcommit_ratio),
-            claims={
-                k: SessionClaim(held, max(top, held))
-                for k, (held, top, _) in self._claims[n.node_id].items()
-            },
+            claims=MappingProxyType(self._claims[n.node_id]),  # read-only, not copied
         )
 
     def node_views(self) -> list[NodeView]:
@@ -114,8 +113,7 @@ class Ledger:
         node = self._session_node.get(key)
         if node is None:
             return None
-        held, top, _ = self._claims[node][key]
-        return node, SessionClaim(held, max(top, held))
+        return node, self._claims[node][key]
 
     def granted_bytes(self, name: TenantName) -> int:
         return self._subtree_bytes[name]
@@ -235,19 +233,22 @@ class Ledger:
         """A declared session's intent on its node is its maximum, counted once."""
         key = (lease.tenant, lease.session)
         claims = self._claims[lease.node_id]
-        entry = claims.get(key)
-        if entry is None:
+        old = claims.get(key)
+        if old is None:
             if sign < 0:
                 return
-            entry = claims[key] = [0, 0, 0]
+            old = SessionClaim(0, 0)
             self._session_node[key] = lease.node_id
-        entry[0] += sign * lease.memory_bytes
-        entry[2] += sign
-        if entry[2] <= 0:
-            self._node_intent[lease.node_id] -= entry[1]
+        leases = self._claim_leases.get(key, 0) + sign
+        if leases <= 0:
+            self._node_intent[lease.node_id] -= old.max_bytes
             del claims[key]
+            del self._claim_leases[key]
             self._session_node.pop(key, None)
             return
-        top = max(entry[1], lease.session_max_memory_bytes, entry[0])
-        self._node_intent[lease.node_id] += top - entry[1]
-        entry[1] = top
+        held = old.held_bytes + sign * lease.memory_bytes
+        # The maximum only rises while the session lives, so it never falls below what it holds.
+        top = max(old.max_bytes, lease.session_max_memory_bytes, held)
+        self._node_intent[lease.node_id] += top - old.max_bytes
+        claims[key] = SessionClaim(held, top)
+        self._claim_leases[key] = leases
