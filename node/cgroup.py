@@ -487,7 +487,7 @@ class CgroupV1Driver:
         d = cg.path
         oom = parse_oom_control(_read_text(d / "memory.oom_control"))
         return CgroupStats(
-            usage_bytes=parse_int(_read_text(d / "memory.usage_in_bytes"), what="usage"),
+            usage_bytes=self.read_usage(cg),
             peak_bytes=parse_int(_read_text(d / "memory.max_usage_in_bytes"), what="peak"),
             limit_bytes=parse_memory_limit(_read_text(d / "memory.limit_in_bytes")),
             oom_kills=oom.oom_kill,
@@ -787,7 +787,7 @@ class CgroupV2Driver:
 
     def read_stats(self, cg: Cgroup) -> CgroupStats:
         d = cg.path
-        usage = parse_int(_read_text(d / "memory.current"), what="memory.current")
+        usage = self.read_usage(cg)
         try:
             peak = parse_int(_read_text(d / "memory.peak"), what="memory.peak")
         except CgroupError:
