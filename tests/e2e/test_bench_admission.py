@@ -1,0 +1,53 @@
+"""`agentcg bench admission` end to end, shrunk: a real broker process, real load generator
+processes and simulated node streams. Checks that every phase ran and reported what it says
+(keys, counts, consistency), never how fast."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+KEYS = {
+    "noop_rps",
+    "reserve_release_rps",
+    "ratio",
+    "noop_p99_ms_at_rate",
+    "p50_ms",
+    "p99_ms",
+    "client_send_late_p99_ms",
+    "p99_over_noop_p99",
+    "stream_decisions_per_s",
+    "p99_ms_10k_leases",
+    "p99_ratio_10k_leases",
+    "broker_rss_mb",
+}
+
+
+def test_bench_admission_runs_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "admission.json"
+    # fmt: off
+    argv = [
+        sys.executable, "-m", "agentcg.clients.cli", "bench", "admission",
+        "--seconds", "0.5", "--processes", "1", "--concurrency", "2", "--rate", "100",
+        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--json", str(out),
+    ]
+    # fmt: on
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert KEYS <= result.keys()
+    assert result["rate_errors"] == 0
+    assert result["rate_rounds"] == 2
+    assert result["live_leases"] == 300 and result["node_streams"] == 3
+    for key in ("noop_rps", "reserve_release_rps", "stream_decisions_per_s", "broker_rss_mb"):
+        assert result[key] > 0, key
+    # ratio is computed before rps are rounded to integers
+    assert abs(result["ratio"] - result["reserve_release_rps"] / result["noop_rps"]) < 0.01
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert result["p99_ratio_10k_leases"] == round(
+        result["p99_ms_10k_leases"] / result["p99_ms"], 3
+    )
+    # The printed table carries the same figures.
+    assert "p99_ratio_10k_leases" in proc.stdout
