@@ -15,8 +15,10 @@ import signal
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from agentcg.errors import (
@@ -68,6 +70,8 @@ tracer = trace.get_tracer(__name__)
 
 _OUTPUT_CHUNK = 64 * 1024
 
+_T = TypeVar("_T")
+
 
 def lease_view(lease: types_pb2.Lease) -> LeaseView:
     return LeaseView(
@@ -116,6 +120,8 @@ class Call:
     )
     arm_fd: int = -1  # eventfd of the kernel usage threshold that arms per-page accounting
     arm_bytes: int = 0
+    arm_gen: int = 0  # bumped per (re-)registration and at unwatch: a late one is dropped
+    removed: asyncio.Future[None] | None = None  # its cgroup's removal, once it has ended
     started_s: float = field(default_factory=time.monotonic)
 
     def view(self) -> CallView:
@@ -131,21 +137,38 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         uplink: Uplink,
         capacity_bytes: int,
         policy: NodePolicy | None = None,
+        cgroup_io: Executor | None = None,
     ) -> None:
         self.node_id = node_id
         self.driver = driver
+        # The cgroup operations that can block for milliseconds run here, not on the event
+        # loop that applies every call's decisions: creating, attaching to and removing call
+        # cgroups, and registering kernel usage thresholds (v1 waits for an RCU grace period
+        # to register one: 5-35 ms seen per write to cgroup.event_control; moving a task in
+        # cgroup.procs took 10-30 ms). One thread, so they happen in the order submitted: a
+        # call's cgroup is created before it is attached to and removed after, a session's dir
+        # removed before a later call creates it again. The actions themselves (raise a limit,
+        # thaw, kill) stay direct.
+        self._cgroup_io = cgroup_io or ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
         self.monitor = monitor
         self.uplink = uplink
         self.capacity_bytes = capacity_bytes
         self.policy = policy or NodePolicy()
         self.calls: dict[str, Call] = {}  # by lease id
         self._by_cgroup: dict[int, Call] = {}
+        self._starting: dict[str, asyncio.Event] = {}  # lease id -> its call being set up
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
         self._has_estimate = monitor.usage_source is not UsageSource.NONE
         if self.policy.stop_fraction > 0 and not self._has_estimate:
             log.warning("in-kernel stop off: usage source NONE has no in-kernel usage estimate")
         self._adopt_poll: asyncio.Task[None] | None = None
+
+    def _io(self, fn: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
+        """Run a slow cgroup operation on the cgroup-I/O thread (in submission order). Await it
+        shielded: a cancelled caller must not cancel (or lose the result of) the operation."""
+        assert self.loop is not None
+        return self.loop.run_in_executor(self._cgroup_io, fn, *args)
 
     # -- monitor events (from the poller thread) -----------------------------------------------
 
@@ -535,7 +558,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if not self.policy.dry_run:
             # The in-kernel thresholds first, then raise the limit: a call that hits the new
             # budget at once must produce a fresh event. The kernel usage threshold that arms
-            # per-page accounting is moved after the call runs again (it costs cgroup writes).
+            # per-page accounting is moved after the call runs again, off the loop (the kernel
+            # takes an RCU grace period, ms, to register it); at its budget the call is above
+            # any arm threshold, so it stays armed until the new threshold is in place.
             self._watch_thresholds(call, new_budget)
             self.driver.set_memory_limit(call.cgroup, new_budget)
             self.driver.set_memory_throttle(call.cgroup, None)
@@ -543,6 +568,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 self.driver.set_frozen(call.cgroup, False)
                 call.frozen = False
             self._resume_stopped(call)
+            self.monitor.arm(call.cgroup_id)
             self._watch_arming(call, new_budget)
         call.budget_bytes = new_budget
         call.grown += 1
@@ -551,12 +577,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     # -- watching: thresholds in the monitor, per-page accounting armed by the kernel ----------
 
-    def _watch(self, call: Call, budget: int) -> None:
-        """Watch (or re-arm at a new budget) a call. Its per-page in-kernel accounting is armed
-        by the kernel's own usage threshold at arm_threshold(budget) where the cgroup version
-        has one (v1), else always."""
+    async def _watch(self, call: Call, budget: int) -> None:
+        """Watch a call. Its per-page in-kernel accounting is armed by the kernel's own usage
+        threshold at arm_threshold(budget) where the cgroup version has one (v1), else always;
+        returns once that threshold is registered."""
         self._watch_thresholds(call, budget)
-        self._watch_arming(call, budget)
+        await asyncio.shield(self._watch_arming(call, budget))
 
     def _watch_thresholds(self, call: Call, budget: int) -> None:
         self.monitor.watch(
@@ -567,18 +593,35 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             armed=False,
         )
 
-    def _watch_arming(self, call: Call, budget: int) -> None:
-        self._close_arm(call)
+    def _watch_arming(self, call: Call, budget: int) -> asyncio.Future[int | None]:
+        """(Re-)register the kernel usage threshold at arm_threshold(budget) on the cgroup-I/O
+        thread; once registered, its eventfd is read on the loop. A registration that a later
+        one or the call's end overtook is closed unused."""
+        assert self.loop is not None
         loop = self.loop
-        fd = self.driver.watch_usage(call.cgroup, arm_threshold(budget, self.policy))
-        if fd is None or loop is None:
-            if fd is not None:
-                os.close(fd)
-            self.monitor.arm(call.cgroup_id)
-            return
-        call.arm_fd, call.arm_bytes = fd, arm_threshold(budget, self.policy)
-        loop.add_reader(fd, self._on_usage_threshold, call)
-        self._on_usage_threshold(call)  # it may be above already
+        self._close_arm(call)
+        call.arm_gen += 1
+        gen, threshold = call.arm_gen, arm_threshold(budget, self.policy)
+        registering = self._io(self.driver.watch_usage, call.cgroup, threshold)
+
+        def registered(fut: asyncio.Future[int | None]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            fd = None if fut.cancelled() or exc is not None else fut.result()
+            if gen != call.arm_gen or loop.is_closed():
+                if fd is not None:
+                    os.close(fd)
+                return
+            if exc is not None:
+                log.warning("call %s: cannot watch its usage: %s", call.call_id, exc)
+            elif fd is None:
+                self.monitor.arm(call.cgroup_id)  # no kernel usage threshold (v2): always
+            else:
+                call.arm_fd, call.arm_bytes = fd, threshold
+                loop.add_reader(fd, self._on_usage_threshold, call)
+                self._on_usage_threshold(call)  # it may be above already
+
+        registering.add_done_callback(registered)
+        return registering
 
     def _on_usage_threshold(self, call: Call) -> None:
         """The kernel saw the call's usage cross its arm threshold (either way)."""
@@ -606,6 +649,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.arm_fd = -1
 
     def _unwatch(self, call: Call) -> None:
+        call.arm_gen += 1  # a registration still in flight is closed when it lands
         self._close_arm(call)
         self.monitor.unwatch(call.cgroup_id)
 
@@ -770,15 +814,19 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     yield call.events.get_nowait()
                 break
             returncode = waiter.result()
-            yield node_pb2.ExecEvent(exited=self._finish(call, returncode, started))
+            exited = self._finish(call, returncode, started)
+            await self._removed(call)  # reported once its cgroup is gone
+            yield node_pb2.ExecEvent(exited=exited)
         finally:
             if proc.returncode is None:
                 # The caller went away mid-call: the tool call goes with it.
                 log.info("call %s: caller disconnected; killing it", call.call_id)
                 call.kill_reason = "caller disconnected"
-                self.driver.kill(call.cgroup)
+                assert self.loop is not None
+                await asyncio.shield(self.loop.run_in_executor(None, self.driver.kill, call.cgroup))
                 await proc.wait()
                 self._finish(call, proc.returncode or -9, started)
+                await self._removed(call)
 
     async def _start(
         self, request: node_pb2.ExecRequest
@@ -789,25 +837,23 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             raise InvalidArgumentError("lease_id", str(e)) from None
         if not request.argv or not request.argv[0]:
             raise InvalidArgumentError("argv", "must not be empty")
-        if lease_id in self.calls:
+        if lease_id in self.calls or lease_id in self._starting:
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
         lease, tenant, session = await self._fetch_lease(lease_id)
-        if lease_id in self.calls:  # a concurrent Exec won the race during GetLease
+        if lease_id in self.calls or lease_id in self._starting:  # a concurrent Exec won
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
         budget = lease.budget.memory_bytes
         call_id = lease_id
         self._users[(tenant,)] += 1
         self._users[(tenant, session)] += 1
-        cg: Cgroup | None = None
+        starting = self._starting[lease_id] = asyncio.Event()
+        cg = self._dir(tenant, session, call_id)
         try:
-            cg = self.driver.create(tenant, session, call_id)
-            self.driver.set_memory_limit(cg, budget)
-            self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
             call = Call(
                 call_id=call_id,
                 lease=lease,
                 cgroup=cg,
-                cgroup_id=self.driver.cgroup_id(cg),
+                cgroup_id=await asyncio.shield(self._io(self._create_call_cgroup, cg, budget)),
                 budget_bytes=budget,
                 events=asyncio.Queue(),
             )
@@ -832,8 +878,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             gate = proc.stdin
             assert gate is not None
             try:
-                self.driver.attach(cg, proc.pid)
-                self._watch(call, budget)
+                await asyncio.shield(self._io(self.driver.attach, cg, proc.pid))
+                await self._watch(call, budget)
                 self.monitor.add_pid(proc.pid, call.cgroup_id)
             except BaseException:
                 gate.close()  # never released: sh exits without running the call
@@ -845,8 +891,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             gate.write(GATE_RELEASE)
             gate.close()
         except BaseException:
-            self._release_dirs(tenant, session, cg)
+            await asyncio.shield(self._release_dirs(tenant, session, cg))
             raise
+        finally:
+            del self._starting[lease_id]
+            starting.set()
         log.info(
             "start call %s lease %s tenant %s session %s budget %d pid %d argv %r",
             call_id,
@@ -954,40 +1003,44 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         created = False
         if call is None:
             lease, tenant, session = await self._fetch_lease(lease_id)
+            while (setting_up := self._starting.get(lease_id)) is not None:
+                await setting_up.wait()  # a concurrent Exec/Attach is creating its cgroup
             call = self.calls.get(lease_id)  # a concurrent Exec/Attach may have won
         if call is None:
             self._users[(tenant,)] += 1
             self._users[(tenant, session)] += 1
-            cg: Cgroup | None = None
+            starting = self._starting[lease_id] = asyncio.Event()
+            cg = self._dir(tenant, session, lease_id)
             try:
                 budget = lease.budget.memory_bytes
-                cg = self.driver.create(tenant, session, lease_id)
-                self.driver.set_memory_limit(cg, budget)
-                self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
                 call = Call(
                     call_id=lease_id,
                     lease=lease,
                     cgroup=cg,
-                    cgroup_id=self.driver.cgroup_id(cg),
+                    cgroup_id=await asyncio.shield(self._io(self._create_call_cgroup, cg, budget)),
                     budget_bytes=budget,
                     events=asyncio.Queue(),
                     adopted=True,
                 )
-                self._watch(call, budget)
-                self._attach_pid(call, pid)
+                await self._watch(call, budget)
+                # Its events are handled from the move on (it runs; it is not gated).
+                self._by_cgroup[call.cgroup_id] = call
+                await self._attach_pid(call, pid)
             except BaseException:
                 if call is not None:
+                    self._by_cgroup.pop(call.cgroup_id, None)
                     self._unwatch(call)
-                elif cg is not None:
-                    self.monitor.unwatch(self.driver.cgroup_id(cg))
-                self._release_dirs(tenant, session, cg)
+                await asyncio.shield(self._release_dirs(tenant, session, cg))
                 raise
+            finally:
+                del self._starting[lease_id]
+                starting.set()
             self.calls[lease_id] = call
             self._by_cgroup[call.cgroup_id] = call
             created = True
             self._ensure_adopt_poll()
         else:
-            self._attach_pid(call, pid)
+            await self._attach_pid(call, pid)
         log.info(
             "attach pid %d to call %s lease %s tenant %s budget %d%s",
             pid,
@@ -1001,11 +1054,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             call_id=call.call_id, cgroup_path=str(call.cgroup.path), created=created
         )
 
-    def _attach_pid(self, call: Call, pid: int) -> None:
+    async def _attach_pid(self, call: Call, pid: int) -> None:
         # Watched first: a child forked right after the move is attributed in-kernel.
         self.monitor.add_pid(pid, call.cgroup_id)
         try:
-            self.driver.attach(call.cgroup, pid)
+            await asyncio.shield(self._io(self.driver.attach, call.cgroup, pid))
         except CgroupError as exc:
             self.monitor.remove_pid(pid)
             if not os.path.exists(f"/proc/{pid}"):
@@ -1065,7 +1118,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self.calls.pop(call.lease.lease_id, None)
         self._by_cgroup.pop(call.cgroup_id, None)
         self._unwatch(call)
-        self._release_dirs(call.lease.tenant, call.lease.session, call.cgroup)
+        call.removed = self._release_dirs(call.lease.tenant, call.lease.session, call.cgroup)
         exited = node_pb2.Exited(
             exit_code=exit_code,
             outcome=outcome,
@@ -1098,22 +1151,43 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         return exited
 
-    def _release_dirs(self, tenant: str, session: str, cg: Cgroup | None) -> None:
-        """Remove the call's cgroup, then session and tenant dirs no other call uses."""
+    def _create_call_cgroup(self, cg: Cgroup, budget_bytes: int) -> int:
+        """On the cgroup-I/O thread: a call's cgroup, limited, pausing at its limit (unless
+        dry run); returns its id."""
+        self.driver.create(*cg.rel)
+        self.driver.set_memory_limit(cg, budget_bytes)
+        self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+        return self.driver.cgroup_id(cg)
+
+    def _release_dirs(self, tenant: str, session: str, cg: Cgroup | None) -> asyncio.Future[None]:
+        """Remove the call's cgroup, then session and tenant dirs no other call uses (counted
+        here, removed on the cgroup-I/O thread after whatever was submitted before)."""
+        unused = []
+        for key in ((tenant, session), (tenant,)):
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+                unused.append(self._dir(*key))
+        return self._io(self._remove_cgroups, cg, unused)
+
+    def _remove_cgroups(self, cg: Cgroup | None, unused: list[Cgroup]) -> None:
+        """On the cgroup-I/O thread: kill and remove a call's cgroup, then remove `unused`."""
         if cg is not None:
             try:
                 self.driver.kill(cg)  # stray daemonised children die with the call
                 self.driver.remove(cg)
             except CgroupError as exc:
                 log.error("cannot remove cgroup %s: %s", cg.path, exc)
-        for key in ((tenant, session), (tenant,)):
-            self._users[key] -= 1
-            if self._users[key] <= 0:
-                del self._users[key]
-                try:
-                    self.driver.remove(Cgroup(rel=key, path=self.driver.root.joinpath(*key)))
-                except CgroupError as exc:
-                    log.warning("cannot remove cgroup %s: %s", "/".join(key), exc)
+        for d in unused:
+            try:
+                self.driver.remove(d)
+            except CgroupError as exc:
+                log.warning("cannot remove cgroup %s: %s", d.path, exc)
+
+    @staticmethod
+    async def _removed(call: Call) -> None:
+        if call.removed is not None:
+            await asyncio.shield(call.removed)
 
     # -- restart: re-adopt the calls a previous agent left running -----------------------------
 
@@ -1127,20 +1201,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     if await self._adopt_one(tenant, session, call_id):
                         adopted += 1
                 if (tenant, session) not in self._users:
-                    self._remove_quietly(self._dir(tenant, session))
+                    await self._remove_leftover(None, [self._dir(tenant, session)])
             if (tenant,) not in self._users:
-                self._remove_quietly(self._dir(tenant))
+                await self._remove_leftover(None, [self._dir(tenant)])
         self._ensure_adopt_poll()
         return adopted
 
     def _dir(self, *names: str) -> Cgroup:
         return Cgroup(rel=names, path=self.driver.root.joinpath(*names))
 
-    def _remove_quietly(self, cg: Cgroup) -> None:
-        try:
-            self.driver.remove(cg)
-        except CgroupError as exc:
-            log.warning("cannot remove leftover cgroup %s: %s", cg.path, exc)
+    async def _remove_leftover(self, cg: Cgroup | None, unused: list[Cgroup]) -> None:
+        await asyncio.shield(self._io(self._remove_cgroups, cg, unused))
 
     async def _adopt_one(self, tenant: str, session: str, call_id: str) -> bool:
         cg = self._dir(tenant, session, call_id)
@@ -1153,7 +1224,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             log.warning("leftover cgroup %s not adoptable: %s", cg.path, exc)
             stats = None
         if stats is None or not stats.pids:
-            self._kill_remove(cg)
+            await self._remove_leftover(cg, [])
             return False
         now_ms = int(time.time() * 1000)
         try:
@@ -1186,7 +1257,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 cg.path,
                 getattr(verdict, "reason", "moved"),
             )
-            self._kill_remove(cg)
+            await self._remove_leftover(cg, [])
             return False
         # The limit in force is the kernel's (it may have been grown by the previous agent).
         budget = stats.limit_bytes or lease.budget.memory_bytes
@@ -1203,7 +1274,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if budget > lease.budget.memory_bytes:
             call.grown = 1
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
-        self._watch(call, budget)
+        self._watch_thresholds(call, budget)
+        self.monitor.arm(call.cgroup_id)  # at an unknown usage: until its arm threshold is read
         for pid in stats.pids:
             self.monitor.add_pid(pid, call.cgroup_id)
         self.calls[call_id] = call
@@ -1227,14 +1299,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             self._on_limit(
                 call, MemEvent(EventKind.LIMIT, call.cgroup_id, 0, 0, budget, time.monotonic_ns())
             )
-        return True
-
-    def _kill_remove(self, cg: Cgroup) -> None:
         try:
-            self.driver.kill(cg)
-            self.driver.remove(cg)
-        except CgroupError as exc:
-            log.error("cannot remove leftover cgroup %s: %s", cg.path, exc)
+            await asyncio.shield(self._watch_arming(call, budget))
+        except CgroupError:
+            pass  # logged; it stays armed
+        return True
 
     async def _poll_adopted(self, interval_s: float = 1.0) -> None:
         """Adopted calls are not our children: their end is seen as an empty cgroup (checked

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,11 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
         lambda ev: agent.on_mem_event(ev) if agent else None,
         usage_source=UsageSource[config.usage_source.upper()],
     )
-    agent = NodeAgent(node_id, driver, monitor, uplink, capacity, config.policy)
+    # Slow cgroup operations (create, attach, remove, usage-threshold registration: each can
+    # wait milliseconds in the kernel) run on this one thread, in order, so the event loop
+    # stays free to apply other calls' decisions (see NodeAgent).
+    cgroup_io = ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
+    agent = NodeAgent(node_id, driver, monitor, uplink, capacity, config.policy, cgroup_io)
     agent.loop = asyncio.get_running_loop()
     monitor.start()
 
@@ -132,6 +137,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     await stopping
     await uplink.close()
     monitor.close()
+    cgroup_io.shutdown(wait=True)  # cgroup removals already submitted finish first
     if not config.keep_calls:
         driver.clear()
 

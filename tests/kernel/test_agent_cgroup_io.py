@@ -1,0 +1,139 @@
+"""The node agent's slow cgroup operations run off its event loop (the cgroup-io thread): calls
+that spike concurrently are still grown, and their cgroups, usage-threshold eventfds and BPF
+entries all go with them, in sessions whose dirs are removed and created again in between; a
+usage-threshold registration overtaken by a later one, or by the end of its call, is closed.
+Real cgroups, a real BPF monitor, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+from agentcg.node.agent import NodeAgent
+from agentcg.node.cgroup import CgroupV1Driver
+from agentcg.node.enforcement import arm_threshold
+from agentcg.node.monitor import MemoryMonitor
+from agentcg.v1 import broker_pb2, types_pb2
+
+from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+
+pytestmark = pytest.mark.kernel
+
+SPIKE = "b = b'x' * (100 << 20)\n"  # past its 64 MiB budget: paused there until grown
+
+
+def eventfds() -> int:
+    """Open eventfds of this process (each call's usage threshold holds one)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
+class GrowingUplink(StubUplink):
+    """Answers every limit ask with a GROW to what was asked, as a broker with headroom does
+    (from the loop, after the ask: as a decision arriving on the stream)."""
+
+    agent: NodeAgent | None = None
+
+    def send(self, msg: broker_pb2.NodeMessage) -> None:
+        super().send(msg)
+        ask = msg.pressure
+        if msg.HasField("pressure") and ask.kind == broker_pb2.PRESSURE_KIND_LIMIT_REACHED:
+            assert self.agent is not None
+            decision = broker_pb2.Decision(
+                decision_id=f"d-{ask.event_id}",
+                lease_id=ask.lease_id,
+                event_id=ask.event_id,
+                kind=broker_pb2.DECISION_KIND_GROW,
+                new_budget_bytes=ask.requested_memory_bytes,
+                epoch=ask.epoch + 1,
+            )
+            asyncio.get_running_loop().create_task(self.agent.on_decision(decision))
+
+
+def test_concurrent_spikes_are_grown_and_leave_nothing_behind(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+) -> None:
+    uplink = GrowingUplink()
+    agent = uplink.agent = make_agent(uplink, None)
+    monitor = agent_monitor[0]
+    eventfds_before = eventfds()
+
+    async def main() -> list[list[str]]:
+        agent.loop = asyncio.get_running_loop()
+        seen: list[list[str]] = []
+
+        async def one(i: int) -> None:
+            lease_id = f"l{i}"
+            uplink.broker.leases[lease_id] = make_lease(lease_id, session=f"s{i % 2}")
+            events = await run_call(agent, lease_id, [sys.executable, "-c", SPIKE])
+            exited = events[-1].exited
+            assert exited.exit_code == 0, exited
+            assert exited.outcome == types_pb2.OUTCOME_GROWN, exited
+            assert exited.budget_bytes >= 128 * MiB, exited
+            seen.append([e.enforcement.action for e in events if e.HasField("enforcement")])
+
+        # Two waves: the second's session dirs were removed with the first (the same thread
+        # removes, then creates them again, in that order).
+        for wave in range(2):
+            await asyncio.gather(*(one(wave * 4 + i) for i in range(4)))
+        return seen
+
+    seen = asyncio.run(main())
+    # Every pause was answered by a grow (applied: the call ran on to its end).
+    assert len(seen) == 8, seen
+    assert all(a.count("grow") == a.count("pause") >= 1 and "kill" not in a for a in seen), seen
+    assert agent.calls == {}
+    assert driver.children() == [], "cgroups left behind"
+    assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
+    assert not monitor.per_page_attached, "per-page accounting left armed"
+    assert eventfds() == eventfds_before, "usage-threshold eventfds left open"
+
+
+def test_overtaken_threshold_registration_is_closed(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+) -> None:
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    monitor = agent_monitor[0]
+    uplink.broker.leases["l1"] = make_lease("l1")
+    eventfds_before = eventfds()
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        task = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
+        )
+        await started.wait()
+        call = agent.calls["l1"]
+        assert call.arm_fd >= 0 and eventfds() == eventfds_before + 1
+        # Two budgets in a row: the first registration lands after the second was asked for.
+        first = agent._watch_arming(call, 256 * MiB)
+        second = agent._watch_arming(call, 512 * MiB)
+        await asyncio.gather(first, second)
+        await asyncio.sleep(0.05)  # their completions run on the loop
+        assert call.arm_bytes == arm_threshold(512 * MiB, agent.policy)
+        assert eventfds() == eventfds_before + 1, "the overtaken registration is still open"
+        # One still registering when the call ends: closed when it lands.
+        late = agent._watch_arming(call, 1024 * MiB)
+        agent._stop(call, "test over")
+        events = await asyncio.wait_for(task, 30)
+        assert events[-1].exited.outcome == types_pb2.OUTCOME_KILLED
+        await asyncio.wait_for(late, 30)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert eventfds() == eventfds_before, "a late registration was left open"
+    assert driver.children() == []
+    assert monitor.entry_counts() == (0, 0) and not monitor.per_page_attached
