@@ -42,12 +42,14 @@ from .enforcement import (
     LeaseView,
     NodePolicy,
     Pause,
+    Recheck,
     Refresh,
     Resize,
     Throttle,
     Unthrottle,
     Update,
     arm_threshold,
+    at_limit,
     on_deadline,
     on_decision_grow,
     on_denied,
@@ -108,6 +110,7 @@ class Call:
     grown: int = 0
     kill_reason: str = ""
     peak_bytes: int = 0
+    limit_set_ns: int = 0  # CLOCK_MONOTONIC when its limit was last raised (stale LIMIT events)
     pending: _Pending | None = None
     killing: asyncio.Future[None] | None = None  # a kill in flight (tasks not yet gone)
     reactions_ns: list[int] = field(default_factory=list)
@@ -203,7 +206,18 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     def _on_limit(self, call: Call, ev: MemEvent) -> None:
         stats = self.driver.read_stats(call.cgroup)
         call.peak_bytes = max(call.peak_bytes, stats.peak_bytes, stats.usage_bytes)
-        decision = on_limit(call.view(), self.policy)
+        decision = on_limit(call.view(), self.policy, ev.kernel_time_ns, call.limit_set_ns)
+        if isinstance(decision, Recheck):
+            # Re-arm the report first, then look: a hit at the current limit from here on is
+            # reported, and one in between shows as usage at the limit now.
+            self._watch_thresholds(call, call.budget_bytes)
+            usage = self.driver.read_usage(call.cgroup)
+            if not at_limit(usage, call.budget_bytes):
+                log.debug(
+                    "call %s: %s; usage %d below its limit", call.call_id, decision.reason, usage
+                )
+                return
+            decision = on_limit(call.view(), self.policy)
         if not isinstance(decision, AskBroker):
             log.debug("call %s: limit event ignored: %s", call.call_id, decision.reason)
             return
@@ -563,6 +577,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             # any arm threshold, so it stays armed until the new threshold is in place.
             self._watch_thresholds(call, new_budget)
             self.driver.set_memory_limit(call.cgroup, new_budget)
+            call.limit_set_ns = time.monotonic_ns()
             self.driver.set_memory_throttle(call.cgroup, None)
             if call.frozen:
                 self.driver.set_frozen(call.cgroup, False)

@@ -21,10 +21,12 @@ __all__ = [
     "Ignore",
     "Kill",
     "Pause",
+    "Recheck",
     "Throttle",
     "Unthrottle",
     "LeaseView",
     "NodePolicy",
+    "at_limit",
     "Refresh",
     "Resize",
     "Update",
@@ -38,6 +40,11 @@ __all__ = [
     "on_throttle_deadline",
     "soft_threshold",
 ]
+
+
+# A call held at its v1 limit shows usage a little below it: charges come in per-CPU batches of
+# up to 64 pages, precharged and counted; a megabyte covers them on any machine size we run.
+AT_LIMIT_SLACK_BYTES = 1 << 20
 
 
 class CallPhase(enum.Enum):
@@ -85,6 +92,13 @@ class CallView:
 @dataclass(frozen=True, slots=True)
 class AskBroker:
     requested_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recheck:
+    """Re-arm the call's limit report and decide again from its usage now."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +155,29 @@ def _growth(budget_bytes: int, policy: NodePolicy) -> int:
     return max(int(budget_bytes * policy.growth_factor), budget_bytes + policy.min_growth_bytes)
 
 
-def on_limit(call: CallView, policy: NodePolicy) -> AskBroker | Ignore:
-    """The call hit its budget (and is paused by the kernel): ask the broker for more."""
+def on_limit(
+    call: CallView, policy: NodePolicy, event_ns: int = 0, limit_set_ns: int = 0
+) -> AskBroker | Recheck | Ignore:
+    """The call hit its budget (and is paused by the kernel): ask the broker for more.
+
+    An event from before the limit was last raised (``event_ns`` < ``limit_set_ns``, both
+    CLOCK_MONOTONIC) is about the old limit: a grow moves the in-kernel thresholds first and
+    the limit after, and a task still reclaiming at the old limit in between reports a hit
+    that the grow already answered. Asking on it doubled a budget twice for one spike (64 ->
+    128 -> 256 MiB for a 105 MiB peak). It is not simply dropped: that report used the
+    watch's one LIMIT report for its budget, so the caller re-arms it and looks at the usage.
+    """
     if call.phase not in (CallPhase.RUNNING, CallPhase.THROTTLED):
         return Ignore(f"call is {call.phase.value}")
+    if event_ns and event_ns < limit_set_ns:
+        return Recheck(f"limit event {(limit_set_ns - event_ns) / 1e6:.1f} ms older than its limit")
     return AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
+
+
+def at_limit(usage_bytes: int, budget_bytes: int) -> bool:
+    """Whether a call's usage is at its hard limit (the kernel holds it there, give or take
+    the per-CPU charge batches it has precharged)."""
+    return usage_bytes >= budget_bytes - AT_LIMIT_SLACK_BYTES
 
 
 def on_soft(call: CallView, policy: NodePolicy) -> Throttle | Ignore:

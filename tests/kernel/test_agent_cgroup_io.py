@@ -78,7 +78,9 @@ def test_concurrent_spikes_are_grown_and_leave_nothing_behind(
             exited = events[-1].exited
             assert exited.exit_code == 0, exited
             assert exited.outcome == types_pb2.OUTCOME_GROWN, exited
-            assert exited.budget_bytes >= 128 * MiB, exited
+            # ~110 MiB at its peak: one grow, 64 -> 128 MiB. A limit report from before that
+            # grow's limit raise must not ask again (it did: 64 -> 128 -> 256 MiB).
+            assert exited.budget_bytes == 128 * MiB, exited
             seen.append([e.enforcement.action for e in events if e.HasField("enforcement")])
 
         # Two waves: the second's session dirs were removed with the first (the same thread
@@ -90,7 +92,7 @@ def test_concurrent_spikes_are_grown_and_leave_nothing_behind(
     seen = asyncio.run(main())
     # Every pause was answered by a grow (applied: the call ran on to its end).
     assert len(seen) == 8, seen
-    assert all(a.count("grow") == a.count("pause") >= 1 and "kill" not in a for a in seen), seen
+    assert all(a.count("grow") == a.count("pause") == 1 and "kill" not in a for a in seen), seen
     assert agent.calls == {}
     assert driver.children() == [], "cgroups left behind"
     assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"

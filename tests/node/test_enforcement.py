@@ -10,7 +10,9 @@ from agentcg.node.enforcement import (
     Ignore,
     Kill,
     NodePolicy,
+    Recheck,
     Resize,
+    at_limit,
     on_deadline,
     on_decision_grow,
     on_limit,
@@ -27,6 +29,33 @@ def call(phase: CallPhase = CallPhase.RUNNING, budget: int = 64 * MiB) -> CallVi
 def test_limit_asks_for_double_or_min_step() -> None:
     assert on_limit(call(budget=64 * MiB), NodePolicy()) == AskBroker(128 * MiB)
     assert on_limit(call(budget=8 * MiB), NodePolicy()) == AskBroker(40 * MiB)  # +32 MiB minimum
+
+
+def test_limit_event_from_before_the_last_raise_is_rechecked() -> None:
+    policy = NodePolicy()
+    grown = call(budget=128 * MiB)
+    # Reported 2 ms before the limit went up to 128 MiB: about the old limit.
+    stale = on_limit(grown, policy, event_ns=10_000_000, limit_set_ns=12_000_000)
+    assert isinstance(stale, Recheck) and "2.0 ms older" in stale.reason
+    # After the raise (or never raised, or no kernel time): a real hit, ask.
+    assert on_limit(grown, policy, 12_000_001, 12_000_000) == AskBroker(256 * MiB)
+    assert on_limit(grown, policy, 5, 0) == AskBroker(256 * MiB)
+    assert on_limit(grown, policy, 0, 12_000_000) == AskBroker(256 * MiB)
+    # Not running: ignored whatever its time.
+    assert isinstance(on_limit(call(CallPhase.PAUSED), policy, 1, 2), Ignore)
+
+
+@pytest.mark.parametrize(
+    ("usage", "budget", "expected"),
+    [
+        (64 * MiB, 64 * MiB, True),
+        (64 * MiB - 256 * 1024, 64 * MiB, True),  # per-CPU charge batches held back
+        (63 * MiB - 1, 64 * MiB, False),
+        (40 * MiB, 128 * MiB, False),  # the old limit's usage under a raised one
+    ],
+)
+def test_at_limit(usage: int, budget: int, expected: bool) -> None:
+    assert at_limit(usage, budget) is expected
 
 
 @pytest.mark.parametrize("phase", [CallPhase.PAUSED, CallPhase.KILLED, CallPhase.EXITED])
