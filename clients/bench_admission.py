@@ -14,11 +14,11 @@ Phases, in order, each reported under its key:
   processes and in-flight count, ``seconds`` of each): on a machine shared with other work the
   load drifts over seconds, and two phases run one after the other compared that drift as much
   as the two RPCs. An operation counts for the slice it started in;
+- ``stream_decisions_per_s``: ReserveBatch + ReleaseBatch, every grant and release durable in
+  group commit before its reply; a decision is one admission or one release;
 - ``p50_ms``/``p99_ms``: Reserve latency at a fixed open-loop 1,000 Reserve/s, measured from
   each request's scheduled send time (no coordinated omission); every 20 ms one ReleaseBatch
   releases the oldest leases beyond 100, so ~100 leases stay live;
-- ``stream_decisions_per_s``: ReserveBatch + ReleaseBatch, every grant and release durable in
-  group commit before its reply; a decision is one admission or one release;
 - ``noop_p50_ms_at_rate``/``noop_p99_ms_at_rate``: the same fixed rate with Ping, the
   floor those latencies sit on (the server stack and this machine);
 - ``p99_ratio_10k_leases``: the fixed-rate phase again with 10,000 more live leases, its p99 over
@@ -458,6 +458,12 @@ def bench_admission(
                 result["broker_cpu_us_per_reserve_or_release"] = round(
                     run.cpu_ms_per_op["reserve_release"] * 1000, 1
                 )
+                say("batched admission (~no live leases) ...")
+                result["stream_batch_size"] = 500
+                result["stream_decisions_per_s"] = round(run.closed_loop("batch", 2))
+                result["broker_cpu_us_per_stream_decision"] = round(
+                    run.cpu_ms_per_op["batch"] * 1000, 1
+                )
                 # The fixed-rate phases run in rounds (no-op, ~100 leases, 10k leases, ...)
                 # and each key pools its rounds: a p99 is the slowest 1% of a few seconds, and
                 # phases run once each, one after the other, compared the machine's load
@@ -498,12 +504,6 @@ def bench_admission(
                     result["p99_ms_10k_leases"] / result["p99_ms"], 3
                 )
                 result["rate_errors"] = errors
-                say("batched admission ...")
-                result["stream_batch_size"] = 500
-                result["stream_decisions_per_s"] = round(run.closed_loop("batch", 2))
-                result["broker_cpu_us_per_stream_decision"] = round(
-                    run.cpu_ms_per_op["batch"] * 1000, 1
-                )
                 say(f"connecting {node_streams - 1} more simulated nodes ...")
                 more_proc, more_stop = run.start_nodes(1, node_streams - 1)
                 try:
