@@ -455,24 +455,33 @@ def bench_admission_cmd(
     leases: Annotated[int, typer.Option(help="live leases for the 10k phase")] = 10_000,
     rounds: Annotated[int, typer.Option(help="rounds of the fixed-rate phases, pooled")] = 3,
     node_streams: Annotated[int, typer.Option(help="simulated node streams for RSS")] = 1000,
-    db: Annotated[str, typer.Option(help="SQLAlchemy URL (default: SQLite in a temp dir)")] = "",
+    db: Annotated[
+        str,
+        typer.Option(
+            help="SQLAlchemy URL (default: SQLite in a temp dir); PostgreSQL runs in a new"
+            " schema, dropped afterwards; a SQLite file must not exist yet"
+        ),
+    ] = "",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """Admission throughput and latency against a real broker process (see bench_admission)."""
-    from .bench_admission import bench_admission
+    from .bench_admission import UsedDatabaseError, bench_admission
 
-    result = bench_admission(
-        seconds=seconds,
-        processes=processes,
-        concurrency=concurrency,
-        rate=rate,
-        leases=leases,
-        rounds=rounds,
-        node_streams=node_streams,
-        database_url=db,
-        json_path=json_path,
-        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
-    )
+    try:
+        result = bench_admission(
+            seconds=seconds,
+            processes=processes,
+            concurrency=concurrency,
+            rate=rate,
+            leases=leases,
+            rounds=rounds,
+            node_streams=node_streams,
+            database_url=db,
+            json_path=json_path,
+            log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        )
+    except UsedDatabaseError as e:
+        raise typer.BadParameter(str(e), param_hint="--db") from None
     table = Table("metric", "value")
     for k, v in result.items():
         table.add_row(k, str(v))

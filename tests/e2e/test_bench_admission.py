@@ -5,9 +5,17 @@ processes and simulated node streams. Checks that every phase ran and reported w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from ..conftest import kernel_missing
+
+POSTGRES_URL = os.environ.get("AGENTCG_TEST_POSTGRES_URL", "")
 
 KEYS = {
     "noop_rps",
@@ -25,13 +33,32 @@ KEYS = {
 }
 
 
-def test_bench_admission_runs_every_phase(tmp_path: Path) -> None:
+def bench_schemas() -> set[str]:
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'agentcg_bench_%'")
+            )
+            return {r[0] for r in rows}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_bench_admission_runs_every_phase(tmp_path: Path, database: str) -> None:
     out = tmp_path / "admission.json"
+    db: list[str] = []
+    if database == "postgresql":
+        if not POSTGRES_URL:
+            kernel_missing("PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set")
+        db = ["--db", POSTGRES_URL]
+        schemas_before = bench_schemas()
     # fmt: off
     argv = [
         sys.executable, "-m", "agentcg.clients.cli", "bench", "admission",
         "--seconds", "0.5", "--processes", "1", "--concurrency", "2", "--rate", "100",
-        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--json", str(out),
+        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--json", str(out), *db,
     ]
     # fmt: on
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -51,3 +78,18 @@ def test_bench_admission_runs_every_phase(tmp_path: Path) -> None:
     )
     # The printed table carries the same figures.
     assert "p99_ratio_10k_leases" in proc.stdout
+    assert result["database"] == database
+    if database == "postgresql":
+        # It ran in a schema of its own, dropped afterwards.
+        assert bench_schemas() == schemas_before
+
+
+def test_bench_admission_refuses_an_existing_sqlite_file(tmp_path: Path) -> None:
+    used = tmp_path / "broker.db"
+    used.write_bytes(b"")
+    argv = [sys.executable, "-m", "agentcg.clients.cli", "bench", "admission"]
+    proc = subprocess.run(
+        [*argv, "--db", f"sqlite:///{used}"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "exists; the bench needs a new database" in proc.stderr
