@@ -64,11 +64,13 @@ class NodePolicy:
     # soft threshold x this (the kernel's own usage threshold arms it): calls well below their
     # budget cost the host's allocations nothing.
     arm_fraction: float = 0.5
-    # In-kernel pause (0: off): the kernel SIGSTOPs the process whose charge takes the call to
-    # budget x this (bpf_send_signal, microseconds after the crossing, before any reclaim at the
-    # limit); the node then freezes the call and asks the broker, as at the limit. Off, the
-    # kernel pauses the charging task at the limit itself (v1 oom_kill_disable), after its
-    # reclaim attempts there (~20-30 ms measured). Needs an in-kernel usage estimate.
+    # In-kernel pause (0: off; needs an in-kernel usage estimate): the kernel SIGSTOPs the
+    # process whose charge takes the call to budget x this (bpf_send_signal, microseconds after
+    # the crossing, before any reclaim at the limit); the node then freezes the call and asks
+    # the broker, as at the limit. Off, the kernel pauses the charging task at the limit itself
+    # (v1 oom_kill_disable) after its reclaim retries there (`agentcg bench reaction` pause_*:
+    # ~0.7 ms from the first reclaim for a task touching its pages; a charge made outside a
+    # user fault, e.g. inside MAP_POPULATE, fails instead and the task pauses at its next fault).
     stop_fraction: float = 0.0
     broker_timeout_s: float = 5.0
     on_timeout: str = "kill"  # "kill" | "grow-local"
