@@ -35,6 +35,7 @@
  *
  * Build-time settings come from cflags (-D...), never from editing this text:
  *   MAX_WATCHES, MAX_PIDS, MW_PAGE_SHIFT, MW_RINGBUF_PAGES, MW_FILTER_SLOTS, MW_USAGE_SOURCE,
+ *   MW_SAMPLE_SHIFT,
  *   and for MW_USAGE_COUNTER MW_OFF_CSS_CGROUP, MW_OFF_CGROUP_KN, MW_OFF_KN_ID, MW_OFF_MEMCG_USAGE.
  */
 #include <uapi/linux/bpf.h>
@@ -55,6 +56,9 @@
 #endif
 #ifndef MW_USAGE_SOURCE
 #define MW_USAGE_SOURCE MW_USAGE_LRU
+#endif
+#ifndef MW_SAMPLE_SHIFT
+#define MW_SAMPLE_SHIFT 0 /* MW_USAGE_COUNTER: look at every 2^this-th charge on a CPU */
 #endif
 #ifndef MW_FILTER_SLOTS
 #define MW_FILTER_SLOTS 4096 /* power of two */
@@ -268,10 +272,21 @@ static __always_inline u64 memcg_cgroup_id(const void *memcg)
  * count_memcg_events) only while some watch is armed: a per-page program costs every charge on
  * the host (~2 calls per 4 KiB page: PGFAULT and PGPGIN), so it runs only while a watched call is
  * within reach of a threshold. Its usage is absolute, so arming late loses nothing. */
+/* Charges seen per CPU: the program looks at every 2^MW_SAMPLE_SHIFT-th one. The usage it reads
+ * is absolute, so a skipped charge is caught up by the next one looked at: a crossing is seen at
+ * most 2^MW_SAMPLE_SHIFT charges on that CPU late (64 KiB of 4 KiB pages at 4), and the program's
+ * work (three reads for the cgroup id, the filter, the maps) runs on 1 charge in 16. What stays
+ * per charge is the tracepoint's own call, which no program can save. */
+BPF_PERCPU_ARRAY(sample_tick, u64, 1);
+
 int memwatch_counter(struct bpf_raw_tracepoint_args *ctx)
 {
 	int item = (int)ctx->args[1];
 	if (item != MW_ITEM_PGPGIN && item != MW_ITEM_PGPGOUT)
+		return 0;
+	u32 zero = 0;
+	u64 *tick = sample_tick.lookup(&zero);
+	if (!tick || ((*tick)++ & ((1 << MW_SAMPLE_SHIFT) - 1)))
 		return 0;
 	const void *memcg = (const void *)ctx->args[0];
 	u64 id = memcg_cgroup_id(memcg);
