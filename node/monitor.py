@@ -121,7 +121,7 @@ class WatchStats:
     usage_bytes: int
     peak_bytes: int
     reclaims: int
-    charge_events: int
+    charge_events: int  # usage updates looked at (COUNTER: one charge in 2**COUNTER_SAMPLE_SHIFT)
 
 
 @dataclass(frozen=True, slots=True)
