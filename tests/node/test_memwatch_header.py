@@ -62,6 +62,7 @@ def test_program_cflags_are_defines_not_text_edits() -> None:
         "-DMW_PAGE_SHIFT=12",
         "-DMW_RINGBUF_PAGES=4",
         "-DMW_FILTER_SLOTS=4096",
+        "-DMW_SAMPLE_SHIFT=4",
         "-DMW_USAGE_SOURCE=4",  # UsageSource.COUNTER by default
     ]
     assert program_cflags(usage_source=UsageSource.PGPGIN)[-1] == "-DMW_USAGE_SOURCE=1"
