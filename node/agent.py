@@ -1147,7 +1147,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             outcome = types_pb2.OUTCOME_COMPLETED
             reason = ""
         call.phase = CallPhase.EXITED
-        self.metrics.call_finished(_OUTCOME_LABEL[outcome])
+        self.metrics.call_finished(_OUTCOME_LABEL.get(outcome, "unknown"))
         self.calls.pop(call.lease.lease_id, None)
         self._by_cgroup.pop(call.cgroup_id, None)
         self._unwatch(call)

@@ -151,44 +151,58 @@ class NodeMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         p = "agentcg_node_"
-        actions = Counter(
+        self._action_family = Counter(
             p + "actions",
             "Enforcement actions by kind, and whether dry run (logged, not applied)",
             ["kind", "dry_run"],
             registry=r,
         )
         self._actions = {
-            (kind, dry): actions.labels(kind, str(dry).lower())
+            (kind, dry): self._action_family.labels(kind, str(dry).lower())
             for kind in ACTION_KINDS
             for dry in (False, True)
         }
-        reaction = Histogram(
+        self._reaction_family = Histogram(
             p + "reaction_seconds",
             "From the kernel's event to the action in effect, by action kind",
             ["kind"],
             registry=r,
             buckets=REACTION_BUCKETS_S,
         )
-        self._reaction = {kind: reaction.labels(kind) for kind in ACTION_KINDS}
+        self._reaction = {kind: self._reaction_family.labels(kind) for kind in ACTION_KINDS}
         self.oom_kills = Counter(
             p + "oom_kills", "Kernel OOM kills seen in the node's calls (BPF oom event)", registry=r
         )
-        finished = Counter(
+        self._finished_family = Counter(
             p + "calls_finished", "Tool calls that ended, by outcome", ["outcome"], registry=r
         )
-        self._finished = {o: finished.labels(o) for o in CALL_OUTCOMES}
+        self._finished = {o: self._finished_family.labels(o) for o in CALL_OUTCOMES}
         self.calls_started = Counter(
             p + "calls_started", "Tool calls started or attached", registry=r
         )
 
+    # A kind or outcome not bound above (one added to the agent later) gets its child on first
+    # use rather than failing the enforcement path that counts it.
+
     def action(self, kind: str, dry_run: bool) -> None:
-        self._actions[(kind, dry_run)].inc()
+        child = self._actions.get((kind, dry_run))
+        if child is None:
+            child = self._actions[(kind, dry_run)] = self._action_family.labels(
+                kind, str(dry_run).lower()
+            )
+        child.inc()
 
     def reaction(self, kind: str, seconds: float) -> None:
-        self._reaction[kind].observe(seconds)
+        child = self._reaction.get(kind)
+        if child is None:
+            child = self._reaction[kind] = self._reaction_family.labels(kind)
+        child.observe(seconds)
 
     def call_finished(self, outcome: str) -> None:
-        self._finished[outcome].inc()
+        child = self._finished.get(outcome)
+        if child is None:
+            child = self._finished[outcome] = self._finished_family.labels(outcome)
+        child.inc()
 
     def track(
         self,

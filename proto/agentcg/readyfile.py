@@ -22,9 +22,10 @@ class Ready:
 
 
 def write_ready_file(path: Path, address: str, listeners: Mapping[str, str] | None = None) -> None:
+    # No trailing newline: with no other listener the file is the bare address, as it was.
     lines = [address] + [f"{name} {addr}" for name, addr in sorted((listeners or {}).items())]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text("\n".join(lines))
     tmp.replace(path)
 
 

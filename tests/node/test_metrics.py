@@ -91,3 +91,14 @@ def test_state_is_read_from_the_uplink_and_the_monitor_at_scrape_time() -> None:
             await uplink.close()
 
     asyncio.run(go())
+
+
+def test_a_kind_added_later_is_counted_not_refused() -> None:
+    m = NodeMetrics()
+    m.action("evict", False)
+    m.reaction("evict", 0.002)
+    m.call_finished("unknown")
+    r = m.registry
+    assert value(r, "agentcg_node_actions_total", kind="evict", dry_run="false") == 1
+    assert value(r, "agentcg_node_reaction_seconds_count", kind="evict") == 1
+    assert value(r, "agentcg_node_calls_finished_total", outcome="unknown") == 1
