@@ -19,9 +19,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from .metrics import BrokerMetrics
 from .model import Change
 
 __all__ = ["ChangeSink", "Journal"]
@@ -45,9 +47,12 @@ class _Read:
 
 
 class Journal:
-    def __init__(self, sink: ChangeSink, *, max_batch: int = 2048) -> None:
+    def __init__(
+        self, sink: ChangeSink, *, max_batch: int = 2048, metrics: BrokerMetrics | None = None
+    ) -> None:
         self._sink = sink
         self._max_batch = max_batch
+        self._metrics = metrics or BrokerMetrics()
         # (changes, future) to write, _Read to run, or _STOP; FIFO, so a read runs after every
         # write queued before it.
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -123,9 +128,11 @@ class Journal:
 
     def _write(self, batch: list[tuple[Sequence[Change], asyncio.Future[None]]]) -> None:
         flat: list[Change] = [c for changes, _ in batch for c in changes]
+        started = time.perf_counter()
         try:
             self._sink.apply(flat)
         except Exception as exc:  # noqa: BLE001 - handed to the waiters
+            self._metrics.commit_failures.inc()
             log.error("journal: commit of %d changes failed: %s", len(flat), exc)
             if len(batch) == 1:
                 self._settle([(batch[0][1], exc)])
@@ -141,6 +148,7 @@ class Journal:
                     results.append((fut, None))
             self._settle(results)
             return
+        self._metrics.commit(time.perf_counter() - started, len(batch))
         self.batches += 1
         self.changes += len(flat)
         self._settle([(fut, None) for _, fut in batch])

@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
-from agentcg.telemetry import aio_server_interceptor, configure_logging, configure_tracing
+from agentcg.readyfile import write_ready_file
+from agentcg.telemetry import (
+    MetricsServer,
+    aio_server_interceptor,
+    configure_logging,
+    configure_tracing,
+    metrics_registry,
+    serve_metrics,
+)
 from agentcg.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .journal import Journal
 from .ledger import Ledger
+from .metrics import BrokerMetrics
 from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
 from .store import Store
 
 __all__ = ["BrokerConfig", "main", "run_broker"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class BrokerConfig:
     database_url: str = ""  # "" -> SQLite file in data_dir
     data_dir: Path = Path("var/broker")
     ready_file: Path | None = None  # written with the bound address once serving
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" off, port 0 any
     reap_interval_s: float = 1.0
     grace_s: float = 5.0
     # Declared intents on a node may add up to capacity x this (budgets, sized from measured
@@ -44,6 +57,58 @@ async def run_broker(
     stop: asyncio.Event | None = None,
     on_serving: Callable[[], None] | None = None,
 ) -> None:
+    # The metrics endpoint first: a bad --metrics-listen fails before anything else starts.
+    registry = metrics_registry()
+    metrics = BrokerMetrics(registry)
+    metrics_server = (
+        serve_metrics(config.metrics_listen, registry) if config.metrics_listen else None
+    )
+    try:
+        await _run(config, metrics, metrics_server, stop, on_serving)
+    finally:
+        if metrics_server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
+
+
+def _read_on_loop(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: float = 2.0
+) -> Callable[[], T | None]:
+    """A reader for another thread (the metrics endpoint's) that runs ``fn`` on ``loop``, where
+    the live state is changed, and waits for its result; None if the loop cannot answer."""
+
+    def read() -> T | None:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - handed to the reader
+                    fut.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(run)
+            return fut.result(timeout_s)
+        except RuntimeError:  # the loop is closed
+            return None
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            log.warning("metrics: the event loop did not answer within %.1f s", timeout_s)
+            return None
+        except Exception:
+            log.exception("metrics: reading the broker state failed")
+            return None
+
+    return read
+
+
+async def _run(
+    config: BrokerConfig,
+    metrics: BrokerMetrics,
+    metrics_server: MetricsServer | None,
+    stop: asyncio.Event | None,
+    on_serving: Callable[[], None] | None,
+) -> None:
     url = config.database_url
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -55,9 +120,10 @@ async def run_broker(
     ledger.load(snapshot.tenants, snapshot.nodes, snapshot.active_leases)
     for tenant, command_class, peak in store.recent_peaks():
         ledger.observe_peak(tenant, command_class, peak)
-    journal = Journal(store)
+    journal = Journal(store, metrics=metrics)
     journal.start()
-    core = BrokerCore(store, journal, ledger)
+    core = BrokerCore(store, journal, ledger, metrics)
+    metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
     log.info(
         "broker state loaded: %d tenants, %d nodes, %d active leases",
         len(snapshot.tenants),
@@ -86,12 +152,14 @@ async def run_broker(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("broker serving on %s (database %s)", address, url.split("@")[-1])
+    listeners = {}
+    if metrics_server is not None:
+        listeners["metrics"] = metrics_server.address
+        log.info("broker metrics on http://%s/metrics", metrics_server.address)
     if on_serving is not None:
         on_serving()
     if config.ready_file is not None:
-        tmp = config.ready_file.with_suffix(".tmp")
-        tmp.write_text(address)
-        tmp.replace(config.ready_file)
+        write_ready_file(config.ready_file, address, listeners)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

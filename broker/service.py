@@ -38,6 +38,7 @@ from .admission import Deny, Grow, decide_growth, decide_reserve
 from .fairshare import Candidate, WaitingAsk, choose_victims, pick_next
 from .journal import Journal
 from .ledger import Forget, Ledger
+from .metrics import BrokerMetrics, BrokerState, ReserveOutcome
 from .model import (
     Audit,
     AuditEntry,
@@ -78,6 +79,17 @@ _OUTCOME_TO_MODEL = {
     types_pb2.OUTCOME_FAILED: Outcome.FAILED,
 }
 _OUTCOME_TO_PB = {v: k for k, v in _OUTCOME_TO_MODEL.items()}
+_PRESSURE_KIND_LABEL = {
+    broker_pb2.PRESSURE_KIND_SOFT_THRESHOLD: "soft_threshold",
+    broker_pb2.PRESSURE_KIND_LIMIT_REACHED: "limit_reached",
+    broker_pb2.PRESSURE_KIND_OOM_KILL: "oom_kill",
+    broker_pb2.PRESSURE_KIND_NODE: "node",
+}
+_DECISION_KIND_LABEL = {
+    broker_pb2.DECISION_KIND_GROW: "grow",
+    broker_pb2.DECISION_KIND_KILL: "kill",
+    broker_pb2.DECISION_KIND_PREEMPT: "preempt",
+}
 _STATE_TO_PB = {
     LeaseState.ACTIVE: types_pb2.LEASE_STATE_ACTIVE,
     LeaseState.RELEASED: types_pb2.LEASE_STATE_RELEASED,
@@ -262,10 +274,17 @@ class BrokerCore:
     """State + durability shared by the servicers: commit = apply to the ledger, make durable,
     roll the ledger back if the database refused."""
 
-    def __init__(self, store: Store, journal: Journal, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        store: Store,
+        journal: Journal,
+        ledger: Ledger,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
         self.store = store
         self.journal = journal
         self.ledger = ledger
+        self.metrics = metrics or BrokerMetrics()
         self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage]] = {}
         # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
         # with the same idempotency key waits on this before it answers (never replies with a
@@ -462,6 +481,10 @@ class BrokerCore:
     ) -> Lease:
         ended = self.ended(lease, state, now_ms(), peak_bytes=peak_bytes, outcome=outcome)
         await self.commit(self.end_changes(ended, kind, peak_bytes))
+        if state is LeaseState.EXPIRED:
+            self.metrics.lease_expiries.inc()
+        elif state is LeaseState.RELEASED:
+            self.metrics.lease_releases.inc()
         self.kick()
         log.info(
             "%s lease %s tenant %s budget %d peak %d outcome %s",
@@ -622,6 +645,7 @@ class BrokerCore:
                 if not waiter.admitted.done():
                     waiter.admitted.set_exception(exc)
             return
+        self.metrics.lease_preemptions.inc(len(preempted))
         for lease in preempted:
             log.info(
                 "preempt lease %s tenant %s priority %d node %s",
@@ -630,27 +654,58 @@ class BrokerCore:
                 lease.priority,
                 lease.node_id,
             )
-            queue = self.node_queues.get(lease.node_id)
-            if queue is not None:
-                queue.put_nowait(
-                    broker_pb2.BrokerMessage(
-                        decision=broker_pb2.Decision(
-                            decision_id=uuid.uuid4().hex[:16],
-                            lease_id=lease.lease_id,
-                            kind=broker_pb2.DECISION_KIND_PREEMPT,
-                            epoch=lease.epoch,
-                            reason=(
-                                f"lease {lease.lease_id}: preempted for higher-priority work "
-                                f"(priority {lease.priority})"
-                            ),
-                        )
-                    )
-                )
+            self.send_decision(
+                lease.node_id,
+                broker_pb2.Decision(
+                    decision_id=uuid.uuid4().hex[:16],
+                    lease_id=lease.lease_id,
+                    kind=broker_pb2.DECISION_KIND_PREEMPT,
+                    epoch=lease.epoch,
+                    reason=(
+                        f"lease {lease.lease_id}: preempted for higher-priority work "
+                        f"(priority {lease.priority})"
+                    ),
+                ),
+            )
         for waiter, lease in admitted:
             if not waiter.admitted.done():
                 waiter.admitted.set_result(lease)
         if preempted:
             self.kick()
+
+    def send_decision(self, node_id: NodeId, decision: broker_pb2.Decision) -> bool:
+        """Queue ``decision`` on the node's stream; False if the node has none open."""
+        queue = self.node_queues.get(node_id)
+        if queue is None:
+            return False
+        queue.put_nowait(broker_pb2.BrokerMessage(decision=decision))
+        self.metrics.decision_sent(_DECISION_KIND_LABEL[decision.kind])
+        return True
+
+    def state(self, max_orgs: int = 50) -> BrokerState:
+        """The live state behind the gauges (on the event loop: it walks the tenants). Active
+        leases and granted memory per top-level tenant, for the ``max_orgs`` busiest; the rest
+        are summed under ``_other`` (a name no tenant can have), so the label stays bounded."""
+        ledger = self.ledger
+        orgs = sorted(
+            (t.name for t in ledger.tenants.values() if t.parent is None),
+            key=lambda name: (-ledger.active_calls(name), name),
+        )
+        calls: dict[str, int] = {org: ledger.active_calls(org) for org in orgs[:max_orgs]}
+        granted: dict[str, int] = {org: ledger.granted_bytes(org) for org in orgs[:max_orgs]}
+        if len(orgs) > max_orgs:
+            calls["_other"] = sum(ledger.active_calls(org) for org in orgs[max_orgs:])
+            granted["_other"] = sum(ledger.granted_bytes(org) for org in orgs[max_orgs:])
+        return BrokerState(
+            active_leases=len(ledger.leases),
+            queue_waiters=len(self.waiters),
+            nodes_registered=len(ledger.nodes),
+            node_streams=len(self.node_queues),
+            nodes_pressured=len(ledger.pressured),
+            tenants=len(ledger.tenants),
+            org_active_leases=calls,
+            org_granted_bytes=granted,
+        )
 
     def recover_nodes(self, t_ms: int) -> None:
         """Nodes whose last node-pressure report is PRESSURE_HOLD_MS old take work again."""
@@ -705,6 +760,21 @@ def _rpc(
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
+def _failed_outcome(exc: BaseException, queued: bool) -> ReserveOutcome:
+    """The outcome label of an admission ask that ended in ``exc``."""
+    if isinstance(exc, QuotaExceededError):
+        return ReserveOutcome.TIMED_OUT if queued else ReserveOutcome.DENIED
+    if isinstance(exc, InvalidArgumentError):
+        return ReserveOutcome.INVALID_ARGUMENT
+    if isinstance(exc, NotFoundError):
+        return ReserveOutcome.UNKNOWN_TENANT
+    if isinstance(exc, UnavailableError):
+        return ReserveOutcome.UNAVAILABLE
+    if isinstance(exc, asyncio.CancelledError):
+        return ReserveOutcome.CANCELLED
+    return ReserveOutcome.INTERNAL
+
+
 class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
@@ -715,6 +785,23 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         request: broker_pb2.ReserveRequest,
         context: grpc.aio.ServicerContext[broker_pb2.ReserveRequest, broker_pb2.ReserveResponse],
     ) -> broker_pb2.ReserveResponse:
+        started = time.perf_counter()
+        metrics = self.core.metrics
+        try:
+            response, outcome = await self._reserve(request)
+        except BaseException as exc:
+            # With a queue timeout every denial waits in the queue first: a quota error is then
+            # a deadline that passed.
+            outcome = _failed_outcome(exc, request.queue_timeout_ms > 0)
+            raise
+        finally:
+            metrics.reserve("Reserve", outcome)
+            metrics.admission("Reserve", outcome, time.perf_counter() - started)
+        return response
+
+    async def _reserve(
+        self, request: broker_pb2.ReserveRequest
+    ) -> tuple[broker_pb2.ReserveResponse, ReserveOutcome]:
         core = self.core
         ask = parse_reserve(request)  # validate
         if ask.tenant not in core.ledger.tenants:
@@ -722,11 +809,17 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         if ask.idempotency_key:  # load
             existing = await core.existing_grant(ask.tenant, ask.idempotency_key)
             if existing is not None:
-                return broker_pb2.ReserveResponse(lease=core.lease_pb(existing))
+                return (
+                    broker_pb2.ReserveResponse(lease=core.lease_pb(existing)),
+                    ReserveOutcome.REPLAYED,
+                )
             waiting = core.queued(ask)
             if waiting is not None:  # a retry of a queued ask: wait with it for the same lease
                 lease = await core.wait_for_capacity(ask, waiting.deny)
-                return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
+                return (
+                    broker_pb2.ReserveResponse(lease=core.lease_pb(lease)),
+                    ReserveOutcome.QUEUED_GRANTED,
+                )
         # The admission span is a child of the RPC's: when that one is not sampled neither is
         # this one (ParentBased), so do not pay for creating and entering a non-recording span.
         admission_span = (
@@ -744,7 +837,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 span.set_attribute("agentcg.decision", "queue")
                 lease = await core.wait_for_capacity(ask, decision)
                 span.set_attribute("agentcg.lease_id", lease.lease_id)
-                return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))
+                return (
+                    broker_pb2.ReserveResponse(lease=core.lease_pb(lease)),
+                    ReserveOutcome.QUEUED_GRANTED,
+                )
             if isinstance(decision, Deny):
                 span.set_attribute("agentcg.decision", "deny")
                 span.set_attribute("agentcg.reason", decision.code)
@@ -769,7 +865,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             lease.node_id,
             lease.memory_bytes,
         )
-        return broker_pb2.ReserveResponse(lease=core.lease_pb(lease))  # respond
+        return broker_pb2.ReserveResponse(lease=core.lease_pb(lease)), ReserveOutcome.GRANTED
 
     @_rpc
     async def ReserveBatch(
@@ -778,6 +874,23 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         context: grpc.aio.ServicerContext[
             broker_pb2.ReserveBatchRequest, broker_pb2.ReserveBatchResponse
         ],
+    ) -> broker_pb2.ReserveBatchResponse:
+        started = time.perf_counter()
+        metrics = self.core.metrics
+        outcome = "answered"  # each ask has its own answer (counted in _reserve_batch)
+        try:
+            return await self._reserve_batch(request)
+        except BaseException as exc:
+            # Refused whole: every ask in it got this answer.
+            failed = _failed_outcome(exc, queued=False)
+            metrics.reserve("ReserveBatch", failed, len(request.requests))
+            outcome = failed.value
+            raise
+        finally:
+            metrics.admission("ReserveBatch", outcome, time.perf_counter() - started)
+
+    async def _reserve_batch(
+        self, request: broker_pb2.ReserveBatchRequest
     ) -> broker_pb2.ReserveBatchResponse:
         core = self.core
         ledger = core.ledger
@@ -789,6 +902,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         changes: list[Change] = []
         undo: list[Change | Forget] = []
         new: list[Lease] = []
+        replayed = 0
         t = now_ms()
         for ask in asks:
             existing = (
@@ -798,6 +912,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             )
             if existing is not None:
                 results.append(existing)
+                replayed += 1
                 continue
             waiting = core.queued(ask)
             if waiting is not None:  # queued by a Reserve with this key: no second lease
@@ -818,6 +933,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             results.append(lease)
         if changes:
             await core.commit_applied(changes, undo, new)
+        metrics = core.metrics
+        metrics.reserve("ReserveBatch", ReserveOutcome.GRANTED, len(new))
+        metrics.reserve("ReserveBatch", ReserveOutcome.REPLAYED, replayed)
+        metrics.reserve("ReserveBatch", ReserveOutcome.DENIED, len(asks) - len(new) - replayed)
         log.info("reserve batch: %d asked, %d granted", len(asks), len(new))
         return broker_pb2.ReserveBatchResponse(
             results=[
@@ -847,6 +966,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         ]
         out: list[Lease] = []
         changes: list[Change] = []
+        released = 0
         t = now_ms()
         for r, lease in zip(request.requests, leases, strict=True):
             current = core.ledger.leases.get(lease.lease_id)
@@ -862,8 +982,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             )
             changes.extend(core.end_changes(ended, "release", r.peak_memory_bytes))
             out.append(ended)
+            released += 1
         if changes:
             await core.commit(changes)
+            core.metrics.lease_releases.inc(released)
             core.kick()
         return broker_pb2.ReleaseBatchResponse(leases=[core.lease_pb(x) for x in out])
 
@@ -1147,13 +1269,16 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
         messages: AsyncIterator[broker_pb2.NodeMessage],
         queue: asyncio.Queue[broker_pb2.BrokerMessage],
     ) -> None:
+        metrics = self.core.metrics
         async for msg in messages:
             try:
                 kind = msg.WhichOneof("body")
                 if kind == "pressure":
+                    metrics.pressure_event(_PRESSURE_KIND_LABEL.get(msg.pressure.kind, ""))
                     reply = await self.on_pressure(node_id, msg.pressure)
                     if reply is not None:
                         queue.put_nowait(broker_pb2.BrokerMessage(decision=reply))
+                        metrics.decision_sent(_DECISION_KIND_LABEL[reply.kind])
                 elif kind == "finished":
                     await self.on_finished(msg.finished)
                 elif kind == "action":

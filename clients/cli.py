@@ -68,6 +68,39 @@ def _client_call(broker: str, fn: Callable[[AsyncClient], Awaitable[T]]) -> T:
 # -- servers ----------------------------------------------------------------------------------
 
 
+def _metrics_listen(value: str) -> str:
+    if value:
+        from agentcg.telemetry import MetricsListenError, parse_listen_address
+
+        try:
+            parse_listen_address(value)
+        except MetricsListenError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+MetricsListenOpt = Annotated[
+    str,
+    typer.Option(
+        "--metrics-listen",
+        callback=_metrics_listen,
+        help="serve Prometheus metrics on HOST:PORT (port 0: any free port, written to the "
+        "ready file as 'metrics HOST:PORT'); default: off",
+    ),
+]
+
+
+def _serve(run: Callable[[], None]) -> None:
+    """Run a server's composition root; a metrics address it cannot bind is a usage error."""
+    from agentcg.telemetry import MetricsListenError
+
+    try:
+        run()
+    except MetricsListenError as exc:
+        err_console.print(f"[red]error:[/red] --metrics-listen: {exc}")
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def broker(
     listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1:50051",
@@ -84,22 +117,22 @@ def broker(
             "capacity x this; 0: no ceiling",
         ),
     ] = 1.5,
+    metrics_listen: MetricsListenOpt = "",
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
     from agentcg.broker.main import BrokerConfig
     from agentcg.broker.main import main as broker_main
 
-    broker_main(
-        BrokerConfig(
-            listen=listen,
-            database_url=db,
-            data_dir=data_dir,
-            ready_file=ready_file,
-            overcommit_ratio=overcommit_ratio,
-        ),
-        log_level,
+    config = BrokerConfig(
+        listen=listen,
+        database_url=db,
+        data_dir=data_dir,
+        ready_file=ready_file,
+        overcommit_ratio=overcommit_ratio,
+        metrics_listen=metrics_listen,
     )
+    _serve(lambda: broker_main(config, log_level))
 
 
 @app.command()
@@ -138,6 +171,7 @@ def node(
         ),
     ] = 0.0,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
+    metrics_listen: MetricsListenOpt = "",
     log_level: str = "INFO",
 ) -> None:
     """Run the node agent: registers with the broker and runs tool calls in cgroups."""
@@ -151,25 +185,24 @@ def node(
         raise typer.BadParameter("--usage-source must be counter, lru, pgpgin or none")
     if not 0 <= stop_fraction < 1:
         raise typer.BadParameter("--stop-fraction must be in [0, 1)")
-    node_main(
-        NodeConfig(
-            broker=broker,
-            listen=listen,
-            node_id=node_id,
-            capacity_bytes=_size(memory) if memory else 0,
-            cgroup_root=cgroup_root,
-            policy=NodePolicy(
-                broker_timeout_s=broker_timeout,
-                on_timeout=on_timeout,
-                dry_run=dry_run,
-                stop_fraction=stop_fraction,
-            ),
-            ready_file=ready_file,
-            usage_source=usage_source,
-            keep_calls=keep_calls,
+    config = NodeConfig(
+        broker=broker,
+        listen=listen,
+        node_id=node_id,
+        capacity_bytes=_size(memory) if memory else 0,
+        cgroup_root=cgroup_root,
+        policy=NodePolicy(
+            broker_timeout_s=broker_timeout,
+            on_timeout=on_timeout,
+            dry_run=dry_run,
+            stop_fraction=stop_fraction,
         ),
-        log_level,
+        ready_file=ready_file,
+        usage_source=usage_source,
+        keep_calls=keep_calls,
+        metrics_listen=metrics_listen,
     )
+    _serve(lambda: node_main(config, log_level))
 
 
 # -- tenants ----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentcg.readyfile import read_ready_file
+
 __all__ = ["LocalCluster"]
 
 
@@ -17,7 +19,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready.exists():
-            return ready.read_text().strip()
+            return read_ready_file(ready).address
         if proc.poll() is not None:
             raise RuntimeError(
                 f"{proc.args!r} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
@@ -103,6 +105,11 @@ class LocalCluster:
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text()
+
+    def metrics_address(self, name: str) -> str:
+        """host:port of the metrics endpoint of ``name`` ("broker", "node0", ...), started with
+        ``--metrics-listen`` in broker_args / node_args; "" if it has none."""
+        return read_ready_file(self.workdir / f"{name}.addr").listeners.get("metrics", "")
 
     def stop(
         self, name: str | None = None, *, sig: int = signal.SIGTERM, timeout_s: float = 15

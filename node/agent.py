@@ -61,6 +61,7 @@ from .enforcement import (
     soft_threshold,
     stop_threshold,
 )
+from .metrics import NodeMetrics
 from .monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
 from .spawn import GATE_RELEASE, gated_command
 from .uplink import Uplink
@@ -94,6 +95,12 @@ class _Pending:
     timer: asyncio.TimerHandle
     decision_ns: int = 0  # kernel event -> the broker's decision received here
 
+
+_OUTCOME_LABEL = {
+    types_pb2.OUTCOME_COMPLETED: "completed",
+    types_pb2.OUTCOME_GROWN: "grown",
+    types_pb2.OUTCOME_KILLED: "killed",
+}
 
 RECENT_ACTIONS = 8  # enforcement actions kept per call for ListCalls
 
@@ -141,8 +148,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         capacity_bytes: int,
         policy: NodePolicy | None = None,
         cgroup_io: Executor | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.node_id = node_id
+        self.metrics = metrics or NodeMetrics()
         self.driver = driver
         # The cgroup operations that can block for milliseconds run here, not on the event
         # loop that applies every call's decisions: creating, attaching to and removing call
@@ -198,6 +207,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             self._check_adopted(call)
         elif ev.kind is EventKind.OOM_KILL:
             log.warning("call %s: kernel OOM-killed pid %d", call.call_id, ev.pid)
+            self.metrics.oom_kills.inc()
             call.kill_reason = call.kill_reason or (
                 f"kernel OOM kill at budget {call.budget_bytes} bytes (pid {ev.pid})"
             )
@@ -370,8 +380,13 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         decision_ns: int = 0,
         span: str = "",
     ) -> None:
-        """An enforcement action's span and its ExecEvent to the caller (same action id)."""
-        with tracer.start_as_current_span(f"agentcg.enforce.{span or action}") as sp:
+        """An enforcement action's span, metrics and its ExecEvent to the caller (same action
+        id)."""
+        kind = span or action
+        self.metrics.action(kind, self.policy.dry_run)
+        if reaction_ns:
+            self.metrics.reaction(kind, reaction_ns / 1e9)
+        with tracer.start_as_current_span(f"agentcg.enforce.{kind}") as sp:
             sp.set_attribute("agentcg.action_id", action_id)
             sp.set_attribute("agentcg.lease_id", call.lease.lease_id)
             sp.set_attribute("agentcg.tenant", call.lease.tenant)
@@ -921,6 +936,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             proc.pid,
             list(request.argv)[:4],
         )
+        self.metrics.calls_started.inc()
         return call, proc
 
     async def _fetch_lease(self, lease_id: str) -> tuple[types_pb2.Lease, str, str]:
@@ -1053,6 +1069,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             self.calls[lease_id] = call
             self._by_cgroup[call.cgroup_id] = call
             created = True
+            self.metrics.calls_started.inc()
             self._ensure_adopt_poll()
         else:
             await self._attach_pid(call, pid)
@@ -1130,6 +1147,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             outcome = types_pb2.OUTCOME_COMPLETED
             reason = ""
         call.phase = CallPhase.EXITED
+        self.metrics.call_finished(_OUTCOME_LABEL.get(outcome, "unknown"))
         self.calls.pop(call.lease.lease_id, None)
         self._by_cgroup.pop(call.cgroup_id, None)
         self._unwatch(call)
@@ -1297,6 +1315,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._by_cgroup[call.cgroup_id] = call
         self._users[(tenant,)] += 1
         self._users[(tenant, session)] += 1
+        self.metrics.calls_started.inc()
         log.info(
             "adopt call %s lease %s tenant %s session %s budget %d pids %s",
             call_id,

@@ -12,13 +12,22 @@ from pathlib import Path
 
 import grpc
 from agentcg.names import validate_name
-from agentcg.telemetry import aio_server_interceptor, configure_logging, configure_tracing
+from agentcg.readyfile import write_ready_file
+from agentcg.telemetry import (
+    MetricsServer,
+    aio_server_interceptor,
+    configure_logging,
+    configure_tracing,
+    metrics_registry,
+    serve_metrics,
+)
 from agentcg.v1 import broker_pb2, node_pb2_grpc, types_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .agent import NodeAgent
 from .cgroup import detect_driver
 from .enforcement import NodePolicy
+from .metrics import NodeMetrics
 from .monitor import MemoryMonitor, UsageSource
 from .uplink import Uplink
 
@@ -51,9 +60,29 @@ class NodeConfig:
     grace_s: float = 5.0
     usage_source: str = "counter"  # UsageSource name, lower case
     keep_calls: bool = False  # on stop, leave calls running for the next agent to adopt
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" off, port 0 any
 
 
 async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    # The metrics endpoint first: a bad --metrics-listen fails before anything else starts.
+    registry = metrics_registry()
+    metrics = NodeMetrics(registry)
+    metrics_server = (
+        serve_metrics(config.metrics_listen, registry) if config.metrics_listen else None
+    )
+    try:
+        await _run(config, metrics, metrics_server, stop)
+    finally:
+        if metrics_server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
+
+
+async def _run(
+    config: NodeConfig,
+    metrics: NodeMetrics,
+    metrics_server: MetricsServer | None,
+    stop: asyncio.Event | None,
+) -> None:
     node_id = validate_name("node_id", config.node_id or default_node_id())
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
@@ -89,8 +118,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
     # wait milliseconds in the kernel) run on this one thread, in order, so the event loop
     # stays free to apply other calls' decisions (see NodeAgent).
     cgroup_io = ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
-    agent = NodeAgent(node_id, driver, monitor, uplink, capacity, config.policy, cgroup_io)
+    agent = NodeAgent(
+        node_id, driver, monitor, uplink, capacity, config.policy, cgroup_io, metrics=metrics
+    )
     agent.loop = asyncio.get_running_loop()
+    calls = agent.calls
+    metrics.track(lambda: len(calls), uplink, monitor)
     monitor.start()
 
     node_pb2_grpc.add_NodeAgentServicer_to_server(agent, server)
@@ -113,10 +146,12 @@ async def run_node(config: NodeConfig, stop: asyncio.Event | None = None) -> Non
         driver.root,
         driver.version,
     )
+    listeners = {}
+    if metrics_server is not None:
+        listeners["metrics"] = metrics_server.address
+        log.info("node %s metrics on http://%s/metrics", node_id, metrics_server.address)
     if config.ready_file is not None:
-        tmp = config.ready_file.with_suffix(".tmp")
-        tmp.write_text(address)
-        tmp.replace(config.ready_file)
+        write_ready_file(config.ready_file, address, listeners)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

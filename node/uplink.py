@@ -55,6 +55,11 @@ class Uplink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def buffered(self) -> int:
+        """Messages waiting to go out (queued while the link is down, or not yet sent)."""
+        return len(self._buffer)
+
     def send(self, msg: broker_pb2.NodeMessage) -> None:
         if len(self._buffer) >= self._buffer_size:
             self._buffer.popleft()
