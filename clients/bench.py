@@ -508,7 +508,7 @@ def bench_reaction(
     poll_interval_ms: int = 100,
     lifecycle_n: int = 300,
     usage_source: str = "counter",
-    overhead_rounds: int = 5,
+    overhead_rounds: int = 9,
     overhead_seconds: float = 1.5,
     cluster: bool = True,
 ) -> dict[str, Any]:
