@@ -451,7 +451,9 @@ def bench_reaction_cmd(
     usage_source: Annotated[
         str, typer.Option(help="in-kernel usage source: counter|lru|pgpgin")
     ] = "counter",
-    overhead_rounds: Annotated[int, typer.Option(help="alloc-loop rounds, median taken (0: skip)")] = 9,
+    overhead_rounds: Annotated[
+        int, typer.Option(help="alloc-loop rounds, median taken (0: skip)")
+    ] = 9,
     overhead_seconds: Annotated[float, typer.Option(help="seconds per alloc-loop run")] = 1.5,
     cluster: Annotated[bool, typer.Option(help="also run the broker decision path")] = True,
 ) -> None:
