@@ -25,6 +25,11 @@ Phases, in order, each reported under its key:
   the first one's. The fixed-rate phases (no-op, ~100 leases, 10,000 leases) run in ``rounds``
   and each key pools its rounds; ``client_send_late_p99_ms`` is how late the load generator
   itself sent (its timer and event loop), part of every latency above;
+- ``broker_reserve_mean_ms_at_rate``/``broker_reserve_within_2ms_at_rate``: the broker's own
+  view of the ~100-lease phases (its Prometheus histogram, warm-up included): a granted
+  Reserve from the servicer's entry to its durable reply, without the gRPC transport or the
+  client; ``commit_mean_ms_at_rate``/``decisions_per_commit_at_rate``: the group commits
+  behind them;
 - ``broker_rss_mb``: the broker's resident set with those 10,000 leases and 1,000 connected
   simulated node streams.
 """
@@ -379,6 +384,62 @@ class _Run:
         return p, stop
 
 
+# The broker's own view of the ~100-lease fixed-rate phases, from its Prometheus endpoint:
+# Reserve from the servicer's entry to its durable reply (no gRPC transport, no client), and
+# the group commits behind it.
+_ADMISSION = "agentcg_broker_admission_seconds"
+_COMMIT = "agentcg_broker_journal_commit_seconds"
+_COMMIT_DECISIONS = "agentcg_broker_journal_commit_decisions"
+
+
+def _scrape(address: str) -> dict[str, float]:
+    """Cumulative counts and sums of granted Reserves and of journal commits."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = s.labels
+            if family.name == _ADMISSION:
+                if (labels.get("rpc"), labels.get("outcome")) != ("Reserve", "granted"):
+                    continue
+                if s.name.endswith("_bucket") and float(labels["le"]) == 0.002:
+                    out["admission_le_2ms"] = s.value
+            if family.name in (_ADMISSION, _COMMIT, _COMMIT_DECISIONS) and (
+                s.name.endswith("_count") or s.name.endswith("_sum")
+            ):
+                out[s.name] = s.value
+    return out
+
+
+class _BrokerSide:
+    """Sums of the scraped deltas over the phases measured."""
+
+    def __init__(self) -> None:
+        self.delta: dict[str, float] = {}
+
+    def add(self, before: dict[str, float], after: dict[str, float]) -> None:
+        for key, value in after.items():
+            self.delta[key] = self.delta.get(key, 0.0) + value - before.get(key, 0.0)
+
+    def result(self) -> dict[str, float]:
+        d = self.delta
+        granted = d.get(f"{_ADMISSION}_count", 0.0)
+        commits = d.get(f"{_COMMIT}_count", 0.0)
+        if not granted or not commits:
+            return {}
+        return {
+            "broker_reserve_mean_ms_at_rate": round(d[f"{_ADMISSION}_sum"] / granted * 1000, 3),
+            "broker_reserve_within_2ms_at_rate": round(d.get("admission_le_2ms", 0) / granted, 4),
+            "commit_mean_ms_at_rate": round(d[f"{_COMMIT}_sum"] / commits * 1000, 3),
+            "decisions_per_commit_at_rate": round(d[f"{_COMMIT_DECISIONS}_sum"] / commits, 2),
+        }
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -508,7 +569,13 @@ def _run_phases(
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    cluster = LocalCluster(tmp, nodes=0, database_url=database_url, log_level="WARNING")
+    cluster = LocalCluster(
+        tmp,
+        nodes=0,
+        database_url=database_url,
+        log_level="WARNING",
+        broker_args=("--metrics-listen", "127.0.0.1:0"),
+    )
     with cluster:
         address = cluster.broker_address
         broker_pid = cluster.procs["broker"].pid
@@ -541,6 +608,8 @@ def _run_phases(
             # phases run once each, one after the other, compared the machine's load
             # drift as much as the lease count (the 10k ratio came out 0.59 and 1.53 for
             # the same code).
+            metrics = cluster.metrics_address("broker")
+            inside = _BrokerSide()
             ping: list[float] = []
             lat: list[float] = []
             lat_big: list[float] = []
@@ -549,7 +618,9 @@ def _run_phases(
             for r in range(rounds):
                 say(f"fixed rate, round {r + 1}/{rounds}: no-op, ~100 leases ...")
                 ping += run.fixed_rate(rate, 0, "ping")["latencies_ms"]
+                before = _scrape(metrics)
                 base = run.fixed_rate(rate, 100)
+                inside.add(before, _scrape(metrics))
                 lat += base["latencies_ms"]
                 late += base["late_ms"]
                 errors += base["errors"]
@@ -574,6 +645,7 @@ def _run_phases(
                 result["p99_ms_10k_leases"] / result["p99_ms"], 3
             )
             result["rate_errors"] = errors
+            result.update(inside.result())
             say(f"connecting {node_streams - 1} more simulated nodes ...")
             more_proc, more_stop = run.start_nodes(1, node_streams - 1)
             try:

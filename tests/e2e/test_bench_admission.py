@@ -76,6 +76,11 @@ def test_bench_admission_runs_every_phase(tmp_path: Path, database: str) -> None
     assert result["p99_ratio_10k_leases"] == round(
         result["p99_ms_10k_leases"] / result["p99_ms"], 3
     )
+    # The broker's own view of the same phases (its metrics endpoint).
+    assert 0 < result["broker_reserve_mean_ms_at_rate"]
+    assert 0 <= result["broker_reserve_within_2ms_at_rate"] <= 1
+    assert 0 < result["commit_mean_ms_at_rate"]
+    assert result["decisions_per_commit_at_rate"] >= 1
     # The printed table carries the same figures.
     assert "p99_ratio_10k_leases" in proc.stdout
     assert result["database"] == database
