@@ -289,8 +289,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             call.throttle_timer.cancel()
             call.throttle_timer = None
         if freeze and not self.policy.dry_run:
-            self.driver.set_frozen(call.cgroup, True)
-            call.frozen = True
+            try:
+                self.driver.set_frozen(call.cgroup, True)
+                call.frozen = True
+            except CgroupError as exc:  # e.g. a task of it already held at its limit (v1)
+                log.warning("call %s: not frozen, asking anyway: %s", call.call_id, exc)
         call.phase = CallPhase.PAUSED
         assert self.loop is not None
         timer = self.loop.call_later(

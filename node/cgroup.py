@@ -465,6 +465,15 @@ class CgroupV1Driver:
         deadline = time.monotonic() + timeout_s
         delay_s = 0.0001  # freezing usually settles within a few hundred microseconds
         while (state := _read_text(path).strip()) != want:
+            if frozen and state == "FREEZING" and self.read_stats(cg).under_oom:
+                # A task waiting at the memory limit (oom_kill_disable) sleeps where the
+                # freezer cannot reach it: the cgroup would stay FREEZING until the limit
+                # is raised. The kernel holds that task already; leave the others running.
+                self._write(cg, "freezer", "freezer.state", "THAWED")
+                raise CgroupError(
+                    f"cgroup {cg.path}: a task waits at the memory limit and cannot be "
+                    "frozen; left thawed"
+                )
             if time.monotonic() > deadline:
                 raise CgroupError(f"cgroup {cg.path}: freezer state {state}, wanted {want}")
             time.sleep(delay_s)

@@ -158,6 +158,39 @@ def test_freeze_and_thaw(driver: CgroupV1Driver) -> None:
         gated.process.wait()
 
 
+def test_a_task_held_at_its_limit_is_not_frozen_and_the_cgroup_is_left_thawed(
+    driver: CgroupV1Driver,
+) -> None:
+    # The v1 freezer cannot freeze a task waiting at the memory limit (oom_kill_disable): it
+    # would stay FREEZING until the limit is raised, and a node that then forgot to thaw it
+    # would leave the call frozen for good.
+    if "freezer" not in driver.controllers:
+        pytest.skip("no freezer controller: nothing to freeze")
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, 32 << 20)
+    driver.set_pause_at_limit(cg, True)
+    code = "b = bytearray(96 << 20); print('done', flush=True)"
+    gated = spawn_gated([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        driver.attach(cg, gated.pid)
+        gated.release()
+        deadline = time.monotonic() + 10
+        while not driver.read_stats(cg).under_oom:
+            assert time.monotonic() < deadline, "the task never waited at its limit"
+            time.sleep(0.005)
+        with pytest.raises(CgroupError, match="waits at the memory limit"):
+            driver.set_frozen(cg, True)
+        assert (driver.paths(cg)["freezer"] / "freezer.state").read_text().strip() == "THAWED"
+        # Raising the limit lets it finish: it was never left frozen.
+        driver.set_memory_limit(cg, 256 << 20)
+        out, _ = gated.process.communicate(timeout=30)
+        assert (gated.process.returncode, out) == (0, b"done\n")
+    finally:
+        if gated.process.poll() is None:
+            driver.kill(cg)  # thaws too: a task caught frozen dies only once thawed
+        gated.process.wait()
+
+
 def test_lowering_the_limit_below_usage_is_an_error_not_a_kill(driver: CgroupV1Driver) -> None:
     cg = driver.create("call")
     code = "import time; b = b'x' * (32 << 20); print('ok', flush=True); time.sleep(30)"
