@@ -13,6 +13,8 @@ from agentcg.names import InvalidNameError
 from agentcg.node.cgroup import CgroupError, CgroupV1Driver
 from agentcg.node.spawn import spawn_gated
 
+from ..conftest import kernel_missing
+
 pytestmark = pytest.mark.kernel
 
 
@@ -165,7 +167,7 @@ def test_a_task_held_at_its_limit_is_not_frozen_and_the_cgroup_is_left_thawed(
     # would stay FREEZING until the limit is raised, and a node that then forgot to thaw it
     # would leave the call frozen for good.
     if "freezer" not in driver.controllers:
-        pytest.skip("no freezer controller: nothing to freeze")
+        kernel_missing("no v1 freezer controller for this process")
     cg = driver.create("call")
     driver.set_memory_limit(cg, 32 << 20)
     driver.set_pause_at_limit(cg, True)
