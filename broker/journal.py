@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 from .metrics import BrokerMetrics
 from .model import Change
 
-__all__ = ["ChangeSink", "Journal"]
+__all__ = ["ChangeSink", "Journal", "apply_groups"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,31 +127,15 @@ class Journal:
                 self._read(pending)
 
     def _write(self, batch: list[tuple[Sequence[Change], asyncio.Future[None]]]) -> None:
-        flat: list[Change] = [c for changes, _ in batch for c in changes]
         started = time.perf_counter()
-        try:
-            self._sink.apply(flat)
-        except Exception as exc:  # noqa: BLE001 - handed to the waiters
+        errors = apply_groups(self._sink, [changes for changes, _ in batch])
+        if any(e is not None for e in errors):
             self._metrics.commit_failures.inc()
-            log.error("journal: commit of %d changes failed: %s", len(flat), exc)
-            if len(batch) == 1:
-                self._settle([(batch[0][1], exc)])
-                return
-            # One caller's bad change must not fail the others: commit each alone.
-            results: list[tuple[asyncio.Future[None], BaseException | None]] = []
-            for changes, fut in batch:
-                try:
-                    self._sink.apply(changes)
-                except Exception as one:  # noqa: BLE001
-                    results.append((fut, one))
-                else:
-                    results.append((fut, None))
-            self._settle(results)
-            return
-        self._metrics.commit(time.perf_counter() - started, len(batch))
-        self.batches += 1
-        self.changes += len(flat)
-        self._settle([(fut, None) for _, fut in batch])
+        else:
+            self._metrics.commit(time.perf_counter() - started, len(batch))
+            self.batches += 1
+            self.changes += sum(len(changes) for changes, _ in batch)
+        self._settle([(fut, exc) for (_, fut), exc in zip(batch, errors, strict=True)])
 
     def _read(self, item: _Read) -> None:
         try:
@@ -179,6 +163,29 @@ class Journal:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             await asyncio.sleep(0)  # let the last settlements run
             self._thread = None
+
+
+def apply_groups(sink: ChangeSink, groups: Sequence[Sequence[Change]]) -> list[Exception | None]:
+    """Commit ``groups`` (one per submission) in one transaction; if that fails, commit each
+    alone, so that one caller's bad change fails only that caller. Each group's error or None.
+    """
+    try:
+        sink.apply([c for changes in groups for c in changes])
+    except Exception as exc:  # noqa: BLE001 - handed to the waiters
+        log.error("journal: commit of %d submissions failed: %s", len(groups), exc)
+        if len(groups) == 1:
+            return [exc]
+    else:
+        return [None] * len(groups)
+    errors: list[Exception | None] = []
+    for changes in groups:
+        try:
+            sink.apply(changes)
+        except Exception as one:  # noqa: BLE001
+            errors.append(one)
+        else:
+            errors.append(None)
+    return errors
 
 
 def _settle_all(results: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:

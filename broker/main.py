@@ -8,7 +8,7 @@ import gc
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +31,7 @@ from .ledger import Ledger
 from .metrics import BrokerMetrics
 from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
 from .store import Store
+from .writer import ProcessJournal
 
 __all__ = ["BrokerConfig", "main", "run_broker"]
 
@@ -50,6 +51,10 @@ class BrokerConfig:
     # Declared intents on a node may add up to capacity x this (budgets, sized from measured
     # peaks, still fit its capacity); 0: no overcommit ceiling.
     overcommit_ratio: float = 1.5
+    # Where group commits run: "process" (broker/writer.py) or "thread" (broker/journal.py). An
+    # in-memory SQLite database is the broker's own: always "thread".
+    db_writer: str = "process"
+    log_level: str = "INFO"
 
 
 async def run_broker(
@@ -120,7 +125,11 @@ async def _run(
     ledger.load(snapshot.tenants, snapshot.nodes, snapshot.active_leases)
     for tenant, command_class, peak in store.recent_peaks():
         ledger.observe_peak(tenant, command_class, peak)
-    journal = Journal(store, metrics=metrics)
+    journal: Journal
+    if config.db_writer == "process" and not Store.in_memory(url):
+        journal = ProcessJournal(store, url, log_level=config.log_level, metrics=metrics)
+    else:
+        journal = Journal(store, metrics=metrics)
     journal.start()
     core = BrokerCore(store, journal, ledger, metrics)
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
@@ -199,4 +208,5 @@ def _after_start() -> None:
 def main(config: BrokerConfig, log_level: str = "INFO") -> None:
     configure_logging(log_level)
     configure_tracing("agentcg-broker")
+    config = replace(config, log_level=log_level)
     asyncio.run(run_broker(config, on_serving=_after_start))

@@ -671,6 +671,18 @@ class Store:
         except Exception:  # noqa: BLE001 - the connection is dropped next anyway
             logger.debug("rollback failed", exc_info=True)
 
+    @staticmethod
+    def in_memory(url: str) -> bool:
+        """An SQLite database of this process's alone (no file)."""
+        parsed = make_url(url)
+        return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+    def open_writer(self) -> None:
+        """Open the connection writes use now (it is otherwise opened by the first write), so
+        that an unreachable database is an error at start-up."""
+        with _translated("open the database for writing", self._shown_url):
+            self._writer_connection()
+
     def _writer_connection(self) -> Connection:
         """The connection every write batch uses: held open, so that a batch costs no pool
         checkout and reset (a round trip on PostgreSQL). Reopened after a failure."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
 import os
 import sys
@@ -101,6 +102,11 @@ def _serve(run: Callable[[], None]) -> None:
         raise typer.Exit(2) from None
 
 
+class DbWriter(enum.StrEnum):
+    PROCESS = "process"
+    THREAD = "thread"
+
+
 @app.command()
 def broker(
     listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1:50051",
@@ -118,6 +124,13 @@ def broker(
         ),
     ] = 1.5,
     metrics_listen: MetricsListenOpt = "",
+    db_writer: Annotated[
+        DbWriter,
+        typer.Option(
+            help="where group commits run: a child process (no GIL shared with the event "
+            "loop) or a thread of the broker's",
+        ),
+    ] = DbWriter.PROCESS,
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
@@ -131,6 +144,7 @@ def broker(
         ready_file=ready_file,
         overcommit_ratio=overcommit_ratio,
         metrics_listen=metrics_listen,
+        db_writer=db_writer.value,
     )
     _serve(lambda: broker_main(config, log_level))
 

@@ -1,0 +1,177 @@
+"""The database writer process (broker/writer.py) against a real store on SQLite and PostgreSQL:
+the journal's order and read-after-write, one bad submission failing only its caller, a killed
+writer failing what it had not acknowledged and coming back, a bad database failing start-up,
+and no writer outliving a SIGKILLed broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentcg.broker.model import Lease, LeaseId, NodeId, PutLease, SessionName, TenantName
+from agentcg.broker.store import Store, StoreError, StoreIntegrityError
+from agentcg.broker.writer import ProcessJournal
+from agentcg.clients.cluster import LocalCluster
+
+from .test_journal import mixed_load, quota_change, read_quotas
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_writes_and_reads_keep_their_order(store: Store, database_url: str) -> None:
+    journal = ProcessJournal(store, database_url)
+    seen = asyncio.run(mixed_load(journal, store))
+
+    for i, quotas in enumerate(seen):
+        step = 5 * i + 4
+        assert (quotas["a"], quotas["b"], quotas["c"], quotas["d"]) == (
+            1000 + step,
+            2000 + step,
+            3000 + step,
+            4000 + step,
+        )
+    final = read_quotas(store)
+    assert (final["a"], final["b"], final["c"], final["d"]) == (1029, 2029, 3029, 4029)
+    assert final["bulk39"] == 27 * 100 + 39
+    assert journal.changes == 30 * (3 + 202) + 10 * 40
+    assert journal.writer_pid is None  # closed: the child exited
+
+
+def _negative_lease(n: int) -> PutLease:
+    """A lease with a negative budget: the database refuses it (a check constraint)."""
+    return PutLease(
+        Lease(
+            lease_id=LeaseId(f"orphan{n}"),
+            tenant=TenantName("good1"),
+            session=SessionName("s"),
+            command_class="c",
+            node_id=NodeId(""),
+            memory_bytes=-1,
+            intent_memory_bytes=1,
+            granted_at_ms=0,
+            expires_at_ms=1,
+        )
+    )
+
+
+def test_a_bad_submission_fails_only_its_caller(store: Store, database_url: str) -> None:
+    async def run() -> list[BaseException | None]:
+        journal = ProcessJournal(store, database_url)
+        journal.start()
+        try:
+            # One loop round: the three go to the writer in one frame, one transaction.
+            futures = [
+                journal.submit([quota_change("good1", 1)]),
+                journal.submit([_negative_lease(1)]),
+                journal.submit([quota_change("good2", 2)]),
+            ]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            await journal.commit([quota_change("after", 3)])  # the writer carries on
+            return [r if isinstance(r, BaseException) else None for r in results]
+        finally:
+            await journal.close()
+
+    errors = asyncio.run(run())
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], StoreIntegrityError), errors[1]
+    assert str(errors[1]).startswith("apply 1 changes: constraint violated"), errors[1]
+    quotas = read_quotas(store)
+    assert (quotas["good1"], quotas["good2"], quotas["after"]) == (1, 2, 3)
+    assert store.get_lease(LeaseId("orphan1")) is None
+
+
+def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
+    store: Store, database_url: str
+) -> None:
+    async def run() -> tuple[BaseException | None, int, int]:
+        journal = ProcessJournal(store, database_url)
+        journal.start()
+        try:
+            await journal.commit([quota_change("before", 1)])
+            first = journal.writer_pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            lost: BaseException | None = None
+            try:
+                await journal.commit([quota_change("lost", 2)])
+            except StoreError as exc:
+                lost = exc
+            # A new writer within a few seconds; commits work again.
+            deadline = time.monotonic() + 30
+            while journal.writer_pid in (None, first) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await journal.commit([quota_change("after", 3)])
+            second = journal.writer_pid
+            assert second is not None and second != first
+            return lost, journal.restarts, first
+        finally:
+            await journal.close()
+
+    lost, restarts, first = asyncio.run(run())
+    assert isinstance(lost, StoreError) and "writer process exited" in str(lost), lost
+    assert restarts == 1
+    assert not _alive(first)
+    quotas = read_quotas(store)
+    assert (quotas["before"], quotas["after"]) == (1, 3)
+    assert "lost" not in quotas  # sent to a dead writer: never written
+
+
+def test_an_unreachable_database_fails_start_up(tmp_path: Path) -> None:
+    store = Store(Store.default_url(tmp_path))  # the broker's own, for reads
+
+    async def run() -> None:
+        journal = ProcessJournal(store, "postgresql+psycopg://agentcg@127.0.0.1:1/none")
+        journal.start()
+
+    try:
+        with pytest.raises(StoreError, match="exited with 1 before it was ready"):
+            asyncio.run(run())
+    finally:
+        store.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_no_writer_outlives_a_sigkilled_broker(tmp_path: Path, database_url: str) -> None:
+    cluster = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING")
+    with cluster:
+        broker = cluster.procs["broker"].pid
+        writers = [
+            c
+            for c in _children(broker)
+            if b"agentcg.broker.writer" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(writers) == 1, writers
+        # The database URL (a password, on PostgreSQL) is not on the writer's command line.
+        assert database_url.encode() not in Path(f"/proc/{writers[0]}/cmdline").read_bytes()
+        cluster.stop("broker", sig=signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(writers[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(writers[0])
