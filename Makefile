@@ -10,9 +10,9 @@ ifeq ($(CI),true)
 export AGENTCG_REQUIRE_KERNEL := 1
 endif
 
-.PHONY: setup host venv vm proto demo test lint clean
+.PHONY: setup host venv vm proto loadgen demo test lint clean
 
-setup: host venv
+setup: host venv loadgen
 
 host:
 	bash scripts/setup-host.sh
@@ -31,6 +31,35 @@ $(VENV)/.installed: pyproject.toml
 # qemu without KVM): idempotent, a no-op once var/vm holds the kernel.
 vm: venv
 	PY=$(PY) bash scripts/setup-vm.sh >/dev/null
+
+# The native load generator of `agentcg bench admission` (C++, Debian's gRPC from `make host`):
+# C++ stubs generated from the protos into build/loadgen (never checked in), one object per
+# source, rebuilt when loadgen.cc or a proto changes.
+LOADGEN_DIR := build/loadgen
+LOADGEN := $(LOADGEN_DIR)/loadgen
+LOADGEN_PROTOS := proto/agentcg/v1/broker.proto proto/agentcg/v1/types.proto
+LOADGEN_GEN := $(LOADGEN_DIR)/gen/agentcg/v1
+LOADGEN_OBJS := $(LOADGEN_DIR)/loadgen.o $(LOADGEN_DIR)/broker.pb.o $(LOADGEN_DIR)/broker.grpc.pb.o \
+  $(LOADGEN_DIR)/types.pb.o
+LOADGEN_CXXFLAGS = -std=c++17 -O2 -Wall -Wextra -I$(LOADGEN_DIR)/gen $$(pkg-config --cflags grpc++ protobuf)
+
+loadgen: | host
+loadgen: $(LOADGEN)
+
+$(LOADGEN): $(LOADGEN_OBJS)
+	$(CXX) -o $@ $^ $$(pkg-config --libs grpc++ protobuf)
+
+$(LOADGEN_GEN)/.generated: $(LOADGEN_PROTOS)
+	mkdir -p $(LOADGEN_DIR)/gen
+	protoc -Iproto --cpp_out=$(LOADGEN_DIR)/gen --grpc_out=$(LOADGEN_DIR)/gen \
+	  --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) $(LOADGEN_PROTOS)
+	touch $@
+
+$(LOADGEN_DIR)/loadgen.o: clients/loadgen/loadgen.cc $(LOADGEN_GEN)/.generated
+	$(CXX) $(LOADGEN_CXXFLAGS) -c -o $@ $<
+
+$(LOADGEN_DIR)/%.o: $(LOADGEN_GEN)/.generated
+	$(CXX) $(LOADGEN_CXXFLAGS) -c -o $@ $(LOADGEN_GEN)/$*.cc
 
 # Regenerate the gRPC stubs (checked in; never edited by hand).
 proto: venv

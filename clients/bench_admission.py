@@ -2,8 +2,13 @@
 
 Everything runs in one go on this machine: a broker subprocess (embedded SQLite by default, or
 ``--db URL``), simulated nodes (register + a long-lived Connect stream with heartbeats) and load
-generator processes (``multiprocessing`` spawn: the load is generated outside the broker's
-process, but it shares the machine's cores with it; the numbers are ratios within one run).
+generator processes (outside the broker's process, but sharing the machine's cores with it; the
+numbers are ratios within one run).
+
+The load generator (``load_generator``) is the native one, clients/loadgen/loadgen.cc built by
+``make loadgen`` (gRPC C++, callback API: a sender never waits for a reply), when it is built;
+else the Python one below (grpc.aio in ``multiprocessing`` spawned processes), which costs more
+than the broker's own reply on two cores. Both send the same requests on the same schedule.
 
 Phases, in order, each reported under its key:
 - ``noop_rps``: closed-loop Ping RPCs/s (the same server stack, interceptors included);
@@ -42,6 +47,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -54,13 +60,16 @@ from typing import Any
 from .bench import percentile
 from .cluster import LocalCluster
 
-__all__ = ["UsedDatabaseError", "bench_admission"]
+__all__ = ["LoadGeneratorError", "UsedDatabaseError", "bench_admission", "native_load_generator"]
 
 MiB = 1 << 20
 HUGE = 1 << 50  # quota / capacity that never limits the benchmark
 TENANT = "bench"
 SLICE_S = 0.5  # noop and reserve_release alternate in slices this long
 MIXED = ("noop", "reserve_release")  # slice 0, 2, 4, ...: noop; 1, 3, 5, ...: reserve_release
+LOADGEN_ENV = "AGENTCG_LOADGEN"  # the native load generator's path, if not the repository's
+# The repository this package is installed (editable) from: clients/ is its package directory.
+_BUILT_LOADGEN = Path(__file__).resolve().parent.parent / "build" / "loadgen" / "loadgen"
 
 
 def _stubs(address: str) -> tuple[Any, Any, Any]:
@@ -281,11 +290,52 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class LoadGeneratorError(ValueError):
+    """The native load generator asked for is not there."""
+
+
+def native_load_generator() -> Path | None:
+    """The native load generator: ``$AGENTCG_LOADGEN`` if set (it must be an executable file),
+    else ``build/loadgen/loadgen`` of this repository if ``make loadgen`` built it, else None."""
+    named = os.environ.get(LOADGEN_ENV, "")
+    path = Path(named) if named else _BUILT_LOADGEN
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    if named:
+        raise LoadGeneratorError(f"{LOADGEN_ENV}={named}: not an executable file")
+    return None
+
+
+def _native_argv(binary: Path, job: str, args: tuple[Any, ...]) -> list[str]:
+    """The native generator's command line for a ``_proc_main`` job and its arguments."""
+    if job == "rate":
+        address, start_at, warmup_s, seconds, rate, live, kind = args
+        mode = ["--mode", "rate", "--kind", kind, "--rate", repr(rate), "--live", str(live)]
+    else:
+        address, start_at, warmup_s, seconds, concurrency = args
+        mode = ["--mode", "closed", "--kind", job, "--concurrency", str(concurrency)]
+    # fmt: off
+    return [
+        str(binary), "--address", address, *mode, "--start-at", repr(start_at),
+        "--warmup", repr(warmup_s), "--seconds", repr(seconds),
+    ]
+    # fmt: on
+
+
 class _Run:
     def __init__(
-        self, address: str, processes: int, concurrency: int, seconds: float, broker_pid: int
+        self,
+        address: str,
+        processes: int,
+        concurrency: int,
+        seconds: float,
+        broker_pid: int,
+        loadgen: Path | None = None,
     ) -> None:
         self.ctx = mp.get_context("spawn")
+        self.loadgen = loadgen  # the native load generator, or None: the Python one
+        # Spawned interpreters need ~1 s to import; the native generator starts in milliseconds.
+        self.lead_s = 1.5 if loadgen is None else 0.5
         self.broker_pid = broker_pid
         self.cpu_ms_per_op: dict[str, float] = {}
         self.address = address
@@ -294,27 +344,55 @@ class _Run:
         self.seconds = seconds
         self.warmup_s = 0.5
 
+    def launch(self, job: str, args: tuple[Any, ...]) -> Callable[[], dict[str, Any]]:
+        """Start one load generator process on ``job``; returns what waits for its result."""
+        if self.loadgen is not None:
+            proc = subprocess.Popen(
+                _native_argv(self.loadgen, job, args),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+            def native() -> dict[str, Any]:
+                try:
+                    stdout, stderr = proc.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    raise
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"{proc.args!r} exited with {proc.returncode}: {stderr[-2000:]}"
+                    )
+                result: dict[str, Any] = json.loads(stdout)
+                return result
+
+            return native
+        out: Queue[Any] = self.ctx.Queue()
+        p = self.ctx.Process(target=_proc_main, args=(job, args, out))
+        p.start()
+
+        def python() -> dict[str, Any]:
+            result: dict[str, Any] = out.get(timeout=120)
+            p.join()
+            return result
+
+        return python
+
     def closed_loop(self, kind: str, concurrency: int | None = None) -> float:
         """Total operations per second over all load processes."""
-        out: Queue[Any] = self.ctx.Queue()
-        start_at = time.time() + 1.5  # spawned interpreters need ~1 s to import
+        start_at = time.time() + self.lead_s
         per = concurrency or self.concurrency
-        procs = [
-            self.ctx.Process(
-                target=_proc_main,
-                args=(kind, (self.address, start_at, self.warmup_s, self.seconds, per), out),
-            )
+        waits = [
+            self.launch(kind, (self.address, start_at, self.warmup_s, self.seconds, per))
             for _ in range(self.processes)
         ]
-        for p in procs:
-            p.start()
         time.sleep(max(0.0, start_at + self.warmup_s - time.time()))
         cpu0 = _cpu_s(self.broker_pid)
         time.sleep(max(0.0, start_at + self.warmup_s + self.seconds - time.time()))
         cpu1 = _cpu_s(self.broker_pid)
-        results = [out.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join()
+        results = [wait() for wait in waits]
         ops = sum(r["ops"] for r in results)
         self.cpu_ms_per_op[kind] = (cpu1 - cpu0) * 1000 / max(1, ops)
         return float(ops) / self.seconds
@@ -323,23 +401,13 @@ class _Run:
         """noop and reserve_release interleaved (``MIXED``, ``SLICE_S``), ``seconds`` of each:
         operations per second of each, and the broker's CPU per operation from its CPU time
         read at every slice boundary."""
-        out: Queue[Any] = self.ctx.Queue()
-        start_at = time.time() + 1.5
+        start_at = time.time() + self.lead_s
         slices = max(2, 2 * round(self.seconds / SLICE_S))
         seconds = slices * SLICE_S
-        procs = [
-            self.ctx.Process(
-                target=_proc_main,
-                args=(
-                    "mixed",
-                    (self.address, start_at, self.warmup_s, seconds, self.concurrency),
-                    out,
-                ),
-            )
+        waits = [
+            self.launch("mixed", (self.address, start_at, self.warmup_s, seconds, self.concurrency))
             for _ in range(self.processes)
         ]
-        for p in procs:
-            p.start()
         t_begin = start_at + self.warmup_s
         cpu_s = dict.fromkeys(MIXED, 0.0)
         time.sleep(max(0.0, t_begin - time.time()))
@@ -349,9 +417,7 @@ class _Run:
             now = _cpu_s(self.broker_pid)
             cpu_s[MIXED[k % 2]] += now - last
             last = now
-        results = [out.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join()
+        results = [wait() for wait in waits]
         per_kind_s = seconds / 2
         figures: dict[str, float] = {}
         for kind in MIXED:
@@ -361,16 +427,8 @@ class _Run:
         return figures
 
     def fixed_rate(self, rate: float, live: int, kind: str = "reserve") -> dict[str, Any]:
-        out: Queue[Any] = self.ctx.Queue()
-        start_at = time.time() + 1.5
-        p = self.ctx.Process(
-            target=_proc_main,
-            args=("rate", (self.address, start_at, 1.0, self.seconds, rate, live, kind), out),
-        )
-        p.start()
-        result: dict[str, Any] = out.get(timeout=120)
-        p.join()
-        return result
+        start_at = time.time() + self.lead_s
+        return self.launch("rate", (self.address, start_at, 1.0, self.seconds, rate, live, kind))()
 
     def start_nodes(self, first: int, count: int) -> tuple[Any, Any]:
         ready = self.ctx.Event()
@@ -482,17 +540,31 @@ def bench_admission(
     rounds: int = 3,
     node_streams: int = 1000,
     database_url: str = "",
+    load_generator: str = "",
     json_path: Path | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Run every phase against a fresh broker subprocess; return (and write) the figures."""
+    """Run every phase against a fresh broker subprocess; return (and write) the figures.
+
+    ``load_generator``: "native" (``LoadGeneratorError`` if not built), "python", or "" for the
+    native one if built, else the Python one with a notice."""
 
     def say(msg: str) -> None:
         if log is not None:
             log(msg)
 
+    if load_generator not in ("", "native", "python"):
+        raise ValueError(f"load_generator must be native or python, not {load_generator!r}")
+    loadgen = None if load_generator == "python" else native_load_generator()
+    if loadgen is None and load_generator == "native":
+        raise LoadGeneratorError(
+            f"native load generator not built ({_BUILT_LOADGEN}): make loadgen"
+        )
+    if loadgen is None and load_generator == "":
+        say("native load generator not built (make loadgen): using the Python one")
     result: dict[str, Any] = {
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
+        "load_generator": "python" if loadgen is None else "native",
         "loadgen_processes": processes,
         "in_flight": processes * concurrency,
         "seconds_per_phase": seconds,
@@ -512,6 +584,7 @@ def bench_admission(
                     leases,
                     rounds,
                     node_streams,
+                    loadgen,
                     say,
                 )
             )
@@ -566,6 +639,7 @@ def _run_phases(
     leases: int,
     rounds: int,
     node_streams: int,
+    loadgen: Path | None,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
@@ -583,7 +657,7 @@ def _run_phases(
 
         with Client(address) as c:
             c.set_tenant(TENANT, HUGE)
-        run = _Run(address, processes, concurrency, seconds, broker_pid)
+        run = _Run(address, processes, concurrency, seconds, broker_pid, loadgen)
         node_proc, node_stop = run.start_nodes(0, 1)
         try:
             say("noop and reserve+release, interleaved ...")

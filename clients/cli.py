@@ -511,11 +511,20 @@ def bench_admission_cmd(
             " schema, dropped afterwards; a SQLite file must not exist yet"
         ),
     ] = "",
+    load_generator: Annotated[
+        str,
+        typer.Option(
+            help="native (clients/loadgen, `make loadgen`; $AGENTCG_LOADGEN names another"
+            " build) or python (grpc.aio); default: native if built, else python"
+        ),
+    ] = "",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """Admission throughput and latency against a real broker process (see bench_admission)."""
-    from .bench_admission import UsedDatabaseError, bench_admission
+    from .bench_admission import LoadGeneratorError, UsedDatabaseError, bench_admission
 
+    if load_generator not in ("", "native", "python"):
+        raise typer.BadParameter("must be native or python", param_hint="--load-generator")
     try:
         result = bench_admission(
             seconds=seconds,
@@ -526,11 +535,14 @@ def bench_admission_cmd(
             rounds=rounds,
             node_streams=node_streams,
             database_url=db,
+            load_generator=load_generator,
             json_path=json_path,
             log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
         )
     except UsedDatabaseError as e:
         raise typer.BadParameter(str(e), param_hint="--db") from None
+    except LoadGeneratorError as e:
+        raise typer.BadParameter(str(e), param_hint="--load-generator") from None
     table = Table("metric", "value")
     for k, v in result.items():
         table.add_row(k, str(v))

@@ -67,3 +67,19 @@ def bcc_available(tracefs: Path) -> None:
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if not (build / "Makefile").exists():
         kernel_missing(f"no kernel headers at {build} (make setup links them)")
+
+
+@pytest.fixture(scope="session")
+def loadgen() -> Path:
+    """The native load generator (`make loadgen`, or $AGENTCG_LOADGEN). Missing: a skip on a
+    developer machine, a failure in CI (AGENTCG_REQUIRE_KERNEL=1 or CI=true), where `make test`
+    builds it."""
+    from agentcg.clients.bench_admission import native_load_generator
+
+    path = native_load_generator()
+    if path is None:
+        reason = "native load generator not built (make loadgen)"
+        if REQUIRE_KERNEL or os.environ.get("CI") == "true":
+            pytest.fail(f"in CI the native load generator is required: {reason}")
+        pytest.skip(reason)
+    return path

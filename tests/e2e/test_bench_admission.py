@@ -1,6 +1,6 @@
 """`agentcg bench admission` end to end, shrunk: a real broker process, real load generator
-processes and simulated node streams. Checks that every phase ran and reported what it says
-(keys, counts, consistency), never how fast."""
+processes (the native one; once the Python one) and simulated node streams. Checks that every
+phase ran and reported what it says (keys, counts, consistency), never how fast."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -45,25 +46,19 @@ def bench_schemas() -> set[str]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_bench_admission_runs_every_phase(tmp_path: Path, database: str) -> None:
-    out = tmp_path / "admission.json"
-    db: list[str] = []
-    if database == "postgresql":
-        if not POSTGRES_URL:
-            kernel_missing("PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set")
-        db = ["--db", POSTGRES_URL]
-        schemas_before = bench_schemas()
+def bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # fmt: off
     argv = [
         sys.executable, "-m", "agentcg.clients.cli", "bench", "admission",
         "--seconds", "0.5", "--processes", "1", "--concurrency", "2", "--rate", "100",
-        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--json", str(out), *db,
+        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--json", str(out), *args,
     ]
     # fmt: on
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, Any]) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
     assert KEYS <= result.keys()
     assert result["rate_errors"] == 0
     assert result["rate_rounds"] == 2
@@ -83,6 +78,23 @@ def test_bench_admission_runs_every_phase(tmp_path: Path, database: str) -> None
     assert result["decisions_per_commit_at_rate"] >= 1
     # The printed table carries the same figures.
     assert "p99_ratio_10k_leases" in proc.stdout
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_bench_admission_runs_every_phase(tmp_path: Path, database: str, loadgen: Path) -> None:
+    out = tmp_path / "admission.json"
+    db: list[str] = []
+    if database == "postgresql":
+        if not POSTGRES_URL:
+            kernel_missing("PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set")
+        db = ["--db", POSTGRES_URL]
+        schemas_before = bench_schemas()
+    # The default: the native generator, built (the loadgen fixture fails in CI if not).
+    proc = bench(out, *db)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    check_every_phase(proc, result)
+    assert result["load_generator"] == "native"
     assert result["database"] == database
     if database == "postgresql":
         # It ran in a schema of its own, dropped afterwards.
@@ -98,3 +110,27 @@ def test_bench_admission_refuses_an_existing_sqlite_file(tmp_path: Path) -> None
     )
     assert proc.returncode != 0
     assert "exists; the bench needs a new database" in proc.stderr
+
+
+def test_bench_admission_with_the_python_load_generator(tmp_path: Path) -> None:
+    out = tmp_path / "admission.json"
+    proc = bench(out, "--load-generator", "python")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    check_every_phase(proc, result)
+    assert result["load_generator"] == "python"
+
+
+def test_bench_admission_native_generator_asked_for_but_missing(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "agentcg.clients.cli", "bench", "admission"]
+    env = {**os.environ, "AGENTCG_LOADGEN": str(tmp_path / "no-such-loadgen")}
+    for choice in ("native", ""):  # an explicit path that is not there is never passed over
+        extra = ["--load-generator", choice] if choice else []
+        proc = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 2
+        assert "no-such-loadgen: not an executable file" in proc.stderr
+    proc = subprocess.run(
+        [*argv, "--load-generator", "rust"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "must be native or python" in proc.stderr
