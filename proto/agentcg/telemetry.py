@@ -56,7 +56,10 @@ def configure_logging(level: str = "INFO") -> None:
     )
 
 
-def configure_tracing(service_name: str) -> TracerProvider:
+def configure_tracing(service_name: str) -> bool:
+    """Install the process's tracer provider; whether spans are exported (an exporter is
+    configured). When they are not, a server needs no per-RPC tracing interceptor: its spans
+    would be built for nobody."""
     exporter: SpanExporter | None = None
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -76,7 +79,7 @@ def configure_tracing(service_name: str) -> TracerProvider:
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    return provider
+    return exporter is not None
 
 
 # opentelemetry-instrumentation-grpc ships no annotations: these wrappers give its two aio factories
