@@ -175,3 +175,44 @@ def test_no_writer_outlives_a_sigkilled_broker(tmp_path: Path, database_url: str
         while _alive(writers[0]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(writers[0])
+
+
+def test_frames_carry_every_record_intact() -> None:
+    from agentcg.broker.model import (
+        Audit,
+        AuditEntry,
+        DeleteTenant,
+        LeaseState,
+        Node,
+        Outcome,
+        PutNode,
+        PutTenant,
+        Tenant,
+    )
+    from agentcg.broker.writer import FrameReader, frame
+
+    lease = _negative_lease(7).lease
+    records = [
+        PutLease(lease),
+        PutLease(
+            Lease(
+                **{
+                    **{f: getattr(lease, f) for f in lease.__dataclass_fields__},
+                    "state": LeaseState.RELEASED,
+                    "outcome": Outcome.KILLED,
+                    "ended_at_ms": 9,
+                    "idempotency_key": "k",
+                }
+            )
+        ),
+        PutTenant(Tenant(TenantName("t"), 5, parent=TenantName("org"))),
+        DeleteTenant(TenantName("gone")),
+        PutNode(Node(NodeId("n1"), "127.0.0.1:1", 1 << 30, registered_at_ms=4)),
+        Audit(AuditEntry(at_ms=3, kind="reserve", tenant="t", lease_id="l")),
+    ]
+    data = frame((1, [records[:3], records[3:]])) + frame("ready")
+    reader = FrameReader()
+    # Split anywhere: frames are whole only once all their bytes arrived.
+    got = reader.feed(data[:5]) + reader.feed(data[5:40]) + reader.feed(data[40:])
+    assert got == [(1, [records[:3], records[3:]]), "ready"]
+    assert type(got[0][1][0][1].lease.state) is LeaseState
