@@ -494,8 +494,9 @@ class Store:
 
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        sqlite_file = parsed.get_backend_name() == "sqlite" and not self.in_memory(url)
+        if sqlite_file:
+            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
         self._url = url
         self._shown_url = parsed.render_as_string(hide_password=True)
         self._engine = create_store_engine(url)
@@ -507,10 +508,7 @@ class Store:
             else self._engine
         )
         self._writer: Connection | None = None
-        file_db = parsed.database not in (None, "", ":memory:")
-        self._checkpoints = (
-            _Checkpointer(self._engine) if self._dialect == "sqlite" and file_db else None
-        )
+        self._checkpoints = _Checkpointer(self._engine) if sqlite_file else None
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
         self._mark = "?" if self._dialect == "sqlite" else "%s"
         self._lease_upsert_sql = self._lease_upsert(1)

@@ -155,9 +155,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def serve(fd_in: int, fd_out: int, sink: ChangeSink) -> None:
-    """Commit the frames read from ``fd_in`` until it closes; report each commit on ``fd_out``."""
-    reader = FrameReader()
+def serve(fd_in: int, fd_out: int, sink: ChangeSink, reader: FrameReader) -> None:
+    """Commit the frames read from ``fd_in`` (``reader`` holds what was read of it so far)
+    until it closes; report each commit on ``fd_out``."""
     eof = False
     while not eof:
         frames: list[tuple[int, list[Sequence[Change]]]] = []
@@ -212,7 +212,7 @@ def main() -> int:
     try:
         store.open_writer()
         _write_all(fd_out, frame("ready"))
-        serve(fd_in, fd_out, store)
+        serve(fd_in, fd_out, store, reader)
     finally:
         store.close()
     return 0

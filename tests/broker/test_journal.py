@@ -4,20 +4,10 @@ loop rounds and batch sizes, and a read sees every write submitted before it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from agentcg.broker.journal import Journal
 from agentcg.broker.model import Change, PutTenant, Tenant, TenantName
 from agentcg.broker.store import Store
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def quota_change(name: str, quota: int) -> Change:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,14 +40,6 @@ from agentcg.broker.store import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def tenant(name: str, memory_quota_bytes: int = 8 << 30, **kw: object) -> Tenant:

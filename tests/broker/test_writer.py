@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from agentcg.broker.writer import ProcessJournal
 from agentcg.clients.cluster import LocalCluster
 
 from .test_journal import mixed_load, quota_change, read_quotas
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    store = Store(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def _alive(pid: int) -> bool:
