@@ -21,7 +21,8 @@ caller's bad change fails only that caller. It exits when its stdin closes (the 
 the journal) and is killed with its parent (``PR_SET_PDEATHSIG``): after a SIGKILL of the
 broker no writer outlives it into the next broker's database. If the child dies, what it had
 not acknowledged fails with ``StoreError`` (the decisions are undone in memory; they may or may
-not be in the database, as for any commit whose reply was lost), and a new child is started.
+not be in the database, as for any commit whose reply was lost), and a new child is started
+a second later, off the event loop (until it is ready, submissions fail at once).
 """
 
 from __future__ import annotations
@@ -235,9 +236,11 @@ class ProcessJournal(Journal):
         *,
         log_level: str = "INFO",
         metrics: BrokerMetrics | None = None,
+        command: Sequence[str] = (sys.executable, "-m", "agentcg.broker.writer"),
     ) -> None:
         super().__init__(store, metrics=metrics)
         self._url = url
+        self._command = list(command)
         self._log_level = log_level
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader = FrameReader()
@@ -248,6 +251,8 @@ class ProcessJournal(Journal):
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="agentcg-db-read")
         self._closing = False
         self._restarting = False
+        # A restart's child, from its start until it is ready (or failed): close() kills it.
+        self._launching: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     @property
@@ -257,31 +262,35 @@ class ProcessJournal(Journal):
     def start(self) -> None:
         """Start the writer and wait (blocking, at start-up) until its database is open."""
         self._loop = asyncio.get_running_loop()
-        self._spawn()
+        self._attach(self._launch())
 
-    def _spawn(self) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agentcg.broker.writer"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Start a writer and wait until its database is open (blocking: at start-up on the
+        loop, at a restart on a thread of its own)."""
+        proc = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert proc.stdin is not None and proc.stdout is not None
-        fd_in, fd_out = proc.stdin.fileno(), proc.stdout.fileno()
+        self._launching = proc
         try:
-            _write_all(fd_in, frame({"url": self._url, "log_level": self._log_level}))
-            self._await_ready(proc, fd_out)
+            _write_all(proc.stdin.fileno(), frame({"url": self._url, "log_level": self._log_level}))
+            self._await_ready(proc, proc.stdout.fileno())
         except BaseException:
             proc.kill()
             proc.wait()
             proc.stdin.close()
             proc.stdout.close()
             raise
-        os.set_blocking(fd_in, False)
-        os.set_blocking(fd_out, False)
+        finally:
+            self._launching = None
+        return proc
+
+    def _attach(self, proc: subprocess.Popen[bytes]) -> None:
+        """Make a ready writer the one commits go to (on the loop)."""
+        assert proc.stdin is not None and proc.stdout is not None and self._loop is not None
+        os.set_blocking(proc.stdin.fileno(), False)
+        os.set_blocking(proc.stdout.fileno(), False)
         self._proc = proc
         self._reader = FrameReader()
-        assert self._loop is not None
-        self._loop.add_reader(fd_out, self._on_readable)
+        self._loop.add_reader(proc.stdout.fileno(), self._on_readable)
         log.info("database writer process %d started", proc.pid)
 
     def _await_ready(self, proc: subprocess.Popen[bytes], fd: int) -> None:
@@ -414,23 +423,36 @@ class ProcessJournal(Journal):
             self._restart_soon()
 
     def _restart_soon(self) -> None:
+        """Start a new writer in 1 s. Its start-up (a new interpreter, the database opened) runs
+        on a thread, so that the loop keeps serving meanwhile; what is submitted until it is
+        ready fails at once with ``StoreError``, as while no writer runs."""
         assert self._loop is not None
         if self._closing or self._restarting:
             return
         self._restarting = True
+        loop = self._loop
 
-        def restart() -> None:
+        def launched(done: asyncio.Future[subprocess.Popen[bytes]]) -> None:
             self._restarting = False
-            if self._proc is not None or self._closing:
+            if done.cancelled():
                 return
-            try:
-                self._spawn()
+            exc = done.exception()
+            if exc is None and self._closing:
+                _stop(done.result())
+            elif exc is None:
+                self._attach(done.result())
                 self.restarts += 1
-            except (OSError, StoreError) as e:
-                log.error("database writer process could not be restarted: %s", e)
+            elif not self._closing:
+                log.error("database writer process could not be restarted: %s", exc)
                 self._restart_soon()
 
-        self._loop.call_later(1.0, restart)
+        def restart() -> None:
+            if self._closing:
+                self._restarting = False
+                return
+            loop.run_in_executor(None, self._launch).add_done_callback(launched)
+
+        loop.call_later(1.0, restart)
 
     # -- reads --
 
@@ -449,6 +471,9 @@ class ProcessJournal(Journal):
         if last is not None and not last.done():
             await asyncio.wait([last])
         self._closing = True
+        launching = self._launching
+        if launching is not None:  # a restart's writer not ready yet: its launch fails now
+            launching.kill()
         proc = self._proc
         if proc is not None:
             assert proc.stdin is not None and proc.stdout is not None and self._loop is not None
@@ -458,6 +483,13 @@ class ProcessJournal(Journal):
             proc.stdout.close()
             self._proc = None
         self._reads.shutdown(wait=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()  # EOF: a ready writer exits
+    proc.wait()
+    proc.stdout.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +125,66 @@ def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
     quotas = read_quotas(store)
     assert (quotas["before"], quotas["after"]) == (1, 3)
     assert "lost" not in quotas  # sent to a dead writer: never written
+
+
+def test_a_restarting_writer_does_not_stop_the_loop(store: Store, database_url: str) -> None:
+    """The new writer starts on a thread: the event loop keeps running while it does (here 2 s
+    of it, a slow start), and what is submitted meanwhile fails at once instead of waiting."""
+    slow = ["/bin/sh", "-c", f'sleep 2; exec "{sys.executable}" -m agentcg.broker.writer']
+
+    async def run() -> tuple[float, BaseException | None]:
+        journal = ProcessJournal(store, database_url, command=slow)
+        journal.start()
+        try:
+            await journal.commit([quota_change("before", 1)])
+            first = journal.writer_pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            while journal.writer_pid == first:
+                await asyncio.sleep(0.01)
+            refused: BaseException | None = None
+            try:
+                await journal.commit([quota_change("meanwhile", 2)])
+            except StoreError as exc:
+                refused = exc
+            widest, last = 0.0, time.monotonic()
+            deadline = last + 60
+            while journal.writer_pid is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                widest, last = max(widest, now - last), now
+            await journal.commit([quota_change("after", 3)])
+            assert journal.restarts == 1
+            return widest, refused
+        finally:
+            await journal.close()
+
+    widest, refused = asyncio.run(run())
+    assert isinstance(refused, StoreError) and "not running" in str(refused), refused
+    # A start-up on the loop would stop it for the whole 2 s sleep and more.
+    assert widest < 1.0, f"the event loop stood still for {widest:.2f} s during the restart"
+    quotas = read_quotas(store)
+    assert (quotas["before"], quotas["after"]) == (1, 3)
+    assert "meanwhile" not in quotas
+
+
+def test_closing_during_a_restart_leaves_no_writer(store: Store, database_url: str) -> None:
+    slow = ["/bin/sh", "-c", f'sleep 2; exec "{sys.executable}" -m agentcg.broker.writer']
+
+    async def run() -> int:
+        journal = ProcessJournal(store, database_url, command=slow)
+        journal.start()
+        first = journal.writer_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        while journal._launching is None:  # the restart's writer is starting
+            await asyncio.sleep(0.01)
+        starting = journal._launching.pid
+        await journal.close()
+        return starting
+
+    starting = asyncio.run(run())
+    assert not _alive(starting)
 
 
 def test_an_unreachable_database_fails_start_up(tmp_path: Path) -> None:
