@@ -180,6 +180,17 @@ class BrokerMetrics:
             "Group commits the database refused (their decisions are retried one by one)",
             registry=r,
         )
+        self.writer_exits = Counter(
+            p + "writer_exits",
+            "Unexpected exits of the database writer process (what it had not acknowledged "
+            "failed with UNAVAILABLE; a new one is started)",
+            registry=r,
+        )
+        self.writer_restarts = Counter(
+            p + "writer_restarts",
+            "Database writer processes started after an exit (not counting the first)",
+            registry=r,
+        )
         pressure = Counter(
             p + "pressure_events",
             "Pressure events received from nodes, by kind",

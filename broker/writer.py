@@ -415,6 +415,7 @@ class ProcessJournal(Journal):
             self._metrics.commit_failures.inc()
         _settle_all(failed)
         if not self._closing:
+            self._metrics.writer_exits.inc()
             log.error(
                 "database writer process exited with %s; %d pending changes failed",
                 code,
@@ -442,6 +443,7 @@ class ProcessJournal(Journal):
             elif exc is None:
                 self._attach(done.result())
                 self.restarts += 1
+                self._metrics.writer_restarts.inc()
             elif not self._closing:
                 log.error("database writer process could not be restarted: %s", exc)
                 self._restart_soon()

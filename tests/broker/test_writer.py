@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from agentcg.broker.metrics import BrokerMetrics
 from agentcg.broker.model import Lease, LeaseId, NodeId, PutLease, SessionName, TenantName
 from agentcg.broker.store import Store, StoreError, StoreIntegrityError
 from agentcg.broker.writer import ProcessJournal
@@ -94,8 +95,10 @@ def test_a_bad_submission_fails_only_its_caller(store: Store, database_url: str)
 def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
     store: Store, database_url: str
 ) -> None:
+    metrics = BrokerMetrics()
+
     async def run() -> tuple[BaseException | None, int, int]:
-        journal = ProcessJournal(store, database_url)
+        journal = ProcessJournal(store, database_url, metrics=metrics)
         journal.start()
         try:
             await journal.commit([quota_change("before", 1)])
@@ -121,6 +124,9 @@ def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
     lost, restarts, first = asyncio.run(run())
     assert isinstance(lost, StoreError) and "writer process exited" in str(lost), lost
     assert restarts == 1
+    r = metrics.registry
+    assert r.get_sample_value("agentcg_broker_writer_exits_total") == 1
+    assert r.get_sample_value("agentcg_broker_writer_restarts_total") == 1
     assert not _alive(first)
     quotas = read_quotas(store)
     assert (quotas["before"], quotas["after"]) == (1, 3)
