@@ -23,6 +23,7 @@ from .model import (
     LeaseState,
     Node,
     NodeId,
+    PruneHistory,
     PutLease,
     PutNode,
     PutTenant,
@@ -191,8 +192,8 @@ class Ledger:
                 if prev is not None:
                     self._drop_lease(prev)
                     undo.append(PutLease(prev))
-            elif isinstance(ch, Audit):
-                pass
+            elif isinstance(ch, Audit | PruneHistory):
+                pass  # the database's history only: nothing live
         undo.reverse()
         return undo
 

@@ -38,6 +38,8 @@ __all__ = ["BrokerConfig", "main", "run_broker"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+DAY_MS = 86_400_000
+
 
 @dataclass(frozen=True)
 class BrokerConfig:
@@ -55,6 +57,9 @@ class BrokerConfig:
     # in-memory SQLite database is the broker's own: always "thread".
     db_writer: str = "process"
     log_level: str = "INFO"
+    # Ended leases and audit entries older than this are deleted (a batch at a time, in the
+    # background); 0: kept forever.
+    history_days: float = 30.0
     # OpenTelemetry's server interceptor on every RPC. ``main`` turns it off when nothing is
     # exported: a non-recording span per RPC was a tenth of the event loop's time per Reserve.
     rpc_spans: bool = True
@@ -189,10 +194,25 @@ async def _run(
             except Exception:
                 log.exception("lease reaper failed")
 
-    reaper = asyncio.create_task(reap())
+    async def prune() -> None:
+        keep_ms = round(config.history_days * DAY_MS)
+        # Every second at most (a batch deleted per round keeps up with 1,000 leases/s);
+        # sooner for a retention of seconds (tests).
+        interval_s = min(1.0, max(0.05, keep_ms / 10_000))
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await core.prune_history(keep_ms)
+            except Exception:
+                log.exception("history pruning failed")
+
+    background = [asyncio.create_task(reap())]
+    if config.history_days > 0:
+        background.append(asyncio.create_task(prune()))
     await stop.wait()
     log.info("broker stopping (grace %.1f s)", config.grace_s)
-    reaper.cancel()
+    for task in background:
+        task.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     await journal.close()

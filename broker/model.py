@@ -23,6 +23,7 @@ __all__ = [
     "Outcome",
     "PutLease",
     "PutNode",
+    "PruneHistory",
     "PutTenant",
     "SessionName",
     "Tenant",
@@ -127,4 +128,14 @@ class Audit:
     entry: AuditEntry
 
 
-Change: TypeAlias = PutTenant | DeleteTenant | PutNode | PutLease | Audit
+@dataclass(frozen=True, slots=True)
+class PruneHistory:
+    """Delete up to ``limit`` ended leases granted before ``before_ms`` and up to ``limit`` of
+    the oldest audit entries older than it: the history the broker keeps is bounded. Nothing
+    live is touched (active leases stay)."""
+
+    before_ms: int
+    limit: int
+
+
+Change: TypeAlias = PutTenant | DeleteTenant | PutNode | PutLease | Audit | PruneHistory

@@ -50,6 +50,7 @@ from .model import (
     Node,
     NodeId,
     Outcome,
+    PruneHistory,
     PutLease,
     PutNode,
     PutTenant,
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 DEFAULT_TTL_MS = 10 * 60 * 1000
+PRUNE_BATCH = 1000  # rows of each history table deleted per round
 MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
 PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
@@ -337,6 +339,11 @@ class BrokerCore:
             await asyncio.shield(inner)
         except StoreError as exc:
             raise UnavailableError(f"database: could not persist the decision ({exc})") from exc
+
+    async def prune_history(self, keep_ms: int) -> None:
+        """Delete one batch of the history older than ``keep_ms`` (ended leases and audit
+        entries; active leases stay, whatever their age)."""
+        await self.commit([PruneHistory(now_ms() - keep_ms, PRUNE_BATCH)])
 
     async def existing_grant(self, tenant: TenantName, key: str) -> Lease | None:
         """The durable active lease a retried Reserve with this idempotency key gets, if any."""

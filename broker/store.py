@@ -39,6 +39,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     make_url,
     select,
     text,
@@ -60,6 +61,7 @@ from .model import (
     Node,
     NodeId,
     Outcome,
+    PruneHistory,
     PutLease,
     PutNode,
     PutTenant,
@@ -183,7 +185,7 @@ class LeaseRow(Base):
         Index("ix_leases_state", "state"),
         Index("ix_leases_tenant_state", "tenant", "state"),
         Index("ix_leases_node_id_state", "node_id", "state"),
-        Index("ix_leases_tenant_idempotency_key", "tenant", "idempotency_key"),
+        Index("ix_leases_granted_at_ms", "granted_at_ms"),
         *_nonnegative(
             "memory_bytes",
             "intent_memory_bytes",
@@ -308,10 +310,11 @@ class _Batch:
     nodes: dict[str, Node]
     leases: dict[str, Lease]
     audit: list[AuditEntry]
+    prunes: list[PruneHistory]
 
     @classmethod
     def of(cls, changes: Sequence[Change]) -> _Batch:
-        batch = cls({}, {}, {}, [])
+        batch = cls({}, {}, {}, [], [])
         for change in changes:
             match change:
                 case PutTenant(tenant=tenant):
@@ -324,6 +327,8 @@ class _Batch:
                     batch.leases[lease.lease_id] = lease
                 case Audit(entry=entry):
                     batch.audit.append(entry)
+                case PruneHistory():
+                    batch.prunes.append(change)
                 case _:
                     assert_never(change)
         return batch
@@ -604,7 +609,7 @@ class Store:
         tenants = [_values(t) for t in batch.tenants.values() if t is not None]
         action = f"apply {len(changes)} changes"
         try:
-            if not batch.tenants and not batch.nodes:
+            if not batch.tenants and not batch.nodes and not batch.prunes:
                 self._write_leases(action, batch)
                 return
             with _translated(action, self._shown_url):
@@ -719,6 +724,37 @@ class Store:
             )
         if batch.audit:
             conn.exec_driver_sql(self._audit_insert_sql, [_audit_row(e) for e in batch.audit])
+        for prune in batch.prunes:
+            self._prune(conn, prune)
+
+    @staticmethod
+    def _prune(conn: Connection, prune: PruneHistory) -> None:
+        """Both deletes read a bounded range of an index, whatever the tables' size: ended
+        leases by grant time (``ix_leases_granted_at_ms``), audit entries by id, from the
+        oldest (ids grow with time), among the oldest ``limit`` ids only."""
+        leases = (
+            select(_LEASES.c.lease_id)
+            .where(
+                _LEASES.c.granted_at_ms < prune.before_ms,
+                _LEASES.c.state != LeaseState.ACTIVE,
+            )
+            .order_by(_LEASES.c.granted_at_ms)
+            .limit(prune.limit)
+        )
+        gone = conn.execute(delete(_LEASES).where(_LEASES.c.lease_id.in_(leases))).rowcount
+        oldest = select(func.min(_AUDIT.c.id)).scalar_subquery()
+        entries = conn.execute(
+            delete(_AUDIT).where(
+                _AUDIT.c.id < oldest + prune.limit, _AUDIT.c.at_ms < prune.before_ms
+            )
+        ).rowcount
+        if gone or entries:
+            logger.info(
+                "history: deleted %d ended leases and %d audit entries before %d",
+                gone,
+                entries,
+                prune.before_ms,
+            )
 
     def recent_peaks(self, *, limit: int = 20_000) -> list[tuple[TenantName, str, int]]:
         """(tenant, command class, peak) of the newest ``limit`` ended leases that reported a

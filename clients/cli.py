@@ -131,6 +131,14 @@ def broker(
             "loop) or a thread of the broker's",
         ),
     ] = DbWriter.PROCESS,
+    history_days: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="delete ended leases and audit entries older than this (a batch at a time, "
+            "in the background); 0: keep them forever",
+        ),
+    ] = 30.0,
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
@@ -145,6 +153,7 @@ def broker(
         overcommit_ratio=overcommit_ratio,
         metrics_listen=metrics_listen,
         db_writer=db_writer.value,
+        history_days=history_days,
     )
     _serve(lambda: broker_main(config, log_level))
 

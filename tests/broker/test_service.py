@@ -4,10 +4,12 @@ PostgreSQL): batched admission, idempotent retries that wait for durability, bad
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentcg.broker.model import LeaseId
 from agentcg.broker.store import Store
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AsyncClient, Client, Lease
@@ -122,3 +124,34 @@ def test_an_ended_lease_keeps_every_other_field() -> None:
         lease, state=LeaseState.RELEASED, ended_at_ms=99, peak_memory_bytes=lease.peak_memory_bytes
     )
     assert ended == expected
+
+
+def test_the_broker_deletes_history_past_its_retention(tmp_path: Path, database_url: str) -> None:
+    """``--history-days``: an ended lease and its audit go once older than the retention (here
+    2.6 s); an active lease stays, however old."""
+    retention = ("--history-days", "0.00003")
+    with (
+        LocalCluster(
+            tmp_path, nodes=0, database_url=database_url, log_level="WARNING", broker_args=retention
+        ) as c,
+        SimNode(c.broker_address, memory_bytes=1 << 34),
+        Client(c.broker_address) as client,
+    ):
+        client.set_tenant("t", 1 << 32)
+        kept = client.reserve("t", 64 * MiB, ttl_ms=600_000)
+        ended = client.reserve("t", 64 * MiB)
+        client.release(ended.lease_id)
+        assert client.get_lease(ended.lease_id).state == "released"  # still there
+        store = Store(database_url)
+        try:
+            assert [e.kind for e in store.audit(lease_id=ended.lease_id)] == ["reserve", "release"]
+            deadline = time.monotonic() + 60
+            while store.get_lease(LeaseId(ended.lease_id)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with pytest.raises(NotFoundError):
+                client.get_lease(ended.lease_id)
+            assert store.audit(lease_id=ended.lease_id) == []
+            assert client.get_lease(kept.lease_id).state == "active"
+            assert [le.lease_id for le in store.list_leases()] == [kept.lease_id]
+        finally:
+            store.close()

@@ -21,6 +21,7 @@ from agentcg.broker.model import (
     Node,
     NodeId,
     Outcome,
+    PruneHistory,
     PutLease,
     PutNode,
     PutTenant,
@@ -438,3 +439,68 @@ def test_one_batch_equals_one_change_at_a_time(changes: list[Change]) -> None:
         finally:
             for store in stores:
                 store.close()
+
+
+# --- history retention -----------------------------------------------------------------------
+
+
+def _ended(lease_id: str, granted_at_ms: int) -> Lease:
+    return lease(
+        lease_id,
+        granted_at_ms=granted_at_ms,
+        state=LeaseState.RELEASED,
+        ended_at_ms=granted_at_ms + 10,
+        outcome=Outcome.COMPLETED,
+    )
+
+
+def _entry(at_ms: int, lease_id: str) -> Audit:
+    return Audit(AuditEntry(at_ms=at_ms, kind="release", tenant="t1", lease_id=lease_id))
+
+
+def test_pruning_deletes_old_history_and_nothing_live(store: Store) -> None:
+    old_active = lease("old-active", granted_at_ms=100, expires_at_ms=10**12)
+    store.apply(
+        [
+            PutLease(old_active),
+            *(PutLease(_ended(f"old{i}", 200 + i)) for i in range(5)),
+            PutLease(_ended("new", 5_000)),
+            *(_entry(300 + i, f"old{i}") for i in range(5)),
+            _entry(6_000, "new"),
+        ]
+    )
+
+    # A batch at a time, oldest grant first; the active lease stays whatever its age.
+    store.apply([PruneHistory(before_ms=1_000, limit=2)])
+    assert [le.lease_id for le in store.list_leases(include_inactive=True)] == [
+        "old-active",
+        "old2",
+        "old3",
+        "old4",
+        "new",
+    ]
+    assert [e.lease_id for e in store.audit()] == ["old2", "old3", "old4", "new"]
+
+    store.apply([PruneHistory(before_ms=1_000, limit=2)])
+    store.apply([PruneHistory(before_ms=1_000, limit=2)])
+    assert [le.lease_id for le in store.list_leases(include_inactive=True)] == [
+        "old-active",
+        "new",
+    ]
+    assert [e.lease_id for e in store.audit()] == ["new"]
+    assert store.load().active_leases == [old_active]
+
+    # Nothing old enough is left: a round deletes nothing, and newer history stays.
+    store.apply([PruneHistory(before_ms=1_000, limit=2)])
+    assert [e.lease_id for e in store.audit()] == ["new"]
+    assert store.get_lease(LeaseId("new")) is not None
+
+
+def test_pruning_in_a_batch_with_decisions(store: Store) -> None:
+    """A prune shares its transaction with whatever the round decided."""
+    store.apply([PutLease(_ended("old", 100)), _entry(100, "old")])
+    fresh = lease("fresh", granted_at_ms=50)  # older than the cutoff, but active
+    store.apply([PutLease(fresh), _entry(50, "fresh"), PruneHistory(before_ms=1_000, limit=10)])
+    assert store.list_leases(include_inactive=True) == [fresh]
+    # Audit entries are history whatever lease they are about: the new one was old enough.
+    assert store.audit() == []

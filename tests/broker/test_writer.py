@@ -243,6 +243,7 @@ def test_frames_carry_every_record_intact() -> None:
         LeaseState,
         Node,
         Outcome,
+        PruneHistory,
         PutNode,
         PutTenant,
         Tenant,
@@ -267,6 +268,7 @@ def test_frames_carry_every_record_intact() -> None:
         DeleteTenant(TenantName("gone")),
         PutNode(Node(NodeId("n1"), "127.0.0.1:1", 1 << 30, registered_at_ms=4)),
         Audit(AuditEntry(at_ms=3, kind="reserve", tenant="t", lease_id="l")),
+        PruneHistory(before_ms=11, limit=12),
     ]
     data = frame((1, [records[:3], records[3:]])) + frame("ready")
     reader = FrameReader()
