@@ -749,7 +749,7 @@ class Store:
             )
         ).rowcount
         if gone or entries:
-            logger.info(
+            logger.debug(
                 "history: deleted %d ended leases and %d audit entries before %d",
                 gone,
                 entries,
