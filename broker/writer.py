@@ -274,14 +274,19 @@ class ProcessJournal(Journal):
     def start(self) -> None:
         """Start the writer and wait (blocking, at start-up) until its database is open."""
         self._loop = asyncio.get_running_loop()
-        self._attach(self._launch())
+        self._attach(self._handshake(self._spawn()))
 
-    def _launch(self) -> subprocess.Popen[bytes]:
-        """Start a writer and wait until its database is open (blocking: at start-up on the
-        loop, at a restart on a thread of its own)."""
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Start a writer process, always from the loop's thread: ``PR_SET_PDEATHSIG`` fires
+        when the thread that started the child exits, not only the process."""
         proc = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
         self._launching = proc
+        return proc
+
+    def _handshake(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        """Send the writer its configuration and wait until its database is open (blocking: at
+        start-up on the loop, at a restart on another thread)."""
+        assert proc.stdin is not None and proc.stdout is not None
         try:
             _write_all(proc.stdin.fileno(), frame({"url": self._url, "log_level": self._log_level}))
             self._await_ready(proc, proc.stdout.fileno())
@@ -464,7 +469,14 @@ class ProcessJournal(Journal):
             if self._closing:
                 self._restarting = False
                 return
-            loop.run_in_executor(None, self._launch).add_done_callback(launched)
+            try:
+                proc = self._spawn()
+            except OSError as e:
+                self._restarting = False
+                log.error("database writer process could not be restarted: %s", e)
+                self._restart_soon()
+                return
+            loop.run_in_executor(None, self._handshake, proc).add_done_callback(launched)
 
         loop.call_later(1.0, restart)
 

@@ -18,6 +18,8 @@ from agentcg.broker.model import Lease, LeaseId, NodeId, PutLease, SessionName, 
 from agentcg.broker.store import Store, StoreError, StoreIntegrityError
 from agentcg.broker.writer import ProcessJournal
 from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import Client
+from agentcg.errors import UnavailableError
 
 from .test_journal import mixed_load, quota_change, read_quotas
 
@@ -216,23 +218,44 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(120)
+def _writers(broker: int) -> list[int]:
+    return [
+        c
+        for c in _children(broker)
+        if b"agentcg.broker.writer" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
+
+
 def test_no_writer_outlives_a_sigkilled_broker(tmp_path: Path, database_url: str) -> None:
+    """Neither the first writer nor one started after the first crashed (its start-up runs on
+    another thread, but it is started from the loop's: ``PR_SET_PDEATHSIG`` fires when the
+    thread that started the child exits)."""
     cluster = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING")
     with cluster:
         broker = cluster.procs["broker"].pid
-        writers = [
-            c
-            for c in _children(broker)
-            if b"agentcg.broker.writer" in Path(f"/proc/{c}/cmdline").read_bytes()
-        ]
+        writers = _writers(broker)
         assert len(writers) == 1, writers
         # The database URL (a password, on PostgreSQL) is not on the writer's command line.
         assert database_url.encode() not in Path(f"/proc/{writers[0]}/cmdline").read_bytes()
+        os.kill(writers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _writers(broker) in ([], writers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _writers(broker)
+        assert len(second) == 1 and second != writers, (writers, second)
+        with Client(cluster.broker_address) as client:
+            while True:  # until the second writer is ready and commits
+                try:
+                    client.set_tenant("t", 1 << 30)
+                    break
+                except UnavailableError:
+                    assert time.monotonic() < deadline, "the second writer never got ready"
+                    time.sleep(0.05)
         cluster.stop("broker", sig=signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(writers[0]) and time.monotonic() < deadline:
+        while _alive(second[0]) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(writers[0])
+        assert not _alive(writers[0]) and not _alive(second[0])
 
 
 def test_frames_carry_every_record_intact() -> None:
