@@ -31,6 +31,7 @@ import asyncio
 import copyreg
 import ctypes
 import dataclasses
+import fcntl
 import io
 import logging
 import operator
@@ -71,6 +72,7 @@ MAX_GROUPS = 2048  # submissions per transaction, as the thread journal's ``max_
 _LEN = 4
 _READ = 1 << 16
 _START_TIMEOUT_S = 60.0
+_PIPE_BYTES = 1 << 20
 
 
 def _reducer(cls: type, names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
@@ -160,6 +162,16 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _widen(fd: int) -> None:
+    """Give a pipe 1 MiB (Linux's default most for anyone): a frame of a 500-decision batch is
+    ~150 kB, and through the default 64 kB it took several writes, each waiting for the loop
+    to see the pipe writable again."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except OSError:  # a lower /proc/sys/fs/pipe-max-size: keep the default
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -303,8 +315,9 @@ class ProcessJournal(Journal):
     def _attach(self, proc: subprocess.Popen[bytes]) -> None:
         """Make a ready writer the one commits go to (on the loop)."""
         assert proc.stdin is not None and proc.stdout is not None and self._loop is not None
-        os.set_blocking(proc.stdin.fileno(), False)
-        os.set_blocking(proc.stdout.fileno(), False)
+        for fd in (proc.stdin.fileno(), proc.stdout.fileno()):
+            os.set_blocking(fd, False)
+            _widen(fd)
         self._proc = proc
         self._reader = FrameReader()
         self._loop.add_reader(proc.stdout.fileno(), self._on_readable)
