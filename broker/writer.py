@@ -166,8 +166,8 @@ def _die_with_parent() -> None:
 
 def _widen(fd: int) -> None:
     """Give a pipe 1 MiB (Linux's default most for anyone): a frame of a 500-decision batch is
-    ~150 kB, and through the default 64 kB it took several writes, each waiting for the loop
-    to see the pipe writable again."""
+    ~67 kB, over the default 64 kB, and a round's frame may hold several batches; each write
+    that did not fit waited for the loop to see the pipe writable again."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
     except OSError:  # a lower /proc/sys/fs/pipe-max-size: keep the default
