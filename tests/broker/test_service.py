@@ -128,8 +128,8 @@ def test_an_ended_lease_keeps_every_other_field() -> None:
 
 def test_the_broker_deletes_history_past_its_retention(tmp_path: Path, database_url: str) -> None:
     """``--history-days``: an ended lease and its audit go once older than the retention (here
-    2.6 s); an active lease stays, however old."""
-    retention = ("--history-days", "0.00003")
+    5.2 s); an active lease stays, however old."""
+    retention = ("--history-days", "0.00006")
     with (
         LocalCluster(
             tmp_path, nodes=0, database_url=database_url, log_level="WARNING", broker_args=retention
