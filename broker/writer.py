@@ -42,25 +42,14 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .journal import ChangeSink, Journal, _settle_all, apply_groups
 from .metrics import BrokerMetrics
-from .model import (
-    Audit,
-    AuditEntry,
-    Change,
-    DeleteTenant,
-    Lease,
-    Node,
-    PruneHistory,
-    PutLease,
-    PutNode,
-    PutTenant,
-    Tenant,
-)
+from .model import AuditEntry, Change, Lease, Node, Tenant
 from .store import Store, StoreError, StoreIntegrityError
 
 __all__ = ["ProcessJournal", "main"]
@@ -89,18 +78,7 @@ def _reducers() -> dict[type, Any]:
     is a quarter of that cost both ways (measured: 500 decisions, 1.47 -> 0.33 ms to pickle,
     1.21 -> 0.37 ms to unpickle)."""
     table: dict[type, Any] = dict(copyreg.dispatch_table)
-    for cls in (
-        Tenant,
-        Node,
-        Lease,
-        AuditEntry,
-        PutTenant,
-        DeleteTenant,
-        PutNode,
-        PutLease,
-        Audit,
-        PruneHistory,
-    ):
+    for cls in (Tenant, Node, Lease, AuditEntry, *typing.get_args(Change)):
         table[cls] = _reducer(cls, [f.name for f in dataclasses.fields(cls)])
     return table
 

@@ -94,6 +94,16 @@ def test_a_bad_submission_fails_only_its_caller(store: Store, database_url: str)
     assert store.get_lease(LeaseId("orphan1")) is None
 
 
+async def _commit_then_kill_the_writer(journal: ProcessJournal) -> int:
+    """Start ``journal``, commit "before" = 1 through it, SIGKILL its writer; the writer's pid."""
+    journal.start()
+    await journal.commit([quota_change("before", 1)])
+    first = journal.writer_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    return first
+
+
 def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
     store: Store, database_url: str
 ) -> None:
@@ -101,12 +111,8 @@ def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
 
     async def run() -> tuple[BaseException | None, int, int]:
         journal = ProcessJournal(store, database_url, metrics=metrics)
-        journal.start()
         try:
-            await journal.commit([quota_change("before", 1)])
-            first = journal.writer_pid
-            assert first is not None
-            os.kill(first, signal.SIGKILL)
+            first = await _commit_then_kill_the_writer(journal)
             lost: BaseException | None = None
             try:
                 await journal.commit([quota_change("lost", 2)])
@@ -142,12 +148,8 @@ def test_a_restarting_writer_does_not_stop_the_loop(store: Store, database_url: 
 
     async def run() -> tuple[float, BaseException | None]:
         journal = ProcessJournal(store, database_url, command=slow)
-        journal.start()
         try:
-            await journal.commit([quota_change("before", 1)])
-            first = journal.writer_pid
-            assert first is not None
-            os.kill(first, signal.SIGKILL)
+            first = await _commit_then_kill_the_writer(journal)
             while journal.writer_pid == first:
                 await asyncio.sleep(0.01)
             refused: BaseException | None = None
