@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -178,6 +178,18 @@ class BrokerMetrics:
         self.commit_failures = Counter(
             p + "journal_commit_failures",
             "Group commits the database refused (their decisions are retried one by one)",
+            registry=r,
+        )
+        self.commits_held = Counter(
+            p + "journal_commits_held",
+            "Group commits the writer process held (up to --commit-hold-ms) to gather more "
+            "decisions, because the event loop was saturated",
+            registry=r,
+        )
+        self.loop_busy = Gauge(
+            p + "loop_busy_ratio",
+            "CPU time of the event loop's thread over the last sampling window (50 ms) of wall "
+            "time: near 1, the broker is saturated",
             registry=r,
         )
         self.writer_exits = Counter(

@@ -131,6 +131,16 @@ def broker(
             "loop) or a thread of the broker's",
         ),
     ] = DbWriter.PROCESS,
+    commit_hold_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=100.0,
+            help="while the event loop is saturated, the writer process holds a group commit "
+            "up to this long to gather more decisions (fewer fsyncs, more throughput); "
+            "0: never",
+        ),
+    ] = 2.0,
     history_days: Annotated[
         float,
         typer.Option(
@@ -153,6 +163,7 @@ def broker(
         overcommit_ratio=overcommit_ratio,
         metrics_listen=metrics_listen,
         db_writer=db_writer.value,
+        commit_hold_ms=commit_hold_ms,
         history_days=history_days,
     )
     _serve(lambda: broker_main(config, log_level))

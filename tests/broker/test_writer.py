@@ -1,7 +1,8 @@
 """The database writer process (broker/writer.py) against a real store on SQLite and PostgreSQL:
-the journal's order and read-after-write, one bad submission failing only its caller, a killed
-writer failing what it had not acknowledged and coming back, a bad database failing start-up,
-and no writer outliving a SIGKILLed broker."""
+the journal's order and read-after-write, one bad submission failing only its caller, commits
+held for more decisions only while the event loop is saturated, a killed writer failing what it
+had not acknowledged and coming back, a bad database failing start-up, and no writer outliving a
+SIGKILLed broker."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from agentcg.broker.main import TimedSelector
 from agentcg.broker.metrics import BrokerMetrics
 from agentcg.broker.model import Lease, LeaseId, NodeId, PutLease, SessionName, TenantName
 from agentcg.broker.store import Store, StoreError, StoreIntegrityError
-from agentcg.broker.writer import ProcessJournal
+from agentcg.broker.writer import SAMPLE_S, ProcessJournal
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
 from agentcg.errors import UnavailableError
@@ -92,6 +95,75 @@ def test_a_bad_submission_fails_only_its_caller(store: Store, database_url: str)
     quotas = read_quotas(store)
     assert (quotas["good1"], quotas["good2"], quotas["after"]) == (1, 2, 3)
     assert store.get_lease(LeaseId("orphan1")) is None
+
+
+def _spread_submissions(
+    store: Store, database_url: str, busy_clock: Callable[[], float]
+) -> tuple[int, float | None, float | None]:
+    """10 submissions 20 ms apart (each its own loop round and frame) to a journal that may hold
+    a commit 2 s; (commits, commits held, the loop's busy ratio as sampled)."""
+    metrics = BrokerMetrics()
+
+    async def run() -> int:
+        journal = ProcessJournal(
+            store, database_url, metrics=metrics, hold_s=2.0, busy_clock=busy_clock
+        )
+        journal.start()
+        try:
+            await asyncio.sleep(3 * SAMPLE_S)  # the loop sampled
+            futures = []
+            for i in range(10):
+                futures.append(journal.submit([quota_change(f"spread{i}", i)]))
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*futures)
+            return journal.batches
+        finally:
+            await journal.close()
+
+    commits = asyncio.run(run())
+    quotas = read_quotas(store)
+    assert [quotas[f"spread{i}"] for i in range(10)] == list(range(10))
+    r = metrics.registry
+    return (
+        commits,
+        r.get_sample_value("agentcg_broker_journal_commits_held_total"),
+        r.get_sample_value("agentcg_broker_loop_busy_ratio"),
+    )
+
+
+def test_a_saturated_loop_has_the_writer_hold_commits_for_more(
+    store: Store, database_url: str
+) -> None:
+    # A busy clock that runs with the wall clock: a loop busy all the time.
+    commits, held, busy = _spread_submissions(store, database_url, time.monotonic)
+    assert busy is not None and busy > 0.99
+    assert (commits, held) == (1, 1)  # all ten in one transaction, held for the later ones
+
+
+def test_an_idle_loop_has_its_decisions_committed_at_once(store: Store, database_url: str) -> None:
+    commits, held, busy = _spread_submissions(store, database_url, lambda: 0.0)
+    assert busy == 0.0
+    assert held == 0
+    assert commits >= 2  # (10 unless the writer was off the CPU for 20 ms)
+
+
+def test_the_timed_selector_counts_the_loop_busy_not_waiting() -> None:
+    selector = TimedSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+
+    async def block() -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 - the loop busy on purpose
+
+    try:
+        start = selector.busy_s()
+        loop.run_until_complete(asyncio.sleep(0.3))
+        waited = selector.busy_s() - start
+        loop.run_until_complete(block())
+        blocked = selector.busy_s() - start - waited
+    finally:
+        loop.close()
+    assert waited < 0.1
+    assert blocked >= 0.3
 
 
 async def _commit_then_kill_the_writer(journal: ProcessJournal) -> int:
