@@ -463,6 +463,7 @@ class _Run:
 _ADMISSION = "agentcg_broker_admission_seconds"
 _COMMIT = "agentcg_broker_journal_commit_seconds"
 _COMMIT_DECISIONS = "agentcg_broker_journal_commit_decisions"
+_HELD = "agentcg_broker_journal_commits_held"
 
 
 def _scrape(address: str) -> dict[str, float]:
@@ -486,7 +487,22 @@ def _scrape(address: str) -> dict[str, float]:
                 s.name.endswith("_count") or s.name.endswith("_sum")
             ):
                 out[s.name] = s.value
+            if family.name == _HELD and s.name.endswith("_total"):
+                out[s.name] = s.value
     return out
+
+
+def _commits(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Decisions per group commit between two scrapes, and the share of commits held."""
+    commits = after[f"{_COMMIT}_count"] - before.get(f"{_COMMIT}_count", 0.0)
+    if not commits:
+        return {}
+    decisions = after[f"{_COMMIT_DECISIONS}_sum"] - before.get(f"{_COMMIT_DECISIONS}_sum", 0.0)
+    held = after.get(f"{_HELD}_total", 0.0) - before.get(f"{_HELD}_total", 0.0)
+    return {
+        "decisions_per_commit_saturated": round(decisions / commits, 2),
+        "commits_held_share_saturated": round(held / commits, 3),
+    }
 
 
 class _BrokerSide:
@@ -680,7 +696,10 @@ def _run_phases(
         node_proc, node_stop = run.start_nodes(0, 1)
         try:
             say("noop and reserve+release, interleaved ...")
+            metrics = cluster.metrics_address("broker")
+            before = _scrape(metrics)
             mixed = run.mixed()
+            saturated = _commits(before, _scrape(metrics))
             noop, rr = mixed["noop"], mixed["reserve_release"]
             result["noop_rps"] = round(noop)
             result["reserve_release_rps"] = round(rr)
@@ -690,6 +709,7 @@ def _run_phases(
             result["broker_cpu_us_per_reserve_or_release"] = round(
                 run.cpu_ms_per_op["reserve_release"] * 1000, 1
             )
+            result.update(saturated)
             say("batched admission (~no live leases) ...")
             result["stream_batch_size"] = 500
             result["stream_decisions_per_s"] = round(run.closed_loop("batch", 2))
@@ -701,7 +721,6 @@ def _run_phases(
             # phases run once each, one after the other, compared the machine's load
             # drift as much as the lease count (the 10k ratio came out 0.59 and 1.53 for
             # the same code).
-            metrics = cluster.metrics_address("broker")
             inside = _BrokerSide()
             ping: list[float] = []
             lat: list[float] = []

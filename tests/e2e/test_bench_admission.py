@@ -76,6 +76,9 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     assert 0 <= result["broker_reserve_within_2ms_at_rate"] <= 1
     assert 0 < result["commit_mean_ms_at_rate"]
     assert result["decisions_per_commit_at_rate"] >= 1
+    # The closed-loop phase's commits (2 in flight: rarely saturated, so seldom held).
+    assert result["decisions_per_commit_saturated"] >= 1
+    assert 0 <= result["commits_held_share_saturated"] <= 1
     # The printed table carries the same figures.
     assert "p99_ratio_10k_leases" in proc.stdout
 
