@@ -136,9 +136,9 @@ def broker(
         typer.Option(
             min=0.0,
             max=100.0,
-            help="while the event loop is saturated, the writer process holds a group commit "
-            "up to this long to gather more decisions (fewer fsyncs, more throughput); "
-            "0: never",
+            help="while the event loop is saturated, the writer process (--db-writer process) "
+            "holds a group commit up to this long to gather more decisions (fewer fsyncs, more "
+            "throughput); 0: never",
         ),
     ] = 2.0,
     history_days: Annotated[
