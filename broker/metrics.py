@@ -188,8 +188,8 @@ class BrokerMetrics:
         )
         self.loop_busy = Gauge(
             p + "loop_busy_ratio",
-            "CPU time of the event loop's thread over the last sampling window (50 ms) of wall "
-            "time: near 1, the broker is saturated",
+            "Share of the last 50 ms the event loop was busy (not waiting for events): near 1, "
+            "the broker is saturated",
             registry=r,
         )
         self.writer_exits = Counter(
