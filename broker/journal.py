@@ -11,6 +11,11 @@ changes submitted while the loop works through its ready callbacks (every RPC wh
 together) are put on the queue as one item at the end of that round. A put per decision woke
 the database thread for the first one, which then took the GIL back from the loop mid-round and
 committed a batch of one or two while the rest of the round's decisions waited for the next.
+
+The journal also samples how busy the event loop is (``busy_clock``, every ``SAMPLE_S``): the
+loop is ``saturated`` from ``BUSY`` of a window on, until it falls under ``IDLE``. The writer
+process holds commits for more decisions while it is (writer.py); the gauge
+``loop_busy_ratio`` shows it with either writer.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STOP = object()
+SAMPLE_S = 0.05
+BUSY = 0.9  # the loop's busy share from which it counts as saturated ...
+IDLE = 0.75  # ... until it falls under this
 
 
 class ChangeSink(Protocol):
@@ -48,8 +56,16 @@ class _Read:
 
 class Journal:
     def __init__(
-        self, sink: ChangeSink, *, max_batch: int = 2048, metrics: BrokerMetrics | None = None
+        self,
+        sink: ChangeSink,
+        *,
+        max_batch: int = 2048,
+        metrics: BrokerMetrics | None = None,
+        busy_clock: Callable[[], float] = time.thread_time,
     ) -> None:
+        """``busy_clock``: seconds the event loop has been busy, cumulative (the default, the
+        loop thread's CPU time, misses the time it waited for a CPU; the broker's
+        ``TimedSelector.busy_s`` does not)."""
         self._sink = sink
         self._max_batch = max_batch
         self._metrics = metrics or BrokerMetrics()
@@ -62,11 +78,39 @@ class Journal:
         self.changes = 0
         # Submitted this loop round, put on the queue by _flush at its end.
         self._round: list[tuple[Sequence[Change], asyncio.Future[None]]] = []
+        self._busy_clock = busy_clock
+        self._sampled = (0.0, 0.0)  # (monotonic, busy_clock()) at the last sample
+        self._sampler: asyncio.TimerHandle | None = None
+        self.saturated = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="agentcg-db", daemon=True)
         self._thread.start()
+        self._start_sampling()
+
+    def _start_sampling(self) -> None:
+        assert self._loop is not None
+        self._sampled = (time.monotonic(), self._busy_clock())
+        self._sampler = self._loop.call_later(SAMPLE_S, self._sample)
+
+    def _sample(self) -> None:
+        """How busy the loop was since the last sample: the gauge, and ``saturated``."""
+        assert self._loop is not None
+        now, busy_s = time.monotonic(), self._busy_clock()
+        busy = (busy_s - self._sampled[1]) / max(1e-9, now - self._sampled[0])
+        self._sampled = (now, busy_s)
+        self._metrics.loop_busy.set(busy)
+        if busy >= BUSY:
+            self.saturated = True
+        elif busy < IDLE:
+            self.saturated = False
+        self._sampler = self._loop.call_later(SAMPLE_S, self._sample)
+
+    def _stop_sampling(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
 
     async def run_in_db(self, fn: Callable[[], T]) -> T:
         """Run a read on the database thread (ordered after every write queued before it)."""
@@ -157,6 +201,7 @@ class Journal:
 
     async def close(self) -> None:
         """Finish every queued write and read, then stop the database thread."""
+        self._stop_sampling()
         if self._thread is not None:
             self._flush()
             self._queue.put(_STOP)

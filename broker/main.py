@@ -154,7 +154,7 @@ async def _run(
             busy_clock=busy_clock,
         )
     else:
-        journal = Journal(store, metrics=metrics)
+        journal = Journal(store, metrics=metrics, busy_clock=busy_clock)
     journal.start()
     core = BrokerCore(store, journal, ledger, metrics)
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))

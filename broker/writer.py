@@ -28,8 +28,7 @@ a second later, off the event loop (until it is ready, submissions fail at once)
 Load-aware hold. A commit's cost is mostly fixed (the WAL write and its fdatasync): on 2 cores,
 one of 2 decisions cost 270-330 us of CPU against 410-570 us for 16, and that CPU is taken from
 the event loop. While the loop has time to spare, the child commits what has arrived at once.
-Once the loop is saturated (busy, by its ``busy_clock``, ``BUSY`` of the last ``SAMPLE_S``, until
-under ``IDLE``), the parent sends ``hold_s`` (``--commit-hold-ms``) with each frame and the child
+Once the loop is saturated (the journal's ``saturated``), the parent sends ``hold_s`` (``--commit-hold-ms``) with each frame and the child
 waits up to that long after a batch's first frame for ``HOLD_CHANGES`` changes before it
 commits. Replies then wait up to ``hold_s`` longer, less than a saturated broker's queues
 already add, and each commit carries several times the decisions.
@@ -72,9 +71,6 @@ _LEN = 4
 _READ = 1 << 16
 _START_TIMEOUT_S = 60.0
 _PIPE_BYTES = 1 << 20
-SAMPLE_S = 0.05
-BUSY = 0.9  # the loop's busy share from which commits are held ...
-IDLE = 0.75  # ... until it falls under this
 HOLD_CHANGES = 64
 
 
@@ -268,12 +264,8 @@ class ProcessJournal(Journal):
         busy_clock: Callable[[], float] = time.thread_time,
         command: Sequence[str] = (sys.executable, "-m", "agentcg.broker.writer"),
     ) -> None:
-        super().__init__(store, metrics=metrics)
+        super().__init__(store, metrics=metrics, busy_clock=busy_clock)
         self._hold_s = hold_s
-        self._hold = 0.0  # what frames carry now: hold_s while the loop is saturated
-        self._busy_clock = busy_clock  # seconds the loop was busy, cumulative
-        self._sampled = (0.0, 0.0)  # (monotonic, busy_clock()) at the last sample
-        self._sampler: asyncio.TimerHandle | None = None
         self._url = url
         self._command = list(command)
         self._log_level = log_level
@@ -298,21 +290,7 @@ class ProcessJournal(Journal):
         """Start the writer and wait (blocking, at start-up) until its database is open."""
         self._loop = asyncio.get_running_loop()
         self._attach(self._handshake(self._spawn()))
-        self._sampled = (time.monotonic(), self._busy_clock())
-        self._sampler = self._loop.call_later(SAMPLE_S, self._sample)
-
-    def _sample(self) -> None:
-        """How busy the loop's thread was since the last sample; sets what frames carry."""
-        assert self._loop is not None
-        now, busy_s = time.monotonic(), self._busy_clock()
-        busy = (busy_s - self._sampled[1]) / max(1e-9, now - self._sampled[0])
-        self._sampled = (now, busy_s)
-        self._metrics.loop_busy.set(busy)
-        if busy >= BUSY:
-            self._hold = self._hold_s
-        elif busy < IDLE:
-            self._hold = 0.0
-        self._sampler = self._loop.call_later(SAMPLE_S, self._sample)
+        self._start_sampling()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         """Start a writer process, always from the loop's thread: ``PR_SET_PDEATHSIG`` fires
@@ -385,7 +363,8 @@ class ProcessJournal(Journal):
             return
         self._seq += 1
         self._pending[self._seq] = [(len(changes), fut) for changes, fut in batch]
-        self._send(frame((self._seq, self._hold, [list(changes) for changes, _ in batch])))
+        hold = self._hold_s if self.saturated else 0.0
+        self._send(frame((self._seq, hold, [list(changes) for changes, _ in batch])))
 
     def _send(self, data: bytes) -> None:
         assert self._proc is not None and self._proc.stdin is not None
@@ -538,8 +517,7 @@ class ProcessJournal(Journal):
         if last is not None and not last.done():
             await asyncio.wait([last])
         self._closing = True
-        if self._sampler is not None:
-            self._sampler.cancel()
+        self._stop_sampling()
         launching = self._launching
         if launching is not None:  # a restart's writer not ready yet: its launch fails now
             launching.kill()

@@ -1,11 +1,14 @@
 """The journal's group commit against a real store: writes land in the order submitted, across
-loop rounds and batch sizes, and a read sees every write submitted before it."""
+loop rounds and batch sizes, and a read sees every write submitted before it; and its sampling
+of how busy the event loop is (saturated from 90% on, until under 75%)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from agentcg.broker.journal import Journal
+from agentcg.broker.journal import SAMPLE_S, Journal
+from agentcg.broker.metrics import BrokerMetrics
 from agentcg.broker.model import Change, PutTenant, Tenant, TenantName
 from agentcg.broker.store import Store
 
@@ -65,3 +68,46 @@ def test_writes_and_reads_keep_their_order(store: Store) -> None:
     assert (final["a"], final["b"], final["c"], final["d"]) == (1029, 2029, 3029, 4029)
     assert final["bulk39"] == 27 * 100 + 39
     assert journal.changes == 30 * (3 + 202) + 10 * 40
+
+
+class _BusyClock:
+    """Busy seconds, accumulating at ``rate`` of the wall clock."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self._at = time.monotonic()
+        self._busy = 0.0
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        self._busy += self.rate * (now - self._at)
+        self._at = now
+        return self._busy
+
+    def set(self, rate: float) -> None:
+        self()
+        self.rate = rate
+
+
+def test_the_loop_counts_as_saturated_from_90_percent_until_under_75(store: Store) -> None:
+    metrics = BrokerMetrics()
+    clock = _BusyClock()
+
+    async def run() -> list[tuple[bool, float | None]]:
+        journal = Journal(store, metrics=metrics, busy_clock=clock)
+        journal.start()
+        seen = []
+        try:
+            for rate in (0.8, 0.95, 0.8, 0.5, 0.8):
+                clock.set(rate)
+                await asyncio.sleep(5 * SAMPLE_S)  # the last windows all at this rate
+                busy = metrics.registry.get_sample_value("agentcg_broker_loop_busy_ratio")
+                seen.append((journal.saturated, busy))
+        finally:
+            await journal.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert [saturated for saturated, _ in seen] == [False, True, True, False, False]
+    for (_, busy), rate in zip(seen, (0.8, 0.95, 0.8, 0.5, 0.8), strict=True):
+        assert busy is not None and abs(busy - rate) < 0.01

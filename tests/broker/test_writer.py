@@ -15,11 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from agentcg.broker.journal import SAMPLE_S
 from agentcg.broker.main import TimedSelector
 from agentcg.broker.metrics import BrokerMetrics
 from agentcg.broker.model import Lease, LeaseId, NodeId, PutLease, SessionName, TenantName
 from agentcg.broker.store import Store, StoreError, StoreIntegrityError
-from agentcg.broker.writer import SAMPLE_S, ProcessJournal
+from agentcg.broker.writer import ProcessJournal
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
 from agentcg.errors import UnavailableError
