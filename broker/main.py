@@ -76,9 +76,8 @@ async def run_broker(
     on_serving: Callable[[], None] | None = None,
     busy_clock: Callable[[], float] = time.thread_time,
 ) -> None:
-    """Serve until ``stop`` is set (or SIGINT/SIGTERM). ``busy_clock``: seconds the event loop
-    has been busy, cumulative (``TimedSelector.busy_s``; the default, the loop thread's CPU
-    time, misses the time it waited for a CPU)."""
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM). ``busy_clock``: the journal's (see
+    ``Journal``; ``main`` passes ``TimedSelector.busy_s``)."""
     # The metrics endpoint first: a bad --metrics-listen fails before anything else starts.
     registry = metrics_registry()
     metrics = BrokerMetrics(registry)

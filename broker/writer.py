@@ -26,13 +26,13 @@ not be in the database, as for any commit whose reply was lost), and a new child
 a second later, off the event loop (until it is ready, submissions fail at once).
 
 Load-aware hold. A commit's cost is mostly fixed (the WAL write and its fdatasync): on 2 cores,
-one of 2 decisions cost 270-330 us of CPU against 410-570 us for 16, and that CPU is taken from
+one of 2 decisions cost 269-332 us of CPU against 496-573 us for 16, and that CPU is taken from
 the event loop. While the loop has time to spare, the child commits what has arrived at once.
 Once the loop is saturated (the journal's ``saturated``), the parent sends ``hold_s``
 (``--commit-hold-ms``) with each frame, and the child waits up to that long after a batch's
 first frame for ``HOLD_CHANGES`` changes before it commits. Replies then wait up to ``hold_s``
 longer, less than a saturated broker's queues already add, and each commit carries several
-times the decisions (measured: ~10 instead of ~2, and a third more Reserve+Release/s).
+times the decisions (measured: ~10 instead of ~2, and a quarter more Reserve+Release/s).
 """
 
 from __future__ import annotations

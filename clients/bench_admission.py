@@ -492,19 +492,6 @@ def _scrape(address: str) -> dict[str, float]:
     return out
 
 
-def _commits(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Decisions per group commit between two scrapes, and the share of commits held."""
-    commits = after[f"{_COMMIT}_count"] - before.get(f"{_COMMIT}_count", 0.0)
-    if not commits:
-        return {}
-    decisions = after[f"{_COMMIT_DECISIONS}_sum"] - before.get(f"{_COMMIT_DECISIONS}_sum", 0.0)
-    held = after.get(f"{_HELD}_total", 0.0) - before.get(f"{_HELD}_total", 0.0)
-    return {
-        "decisions_per_commit_saturated": round(decisions / commits, 2),
-        "commits_held_share_saturated": round(held / commits, 3),
-    }
-
-
 class _BrokerSide:
     """Sums of the scraped deltas over the phases measured."""
 
@@ -526,6 +513,17 @@ class _BrokerSide:
             "broker_reserve_within_2ms_at_rate": round(d.get("admission_le_2ms", 0) / granted, 4),
             "commit_mean_ms_at_rate": round(d[f"{_COMMIT}_sum"] / commits * 1000, 3),
             "decisions_per_commit_at_rate": round(d[f"{_COMMIT_DECISIONS}_sum"] / commits, 2),
+        }
+
+    def commits_saturated(self) -> dict[str, float]:
+        """Decisions per group commit, and the share of commits held, of a closed-loop phase."""
+        d = self.delta
+        commits = d.get(f"{_COMMIT}_count", 0.0)
+        if not commits:
+            return {}
+        return {
+            "decisions_per_commit_saturated": round(d[f"{_COMMIT_DECISIONS}_sum"] / commits, 2),
+            "commits_held_share_saturated": round(d.get(f"{_HELD}_total", 0.0) / commits, 3),
         }
 
 
@@ -699,7 +697,8 @@ def _run_phases(
             metrics = cluster.metrics_address("broker")
             before = _scrape(metrics)
             mixed = run.mixed()
-            saturated = _commits(before, _scrape(metrics))
+            saturated = _BrokerSide()
+            saturated.add(before, _scrape(metrics))
             noop, rr = mixed["noop"], mixed["reserve_release"]
             result["noop_rps"] = round(noop)
             result["reserve_release_rps"] = round(rr)
@@ -709,7 +708,7 @@ def _run_phases(
             result["broker_cpu_us_per_reserve_or_release"] = round(
                 run.cpu_ms_per_op["reserve_release"] * 1000, 1
             )
-            result.update(saturated)
+            result.update(saturated.commits_saturated())
             say("batched admission (~no live leases) ...")
             result["stream_batch_size"] = 500
             result["stream_decisions_per_s"] = round(run.closed_loop("batch", 2))
