@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -88,6 +88,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(str(files("agentcg.migrations")))
+# The SQLite WAL past which the checkpointer makes the writer wait for a full checkpoint, and
+# to which the writer trims the file after one (see _Checkpointer).
+WAL_LIMIT_BYTES = 64 << 20
 
 # Stable constraint names, so that Alembic revisions can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -447,22 +450,40 @@ def _audit_entry(row: AuditRow) -> AuditEntry:
 
 
 class _Checkpointer:
-    """SQLite WAL checkpoints off the commit path.
+    """SQLite WAL checkpoints off the commit path, and a WAL that stays bounded.
 
     By default the connection whose commit takes the WAL past 1,000 pages copies the WAL back
     into the database file (and fsyncs it) inside that commit: every few hundred group commits
     one waits for a checkpoint, and the decisions in it with it. The writer turns that off
-    (``wal_autocheckpoint=0``); this thread, on its own connection, runs a PASSIVE checkpoint
-    (which never blocks the writer) every ``interval_s``. A full checkpoint lets the writer
-    restart the WAL from its start, so the file stays at about one interval of writes.
+    (``wal_autocheckpoint=0``); this thread, on its own connection, runs PASSIVE checkpoints
+    (which never block the writer) every ``interval_s``.
+
+    The writer restarts the WAL from its start only once every frame in it has been copied. A
+    PASSIVE checkpoint copies the frames that were there when it began, and under steady load
+    commits land while it runs: at 1,000 Reserve/s a single checkpoint per round never caught
+    up, and the WAL grew ~36 MB/s for as long as the load lasted (each commit then also grew the
+    file, which makes its fdatasync write the inode too). So a round repeats the checkpoint
+    while frames keep arriving, up to ``ROUNDS`` times, which catches up in the gaps between
+    commits. If the WAL still passes ``limit_bytes`` (a writer that never pauses), ``behind``
+    asks the writer to copy the rest itself between two commits (``Store._catch_up``): no
+    commit can land during that one, and its ``journal_size_limit`` trims the file back.
     """
 
-    def __init__(self, engine: Engine, interval_s: float = 0.2) -> None:
+    ROUNDS = 8
+
+    def __init__(
+        self, engine: Engine, wal: Path, interval_s: float = 0.2, limit_bytes: int = WAL_LIMIT_BYTES
+    ) -> None:
         self._engine = engine
+        self._wal = wal
         self._interval_s = interval_s
+        self._limit_bytes = limit_bytes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._frames = 0  # in the WAL at the last checkpoint
         self.checkpoints = 0
+        self.restarts = 0  # times the WAL was seen restarted from its start
+        self.behind = False  # the WAL passed the limit: the writer should catch up
 
     def start(self) -> None:
         if self._thread is None:
@@ -477,8 +498,7 @@ class _Checkpointer:
             try:
                 if raw is None:
                     raw = self._engine.raw_connection()
-                raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.checkpoints += 1
+                self._round(raw.cursor())
             except Exception:  # noqa: BLE001 - the next round retries; commits are unaffected
                 logger.warning("WAL checkpoint failed", exc_info=True)
                 if raw is not None:
@@ -486,6 +506,31 @@ class _Checkpointer:
                     raw = None
         if raw is not None:
             raw.close()
+
+    def _round(self, cursor: DBAPICursor) -> None:
+        last = -1
+        for _ in range(self.ROUNDS):
+            _busy, frames, _copied = self._checkpoint(cursor, "PASSIVE")
+            if frames <= last:
+                # Nothing was committed during the last one (the writer restarts the WAL at
+                # its next commit), or the writer has restarted it already.
+                break
+            last = frames
+        try:
+            self.behind = self._wal.stat().st_size > self._limit_bytes
+        except FileNotFoundError:
+            self.behind = False
+
+    def _checkpoint(self, cursor: DBAPICursor, mode: str) -> tuple[int, int, int]:
+        cursor.execute(f"PRAGMA wal_checkpoint({mode})")
+        row = cursor.fetchone()
+        assert row is not None
+        busy, frames, copied = row
+        self.checkpoints += 1
+        if 0 <= frames < self._frames:
+            self.restarts += 1
+        self._frames = frames
+        return busy, frames, copied
 
     def stop(self) -> None:
         self._stop.set()
@@ -495,9 +540,11 @@ class _Checkpointer:
 
 
 class Store:
-    """The broker's database. Not thread-safe: use it from one thread."""
+    """The broker's database. Not thread-safe: use it from one thread.
 
-    def __init__(self, url: str) -> None:
+    ``wal_limit_bytes``: SQLite only, the WAL size the writer may reach (see _Checkpointer)."""
+
+    def __init__(self, url: str, *, wal_limit_bytes: int = WAL_LIMIT_BYTES) -> None:
         parsed = make_url(url)
         sqlite_file = parsed.get_backend_name() == "sqlite" and not self.in_memory(url)
         if sqlite_file:
@@ -513,7 +560,13 @@ class Store:
             else self._engine
         )
         self._writer: Connection | None = None
-        self._checkpoints = _Checkpointer(self._engine) if sqlite_file else None
+        self._checkpoints = (
+            _Checkpointer(self._engine, Path(f"{parsed.database}-wal"), limit_bytes=wal_limit_bytes)
+            if sqlite_file
+            else None
+        )
+        self._wal_limit_bytes = wal_limit_bytes
+        self.wal_catch_ups = 0  # checkpoints the writer ran itself (_catch_up)
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
         self._mark = "?" if self._dialect == "sqlite" else "%s"
         self._lease_upsert_sql = self._lease_upsert(1)
@@ -611,14 +664,31 @@ class Store:
         try:
             if not batch.tenants and not batch.nodes and not batch.prunes:
                 self._write_leases(action, batch)
-                return
-            with _translated(action, self._shown_url):
-                conn = self._writer_connection()
-                with conn.begin():
-                    self._write(conn, batch, deleted, tenants)
+            else:
+                with _translated(action, self._shown_url):
+                    conn = self._writer_connection()
+                    with conn.begin():
+                        self._write(conn, batch, deleted, tenants)
         except (StoreError, StoreIntegrityError):
             self._drop_writer()
             raise
+        if self._checkpoints is not None and self._checkpoints.behind:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Checkpoint the rest of the WAL on the writer's own connection, between two commits
+        (see _Checkpointer): the next commit restarts the WAL from its start. The batch before
+        is already durable; a failure here is only logged."""
+        assert self._checkpoints is not None and self._writer is not None
+        self._checkpoints.behind = False
+        raw = self._writer.connection.dbapi_connection
+        assert raw is not None
+        try:
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except self._engine.dialect.loaded_dbapi.Error:
+            logger.warning("WAL checkpoint on the writer failed", exc_info=True)
+            return
+        self.wal_catch_ups += 1
 
     def _write_leases(self, action: str, batch: _Batch) -> None:
         """The hot path (admissions, releases, growth, expiry): leases and audit only, in one
@@ -694,6 +764,7 @@ class Store:
             if self._dialect == "sqlite" and self._checkpoints is not None:
                 # Checkpoints run on the checkpointer's connection, never inline in a commit.
                 self._writer.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+                self._writer.exec_driver_sql(f"PRAGMA journal_size_limit={self._wal_limit_bytes}")
                 self._writer.commit()
                 self._checkpoints.start()
         return self._writer
