@@ -264,7 +264,6 @@ def test_sqlite_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
         store.close()
 
 
-
 def _commit_steadily(store: Store, wal: Path, count: int, pause_s: float) -> int:
     """``count`` commits of a lease and an audit entry (~30 kB of WAL each), ``pause_s`` apart;
     the largest the WAL file was seen."""
