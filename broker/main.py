@@ -157,6 +157,8 @@ async def _run(
     journal.start()
     core = BrokerCore(store, journal, ledger, metrics)
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
+    if store.wal_path is not None:
+        metrics.track_wal(store.wal_path)
     log.info(
         "broker state loaded: %d tenants, %d nodes, %d active leases",
         len(snapshot.tenants),

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -253,6 +254,23 @@ class BrokerMetrics:
 
     def decision_sent(self, kind: str) -> None:
         self._decisions[kind].inc()
+
+    def track_wal(self, wal: Path) -> None:
+        """Serve the size of the SQLite WAL file ``wal`` (read at each scrape; 0 while there is
+        none): disk a checkpoint has not given back yet (see store.py's _Checkpointer)."""
+
+        def size() -> float:
+            try:
+                return float(wal.stat().st_size)
+            except FileNotFoundError:
+                return 0.0
+
+        Gauge(
+            "agentcg_broker_db_wal_bytes",
+            "Size of the SQLite write-ahead log file; checkpoints keep it to about 200 ms of "
+            "commits, at most ~64 MiB",
+            registry=self.registry,
+        ).set_function(size)
 
     def track_state(self, read: Callable[[], BrokerState | None]) -> None:
         """Serve the live-state gauges from ``read`` (called at each scrape)."""

@@ -475,7 +475,7 @@ class _Checkpointer:
         self, engine: Engine, wal: Path, interval_s: float = 0.2, limit_bytes: int = WAL_LIMIT_BYTES
     ) -> None:
         self._engine = engine
-        self._wal = wal
+        self.wal = wal
         self._interval_s = interval_s
         self._limit_bytes = limit_bytes
         self._stop = threading.Event()
@@ -517,7 +517,7 @@ class _Checkpointer:
                 break
             last = frames
         try:
-            self.behind = self._wal.stat().st_size > self._limit_bytes
+            self.behind = self.wal.stat().st_size > self._limit_bytes
         except FileNotFoundError:
             self.behind = False
 
@@ -574,6 +574,11 @@ class Store:
         # Multi-row statements by row count (see _write_leases), built on first use.
         self._lease_upserts: dict[int, str] = {}
         self._audit_inserts: dict[int, str] = {}
+
+    @property
+    def wal_path(self) -> Path | None:
+        """The SQLite WAL file of this database (None on PostgreSQL or in memory)."""
+        return self._checkpoints.wal if self._checkpoints is not None else None
 
     def _rows_sql(self, columns: Sequence[str], rows: int) -> str:
         one = f"({', '.join(self._mark for _ in columns)})"

@@ -77,6 +77,15 @@ def test_node_stream_counters_by_kind() -> None:
     assert value(r, "agentcg_broker_lease_expiries_total") == 1
 
 
+def test_wal_size_is_read_at_each_scrape(tmp_path: Path) -> None:
+    m = BrokerMetrics()
+    wal = tmp_path / "broker.db-wal"
+    m.track_wal(wal)
+    assert value(m.registry, "agentcg_broker_db_wal_bytes") == 0  # no WAL yet
+    wal.write_bytes(b"x" * 5000)
+    assert value(m.registry, "agentcg_broker_db_wal_bytes") == 5000
+
+
 def test_state_gauges_are_read_at_each_scrape() -> None:
     m = BrokerMetrics()
     reads: list[int] = []

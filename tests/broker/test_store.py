@@ -288,7 +288,8 @@ def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
         checkpointer = store._checkpoints
         assert checkpointer is not None
         checkpointer._interval_s = 0.02  # before the first write starts it
-        biggest = _commit_steadily(store, tmp_path / "broker.db-wal", 3000, 0.0003)
+        assert store.wal_path == tmp_path / "broker.db-wal"
+        biggest = _commit_steadily(store, store.wal_path, 3000, 0.0003)
         assert checkpointer.restarts >= 3
         assert biggest < 30 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000
@@ -305,7 +306,8 @@ def test_sqlite_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path: Pat
         checkpointer = store._checkpoints
         assert checkpointer is not None
         checkpointer._interval_s = 0.02
-        biggest = _commit_steadily(store, tmp_path / "broker.db-wal", 3000, 0.0)
+        assert store.wal_path is not None
+        biggest = _commit_steadily(store, store.wal_path, 3000, 0.0)
         assert store.wal_catch_ups >= 1
         assert biggest < 8 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000

@@ -176,6 +176,7 @@ def test_reserve_outcomes_latency_leases_and_commits(
     # The tenant, the two grants: three decisions made durable (denials write nothing).
     assert delta("agentcg_broker_journal_commit_decisions_sum") == 3
     assert delta("agentcg_broker_journal_commit_seconds_count") >= 1
+    assert during.get("agentcg_broker_db_wal_bytes") > 0  # the broker's SQLite WAL file
     assert (
         during.get("agentcg_broker_active_leases") == before.get("agentcg_broker_active_leases") + 2
     )
