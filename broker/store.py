@@ -88,8 +88,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(str(files("agentcg.migrations")))
-# The SQLite WAL past which the checkpointer makes the writer wait for a full checkpoint, and
-# to which the writer trims the file after one (see _Checkpointer).
+# The SQLite WAL size past which the writer checkpoints the rest itself between two commits,
+# and to which it trims the file (see _Checkpointer).
 WAL_LIMIT_BYTES = 64 << 20
 
 # Stable constraint names, so that Alembic revisions can refer to them on every backend.
@@ -510,7 +510,7 @@ class _Checkpointer:
     def _round(self, cursor: DBAPICursor) -> None:
         last = -1
         for _ in range(self.ROUNDS):
-            _busy, frames, _copied = self._checkpoint(cursor, "PASSIVE")
+            frames = self._passive(cursor)
             if frames <= last:
                 # Nothing was committed during the last one (the writer restarts the WAL at
                 # its next commit), or the writer has restarted it already.
@@ -521,16 +521,17 @@ class _Checkpointer:
         except FileNotFoundError:
             self.behind = False
 
-    def _checkpoint(self, cursor: DBAPICursor, mode: str) -> tuple[int, int, int]:
-        cursor.execute(f"PRAGMA wal_checkpoint({mode})")
+    def _passive(self, cursor: DBAPICursor) -> int:
+        """One PASSIVE checkpoint; the frames in the WAL when it began (-1: not in WAL mode)."""
+        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
         row = cursor.fetchone()
         assert row is not None
-        busy, frames, copied = row
+        frames = int(row[1])  # (busy, frames in the WAL, frames copied)
         self.checkpoints += 1
         if 0 <= frames < self._frames:
             self.restarts += 1
         self._frames = frames
-        return busy, frames, copied
+        return frames
 
     def stop(self) -> None:
         self._stop.set()
