@@ -461,7 +461,7 @@ class _Checkpointer:
     The writer restarts the WAL from its start only once every frame in it has been copied. A
     PASSIVE checkpoint copies the frames that were there when it began, and under steady load
     commits land while it runs: at 1,000 Reserve/s a single checkpoint per round never caught
-    up, and the WAL grew ~36 MB/s for as long as the load lasted (each commit then also grew the
+    up, and the WAL grew ~35 MiB/s for as long as the load lasted (each commit then also grew the
     file, which makes its fdatasync write the inode too). So a round repeats the checkpoint
     while frames keep arriving, up to ``ROUNDS`` times, which catches up in the gaps between
     commits. If the WAL still passes ``limit_bytes`` (a writer that never pauses), ``behind``

@@ -281,7 +281,7 @@ def _commit_steadily(store: Store, wal: Path, count: int, pause_s: float) -> int
 def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
     """Commits landing during each checkpoint (as at ~1,500 Reserve/s) still let the writer
     restart the WAL: the checkpointer repeats its checkpoint until one runs between two
-    commits. With one checkpoint per round the file grew with every commit (~90 MB here)."""
+    commits. With one checkpoint per round the file grew with every commit (to ~85 MiB here)."""
     store = Store(Store.default_url(tmp_path))
     store.migrate()
     try:
