@@ -267,8 +267,8 @@ class BrokerMetrics:
 
         Gauge(
             "agentcg_broker_db_wal_bytes",
-            "Size of the SQLite write-ahead log file; checkpoints keep it to about 200 ms of "
-            "commits, at most ~64 MiB",
+            "Size of the SQLite write-ahead log file; checkpoints keep it bounded and the "
+            "writer trims it back to 64 MiB",
             registry=self.registry,
         ).set_function(size)
 
