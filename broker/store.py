@@ -477,7 +477,7 @@ class _Checkpointer:
         self._engine = engine
         self.wal = wal
         self._interval_s = interval_s
-        self._limit_bytes = limit_bytes
+        self.limit_bytes = limit_bytes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._frames = 0  # in the WAL at the last checkpoint
@@ -517,7 +517,7 @@ class _Checkpointer:
                 break
             last = frames
         try:
-            self.behind = self.wal.stat().st_size > self._limit_bytes
+            self.behind = self.wal.stat().st_size > self.limit_bytes
         except FileNotFoundError:
             self.behind = False
 
@@ -566,7 +566,6 @@ class Store:
             if sqlite_file
             else None
         )
-        self._wal_limit_bytes = wal_limit_bytes
         self.wal_catch_ups = 0  # checkpoints the writer ran itself (_catch_up)
         self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
         self._mark = "?" if self._dialect == "sqlite" else "%s"
@@ -770,7 +769,8 @@ class Store:
             if self._dialect == "sqlite" and self._checkpoints is not None:
                 # Checkpoints run on the checkpointer's connection, never inline in a commit.
                 self._writer.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
-                self._writer.exec_driver_sql(f"PRAGMA journal_size_limit={self._wal_limit_bytes}")
+                limit = self._checkpoints.limit_bytes
+                self._writer.exec_driver_sql(f"PRAGMA journal_size_limit={limit}")
                 self._writer.commit()
                 self._checkpoints.start()
         return self._writer

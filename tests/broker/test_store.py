@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ from agentcg.broker.store import (
     StoreError,
     StoreIntegrityError,
     TenantRow,
+    _Checkpointer,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -278,41 +281,40 @@ def _commit_steadily(store: Store, wal: Path, count: int, pause_s: float) -> int
     return biggest
 
 
-def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
-    """Commits landing during each checkpoint (as at ~1,500 Reserve/s) still let the writer
-    restart the WAL: the checkpointer repeats its checkpoint until one runs between two
-    commits. With one checkpoint per round the file grew with every commit (to ~85 MiB here)."""
-    store = Store(Store.default_url(tmp_path))
+@contextmanager
+def _wal_store(tmp_path: Path, **kwargs: int) -> Iterator[tuple[Store, _Checkpointer]]:
+    """A store on an SQLite file whose checkpointer runs every 20 ms."""
+    store = Store(Store.default_url(tmp_path), **kwargs)
     store.migrate()
     try:
         checkpointer = store._checkpoints
         assert checkpointer is not None
         checkpointer._interval_s = 0.02  # before the first write starts it
         assert store.wal_path == tmp_path / "broker.db-wal"
-        biggest = _commit_steadily(store, store.wal_path, 3000, 0.0003)
+        yield store, checkpointer
+    finally:
+        store.close()
+
+
+def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
+    """Commits landing during each checkpoint (as at ~1,500 Reserve/s) still let the writer
+    restart the WAL: the checkpointer repeats its checkpoint until one runs between two
+    commits. With one checkpoint per round the file grew with every commit (to ~85 MiB here)."""
+    with _wal_store(tmp_path) as (store, checkpointer):
+        biggest = _commit_steadily(store, tmp_path / "broker.db-wal", 3000, 0.0003)
         assert checkpointer.restarts >= 3
         assert biggest < 30 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000
-    finally:
-        store.close()
 
 
 def test_sqlite_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path: Path) -> None:
     """A writer that commits back to back gives a checkpoint no gap to catch up in: once the
     WAL passes the limit, the writer copies the rest itself between two commits."""
-    store = Store(Store.default_url(tmp_path), wal_limit_bytes=1 << 20)
-    store.migrate()
-    try:
-        checkpointer = store._checkpoints
-        assert checkpointer is not None
-        checkpointer._interval_s = 0.02
-        assert store.wal_path is not None
-        biggest = _commit_steadily(store, store.wal_path, 3000, 0.0)
+    with _wal_store(tmp_path, wal_limit_bytes=1 << 20) as (store, _):
+        biggest = _commit_steadily(store, tmp_path / "broker.db-wal", 3000, 0.0)
         assert store.wal_catch_ups >= 1
         assert biggest < 8 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000
-    finally:
-        store.close()
 
 
 # --- reads -------------------------------------------------------------------------------------
