@@ -11,6 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from agentcg.broker.model import (
+    Lease,
+    LeaseId,
+    LeaseState,
+    NodeId,
+    PutLease,
+    SessionName,
+    TenantName,
+)
 from agentcg.broker.store import (
     MIGRATIONS_DIR,
     Base,
@@ -78,7 +87,7 @@ def current_revision(url: str) -> str | None:
 
 def test_one_head_named_by_its_revision() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert script.get_heads() == ["0005"]
+    assert script.get_heads() == ["0006"]
     for revision in script.walk_revisions():
         assert Path(revision.path).name.startswith(f"{revision.revision}_")
 
@@ -86,7 +95,7 @@ def test_one_head_named_by_its_revision() -> None:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     upgrade(database_url)
     assert tables(database_url) == TABLES
-    assert current_revision(database_url) == "0005"
+    assert current_revision(database_url) == "0006"
 
     downgrade(database_url)
     assert tables(database_url) == set()
@@ -161,7 +170,7 @@ def test_alembic_command_line_with_the_repo_ini(tmp_path: Path) -> None:
         return done.stdout
 
     alembic("upgrade", "head")
-    assert "0005 (head)" in alembic("current")
+    assert "0006 (head)" in alembic("current")
     assert tables(url) == TABLES
     alembic("downgrade", "base")
     assert tables(url) == set()
@@ -194,3 +203,38 @@ def test_0002_gives_existing_tenants_weight_1_and_downgrades_keeping_them(
             assert conn.execute(text("SELECT name FROM tenants")).scalar_one() == "org"
     finally:
         engine.dispose()
+
+
+def test_0006_indexes_the_active_leases_already_there(database_url: str) -> None:
+    def lease(lease_id: str, state: LeaseState) -> Lease:
+        return Lease(
+            LeaseId(lease_id),
+            TenantName("t1"),
+            SessionName("s1"),
+            "pytest",
+            NodeId("n1"),
+            memory_bytes=1 << 30,
+            intent_memory_bytes=1 << 30,
+            granted_at_ms=1_000,
+            expires_at_ms=61_000,
+            state=state,
+        )
+
+    upgrade(database_url, "0005")
+    store = Store(database_url)
+    try:
+        store.apply(
+            [
+                PutLease(lease("l-active", LeaseState.ACTIVE)),
+                PutLease(lease("l-ended", LeaseState.EXPIRED)),
+            ]
+        )
+        upgrade(database_url)
+        assert [le.lease_id for le in store.load().active_leases] == ["l-active"]
+        assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-active"]
+        assert [le.lease_id for le in store.list_leases(node_id="n1")] == ["l-active"]
+        downgrade(database_url, "0005")
+        assert [le.lease_id for le in store.load().active_leases] == ["l-active"]
+        assert len(store.list_leases(include_inactive=True)) == 2
+    finally:
+        store.close()

@@ -5,10 +5,12 @@ AGENTCG_TEST_POSTGRES_URL is set (scripts/start-postgres.sh starts one and print
 from __future__ import annotations
 
 import dataclasses
+import re
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,7 @@ from agentcg.broker.store import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import Engine, event
 
 
 def tenant(name: str, memory_quota_bytes: int = 8 << 30, **kw: object) -> Tenant:
@@ -357,6 +360,45 @@ def test_list_leases_filters(store: Store) -> None:
     assert ids(tenant="t1", node_id="n1", include_inactive=True) == ["l-1", "l-4"]
     assert ids(tenant="nobody") == []
     assert ids(include_inactive=True, limit=2) == ["l-1", "l-2"]
+
+
+def test_active_lease_reads_use_the_active_lease_indexes(tmp_path: Path) -> None:
+    """The start-up load and the active listings read the partial indexes on active leases
+    (migration 0006), not the whole history, ended leases included."""
+    url = Store.default_url(tmp_path)
+    store = Store(url)
+    store.migrate()
+    store.apply([PutLease(lease("l-1")), PutLease(_ended("l-0", granted_at_ms=500))])
+    reads: list[tuple[str, object]] = []
+
+    def record(
+        _conn: object, _cursor: object, sql: str, params: object, _ctx: object, _many: bool
+    ) -> None:
+        if sql.lstrip().startswith("SELECT") and "FROM leases" in sql:
+            reads.append((sql, params))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        assert [le.lease_id for le in store.load().active_leases] == ["l-1"]
+        assert [le.lease_id for le in store.list_leases()] == ["l-1"]
+        assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-1"]
+        assert [le.lease_id for le in store.list_leases(node_id="n1")] == ["l-1"]
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+        store.close()
+    path = url.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path)) as db:
+        plans = [
+            " ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+            for sql, params in reads
+        ]
+    used = [re.findall(r"USING INDEX (\w+)", plan) for plan in plans]
+    assert used == [
+        ["ix_leases_active"],
+        ["ix_leases_active"],
+        ["ix_leases_active_tenant"],
+        ["ix_leases_active_node_id"],
+    ], plans
 
 
 def test_audit_filters_by_lease_and_keeps_the_newest(store: Store) -> None:
