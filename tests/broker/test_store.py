@@ -8,6 +8,7 @@ import dataclasses
 import re
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -240,9 +241,6 @@ def test_a_large_batch_in_one_transaction(store: Store) -> None:
 def test_sqlite_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
     """The writer never checkpoints inside a commit; the checkpointer thread copies the WAL
     back into the database file, so the WAL does not keep growing."""
-    import sqlite3
-    import time
-
     url = Store.default_url(tmp_path)
     store = Store(url)
     store.migrate()
@@ -273,8 +271,6 @@ def test_sqlite_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
 def _commit_steadily(store: Store, wal: Path, count: int, pause_s: float) -> int:
     """``count`` commits of a lease and an audit entry (~30 kB of WAL each), ``pause_s`` apart;
     the largest the WAL file was seen."""
-    import time
-
     biggest = 0
     for i in range(count):
         store.apply([PutLease(lease(f"l-{i}")), Audit(AuditEntry(i, "reserve"))])
@@ -304,7 +300,7 @@ def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
     restart the WAL: the checkpointer repeats its checkpoint until one runs between two
     commits. With one checkpoint per round the file grew with every commit (to ~85 MiB here)."""
     with _wal_store(tmp_path) as (store, checkpointer):
-        biggest = _commit_steadily(store, tmp_path / "broker.db-wal", 3000, 0.0003)
+        biggest = _commit_steadily(store, checkpointer.wal, 3000, 0.0003)
         assert checkpointer.restarts >= 3
         assert biggest < 30 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000
@@ -313,8 +309,8 @@ def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
 def test_sqlite_wal_stays_bounded_under_a_writer_that_never_pauses(tmp_path: Path) -> None:
     """A writer that commits back to back gives a checkpoint no gap to catch up in: once the
     WAL passes the limit, the writer copies the rest itself between two commits."""
-    with _wal_store(tmp_path, wal_limit_bytes=1 << 20) as (store, _):
-        biggest = _commit_steadily(store, tmp_path / "broker.db-wal", 3000, 0.0)
+    with _wal_store(tmp_path, wal_limit_bytes=1 << 20) as (store, checkpointer):
+        biggest = _commit_steadily(store, checkpointer.wal, 3000, 0.0)
         assert store.wal_catch_ups >= 1
         assert biggest < 8 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000
