@@ -12,6 +12,7 @@ The `parse_*` functions are pure (text in, values out) and tested against fixtur
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import time
@@ -112,6 +113,12 @@ class CgroupDriver(Protocol):
 
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         """Tasks reaching the limit wait (instead of being OOM-killed) until it is raised."""
+        ...
+
+    def wake_paused(self, cg: Cgroup) -> None:
+        """Wake the tasks waiting at the memory limit so that they charge again (v1: the
+        kernel wakes them when the limit is raised, and not otherwise). A no-op where the
+        cgroup version pauses otherwise (v2)."""
         ...
 
     def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
@@ -410,6 +417,19 @@ class CgroupV1Driver:
 
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         self._write(cg, MEMORY, "memory.oom_control", "1" if enabled else "0")
+
+    def wake_paused(self, cg: Cgroup) -> None:
+        # Raising the limit is what wakes the waiters (re-enabling the OOM killer would too,
+        # and could kill them): one page up, then back. Should a task have charged that page
+        # meanwhile, putting it back fails and the limit stays a page above the budget.
+        limit = parse_memory_limit(_read_text(cg.path / "memory.limit_in_bytes"))
+        if limit is None:
+            return  # unlimited: nothing waits at a limit
+        self.set_memory_limit(cg, limit + mmap.PAGESIZE)
+        try:
+            self.set_memory_limit(cg, limit)
+        except CgroupError:
+            pass
 
     def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
         if threshold_bytes <= 0:
@@ -746,6 +766,9 @@ class CgroupV2Driver:
 
     def watch_usage(self, cg: Cgroup, threshold_bytes: int) -> int | None:
         return None  # v2 has no usage thresholds (memory.events only reports high/max/oom)
+
+    def wake_paused(self, cg: Cgroup) -> None:
+        return None  # nothing waits in the charge path: v2 pauses with the freezer
 
     def watch_pause(self, cg: Cgroup) -> int | None:
         return None  # v2 pauses with the freezer at memory.high, not in the charge path

@@ -18,6 +18,7 @@ __all__ = [
     "AskBroker",
     "CallPhase",
     "CallView",
+    "Defer",
     "Ignore",
     "Kill",
     "Pause",
@@ -30,12 +31,14 @@ __all__ = [
     "Refresh",
     "Resize",
     "Update",
+    "Wake",
     "on_deadline",
     "on_denied",
     "on_decision_grow",
     "on_lease_refresh",
     "on_lease_tick",
     "on_limit",
+    "on_pause_notice",
     "on_soft",
     "on_throttle_deadline",
     "soft_threshold",
@@ -81,6 +84,9 @@ class NodePolicy:
     throttle_deadline_s: float = 2.0
     lease_check_interval_s: float = 1.0
     lease_refresh_margin_ms: int = 2000  # ask the broker this long before a lease expires
+    # A task found waiting below its (raised) limit is woken only if still waiting this much
+    # later: a raise wakes it by itself, and it may just not have run since.
+    pause_settle_s: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,21 @@ class AskBroker:
 @dataclass(frozen=True, slots=True)
 class Recheck:
     """Re-arm the call's limit report and decide again from its usage now."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Look again after ``after_s``."""
+
+    after_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Wake the call's tasks waiting at its limit: the limit is above their usage already."""
 
     reason: str
 
@@ -173,6 +194,35 @@ def on_limit(
         return Ignore(f"call is {call.phase.value}")
     if event_ns and event_ns < limit_set_ns:
         return Recheck(f"limit event {(limit_set_ns - event_ns) / 1e6:.1f} ms older than its limit")
+    return AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
+
+
+def on_pause_notice(
+    call: CallView, usage_bytes: int, under_oom: bool, policy: NodePolicy, *, settled: bool = False
+) -> AskBroker | Wake | Defer | Ignore:
+    """The kernel notified that a task of the call went to wait at its limit (v1 oom_control).
+
+    The LIMIT event (reclaim at the limit) normally comes first and the call is then paused
+    with its ask out, so this one is ignored. It matters when nothing is asking for a call that
+    is held: its LIMIT report was lost or judged stale, or a limit raise landed while the task
+    was on its way into the wait (the kernel wakes waiters when the limit is raised and checks
+    no margin when a task starts to wait: it then sleeps below its new limit).
+
+    Held at the limit: ask, as for a LIMIT event. Waiting below it: wake it if it still waits
+    ``pause_settle_s`` later (``settled``). The notice of a wait that a raise ended often
+    arrives after that raise, before the woken task has run again.
+    """
+    if call.phase not in (CallPhase.RUNNING, CallPhase.THROTTLED):
+        return Ignore(f"call is {call.phase.value}")
+    if not under_oom:
+        return Ignore("no task waits at its limit now")
+    if not at_limit(usage_bytes, call.budget_bytes):
+        if not settled:
+            return Defer(policy.pause_settle_s, "a task waits below its limit: not run since?")
+        return Wake(
+            f"a task still waits at the limit with usage {format_bytes(usage_bytes)} below "
+            f"its {format_bytes(call.budget_bytes)} budget"
+        )
     return AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
 
 

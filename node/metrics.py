@@ -180,6 +180,15 @@ class NodeMetrics:
         self.calls_started = Counter(
             p + "calls_started", "Tool calls started or attached", registry=r
         )
+        self._pause_notice_family = Counter(
+            p + "pause_notices",
+            "Kernel notices of a call's task waiting at its limit (v1) that found nothing "
+            "asking for it, by what the node did: ask the broker (its LIMIT report lost or not "
+            "handled yet), or wake it (still waiting below a raised limit)",
+            ["action"],
+            registry=r,
+        )
+        self._pause_notices = {a: self._pause_notice_family.labels(a) for a in ("ask", "wake")}
 
     # A kind or outcome not bound above (one added to the agent later) gets its child on first
     # use rather than failing the enforcement path that counts it.
@@ -191,6 +200,9 @@ class NodeMetrics:
                 kind, str(dry_run).lower()
             )
         child.inc()
+
+    def pause_notice(self, action: str) -> None:
+        self._pause_notices[action].inc()
 
     def reaction(self, kind: str, seconds: float) -> None:
         child = self._reaction.get(kind)

@@ -13,9 +13,9 @@ import sys
 import pytest
 from agentcg.node.agent import NodeAgent
 from agentcg.node.cgroup import CgroupV1Driver
-from agentcg.node.enforcement import arm_threshold
-from agentcg.node.monitor import MemoryMonitor
-from agentcg.v1 import broker_pb2, types_pb2
+from agentcg.node.enforcement import NodePolicy, arm_threshold
+from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor
+from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
 from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
 
@@ -97,7 +97,54 @@ def test_concurrent_spikes_are_grown_and_leave_nothing_behind(
     assert driver.children() == [], "cgroups left behind"
     assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
     assert not monitor.per_page_attached, "per-page accounting left armed"
-    assert eventfds() == eventfds_before, "usage-threshold eventfds left open"
+    assert eventfds() == eventfds_before, "usage-threshold or pause-notice eventfds left open"
+
+
+def test_a_call_held_at_its_limit_with_its_limit_report_lost_is_still_grown(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+) -> None:
+    # The kernel's own notice of a task waiting at its limit (memory.oom_control) backs up the
+    # BPF LIMIT report: with every LIMIT report lost (dropped here, on its way to the agent),
+    # the call still asks, is grown once and finishes, instead of waiting at its limit for good.
+    # No throttle: its deadline (a pause and ask if still above the soft threshold) would
+    # rescue this call too, 2 s later, but not one that waits below its soft threshold.
+    uplink = GrowingUplink()
+    agent = uplink.agent = make_agent(uplink, NodePolicy(throttle=False))
+    dropped: list[MemEvent] = []
+    handle = agent._handle_mem_event
+
+    def lossy(ev: MemEvent) -> None:
+        if ev.kind is EventKind.LIMIT:
+            dropped.append(ev)
+        else:
+            handle(ev)
+
+    agent._handle_mem_event = lossy  # type: ignore[method-assign]
+    eventfds_before = eventfds()
+    uplink.broker.leases["l1"] = make_lease("l1")
+
+    async def main() -> list[node_pb2.ExecEvent]:
+        agent.loop = asyncio.get_running_loop()
+        return await run_call(agent, "l1", [sys.executable, "-c", SPIKE])
+
+    events = asyncio.run(main())
+    exited = events[-1].exited
+    assert (exited.exit_code, exited.outcome) == (0, types_pb2.OUTCOME_GROWN), exited
+    assert exited.budget_bytes == 128 * MiB, exited
+    assert dropped, "the kernel reported no LIMIT: nothing was lost"
+    asks = [
+        m.pressure
+        for m in uplink.sent
+        if m.HasField("pressure") and m.pressure.kind == broker_pb2.PRESSURE_KIND_LIMIT_REACHED
+    ]
+    assert len(asks) == 1 and asks[0].requested_memory_bytes == 128 * MiB, asks
+    sample = agent.metrics.registry.get_sample_value
+    assert sample("agentcg_node_pause_notices_total", {"action": "ask"}) == 1
+    assert sample("agentcg_node_pause_notices_total", {"action": "wake"}) == 0
+    assert eventfds() == eventfds_before
+    assert driver.children() == []
 
 
 def test_overtaken_threshold_registration_is_closed(
@@ -119,14 +166,15 @@ def test_overtaken_threshold_registration_is_closed(
         )
         await started.wait()
         call = agent.calls["l1"]
-        assert call.arm_fd >= 0 and eventfds() == eventfds_before + 1
+        # Two eventfds per call: its arm threshold and its pause notice.
+        assert call.arm_fd >= 0 and call.pause_fd >= 0 and eventfds() == eventfds_before + 2
         # Two budgets in a row: the first registration lands after the second was asked for.
         first = agent._watch_arming(call, 256 * MiB)
         second = agent._watch_arming(call, 512 * MiB)
         await asyncio.gather(first, second)
         await asyncio.sleep(0.05)  # their completions run on the loop
         assert call.arm_bytes == arm_threshold(512 * MiB, agent.policy)
-        assert eventfds() == eventfds_before + 1, "the overtaken registration is still open"
+        assert eventfds() == eventfds_before + 2, "the overtaken registration is still open"
         # One still registering when the call ends: closed when it lands.
         late = agent._watch_arming(call, 1024 * MiB)
         agent._stop(call, "test over")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -190,6 +191,44 @@ def test_a_task_held_at_its_limit_is_not_frozen_and_the_cgroup_is_left_thawed(
     finally:
         if gated.process.poll() is None:
             driver.kill(cg)  # thaws too: a task caught frozen dies only once thawed
+        gated.process.wait()
+
+
+def test_wake_paused_makes_a_task_waiting_at_its_limit_charge_again(
+    driver: CgroupV1Driver,
+) -> None:
+    # The kernel wakes the tasks waiting at a v1 limit only when the limit is raised (or the OOM
+    # killer re-enabled). wake_paused raises it a page: the waiting task tries its charge again
+    # (a failed charge counts in memory.failcnt), fails at the limit and waits again.
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, 32 << 20)
+    driver.set_pause_at_limit(cg, True)
+    failcnt = driver.paths(cg)["memory"] / "memory.failcnt"
+    gated = spawn_gated([sys.executable, "-c", "b = bytearray(96 << 20)"])
+    try:
+        driver.attach(cg, gated.pid)
+        gated.release()
+        deadline = time.monotonic() + 10
+        while not driver.read_stats(cg).under_oom:
+            assert time.monotonic() < deadline, "the task never waited at its limit"
+            time.sleep(0.005)
+        waiting = int(failcnt.read_text())
+        time.sleep(0.2)
+        assert int(failcnt.read_text()) == waiting  # asleep: no charge tried
+        driver.wake_paused(cg)
+        deadline = time.monotonic() + 10
+        while int(failcnt.read_text()) == waiting:
+            assert time.monotonic() < deadline, "wake_paused did not wake the waiting task"
+            time.sleep(0.005)
+        deadline = time.monotonic() + 10
+        while not driver.read_stats(cg).under_oom:
+            assert time.monotonic() < deadline, "the woken task did not wait at its limit again"
+            time.sleep(0.005)
+        # Put back, or left a page higher if the woken task charged that page first.
+        assert driver.read_stats(cg).limit_bytes in (32 << 20, (32 << 20) + mmap.PAGESIZE)
+        assert gated.process.poll() is None
+    finally:
+        driver.kill(cg)
         gated.process.wait()
 
 

@@ -7,15 +7,18 @@ from agentcg.node.enforcement import (
     AskBroker,
     CallPhase,
     CallView,
+    Defer,
     Ignore,
     Kill,
     NodePolicy,
     Recheck,
     Resize,
+    Wake,
     at_limit,
     on_deadline,
     on_decision_grow,
     on_limit,
+    on_pause_notice,
     soft_threshold,
 )
 
@@ -56,6 +59,40 @@ def test_limit_event_from_before_the_last_raise_is_rechecked() -> None:
 )
 def test_at_limit(usage: int, budget: int, expected: bool) -> None:
     assert at_limit(usage, budget) is expected
+
+
+@pytest.mark.parametrize(
+    ("phase", "usage", "under_oom", "expected"),
+    [
+        # Held at its limit with nobody asking (its LIMIT report lost or judged stale): ask.
+        (CallPhase.RUNNING, 64 * MiB, True, AskBroker(128 * MiB)),
+        (CallPhase.THROTTLED, 64 * MiB - 256 * 1024, True, AskBroker(128 * MiB)),
+        # Waiting well below its limit: woken by a raise and not run since, or a raise overtook
+        # its way into the wait. Looked at again a little later (Defer), then woken.
+        (CallPhase.RUNNING, 40 * MiB, True, Defer),
+        # Nothing waits (woken meanwhile), or its ask is already out, or it is ending.
+        (CallPhase.RUNNING, 64 * MiB, False, Ignore),
+        (CallPhase.PAUSED, 64 * MiB, True, Ignore),
+        (CallPhase.KILLED, 64 * MiB, True, Ignore),
+        (CallPhase.EXITED, 64 * MiB, True, Ignore),
+    ],
+)
+def test_pause_notice(
+    phase: CallPhase, usage: int, under_oom: bool, expected: AskBroker | type
+) -> None:
+    decision = on_pause_notice(call(phase), usage, under_oom, NodePolicy())
+    if isinstance(expected, AskBroker):
+        assert decision == expected
+    else:
+        assert type(decision) is expected
+    # Looked at again: the same answers, except that one still waiting below its limit is woken.
+    again = on_pause_notice(call(phase), usage, under_oom, NodePolicy(), settled=True)
+    if isinstance(decision, Defer):
+        assert decision.after_s == NodePolicy().pause_settle_s
+        assert isinstance(again, Wake)
+        assert "40.0 MiB below its 64.0 MiB budget" in again.reason
+    else:
+        assert again == decision
 
 
 @pytest.mark.parametrize("phase", [CallPhase.PAUSED, CallPhase.KILLED, CallPhase.EXITED])
