@@ -221,7 +221,7 @@ def main() -> int:
     fd_in, fd_out = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     reader = FrameReader()
-    config: dict[str, str] | None = None
+    config: dict[str, Any] | None = None
     while config is None:
         data = os.read(fd_in, _READ)
         if not data:
@@ -233,6 +233,8 @@ def main() -> int:
         level=getattr(logging, config.get("log_level", "INFO").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.get("cpu") is not None:
+        os.sched_setaffinity(0, {config["cpu"]})  # before the store starts its threads
     store = Store(config["url"])
     try:
         store.open_writer()
@@ -264,12 +266,14 @@ class ProcessJournal(Journal):
         hold_s: float = 0.002,
         busy_clock: Callable[[], float] = time.thread_time,
         command: Sequence[str] = (sys.executable, "-m", "agentcg.broker.writer"),
+        cpu: int | None = None,
     ) -> None:
         super().__init__(store, metrics=metrics, busy_clock=busy_clock)
         self._hold_s = hold_s
         self._url = url
         self._command = list(command)
         self._log_level = log_level
+        self._cpu = cpu  # the writer process's only CPU (None: any)
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader = FrameReader()
         self._out = bytearray()  # not yet taken by the pipe
@@ -305,7 +309,8 @@ class ProcessJournal(Journal):
         start-up on the loop, at a restart on another thread)."""
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            _write_all(proc.stdin.fileno(), frame({"url": self._url, "log_level": self._log_level}))
+            config = {"url": self._url, "log_level": self._log_level, "cpu": self._cpu}
+            _write_all(proc.stdin.fileno(), frame(config))
             self._await_ready(proc, proc.stdout.fileno())
         except BaseException:
             proc.kill()

@@ -38,6 +38,10 @@ Phases, in order, each reported under its key:
 - ``broker_rss_mb``: the resident set of the broker and its database writer process, with
   those 10,000 leases and 1,000 connected simulated node streams. The ``broker_cpu_us_*``
   figures count the writer process's CPU too.
+
+The broker runs as ``agentcg broker`` does by default, its threads and processes where the
+scheduler puts them; ``broker_pin_cpus`` (recorded as such) passes it ``--pin-cpus``, e.g.
+"auto" (see ``broker.main.pin_cpus``). The load generator shares the machine's CPUs with it.
 """
 
 from __future__ import annotations
@@ -576,6 +580,7 @@ def bench_admission(
     load_generator: str = "",
     json_path: Path | None = None,
     log: Any = None,
+    broker_pin_cpus: str = "off",
 ) -> dict[str, Any]:
     """Run every phase against a fresh broker subprocess; return (and write) the figures.
 
@@ -602,6 +607,7 @@ def bench_admission(
         "in_flight": processes * concurrency,
         "seconds_per_phase": seconds,
         "cpus": os.cpu_count(),
+        "broker_pin_cpus": broker_pin_cpus,
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:
@@ -619,6 +625,7 @@ def bench_admission(
                     node_streams,
                     loadgen,
                     say,
+                    broker_pin_cpus,
                 )
             )
     result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -674,6 +681,7 @@ def _run_phases(
     node_streams: int,
     loadgen: Path | None,
     say: Callable[[str], None],
+    broker_pin_cpus: str,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
     cluster = LocalCluster(
@@ -681,7 +689,7 @@ def _run_phases(
         nodes=0,
         database_url=database_url,
         log_level="WARNING",
-        broker_args=("--metrics-listen", "127.0.0.1:0"),
+        broker_args=("--metrics-listen", "127.0.0.1:0", "--pin-cpus", broker_pin_cpus),
     )
     with cluster:
         address = cluster.broker_address

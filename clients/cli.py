@@ -149,11 +149,25 @@ def broker(
             "in the background); 0: keep them forever",
         ),
     ] = 30.0,
+    pin_cpus_spec: Annotated[
+        str,
+        typer.Option(
+            "--pin-cpus",
+            help="run this process (event loop, gRPC threads) on one CPU and the writer process "
+            "on another: 'auto' (the last two this process may use), 'A,B', or 'off'. Only "
+            "onto CPUs the broker has to itself",
+        ),
+    ] = "off",
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
-    from agentcg.broker.main import BrokerConfig
+    from agentcg.broker.main import BrokerConfig, pin_cpus
     from agentcg.broker.main import main as broker_main
+
+    try:
+        cpus = pin_cpus(pin_cpus_spec, os.sched_getaffinity(0))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--pin-cpus") from None
 
     config = BrokerConfig(
         listen=listen,
@@ -165,6 +179,7 @@ def broker(
         db_writer=db_writer.value,
         commit_hold_ms=commit_hold_ms,
         history_days=history_days,
+        cpus=cpus,
     )
     _serve(lambda: broker_main(config, log_level))
 
@@ -539,6 +554,13 @@ def bench_admission_cmd(
         ),
     ] = "",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    broker_pin_cpus: Annotated[
+        str,
+        typer.Option(
+            help="the broker's --pin-cpus: off (its default), auto (its process and its writer "
+            "on a CPU each) or A,B"
+        ),
+    ] = "off",
 ) -> None:
     """Admission throughput and latency against a real broker process (see bench_admission)."""
     from .bench_admission import LoadGeneratorError, UsedDatabaseError, bench_admission
@@ -558,6 +580,7 @@ def bench_admission_cmd(
             load_generator=load_generator,
             json_path=json_path,
             log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+            broker_pin_cpus=broker_pin_cpus,
         )
     except UsedDatabaseError as e:
         raise typer.BadParameter(str(e), param_hint="--db") from None

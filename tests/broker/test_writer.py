@@ -292,7 +292,6 @@ def _children(pid: int) -> list[int]:
     ]
 
 
-@pytest.mark.timeout(120)
 def _writers(broker: int) -> list[int]:
     return [
         c
@@ -301,6 +300,7 @@ def _writers(broker: int) -> list[int]:
     ]
 
 
+@pytest.mark.timeout(120)
 def test_no_writer_outlives_a_sigkilled_broker(tmp_path: Path, database_url: str) -> None:
     """Neither the first writer nor one started after the first crashed (its start-up runs on
     another thread, but it is started from the loop's: ``PR_SET_PDEATHSIG`` fires when the
