@@ -74,6 +74,21 @@ class BrokerConfig:
     cpus: tuple[int, int] | None = None
 
 
+# The broker's gRPC core runs with its EventEngine experiments off, as grpcio did before 1.80:
+# with them on (grpcio 1.85's default for Python), socket I/O runs on thread pools of their own
+# and every RPC takes ~4 more thread switches (gRPC's event_engine threads: ~4,100 switches/s at
+# 1,000 Reserve/s). Off, ``agentcg bench admission`` (3 interleaved pairs): broker CPU per no-op
+# 120-124 against 144-165 us, per Reserve or Release 184-205 against 200-224 us; Reserve at
+# 1,000/s p50 0.73-0.77 against 0.78-0.88 ms, p99 1.92-2.13 against 2.02-2.55 ms (README,
+# "gRPC without its EventEngine experiments"). gRPC reads the variable once, when it is
+# imported: ``agentcg broker`` starts itself again with it set (see clients/cli.py). An operator's
+# own GRPC_EXPERIMENTS (even empty: gRPC's defaults) is kept.
+GRPC_EXPERIMENTS = (
+    "-event_engine_listener,-event_engine_client,-event_engine_for_all_other_endpoints,"
+    "-event_engine_callback_cq,-event_engine_poller"
+)
+
+
 def pin_cpus(spec: str, allowed: Iterable[int]) -> tuple[int, int] | None:
     """``--pin-cpus``: "off" (None), "auto" (the last two CPUs of ``allowed``, the ones this
     process may run on; None with fewer than two) or "A,B" (two distinct allowed CPUs).

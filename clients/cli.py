@@ -161,13 +161,18 @@ def broker(
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
-    from agentcg.broker.main import BrokerConfig, pin_cpus
+    from agentcg.broker.main import GRPC_EXPERIMENTS, BrokerConfig, pin_cpus
     from agentcg.broker.main import main as broker_main
 
     try:
         cpus = pin_cpus(pin_cpus_spec, os.sched_getaffinity(0))
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--pin-cpus") from None
+    if "GRPC_EXPERIMENTS" not in os.environ:
+        # gRPC read its settings when this process imported it: start again (same process,
+        # same pid) with the broker's (see broker.main.GRPC_EXPERIMENTS).
+        env = {**os.environ, "GRPC_EXPERIMENTS": GRPC_EXPERIMENTS}
+        os.execve(sys.executable, [sys.executable, "-m", "agentcg.clients.cli", *sys.argv[1:]], env)
 
     config = BrokerConfig(
         listen=listen,

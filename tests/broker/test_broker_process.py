@@ -1,5 +1,7 @@
-"""``agentcg broker --pin-cpus``: the broker's process (event loop, gRPC threads) on one CPU and
-its writer process on another, a restarted writer included; bad values are usage errors."""
+"""The broker process's own settings. ``--pin-cpus``: its process (event loop, gRPC threads) on
+one CPU and its writer process on another, a restarted writer included; bad values are usage
+errors. Its gRPC runs without the EventEngine experiments unless the operator set
+GRPC_EXPERIMENTS."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from agentcg.broker.main import pin_cpus
+from agentcg.broker.main import GRPC_EXPERIMENTS, pin_cpus
 from agentcg.clients.cli import app
 from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import Client
 from typer.testing import CliRunner
 
 from .test_writer import _writers
@@ -90,3 +93,26 @@ def test_the_broker_and_its_writer_run_on_a_cpu_each(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, _cpus(second[0])
             time.sleep(0.05)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize("preset", [None, "", "-event_engine_client"])
+def test_the_broker_runs_grpc_with_its_experiments_unless_the_operator_set_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str | None
+) -> None:
+    if preset is None:
+        monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    else:
+        monkeypatch.setenv("GRPC_EXPERIMENTS", preset)
+    cluster = LocalCluster(tmp_path, nodes=0, log_level="WARNING")
+    with cluster:
+        broker = cluster.procs["broker"].pid  # started again in place: the same process
+        expected = GRPC_EXPERIMENTS if preset is None else preset
+        assert _environ(broker)["GRPC_EXPERIMENTS"] == expected
+        with Client(cluster.broker_address) as client:
+            client.set_tenant("t", 1 << 30)
+            assert [t.name for t in client.list_tenants()] == ["t"]
