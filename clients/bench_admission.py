@@ -585,7 +585,8 @@ def bench_admission(
     """Run every phase against a fresh broker subprocess; return (and write) the figures.
 
     ``load_generator``: "native" (``LoadGeneratorError`` if not built), "python", or "" for the
-    native one if built, else the Python one with a notice."""
+    native one if built, else the Python one with a notice. ``broker_pin_cpus``: the broker's
+    ``--pin-cpus`` (ValueError if it would refuse it)."""
 
     def say(msg: str) -> None:
         if log is not None:
@@ -593,6 +594,9 @@ def bench_admission(
 
     if load_generator not in ("", "native", "python"):
         raise ValueError(f"load_generator must be native or python, not {load_generator!r}")
+    from agentcg.broker.main import GRPC_EXPERIMENTS, pin_cpus
+
+    pin_cpus(broker_pin_cpus, os.sched_getaffinity(0))  # what the broker would refuse
     loadgen = None if load_generator == "python" else native_load_generator()
     if loadgen is None and load_generator == "native":
         raise LoadGeneratorError(
@@ -608,6 +612,8 @@ def bench_admission(
         "seconds_per_phase": seconds,
         "cpus": os.cpu_count(),
         "broker_pin_cpus": broker_pin_cpus,
+        # The broker's own unless this process has one (the broker keeps it): see broker.main.
+        "broker_grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:

@@ -572,6 +572,12 @@ def bench_admission_cmd(
 
     if load_generator not in ("", "native", "python"):
         raise typer.BadParameter("must be native or python", param_hint="--load-generator")
+    from agentcg.broker.main import pin_cpus
+
+    try:
+        pin_cpus(broker_pin_cpus, os.sched_getaffinity(0))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--broker-pin-cpus") from None
     try:
         result = bench_admission(
             seconds=seconds,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentcg.broker.main import GRPC_EXPERIMENTS
 from sqlalchemy import create_engine, text
 
 from ..conftest import kernel_missing
@@ -92,16 +93,29 @@ def test_bench_admission_runs_every_phase(tmp_path: Path, database: str, loadgen
             kernel_missing("PostgreSQL: AGENTCG_TEST_POSTGRES_URL not set")
         db = ["--db", POSTGRES_URL]
         schemas_before = bench_schemas()
-    # The default: the native generator, built (the loadgen fixture fails in CI if not).
-    proc = bench(out, *db)
+    # The default: the native generator, built (the loadgen fixture fails in CI if not). On
+    # SQLite the broker pinned (a CPU for it, one for its writer, where there are two).
+    pin = ["--broker-pin-cpus", "auto"] if database == "sqlite" else []
+    proc = bench(out, *db, *pin)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     check_every_phase(proc, result)
     assert result["load_generator"] == "native"
     assert result["database"] == database
+    assert result["broker_pin_cpus"] == ("auto" if pin else "off")
+    assert result["broker_grpc_experiments"] == os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
     if database == "postgresql":
         # It ran in a schema of its own, dropped afterwards.
         assert bench_schemas() == schemas_before
+
+
+def test_bench_admission_refuses_a_pinning_the_broker_would_refuse() -> None:
+    argv = [sys.executable, "-m", "agentcg.clients.cli", "bench", "admission"]
+    proc = subprocess.run(
+        [*argv, "--broker-pin-cpus", "1,1"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "--broker-pin-cpus" in proc.stderr and "the two CPUs must differ" in proc.stderr
 
 
 def test_bench_admission_refuses_an_existing_sqlite_file(tmp_path: Path) -> None:
