@@ -212,6 +212,7 @@ def decide_reserve(
                 largest_memory_bytes_available=0,
                 retry_after_ms=retry_after_ms,
             )
+    usable = [n for n in nodes if n.connected and not n.pressured]
     for level in levels:
         if memory_bytes > level.free_memory_bytes:
             t = level.tenant
@@ -224,12 +225,12 @@ def decide_reserve(
                     f"{format_bytes(t.memory_quota_bytes)} free)"
                 ),
                 scope=f"tenant:{t.name}",
+                # What would fit now: a node that takes no work holds nothing for it.
                 largest_memory_bytes_available=min(
-                    tight.free_memory_bytes, max((n.free_memory_bytes for n in nodes), default=0)
+                    tight.free_memory_bytes, max((n.free_memory_bytes for n in usable), default=0)
                 ),
                 retry_after_ms=retry_after_ms,
             )
-    usable = [n for n in nodes if n.connected and not n.pressured]
     if session is not None and (session_max_bytes > 0 or session_node is not None):
         if session_node is None and started_sessions_waiting:
             return Deny(
@@ -248,7 +249,9 @@ def decide_reserve(
     intent = max(intent_bytes, memory_bytes)
     within = [n for n in usable if n.takes_intent(intent)]
     if usable and not within:
-        best_oc = max(usable, key=lambda n: n.overcommit_ceiling_bytes - n.intent_memory_bytes)
+        best_oc = max(
+            usable, key=lambda n: (n.overcommit_ceiling_bytes - n.intent_memory_bytes, n.node_id)
+        )
         return Deny(
             code="node_overcommit",
             message=(

@@ -7,9 +7,11 @@ event loop is its only user.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -50,8 +52,13 @@ class Ledger:
         self.peaks: dict[tuple[TenantName, str], deque[int]] = {}
         self.tenants: dict[TenantName, Tenant] = {}
         self.nodes: dict[NodeId, Node] = {}
-        self.connected: set[NodeId] = set()
-        self.pressured: set[NodeId] = set()
+        self._connected: set[NodeId] = set()
+        self._pressured: set[NodeId] = set()
+        # The nodes that take work (connected, not pressured) by (free memory, node id),
+        # ascending, and each one's key in it: placement reads it from the top, so a Reserve
+        # costs O(log nodes), not a view of every node (2 ms a Reserve with 1,000 nodes).
+        self._by_free: list[tuple[int, NodeId]] = []
+        self._free_key: dict[NodeId, tuple[int, NodeId]] = {}
         self.leases: dict[LeaseId, Lease] = {}  # active only
         self.by_key: dict[tuple[TenantName, str], LeaseId] = {}
         self._subtree_bytes: dict[TenantName, int] = defaultdict(int)
@@ -104,7 +111,62 @@ class Ledger:
         )
 
     def node_views(self) -> list[NodeView]:
+        """Every registered node, by id."""
         return [self.node_view(nid) for nid in sorted(self.nodes)]
+
+    def placement_views(self, intent_bytes: int) -> list[NodeView]:
+        """The nodes that take work, most free memory first, up to the first one whose
+        overcommit ceiling takes ``intent_bytes`` more (all of them if none does).
+
+        ``admission.decide_reserve`` decides the same on these as on ``node_views()`` for a
+        call outside a declared session: it places on the node with the most free memory among
+        those within their ceiling, and looks at the others only to explain a denial when none
+        is. Usually one view (no ceiling, or the emptiest node within it); a node full of
+        declared intent is passed over at the cost of one view.
+        """
+        out: list[NodeView] = []
+        for _, node_id in reversed(self._by_free):
+            view = self.node_view(node_id)
+            out.append(view)
+            if view.takes_intent(intent_bytes):
+                break
+        return out
+
+    @property
+    def connected(self) -> AbstractSet[NodeId]:
+        """Nodes with an open stream (``set_connected``)."""
+        return self._connected
+
+    @property
+    def pressured(self) -> AbstractSet[NodeId]:
+        """Nodes that reported node pressure and have not recovered (``set_pressured``)."""
+        return self._pressured
+
+    def set_connected(self, node_id: NodeId, connected: bool) -> None:
+        if connected:
+            self._connected.add(node_id)
+        else:
+            self._connected.discard(node_id)
+        self._index_node(node_id)
+
+    def set_pressured(self, node_id: NodeId, pressured: bool) -> None:
+        if pressured:
+            self._pressured.add(node_id)
+        else:
+            self._pressured.discard(node_id)
+        self._index_node(node_id)
+
+    def _index_node(self, node_id: NodeId) -> None:
+        """Put the node where it now belongs in ``_by_free`` (out of it if it takes no work)."""
+        old = self._free_key.pop(node_id, None)
+        if old is not None:
+            del self._by_free[bisect.bisect_left(self._by_free, old)]
+        node = self.nodes.get(node_id)
+        if node is None or node_id not in self._connected or node_id in self._pressured:
+            return
+        key = (max(0, node.memory_capacity_bytes - self._node_bytes[node_id]), node_id)
+        bisect.insort(self._by_free, key)
+        self._free_key[node_id] = key
 
     def session_claim(
         self, tenant: TenantName, session: SessionName
@@ -163,6 +225,7 @@ class Ledger:
             self.tenants[t.name] = t
         for n in nodes:
             self.nodes[n.node_id] = n
+            self._index_node(n.node_id)
         for lease in leases:
             self._put_lease(lease)
 
@@ -181,6 +244,7 @@ class Ledger:
             elif isinstance(ch, PutNode):
                 old_node = self.nodes.get(ch.node.node_id)
                 self.nodes[ch.node.node_id] = ch.node
+                self._index_node(ch.node.node_id)
                 if old_node is not None:
                     undo.append(PutNode(old_node))
             elif isinstance(ch, PutLease):
@@ -223,6 +287,8 @@ class Ledger:
             self._subtree_calls[t.name] += sign
             self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes
+        if lease.node_id in self._free_key:
+            self._index_node(lease.node_id)
         if lease.session_max_memory_bytes:
             self._account_claim(lease, sign)
         else:

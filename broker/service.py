@@ -395,10 +395,16 @@ class BrokerCore:
             if claim is not None:
                 session_node, held = claim
                 session_max = max(session_max, held.max_bytes, held.held_bytes + budget)
+        if session_node is not None:  # its leases stay on its node
+            nodes = [ledger.node_view(session_node)] if session_node in ledger.nodes else []
+        elif session_max:
+            nodes = ledger.node_views()  # a new declared session: is_safe on every node
+        else:
+            nodes = ledger.placement_views(max(ask.memory_bytes, budget))
         decision = decide_reserve(
             budget,
             ledger.quota_levels(ask.tenant),
-            ledger.node_views(),
+            nodes,
             cpu_millis=ask.cpu_millis,
             intent_bytes=ask.memory_bytes,
             session=(ask.tenant, ask.session),
@@ -725,7 +731,7 @@ class BrokerCore:
         for node_id, until in list(self.pressured_until.items()):
             if until <= t_ms:
                 del self.pressured_until[node_id]
-                self.ledger.pressured.discard(node_id)
+                self.ledger.set_pressured(node_id, False)
                 log.info("node %s recovered: admitting to it again", node_id)
                 self.kick()
 
@@ -1260,7 +1266,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             return
         queue: asyncio.Queue[broker_pb2.BrokerMessage] = asyncio.Queue()
         self.core.node_queues[node_id] = queue
-        ledger.connected.add(node_id)
+        ledger.set_connected(node_id, True)
         self.core.kick()
         log.info("node %s connected", node_id)
         reader = asyncio.create_task(self._read(node_id, request_iterator, queue))
@@ -1277,7 +1283,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             reader.cancel()
             if self.core.node_queues.get(node_id) is queue:
                 del self.core.node_queues[node_id]
-                ledger.connected.discard(node_id)
+                ledger.set_connected(node_id, False)
                 log.info("node %s disconnected", node_id)
 
     async def _read(
@@ -1324,7 +1330,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             ledger = self.core.ledger
             if node_id not in ledger.pressured:
                 log.info("node %s under pressure: no admission to it until it recovers", node_id)
-            ledger.pressured.add(node_id)
+            ledger.set_pressured(node_id, True)
             self.core.pressured_until[node_id] = now_ms() + PRESSURE_HOLD_MS
             return None
         if ev.kind != broker_pb2.PRESSURE_KIND_LIMIT_REACHED:

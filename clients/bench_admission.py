@@ -37,7 +37,10 @@ Phases, in order, each reported under its key:
   behind them;
 - ``broker_rss_mb``: the resident set of the broker and its database writer process, with
   those 10,000 leases and 1,000 connected simulated node streams. The ``broker_cpu_us_*``
-  figures count the writer process's CPU too.
+  figures count the writer process's CPU too;
+- ``p50_ms_many_nodes``/``p99_ms_many_nodes``: one more fixed-rate round (~100 leases of its
+  own) with those 1,000 nodes connected, every one able to take the call; its p99 over the
+  ~100-lease rounds' is ``p99_ratio_many_nodes`` (placement must not look at every node).
 
 The broker runs as ``agentcg broker`` does by default, its threads and processes where the
 scheduler puts them; ``broker_pin_cpus`` (recorded as such) passes it ``--pin-cpus``, e.g.
@@ -778,6 +781,14 @@ def _run_phases(
                 result["live_leases"] = leases
                 result["node_streams"] = node_streams
                 result["broker_rss_mb"] = round(_rss_mb(broker_pid), 1)
+                say(f"fixed rate with {node_streams} nodes taking work ...")
+                many = run.fixed_rate(rate, 100)
+                result["p50_ms_many_nodes"] = round(statistics.median(many["latencies_ms"]), 3)
+                result["p99_ms_many_nodes"] = round(percentile(many["latencies_ms"], 99), 3)
+                result["p99_ratio_many_nodes"] = round(
+                    result["p99_ms_many_nodes"] / result["p99_ms"], 3
+                )
+                result["rate_errors_many_nodes"] = many["errors"]
             finally:
                 more_stop.set()
                 more_proc.join(30)

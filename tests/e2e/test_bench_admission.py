@@ -32,6 +32,8 @@ KEYS = {
     "p99_ms_10k_leases",
     "p99_ratio_10k_leases",
     "broker_rss_mb",
+    "p99_ms_many_nodes",
+    "p99_ratio_many_nodes",
 }
 
 
@@ -71,6 +73,11 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     assert result["p99_ratio_10k_leases"] == round(
         result["p99_ms_10k_leases"] / result["p99_ms"], 3
+    )
+    assert result["rate_errors_many_nodes"] == 0
+    assert 0 < result["p50_ms_many_nodes"] <= result["p99_ms_many_nodes"]
+    assert result["p99_ratio_many_nodes"] == round(
+        result["p99_ms_many_nodes"] / result["p99_ms"], 3
     )
     # The broker's own view of the same phases (its metrics endpoint).
     assert 0 < result["broker_reserve_mean_ms_at_rate"]
