@@ -31,13 +31,14 @@ The broker revokes them durably, then sends each one's node a PREEMPT decision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence, Set
+import heapq
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
 from .admission import Admit, NodeView, QuotaLevel, decide_reserve
 from .model import LeaseId, NodeId, TenantName
 
-__all__ = ["Candidate", "WaitingAsk", "choose_victims", "pick_next"]
+__all__ = ["Candidate", "FairQueue", "WaitingAsk", "choose_victims", "pick_next"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,73 @@ def pick_next(
     return best
 
 
+class FairQueue:
+    """The waiters in ``pick_next``'s order, one at a time, as holdings change between picks.
+
+    The same sequence as calling ``pick_next`` again after each waiter tried (skipping those
+    tried), with ``hold`` telling it what a tenant holds after an admission or a preemption;
+    but a pick costs O(log groups) instead of a pass over every waiter. Within one priority
+    class and tenant the order is arrival, whatever the tenant holds: waiters are grouped so,
+    and a heap orders the groups by their first waiter's key. A pump round that passes over
+    1,000 waiters of a tenant at its quota took 0.9 s with ``pick_next`` (a pass per waiter).
+    """
+
+    def __init__(
+        self,
+        waiting: Iterable[WaitingAsk],
+        granted_bytes: Mapping[TenantName, int],
+        weights: Mapping[TenantName, int],
+    ) -> None:
+        self._groups: dict[tuple[int, TenantName], list[WaitingAsk]] = {}
+        for w in sorted(waiting, key=lambda w: w.seq):
+            self._groups.setdefault((w.priority, w.tenant), []).append(w)
+        self._next: dict[tuple[int, TenantName], int] = dict.fromkeys(self._groups, 0)
+        self._version: dict[tuple[int, TenantName], int] = dict.fromkeys(self._groups, 0)
+        self._by_tenant: dict[TenantName, list[tuple[int, TenantName]]] = {}
+        for key in self._groups:
+            self._by_tenant.setdefault(key[1], []).append(key)
+        self._weights = weights
+        self._granted = {t: granted_bytes.get(t, 0) for t in self._by_tenant}
+        self._heap: list[tuple[int, float, int, int, tuple[int, TenantName]]] = []
+        for key in self._groups:
+            self._push(key)
+
+    @property
+    def tenants(self) -> Set[TenantName]:
+        """The tenants with waiters (``hold`` matters for these only)."""
+        return self._by_tenant.keys()
+
+    def _push(self, key: tuple[int, TenantName]) -> None:
+        group, i = self._groups[key], self._next[key]
+        if i >= len(group):
+            return
+        tenant = key[1]
+        share = self._granted[tenant] / max(1, self._weights.get(tenant, 1))
+        heapq.heappush(self._heap, (-key[0], share, group[i].seq, self._version[key], key))
+
+    def pop(self) -> WaitingAsk | None:
+        """The next waiter to try (taken out of the order), or None when none is left."""
+        while self._heap:
+            _, _, _, version, key = heapq.heappop(self._heap)
+            if version != self._version[key]:
+                continue  # its group moved on or was re-keyed since
+            w = self._groups[key][self._next[key]]
+            self._next[key] += 1
+            self._version[key] += 1
+            self._push(key)
+            return w
+        return None
+
+    def hold(self, tenant: TenantName, granted_bytes: int) -> None:
+        """``tenant`` now holds ``granted_bytes`` (its waiters move in the order)."""
+        if tenant not in self._granted or self._granted[tenant] == granted_bytes:
+            return
+        self._granted[tenant] = granted_bytes
+        for key in self._by_tenant[tenant]:
+            self._version[key] += 1
+            self._push(key)
+
+
 def _without(
     levels: Sequence[QuotaLevel], nodes: Sequence[NodeView], victims: Sequence[Candidate]
 ) -> tuple[list[QuotaLevel], list[NodeView]]:
@@ -121,22 +189,19 @@ def choose_victims(
 ) -> list[Candidate] | None:
     """The fewest lower-priority leases whose revocation lets the ask in (see the module
     docstring for the order), or None when preemption cannot make it fit."""
-    eligible = sorted(
-        (c for c in candidates if c.priority < priority),
-        key=lambda c: (c.priority, -c.granted_at_ms, c.lease_id),
-    )
     chosen: list[Candidate] = []
+    taken: set[LeaseId] = set()
     while True:
         lv, nv = _without(levels, nodes, chosen)
         d = decide_reserve(memory_bytes, lv, nv, cpu_millis=cpu_millis)
         if isinstance(d, Admit):
             return chosen or None
         kind, _, name = d.scope.partition(":")
-        taken = {c.lease_id for c in chosen}
         relevant = [
             c
-            for c in eligible
-            if c.lease_id not in taken
+            for c in candidates
+            if c.priority < priority
+            and c.lease_id not in taken
             and (
                 (kind == "tenant" and TenantName(name) in c.chain)
                 or (kind == "node" and c.node_id == NodeId(name))
@@ -144,4 +209,6 @@ def choose_victims(
         ]
         if not relevant:
             return None
-        chosen.append(relevant[0])
+        victim = min(relevant, key=lambda c: (c.priority, -c.granted_at_ms, c.lease_id))
+        chosen.append(victim)
+        taken.add(victim.lease_id)

@@ -65,6 +65,7 @@ class Ledger:
         self._subtree_calls: dict[TenantName, int] = defaultdict(int)
         self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
+        self._priority_leases: dict[int, int] = {}  # active leases per priority class
         self._node_intent: dict[NodeId, int] = defaultdict(int)
         # Declared sessions per node, and how many active leases each has there.
         self._claims: dict[NodeId, dict[SessionKey, SessionClaim]] = defaultdict(dict)
@@ -202,6 +203,10 @@ class Ledger:
         window = self.peaks.get((tenant, command_class))
         return window[-1] if window else 0
 
+    def lowest_priority(self) -> int | None:
+        """The lowest priority class of an active lease (None: no active lease)."""
+        return min(self._priority_leases, default=None)
+
     def due(self, t_ms: int) -> list[Lease]:
         """Active leases whose expiry is at or before ``t_ms`` (left in place)."""
         out: list[Lease] = []
@@ -287,6 +292,11 @@ class Ledger:
             self._subtree_calls[t.name] += sign
             self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes
+        count = self._priority_leases.get(lease.priority, 0) + sign
+        if count:
+            self._priority_leases[lease.priority] = count
+        else:
+            del self._priority_leases[lease.priority]
         if lease.node_id in self._free_key:
             self._index_node(lease.node_id)
         if lease.session_max_memory_bytes:

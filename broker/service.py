@@ -35,7 +35,7 @@ from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry import trace
 
 from .admission import Deny, Grow, decide_growth, decide_reserve
-from .fairshare import Candidate, WaitingAsk, choose_victims, pick_next
+from .fairshare import Candidate, FairQueue, WaitingAsk, choose_victims
 from .journal import Journal
 from .ledger import Forget, Ledger
 from .metrics import BrokerMetrics, BrokerState, ReserveOutcome
@@ -569,31 +569,28 @@ class BrokerCore:
         self._pump_scheduled = False
         ledger = self.ledger
         t = now_ms()
-        skip: set[int] = set()
         changes: list[Change] = []
         undo: list[Change | Forget] = []
         admitted: list[tuple[_Waiter, Lease]] = []
         preempted: list[Lease] = []
-        while True:
-            views = [w.view for w in self.waiters.values()]
-            granted = {v.tenant: ledger.granted_bytes(v.tenant) for v in views}
-            weights = {
-                v.tenant: ledger.tenants[v.tenant].weight
-                for v in views
-                if v.tenant in ledger.tenants
-            }
-            nxt = pick_next(views, granted, weights, skip)
-            if nxt is None:
-                break
+        views = [w.view for w in self.waiters.values()]
+        tenants = {v.tenant for v in views}
+        order = FairQueue(
+            views,
+            {t: ledger.granted_bytes(t) for t in tenants},
+            {t: ledger.tenants[t].weight for t in tenants if t in ledger.tenants},
+        )
+        pool: list[list[Candidate]] = []  # preemption candidates, while the ledger is unchanged
+        while (nxt := order.pop()) is not None:
             waiter = self.waiters[nxt.seq]
             ask = waiter.ask
             if ask.tenant not in ledger.tenants:  # deleted while waiting
-                skip.add(nxt.seq)
                 continue
             decision = self.decide_reserve(ask, t)
             if isinstance(decision, Deny):
-                victims = self._victims(ask)
+                victims = self._victims(ask, pool)
                 if victims:
+                    pool.clear()
                     for victim in victims:
                         revoked = self.ended(
                             victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
@@ -602,13 +599,14 @@ class BrokerCore:
                         undo[:0] = ledger.apply(ch)
                         changes.extend(ch)
                         preempted.append(revoked)
+                    for tenant in order.tenants:  # the revoked leases' holdings are free now
+                        order.hold(tenant, ledger.granted_bytes(tenant))
                     decision = self.decide_reserve(ask, t)
             if isinstance(decision, Deny):
                 waiter.deny = decision
                 if decision.scope == f"tenant:{ask.tenant}" or decision.code in OWN_CLAIM_DENIALS:
                     # Only its own quota, or its own session's declared maximum, holds it: an
                     # ask after it may still go (it blocks no one).
-                    skip.add(nxt.seq)
                     continue
                 break  # shared capacity: no backfill past it
             lease, ch = decision
@@ -616,6 +614,9 @@ class BrokerCore:
             changes.extend(ch)
             self._unqueue(waiter)
             admitted.append((waiter, lease))
+            pool.clear()  # the ledger changed: candidates are built again if needed
+            for tenant in order.tenants:  # this grant moved their holdings
+                order.hold(tenant, ledger.granted_bytes(tenant))
         if changes:
             task = asyncio.get_running_loop().create_task(
                 self._commit_queue(changes, undo, admitted, preempted)
@@ -623,23 +624,39 @@ class BrokerCore:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    def _victims(self, ask: ReserveAsk) -> list[Lease]:
+    def _candidates(self) -> list[Candidate]:
+        """Every active lease as a preemption candidate."""
         ledger = self.ledger
-        candidates = [
-            Candidate(
-                lease_id=x.lease_id,
-                priority=x.priority,
-                granted_at_ms=x.granted_at_ms,
-                memory_bytes=x.memory_bytes,
-                cpu_millis=x.cpu_millis,
-                node_id=x.node_id,
-                chain=frozenset(t.name for t in ledger.chain(x.tenant)),
+        chains: dict[TenantName, frozenset[TenantName]] = {}
+        out: list[Candidate] = []
+        for x in ledger.leases.values():
+            chain = chains.get(x.tenant)
+            if chain is None:
+                chain = chains[x.tenant] = frozenset(t.name for t in ledger.chain(x.tenant))
+            out.append(
+                Candidate(
+                    lease_id=x.lease_id,
+                    priority=x.priority,
+                    granted_at_ms=x.granted_at_ms,
+                    memory_bytes=x.memory_bytes,
+                    cpu_millis=x.cpu_millis,
+                    node_id=x.node_id,
+                    chain=chain,
+                )
             )
-            for x in ledger.leases.values()
-            if x.priority < ask.priority
-        ]
-        if not candidates:
-            return []
+        return out
+
+    def _victims(self, ask: ReserveAsk, pool: list[list[Candidate]]) -> list[Lease]:
+        """The leases to revoke for ``ask`` (none: preemption would not let it in). ``pool``
+        holds the candidates built for an earlier waiter of the same pump round while the
+        ledger has not changed since (empty: build them)."""
+        ledger = self.ledger
+        lowest = ledger.lowest_priority()
+        if lowest is None or lowest >= ask.priority:
+            return []  # nothing it may preempt (without a pass over every lease)
+        if not pool:
+            pool.append(self._candidates())
+        candidates = pool[0]
         chosen = choose_victims(
             ask.memory_bytes,
             ask.priority,

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from agentcg.broker.admission import NodeView, QuotaLevel
-from agentcg.broker.fairshare import Candidate, WaitingAsk, choose_victims, pick_next
+from agentcg.broker.fairshare import (
+    Candidate,
+    FairQueue,
+    WaitingAsk,
+    choose_victims,
+    pick_next,
+)
 from agentcg.broker.ledger import Ledger
 from agentcg.broker.model import (
     Lease,
@@ -74,6 +80,44 @@ def test_fair_share_converges_to_weights(
     assert max(per_weight) - min(per_weight) <= 1 + 1e-9, (granted, weight)
     for n in names:
         assert abs(granted[n] - capacity * weight[n] / total) <= weight[n] + 1e-9, (granted, weight)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    waiting=st.lists(
+        st.tuples(st.sampled_from("abcd"), st.integers(0, 2), st.integers(1, 4)), max_size=40
+    ),
+    weights=st.fixed_dictionaries({t: st.integers(1, 4) for t in "abcd"}),
+    granted=st.fixed_dictionaries({t: st.integers(0, 20) for t in "abcd"}),
+    outcomes=st.lists(st.sampled_from(["admit", "skip", "hold"]), max_size=60),
+)
+def test_fair_queue_gives_pick_nexts_order(
+    waiting: list[tuple[str, int, int]],
+    weights: dict[str, int],
+    granted: dict[str, int],
+    outcomes: list[str],
+) -> None:
+    """FairQueue pops the waiters in the order pick_next picks them one after another (those
+    tried passed over), while admissions and other changes move the tenants' holdings."""
+    asks = [w(seq, t, p, mib) for seq, (t, p, mib) in enumerate(waiting)]
+    weight = {T(t): v for t, v in weights.items()}
+    held = {T(t): v * MiB for t, v in granted.items()}
+    fq = FairQueue(asks, held, weight)
+    tried: set[int] = set()
+    for k, outcome in enumerate(outcomes):
+        expect = pick_next(asks, held, weight, tried)
+        got = fq.pop()
+        assert got == expect
+        if got is None:
+            break
+        tried.add(got.seq)
+        if outcome == "admit":  # the tenant holds what it got
+            held[got.tenant] += got.memory_bytes
+            fq.hold(got.tenant, held[got.tenant])
+        elif outcome == "hold":  # another tenant's lease ended (or was preempted)
+            other = T("abcd"[k % 4])
+            held[other] = max(0, held[other] - 3 * MiB)
+            fq.hold(other, held[other])
 
 
 def lvl(name: str, quota_mib: int, granted_mib: int) -> QuotaLevel:
