@@ -581,16 +581,35 @@ class BrokerCore:
             {t: ledger.tenants[t].weight for t in tenants if t in ledger.tenants},
         )
         pool: list[list[Candidate]] = []  # preemption candidates, while the ledger is unchanged
+        # Asks outside a declared session passed over for their own tenant's quota, while the
+        # ledger is unchanged: an equal ask is decided alike (1,000 waiters at a tenant's quota
+        # are mostly the same few asks).
+        passed: dict[tuple[TenantName, str, int, int, int], Deny] = {}
         while (nxt := order.pop()) is not None:
             waiter = self.waiters[nxt.seq]
             ask = waiter.ask
             if ask.tenant not in ledger.tenants:  # deleted while waiting
                 continue
+            same: tuple[TenantName, str, int, int, int] | None = None
+            if not ask.session_max_memory_bytes and not ledger.session_claim(
+                ask.tenant, ask.session
+            ):
+                same = (
+                    ask.tenant,
+                    ask.command_class,
+                    ask.memory_bytes,
+                    ask.cpu_millis,
+                    ask.priority,
+                )
+                if same in passed:
+                    waiter.deny = passed[same]
+                    continue
             decision = self.decide_reserve(ask, t)
             if isinstance(decision, Deny):
                 victims = self._victims(ask, pool)
                 if victims:
                     pool.clear()
+                    passed.clear()
                     for victim in victims:
                         revoked = self.ended(
                             victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
@@ -607,6 +626,8 @@ class BrokerCore:
                 if decision.scope == f"tenant:{ask.tenant}" or decision.code in OWN_CLAIM_DENIALS:
                     # Only its own quota, or its own session's declared maximum, holds it: an
                     # ask after it may still go (it blocks no one).
+                    if same is not None and decision.scope == f"tenant:{ask.tenant}":
+                        passed[same] = decision
                     continue
                 break  # shared capacity: no backfill past it
             lease, ch = decision
@@ -615,6 +636,7 @@ class BrokerCore:
             self._unqueue(waiter)
             admitted.append((waiter, lease))
             pool.clear()  # the ledger changed: candidates are built again if needed
+            passed.clear()
             for tenant in order.tenants:  # this grant moved their holdings
                 order.hold(tenant, ledger.granted_bytes(tenant))
         if changes:

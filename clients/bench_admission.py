@@ -40,7 +40,10 @@ Phases, in order, each reported under its key:
   figures count the writer process's CPU too;
 - ``p50_ms_many_nodes``/``p99_ms_many_nodes``: one more fixed-rate round (~100 leases of its
   own) with those 1,000 nodes connected, every one able to take the call; its p99 over the
-  ~100-lease rounds' is ``p99_ratio_many_nodes`` (placement must not look at every node).
+  ~100-lease rounds' is ``p99_ratio_many_nodes`` (placement must not look at every node);
+- ``p50_ms_queued``/``p99_ms_queued``: one more fixed-rate round while ``queued`` (1,000)
+  Reserves of another tenant wait in the queue at that tenant's quota (every release tries the
+  queue again); ``p99_ratio_queued`` is its p99 over the ~100-lease rounds'.
 
 The broker runs as ``agentcg broker`` does by default, its threads and processes where the
 scheduler puts them; ``broker_pin_cpus`` (recorded as such) passes it ``--pin-cpus``, e.g.
@@ -73,6 +76,7 @@ __all__ = ["LoadGeneratorError", "UsedDatabaseError", "bench_admission", "native
 MiB = 1 << 20
 HUGE = 1 << 50  # quota / capacity that never limits the benchmark
 TENANT = "bench"
+QUEUED_TENANT = "bench-queued"  # its quota below every ask: its Reserves wait in the queue
 SLICE_S = 0.5  # noop and reserve_release alternate in slices this long
 MIXED = ("noop", "reserve_release")  # slice 0, 2, 4, ...: noop; 1, 3, 5, ...: reserve_release
 LOADGEN_ENV = "AGENTCG_LOADGEN"  # the native load generator's path, if not the repository's
@@ -277,9 +281,35 @@ async def _nodes(address: str, first: int, count: int, ready: Any, stop: Any) ->
         await ch.close()
 
 
+async def _waiters(address: str, count: int, ready: Any, stop: Any) -> None:
+    """``count`` Reserves of QUEUED_TENANT, each asking more than its quota: they wait in the
+    broker's queue (their deadline far off) until ``stop``, then are cancelled."""
+    from agentcg.v1 import broker_pb2, types_pb2
+
+    ch, broker, _ = _stubs(address)
+    await ch.channel_ready()
+    ask = broker_pb2.ReserveRequest(
+        tenant=QUEUED_TENANT,
+        session="queued",
+        command_class="bench",
+        intent=types_pb2.Resources(memory_bytes=2 * MiB),
+        queue_timeout_ms=600_000,
+    )
+    calls = [broker.Reserve(ask) for _ in range(count)]
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.2)
+    for call in calls:
+        call.cancel()
+    await ch.close()
+
+
 def _proc_main(job: str, args: tuple[Any, ...], out: Queue[Any] | None) -> None:
     if job == "nodes":
         asyncio.run(_nodes(*args))
+        return
+    if job == "waiters":
+        asyncio.run(_waiters(*args))
         return
     if job == "rate":
         result = asyncio.run(_fixed_rate(*args))
@@ -452,6 +482,18 @@ class _Run:
         start_at = time.time() + self.lead_s
         return self.launch("rate", (self.address, start_at, 1.0, self.seconds, rate, live, kind))()
 
+    def start_waiters(self, count: int) -> tuple[Any, Any]:
+        """A process holding ``count`` queued Reserves (see ``_waiters``) until its stop event."""
+        ready = self.ctx.Event()
+        stop = self.ctx.Event()
+        p = self.ctx.Process(
+            target=_proc_main, args=("waiters", (self.address, count, ready, stop), None)
+        )
+        p.start()
+        if not ready.wait(120):
+            raise TimeoutError(f"{count} queued Reserves not sent after 120 s")
+        return p, stop
+
     def start_nodes(self, first: int, count: int) -> tuple[Any, Any]:
         ready = self.ctx.Event()
         stop = self.ctx.Event()
@@ -534,6 +576,26 @@ class _BrokerSide:
         }
 
 
+def _await_gauge(address: str, name: str, value: float, timeout_s: float = 60.0) -> None:
+    """Wait until the broker's gauge ``name`` reads at least ``value``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    seen = 0.0
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == name:
+                seen = max((s.value for s in family.samples), default=0.0)
+        if seen >= value:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} = {seen} after {timeout_s:.0f} s, expected {value}")
+
+
 def _rss_mb(pid: int) -> float:
     """The resident set of the process and its children."""
     total = 0
@@ -579,6 +641,7 @@ def bench_admission(
     leases: int = 10_000,
     rounds: int = 3,
     node_streams: int = 1000,
+    queued: int = 1000,
     database_url: str = "",
     load_generator: str = "",
     json_path: Path | None = None,
@@ -632,6 +695,7 @@ def bench_admission(
                     leases,
                     rounds,
                     node_streams,
+                    queued,
                     loadgen,
                     say,
                     broker_pin_cpus,
@@ -688,6 +752,7 @@ def _run_phases(
     leases: int,
     rounds: int,
     node_streams: int,
+    queued: int,
     loadgen: Path | None,
     say: Callable[[str], None],
     broker_pin_cpus: str,
@@ -792,6 +857,21 @@ def _run_phases(
             finally:
                 more_stop.set()
                 more_proc.join(30)
+            say(f"fixed rate with {queued} Reserves of another tenant waiting in the queue ...")
+            with Client(address) as c:
+                c.set_tenant(QUEUED_TENANT, MiB)
+            waiters_proc, waiters_stop = run.start_waiters(queued)
+            try:
+                _await_gauge(metrics, "agentcg_broker_queue_waiters", queued)
+                behind = run.fixed_rate(rate, 100)
+                result["queued_waiters"] = queued
+                result["p50_ms_queued"] = round(statistics.median(behind["latencies_ms"]), 3)
+                result["p99_ms_queued"] = round(percentile(behind["latencies_ms"], 99), 3)
+                result["p99_ratio_queued"] = round(result["p99_ms_queued"] / result["p99_ms"], 3)
+                result["rate_errors_queued"] = behind["errors"]
+            finally:
+                waiters_stop.set()
+                waiters_proc.join(30)
         finally:
             node_stop.set()
             node_proc.join(30)

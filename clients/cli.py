@@ -544,6 +544,9 @@ def bench_admission_cmd(
     leases: Annotated[int, typer.Option(help="live leases for the 10k phase")] = 10_000,
     rounds: Annotated[int, typer.Option(help="rounds of the fixed-rate phases, pooled")] = 3,
     node_streams: Annotated[int, typer.Option(help="simulated node streams for RSS")] = 1000,
+    queued: Annotated[
+        int, typer.Option(help="Reserves waiting in the queue during the last phase")
+    ] = 1000,
     db: Annotated[
         str,
         typer.Option(
@@ -587,6 +590,7 @@ def bench_admission_cmd(
             leases=leases,
             rounds=rounds,
             node_streams=node_streams,
+            queued=queued,
             database_url=db,
             load_generator=load_generator,
             json_path=json_path,

@@ -243,3 +243,43 @@ def test_a_queued_retry_outlives_the_caller_that_gave_up(env: tuple[str, SimNode
             assert t.active_leases == 1 and t.granted_memory_bytes == 32 * MiB
 
     asyncio.run(go())
+
+
+def test_many_waiters_at_their_quota_hold_back_no_other_tenant(env: tuple[str, SimNode]) -> None:
+    """200 equal asks wait at tenant a's quota (a pump passes over them as one); tenant b's
+    queued ask is admitted past them as soon as b's own lease ends, and a's waiters then go in
+    arrival order as a's capacity frees, each with its own lease."""
+    address, _ = env
+
+    async def go() -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("a", 64 * MiB)
+            await c.set_tenant("b", 64 * MiB)
+            a_hold = await c.reserve("a", 64 * MiB)
+            b_hold = await c.reserve("b", 64 * MiB)
+            done: list[int] = []
+
+            async def a_waits(i: int) -> str:
+                lease = await c.reserve("a", 64 * MiB, queue_timeout_ms=60_000)
+                done.append(i)
+                return lease.lease_id
+
+            a_waiting = []
+            for i in range(200):
+                a_waiting.append(asyncio.ensure_future(a_waits(i)))
+                await asyncio.sleep(0)  # arrival order: the order they are sent in
+            await settle(c)
+            b_waiting = asyncio.ensure_future(c.reserve("b", 64 * MiB, queue_timeout_ms=60_000))
+            await settle(c)
+            await c.release(b_hold.lease_id)
+            b_lease = await asyncio.wait_for(b_waiting, 10)
+            assert b_lease.tenant == "b" and not done  # a's quota still holds all of a's
+            await c.release(a_hold.lease_id)
+            ids = set()
+            for k in range(200):
+                lease_id = await asyncio.wait_for(a_waiting[k], 10)
+                ids.add(lease_id)
+                await c.release(lease_id)
+            assert done == list(range(200)) and len(ids) == 200
+
+    asyncio.run(go())

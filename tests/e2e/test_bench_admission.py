@@ -34,6 +34,8 @@ KEYS = {
     "broker_rss_mb",
     "p99_ms_many_nodes",
     "p99_ratio_many_nodes",
+    "p99_ms_queued",
+    "p99_ratio_queued",
 }
 
 
@@ -54,7 +56,8 @@ def bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable, "-m", "agentcg.clients.cli", "bench", "admission",
         "--seconds", "0.5", "--processes", "1", "--concurrency", "2", "--rate", "100",
-        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--json", str(out), *args,
+        "--leases", "300", "--rounds", "2", "--node-streams", "3", "--queued", "5",
+        "--json", str(out), *args,
     ]
     # fmt: on
     return subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -75,6 +78,9 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
         result["p99_ms_10k_leases"] / result["p99_ms"], 3
     )
     assert result["rate_errors_many_nodes"] == 0
+    assert result["queued_waiters"] == 5 and result["rate_errors_queued"] == 0
+    assert 0 < result["p50_ms_queued"] <= result["p99_ms_queued"]
+    assert result["p99_ratio_queued"] == round(result["p99_ms_queued"] / result["p99_ms"], 3)
     assert 0 < result["p50_ms_many_nodes"] <= result["p99_ms_many_nodes"]
     assert result["p99_ratio_many_nodes"] == round(
         result["p99_ms_many_nodes"] / result["p99_ms"], 3
