@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from agentcg.clients.cluster import LocalCluster
-from agentcg.clients.sdk import AsyncClient
+from agentcg.clients.sdk import AsyncClient, Lease
 from agentcg.errors import QuotaExceededError
 from agentcg.v1 import broker_pb2
 
@@ -247,8 +247,8 @@ def test_a_queued_retry_outlives_the_caller_that_gave_up(env: tuple[str, SimNode
 
 def test_many_waiters_at_their_quota_hold_back_no_other_tenant(env: tuple[str, SimNode]) -> None:
     """200 equal asks wait at tenant a's quota (a pump passes over them as one); tenant b's
-    queued ask is admitted past them as soon as b's own lease ends, and a's waiters then go in
-    arrival order as a's capacity frees, each with its own lease."""
+    queued ask is admitted past them as soon as b's own lease ends. Then a's waiters go one at a
+    time as a's capacity frees, the earliest first, each with a lease of its own."""
     address, _ = env
 
     async def go() -> None:
@@ -257,29 +257,34 @@ def test_many_waiters_at_their_quota_hold_back_no_other_tenant(env: tuple[str, S
             await c.set_tenant("b", 64 * MiB)
             a_hold = await c.reserve("a", 64 * MiB)
             b_hold = await c.reserve("b", 64 * MiB)
-            done: list[int] = []
 
-            async def a_waits(i: int) -> str:
-                lease = await c.reserve("a", 64 * MiB, queue_timeout_ms=60_000)
-                done.append(i)
-                return lease.lease_id
+            def a_waits() -> asyncio.Future[Lease]:
+                return asyncio.ensure_future(c.reserve("a", 64 * MiB, queue_timeout_ms=60_000))
 
-            a_waiting = []
-            for i in range(200):
-                a_waiting.append(asyncio.ensure_future(a_waits(i)))
-                await asyncio.sleep(0)  # arrival order: the order they are sent in
+            first = a_waits()
+            await settle(c)  # it arrives before the others
+            rest = [a_waits() for _ in range(199)]
             await settle(c)
             b_waiting = asyncio.ensure_future(c.reserve("b", 64 * MiB, queue_timeout_ms=60_000))
             await settle(c)
             await c.release(b_hold.lease_id)
             b_lease = await asyncio.wait_for(b_waiting, 10)
-            assert b_lease.tenant == "b" and not done  # a's quota still holds all of a's
+            assert b_lease.tenant == "b"
+            assert not first.done() and not any(f.done() for f in rest)  # a's quota holds them
             await c.release(a_hold.lease_id)
-            ids = set()
-            for k in range(200):
-                lease_id = await asyncio.wait_for(a_waiting[k], 10)
-                ids.add(lease_id)
-                await c.release(lease_id)
-            assert done == list(range(200)) and len(ids) == 200
+            assert (await asyncio.wait_for(first, 10)).tenant == "a"
+            assert not any(f.done() for f in rest)  # one at a time: a's quota is one ask
+            ids = {first.result().lease_id}
+            await c.release(first.result().lease_id)
+            pending = set(rest)
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=10, return_when=asyncio.FIRST_COMPLETED
+                )
+                assert len(done) == 1, f"{len(done)} admitted at once within a's quota"
+                lease = done.pop().result()
+                ids.add(lease.lease_id)
+                await c.release(lease.lease_id)
+            assert len(ids) == 200
 
     asyncio.run(go())
