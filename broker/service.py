@@ -577,10 +577,10 @@ class BrokerCore:
         tenants = {v.tenant for v in views}
         order = FairQueue(
             views,
-            {t: ledger.granted_bytes(t) for t in tenants},
-            {t: ledger.tenants[t].weight for t in tenants if t in ledger.tenants},
+            {name: ledger.granted_bytes(name) for name in tenants},
+            {name: ledger.tenants[name].weight for name in tenants if name in ledger.tenants},
         )
-        pool: list[list[Candidate]] = []  # preemption candidates, while the ledger is unchanged
+        candidates: list[Candidate] | None = None  # for preemption, while the ledger is unchanged
         # Asks outside a declared session passed over for their own tenant's quota, while the
         # ledger is unchanged: an equal ask is decided alike (1,000 waiters at a tenant's quota
         # are mostly the same few asks).
@@ -605,22 +605,26 @@ class BrokerCore:
                     waiter.deny = passed[same]
                     continue
             decision = self.decide_reserve(ask, t)
-            if isinstance(decision, Deny):
-                victims = self._victims(ask, pool)
-                if victims:
-                    pool.clear()
-                    passed.clear()
-                    for victim in victims:
-                        revoked = self.ended(
-                            victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
-                        )
-                        ch = self.end_changes(revoked, "preempt", 0)
-                        undo[:0] = ledger.apply(ch)
-                        changes.extend(ch)
-                        preempted.append(revoked)
-                    for tenant in order.tenants:  # the revoked leases' holdings are free now
-                        order.hold(tenant, ledger.granted_bytes(tenant))
-                    decision = self.decide_reserve(ask, t)
+            victims: list[Lease] = []
+            lowest = ledger.lowest_priority()
+            if isinstance(decision, Deny) and lowest is not None and lowest < ask.priority:
+                if candidates is None:  # only once a lower priority class holds leases
+                    candidates = self._candidates()
+                victims = self._victims(ask, candidates)
+            if victims:
+                candidates = None
+                passed.clear()
+                for victim in victims:
+                    revoked = self.ended(
+                        victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
+                    )
+                    ch = self.end_changes(revoked, "preempt", 0)
+                    undo[:0] = ledger.apply(ch)
+                    changes.extend(ch)
+                    preempted.append(revoked)
+                for tenant in order.tenants:  # the revoked leases' holdings are free now
+                    order.hold(tenant, ledger.granted_bytes(tenant))
+                decision = self.decide_reserve(ask, t)
             if isinstance(decision, Deny):
                 waiter.deny = decision
                 if decision.scope == f"tenant:{ask.tenant}" or decision.code in OWN_CLAIM_DENIALS:
@@ -635,7 +639,7 @@ class BrokerCore:
             changes.extend(ch)
             self._unqueue(waiter)
             admitted.append((waiter, lease))
-            pool.clear()  # the ledger changed: candidates are built again if needed
+            candidates = None  # the ledger changed: built again if needed
             passed.clear()
             for tenant in order.tenants:  # this grant moved their holdings
                 order.hold(tenant, ledger.granted_bytes(tenant))
@@ -668,17 +672,9 @@ class BrokerCore:
             )
         return out
 
-    def _victims(self, ask: ReserveAsk, pool: list[list[Candidate]]) -> list[Lease]:
-        """The leases to revoke for ``ask`` (none: preemption would not let it in). ``pool``
-        holds the candidates built for an earlier waiter of the same pump round while the
-        ledger has not changed since (empty: build them)."""
+    def _victims(self, ask: ReserveAsk, candidates: list[Candidate]) -> list[Lease]:
+        """The leases to revoke for ``ask`` (none: preemption would not let it in)."""
         ledger = self.ledger
-        lowest = ledger.lowest_priority()
-        if lowest is None or lowest >= ask.priority:
-            return []  # nothing it may preempt (without a pass over every lease)
-        if not pool:
-            pool.append(self._candidates())
-        candidates = pool[0]
         chosen = choose_victims(
             ask.memory_bytes,
             ask.priority,

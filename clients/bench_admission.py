@@ -63,7 +63,7 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
@@ -515,16 +515,21 @@ _COMMIT_DECISIONS = "agentcg_broker_journal_commit_decisions"
 _HELD = "agentcg_broker_journal_commits_held"
 
 
-def _scrape(address: str) -> dict[str, float]:
-    """Cumulative counts and sums of granted Reserves and of journal commits."""
+def _families(address: str) -> Iterable[Any]:
+    """The broker's metric families, read once from its Prometheus endpoint."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
         text = r.read().decode()
+    return text_string_to_metric_families(text)
+
+
+def _scrape(address: str) -> dict[str, float]:
+    """Cumulative counts and sums of granted Reserves and of journal commits."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in _families(address):
         for s in family.samples:
             labels = s.labels
             if family.name == _ADMISSION:
@@ -578,16 +583,10 @@ class _BrokerSide:
 
 def _await_gauge(address: str, name: str, value: float, timeout_s: float = 60.0) -> None:
     """Wait until the broker's gauge ``name`` reads at least ``value``."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     deadline = time.monotonic() + timeout_s
     seen = 0.0
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        for family in text_string_to_metric_families(text):
+        for family in _families(address):
             if family.name == name:
                 seen = max((s.value for s in family.samples), default=0.0)
         if seen >= value:
