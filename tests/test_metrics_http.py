@@ -1,19 +1,22 @@
 """The metrics endpoint set-up the composition roots use: HOST:PORT parsing, port 0, a registry
-of the process's own, and a clean stop."""
+of the process's own, a clean stop, and the cycle collector's pauses."""
 
 from __future__ import annotations
 
+import gc
 import socket
+import time
 import urllib.request
 
 import pytest
 from agentcg.telemetry import (
+    GcPauseCollector,
     MetricsListenError,
     metrics_registry,
     parse_listen_address,
     serve_metrics,
 )
-from prometheus_client import REGISTRY, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 
 @pytest.mark.parametrize(
@@ -62,3 +65,40 @@ def test_a_busy_port_is_a_metrics_listen_error() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(MetricsListenError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve_metrics(f"127.0.0.1:{port}", metrics_registry())
+
+
+def test_gc_pauses_are_served_by_generation_from_one_hook_per_process() -> None:
+    registry = metrics_registry()
+    hooks = len(gc.callbacks)
+    metrics_registry()  # a second registry shares the process's hook
+    assert len(gc.callbacks) == hooks
+    count = "agentcg_gc_pause_seconds_count"
+    before = registry.get_sample_value(count, {"generation": "2"})
+    assert before is not None
+    gc.collect()  # a full collection: generation 2
+    after = registry.get_sample_value(count, {"generation": "2"})
+    assert after is not None and after >= before + 1
+    inf = registry.get_sample_value(
+        "agentcg_gc_pause_seconds_bucket", {"generation": "2", "le": "+Inf"}
+    )
+    assert inf == after
+    assert registry.get_sample_value("agentcg_gc_pause_seconds_sum", {"generation": "2"}) > 0
+
+
+def test_a_gc_pause_lands_in_the_bucket_of_its_duration() -> None:
+    pauses = GcPauseCollector()  # not hooked: driven by hand
+    registry = CollectorRegistry()
+    registry.register(pauses)
+    pauses.on_gc("start", {"generation": 1})
+    time.sleep(0.003)
+    pauses.on_gc("stop", {"generation": 1, "collected": 0, "uncollectable": 0})
+
+    def bucket(le: str) -> float | None:
+        return registry.get_sample_value(
+            "agentcg_gc_pause_seconds_bucket", {"generation": "1", "le": le}
+        )
+
+    assert bucket("0.002") == 0  # slept 3 ms: not within 2 ms
+    assert bucket("+Inf") == 1
+    assert registry.get_sample_value("agentcg_gc_pause_seconds_sum", {"generation": "1"}) >= 0.003
+    assert registry.get_sample_value("agentcg_gc_pause_seconds_count", {"generation": "0"}) == 0

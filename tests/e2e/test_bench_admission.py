@@ -85,6 +85,11 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     assert result["p99_ratio_many_nodes"] == round(
         result["p99_ms_many_nodes"] / result["p99_ms"], 3
     )
+    # The broker's full cycle collections in those two rounds (its GC pause histogram).
+    for key in ("many_nodes", "queued"):
+        collections = result[f"gc_full_collections_{key}"]
+        assert collections >= 0 and collections == int(collections), key
+        assert result[f"gc_full_pause_ms_{key}"] >= 0, key
     # The broker's own view of the same phases (its metrics endpoint).
     assert 0 < result["broker_reserve_mean_ms_at_rate"]
     assert 0 <= result["broker_reserve_within_2ms_at_rate"] <= 1
