@@ -9,6 +9,7 @@ import pytest
 MODULES = [
     "agentcg.clients.sdk",
     "agentcg.errors",
+    "agentcg.heap",
     "agentcg.names",
     "agentcg.quantity",
     "agentcg.rpcstatus",

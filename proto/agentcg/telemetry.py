@@ -40,7 +40,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -133,7 +133,9 @@ GC_PAUSE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 class GcPauseCollector(Collector):
     """How long the cycle collector stopped the process, by generation
     (``agentcg_gc_pause_seconds``): the pauses every request of the event loop may land in,
-    which prometheus_client's own GC metrics (collections and objects) do not show.
+    which prometheus_client's own GC metrics (collections and objects) do not show; and the
+    objects no collection walks any more (``agentcg_gc_frozen_objects``, ``agentcg.heap``): 0
+    in a served process means its full collections walk its whole start-up state.
 
     One ``gc.callbacks`` hook per process (``process_gc_pauses``) counts into plain lists: a
     callback runs inside whatever allocation triggered the collection, so it takes no lock (a
@@ -168,6 +170,11 @@ class GcPauseCollector(Collector):
                 self._sums[generation],
             )
         yield family
+        yield GaugeMetricFamily(
+            "agentcg_gc_frozen_objects",
+            "Objects in the permanent generation, which no collection walks (the start-up freeze)",
+            value=gc.get_freeze_count(),
+        )
 
 
 _gc_pauses: GcPauseCollector | None = None

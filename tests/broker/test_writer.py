@@ -7,6 +7,7 @@ SIGKILLed broker."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -177,6 +178,28 @@ async def _commit_then_kill_the_writer(journal: ProcessJournal) -> int:
     return first
 
 
+def test_the_writer_freezes_its_start_up_state_before_its_first_commit(
+    store: Store, database_url: str
+) -> None:
+    """Its imports (SQLAlchemy, Alembic, a driver: tens of thousands of objects) are moved out of
+    its cycle collector's way once its database is open (agentcg.heap), as it reports when
+    ready; the parent's own state is not frozen by it."""
+    frozen_here = gc.get_freeze_count()
+
+    async def run() -> int:
+        journal = ProcessJournal(store, database_url)
+        try:
+            journal.start()
+            await journal.commit([quota_change("x", 1)])
+            return journal.writer_frozen_objects
+        finally:
+            await journal.close()
+
+    assert asyncio.run(run()) > 10_000
+    assert gc.get_freeze_count() == frozen_here
+    assert read_quotas(store)["x"] == 1
+
+
 def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
     store: Store, database_url: str
 ) -> None:
@@ -198,6 +221,7 @@ def test_a_killed_writer_fails_what_it_had_not_acknowledged_then_restarts(
             await journal.commit([quota_change("after", 3)])
             second = journal.writer_pid
             assert second is not None and second != first
+            assert journal.writer_frozen_objects > 10_000  # the new writer froze its own
             return lost, journal.restarts, first
         finally:
             await journal.close()

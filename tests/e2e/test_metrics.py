@@ -136,6 +136,9 @@ def test_broker_metrics_endpoint_serves_the_live_state(
     assert s.get("agentcg_broker_node_streams") == 1
     assert s.get("agentcg_broker_nodes_registered") == 1
     assert s.get("process_cpu_seconds_total") > 0  # the process collectors are there too
+    # Its start-up state (imports, stubs, the loaded ledger) was frozen once it served
+    # (agentcg.heap): a full collection walks only what came after.
+    assert s.get("agentcg_gc_frozen_objects") > 10_000
 
 
 def test_reserve_outcomes_latency_leases_and_commits(
@@ -396,6 +399,12 @@ def cluster(
 
 def node_delta(before: Scrape, after: Scrape) -> Callable[..., float]:
     return lambda name, **labels: after.get(name, **labels) - before.get(name, **labels)
+
+
+def test_the_node_agent_froze_its_start_up_state(cluster: LocalCluster) -> None:
+    """Its imports, bcc's state and the BPF program's are out of the cycle collector's way
+    (agentcg.heap): a full collection would otherwise stop enforcement for tens of ms."""
+    assert Scrape(cluster.metrics_address("node0")).get("agentcg_gc_frozen_objects") > 10_000
 
 
 def test_node_counts_a_grown_spike(cluster: LocalCluster) -> None:
