@@ -299,7 +299,7 @@ class ProcessJournal(Journal):
         # A restart's child, from its start until it is ready (or failed): close() kills it.
         self._launching: subprocess.Popen[bytes] | None = None
         self.restarts = 0
-        self.writer_frozen_objects = 0  # the running writer's, as it reported when ready
+        self.writer_frozen_objects = 0  # the running writer's, as it reported when ready; 0: none
 
     @property
     def writer_pid(self) -> int | None:
@@ -471,6 +471,7 @@ class ProcessJournal(Journal):
         proc.stdin.close()
         proc.stdout.close()
         self._proc = None
+        self.writer_frozen_objects = 0
         exc = StoreError(f"database writer process exited with {code}")
         failed: list[tuple[asyncio.Future[None], BaseException | None]] = [
             (fut, exc) for waiting in self._pending.values() for _, fut in waiting
@@ -557,6 +558,7 @@ class ProcessJournal(Journal):
             await self._loop.run_in_executor(None, proc.wait)
             proc.stdout.close()
             self._proc = None
+        self.writer_frozen_objects = 0
         self._reads.shutdown(wait=True)
 
 
