@@ -29,7 +29,9 @@ from agentcg.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import leadership
 from .journal import Journal
+from .leadership import lock_for
 from .ledger import Ledger
 from .metrics import BrokerMetrics
 from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
@@ -193,6 +195,58 @@ async def _run(
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         url = Store.default_url(config.data_dir)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    lock = lock_for(url)
+    if lock is None:
+        metrics.leader.set(1)
+        await _serve(config, url, metrics, metrics_server, stop, on_serving, busy_clock)
+        return
+    try:
+        metrics.leader.set(0)
+        acquiring = asyncio.create_task(leadership.acquire(lock))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((acquiring, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not acquiring.done():  # stopped while standing by
+            acquiring.cancel()
+            log.info("broker stopping (was standing by)")
+            return
+        acquiring.result()
+        metrics.leader.set(1)
+        watchdog = leadership.Watchdog(lock, _leadership_lost) if lock.watched else None
+        if watchdog is not None:
+            watchdog.start()
+        try:
+            await _serve(config, url, metrics, metrics_server, stop, on_serving, busy_clock)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+    finally:
+        lock.close()
+
+
+def _leadership_lost(reason: str) -> None:
+    """Fail-stop (leadership.py): no commit of this broker's may land after a standby took over."""
+    log.critical("lost the database's leadership lock (%s): exiting now", reason)
+    logging.shutdown()
+    os._exit(leadership.LOST_EXIT_CODE)
+
+
+async def _serve(
+    config: BrokerConfig,
+    url: str,
+    metrics: BrokerMetrics,
+    metrics_server: MetricsServer | None,
+    stop: asyncio.Event,
+    on_serving: Callable[[], None] | None,
+    busy_clock: Callable[[], float],
+) -> None:
     store = Store(url)
     store.migrate()
     snapshot = store.load()
@@ -254,14 +308,6 @@ async def _run(
         on_serving()
     if config.ready_file is not None:
         write_ready_file(config.ready_file, address, listeners)
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
 
     async def reap() -> None:
         while True:

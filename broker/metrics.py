@@ -97,10 +97,20 @@ class BrokerStateCollector(Collector):
     def __init__(self, read: Callable[[], BrokerState | None]) -> None:
         self._read = read
 
+    def describe(self) -> Iterable[Metric]:
+        """The families ``collect`` serves, without reading the state. The registry asks when
+        the collector is registered, on the event loop's thread: a ``read`` there waited for
+        the loop it was blocking, and every broker start stalled its 2 s timeout."""
+        return self._families(BrokerState(0, 0, 0, 0, 0, 0))
+
     def collect(self) -> Iterable[Metric]:
         state = self._read()
         if state is None:  # not available (the broker is stopping, or its loop is stuck)
             return []
+        return self._families(state)
+
+    @staticmethod
+    def _families(state: BrokerState) -> list[Metric]:
         p = "agentcg_broker_"
         out: list[Metric] = [
             GaugeMetricFamily(p + "active_leases", "Active leases", value=state.active_leases),
@@ -185,6 +195,12 @@ class BrokerMetrics:
             p + "journal_commits_held",
             "Group commits the writer process held (up to --commit-hold-ms) to gather more "
             "decisions, because the event loop was saturated",
+            registry=r,
+        )
+        self.leader = Gauge(
+            p + "leader",
+            "1 while this broker holds its database's leadership lock and serves; 0 while it "
+            "stands by for another broker (broker/leadership.py)",
             registry=r,
         )
         self.loop_busy = Gauge(

@@ -105,8 +105,12 @@ def test_state_gauges_are_read_at_each_scrape() -> None:
         return state
 
     m.track_state(read)
-    reads.clear()  # registering describes the collector once (auto_describe)
+    # Registering describes the collector without reading: the broker registers it on its event
+    # loop, and ``read`` runs on that loop (a read there stalled every start for 2 s).
+    assert reads == []
     r = m.registry
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        m.track_state(read)  # the described names still guard against a second registration
     assert value(r, "agentcg_broker_active_leases") == 3
     assert len(reads) == 1
     text = generate_latest(r).decode()

@@ -1,0 +1,175 @@
+"""Two brokers on one database: one serves, the other stands by and takes over (leadership.py).
+
+Real broker processes on SQLite and on PostgreSQL (conftest.database_url). Without the lock a
+second broker served its own, empty view of the database: it did not know the first one's
+tenants, and with both loaded each would have admitted up to every quota.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from agentcg.broker.leadership import LOST_EXIT_CODE
+from agentcg.clients.sdk import Client
+from agentcg.errors import QuotaExceededError
+from agentcg.readyfile import read_ready_file
+from sqlalchemy import create_engine, text
+
+from .simnode import SimNode
+
+MiB = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """``agentcg broker`` on a fixed port (a standby has not bound its own yet: the test names
+    both in one gRPC target) with its metrics endpoint on another."""
+
+    def __init__(self, tmp: Path, name: str, database_url: str) -> None:
+        self.port = _free_port()
+        self.metrics_port = _free_port()
+        self.ready = tmp / f"{name}.addr"
+        self.log = tmp / f"{name}.log"
+        args = ["broker", "--listen", f"127.0.0.1:{self.port}", "--db", database_url]
+        args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+        args += ["--ready-file", str(self.ready), "--log-level", "INFO"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentcg.clients.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def wait_ready(self, timeout_s: float = 60) -> str:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.exists():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log_text()}"
+            assert time.monotonic() < deadline, (
+                f"not serving after {timeout_s} s: {self.log_text()}"
+            )
+            time.sleep(0.05)
+        return read_ready_file(self.ready).address
+
+    def wait_log(self, needle: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while needle not in self.log_text():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log_text()}"
+            assert time.monotonic() < deadline, f"no {needle!r} in: {self.log_text()}"
+            time.sleep(0.05)
+
+    def leader_gauge(self) -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("agentcg_broker_leader "):
+                    return float(line.split()[1])
+        raise AssertionError("no agentcg_broker_leader gauge")
+
+    def log_text(self) -> str:
+        return self.log.read_text()[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[list[Broker]]:
+    started: list[Broker] = []
+    yield started
+    for b in started:
+        b.stop(signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+def test_standby_takes_over_with_the_leaders_state(
+    tmp_path: Path, database_url: str, brokers: list[Broker]
+) -> None:
+    a = Broker(tmp_path, "a", database_url)
+    brokers.append(a)
+    a.wait_ready()
+    b = Broker(tmp_path, "b", database_url)
+    brokers.append(b)
+    b.wait_log("standing by: another broker holds")
+    # Both in one target: gRPC clients (and nodes) go to whichever listens.
+    target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+    with SimNode(target) as node, Client(target, timeout_s=10) as c:
+        c.set_tenant("acme", 64 * MiB)
+        held = c.reserve("acme", 48 * MiB, idempotency_key="k1")
+        assert a.leader_gauge() == 1
+        assert b.leader_gauge() == 0
+        assert not b.ready.exists(), "the standby serves"
+        with grpc.insecure_channel(f"127.0.0.1:{b.port}") as ch:
+            with pytest.raises(grpc.FutureTimeoutError):  # nothing listens there
+                grpc.channel_ready_future(ch).result(timeout=1)
+
+        a.stop(signal.SIGKILL)
+        node.connected.clear()
+        b.wait_ready()
+        assert b.leader_gauge() == 1
+        assert node.connected.wait(30), "the node did not follow to the new leader"
+
+        # The new leader's view is the database's: the tenant, and the lease against its quota.
+        tenant = c.get_tenant("acme")
+        assert tenant.granted_memory_bytes == 48 * MiB
+        with pytest.raises(QuotaExceededError):
+            c.reserve("acme", 32 * MiB)
+        assert c.reserve("acme", 48 * MiB, idempotency_key="k1").lease_id == held.lease_id
+        assert c.reserve("acme", 16 * MiB).memory_bytes == 16 * MiB
+    # Start-up never waits on its own event loop (BrokerStateCollector.describe).
+    assert "did not answer" not in a.log_text() + b.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_standby_stops_cleanly(tmp_path: Path, database_url: str, brokers: list[Broker]) -> None:
+    a = Broker(tmp_path, "a", database_url)
+    brokers.append(a)
+    a.wait_ready()
+    b = Broker(tmp_path, "b", database_url)
+    brokers.append(b)
+    b.wait_log("standing by: another broker holds")
+    assert b.stop(signal.SIGTERM) == 0
+    assert "stopping (was standing by)" in b.log_text()
+    assert a.proc.poll() is None
+
+
+# An SQLite lock is the process's own: nothing else can take it away.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.timeout(120)
+def test_a_leader_that_loses_its_lock_exits(
+    tmp_path: Path, database_url: str, brokers: list[Broker]
+) -> None:
+    a = Broker(tmp_path, "a", database_url)
+    brokers.append(a)
+    a.wait_ready()
+    admin = create_engine(database_url)
+    try:
+        with admin.begin() as conn:
+            ended = conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name"
+                ),
+                {"name": f"agentcg-broker-leader-{a.proc.pid}"},
+            ).all()
+    finally:
+        admin.dispose()
+    assert ended == [(True,)]
+    assert a.proc.wait(10) == LOST_EXIT_CODE
+    assert "lost the database's leadership lock" in a.log_text()
