@@ -188,9 +188,10 @@ async def acquire(lock: LeaderLock, on_standby: Callable[[], None] | None = None
 
 
 class Watchdog:
-    """Checks ``lock`` every ``CHECK_S`` on a thread of its own (the event loop may be busy);
-    calls ``lost(reason)`` once when a check fails or none has succeeded for ``CHECK_S +
-    CHECK_TIMEOUT_S`` (a check that hangs on a dead connection), from a second thread."""
+    """``with Watchdog(lock, lost):`` checks ``lock`` (if ``lock.watched``) every ``CHECK_S`` on
+    a thread of its own (the event loop may be busy), and calls ``lost(reason)`` once when a
+    check fails or none has succeeded for ``CHECK_S + CHECK_TIMEOUT_S`` (a check that hangs on a
+    dead connection), from a second thread."""
 
     def __init__(self, lock: LeaderLock, lost: Callable[[str], None]) -> None:
         self._lock = lock
@@ -203,11 +204,13 @@ class Watchdog:
             threading.Thread(target=self._deadline, name="agentcg-leader-deadline", daemon=True),
         ]
 
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
+    def __enter__(self) -> Watchdog:
+        if self._lock.watched:  # a lock nothing else can take away needs no watching
+            for t in self._threads:
+                t.start()
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
 
     def _fire(self, reason: str) -> None:

@@ -9,10 +9,10 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from agentcg.heap import freeze_start_up
@@ -31,7 +31,6 @@ from grpc_reflection.v1alpha import reflection
 
 from . import leadership
 from .journal import Journal
-from .leadership import lock_for
 from .ledger import Ledger
 from .metrics import BrokerMetrics
 from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
@@ -202,33 +201,34 @@ async def _run(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    lock = lock_for(url)
+    lock = leadership.lock_for(url)
     if lock is None:
         metrics.leader.set(1)
         await _serve(config, url, metrics, metrics_server, stop, on_serving, busy_clock)
         return
     try:
         metrics.leader.set(0)
-        acquiring = asyncio.create_task(leadership.acquire(lock))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait((acquiring, stopping), return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not acquiring.done():  # stopped while standing by
-            acquiring.cancel()
+        if not await _first(leadership.acquire(lock), stop):
             log.info("broker stopping (was standing by)")
             return
-        acquiring.result()
         metrics.leader.set(1)
-        watchdog = leadership.Watchdog(lock, _leadership_lost) if lock.watched else None
-        if watchdog is not None:
-            watchdog.start()
-        try:
+        with leadership.Watchdog(lock, _leadership_lost):
             await _serve(config, url, metrics, metrics_server, stop, on_serving, busy_clock)
-        finally:
-            if watchdog is not None:
-                watchdog.stop()
     finally:
         lock.close()
+
+
+async def _first(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run ``work`` until it ends (True) or ``stop`` is set first (False: ``work`` cancelled)."""
+    working = asyncio.create_task(work)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((working, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not working.done():
+        working.cancel()
+        return False
+    working.result()
+    return True
 
 
 def _leadership_lost(reason: str) -> None:

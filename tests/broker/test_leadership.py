@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agentcg.broker.leadership import LOST_EXIT_CODE
+from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_for
 from agentcg.clients.sdk import Client
 from agentcg.errors import QuotaExceededError
 from agentcg.readyfile import read_ready_file
@@ -173,3 +174,59 @@ def test_a_leader_that_loses_its_lock_exits(
     assert ended == [(True,)]
     assert a.proc.wait(10) == LOST_EXIT_CODE
     assert "lost the database's leadership lock" in a.log_text()
+
+
+class _HangingLock:
+    """A lock whose check never returns, as on a connection to a server that vanished."""
+
+    takeover_s = 0.0
+    watched = True
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def describe(self) -> str:
+        return "a hanging lock"
+
+    def try_acquire(self) -> bool:
+        return True
+
+    def check(self) -> None:
+        self.release.wait()
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_a_check_that_never_answers_counts_as_lost() -> None:
+    lock = _HangingLock()
+    reasons: list[str] = []
+    fired = threading.Event()
+
+    def lost(reason: str) -> None:
+        reasons.append(reason)
+        fired.set()
+
+    try:
+        with Watchdog(lock, lost):
+            assert fired.wait(30)
+            time.sleep(2 * CHECK_S)  # it fires once
+    finally:
+        lock.close()
+    assert len(reasons) == 1 and reasons[0].startswith("no check answered for")
+
+
+def test_a_lock_nothing_else_can_take_is_not_watched(tmp_path: Path) -> None:
+    lock = lock_for(f"sqlite:///{tmp_path}/broker.db")
+    assert lock is not None and not lock.watched
+    try:
+        assert lock.try_acquire()
+        other = lock_for(f"sqlite:///{tmp_path}/broker.db")
+        assert other is not None
+        try:
+            assert not other.try_acquire()  # flock: per open file, so even in one process
+        finally:
+            other.close()
+    finally:
+        lock.close()
+    assert lock_for("sqlite://") is None  # in memory: the process's own database
