@@ -83,10 +83,11 @@ class BrokerConfig:
 # 1,000/s p50 0.73-0.77 against 0.78-0.88 ms, p99 1.92-2.13 against 2.02-2.55 ms (README,
 # "gRPC without its EventEngine experiments"). gRPC reads the variable once, when it is
 # imported: ``agentcg broker`` starts itself again with it set (see clients/cli.py). An operator's
-# own GRPC_EXPERIMENTS (even empty: gRPC's defaults) is kept.
+# own GRPC_EXPERIMENTS (even empty: gRPC's defaults) is kept. (grpcio 1.85 does not know
+# event_engine_poller: naming it only logged "Unknown experiment" at every start.)
 GRPC_EXPERIMENTS = (
     "-event_engine_listener,-event_engine_client,-event_engine_for_all_other_endpoints,"
-    "-event_engine_callback_cq,-event_engine_poller"
+    "-event_engine_callback_cq"
 )
 
 

@@ -116,3 +116,4 @@ def test_the_broker_runs_grpc_with_its_experiments_unless_the_operator_set_them(
         with Client(cluster.broker_address) as client:
             client.set_tenant("t", 1 << 30)
             assert [t.name for t in client.list_tenants()] == ["t"]
+        assert "Unknown experiment" not in cluster.log("broker")  # gRPC knows every one named
