@@ -39,9 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import make_url
 
-from .store import Store, create_store_engine
+from .store import Store, StoreError, create_store_engine
 
 __all__ = ["LOST_EXIT_CODE", "LeaderLock", "Watchdog", "acquire", "lock_for"]
 
@@ -106,6 +107,7 @@ class AdvisoryLock:
         self._engine = create_store_engine(url)
         self._shown = make_url(url).render_as_string(hide_password=True).split("@")[-1]
         self._conn: Any = None
+        self._reached = False  # the database answered once
 
     def describe(self) -> str:
         return f"the advisory lock of {self._shown}"
@@ -125,12 +127,19 @@ class AdvisoryLock:
         try:
             cur = self._cursor()
             cur.execute(f"SELECT pg_try_advisory_lock({self.KEY})")
-            return bool(cur.fetchone()[0])
-        except self._engine.dialect.loaded_dbapi.Error:
-            # Unreachable for now: a new connection at the next try.
-            log.warning("leadership lock: database unreachable", exc_info=True)
+            held = bool(cur.fetchone()[0])
+        except (sa_exc.DBAPIError, self._engine.dialect.loaded_dbapi.Error) as e:
             self._drop()
+            reason = getattr(e, "orig", None) or e
+            if not self._reached:  # a wrong URL or a database down at start: say so and stop
+                raise StoreError(
+                    f"take the leadership lock: database {self._shown} unavailable: {reason}"
+                ) from e
+            # It was there: a standby waits it out (a new connection at the next try).
+            log.warning("leadership lock: database %s unreachable: %s", self._shown, reason)
             return False
+        self._reached = True
+        return held
 
     def check(self) -> None:
         # The same session still there (a lost one would have freed the lock): a round trip on

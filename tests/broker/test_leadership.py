@@ -230,3 +230,14 @@ def test_a_lock_nothing_else_can_take_is_not_watched(tmp_path: Path) -> None:
     finally:
         lock.close()
     assert lock_for("sqlite://") is None  # in memory: the process's own database
+
+
+def test_a_database_unreachable_at_start_is_an_error_not_a_wait(
+    tmp_path: Path, brokers: list[Broker]
+) -> None:
+    b = Broker(tmp_path, "b", "postgresql+psycopg://agentcg@127.0.0.1:1/none")
+    brokers.append(b)
+    assert b.proc.wait(60) == 1
+    text = " ".join(b.log_text().split())  # the error may be wrapped
+    assert "take the leadership lock: database 127.0.0.1:1/none unavailable" in text
+    assert "standing by" not in b.log_text()
