@@ -76,7 +76,10 @@ class FileLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"take the leadership lock: cannot open {path}: {e.strerror}") from e
 
     def describe(self) -> str:
         return str(self.path)

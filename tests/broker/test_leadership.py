@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_for
+from agentcg.broker.store import StoreError
 from agentcg.clients.sdk import Client
 from agentcg.errors import QuotaExceededError
 from agentcg.readyfile import read_ready_file
@@ -230,6 +231,8 @@ def test_a_lock_nothing_else_can_take_is_not_watched(tmp_path: Path) -> None:
     finally:
         lock.close()
     assert lock_for("sqlite://") is None  # in memory: the process's own database
+    with pytest.raises(StoreError, match="cannot open /nonexistent/x.db.lock: No such file"):
+        lock_for("sqlite:////nonexistent/x.db")
 
 
 def test_a_database_unreachable_at_start_is_an_error_not_a_wait(
