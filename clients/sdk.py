@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "NodeCalls",
     "RunResult",
     "TenantInfo",
+    "broker_channel_options",
 ]
 
 T = TypeVar("T")
@@ -205,11 +207,25 @@ class RunResult:
 OutputSink = Callable[[int, bytes], None]  # (1 stdout | 2 stderr, data)
 
 
+def broker_channel_options(broker: str) -> list[tuple[str, str]]:
+    """gRPC channel options for the broker target ``broker``.
+
+    A target naming several brokers (``ipv4:A:port,B:port``: replicas of which one serves and
+    the others stand by without listening, see broker/leadership.py) gets ``waitForReady``: a
+    call made while the leader is being replaced waits, within its deadline, for the new one to
+    listen instead of failing at once with UNAVAILABLE. It never resends a call that reached
+    a broker. A single address keeps gRPC's default: fail fast while nothing listens."""
+    if "," not in broker:
+        return []
+    config = {"methodConfig": [{"name": [{}], "waitForReady": True}]}
+    return [("grpc.service_config", json.dumps(config))]
+
+
 class AsyncClient:
     """One channel to the broker, plus a channel per node address used by ``run``."""
 
     def __init__(self, broker: str, *, timeout_s: float = 10.0) -> None:
-        self._channel = grpc.aio.insecure_channel(broker)
+        self._channel = grpc.aio.insecure_channel(broker, options=broker_channel_options(broker))
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
         self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_for
 from agentcg.broker.store import StoreError
-from agentcg.clients.sdk import Client
+from agentcg.clients.sdk import Client, broker_channel_options
 from agentcg.errors import QuotaExceededError
 from agentcg.readyfile import read_ready_file
 from sqlalchemy import create_engine, text
@@ -123,6 +123,10 @@ def test_standby_takes_over_with_the_leaders_state(
 
         a.stop(signal.SIGKILL)
         node.connected.clear()
+        # A call made while nothing serves waits for the new leader (waitForReady: the target
+        # names several brokers) instead of failing with UNAVAILABLE.
+        assert not b.ready.exists()
+        assert c.get_tenant("acme").granted_memory_bytes == 48 * MiB
         b.wait_ready()
         assert b.leader_gauge() == 1
         assert node.connected.wait(30), "the node did not follow to the new leader"
@@ -244,3 +248,9 @@ def test_a_database_unreachable_at_start_is_an_error_not_a_wait(
     text = " ".join(b.log_text().split())  # the error may be wrapped
     assert "take the leadership lock: database 127.0.0.1:1/none unavailable" in text
     assert "standing by" not in b.log_text()
+
+
+def test_one_broker_address_keeps_failing_fast() -> None:
+    # Nothing to wait for with one broker: UNAVAILABLE at once while it is down, as before.
+    assert broker_channel_options("127.0.0.1:50051") == []
+    assert broker_channel_options("ipv4:10.0.0.1:50051,10.0.0.2:50051") != []
