@@ -75,7 +75,13 @@ from typing import Any
 from .bench import percentile
 from .cluster import LocalCluster
 
-__all__ = ["LoadGeneratorError", "UsedDatabaseError", "bench_admission", "native_load_generator"]
+__all__ = [
+    "LoadGeneratorError",
+    "UsedDatabaseError",
+    "bench_admission",
+    "fresh_database",
+    "native_load_generator",
+]
 
 MiB = 1 << 20
 HUGE = 1 << 50  # quota / capacity that never limits the benchmark
@@ -699,7 +705,7 @@ def bench_admission(
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:
-        with _fresh_database(database_url) as url:
+        with fresh_database(database_url) as url:
             result.update(
                 _run_phases(
                     url,
@@ -728,7 +734,7 @@ class UsedDatabaseError(ValueError):
 
 
 @contextlib.contextmanager
-def _fresh_database(url: str) -> Iterator[str]:
+def fresh_database(url: str) -> Iterator[str]:
     """``url`` with nothing in it: on PostgreSQL a new schema, dropped afterwards. A broker
     started on a database a previous run left leases, nodes and audit rows in measured that
     state (10,000 live leases of an hour's TTL per run): p50 4.2 s and 4,252 errors, seen."""

@@ -607,6 +607,38 @@ def bench_admission_cmd(
     console.print(table)
 
 
+@bench_app.command("failover")
+def bench_failover_cmd(
+    takeovers: Annotated[int, typer.Option(min=1, help="leaders to SIGKILL, one by one")] = 3,
+    db: Annotated[
+        str,
+        typer.Option(
+            help="SQLAlchemy URL (default: SQLite in a temp dir); PostgreSQL runs in a new"
+            " schema, dropped afterwards; a SQLite file must not exist yet"
+        ),
+    ] = "",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Broker takeover: SIGKILL the leader, time until the standby serves and a client call
+    made meanwhile is answered (see bench_failover)."""
+    from .bench_admission import UsedDatabaseError
+    from .bench_failover import bench_failover
+
+    try:
+        result = bench_failover(
+            takeovers=takeovers,
+            database_url=db,
+            json_path=json_path,
+            log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        )
+    except UsedDatabaseError as e:
+        raise typer.BadParameter(str(e), param_hint="--db") from None
+    table = Table("metric", "value")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
 @bench_app.command("replay")
 def bench_replay_cmd(
     traces: Annotated[Path, typer.Option(help="traces file (shared/traces JSONL format)")],

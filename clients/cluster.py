@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentcg.readyfile import read_ready_file
 
-__all__ = ["LocalCluster"]
+__all__ = ["BrokerProcess", "LocalCluster", "free_port"]
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> str:
@@ -125,3 +127,71 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BrokerProcess:
+    """``agentcg broker`` on a port chosen up front, with its metrics on another: a standby
+    (broker/leadership.py) binds its port only once it leads, so a client target naming every
+    replica has to know the ports before they listen."""
+
+    def __init__(self, workdir: Path, name: str, database_url: str) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.ready = workdir / f"{name}.addr"
+        self.log = workdir / f"{name}.log"
+        self.ready.unlink(missing_ok=True)
+        args = ["broker", "--listen", f"127.0.0.1:{self.port}", "--db", database_url]
+        args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+        args += ["--ready-file", str(self.ready), "--log-level", "INFO"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentcg.clients.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 60) -> str:
+        """Wait until it serves (its ready file); its address."""
+        return _wait_ready(self.proc, self.ready, self.log, timeout_s)
+
+    def wait_log(self, needle: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while needle not in self.log_text():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {needle!r} after {timeout_s} s: {self.log_text()}")
+            time.sleep(0.02)
+
+    def wait_standby(self, timeout_s: float = 30) -> None:
+        self.wait_log("standing by: another broker holds", timeout_s)
+
+    def leader_gauge(self) -> float:
+        """``agentcg_broker_leader`` from its metrics endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("agentcg_broker_leader "):
+                    return float(line.split()[1])
+        raise RuntimeError("no agentcg_broker_leader gauge")
+
+    def log_text(self) -> str:
+        return self.log.read_text()[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Signal it (unless it has exited) and wait; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout_s)

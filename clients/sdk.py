@@ -207,18 +207,29 @@ class RunResult:
 OutputSink = Callable[[int, bytes], None]  # (1 stdout | 2 stderr, data)
 
 
-def broker_channel_options(broker: str) -> list[tuple[str, str]]:
+RECONNECT_BACKOFF_MS = (100, 500)  # (first and least, most) with several brokers
+
+
+def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
     """gRPC channel options for the broker target ``broker``.
 
     A target naming several brokers (``ipv4:A:port,B:port``: replicas of which one serves and
     the others stand by without listening, see broker/leadership.py) gets ``waitForReady``: a
     call made while the leader is being replaced waits, within its deadline, for the new one to
-    listen instead of failing at once with UNAVAILABLE. It never resends a call that reached
-    a broker. A single address keeps gRPC's default: fail fast while nothing listens."""
+    listen instead of failing at once with UNAVAILABLE, and the channel tries to connect again
+    every 0.1-0.5 s. It never resends a call that reached a broker. A single address keeps
+    gRPC's defaults: fail fast while nothing listens."""
     if "," not in broker:
         return []
     config = {"methodConfig": [{"name": [{}], "waitForReady": True}]}
-    return [("grpc.service_config", json.dumps(config))]
+    # gRPC's reconnect backoff starts at 1 s and grows 1.6x: a client then saw the new leader
+    # up to ~1.3 s after it served (`agentcg bench failover`). Retry connecting sooner.
+    return [
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
 
 
 class AsyncClient:

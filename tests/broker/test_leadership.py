@@ -8,12 +8,8 @@ tenants, and with both loaded each would have admitted up to every quota.
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +17,9 @@ import grpc
 import pytest
 from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_for
 from agentcg.broker.store import StoreError
+from agentcg.clients.cluster import BrokerProcess
 from agentcg.clients.sdk import Client, broker_channel_options
 from agentcg.errors import QuotaExceededError
-from agentcg.readyfile import read_ready_file
 from sqlalchemy import create_engine, text
 
 from .simnode import SimNode
@@ -31,69 +27,9 @@ from .simnode import SimNode
 MiB = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    """``agentcg broker`` on a fixed port (a standby has not bound its own yet: the test names
-    both in one gRPC target) with its metrics endpoint on another."""
-
-    def __init__(self, tmp: Path, name: str, database_url: str) -> None:
-        self.port = _free_port()
-        self.metrics_port = _free_port()
-        self.ready = tmp / f"{name}.addr"
-        self.log = tmp / f"{name}.log"
-        args = ["broker", "--listen", f"127.0.0.1:{self.port}", "--db", database_url]
-        args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
-        args += ["--ready-file", str(self.ready), "--log-level", "INFO"]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agentcg.clients.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def wait_ready(self, timeout_s: float = 60) -> str:
-        deadline = time.monotonic() + timeout_s
-        while not self.ready.exists():
-            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log_text()}"
-            assert time.monotonic() < deadline, (
-                f"not serving after {timeout_s} s: {self.log_text()}"
-            )
-            time.sleep(0.05)
-        return read_ready_file(self.ready).address
-
-    def wait_log(self, needle: str, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while needle not in self.log_text():
-            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.log_text()}"
-            assert time.monotonic() < deadline, f"no {needle!r} in: {self.log_text()}"
-            time.sleep(0.05)
-
-    def leader_gauge(self) -> float:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("agentcg_broker_leader "):
-                    return float(line.split()[1])
-        raise AssertionError("no agentcg_broker_leader gauge")
-
-    def log_text(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(30)
-
-
 @pytest.fixture
-def brokers(tmp_path: Path) -> Iterator[list[Broker]]:
-    started: list[Broker] = []
+def brokers(tmp_path: Path) -> Iterator[list[BrokerProcess]]:
+    started: list[BrokerProcess] = []
     yield started
     for b in started:
         b.stop(signal.SIGKILL)
@@ -101,14 +37,14 @@ def brokers(tmp_path: Path) -> Iterator[list[Broker]]:
 
 @pytest.mark.timeout(180)
 def test_standby_takes_over_with_the_leaders_state(
-    tmp_path: Path, database_url: str, brokers: list[Broker]
+    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
-    a = Broker(tmp_path, "a", database_url)
+    a = BrokerProcess(tmp_path, "a", database_url)
     brokers.append(a)
     a.wait_ready()
-    b = Broker(tmp_path, "b", database_url)
+    b = BrokerProcess(tmp_path, "b", database_url)
     brokers.append(b)
-    b.wait_log("standing by: another broker holds")
+    b.wait_standby()
     # Both in one target: gRPC clients (and nodes) go to whichever listens.
     target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
     with SimNode(target) as node, Client(target, timeout_s=10) as c:
@@ -143,13 +79,15 @@ def test_standby_takes_over_with_the_leaders_state(
 
 
 @pytest.mark.timeout(120)
-def test_a_standby_stops_cleanly(tmp_path: Path, database_url: str, brokers: list[Broker]) -> None:
-    a = Broker(tmp_path, "a", database_url)
+def test_a_standby_stops_cleanly(
+    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
+) -> None:
+    a = BrokerProcess(tmp_path, "a", database_url)
     brokers.append(a)
     a.wait_ready()
-    b = Broker(tmp_path, "b", database_url)
+    b = BrokerProcess(tmp_path, "b", database_url)
     brokers.append(b)
-    b.wait_log("standing by: another broker holds")
+    b.wait_standby()
     assert b.stop(signal.SIGTERM) == 0
     assert "stopping (was standing by)" in b.log_text()
     assert a.proc.poll() is None
@@ -159,9 +97,9 @@ def test_a_standby_stops_cleanly(tmp_path: Path, database_url: str, brokers: lis
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 @pytest.mark.timeout(120)
 def test_a_leader_that_loses_its_lock_exits(
-    tmp_path: Path, database_url: str, brokers: list[Broker]
+    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
-    a = Broker(tmp_path, "a", database_url)
+    a = BrokerProcess(tmp_path, "a", database_url)
     brokers.append(a)
     a.wait_ready()
     admin = create_engine(database_url)
@@ -240,9 +178,9 @@ def test_a_lock_nothing_else_can_take_is_not_watched(tmp_path: Path) -> None:
 
 
 def test_a_database_unreachable_at_start_is_an_error_not_a_wait(
-    tmp_path: Path, brokers: list[Broker]
+    tmp_path: Path, brokers: list[BrokerProcess]
 ) -> None:
-    b = Broker(tmp_path, "b", "postgresql+psycopg://agentcg@127.0.0.1:1/none")
+    b = BrokerProcess(tmp_path, "b", "postgresql+psycopg://agentcg@127.0.0.1:1/none")
     brokers.append(b)
     assert b.proc.wait(60) == 1
     text = " ".join(b.log_text().split())  # the error may be wrapped
