@@ -4,7 +4,7 @@ Real broker processes on one database (broker/leadership.py): a leader, and befo
 takeover a new standby (it has to log that it stands by). Then SIGKILL the leader and time,
 from the kill:
 - ``serving_s``: until the standby has loaded the state and serves (its ready file's mtime);
-- ``client_s``: until a call made right after the kill, through the SDK on a target naming
+- ``client_s``: until a call made right after the kill, by a new SDK client on a target naming
   both brokers (gRPC's waitForReady, ``broker_channel_options``), has its answer.
 Every takeover checks that the new leader's view is the database's: the tenant quota the old
 leader set just before the kill. ``first_start_s``: the first broker, from
@@ -58,13 +58,16 @@ def bench_failover(
                     brokers.append(standby)
                     standby.wait_standby()
                     target = f"ipv4:{leader.address},{standby.address}"
-                    with Client(target, timeout_s=60) as c:
+                    with Client(leader.address) as c:
                         # The leader's last write before the kill: the new one must load it.
                         c.set_tenant("bench-failover", (64 + i) * MiB)
-                        killed = time.time()
-                        leader.stop(signal.SIGKILL)
+                    killed = time.time()
+                    leader.stop(signal.SIGKILL)
+                    # A client that starts at the kill (one connected to the old leader may
+                    # send its call down the dead connection first: UNAVAILABLE).
+                    with Client(target, timeout_s=60) as c:
                         quota = c.get_tenant("bench-failover").memory_quota_bytes
-                        client.append(time.time() - killed)
+                    client.append(time.time() - killed)
                     standby.wait_ready()
                     serving.append(standby.ready.stat().st_mtime - killed)
                     if quota != (64 + i) * MiB:
