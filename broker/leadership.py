@@ -181,7 +181,7 @@ def lock_for(url: str) -> LeaderLock | None:
     return AdvisoryLock(url)
 
 
-async def acquire(lock: LeaderLock, on_standby: Callable[[], None] | None = None) -> None:
+async def acquire(lock: LeaderLock) -> None:
     """Wait until this broker holds ``lock``, then ``lock.takeover_s`` more."""
     standing_by = False
     while not await asyncio.to_thread(lock.try_acquire):
@@ -192,8 +192,6 @@ async def acquire(lock: LeaderLock, on_standby: Callable[[], None] | None = None
                 lock.describe(),
                 RETRY_S,
             )
-            if on_standby is not None:
-                on_standby()
         await asyncio.sleep(RETRY_S)
     log.info("holding %s; loading the state in %.1f s", lock.describe(), lock.takeover_s)
     await asyncio.sleep(lock.takeover_s)

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from agentcg.errors import AgentcgError
@@ -489,6 +489,21 @@ def demo(
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (print numbers; --json PATH)")
 app.add_typer(bench_app, name="bench")
+BenchDbOpt = Annotated[
+    str,
+    typer.Option(
+        help="SQLAlchemy URL (default: SQLite in a temp dir); PostgreSQL runs in a new"
+        " schema, dropped afterwards; a SQLite file must not exist yet"
+    ),
+]
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    """A bench's figures as a metric/value table."""
+    table = Table("metric", "value")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    console.print(table)
 
 
 @bench_app.command("reaction")
@@ -529,10 +544,7 @@ def bench_reaction_cmd(
         overhead_seconds=overhead_seconds,
         cluster=cluster,
     )
-    table = Table("metric", "value")
-    for k, v in result.items():
-        table.add_row(k, str(v))
-    console.print(table)
+    _print_result(result)
 
 
 @bench_app.command("admission")
@@ -547,13 +559,7 @@ def bench_admission_cmd(
     queued: Annotated[
         int, typer.Option(help="Reserves waiting in the queue during the last phase")
     ] = 1000,
-    db: Annotated[
-        str,
-        typer.Option(
-            help="SQLAlchemy URL (default: SQLite in a temp dir); PostgreSQL runs in a new"
-            " schema, dropped afterwards; a SQLite file must not exist yet"
-        ),
-    ] = "",
+    db: BenchDbOpt = "",
     load_generator: Annotated[
         str,
         typer.Option(
@@ -601,22 +607,13 @@ def bench_admission_cmd(
         raise typer.BadParameter(str(e), param_hint="--db") from None
     except LoadGeneratorError as e:
         raise typer.BadParameter(str(e), param_hint="--load-generator") from None
-    table = Table("metric", "value")
-    for k, v in result.items():
-        table.add_row(k, str(v))
-    console.print(table)
+    _print_result(result)
 
 
 @bench_app.command("failover")
 def bench_failover_cmd(
     takeovers: Annotated[int, typer.Option(min=1, help="leaders to SIGKILL, one by one")] = 3,
-    db: Annotated[
-        str,
-        typer.Option(
-            help="SQLAlchemy URL (default: SQLite in a temp dir); PostgreSQL runs in a new"
-            " schema, dropped afterwards; a SQLite file must not exist yet"
-        ),
-    ] = "",
+    db: BenchDbOpt = "",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """Broker takeover: SIGKILL the leader, time until the standby serves and a client call
@@ -633,10 +630,7 @@ def bench_failover_cmd(
         )
     except UsedDatabaseError as e:
         raise typer.BadParameter(str(e), param_hint="--db") from None
-    table = Table("metric", "value")
-    for k, v in result.items():
-        table.add_row(k, str(v))
-    console.print(table)
+    _print_result(result)
 
 
 @bench_app.command("replay")

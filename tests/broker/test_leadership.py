@@ -35,16 +35,24 @@ def brokers(tmp_path: Path) -> Iterator[list[BrokerProcess]]:
         b.stop(signal.SIGKILL)
 
 
-@pytest.mark.timeout(180)
-def test_standby_takes_over_with_the_leaders_state(
+def leader_and_standby(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
-) -> None:
+) -> tuple[BrokerProcess, BrokerProcess]:
+    """Broker a serving, then broker b standing by for it, on one database."""
     a = BrokerProcess(tmp_path, "a", database_url)
     brokers.append(a)
     a.wait_ready()
     b = BrokerProcess(tmp_path, "b", database_url)
     brokers.append(b)
     b.wait_standby()
+    return a, b
+
+
+@pytest.mark.timeout(180)
+def test_standby_takes_over_with_the_leaders_state(
+    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
+) -> None:
+    a, b = leader_and_standby(tmp_path, database_url, brokers)
     # Both in one target: gRPC clients (and nodes) go to whichever listens.
     target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
     with SimNode(target) as node, Client(target, timeout_s=10) as c:
@@ -85,12 +93,7 @@ def test_standby_takes_over_with_the_leaders_state(
 def test_a_standby_stops_cleanly(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
-    a = BrokerProcess(tmp_path, "a", database_url)
-    brokers.append(a)
-    a.wait_ready()
-    b = BrokerProcess(tmp_path, "b", database_url)
-    brokers.append(b)
-    b.wait_standby()
+    a, b = leader_and_standby(tmp_path, database_url, brokers)
     assert b.stop(signal.SIGTERM) == 0
     assert "stopping (was standing by)" in b.log_text()
     assert a.proc.poll() is None

@@ -4,20 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from agentcg.clients.cluster import free_port
 from agentcg.node.uplink import Uplink
 from agentcg.v1 import broker_pb2, types_pb2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_broker(workdir: Path, port: int) -> subprocess.Popen[bytes]:
