@@ -13,6 +13,7 @@ import dataclasses
 import json
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -209,19 +210,56 @@ OutputSink = Callable[[int, bytes], None]  # (1 stdout | 2 stderr, data)
 
 RECONNECT_BACKOFF_MS = (100, 500)  # (first and least, most) with several brokers
 
+# Calls that give the same result when sent twice: with several brokers one that fails with
+# UNAVAILABLE (the leader died with it in flight) is sent again, to the new leader. A Reserve
+# is one of them because the SDK sends every Reserve with an idempotency key (``reserve``):
+# sent again it returns the lease the first attempt got if that one was committed. Not
+# DeleteTenant (sent again: NOT_FOUND) nor the node's Connect stream (it reconnects itself).
+RESENT = {
+    "agentcg.v1.Broker": (
+        "Reserve",
+        "ReserveBatch",
+        "Release",
+        "ReleaseBatch",
+        "Renew",
+        "GetLease",
+        "ListLeases",
+        "Ping",
+    ),
+    "agentcg.v1.TenantAdmin": ("SetTenant", "GetTenant", "ListTenants"),
+}
+RESEND_POLICY = {
+    "maxAttempts": 5,  # gRPC's cap
+    "initialBackoff": "0.1s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
 
 def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
     """gRPC channel options for the broker target ``broker``.
 
     A target naming several brokers (``ipv4:A:port,B:port``: replicas of which one serves and
-    the others stand by without listening, see broker/leadership.py) gets ``waitForReady``: a
-    call made while the leader is being replaced waits, within its deadline, for the new one to
-    listen instead of failing at once with UNAVAILABLE, and the channel tries to connect again
-    every 0.1-0.5 s. It never resends a call that reached a broker. A single address keeps
-    gRPC's defaults: fail fast while nothing listens."""
+    the others stand by without listening, see broker/leadership.py) gets, through gRPC's
+    service config:
+
+    - ``waitForReady``: a call made while the leader is being replaced waits, within its
+      deadline, for the new one to listen instead of failing at once with UNAVAILABLE, and the
+      channel tries to connect again every 0.1-0.5 s;
+    - a ``retryPolicy`` for the calls in ``RESENT``: one that fails with UNAVAILABLE (in flight
+      when the leader died) is sent again, up to 5 attempts within its deadline.
+
+    A single address keeps gRPC's defaults: fail fast while nothing listens, never resend."""
     if "," not in broker:
         return []
-    config = {"methodConfig": [{"name": [{}], "waitForReady": True}]}
+    resent = [{"service": s, "method": m} for s, methods in RESENT.items() for m in methods]
+    config = {
+        "methodConfig": [
+            {"name": [{}], "waitForReady": True},
+            {"name": resent, "waitForReady": True, "retryPolicy": RESEND_POLICY},
+        ]
+    }
     # gRPC's reconnect backoff starts at 1 s and grows 1.6x: a client then saw the new leader
     # up to ~1.3 s after it served (`agentcg bench failover`). Retry connecting sooner.
     return [
@@ -230,6 +268,20 @@ def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
         ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
     ]
+
+
+def _new_key() -> str:
+    return uuid.uuid4().hex
+
+
+def _keyed(request: broker_pb2.ReserveRequest) -> broker_pb2.ReserveRequest:
+    """``request`` if it has an idempotency key, else a copy with a new one."""
+    if request.idempotency_key:
+        return request
+    keyed = broker_pb2.ReserveRequest()
+    keyed.CopyFrom(request)
+    keyed.idempotency_key = _new_key()
+    return keyed
 
 
 class AsyncClient:
@@ -280,7 +332,10 @@ class AsyncClient:
         """Admit one tool call. With ``queue_timeout_ms`` the broker waits up to that long for
         capacity (by priority, then arrival) before it denies. ``session_max_bytes`` declares
         the most the whole session will hold at once: the broker then keeps it on one node and
-        admits its leases only in an order in which every declared session there can finish."""
+        admits its leases only in an order in which every declared session there can finish.
+
+        Without an ``idempotency_key`` the SDK makes one: a Reserve sent again (several brokers,
+        ``broker_channel_options``) then gets the lease the first attempt got, never a second."""
         reply = await self._call(
             self._broker.Reserve(
                 broker_pb2.ReserveRequest(
@@ -290,7 +345,7 @@ class AsyncClient:
                     intent=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
                     priority=priority,
                     ttl_ms=ttl_ms,
-                    idempotency_key=idempotency_key,
+                    idempotency_key=idempotency_key or _new_key(),
                     expected_duration_ms=expected_duration_ms,
                     queue_timeout_ms=queue_timeout_ms,
                     session_max_memory_bytes=session_max_bytes,
@@ -345,10 +400,12 @@ class AsyncClient:
     async def reserve_batch(
         self, requests: Sequence[broker_pb2.ReserveRequest]
     ) -> list[Lease | QuotaExceededError]:
-        """Many admissions in one durable round trip: a Lease or the denial, per request."""
+        """Many admissions in one durable round trip: a Lease or the denial, per request. A
+        request without an idempotency key is sent with a new one (see ``reserve``)."""
         reply = await self._call(
             self._broker.ReserveBatch(
-                broker_pb2.ReserveBatchRequest(requests=list(requests)), timeout=self._timeout_s
+                broker_pb2.ReserveBatchRequest(requests=[_keyed(r) for r in requests]),
+                timeout=self._timeout_s,
             )
         )
         out: list[Lease | QuotaExceededError] = []

@@ -89,6 +89,79 @@ def test_standby_takes_over_with_the_leaders_state(
     assert "did not answer" not in a.log_text() + b.log_text()
 
 
+@pytest.mark.timeout(240)
+def test_reserves_in_flight_when_the_leader_dies_get_one_lease_each(
+    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
+) -> None:
+    """The SDK sends a call that failed with UNAVAILABLE again to the new leader, and sends
+    every Reserve with an idempotency key: a grant the old leader committed but never answered
+    comes back as that lease, not as a second one nobody holds."""
+    a, b = leader_and_standby(tmp_path, database_url, brokers)
+    target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+    engine = create_engine(database_url)
+
+    def active_in_db() -> set[str]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT lease_id FROM leases WHERE tenant = 'acme' AND state = 'active'")
+            )
+            return {r[0] for r in rows}
+
+    got: list[str] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    try:
+        with SimNode(target), Client(target, timeout_s=60) as c:
+            c.set_tenant("acme", 1 << 40)
+
+            def worker() -> None:
+                while not stop.is_set():
+                    try:
+                        # Queued, not denied, while the node reconnects to the new leader.
+                        lease = c.reserve("acme", MiB, queue_timeout_ms=30_000)
+                    except Exception as exc:
+                        errors.append(repr(exc))
+                        return
+                    with lock:
+                        got.append(lease.lease_id)
+
+            workers = [threading.Thread(target=worker) for _ in range(8)]
+            for t in workers:
+                t.start()
+            # Freeze the leader (not its writer process, which commits what it was handed) until
+            # it holds a committed grant it has not answered; then kill it.
+            unanswered: set[str] = set()
+            for _ in range(50):
+                time.sleep(0.2)
+                a.proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.3)  # the writer's commits end; answers already sent arrive
+                with lock:
+                    answered = set(got)
+                unanswered = active_in_db() - answered
+                if unanswered:
+                    break
+                a.proc.send_signal(signal.SIGCONT)
+            assert unanswered, "the leader never held a committed grant it had not answered"
+            a.stop(signal.SIGKILL)
+            at_kill = len(answered)
+            b.wait_ready()
+            deadline = time.monotonic() + 60
+            while len(got) < at_kill + 100 and not errors and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop.set()
+            for t in workers:
+                t.join(90)
+            assert errors == []
+            assert len(got) >= at_kill + 100, "the workers did not go on with the new leader"
+            assert len(got) == len(set(got))  # no lease handed out twice
+            assert unanswered <= set(got)  # sent again, they got the grant the old leader made
+            assert active_in_db() == set(got)  # and no grant is held by nobody
+    finally:
+        stop.set()
+        engine.dispose()
+
+
 @pytest.mark.timeout(120)
 def test_a_standby_stops_cleanly(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
@@ -195,6 +268,7 @@ def test_a_database_unreachable_at_start_is_an_error_not_a_wait(
 
 
 def test_one_broker_address_keeps_failing_fast() -> None:
-    # Nothing to wait for with one broker: UNAVAILABLE at once while it is down, as before.
+    # Nothing to wait for with one broker: UNAVAILABLE at once while it is down, as before,
+    # and nothing sent twice.
     assert broker_channel_options("127.0.0.1:50051") == []
     assert broker_channel_options("ipv4:10.0.0.1:50051,10.0.0.2:50051") != []
