@@ -1,0 +1,81 @@
+"""Tool calls across a broker failover, end to end: two brokers on one SQLite file (one leads,
+one stands by, broker/leadership.py), a real node agent and the SDK given both brokers. The
+leader is SIGKILLed while a call runs; the call spikes past its budget while no broker leads,
+and another call is asked for at that moment."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from agentcg.broker.store import Store
+from agentcg.clients.cluster import BrokerProcess, LocalCluster
+from agentcg.clients.sdk import Client, RunResult
+
+MiB = 1 << 20
+
+
+def test_tool_calls_ride_through_a_broker_failover(
+    tmp_path: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    database_url = Store.default_url(tmp_path)
+    brokers: list[BrokerProcess] = []
+    cluster = LocalCluster(tmp_path / "cluster", node_memory="2G", log_level="INFO")
+    cluster.workdir.mkdir()
+    try:
+        a = BrokerProcess(tmp_path, "a", database_url)
+        brokers.append(a)
+        a.wait_ready()
+        b = BrokerProcess(tmp_path, "b", database_url)
+        brokers.append(b)
+        b.wait_standby()
+        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        cluster.start_node(0)
+        started, go = tmp_path / "started", tmp_path / "go"
+        # Waits for `go`, then allocates 150 MiB in a 64 MiB budget.
+        spike = (
+            "import os, time\n"
+            f"open({str(started)!r}, 'w').close()\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            "b = b'x' * (150 << 20)\n"
+        )
+        results: dict[str, RunResult] = {}
+        with Client(cluster.broker_address, timeout_s=60) as c:
+            c.set_tenant("ft", 1024 * MiB)
+
+            def run(name: str, budget: int, argv: list[str]) -> None:
+                results[name] = c.run("ft", budget, argv, queue_timeout_ms=30_000)
+
+            spiking = threading.Thread(
+                target=run, args=("spike", 64 * MiB, [sys.executable, "-c", spike])
+            )
+            spiking.start()
+            deadline = time.monotonic() + 60
+            while not started.exists():
+                assert time.monotonic() < deadline and spiking.is_alive(), results
+                time.sleep(0.02)
+
+            a.stop(signal.SIGKILL)
+            go.touch()  # the spike, while no broker leads: the node pauses it and asks
+            asked = threading.Thread(target=run, args=("asked", 32 * MiB, ["true"]))
+            asked.start()
+            spiking.join(120)
+            asked.join(120)
+            assert not spiking.is_alive() and not asked.is_alive()
+
+            # The new leader grew the paused call, admitted the asked one, and both ended.
+            assert b.leader_gauge() == 1
+            spiked, other = results["spike"], results["asked"]
+            assert (spiked.exit_code, spiked.outcome) == (0, "grown"), spiked
+            assert spiked.peak_bytes >= 150 * MiB
+            assert (other.exit_code, other.outcome) == (0, "completed"), other
+            for r in (spiked, other):
+                assert c.get_lease(r.lease_id).state == "released"
+            assert c.get_tenant("ft").granted_memory_bytes == 0
+    finally:
+        cluster.stop()
+        for broker in brokers:
+            broker.stop(signal.SIGKILL)
