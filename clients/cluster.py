@@ -178,14 +178,21 @@ class BrokerProcess:
     def wait_standby(self, timeout_s: float = 30) -> None:
         self.wait_log("standing by: another broker holds", timeout_s)
 
-    def leader_gauge(self) -> float:
-        """``agentcg_broker_leader`` from its metrics endpoint."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of the sample ``name`` with ``labels`` from its metrics endpoint."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("agentcg_broker_leader "):
-                    return float(line.split()[1])
-        raise RuntimeError("no agentcg_broker_leader gauge")
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise RuntimeError(f"no {name} {labels} in its metrics")
+
+    def leader_gauge(self) -> float:
+        return self.metric("agentcg_broker_leader")
 
     def log_text(self) -> str:
         return self.log.read_text()[-4000:]

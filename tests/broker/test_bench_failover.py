@@ -1,6 +1,7 @@
 """`agentcg bench failover` end to end: real broker processes on SQLite and PostgreSQL, two
 takeovers. Checks that each took place and was measured (the bench itself fails when a new
-leader has not loaded the old one's last write), never how fast."""
+leader has not loaded the old one's last write, or holds a grant its load never got), and that
+no load call failed, never how fast."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def test_bench_failover_measures_every_takeover(tmp_path: Path, database_url: st
     assert all(x > 0 for x in result["serving_s"] + result["client_s"])
     assert result["serving_max_s"] == max(result["serving_s"])
     assert result["first_start_s"] > 0
+    # Calls in flight at the kills were sent again to the new leader: none failed.
+    assert result["load_errors"] == 0, result.get("load_first_error")
+    assert result["load_calls"] > 0 and isinstance(result["load_replayed"], int)
+    assert result["load_max_call_s"] > 0
     assert "client_max_s" in run.stdout  # the table
 
 

@@ -22,9 +22,8 @@ import pytest
 from agentcg.broker.store import Store
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AsyncClient, Client
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import AgentcgError, QuotaExceededError
-
-from .simnode import SimNode
 
 MiB = 1 << 20
 LEASE = 8 * MiB

@@ -19,10 +19,9 @@ from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_fo
 from agentcg.broker.store import StoreError
 from agentcg.clients.cluster import BrokerProcess
 from agentcg.clients.sdk import Client, broker_channel_options
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import QuotaExceededError
 from sqlalchemy import create_engine, text
-
-from .simnode import SimNode
 
 MiB = 1 << 20
 
@@ -33,6 +32,14 @@ def brokers(tmp_path: Path) -> Iterator[list[BrokerProcess]]:
     yield started
     for b in started:
         b.stop(signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(c)
+        for t in Path(f"/proc/{pid}/task").iterdir()
+        for c in (t / "children").read_text().split()
+    ]
 
 
 def leader_and_standby(
@@ -53,6 +60,8 @@ def test_standby_takes_over_with_the_leaders_state(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
     a, b = leader_and_standby(tmp_path, database_url, brokers)
+    # A standby starts its writer process ahead: it does its imports while the broker waits.
+    (writer,) = children(b.proc.pid)
     # Both in one target: gRPC clients (and nodes) go to whichever listens.
     target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
     with SimNode(target) as node, Client(target, timeout_s=10) as c:
@@ -76,6 +85,7 @@ def test_standby_takes_over_with_the_leaders_state(
             assert during.get_tenant("acme").granted_memory_bytes == 48 * MiB
         b.wait_ready()
         assert b.leader_gauge() == 1
+        assert f"database writer process {writer} started" in b.log_text()
         assert node.connected.wait(30), "the node did not follow to the new leader"
 
         # The new leader's view is the database's: the tenant, and the lease against its quota.
@@ -167,8 +177,10 @@ def test_a_standby_stops_cleanly(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
     a, b = leader_and_standby(tmp_path, database_url, brokers)
+    (writer,) = children(b.proc.pid)
     assert b.stop(signal.SIGTERM) == 0
     assert "stopping (was standing by)" in b.log_text()
+    assert not Path(f"/proc/{writer}").exists(), "its writer process outlived it"
     assert a.proc.poll() is None
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AsyncClient, Lease
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import QuotaExceededError
 from agentcg.v1 import broker_pb2
-
-from .simnode import SimNode
 
 MiB = 1 << 20
 

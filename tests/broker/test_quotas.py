@@ -21,11 +21,10 @@ from agentcg.broker.model import (
 )
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import FailedPreconditionError, InvalidArgumentError, QuotaExceededError
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from .simnode import SimNode
 
 MiB = 1 << 20
 NODES = [NodeView(NodeId("n"), 1 << 40, 0)]

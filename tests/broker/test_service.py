@@ -13,10 +13,9 @@ from agentcg.broker.model import LeaseId
 from agentcg.broker.store import Store
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AsyncClient, Client, Lease
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
 from agentcg.v1 import broker_pb2, types_pb2
-
-from .simnode import SimNode
 
 MiB = 1 << 20
 

@@ -11,11 +11,10 @@ from agentcg.broker.model import NodeId, Tenant, TenantName
 from agentcg.broker.sizing import FLOOR_BYTES, MIN_SAMPLES, p95, size_budget
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import QuotaExceededError
 from hypothesis import given
 from hypothesis import strategies as st
-
-from .simnode import SimNode
 
 MiB = 1 << 20
 

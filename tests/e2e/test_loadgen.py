@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
-
-from ..broker.simnode import SimNode
+from agentcg.clients.simnode import SimNode
 
 TENANT = "bench"  # what the generator asks for (bench_admission.TENANT)
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client, Lease
+from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
 from agentcg.v1 import broker_pb2, types_pb2
 from prometheus_client.parser import text_string_to_metric_families
-
-from ..broker.simnode import SimNode
 
 MiB = 1 << 20
 METRICS = ("--metrics-listen", "127.0.0.1:0")

@@ -1,6 +1,6 @@
-"""A simulated node for broker tests: registers, holds the Connect stream, and reconnects (to
-whatever address ``address`` holds now) when the broker goes away. Records the decisions the
-broker sends down the stream."""
+"""A simulated node (broker tests, `agentcg bench failover`): registers, holds the Connect
+stream, and reconnects (to whatever address ``address`` holds now) when the broker goes away.
+Records the decisions the broker sends down the stream."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import threading
 
 import grpc
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
+
+__all__ = ["SimNode"]
 
 
 class SimNode:
