@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+from agentcg.channels import broker_channel_options
 from agentcg.telemetry import aio_client_interceptors
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -32,8 +33,11 @@ class Uplink:
         buffer_size: int = 10_000,
         max_backoff_s: float = 5.0,
     ) -> None:
+        # Given every broker replica: calls wait for the new leader, and one in flight when the
+        # leader died is sent again (an Exec's lease check made during a takeover waits for it).
         self.channel = grpc.aio.insecure_channel(
             broker_address,
+            options=broker_channel_options(broker_address),
             interceptors=aio_client_interceptors(),
         )
         self.broker = broker_pb2_grpc.BrokerStub(self.channel)

@@ -1,7 +1,7 @@
 """Tool calls across a broker failover, end to end: two brokers on one SQLite file (one leads,
 one stands by, broker/leadership.py), a real node agent and the SDK given both brokers. The
 leader is SIGKILLed while a call runs; the call spikes past its budget while no broker leads,
-and another call is asked for at that moment."""
+another call is asked for at that moment, and a third, granted just before, is started then."""
 
 from __future__ import annotations
 
@@ -58,13 +58,25 @@ def test_tool_calls_ride_through_a_broker_failover(
                 assert time.monotonic() < deadline and spiking.is_alive(), results
                 time.sleep(0.02)
 
+            # Granted by the old leader, started on the node only once it is dead: the node
+            # checks the lease with the broker, and that waits for the new leader.
+            granted = c.reserve("ft", 16 * MiB)
+
+            def start_granted() -> None:
+                results["granted"] = c.exec(granted, ["true"])
+
             a.stop(signal.SIGKILL)
             go.touch()  # the spike, while no broker leads: the node pauses it and asks
-            asked = threading.Thread(target=run, args=("asked", 32 * MiB, ["true"]))
-            asked.start()
-            spiking.join(120)
-            asked.join(120)
-            assert not spiking.is_alive() and not asked.is_alive()
+            threads = [
+                threading.Thread(target=run, args=("asked", 32 * MiB, ["true"])),
+                threading.Thread(target=start_granted),
+                spiking,
+            ]
+            for t in threads[:2]:
+                t.start()
+            for t in threads:
+                t.join(120)
+                assert not t.is_alive()
 
             # The new leader grew the paused call, admitted the asked one, and both ended.
             assert b.leader_gauge() == 1
@@ -72,7 +84,9 @@ def test_tool_calls_ride_through_a_broker_failover(
             assert (spiked.exit_code, spiked.outcome) == (0, "grown"), spiked
             assert spiked.peak_bytes >= 150 * MiB
             assert (other.exit_code, other.outcome) == (0, "completed"), other
-            for r in (spiked, other):
+            assert results["granted"].exit_code == 0, results["granted"]
+            c.release(granted.lease_id)
+            for r in (spiked, other, results["granted"]):
                 assert c.get_lease(r.lease_id).state == "released"
             assert c.get_tenant("ft").granted_memory_bytes == 0
     finally:
