@@ -18,13 +18,19 @@ tries the lock again every ``RETRY_S`` and serves its metrics with ``agentcg_bro
 Once it holds the lock it waits the lock's ``takeover_s`` and only then loads the state, so it
 sees everything the previous leader committed.
 
+PostgreSQL's lock can be lost while the broker that held it lives on (its connection was cut,
+or the process was frozen): that broker does not know yet, and its writer may still commit.
+So there the broker also takes the database's leadership epoch before it loads the state
+(``Store.lead``: one more than the last leader's) and its writer commits only while the epoch
+is still its own (``Store.fence``: every write transaction reads it ``FOR SHARE`` first). An
+old leader's commit then either ends before the new leader loads, or fails: a fencing token,
+not a wait long enough for the old leader to have noticed.
+
 Losing the lock is fail-stop, as in Kubernetes' leader election: a broker whose lock connection
 fails its check (every ``CHECK_S``, answered within ``CHECK_TIMEOUT_S``; ``Watchdog``, on
 threads of its own, not on the event loop) exits at once with ``LOST_EXIT_CODE``, and its
 writer process with it (``PR_SET_PDEATHSIG``, writer.py); its supervisor starts it again, as a
-standby. PostgreSQL's ``takeover_s`` is longer than
-``CHECK_S + CHECK_TIMEOUT_S``: when the server ends an old leader's session while that broker
-lives on, the new leader loads the state only after the old one has stopped committing.
+standby. Until it has exited its commits fail (the epoch), and so its decisions.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ class AdvisoryLock:
     """A PostgreSQL session advisory lock on a connection of its own (autocommit: it never
     holds a transaction open)."""
 
-    takeover_s = 2 * (CHECK_S + CHECK_TIMEOUT_S)
+    takeover_s = 0.0  # the epoch fences the old leader's commits (``Store.fence``)
     watched = True
     KEY = "hashtextextended('agentcg-broker:' || current_database() || ':' || current_schema(), 0)"
 

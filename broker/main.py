@@ -223,7 +223,7 @@ async def _run(
                 return
             metrics.leader.set(1)
             with leadership.Watchdog(lock, _leadership_lost):
-                await serve()
+                await serve(fenced=lock.watched)
         finally:
             lock.close()
     finally:
@@ -265,9 +265,16 @@ async def _serve(
     on_serving: Callable[[], None] | None,
     busy_clock: Callable[[], float],
     started: subprocess.Popen[bytes] | None,
+    *,
+    fenced: bool = False,
 ) -> None:
     store = Store(url)
     store.migrate()
+    epoch = None
+    if fenced:  # a lock that can be lost while this broker lives: fence its commits too
+        epoch = store.lead()
+        store.fence(epoch)
+        log.info("leadership epoch %d", epoch)
     snapshot = store.load()
     ledger = Ledger(overcommit_ratio=config.overcommit_ratio)
     ledger.load(snapshot.tenants, snapshot.nodes, snapshot.active_leases)
@@ -284,6 +291,7 @@ async def _serve(
             busy_clock=busy_clock,
             cpu=None if config.cpus is None else config.cpus[1],
             started=started,
+            epoch=epoch,
         )
     else:
         journal = Journal(store, metrics=metrics, busy_clock=busy_clock)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
-from typing import ClassVar, assert_never
+from typing import Any, ClassVar, assert_never
 
 import sqlalchemy.exc as sa_exc
 from alembic import command
@@ -43,6 +43,7 @@ from sqlalchemy import (
     make_url,
     select,
     text,
+    update,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects import postgresql, sqlite
@@ -71,9 +72,11 @@ from .model import (
 )
 
 __all__ = [
+    "FENCE_SQL",
     "NAMING_CONVENTION",
     "AuditRow",
     "Base",
+    "LeadershipRow",
     "LeaseRow",
     "NodeRow",
     "Snapshot",
@@ -214,6 +217,15 @@ class LeaseRow(Base):
     )
 
 
+class LeadershipRow(Base):
+    """One row: the epoch of the broker that leads (migration 0007; ``Store.fence``)."""
+
+    __tablename__ = "leadership"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int]
+
+
 class AuditRow(Base):
     __tablename__ = "audit"
 
@@ -238,6 +250,9 @@ def _table(row: type[Base]) -> Table:
 _TENANTS = _table(TenantRow)
 _NODES = _table(NodeRow)
 _LEASES = _table(LeaseRow)
+_LEADERSHIP = _table(LeadershipRow)
+# A fenced writer's first statement in each transaction (``Store.fence``); PostgreSQL's form.
+FENCE_SQL = "SELECT epoch FROM leadership WHERE id = 1 FOR SHARE"
 _AUDIT = _table(AuditRow)
 
 
@@ -589,6 +604,7 @@ class Store:
         # Multi-row statements by row count (see _write_leases), built on first use.
         self._lease_upserts: dict[int, str] = {}
         self._audit_inserts: dict[int, str] = {}
+        self._epoch: int | None = None  # fenced to this leadership epoch (``fence``)
 
     @property
     def wal_path(self) -> Path | None:
@@ -667,6 +683,41 @@ class Store:
             )
             return Snapshot(snapshot_tenants, snapshot_nodes, [_lease(r) for r in leases])
 
+    def lead(self) -> int:
+        """Take the leadership epoch: add one to it and return it. Waits for every commit that
+        read the old epoch (``fence``) to end; the ones that start after it fail."""
+        with _translated("take the leadership epoch", self._shown_url), self._engine.begin() as c:
+            epoch = c.execute(
+                update(_LEADERSHIP)
+                .where(_LEADERSHIP.c.id == 1)
+                .values(epoch=_LEADERSHIP.c.epoch + 1)
+                .returning(_LEADERSHIP.c.epoch)
+            ).scalar_one()
+        return int(epoch)
+
+    def fence(self, epoch: int) -> None:
+        """Commit only while the leadership epoch is ``epoch``: every write transaction first
+        reads it (``FOR SHARE``: ``lead`` waits for the transaction) and fails with
+        ``StoreError`` once another broker has taken it."""
+        self._epoch = epoch
+
+    def _check_epoch(self, cursor: DBAPICursor) -> None:
+        """Inside a write transaction (see ``fence``): raise unless it is still ours."""
+        # SQLite has no FOR SHARE, nor needs it: a transaction that read and then writes after
+        # another connection's commit fails (SQLITE_BUSY_SNAPSHOT).
+        cursor.execute(
+            FENCE_SQL if self._dialect == "postgresql" else FENCE_SQL[: -len(" FOR SHARE")]
+        )
+        self._verify_epoch(cursor.fetchone())
+
+    def _verify_epoch(self, row: Sequence[Any] | None) -> None:
+        if row is None or row[0] != self._epoch:
+            now = None if row is None else row[0]
+            raise StoreError(
+                f"fenced: another broker leads {self._shown_url} now (leadership epoch {now}, "
+                f"this broker's {self._epoch}); nothing committed"
+            )
+
     def apply(self, changes: Sequence[Change]) -> None:
         """Persist a batch of changes in one transaction: all or nothing, durable on return.
 
@@ -725,6 +776,8 @@ class Store:
         try:
             if self._dialect == "sqlite":
                 cursor.execute("BEGIN")  # the sqlite3 module runs in autocommit mode here
+            if self._epoch is not None and self._dialect == "sqlite":
+                self._check_epoch(cursor)
             if self._dialect == "sqlite":
                 # A few multi-row statements per table, not an executemany of one per row: the
                 # sqlite3 driver lets go of the GIL around every statement it steps, and each
@@ -737,10 +790,18 @@ class Store:
             else:
                 # psycopg pipelines an executemany of one prepared statement; multi-row
                 # statements measured twice its CPU per row there (ReserveBatch+ReleaseBatch).
-                if leases:
-                    cursor.executemany(self._lease_upsert_sql, leases)
-                if audit:
-                    cursor.executemany(self._audit_insert_sql, audit)
+                # The epoch check (``fence``) goes in the same pipeline: no round trip of its
+                # own (150 us a commit here); a wrong epoch rolls the writes back below.
+                fence = raw.cursor() if self._epoch is not None else None
+                with raw.pipeline():
+                    if fence is not None:
+                        fence.execute(FENCE_SQL)
+                    if leases:
+                        cursor.executemany(self._lease_upsert_sql, leases)
+                    if audit:
+                        cursor.executemany(self._audit_insert_sql, audit)
+                if fence is not None:
+                    self._verify_epoch(fence.fetchone())
             if self._dialect == "sqlite":
                 cursor.execute("COMMIT")
             else:
@@ -751,6 +812,9 @@ class Store:
         except dbapi.Error as e:
             self._rollback(raw)
             raise StoreError(f"{action}: database {self._shown_url} unavailable: {e}") from e
+        except StoreError:  # fenced
+            self._rollback(raw)
+            raise
         finally:
             cursor.close()
 
@@ -801,6 +865,10 @@ class Store:
     def _write(
         self, conn: Connection, batch: _Batch, deleted: list[str], tenants: list[dict[str, object]]
     ) -> None:
+        if self._epoch is not None:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            self._check_epoch(raw.cursor())
         if deleted:
             conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
         if tenants:

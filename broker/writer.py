@@ -9,9 +9,9 @@ per loop round over a pipe and reads the outcome back on the same loop (``add_re
 no thread hop and no GIL shared with the writer.
 
 Protocol (both ways, a 4-byte big-endian length then a pickle):
-- parent -> child: first ``{"url": ..., "log_level": ...}`` (never on the command line: the URL
-  may hold a password), then ``(seq, hold_s, [changes, ...])``, one group per submission of the
-  round;
+- parent -> child: first ``{"url": ..., "log_level": ..., "epoch": ...}`` (never on the command
+  line: the URL may hold a password; ``epoch``: ``Store.fence``), then ``(seq, hold_s,
+  [changes, ...])``, one group per submission of the round;
 - child -> parent: first ``("ready", frozen)`` once the database is open (``frozen``: the
   start-up objects it moved out of the cycle collector's way, ``agentcg.heap``), then per commit
   ``(seconds, held, [(seq, None | [error | None per group]), ...])``: None when all of a frame's
@@ -239,6 +239,8 @@ def main() -> int:
     if config.get("cpu") is not None:
         os.sched_setaffinity(0, {config["cpu"]})  # before the store starts its threads
     store = Store(config["url"])
+    if config.get("epoch") is not None:
+        store.fence(config["epoch"])
     try:
         store.open_writer()
         # Its imports (SQLAlchemy, Alembic) are ~81,000 objects: a 33 ms full collection,
@@ -293,6 +295,7 @@ class ProcessJournal(Journal):
         command: Sequence[str] = COMMAND,
         cpu: int | None = None,
         started: subprocess.Popen[bytes] | None = None,
+        epoch: int | None = None,
     ) -> None:
         super().__init__(store, metrics=metrics, busy_clock=busy_clock)
         self._hold_s = hold_s
@@ -312,6 +315,7 @@ class ProcessJournal(Journal):
         # A restart's child, from its start until it is ready (or failed): close() kills it.
         self._launching: subprocess.Popen[bytes] | None = None
         self._started = started  # a writer started ahead (``spawn``): the first one to use
+        self._epoch = epoch  # the writer commits only while it leads (``Store.fence``)
         self.restarts = 0
         self.writer_frozen_objects = 0  # the running writer's, as it reported when ready; 0: none
 
@@ -342,7 +346,12 @@ class ProcessJournal(Journal):
         start-up on the loop, at a restart on another thread)."""
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            config = {"url": self._url, "log_level": self._log_level, "cpu": self._cpu}
+            config = {
+                "url": self._url,
+                "log_level": self._log_level,
+                "cpu": self._cpu,
+                "epoch": self._epoch,
+            }
             _write_all(proc.stdin.fileno(), frame(config))
             frozen = self._await_ready(proc, proc.stdout.fileno())
         except BaseException:

@@ -16,7 +16,17 @@ from pathlib import Path
 import grpc
 import pytest
 from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_for
-from agentcg.broker.store import StoreError
+from agentcg.broker.model import (
+    Lease,
+    LeaseId,
+    NodeId,
+    PutLease,
+    PutTenant,
+    SessionName,
+    Tenant,
+    TenantName,
+)
+from agentcg.broker.store import FENCE_SQL, Store, StoreError
 from agentcg.clients.cluster import BrokerProcess
 from agentcg.clients.sdk import Client, broker_channel_options
 from agentcg.clients.simnode import SimNode
@@ -24,6 +34,20 @@ from agentcg.errors import QuotaExceededError
 from sqlalchemy import create_engine, text
 
 MiB = 1 << 20
+
+
+def store_lease(lease_id: str) -> Lease:
+    return Lease(
+        lease_id=LeaseId(lease_id),
+        tenant=TenantName("t1"),
+        session=SessionName("s1"),
+        command_class="pytest",
+        node_id=NodeId("n1"),
+        memory_bytes=MiB,
+        intent_memory_bytes=MiB,
+        granted_at_ms=1_000,
+        expires_at_ms=61_000,
+    )
 
 
 @pytest.fixture
@@ -86,6 +110,9 @@ def test_standby_takes_over_with_the_leaders_state(
         b.wait_ready()
         assert b.leader_gauge() == 1
         assert f"database writer process {writer} started" in b.log_text()
+        if database_url.startswith("postgresql"):  # each leader fences the one before
+            assert "leadership epoch 1" in a.log_text()
+            assert "leadership epoch 2" in b.log_text()
         assert node.connected.wait(30), "the node did not follow to the new leader"
 
         # The new leader's view is the database's: the tenant, and the lease against its quota.
@@ -284,3 +311,55 @@ def test_one_broker_address_keeps_failing_fast() -> None:
     # and nothing sent twice.
     assert broker_channel_options("127.0.0.1:50051") == []
     assert broker_channel_options("ipv4:10.0.0.1:50051,10.0.0.2:50051") != []
+
+
+def test_a_fenced_writer_commits_nothing_once_another_broker_leads(database_url: str) -> None:
+    """The leadership epoch (Store.lead / Store.fence): the old leader's writes fail, on both
+    the hot path (leases only) and the general one (tenants), and nothing of them lands."""
+    old, new = Store(database_url), Store(database_url)
+    try:
+        old.migrate()
+        epoch = old.lead()
+        old.fence(epoch)
+        old.apply([PutTenant(Tenant(TenantName("t1"), 64 * MiB))])
+        lease = store_lease("l1")
+        old.apply([PutLease(lease)])
+
+        assert new.lead() == epoch + 1
+        new.fence(epoch + 1)
+        with pytest.raises(StoreError, match=r"fenced: another broker leads .* epoch"):
+            old.apply([PutLease(store_lease("l2"))])
+        with pytest.raises(StoreError, match="fenced"):
+            old.apply([PutTenant(Tenant(TenantName("t2"), 64 * MiB))])
+        new.apply([PutTenant(Tenant(TenantName("t3"), 64 * MiB))])
+        snapshot = new.load()
+        assert [t.name for t in snapshot.tenants] == ["t1", "t3"]
+        assert [le.lease_id for le in snapshot.active_leases] == ["l1"]
+    finally:
+        old.close()
+        new.close()
+
+
+# SQLite's writers exclude each other anyway (one write transaction at a time).
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_taking_the_epoch_waits_for_a_commit_that_read_the_old_one(database_url: str) -> None:
+    old, new = Store(database_url), Store(database_url)
+    engine = create_engine(database_url)
+    taken: list[int] = []
+    try:
+        old.migrate()
+        epoch = old.lead()
+        with engine.connect() as conn:
+            # An old leader's transaction between its epoch check and its commit.
+            conn.exec_driver_sql(FENCE_SQL)  # what the writer runs first (Store.fence)
+            taking = threading.Thread(target=lambda: taken.append(new.lead()))
+            taking.start()
+            taking.join(1.0)
+            assert taking.is_alive() and taken == [], "the epoch was taken under the commit"
+            conn.commit()
+        taking.join(30)
+        assert taken == [epoch + 1]
+    finally:
+        old.close()
+        new.close()
+        engine.dispose()
