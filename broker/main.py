@@ -274,6 +274,7 @@ async def _serve(
     if fenced:  # a lock that can be lost while this broker lives: fence its commits too
         epoch = store.lead()
         store.fence(epoch)
+        metrics.leadership_epoch.set(epoch)
         log.info("leadership epoch %d", epoch)
     snapshot = store.load()
     ledger = Ledger(overcommit_ratio=config.overcommit_ratio)
@@ -296,7 +297,7 @@ async def _serve(
     else:
         journal = Journal(store, metrics=metrics, busy_clock=busy_clock)
     journal.start()
-    core = BrokerCore(store, journal, ledger, metrics)
+    core = BrokerCore(store, journal, ledger, metrics, on_fenced=_leadership_lost)
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
     if store.wal_path is not None:
         metrics.track_wal(store.wal_path)

@@ -203,6 +203,12 @@ class BrokerMetrics:
             "stands by for another broker (broker/leadership.py)",
             registry=r,
         )
+        self.leadership_epoch = Gauge(
+            p + "leadership_epoch",
+            "The leadership epoch this broker took when it began to serve (PostgreSQL; it grows "
+            "by one per takeover, see Store.fence); 0 where none is taken",
+            registry=r,
+        )
         self.loop_busy = Gauge(
             p + "loop_busy_ratio",
             "Share of the last 50 ms the event loop was busy (not waiting for events): near 1, "

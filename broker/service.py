@@ -59,7 +59,7 @@ from .model import (
     TenantName,
 )
 from .sizing import size_budget
-from .store import Store, StoreError
+from .store import Store, StoreError, StoreFenced
 
 __all__ = ["BrokerCore", "BrokerServicer", "NodeGatewayServicer", "TenantAdminServicer"]
 
@@ -286,11 +286,14 @@ class BrokerCore:
         journal: Journal,
         ledger: Ledger,
         metrics: BrokerMetrics | None = None,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.journal = journal
         self.ledger = ledger
         self.metrics = metrics or BrokerMetrics()
+        # Called when a commit found another broker leading (StoreFenced): this one must stop.
+        self.on_fenced = on_fenced
         # Per connected node, what its stream sends; None ends the stream.
         self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage | None]] = {}
         # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
@@ -343,6 +346,8 @@ class BrokerCore:
             # Shielded: a caller that goes away does not stop a commit already queued.
             await asyncio.shield(inner)
         except StoreError as exc:
+            if isinstance(exc, StoreFenced) and self.on_fenced is not None:
+                self.on_fenced(str(exc))
             raise UnavailableError(f"database: could not persist the decision ({exc})") from exc
 
     async def prune_history(self, keep_ms: int) -> None:

@@ -82,6 +82,7 @@ __all__ = [
     "Snapshot",
     "Store",
     "StoreError",
+    "StoreFenced",
     "StoreIntegrityError",
     "TenantRow",
     "alembic_config",
@@ -261,6 +262,11 @@ class StoreError(Exception):
 
     Nothing of the failed call was written; retrying later may succeed.
     """
+
+
+class StoreFenced(StoreError):
+    """Another broker took the leadership epoch (``Store.fence``): this one leads no longer.
+    Nothing of the failed call was written, and nothing of this broker's will be."""
 
 
 class StoreIntegrityError(Exception):
@@ -698,7 +704,7 @@ class Store:
     def fence(self, epoch: int) -> None:
         """Commit only while the leadership epoch is ``epoch``: every write transaction first
         reads it (``FOR SHARE``: ``lead`` waits for the transaction) and fails with
-        ``StoreError`` once another broker has taken it."""
+        ``StoreFenced`` once another broker has taken it."""
         self._epoch = epoch
 
     def _check_epoch(self, cursor: DBAPICursor) -> None:
@@ -713,7 +719,7 @@ class Store:
     def _verify_epoch(self, row: Sequence[Any] | None) -> None:
         if row is None or row[0] != self._epoch:
             now = None if row is None else row[0]
-            raise StoreError(
+            raise StoreFenced(
                 f"fenced: another broker leads {self._shown_url} now (leadership epoch {now}, "
                 f"this broker's {self._epoch}); nothing committed"
             )

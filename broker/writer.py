@@ -63,7 +63,7 @@ from agentcg.heap import freeze_start_up
 from .journal import ChangeSink, Journal, _settle_all, apply_groups
 from .metrics import BrokerMetrics
 from .model import AuditEntry, Change, Lease, Node, Tenant
-from .store import Store, StoreError, StoreIntegrityError
+from .store import Store, StoreError, StoreFenced, StoreIntegrityError
 
 __all__ = ["ProcessJournal", "main", "spawn", "stop"]
 
@@ -135,14 +135,22 @@ class FrameReader:
         return out
 
 
+_KINDS: dict[str, type[StoreError | StoreIntegrityError]] = {
+    "integrity": StoreIntegrityError,
+    "fenced": StoreFenced,
+    "store": StoreError,
+}
+
+
 def _error_of(exc: BaseException) -> tuple[str, str]:
-    kind = "integrity" if isinstance(exc, StoreIntegrityError) else "store"
-    known = isinstance(exc, StoreError | StoreIntegrityError)
-    return kind, str(exc) if known else f"{type(exc).__name__}: {exc}"
+    for kind, cls in _KINDS.items():  # the most specific first
+        if isinstance(exc, cls):
+            return kind, str(exc)
+    return "store", f"{type(exc).__name__}: {exc}"
 
 
 def _exception(kind: str, message: str) -> StoreError | StoreIntegrityError:
-    return StoreIntegrityError(message) if kind == "integrity" else StoreError(message)
+    return _KINDS.get(kind, StoreError)(message)
 
 
 # -- the child --------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from agentcg.broker.model import (
     Tenant,
     TenantName,
 )
-from agentcg.broker.store import FENCE_SQL, Store, StoreError
+from agentcg.broker.store import FENCE_SQL, Store, StoreError, StoreFenced
 from agentcg.clients.cluster import BrokerProcess
 from agentcg.clients.sdk import Client, broker_channel_options
 from agentcg.clients.simnode import SimNode
-from agentcg.errors import QuotaExceededError
+from agentcg.errors import QuotaExceededError, UnavailableError
 from sqlalchemy import create_engine, text
 
 MiB = 1 << 20
@@ -112,7 +112,7 @@ def test_standby_takes_over_with_the_leaders_state(
         assert f"database writer process {writer} started" in b.log_text()
         if database_url.startswith("postgresql"):  # each leader fences the one before
             assert "leadership epoch 1" in a.log_text()
-            assert "leadership epoch 2" in b.log_text()
+            assert b.metric("agentcg_broker_leadership_epoch") == 2
         assert node.connected.wait(30), "the node did not follow to the new leader"
 
         # The new leader's view is the database's: the tenant, and the lease against its quota.
@@ -237,6 +237,36 @@ def test_a_leader_that_loses_its_lock_exits(
     assert "lost the database's leadership lock" in a.log_text()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.timeout(120)
+def test_a_leader_whose_commit_is_fenced_exits(
+    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
+) -> None:
+    """Another broker took the epoch while this one still held its lock session (as when the
+    server ended that session and the watchdog has not noticed yet): the commit fails and the
+    broker stops at once instead of serving a state it can no longer change."""
+    a = BrokerProcess(tmp_path, "a", database_url)
+    brokers.append(a)
+    a.wait_ready()
+    with Client(a.address, timeout_s=10) as c:
+        c.set_tenant("acme", 64 * MiB)
+        admin = create_engine(database_url)
+        try:
+            with admin.begin() as conn:
+                conn.execute(text("UPDATE leadership SET epoch = epoch + 1"))
+        finally:
+            admin.dispose()
+        with pytest.raises(UnavailableError):
+            c.set_tenant("acme", 32 * MiB)
+    assert a.proc.wait(10) == LOST_EXIT_CODE
+    assert "fenced: another broker leads" in a.log_text()
+    check = Store(database_url)
+    try:
+        assert [t.memory_quota_bytes for t in check.load().tenants] == [64 * MiB]
+    finally:
+        check.close()
+
+
 class _HangingLock:
     """A lock whose check never returns, as on a connection to a server that vanished."""
 
@@ -327,9 +357,9 @@ def test_a_fenced_writer_commits_nothing_once_another_broker_leads(database_url:
 
         assert new.lead() == epoch + 1
         new.fence(epoch + 1)
-        with pytest.raises(StoreError, match=r"fenced: another broker leads .* epoch"):
+        with pytest.raises(StoreFenced, match=r"fenced: another broker leads .* epoch"):
             old.apply([PutLease(store_lease("l2"))])
-        with pytest.raises(StoreError, match="fenced"):
+        with pytest.raises(StoreFenced, match="fenced"):
             old.apply([PutTenant(Tenant(TenantName("t2"), 64 * MiB))])
         new.apply([PutTenant(Tenant(TenantName("t3"), 64 * MiB))])
         snapshot = new.load()
