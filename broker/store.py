@@ -15,7 +15,7 @@ import enum
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
@@ -807,7 +807,9 @@ class Store:
                     if audit:
                         cursor.executemany(self._audit_insert_sql, audit)
                 if fence is not None:
-                    self._verify_epoch(fence.fetchone())
+                    row = fence.fetchone()
+                    fence.close()
+                    self._verify_epoch(row)
             if self._dialect == "sqlite":
                 cursor.execute("COMMIT")
             else:
@@ -874,7 +876,8 @@ class Store:
         if self._epoch is not None:
             raw = conn.connection.dbapi_connection
             assert raw is not None
-            self._check_epoch(raw.cursor())
+            with closing(raw.cursor()) as cursor:
+                self._check_epoch(cursor)
         if deleted:
             conn.execute(delete(_TENANTS).where(_TENANTS.c.name.in_(deleted)))
         if tenants:
