@@ -9,14 +9,16 @@ leadership lock before it loads its state, and holds it for as long as it serves
   own, keyed by the database and the schema (two deployments in two schemas do not exclude each
   other). The server frees it when that session ends: the broker died, or its connection was
   cut.
-- SQLite: ``flock`` on ``<database file>.lock``; the kernel frees it with the process.
+- SQLite: ``flock`` on ``<database file>.lock``, held by the broker and its writer process;
+  the kernel frees it once both have exited.
 - An in-memory SQLite database is the process's own: no lock.
 
 A broker that finds the lock held stands by. It does not listen: a load balancer, or a gRPC
 client given every broker's address (``ipv4:A:port,B:port``), goes to the one that does. It
 tries the lock again every ``RETRY_S`` and serves its metrics with ``agentcg_broker_leader`` 0.
-Once it holds the lock it waits the lock's ``takeover_s`` and only then loads the state, so it
-sees everything the previous leader committed.
+Once it holds the lock it loads the state at once, and sees everything the previous leader
+committed: no commit of that leader's can follow the load (SQLite: the lock outlives its
+writer process; PostgreSQL: the epoch, below).
 
 PostgreSQL's lock can be lost while the broker that held it lives on (its connection was cut,
 or the process was frozen): that broker does not know yet, and its writer may still commit.
@@ -61,7 +63,6 @@ LOST_EXIT_CODE = 3
 
 
 class LeaderLock(Protocol):
-    takeover_s: float
     watched: bool  # can be lost while this process lives: check it (Watchdog)
 
     def describe(self) -> str: ...
@@ -69,15 +70,18 @@ class LeaderLock(Protocol):
     def check(self) -> None:
         """Raise if the lock may no longer be held."""
 
+    def child_fds(self) -> tuple[int, ...]:
+        """Descriptors to hand the broker's writer process: while it holds them the lock stays
+        held, even once the broker itself has died."""
+
     def close(self) -> None: ...
 
 
 class FileLock:
-    """``flock`` on a file next to the SQLite database. The lock is the process's: the kernel
-    frees it when the broker exits; its writer process (killed with it) is gone a moment later,
-    hence a short ``takeover_s``."""
+    """``flock`` on a file next to the SQLite database. The lock belongs to the open file, and
+    the broker's writer process holds that file too (``child_fds``): the kernel frees the lock
+    once both have exited, so no commit of an old leader's can follow a new leader's load."""
 
-    takeover_s = 0.2
     watched = False
 
     def __init__(self, path: Path) -> None:
@@ -100,6 +104,9 @@ class FileLock:
     def check(self) -> None:
         pass  # held until this process closes it or exits
 
+    def child_fds(self) -> tuple[int, ...]:
+        return (self._fd,)
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -108,7 +115,6 @@ class AdvisoryLock:
     """A PostgreSQL session advisory lock on a connection of its own (autocommit: it never
     holds a transaction open)."""
 
-    takeover_s = 0.0  # the epoch fences the old leader's commits (``Store.fence``)
     watched = True
     KEY = "hashtextextended('agentcg-broker:' || current_database() || ':' || current_schema(), 0)"
 
@@ -156,6 +162,9 @@ class AdvisoryLock:
         self._reached = True
         return held
 
+    def child_fds(self) -> tuple[int, ...]:
+        return ()  # a server session: the epoch fences the writer instead (Store.fence)
+
     def check(self) -> None:
         # The same session still there (a lost one would have freed the lock): a round trip on
         # it, never a reconnect.
@@ -194,7 +203,7 @@ def lock_for(url: str) -> LeaderLock | None:
 
 
 async def acquire(lock: LeaderLock) -> None:
-    """Wait until this broker holds ``lock``, then ``lock.takeover_s`` more."""
+    """Wait until this broker holds ``lock``."""
     standing_by = False
     while not await asyncio.to_thread(lock.try_acquire):
         if not standing_by:
@@ -205,8 +214,7 @@ async def acquire(lock: LeaderLock) -> None:
                 RETRY_S,
             )
         await asyncio.sleep(RETRY_S)
-    log.info("holding %s; loading the state in %.1f s", lock.describe(), lock.takeover_s)
-    await asyncio.sleep(lock.takeover_s)
+    log.info("holding %s; loading the state", lock.describe())
 
 
 class Watchdog:

@@ -207,9 +207,10 @@ async def _run(
     lock = leadership.lock_for(url)
     # The writer process starts now, so that its imports overlap the wait for the lock and the
     # loading of the state: a standby taking over served 0.7 s sooner.
-    started = writer.spawn() if _process_writer(config, url) else None
+    fds = lock.child_fds() if lock is not None else ()
+    started = writer.spawn(fds=fds) if _process_writer(config, url) else None
     serve = functools.partial(
-        _serve, config, url, metrics, metrics_server, stop, on_serving, busy_clock, started
+        _serve, config, url, metrics, metrics_server, stop, on_serving, busy_clock, started, fds
     )
     try:
         if lock is None:
@@ -265,6 +266,7 @@ async def _serve(
     on_serving: Callable[[], None] | None,
     busy_clock: Callable[[], float],
     started: subprocess.Popen[bytes] | None,
+    fds: tuple[int, ...],
     *,
     fenced: bool = False,
 ) -> None:
@@ -293,6 +295,7 @@ async def _serve(
             cpu=None if config.cpus is None else config.cpus[1],
             started=started,
             epoch=epoch,
+            fds=fds,
         )
     else:
         journal = Journal(store, metrics=metrics, busy_clock=busy_clock)

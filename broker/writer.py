@@ -267,13 +267,17 @@ def main() -> int:
 COMMAND = (sys.executable, "-m", "agentcg.broker.writer")
 
 
-def spawn(command: Sequence[str] = COMMAND) -> subprocess.Popen[bytes]:
+def spawn(command: Sequence[str] = COMMAND, fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """Start a writer process. It does its imports (~0.7 s here), then waits for its
     configuration: one started ahead, while the broker stands by or loads its state, is ready
     soon after ``ProcessJournal.start`` hands it that. Always from the event loop's thread:
     ``PR_SET_PDEATHSIG`` fires when the thread that started the child exits, not only the
-    process. ``stop`` ends one nothing took (or one already stopped: a no-op)."""
-    return subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    process. ``fds``: descriptors it keeps open as long as it lives (the SQLite leadership
+    lock's, leadership.FileLock). ``stop`` ends one nothing took (or one already stopped: a
+    no-op)."""
+    return subprocess.Popen(
+        list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(fds)
+    )
 
 
 class _Ready(typing.NamedTuple):
@@ -304,6 +308,7 @@ class ProcessJournal(Journal):
         cpu: int | None = None,
         started: subprocess.Popen[bytes] | None = None,
         epoch: int | None = None,
+        fds: Sequence[int] = (),
     ) -> None:
         super().__init__(store, metrics=metrics, busy_clock=busy_clock)
         self._hold_s = hold_s
@@ -324,6 +329,7 @@ class ProcessJournal(Journal):
         self._launching: subprocess.Popen[bytes] | None = None
         self._started = started  # a writer started ahead (``spawn``): the first one to use
         self._epoch = epoch  # the writer commits only while it leads (``Store.fence``)
+        self._fds = tuple(fds)  # every writer holds these (``spawn``)
         self.restarts = 0
         self.writer_frozen_objects = 0  # the running writer's, as it reported when ready; 0: none
 
@@ -345,7 +351,7 @@ class ProcessJournal(Journal):
         self._start_sampling()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        proc = spawn(self._command)
+        proc = spawn(self._command, self._fds)
         self._launching = proc
         return proc
 

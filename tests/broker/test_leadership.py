@@ -7,7 +7,10 @@ tenants, and with both loaded each would have admitted up to every quota.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +89,9 @@ def test_standby_takes_over_with_the_leaders_state(
     a, b = leader_and_standby(tmp_path, database_url, brokers)
     # A standby starts its writer process ahead: it does its imports while the broker waits.
     (writer,) = children(b.proc.pid)
+    if database_url.startswith("sqlite"):  # it holds the lock's file (FileLock.child_fds)
+        opened = [os.readlink(fd) for fd in Path(f"/proc/{writer}/fd").iterdir()]
+        assert f"{tmp_path}/broker.db.lock" in opened
     # Both in one target: gRPC clients (and nodes) go to whichever listens.
     target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
     with SimNode(target) as node, Client(target, timeout_s=10) as c:
@@ -270,7 +276,6 @@ def test_a_leader_whose_commit_is_fenced_exits(
 class _HangingLock:
     """A lock whose check never returns, as on a connection to a server that vanished."""
 
-    takeover_s = 0.0
     watched = True
 
     def __init__(self) -> None:
@@ -284,6 +289,9 @@ class _HangingLock:
 
     def check(self) -> None:
         self.release.wait()
+
+    def child_fds(self) -> tuple[int, ...]:
+        return ()
 
     def close(self) -> None:
         self.release.set()
@@ -393,3 +401,28 @@ def test_taking_the_epoch_waits_for_a_commit_that_read_the_old_one(database_url:
         old.close()
         new.close()
         engine.dispose()
+
+
+def test_a_sqlite_lock_is_held_until_the_writer_has_exited_too(tmp_path: Path) -> None:
+    """The broker hands its writer process the lock's file (child_fds): a standby cannot take
+    over while an old leader's writer may still commit, so it need not wait."""
+    url = f"sqlite:///{tmp_path}/broker.db"
+    lock = lock_for(url)
+    assert lock is not None
+    assert lock.try_acquire()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        pass_fds=lock.child_fds(),
+    )
+    lock.close()  # the broker has died; its writer has not yet
+    other = lock_for(url)
+    assert other is not None
+    try:
+        assert not other.try_acquire()
+        assert writer.stdin is not None
+        writer.stdin.close()
+        assert writer.wait(10) == 0
+        assert other.try_acquire()
+    finally:
+        other.close()
