@@ -1,6 +1,6 @@
 """Tool calls across a broker failover, end to end: two brokers on one SQLite file (one leads,
 one stands by, broker/leadership.py), a real node agent and the SDK given both brokers. The
-leader is SIGKILLed while a call runs; the call spikes past its budget while no broker leads,
+leader is SIGKILLed while a call runs; the call spikes past its budget as the takeover begins,
 another call is asked for at that moment, and a third, granted just before, is started then."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_tool_calls_ride_through_a_broker_failover(
                 results["granted"] = c.exec(granted, ["true"])
 
             a.stop(signal.SIGKILL)
-            go.touch()  # the spike, while no broker leads: the node pauses it and asks
+            go.touch()  # the spike, as the takeover begins: the node pauses it and asks
             threads = [
                 threading.Thread(target=run, args=("asked", 32 * MiB, ["true"])),
                 threading.Thread(target=start_granted),
@@ -78,7 +78,7 @@ def test_tool_calls_ride_through_a_broker_failover(
                 t.join(120)
                 assert not t.is_alive()
 
-            # The new leader grew the paused call, admitted the asked one, and both ended.
+            # The new leader grew the paused call, admitted the asked one; all three ended.
             assert b.leader_gauge() == 1
             spiked, other = results["spike"], results["asked"]
             assert (spiked.exit_code, spiked.outcome) == (0, "grown"), spiked
