@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import percentile
-from .cluster import LocalCluster
+from .cluster import LocalCluster, child_pids
 
 __all__ = [
     "LoadGeneratorError",
@@ -334,12 +334,7 @@ def _proc_main(job: str, args: tuple[Any, ...], out: Queue[Any] | None) -> None:
 
 def _tree(pid: int) -> list[int]:
     """``pid`` and its children (the broker and its database writer process)."""
-    children = [
-        int(c)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for c in (task / "children").read_text().split()
-    ]
-    return [pid, *children]
+    return [pid, *child_pids(pid)]
 
 
 def _cpu_s(pid: int) -> float:

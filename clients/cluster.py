@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agentcg.readyfile import read_ready_file
 
-__all__ = ["BrokerProcess", "LocalCluster", "free_port"]
+__all__ = ["BrokerProcess", "LocalCluster", "child_pids", "free_port", "leader_and_standby"]
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> str:
@@ -129,6 +129,15 @@ class LocalCluster:
                 proc.wait()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run (a broker's: its database writer)."""
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+
+
 def free_port() -> int:
     """A TCP port nothing on 127.0.0.1 listens on now."""
     with socket.socket() as s:
@@ -202,3 +211,17 @@ class BrokerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout_s)
+
+
+def leader_and_standby(
+    workdir: Path, database_url: str, started: list[BrokerProcess]
+) -> tuple[BrokerProcess, BrokerProcess]:
+    """Broker "a" serving, then broker "b" standing by for it, on one database; both are
+    appended to ``started`` as they start (for the caller to stop)."""
+    a = BrokerProcess(workdir, "a", database_url)
+    started.append(a)
+    a.wait_ready()
+    b = BrokerProcess(workdir, "b", database_url)
+    started.append(b)
+    b.wait_standby()
+    return a, b

@@ -20,37 +20,21 @@ import grpc
 import pytest
 from agentcg.broker.leadership import CHECK_S, LOST_EXIT_CODE, Watchdog, lock_for
 from agentcg.broker.model import (
-    Lease,
-    LeaseId,
-    NodeId,
     PutLease,
     PutTenant,
-    SessionName,
     Tenant,
     TenantName,
 )
 from agentcg.broker.store import FENCE_SQL, Store, StoreError, StoreFenced
-from agentcg.clients.cluster import BrokerProcess
+from agentcg.clients.cluster import BrokerProcess, child_pids, leader_and_standby
 from agentcg.clients.sdk import Client, broker_channel_options
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import QuotaExceededError, UnavailableError
 from sqlalchemy import create_engine, text
 
+from .test_store import lease
+
 MiB = 1 << 20
-
-
-def store_lease(lease_id: str) -> Lease:
-    return Lease(
-        lease_id=LeaseId(lease_id),
-        tenant=TenantName("t1"),
-        session=SessionName("s1"),
-        command_class="pytest",
-        node_id=NodeId("n1"),
-        memory_bytes=MiB,
-        intent_memory_bytes=MiB,
-        granted_at_ms=1_000,
-        expires_at_ms=61_000,
-    )
 
 
 @pytest.fixture
@@ -61,34 +45,13 @@ def brokers(tmp_path: Path) -> Iterator[list[BrokerProcess]]:
         b.stop(signal.SIGKILL)
 
 
-def children(pid: int) -> list[int]:
-    return [
-        int(c)
-        for t in Path(f"/proc/{pid}/task").iterdir()
-        for c in (t / "children").read_text().split()
-    ]
-
-
-def leader_and_standby(
-    tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
-) -> tuple[BrokerProcess, BrokerProcess]:
-    """Broker a serving, then broker b standing by for it, on one database."""
-    a = BrokerProcess(tmp_path, "a", database_url)
-    brokers.append(a)
-    a.wait_ready()
-    b = BrokerProcess(tmp_path, "b", database_url)
-    brokers.append(b)
-    b.wait_standby()
-    return a, b
-
-
 @pytest.mark.timeout(180)
 def test_standby_takes_over_with_the_leaders_state(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
     a, b = leader_and_standby(tmp_path, database_url, brokers)
     # A standby starts its writer process ahead: it does its imports while the broker waits.
-    (writer,) = children(b.proc.pid)
+    (writer,) = child_pids(b.proc.pid)
     if database_url.startswith("sqlite"):  # it holds the lock's file (FileLock.child_fds)
         opened = [os.readlink(fd) for fd in Path(f"/proc/{writer}/fd").iterdir()]
         assert f"{tmp_path}/broker.db.lock" in opened
@@ -210,7 +173,7 @@ def test_a_standby_stops_cleanly(
     tmp_path: Path, database_url: str, brokers: list[BrokerProcess]
 ) -> None:
     a, b = leader_and_standby(tmp_path, database_url, brokers)
-    (writer,) = children(b.proc.pid)
+    (writer,) = child_pids(b.proc.pid)
     assert b.stop(signal.SIGTERM) == 0
     assert "stopping (was standing by)" in b.log_text()
     assert not Path(f"/proc/{writer}").exists(), "its writer process outlived it"
@@ -360,13 +323,12 @@ def test_a_fenced_writer_commits_nothing_once_another_broker_leads(database_url:
         epoch = old.lead()
         old.fence(epoch)
         old.apply([PutTenant(Tenant(TenantName("t1"), 64 * MiB))])
-        lease = store_lease("l1")
-        old.apply([PutLease(lease)])
+        old.apply([PutLease(lease("l1"))])
 
         assert new.lead() == epoch + 1
         new.fence(epoch + 1)
         with pytest.raises(StoreFenced, match=r"fenced: another broker leads .* epoch"):
-            old.apply([PutLease(store_lease("l2"))])
+            old.apply([PutLease(lease("l2"))])
         with pytest.raises(StoreFenced, match="fenced"):
             old.apply([PutTenant(Tenant(TenantName("t2"), 64 * MiB))])
         new.apply([PutTenant(Tenant(TenantName("t3"), 64 * MiB))])

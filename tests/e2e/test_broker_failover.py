@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from agentcg.broker.store import Store
-from agentcg.clients.cluster import BrokerProcess, LocalCluster
+from agentcg.clients.cluster import BrokerProcess, LocalCluster, leader_and_standby
 from agentcg.clients.sdk import Client, RunResult
 
 MiB = 1 << 20
@@ -26,12 +26,7 @@ def test_tool_calls_ride_through_a_broker_failover(
     cluster = LocalCluster(tmp_path / "cluster", node_memory="2G", log_level="INFO")
     cluster.workdir.mkdir()
     try:
-        a = BrokerProcess(tmp_path, "a", database_url)
-        brokers.append(a)
-        a.wait_ready()
-        b = BrokerProcess(tmp_path, "b", database_url)
-        brokers.append(b)
-        b.wait_standby()
+        a, b = leader_and_standby(tmp_path, database_url, brokers)
         cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
         cluster.start_node(0)
         started, go = tmp_path / "started", tmp_path / "go"
