@@ -795,29 +795,37 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 log.exception("lease check failed")
 
     async def check_leases(self, now_unix_ms: int | None = None) -> None:
-        """One pass: refresh leases about to expire from the broker; stop expired/stale ones."""
+        """One pass: refresh leases about to expire from the broker; stop expired/stale ones.
+
+        The broker is asked about every lease due at once, not one after another: a broker that
+        is slow or taking over (each question waits up to its timeout) then delays the pass by
+        one timeout, not by one per call, and an expired call is stopped on time."""
+        due = []
         for call in list(self.calls.values()):
             if call.phase in (CallPhase.KILLED, CallPhase.EXITED):
                 continue
             now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
             held = lease_view(call.lease)
-            if not isinstance(
-                on_lease_tick(held, now, self.policy.lease_refresh_margin_ms), Refresh
-            ):
-                continue
-            fresh: LeaseView | None
-            try:
-                lease = await self.uplink.broker.GetLease(
-                    broker_pb2.GetLeaseRequest(lease_id=call.lease.lease_id), timeout=2
-                )
-                fresh = lease_view(lease)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    fresh = LeaseView(0, 0, active=False, state="unknown")
-                else:
-                    log.warning("lease %s: cannot refresh: %s", call.lease.lease_id, exc.code())
-                    fresh = None
-            self.apply_lease(call, held, fresh, now)
+            if isinstance(on_lease_tick(held, now, self.policy.lease_refresh_margin_ms), Refresh):
+                due.append(self._refresh_lease(call, held, now_unix_ms))
+        await asyncio.gather(*due)
+
+    async def _refresh_lease(self, call: Call, held: LeaseView, now_unix_ms: int | None) -> None:
+        """Ask the broker about one lease and act on its answer, judged at the time it came."""
+        fresh: LeaseView | None
+        try:
+            lease = await self.uplink.broker.GetLease(
+                broker_pb2.GetLeaseRequest(lease_id=call.lease.lease_id), timeout=2
+            )
+            fresh = lease_view(lease)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                fresh = LeaseView(0, 0, active=False, state="unknown")
+            else:
+                log.warning("lease %s: cannot refresh: %s", call.lease.lease_id, exc.code())
+                fresh = None
+        now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
+        self.apply_lease(call, held, fresh, now)
 
     def on_lease_update(self, lease: types_pb2.Lease) -> None:
         """The broker pushed a lease change (renewal, revocation) on the stream."""

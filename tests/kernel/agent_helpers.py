@@ -48,10 +48,32 @@ class StubBroker:
     def __init__(self) -> None:
         self.leases: dict[str, types_pb2.Lease] = {}
         self.reachable = True
+        self._together = 0
+        self._waiting = 0
+        self._all_in = asyncio.Event()
+
+    def answer_together(self, questions: int) -> None:
+        """From now on GetLease answers only once this many are in flight together, and runs
+        into its deadline (DEADLINE_EXCEEDED) otherwise, as a broker slow to answer would."""
+        self._together, self._waiting = questions, 0
+        self._all_in.clear()
 
     async def GetLease(  # noqa: N802 - the gRPC method name
         self, request: broker_pb2.GetLeaseRequest, timeout: float | None = None
     ) -> types_pb2.Lease:
+        if self._together:
+            self._waiting += 1
+            if self._waiting >= self._together:
+                self._all_in.set()
+            try:
+                await asyncio.wait_for(self._all_in.wait(), timeout)
+            except TimeoutError:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    "slow",
+                ) from None
         if not self.reachable:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"

@@ -159,6 +159,46 @@ def test_renewed_lease_keeps_its_call(driver: CgroupV1Driver, make_agent: MakeAg
     asyncio.run(main())
 
 
+def test_leases_due_together_are_refreshed_together(
+    driver: CgroupV1Driver, make_agent: MakeAgent
+) -> None:
+    """Three calls' leases are due; the broker answers only once all three questions are in
+    flight. Asked one after another, the first would run into its deadline, and each call, its
+    lease expired with no answer, would be stopped."""
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    ids = ["l1", "l2", "l3"]
+    for lease_id in ids:
+        uplink.broker.leases[lease_id] = make_lease(lease_id, expires_in_ms=1_000)
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+        calls, started = [], []
+        for lease_id in ids:
+            started.append(asyncio.Event())
+            calls.append(asyncio.create_task(run_call(agent, lease_id, argv, started[-1])))
+        for event in started:
+            await event.wait()
+        expired_ms = max(uplink.broker.leases[i].expires_at_unix_ms for i in ids)
+        for lease_id in ids:  # renewed at the broker; the node did not see it
+            uplink.broker.leases[lease_id].expires_at_unix_ms += 60_000
+        uplink.broker.answer_together(len(ids))
+        await agent.check_leases(expired_ms + 5)
+        assert sorted(agent.calls) == ids, "a call was stopped"
+        for lease_id in ids:
+            held = agent.calls[lease_id].lease.expires_at_unix_ms
+            assert held == uplink.broker.leases[lease_id].expires_at_unix_ms
+        assert not any(m.HasField("action") for m in uplink.sent)
+        agent.kill_all("test over")
+        for events in await asyncio.gather(*calls):
+            assert not any(e.HasField("enforcement") for e in events)
+            assert events[-1].exited.outcome == types_pb2.OUTCOME_KILLED
+
+    asyncio.run(main())
+    assert driver.children() == []
+
+
 def test_preempt_decision_stops_a_running_call(
     driver: CgroupV1Driver, make_agent: MakeAgent
 ) -> None:
