@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import selectors
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from agentcg.heap import freeze_start_up
 from agentcg.readyfile import write_ready_file
+from agentcg.shutdown import stop_on_signals
 from agentcg.telemetry import (
     MetricsServer,
     aio_server_interceptor,
@@ -197,13 +197,7 @@ async def _run(
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         url = Store.default_url(config.data_dir)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals(stop)
     lock = leadership.lock_for(url)
     # The writer process starts now, so that its imports overlap the wait for the lock and the
     # loading of the state: a standby taking over served 0.7 s sooner.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import grpc
 from agentcg.heap import freeze_start_up
 from agentcg.names import validate_name
 from agentcg.readyfile import write_ready_file
+from agentcg.shutdown import stop_on_signals
 from agentcg.telemetry import (
     MetricsServer,
     aio_server_interceptor,
@@ -164,13 +164,7 @@ async def _run(
     if config.ready_file is not None:
         write_ready_file(config.ready_file, address, listeners)
 
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals(stop)
     leases = asyncio.create_task(agent.watch_leases(), name="leases")
     await stop.wait()
     leases.cancel()

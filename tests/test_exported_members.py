@@ -9,10 +9,13 @@ import pytest
 MODULES = [
     "agentcg.clients.sdk",
     "agentcg.errors",
+    "agentcg.channels",
     "agentcg.heap",
     "agentcg.names",
     "agentcg.quantity",
+    "agentcg.readyfile",
     "agentcg.rpcstatus",
+    "agentcg.shutdown",
     "agentcg.broker.admission",
     "agentcg.broker.fairshare",
     "agentcg.broker.sizing",
