@@ -11,11 +11,12 @@ import selectors
 import subprocess
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from agentcg.gate import ServerSecurity
 from agentcg.heap import freeze_start_up
 from agentcg.readyfile import write_ready_file
 from agentcg.shutdown import stop_on_signals
@@ -72,6 +73,8 @@ class BrokerConfig:
     # OpenTelemetry's server interceptor on every RPC. ``main`` turns it off when nothing is
     # exported: a non-recording span per RPC was a tenth of the event loop's time per Reserve.
     rpc_spans: bool = True
+    # TLS and the access file (agentcg.gate, agentcg.access); by default plaintext, open to all.
+    security: ServerSecurity = field(default_factory=ServerSecurity)
     # (CPU of this process: event loop and gRPC threads, CPU of the writer process), or None:
     # where the kernel's scheduler puts them (see pin_cpus).
     cpus: tuple[int, int] | None = None
@@ -197,6 +200,7 @@ async def _run(
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         url = Store.default_url(config.data_dir)
+    config.security.check()  # a bad file stops the broker before it takes the lock
     stop = stop_on_signals(stop)
     lock = leadership.lock_for(url)
     # The writer process starts now, so that its imports overlap the wait for the lock and the
@@ -305,7 +309,8 @@ async def _serve(
         len(snapshot.active_leases),
     )
 
-    server = grpc.aio.server(interceptors=[aio_server_interceptor()] if config.rpc_spans else [])
+    interceptors = [aio_server_interceptor()] if config.rpc_spans else []
+    server = grpc.aio.server(interceptors=[*interceptors, *config.security.interceptors()])
     broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(core), server)
     broker_pb2_grpc.add_TenantAdminServicer_to_server(TenantAdminServicer(core), server)
     broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)
@@ -316,7 +321,7 @@ async def _serve(
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(config.listen)
+    port = config.security.bind(server, config.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     host = config.listen.rsplit(":", 1)[0]
@@ -325,7 +330,12 @@ async def _serve(
     for name in services[:3]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("broker serving on %s (database %s)", address, url.split("@")[-1])
+    log.info(
+        "broker serving on %s (%s; database %s)",
+        address,
+        config.security.describe(),
+        url.split("@")[-1],
+    )
     listeners = {}
     if metrics_server is not None:
         listeners["metrics"] = metrics_server.address

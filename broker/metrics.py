@@ -64,6 +64,7 @@ class ReserveOutcome(StrEnum):
     TIMED_OUT = "timed_out"  # waited in the queue until its deadline: RESOURCE_EXHAUSTED
     INVALID_ARGUMENT = "invalid_argument"
     UNKNOWN_TENANT = "unknown_tenant"
+    PERMISSION_DENIED = "permission_denied"  # the tenant is outside the caller's scope
     UNAVAILABLE = "unavailable"  # the database could not make the grant durable
     CANCELLED = "cancelled"  # the caller went away first
     INTERNAL = "internal"

@@ -21,14 +21,17 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
+from agentcg.access import OPEN, Principal
 from agentcg.errors import (
     AgentcgError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     QuotaExceededError,
     UnavailableError,
 )
+from agentcg.gate import current_principal
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import to_status
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
@@ -115,6 +118,34 @@ class _LeaseIds:
 
 
 _lease_ids = _LeaseIds()
+
+
+def _out_of_scope(p: Principal, what: str) -> PermissionDeniedError:
+    scope = ", ".join(sorted(p.tenants)) or "none"
+    return PermissionDeniedError(f"{p.name}: {what} is outside its scope (tenants {scope})")
+
+
+def authorize_tenant(ledger: Ledger, tenant: str, field: str = "tenant") -> None:
+    """The caller may act on ``tenant`` (it or an ancestor is in its scope), else raise.
+
+    Checked before the tenant is looked up: a tenant out of scope is refused whether or not it
+    exists. Free on a broker without an access file (every caller is ``OPEN``)."""
+    p = current_principal()
+    if p is OPEN:
+        return
+    chain: list[str] = [t.name for t in ledger.chain(TenantName(tenant))] or [tenant]
+    if not p.covers(chain):
+        raise _out_of_scope(p, f"{field} {tenant!r}")
+
+
+def authorize_lease(ledger: Ledger, lease: Lease, *, read: bool = False) -> None:
+    """The caller may act on ``lease``: its tenant is in scope, or (``read``) the caller is the
+    node it is placed on."""
+    p = current_principal()
+    if p is OPEN or (read and lease.node_id and p.acts_for_node(lease.node_id)):
+        return
+    if not p.covers([t.name for t in ledger.chain(lease.tenant)] or [lease.tenant]):
+        raise _out_of_scope(p, f"lease {lease.lease_id} (tenant {lease.tenant!r})")
 
 
 def now_ms() -> int:
@@ -828,6 +859,8 @@ def _failed_outcome(exc: BaseException, queued: bool) -> ReserveOutcome:
         return ReserveOutcome.INVALID_ARGUMENT
     if isinstance(exc, NotFoundError):
         return ReserveOutcome.UNKNOWN_TENANT
+    if isinstance(exc, PermissionDeniedError):
+        return ReserveOutcome.PERMISSION_DENIED
     if isinstance(exc, UnavailableError):
         return ReserveOutcome.UNAVAILABLE
     if isinstance(exc, asyncio.CancelledError):
@@ -864,6 +897,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> tuple[broker_pb2.ReserveResponse, ReserveOutcome]:
         core = self.core
         ask = parse_reserve(request)  # validate
+        authorize_tenant(core.ledger, ask.tenant)
         if ask.tenant not in core.ledger.tenants:
             raise NotFoundError("tenant", ask.tenant, field="tenant")
         if ask.idempotency_key:  # load
@@ -956,6 +990,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         ledger = core.ledger
         asks = [parse_reserve(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
         for i, ask in enumerate(asks):
+            authorize_tenant(ledger, ask.tenant, f"requests[{i}].tenant")
             if ask.tenant not in ledger.tenants:
                 raise NotFoundError("tenant", ask.tenant, field=f"requests[{i}].tenant")
         results: list[Lease | broker_pb2.Denial] = []
@@ -1024,6 +1059,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             await core.find_lease(r.lease_id, field=f"requests[{i}].lease_id")
             for i, r in enumerate(request.requests)
         ]
+        for lease in leases:
+            authorize_lease(core.ledger, lease)
         out: list[Lease] = []
         changes: list[Change] = []
         released = 0
@@ -1063,6 +1100,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         if request.outcome not in _OUTCOME_TO_MODEL:
             raise InvalidArgumentError("outcome", f"unknown outcome {request.outcome}")
         lease = await self.core.find_lease(request.lease_id)
+        authorize_lease(self.core.ledger, lease)
         if lease.state is LeaseState.ACTIVE:
             lease = await self.core.end_lease(
                 lease,
@@ -1083,6 +1121,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         if ttl_ms > MAX_TTL_MS:
             raise InvalidArgumentError("ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
         lease = await self.core.find_lease(request.lease_id)
+        authorize_lease(self.core.ledger, lease)
         if lease.state is not LeaseState.ACTIVE:
             raise FailedPreconditionError(
                 f"lease {lease.lease_id}: cannot renew, it is {lease.state.value}"
@@ -1097,7 +1136,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         request: broker_pb2.GetLeaseRequest,
         context: grpc.aio.ServicerContext[broker_pb2.GetLeaseRequest, types_pb2.Lease],
     ) -> types_pb2.Lease:
-        return self.core.lease_pb(await self.core.find_lease(request.lease_id))
+        ledger = self.core.ledger
+        lease = await self.core.find_lease(request.lease_id)
+        authorize_lease(ledger, lease, read=True)
+        pb = self.core.lease_pb(lease)
+        pb.tenant_ancestors.extend(t.name for t in ledger.chain(lease.tenant)[1:])
+        return pb
 
     @_rpc
     async def ListLeases(
@@ -1110,6 +1154,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         tenant = _name("tenant", request.tenant, allow_empty=True)
         node_id = _name("node_id", request.node_id, allow_empty=True)
         limit = _non_negative("limit", request.limit) or 1000
+        ledger = self.core.ledger
+        caller = current_principal()
+        if tenant:
+            authorize_tenant(ledger, tenant)
         store = self.core.store
         leases = await self.core.journal.run_in_db(
             lambda: store.list_leases(
@@ -1119,6 +1167,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 limit=limit,
             )
         )
+        if not tenant and caller is not OPEN:  # only those in the caller's scope
+            leases = [x for x in leases if caller.covers(t.name for t in ledger.chain(x.tenant))]
         return broker_pb2.ListLeasesResponse(leases=[self.core.lease_pb(x) for x in leases])
 
     async def Ping(
@@ -1150,6 +1200,18 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             weight=t.weight,
         )
 
+    def _authorize_manage(self, parent: TenantName | None, field: str) -> None:
+        """The caller may set or delete tenants under ``parent`` (None: top-level tenants)."""
+        p = current_principal()
+        if p is OPEN:
+            return
+        parents = [t.name for t in self.core.ledger.chain(parent)] if parent else []
+        if parent and not parents:
+            parents = [parent]
+        if not p.manages(parents):
+            where = f"tenants under {parent!r}" if parent else "top-level tenants"
+            raise _out_of_scope(p, f"{field}: managing {where}")
+
     def _get(self, name: str, field: str = "name") -> Tenant:
         t = self.core.ledger.tenants.get(TenantName(_name(field, name)))
         if t is None:
@@ -1172,11 +1234,14 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             raise InvalidArgumentError("weight", f"must be <= 1000 (got {weight})")
         ledger = self.core.ledger
         parent = TenantName(parent_s) if parent_s else None
+        self._authorize_manage(parent, "parent")
+        old = ledger.tenants.get(name)
+        if old is not None and old.parent != parent:  # moved: from its old place as well
+            self._authorize_manage(old.parent, "name")
         if parent is not None:
             self._get(parent, "parent")
             if name in [t.name for t in ledger.chain(parent)]:
                 raise InvalidArgumentError("parent", f"{parent} is {name} or below it: a cycle")
-        old = ledger.tenants.get(name)
         if old is not None and old.parent != parent and ledger.active_calls(name):
             raise FailedPreconditionError(
                 f"tenant {name}: cannot move to another parent with {ledger.active_calls(name)} "
@@ -1222,6 +1287,7 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
         request: broker_pb2.GetTenantRequest,
         context: grpc.aio.ServicerContext[broker_pb2.GetTenantRequest, broker_pb2.Tenant],
     ) -> broker_pb2.Tenant:
+        authorize_tenant(self.core.ledger, _name("name", request.name), "name")
         return self._tenant_pb(self._get(request.name))
 
     @_rpc
@@ -1232,7 +1298,16 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             broker_pb2.ListTenantsRequest, broker_pb2.ListTenantsResponse
         ],
     ) -> broker_pb2.ListTenantsResponse:
-        tenants = sorted(self.core.ledger.tenants.values(), key=lambda t: t.name)
+        ledger = self.core.ledger
+        caller = current_principal()
+        tenants = sorted(
+            (
+                t
+                for t in ledger.tenants.values()
+                if caller is OPEN or caller.covers(x.name for x in ledger.chain(t.name))
+            ),
+            key=lambda t: t.name,
+        )
         return broker_pb2.ListTenantsResponse(tenants=[self._tenant_pb(t) for t in tenants])
 
     @_rpc
@@ -1243,7 +1318,9 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             broker_pb2.DeleteTenantRequest, broker_pb2.DeleteTenantResponse
         ],
     ) -> broker_pb2.DeleteTenantResponse:
+        authorize_tenant(self.core.ledger, _name("name", request.name), "name")
         t = self._get(request.name)
+        self._authorize_manage(t.parent, "name")
         ledger = self.core.ledger
         if ledger.children(t.name):
             raise FailedPreconditionError(f"tenant {t.name}: has child tenants; delete them first")
@@ -1253,6 +1330,15 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             )
         await self.core.commit([DeleteTenant(t.name), _audit("tenant_delete", tenant=t.name)])
         return broker_pb2.DeleteTenantResponse()
+
+
+def _authorize_node(node_id: str) -> None:
+    caller = current_principal()
+    if not caller.acts_for_node(node_id):
+        nodes = ", ".join(sorted(caller.nodes)) or "none"
+        raise PermissionDeniedError(
+            f"{caller.name}: may not act as node {node_id!r} (its nodes: {nodes})"
+        )
 
 
 class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
@@ -1268,6 +1354,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
         ],
     ) -> broker_pb2.RegisterNodeResponse:
         node_id = NodeId(_name("node_id", request.node_id))
+        _authorize_node(node_id)
         if not request.address or len(request.address) > 256:
             raise InvalidArgumentError("address", "must be host:port")
         memory = _positive("capacity.memory_bytes", request.capacity.memory_bytes)
@@ -1298,6 +1385,13 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             )
             return
         node_id = NodeId(first.hello.node_id)
+        caller = current_principal()
+        if not caller.acts_for_node(node_id):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller.name}: may not connect as node {node_id!r}",
+            )
+            return
         ledger = self.core.ledger
         if node_id not in ledger.nodes:
             await context.abort(

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import percentile
-from .cluster import LocalCluster, child_pids
+from .cluster import LocalCluster, child_pids, tree_cpu_s
 
 __all__ = [
     "LoadGeneratorError",
@@ -337,16 +337,6 @@ def _tree(pid: int) -> list[int]:
     return [pid, *child_pids(pid)]
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds the process and its children have used so far."""
-    total = 0
-    for p in _tree(pid):
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 class LoadGeneratorError(ValueError):
     """The native load generator asked for is not there."""
 
@@ -446,9 +436,9 @@ class _Run:
             for _ in range(self.processes)
         ]
         time.sleep(max(0.0, start_at + self.warmup_s - time.time()))
-        cpu0 = _cpu_s(self.broker_pid)
+        cpu0 = tree_cpu_s(self.broker_pid)
         time.sleep(max(0.0, start_at + self.warmup_s + self.seconds - time.time()))
-        cpu1 = _cpu_s(self.broker_pid)
+        cpu1 = tree_cpu_s(self.broker_pid)
         results = [wait() for wait in waits]
         ops = sum(r["ops"] for r in results)
         self.cpu_ms_per_op[kind] = (cpu1 - cpu0) * 1000 / max(1, ops)
@@ -468,10 +458,10 @@ class _Run:
         t_begin = start_at + self.warmup_s
         cpu_s = dict.fromkeys(MIXED, 0.0)
         time.sleep(max(0.0, t_begin - time.time()))
-        last = _cpu_s(self.broker_pid)
+        last = tree_cpu_s(self.broker_pid)
         for k in range(slices):
             time.sleep(max(0.0, t_begin + (k + 1) * SLICE_S - time.time()))
-            now = _cpu_s(self.broker_pid)
+            now = tree_cpu_s(self.broker_pid)
             cpu_s[MIXED[k % 2]] += now - last
             last = now
         results = [wait() for wait in waits]

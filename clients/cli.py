@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from agentcg.channels import ClientSecurity
 from agentcg.errors import AgentcgError
+from agentcg.gate import ServerSecurity, ServerSecurityError
 from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
@@ -30,12 +32,56 @@ tenant_app = typer.Typer(no_args_is_help=True, help="Tenant quotas")
 lease_app = typer.Typer(no_args_is_help=True, help="Leases")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(lease_app, name="lease")
+access_app = typer.Typer(no_args_is_help=True, help="Access: tokens for the access file")
+app.add_typer(access_app, name="access")
 
 console = Console()
 err_console = Console(stderr=True)
 
 BROKER_DEFAULT = os.environ.get("AGENTCG_BROKER", "127.0.0.1:50051")
 BrokerOpt = Annotated[str, typer.Option("--broker", help="broker address host:port")]
+
+AccessOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--access",
+        help="access file (TOML): the principals allowed to call, by token, with their role "
+        "and tenants or nodes (README, 'Access'); default: open to every caller",
+    ),
+]
+TlsCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="serve TLS with this PEM certificate chain")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="the certificate's PEM key")]
+TlsClientCaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-client-ca",
+        help="require client certificates signed by this CA (mutual TLS)",
+    ),
+]
+
+
+def _server_security(
+    access: Path | None, cert: Path | None, key: Path | None, client_ca: Path | None
+) -> ServerSecurity:
+    security = ServerSecurity(access, cert, key, client_ca)
+    try:
+        security.check()
+    except ServerSecurityError as e:
+        raise typer.BadParameter(str(e)) from None
+    return security
+
+
+def _client_security() -> ClientSecurity:
+    """What the CLI presents to servers: AGENTCG_TOKEN (or AGENTCG_TOKEN_FILE),
+    AGENTCG_TLS_CA, AGENTCG_TLS_CERT, AGENTCG_TLS_KEY, AGENTCG_TLS_SERVER_NAME."""
+    try:
+        return ClientSecurity.from_env()
+    except (OSError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
 
 # Exit status of `agentcg run` when admission is denied (EX_TEMPFAIL: retry later).
 EXIT_DENIED = 75
@@ -57,7 +103,7 @@ def _fail(exc: AgentcgError) -> NoReturn:
 
 def _client_call(broker: str, fn: Callable[[AsyncClient], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with AsyncClient(broker) as c:
+        async with AsyncClient(broker, security=_client_security()) as c:
             return await fn(c)
 
     try:
@@ -158,6 +204,10 @@ def broker(
             "onto CPUs the broker has to itself",
         ),
     ] = "off",
+    access: AccessOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_client_ca: TlsClientCaOpt = None,
     log_level: str = "INFO",
 ) -> None:
     """Run the broker (embedded SQLite by default)."""
@@ -168,6 +218,7 @@ def broker(
         cpus = pin_cpus(pin_cpus_spec, os.sched_getaffinity(0))
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--pin-cpus") from None
+    security = _server_security(access, tls_cert, tls_key, tls_client_ca)
     if "GRPC_EXPERIMENTS" not in os.environ:
         # gRPC read its settings when this process imported it: start again (same process,
         # same pid) with the broker's (see broker.main.GRPC_EXPERIMENTS).
@@ -185,6 +236,7 @@ def broker(
         commit_hold_ms=commit_hold_ms,
         history_days=history_days,
         cpus=cpus,
+        security=security,
     )
     _serve(lambda: broker_main(config, log_level))
 
@@ -226,9 +278,16 @@ def node(
     ] = 0.0,
     ready_file: Annotated[Path | None, typer.Option(help="write the bound address here")] = None,
     metrics_listen: MetricsListenOpt = "",
+    access: AccessOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_client_ca: TlsClientCaOpt = None,
     log_level: str = "INFO",
 ) -> None:
-    """Run the node agent: registers with the broker and runs tool calls in cgroups."""
+    """Run the node agent: registers with the broker and runs tool calls in cgroups.
+
+    It presents itself to the broker as the CLI does: AGENTCG_TOKEN (or AGENTCG_TOKEN_FILE) and
+    AGENTCG_TLS_CA, AGENTCG_TLS_CERT, AGENTCG_TLS_KEY, AGENTCG_TLS_SERVER_NAME."""
     from agentcg.node.enforcement import NodePolicy
     from agentcg.node.main import NodeConfig
     from agentcg.node.main import main as node_main
@@ -255,6 +314,8 @@ def node(
         usage_source=usage_source,
         keep_calls=keep_calls,
         metrics_listen=metrics_listen,
+        security=_server_security(access, tls_cert, tls_key, tls_client_ca),
+        broker_security=_client_security(),
     )
     _serve(lambda: node_main(config, log_level))
 
@@ -275,6 +336,41 @@ def _tenant_table(tenants: Iterable[TenantInfo]) -> Table:
             str(t.weight),
         )
     return table
+
+
+class RoleOpt(enum.StrEnum):
+    CLIENT = "client"
+    ADMIN = "admin"
+    NODE = "node"
+
+
+@access_app.command("token")
+def access_token(
+    name: Annotated[str, typer.Argument(help="who holds it: a team, an orchestrator, a host")],
+    role: Annotated[RoleOpt, typer.Option(help="what it may call")] = RoleOpt.CLIENT,
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(help="a subtree it acts on (repeat; '*': every tenant); client and admin"),
+    ] = None,
+    node: Annotated[
+        list[str] | None,
+        typer.Option(help="a node id it may act as (repeat; default: NAME); role node"),
+    ] = None,
+) -> None:
+    """Make a new bearer token: the token goes to stderr (hand it to its holder), the access
+    file's entry to stdout (append it: ``agentcg access token ci --tenant org-a >> access.toml``).
+    Only the token's SHA-256 is in the entry."""
+    from agentcg.access import AccessFileError, Role, new_token, principal_entry
+
+    token = new_token()
+    try:
+        entry = principal_entry(
+            name, token, Role(role.value), tenants=tenant or (), nodes=node or ()
+        )
+    except AccessFileError as e:
+        raise typer.BadParameter(str(e)) from None
+    err_console.print(f"token for {name} (AGENTCG_TOKEN): {token}", soft_wrap=True)
+    sys.stdout.write("\n" + entry)
 
 
 @tenant_app.command("set")
@@ -396,7 +492,7 @@ def top(
         return await c.nodes_calls(tenant=tenant)
 
     async def go() -> None:
-        async with AsyncClient(broker) as c:
+        async with AsyncClient(broker, security=_client_security()) as c:
             snap = await snapshot(c)
             if json_path is not None:
                 json_path.write_text(_top_json(snap))
@@ -630,6 +726,25 @@ def bench_failover_cmd(
         )
     except UsedDatabaseError as e:
         raise typer.BadParameter(str(e), param_hint="--db") from None
+    _print_result(result)
+
+
+@bench_app.command("access")
+def bench_access_cmd(
+    rounds: Annotated[int, typer.Option(min=1, help="rounds of each mode, alternated")] = 3,
+    seconds: Annotated[float, typer.Option(min=1.0, help="measured load per round")] = 8.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """What TLS and the access gate cost the broker: Reserve+Release pairs/s and broker CPU
+    per pair, open vs behind the gate vs behind mutual TLS too (see bench_access)."""
+    from .bench_access import bench_access
+
+    result = bench_access(
+        rounds=rounds,
+        seconds=seconds,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
     _print_result(result)
 
 

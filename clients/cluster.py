@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +15,14 @@ from pathlib import Path
 
 from agentcg.readyfile import read_ready_file
 
-__all__ = ["BrokerProcess", "LocalCluster", "child_pids", "free_port", "leader_and_standby"]
+__all__ = [
+    "BrokerProcess",
+    "LocalCluster",
+    "child_pids",
+    "free_port",
+    "leader_and_standby",
+    "tree_cpu_s",
+]
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, timeout_s: float) -> str:
@@ -40,12 +48,15 @@ class LocalCluster:
     database_url: str = ""
     node_args: tuple[str, ...] = ()
     broker_args: tuple[str, ...] = ()
+    # Added to the nodes' environment: how they present themselves to the broker
+    # (AGENTCG_TOKEN, AGENTCG_TLS_*: agentcg.channels.ClientSecurity.from_env).
+    node_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     broker_address: str = ""
     node_addresses: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def _spawn(self, name: str, args: list[str]) -> str:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> str:
         ready = self.workdir / f"{name}.addr"
         ready.unlink(missing_ok=True)
         log = self.workdir / f"{name}.log"
@@ -64,6 +75,7 @@ class LocalCluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
         self.procs[name] = proc
         return _wait_ready(proc, ready, log, 60)
@@ -89,6 +101,7 @@ class LocalCluster:
                 self.node_memory,
                 *self.node_args,
             ],
+            self.node_env,
         )
         return address
 
@@ -136,6 +149,17 @@ def child_pids(pid: int) -> list[int]:
         for task in Path(f"/proc/{pid}/task").iterdir()
         for c in (task / "children").read_text().split()
     ]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` and its children (a broker and its database
+    writer) have used so far; a child that exited meanwhile counts no more."""
+    ticks = 0
+    for p in [pid, *child_pids(pid)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

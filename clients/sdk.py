@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from agentcg.channels import broker_channel_options
+from agentcg.channels import ClientSecurity, broker_channel_options
 from agentcg.errors import AgentcgError, QuotaExceededError
 from agentcg.rpcstatus import error_from_rpc
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
@@ -29,6 +29,7 @@ __all__ = [
     "AsyncClient",
     "CallStatus",
     "Client",
+    "ClientSecurity",
     "Lease",
     "NodeCalls",
     "RunResult",
@@ -223,10 +224,16 @@ def _keyed(request: broker_pb2.ReserveRequest) -> broker_pb2.ReserveRequest:
 
 
 class AsyncClient:
-    """One channel to the broker, plus a channel per node address used by ``run``."""
+    """One channel to the broker, plus a channel per node address used by ``run``.
 
-    def __init__(self, broker: str, *, timeout_s: float = 10.0) -> None:
-        self._channel = grpc.aio.insecure_channel(broker, options=broker_channel_options(broker))
+    ``security`` (TLS files, a bearer token; default plaintext, no token) applies to the broker
+    and to the nodes alike; ``ClientSecurity.from_env()`` reads it from AGENTCG_* variables."""
+
+    def __init__(
+        self, broker: str, *, timeout_s: float = 10.0, security: ClientSecurity | None = None
+    ) -> None:
+        self._security = security or ClientSecurity()
+        self._channel = self._security.aio_channel(broker, options=broker_channel_options(broker))
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
         self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
@@ -430,7 +437,7 @@ class AsyncClient:
 
     def _node(self, address: str) -> node_pb2_grpc.NodeAgentAsyncStub:
         if address not in self._nodes:
-            ch = grpc.aio.insecure_channel(address)
+            ch = self._security.aio_channel(address)
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
 
@@ -584,11 +591,13 @@ class AsyncClient:
 class Client:
     """Synchronous wrapper: the same methods as AsyncClient, blocking."""
 
-    def __init__(self, broker: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, broker: str, *, timeout_s: float = 10.0, security: ClientSecurity | None = None
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._async = self._run(_make_async(broker, timeout_s))
+        self._async = self._run(_make_async(broker, timeout_s, security))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -618,5 +627,7 @@ class Client:
         return call
 
 
-async def _make_async(broker: str, timeout_s: float) -> AsyncClient:
-    return AsyncClient(broker, timeout_s=timeout_s)
+async def _make_async(
+    broker: str, timeout_s: float, security: ClientSecurity | None
+) -> AsyncClient:
+    return AsyncClient(broker, timeout_s=timeout_s, security=security)

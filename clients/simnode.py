@@ -9,14 +9,22 @@ import queue
 import threading
 
 import grpc
+from agentcg.channels import ClientSecurity
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 __all__ = ["SimNode"]
 
 
 class SimNode:
-    def __init__(self, address: str, node_id: str = "sim-0", memory_bytes: int = 1 << 40) -> None:
+    def __init__(
+        self,
+        address: str,
+        node_id: str = "sim-0",
+        memory_bytes: int = 1 << 40,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.address = address
+        self.security = security or ClientSecurity()
         self.node_id = node_id
         self.memory_bytes = memory_bytes
         self.decisions: list[broker_pb2.Decision] = []
@@ -39,7 +47,7 @@ class SimNode:
         while not self._stop.is_set():
             address = self.address
             try:
-                async with grpc.aio.insecure_channel(address) as ch:
+                async with self.security.aio_channel(address) as ch:
                     gw = broker_pb2_grpc.NodeGatewayStub(ch)
                     await gw.RegisterNode(
                         broker_pb2.RegisterNodeRequest(

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from agentcg.access import OPEN
 from agentcg.errors import (
     AgentcgError,
     ConflictError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
 )
+from agentcg.gate import current_principal
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import error_from_rpc, to_status
 from agentcg.v1 import broker_pb2, node_pb2, node_pb2_grpc, types_pb2
@@ -77,6 +80,22 @@ tracer = trace.get_tracer(__name__)
 _OUTPUT_CHUNK = 64 * 1024
 
 _T = TypeVar("_T")
+
+
+def _tenant_chain(lease: types_pb2.Lease) -> list[str]:
+    return [lease.tenant, *lease.tenant_ancestors]
+
+
+def authorize_lease(lease: types_pb2.Lease) -> None:
+    """The caller may run or attach under ``lease``: its tenant (or an ancestor, as the broker
+    told in GetLease) is in the caller's scope (agentcg.access). Free without an access file."""
+    caller = current_principal()
+    if caller is not OPEN and not caller.covers(_tenant_chain(lease)):
+        scope = ", ".join(sorted(caller.tenants)) or "none"
+        raise PermissionDeniedError(
+            f"{caller.name}: lease {lease.lease_id} (tenant {lease.tenant!r}) is outside its "
+            f"scope (tenants {scope})"
+        )
 
 
 def lease_view(lease: types_pb2.Lease) -> LeaseView:
@@ -1051,6 +1070,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             session = validate_name("session", lease.session)
         except InvalidNameError as e:
             raise FailedPreconditionError(f"lease {lease_id}: {e}") from None
+        authorize_lease(lease)
         return lease, tenant, session
 
     # -- ListCalls (read-only) ------------------------------------------------------------------
@@ -1066,9 +1086,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         """The calls running now: lease, budget, the cgroup's usage and peak, state, actions."""
         now = time.monotonic()
         reply = node_pb2.ListCallsResponse(node_id=self.node_id, capacity_bytes=self.capacity_bytes)
+        caller = current_principal()
         for call in list(self.calls.values()):
             if tenant and call.lease.tenant != tenant:
                 continue
+            if caller is not OPEN and not caller.covers(_tenant_chain(call.lease)):
+                continue  # another tenant's: not shown to this caller
             try:
                 stats = self.driver.read_stats(call.cgroup)
             except CgroupError:
@@ -1164,6 +1187,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             self.metrics.calls_started.inc()
             self._ensure_adopt_poll()
         else:
+            authorize_lease(call.lease)
             await self._attach_pid(call, pid)
         log.info(
             "attach pid %d to call %s lease %s tenant %s budget %d%s",

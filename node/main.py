@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from agentcg.channels import ClientSecurity
+from agentcg.gate import ServerSecurity
 from agentcg.heap import freeze_start_up
 from agentcg.names import validate_name
 from agentcg.readyfile import write_ready_file
@@ -63,6 +65,9 @@ class NodeConfig:
     usage_source: str = "counter"  # UsageSource name, lower case
     keep_calls: bool = False  # on stop, leave calls running for the next agent to adopt
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" off, port 0 any
+    # Its own listener's TLS and access file; how it presents itself to the broker.
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    broker_security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 async def run_node(
@@ -96,8 +101,11 @@ async def _run(
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
 
-    server = grpc.aio.server(interceptors=[aio_server_interceptor()])
-    port = server.add_insecure_port(config.listen)
+    config.security.check()
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), *config.security.interceptors()]
+    )
+    port = config.security.bind(server, config.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     address = f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -118,6 +126,7 @@ async def _run(
         on_decision,
         lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
         on_lease=lambda lease: agent.on_lease_update(lease) if agent else None,
+        security=config.broker_security,
     )
     monitor = MemoryMonitor(
         lambda ev: agent.on_mem_event(ev) if agent else None,
@@ -147,9 +156,10 @@ async def _run(
         log.warning("re-adopted %d running call(s) under %s", adopted, driver.root)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "node %s serving on %s, broker %s, capacity %d bytes, cgroups under %s (v%d)",
+        "node %s serving on %s (%s), broker %s, capacity %d bytes, cgroups under %s (v%d)",
         node_id,
         address,
+        config.security.describe(),
         config.broker,
         capacity,
         driver.root,

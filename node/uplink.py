@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from agentcg.channels import broker_channel_options
+from agentcg.channels import ClientSecurity, broker_channel_options
 from agentcg.telemetry import aio_client_interceptors
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
@@ -32,10 +32,11 @@ class Uplink:
         on_lease: Callable[[types_pb2.Lease], None] | None = None,
         buffer_size: int = 10_000,
         max_backoff_s: float = 5.0,
+        security: ClientSecurity | None = None,
     ) -> None:
         # Given every broker replica: calls wait for the new leader, and one in flight when the
         # leader died is sent again (an Exec's lease check made during a takeover waits for it).
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = (security or ClientSecurity()).aio_channel(
             broker_address,
             options=broker_channel_options(broker_address),
             interceptors=aio_client_interceptors(),

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent host set-up for the node agent's kernel side (needs root):
 # bcc from Debian, kernel headers linked for the running kernel, tracefs mounted; and Debian's
-# gRPC C++ toolchain for the native load generator (clients/loadgen, `make loadgen`).
+# gRPC C++ toolchain for the native load generator (clients/loadgen, `make loadgen`); openssl,
+# with which the TLS tests make their certificates (tests/pki.py).
 # Optional: WITH_POSTGRES=1 also installs Debian's PostgreSQL server.
 set -euo pipefail
 
 need=(bpfcc-tools python3-bpfcc linux-headers-amd64)
 need+=(g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc)
+need+=(openssl)
 if [ "${WITH_POSTGRES:-0}" = 1 ]; then need+=(postgresql); fi
 
 missing=()

@@ -9,6 +9,8 @@ import pytest
 MODULES = [
     "agentcg.clients.sdk",
     "agentcg.errors",
+    "agentcg.gate",
+    "agentcg.access",
     "agentcg.channels",
     "agentcg.heap",
     "agentcg.names",

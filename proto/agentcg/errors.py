@@ -9,7 +9,9 @@ __all__ = [
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
+    "PermissionDeniedError",
     "QuotaExceededError",
+    "UnauthenticatedError",
     "UnavailableError",
 ]
 
@@ -69,3 +71,11 @@ class QuotaExceededError(AgentcgError):
 
 class UnavailableError(AgentcgError):
     """The database or a node cannot be reached; retrying later may work."""
+
+
+class UnauthenticatedError(AgentcgError):
+    """The caller presented no credentials, or ones the server does not know."""
+
+
+class PermissionDeniedError(AgentcgError):
+    """The caller is known, and may not do this (its role, or a tenant outside its scope)."""

@@ -19,7 +19,9 @@ from agentcg.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     QuotaExceededError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from agentcg.v1 import types_pb2
@@ -36,6 +38,8 @@ _CODES: list[tuple[type[AgentcgError], int]] = [
     (ConflictError, code_pb2.ABORTED),
     (QuotaExceededError, code_pb2.RESOURCE_EXHAUSTED),
     (UnavailableError, code_pb2.UNAVAILABLE),
+    (UnauthenticatedError, code_pb2.UNAUTHENTICATED),
+    (PermissionDeniedError, code_pb2.PERMISSION_DENIED),
 ]
 
 
@@ -144,6 +148,10 @@ def error_from_rpc(err: grpc.RpcError) -> AgentcgError:
             retry_after_ms=hint.retry_after_ms,
             last_peak_memory_bytes=hint.last_peak_memory_bytes,
         )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return UnauthenticatedError(message)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDeniedError(message)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return UnavailableError(message)
     return AgentcgError(f"{code.name if code else 'UNKNOWN'}: {message}")

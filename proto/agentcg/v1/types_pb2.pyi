@@ -3,8 +3,10 @@
 isort:skip_file
 Messages shared by the broker and node APIs. Quantities are integers with the unit in the name."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -120,6 +122,7 @@ class Lease(_message.Message):
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     INTENT_FIELD_NUMBER: _builtins.int
+    TENANT_ANCESTORS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     tenant: _builtins.str
     session: _builtins.str
@@ -141,6 +144,12 @@ class Lease(_message.Message):
     def intent(self) -> Global___Resources:
         """What the caller declared before any growth."""
 
+    @_builtins.property
+    def tenant_ancestors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenant's ancestors, nearest first. Filled by GetLease only: a node with an access file
+        checks a caller's tenant scope against them (agentcg.access).
+        """
+
     def __init__(
         self,
         *,
@@ -159,10 +168,11 @@ class Lease(_message.Message):
         peak_memory_bytes: _builtins.int = ...,
         outcome: Global___Outcome.ValueType = ...,
         intent: Global___Resources | None = ...,
+        tenant_ancestors: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "intent", b"intent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "command_class", b"command_class", "epoch", b"epoch", "expires_at_unix_ms", b"expires_at_unix_ms", "granted_at_unix_ms", b"granted_at_unix_ms", "intent", b"intent", "lease_id", b"lease_id", "node_address", b"node_address", "node_id", b"node_id", "outcome", b"outcome", "peak_memory_bytes", b"peak_memory_bytes", "priority", b"priority", "session", b"session", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "command_class", b"command_class", "epoch", b"epoch", "expires_at_unix_ms", b"expires_at_unix_ms", "granted_at_unix_ms", b"granted_at_unix_ms", "intent", b"intent", "lease_id", b"lease_id", "node_address", b"node_address", "node_id", b"node_id", "outcome", b"outcome", "peak_memory_bytes", b"peak_memory_bytes", "priority", b"priority", "session", b"session", "state", b"state", "tenant", b"tenant", "tenant_ancestors", b"tenant_ancestors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,251 @@
+"""Who may call the broker and the node agent, and on which tenants: pure decisions.
+
+An access file (``--access FILE``, TOML) names the principals a server knows. Each presents a
+bearer token (gRPC metadata ``authorization: Bearer <token>``); the file holds only the token's
+SHA-256, so reading the file does not give the tokens away::
+
+    [[principal]]
+    name = "orchestrator-a"
+    token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+    role = "client"          # client | admin | node
+    tenants = ["org-a"]      # the subtrees it acts on ("*": every tenant)
+
+    [[principal]]
+    name = "host-17"
+    token_sha256 = "..."
+    role = "node"
+    nodes = ["host-17"]      # the node ids it may register and connect as ("*": any)
+
+Roles (``ROLE_METHODS``: a method no role lists is refused to every principal):
+
+- ``client`` reserves, renews, releases and reads leases, and reads tenants, within its scope;
+- ``admin`` can also set and delete the tenants *below* its scope's roots: an admin of
+  ``org-a`` manages org-a's teams but not org-a's own quota, which belongs to whoever holds
+  the level above (``"*"`` for top-level tenants);
+- ``node`` registers and connects as one of its node ids and reads the leases placed on them.
+
+A tenant is in scope when it or one of its ancestors is one of the principal's ``tenants``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import secrets
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from agentcg.names import InvalidNameError, validate_name
+
+__all__ = [
+    "ANY",
+    "OPEN",
+    "ROLE_METHODS",
+    "Access",
+    "AccessFileError",
+    "Principal",
+    "Role",
+    "new_token",
+    "parse_access",
+    "principal_entry",
+    "token_sha256",
+]
+
+ANY = "*"
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    ADMIN = "admin"
+    NODE = "node"
+
+
+_CLIENT_METHODS = frozenset(
+    {
+        "/agentcg.v1.Broker/Reserve",
+        "/agentcg.v1.Broker/ReserveBatch",
+        "/agentcg.v1.Broker/Release",
+        "/agentcg.v1.Broker/ReleaseBatch",
+        "/agentcg.v1.Broker/Renew",
+        "/agentcg.v1.Broker/GetLease",
+        "/agentcg.v1.Broker/ListLeases",
+        "/agentcg.v1.Broker/Ping",
+        "/agentcg.v1.TenantAdmin/GetTenant",
+        "/agentcg.v1.TenantAdmin/ListTenants",
+        "/agentcg.v1.NodeAgent/Exec",
+        "/agentcg.v1.NodeAgent/Attach",
+        "/agentcg.v1.NodeAgent/ListCalls",
+    }
+)
+
+# The gRPC methods each role may call; the servicers then check the tenant or node it names.
+ROLE_METHODS: Mapping[Role, frozenset[str]] = {
+    Role.CLIENT: _CLIENT_METHODS,
+    Role.ADMIN: _CLIENT_METHODS
+    | {"/agentcg.v1.TenantAdmin/SetTenant", "/agentcg.v1.TenantAdmin/DeleteTenant"},
+    Role.NODE: frozenset(
+        {
+            "/agentcg.v1.NodeGateway/RegisterNode",
+            "/agentcg.v1.NodeGateway/Connect",
+            "/agentcg.v1.Broker/GetLease",
+            "/agentcg.v1.Broker/Ping",
+        }
+    ),
+}
+
+
+class AccessFileError(ValueError):
+    """The access file is malformed; the message names the entry and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    role: Role
+    tenants: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
+
+    def may_call(self, method: str) -> bool:
+        return method in ROLE_METHODS[self.role]
+
+    def covers(self, chain: Iterable[str]) -> bool:
+        """Whether a tenant is in scope, given its chain (the tenant, then its ancestors)."""
+        return ANY in self.tenants or any(name in self.tenants for name in chain)
+
+    def manages(self, parents: Sequence[str]) -> bool:
+        """Whether this admin may set or delete a tenant whose parent chain (its parent, then
+        the parent's ancestors; empty for a top-level tenant) is ``parents``: one of them must
+        be a root of its scope."""
+        return self.role is Role.ADMIN and self.covers(parents)
+
+    def acts_for_node(self, node_id: str) -> bool:
+        # Only a node principal (or OPEN) has nodes: parse_access refuses them on other roles.
+        return ANY in self.nodes or node_id in self.nodes
+
+
+# Whoever calls a server that has no access file: it may do everything, for every tenant and
+# as every node (the default, for a broker on loopback; the server logs that it runs open).
+OPEN = Principal("anyone", Role.ADMIN, frozenset({ANY}), frozenset({ANY}))
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh bearer token: 32 random bytes, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Access:
+    """The principals a server knows, by their token's SHA-256."""
+
+    by_token_sha256: Mapping[str, Principal]
+
+    def authenticate(self, token: str) -> Principal | None:
+        # Looked up by the token's digest: how long a lookup takes tells nothing about a token
+        # an attacker could steer toward a known one.
+        return self.by_token_sha256.get(token_sha256(token))
+
+
+def _strings(entry: Mapping[str, object], key: str, where: str, names: bool) -> frozenset[str]:
+    value = entry.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AccessFileError(f"{where}: {key} must be a list of strings")
+    out = frozenset(value)
+    if names:
+        for v in out - {ANY}:
+            try:
+                validate_name(key, v)
+            except InvalidNameError as exc:
+                raise AccessFileError(f"{where}: {exc}") from None
+    return out
+
+
+def parse_access(text: str) -> Access:
+    """Parse an access file (TOML, module docstring); raise AccessFileError naming the entry."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AccessFileError(f"not TOML: {exc}") from None
+    entries = doc.get("principal", [])
+    if not isinstance(entries, list):
+        raise AccessFileError("principal must be an array of tables ([[principal]])")
+    by_digest: dict[str, Principal] = {}
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        where = f"principal[{i}]"
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise AccessFileError(f"{where}: name is required")
+        where = f"principal[{i}] ({name})"
+        if name in names:
+            raise AccessFileError(f"{where}: name given twice")
+        names.add(name)
+        digest = entry.get("token_sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or not _is_hex(digest):
+            raise AccessFileError(f"{where}: token_sha256 must be 64 hex digits")
+        digest = digest.lower()
+        if digest in by_digest:
+            raise AccessFileError(f"{where}: same token as {by_digest[digest].name}")
+        try:
+            role = Role(entry.get("role"))
+        except ValueError:
+            roles = ", ".join(r.value for r in Role)
+            raise AccessFileError(f"{where}: role must be one of {roles}") from None
+        tenants = _strings(entry, "tenants", where, names=True)
+        nodes = _strings(entry, "nodes", where, names=True)
+        if role is Role.NODE:
+            if tenants:
+                raise AccessFileError(f"{where}: a node has no tenants (it acts for nodes)")
+            if not nodes:  # it acts as the node named as itself
+                try:
+                    nodes = frozenset({validate_name("name", name)})
+                except InvalidNameError as exc:
+                    raise AccessFileError(f"{where}: {exc} (or give nodes)") from None
+        else:
+            if nodes:
+                raise AccessFileError(f"{where}: nodes is for role node only")
+            if not tenants:
+                raise AccessFileError(f'{where}: tenants is required ("*" for every tenant)')
+        unknown = set(entry) - {"name", "token_sha256", "role", "tenants", "nodes"}
+        if unknown:
+            raise AccessFileError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        by_digest[digest] = Principal(name, role, tenants, nodes)
+    return Access(by_digest)
+
+
+def principal_entry(
+    name: str,
+    token: str,
+    role: Role,
+    *,
+    tenants: Iterable[str] = (),
+    nodes: Iterable[str] = (),
+) -> str:
+    """The access file's ``[[principal]]`` table for a principal holding ``token`` (only its
+    SHA-256 is written); checked by ``parse_access``, whose AccessFileError it raises."""
+    lines = [
+        "[[principal]]",
+        f"name = {json.dumps(name)}",
+        f'token_sha256 = "{token_sha256(token)}"',
+        f'role = "{role.value}"',
+    ]
+    if tenants:
+        lines.append(f"tenants = {json.dumps(sorted(tenants))}")
+    if nodes:
+        lines.append(f"nodes = {json.dumps(sorted(nodes))}")
+    text = "\n".join(lines) + "\n"
+    parse_access(text)
+    return text
+
+
+def _is_hex(s: str) -> bool:
+    try:
+        int(s, 16)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,201 @@
+"""How an agentcg server checks who calls it: TLS (``ServerSecurity``), and the access gate.
+
+``AccessGate`` is a grpc.aio server interceptor, installed only when the server has an access
+file (agentcg.access). For every call it reads ``authorization: Bearer <token>``, refuses an
+unknown token with UNAUTHENTICATED and a method the principal's role does not list with
+PERMISSION_DENIED (before the request is even read), and otherwise runs the method with the
+principal in ``current_principal()``, for the servicer to check the tenant or node it names.
+Health checks and server reflection stay open: load balancers and probes carry no token.
+
+``ServerSecurity`` holds a server's flags (``--access``, ``--tls-cert``, ``--tls-key``,
+``--tls-client-ca``): it reads the files once, at start-up, so a bad one stops the server
+before it listens, and binds the listener with TLS (mutual TLS with a client CA) or without.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import grpc
+
+from agentcg.access import OPEN, Access, AccessFileError, Principal, parse_access
+
+__all__ = [
+    "OPEN_METHOD_PREFIXES",
+    "AccessGate",
+    "ServerSecurity",
+    "ServerSecurityError",
+    "bearer_token",
+    "current_principal",
+]
+
+log = logging.getLogger(__name__)
+
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+_principal: ContextVar[Principal] = ContextVar("agentcg_principal", default=OPEN)
+
+
+def current_principal() -> Principal:
+    """Who makes the call being served (``OPEN`` on a server without an access file)."""
+    return _principal.get()
+
+
+def bearer_token(metadata: Any) -> str:
+    """The token of an ``authorization: Bearer <token>`` entry, or ""."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return ""
+
+
+def _refusing(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(code, message)
+
+    async def streaming(
+        request: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    if handler.response_streaming:
+        field = "stream_stream" if handler.request_streaming else "unary_stream"
+        return handler._replace(**{field: streaming})  # type: ignore[attr-defined,no-any-return]
+    field = "stream_unary" if handler.request_streaming else "unary_unary"
+    return handler._replace(**{field: unary})  # type: ignore[attr-defined,no-any-return]
+
+
+def _as(principal: Principal, handler: Handler) -> Handler:
+    """``handler`` with its behaviour run as ``principal``."""
+    if handler.response_streaming:
+        field = "stream_stream" if handler.request_streaming else "unary_stream"
+        inner_gen: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
+
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            _principal.set(principal)
+            async for response in inner_gen(request, context):
+                yield response
+
+        return handler._replace(**{field: streaming})  # type: ignore[attr-defined,no-any-return]
+    field = "stream_unary" if handler.request_streaming else "unary_unary"
+    inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
+
+    async def unary(request: Any, context: Any) -> Any:
+        _principal.set(principal)
+        return await inner(request, context)
+
+    return handler._replace(**{field: unary})  # type: ignore[attr-defined,no-any-return]
+
+
+class AccessGate(grpc.aio.ServerInterceptor):
+    """The interceptor (module docstring). What it hands gRPC for a (token, method) is the same
+    every time, so it is kept: a call whose token and method were seen before costs a lookup,
+    not a hash of the token and a new handler (at most ``CACHED`` pairs; unknown tokens are not
+    kept, so a caller trying tokens cannot fill it)."""
+
+    CACHED = 4096
+
+    def __init__(self, access: Access) -> None:
+        self._access = access
+        self._handlers: dict[tuple[str, str], Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        gated = self._handlers.get((token, method))
+        if gated is not None:
+            return gated
+        principal = self._access.authenticate(token) if token else None
+        if principal is None:
+            why = "an unknown token" if token else "no token (authorization: Bearer <token>)"
+            log.warning("refused %s: %s", method, why)
+            return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
+        if principal.may_call(method):
+            gated = _as(principal, handler)
+        else:
+            message = f"{principal.name} (role {principal.role.value}) may not call {method}"
+            log.warning("refused %s", message)
+            gated = _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message)
+        if len(self._handlers) < self.CACHED:
+            self._handlers[(token, method)] = gated
+        return gated
+
+
+class ServerSecurityError(ValueError):
+    """A server's security flags or files are wrong; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    access: Path | None = None  # the access file (agentcg.access); None: every caller is OPEN
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
+
+    def load_access(self) -> Access | None:
+        if self.access is None:
+            return None
+        try:
+            return parse_access(self.access.read_text())
+        except OSError as exc:
+            raise ServerSecurityError(f"--access {self.access}: {exc.strerror}") from None
+        except AccessFileError as exc:
+            raise ServerSecurityError(f"--access {self.access}: {exc}") from None
+
+    def check(self) -> None:
+        """Read every file now: raise ServerSecurityError naming the flag of a bad one."""
+        self.load_access()
+        self.credentials()
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The access gate if there is an access file (read now), else nothing."""
+        access = self.load_access()
+        return [] if access is None else [AccessGate(access)]
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS server credentials from the files (read now), or None to serve plaintext."""
+        if self.tls_cert is None and self.tls_key is None:
+            if self.tls_client_ca is not None:
+                raise ServerSecurityError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise ServerSecurityError("--tls-cert and --tls-key go together")
+
+        def read(flag: str, path: Path) -> bytes:
+            try:
+                return path.read_bytes()
+            except OSError as exc:
+                raise ServerSecurityError(f"{flag} {path}: {exc.strerror}") from None
+
+        client_ca = self.tls_client_ca
+        return grpc.ssl_server_credentials(
+            [(read("--tls-key", self.tls_key), read("--tls-cert", self.tls_cert))],
+            root_certificates=read("--tls-client-ca", client_ca) if client_ca else None,
+            require_client_auth=client_ca is not None,
+        )
+
+    def bind(self, server: grpc.aio.Server, listen: str) -> int:
+        """Add the listener (TLS if configured); the port bound, 0 if it could not be."""
+        credentials = self.credentials()
+        if credentials is None:
+            return server.add_insecure_port(listen)
+        return server.add_secure_port(listen, credentials)
+
+    def describe(self) -> str:
+        tls = "mutual TLS" if self.tls_client_ca else "TLS" if self.tls_cert else "plaintext"
+        return f"{tls}, {'access file ' + str(self.access) if self.access else 'open to all'}"

@@ -1,0 +1,292 @@
+"""Who may do what, over real TLS: a broker process with an access file and mutual TLS (real
+certificates from tests/pki.py), called through the SDK with bearer tokens; then a real node
+agent, with its own access file, running a tool call for one tenant and refusing another's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from agentcg.access import Role, new_token, principal_entry
+from agentcg.channels import ClientSecurity
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.pki import Pki, make_pki
+from agentcg.clients.sdk import Client
+from agentcg.clients.simnode import SimNode
+from agentcg.errors import (
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+MiB = 1 << 20
+
+TOKENS = {name: new_token() for name in ("root", "admin-a", "client-a", "client-b", "node")}
+NODE_ID = f"acc-{os.getpid()}"
+
+
+def access_file(path: Path) -> Path:
+    entries = [
+        principal_entry("root", TOKENS["root"], Role.ADMIN, tenants=["*"]),
+        principal_entry("admin-a", TOKENS["admin-a"], Role.ADMIN, tenants=["org-a"]),
+        principal_entry("client-a", TOKENS["client-a"], Role.CLIENT, tenants=["org-a"]),
+        principal_entry("client-b", TOKENS["client-b"], Role.CLIENT, tenants=["org-b"]),
+        principal_entry("node", TOKENS["node"], Role.NODE, nodes=[NODE_ID]),
+    ]
+    path.write_text("\n".join(entries))
+    return path
+
+
+def server_flags(pki: Pki, access: Path) -> tuple[str, ...]:
+    return (
+        "--access", str(access), "--tls-cert", str(pki.server_cert),
+        "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
+    )  # fmt: skip
+
+
+def security(pki: Pki, who: str = "") -> ClientSecurity:
+    return ClientSecurity(
+        token=TOKENS[who] if who else "", ca=pki.ca, cert=pki.client_cert, key=pki.client_key
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[LocalCluster]:
+    work = tmp_path_factory.mktemp("access")
+    flags = server_flags(pki, access_file(work / "access.toml"))
+    with LocalCluster(work, nodes=0, broker_args=flags) as c:
+        with Client(c.broker_address, security=security(pki, "root")) as root:
+            root.set_tenant("org-a", 1 << 30)
+            root.set_tenant("org-b", 1 << 30)
+            root.set_tenant("team-b1", 512 * MiB, parent="org-b")
+        with SimNode(c.broker_address, NODE_ID, security=security(pki, "node")):
+            yield c
+
+
+def test_a_call_without_a_known_token_is_unauthenticated(broker: LocalCluster, pki: Pki) -> None:
+    for sec in (security(pki), replace(security(pki), token=new_token())):
+        with Client(broker.broker_address, security=sec) as c:
+            with pytest.raises(UnauthenticatedError, match="Tenant"):
+                c.list_tenants()
+    assert broker.procs["broker"].poll() is None
+
+
+def test_tls_is_required_and_verified(broker: LocalCluster, pki: Pki) -> None:
+    """Plaintext, a server certificate from another CA, no client certificate: no connection."""
+    refused = [
+        ClientSecurity(token=TOKENS["root"]),  # plaintext to a TLS listener
+        replace(security(pki, "root"), ca=pki.other_ca),  # cannot verify the server
+        replace(security(pki, "root"), cert=None, key=None),  # mutual TLS: no client cert
+    ]
+    for sec in refused:
+        with Client(broker.broker_address, security=sec, timeout_s=3) as c:
+            with pytest.raises(UnavailableError):
+                c.list_tenants()
+    with Client(broker.broker_address, security=security(pki, "root")) as c:
+        assert {"org-a", "org-b"} <= {t.name for t in c.list_tenants()}
+
+
+def test_health_checks_need_no_token(broker: LocalCluster, pki: Pki) -> None:
+    creds = security(pki).credentials()
+    with grpc.secure_channel(broker.broker_address, creds) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_admin_manages_only_below_its_scope(broker: LocalCluster, pki: Pki) -> None:
+    with Client(broker.broker_address, security=security(pki, "admin-a")) as admin:
+        team = admin.set_tenant("team-a1", 256 * MiB, parent="org-a")
+        assert team.parent == "org-a"
+        refusals = {
+            "org-a's own quota": lambda: admin.set_tenant("org-a", 64 << 30),
+            "a new org": lambda: admin.set_tenant("org-c", 1 << 30),
+            "under org-b": lambda: admin.set_tenant("team-x", 1 << 30, parent="org-b"),
+            "org-b's team": lambda: admin.delete_tenant("team-b1"),
+            "moving org-b's team": lambda: admin.set_tenant("team-b1", 1 << 30, parent="org-a"),
+        }
+        for what, call in refusals.items():
+            with pytest.raises(PermissionDeniedError, match="admin-a: .*outside its scope"):
+                call()
+            assert what
+        assert {t.name for t in admin.list_tenants()} == {"org-a", "team-a1"}
+    with Client(broker.broker_address, security=security(pki, "root")) as root:
+        tenants = {t.name: t for t in root.list_tenants()}
+        assert tenants["org-a"].memory_quota_bytes == 1 << 30  # untouched
+        assert tenants["team-b1"].parent == "org-b" and "team-x" not in tenants
+        assert "org-c" not in tenants
+
+
+def test_a_client_reserves_only_in_its_scope(broker: LocalCluster, pki: Pki) -> None:
+    with (
+        Client(broker.broker_address, security=security(pki, "client-a")) as a,
+        Client(broker.broker_address, security=security(pki, "client-b")) as b,
+        Client(broker.broker_address, security=security(pki, "root")) as root,
+    ):
+        root.set_tenant("team-a2", 256 * MiB, parent="org-a")
+        with pytest.raises(PermissionDeniedError, match="may not call .*SetTenant"):
+            a.set_tenant("team-a3", MiB, parent="org-a")  # a client's role
+        lease_b = b.reserve("team-b1", 32 * MiB)  # a subtree of its scope
+        before = {t.name: t.granted_memory_bytes for t in root.list_tenants()}
+        with pytest.raises(PermissionDeniedError, match="client-a: tenant 'org-b'"):
+            a.reserve("org-b", 32 * MiB)
+        with pytest.raises(PermissionDeniedError, match="client-a: tenant 'nowhere'"):
+            a.reserve("nowhere", 32 * MiB)  # refused, whether or not it exists
+        for call in (a.release, a.renew, a.get_lease):
+            with pytest.raises(PermissionDeniedError, match=lease_b.lease_id):
+                call(lease_b.lease_id)
+        assert {t.name: t.granted_memory_bytes for t in root.list_tenants()} == before
+        assert root.get_lease(lease_b.lease_id).state == "active"
+        lease_a = a.reserve("team-a2", 16 * MiB)
+        assert {x.lease_id for x in a.list_leases()} == {lease_a.lease_id}
+        assert lease_b.lease_id in {x.lease_id for x in b.list_leases()}
+        a.release(lease_a.lease_id)
+        b.release(lease_b.lease_id)
+    assert broker.procs["broker"].poll() is None
+
+
+def test_a_node_acts_only_as_its_own_node(broker: LocalCluster, pki: Pki) -> None:
+    creds = security(pki, "node").credentials()
+    metadata = (("authorization", f"Bearer {TOKENS['node']}"),)
+    register = broker_pb2.RegisterNodeRequest(
+        node_id="someone-else",
+        address="127.0.0.1:1",
+        capacity=types_pb2.Resources(memory_bytes=1 << 30),
+    )
+    with grpc.secure_channel(broker.broker_address, creds) as ch:
+        gateway = broker_pb2_grpc.NodeGatewayStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            gateway.RegisterNode(register, metadata=metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "may not act as node 'someone-else'" in err.value.details()
+        register.node_id = NODE_ID
+        gateway.RegisterNode(register, metadata=metadata, timeout=5)
+        reserve = broker_pb2.ReserveRequest(
+            tenant="org-a", intent=types_pb2.Resources(memory_bytes=MiB)
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            broker_pb2_grpc.BrokerStub(ch).Reserve(reserve, metadata=metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "node (role node) may not call /agentcg.v1.Broker/Reserve" in err.value.details()
+
+
+def test_a_bad_access_file_stops_the_broker_before_it_listens(tmp_path: Path, pki: Pki) -> None:
+    bad = tmp_path / "access.toml"
+    bad.write_text('[[principal]]\nname = "x"\ntoken_sha256 = "abc"\nrole = "client"\n')
+    flags = server_flags(pki, bad)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentcg.clients.cli", "broker", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "b"), *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "principal[0] (x): token_sha256 must be 64 hex digits" in proc.stderr
+    assert not (tmp_path / "b").exists()  # stopped before it made its database
+
+
+# -- a node agent behind the same gate ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki, cgroup_write: Path, bcc_available: None
+) -> Iterator[LocalCluster]:
+    work = tmp_path_factory.mktemp("access-node")
+    flags = server_flags(pki, access_file(work / "access.toml"))
+    node_env = {
+        "AGENTCG_TOKEN": TOKENS["node"],
+        "AGENTCG_TLS_CA": str(pki.ca),
+        "AGENTCG_TLS_CERT": str(pki.client_cert),
+        "AGENTCG_TLS_KEY": str(pki.client_key),
+    }
+    c = LocalCluster(work, nodes=0, broker_args=flags, node_args=flags, node_env=node_env)
+    with c:
+        # The node's id is the one its token may act as.
+        c.node_addresses = [
+            c._spawn(
+                "node0",
+                [
+                    "node",
+                    "--broker",
+                    c.broker_address,
+                    "--node-id",
+                    NODE_ID,
+                    "--memory",
+                    "1G",
+                    *flags,
+                ],
+                node_env,
+            )  # fmt: skip
+        ]
+        with Client(c.broker_address, security=security(pki, "root")) as root:
+            root.set_tenant("org-a", 1 << 30)
+            root.set_tenant("org-b", 1 << 30)
+        yield c
+
+
+def test_a_tool_call_runs_through_both_gates(cluster: LocalCluster, pki: Pki) -> None:
+    env = {
+        **os.environ,
+        "AGENTCG_TOKEN": TOKENS["client-a"],
+        "AGENTCG_TLS_CA": str(pki.ca),
+        "AGENTCG_TLS_CERT": str(pki.client_cert),
+        "AGENTCG_TLS_KEY": str(pki.client_key),
+    }
+    argv = [sys.executable, "-c", "print('hello from org-a')"]
+    run = [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address]
+    ok = subprocess.run(
+        [*run, "--tenant", "org-a", "--memory", "64M", "--", *argv],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "hello from org-a" in ok.stdout
+    denied = subprocess.run(
+        [*run, "--tenant", "org-b", "--memory", "64M", "--", *argv],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert denied.returncode == 2
+    assert "client-a: tenant 'org-b' is outside its scope" in denied.stderr
+
+
+def test_a_node_runs_no_call_for_a_tenant_outside_the_callers_scope(
+    cluster: LocalCluster, pki: Pki
+) -> None:
+    node = cluster.node_addresses[0]
+    with (
+        Client(cluster.broker_address, security=security(pki, "client-a")) as a,
+        Client(cluster.broker_address, security=security(pki, "root")) as root,
+    ):
+        lease = a.reserve("org-a", 32 * MiB)
+        assert lease.node_address == node
+        creds = security(pki).credentials()
+        exec_req = node_pb2.ExecRequest(lease_id=lease.lease_id, argv=["/bin/true"])
+        with grpc.secure_channel(node, creds) as ch:
+            stub = node_pb2_grpc.NodeAgentStub(ch)
+            for who, code in (
+                ("client-b", grpc.StatusCode.PERMISSION_DENIED),
+                ("", grpc.StatusCode.UNAUTHENTICATED),
+            ):
+                md = (("authorization", f"Bearer {TOKENS[who]}"),) if who else ()
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Exec(exec_req, metadata=md, timeout=10))
+                assert err.value.code() == code, err.value.details()
+            listed = stub.ListCalls(
+                node_pb2.ListCallsRequest(),
+                metadata=(("authorization", f"Bearer {TOKENS['client-b']}"),),
+                timeout=5,
+            )
+            assert list(listed.calls) == []
+        assert root.get_lease(lease.lease_id).state == "active"  # refused, nothing changed
+        a.release(lease.lease_id)
