@@ -144,6 +144,11 @@ def authorize_lease(ledger: Ledger, lease: Lease, *, read: bool = False) -> None
     p = current_principal()
     if p is OPEN or (read and lease.node_id and p.acts_for_node(lease.node_id)):
         return
+    if p.nodes:  # a node's: it reads only the leases placed on it
+        raise PermissionDeniedError(
+            f"{p.name}: lease {lease.lease_id} is placed on node {lease.node_id!r}, "
+            "not on one of its nodes"
+        )
     if not p.covers([t.name for t in ledger.chain(lease.tenant)] or [lease.tenant]):
         raise _out_of_scope(p, f"lease {lease.lease_id} (tenant {lease.tenant!r})")
 

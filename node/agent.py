@@ -838,7 +838,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             )
             fresh = lease_view(lease)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+            # PERMISSION_DENIED: a broker with an access file lets a node read only the leases
+            # placed on it; this one is not (any more).
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                 fresh = LeaseView(0, 0, active=False, state="unknown")
             else:
                 log.warning("lease %s: cannot refresh: %s", call.lease.lease_id, exc.code())

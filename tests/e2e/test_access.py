@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 MiB = 1 << 20
 
-TOKENS = {name: new_token() for name in ("root", "admin-a", "client-a", "client-b", "node")}
+PRINCIPALS = ("root", "admin-a", "client-a", "client-b", "node", "node-2")
+TOKENS = {name: new_token() for name in PRINCIPALS}
 NODE_ID = f"acc-{os.getpid()}"
 
 
@@ -40,6 +41,7 @@ def access_file(path: Path) -> Path:
         principal_entry("client-a", TOKENS["client-a"], Role.CLIENT, tenants=["org-a"]),
         principal_entry("client-b", TOKENS["client-b"], Role.CLIENT, tenants=["org-b"]),
         principal_entry("node", TOKENS["node"], Role.NODE, nodes=[NODE_ID]),
+        principal_entry("node-2", TOKENS["node-2"], Role.NODE, nodes=["other-node"]),
     ]
     path.write_text("\n".join(entries))
     return path
@@ -180,6 +182,18 @@ def test_a_node_acts_only_as_its_own_node(broker: LocalCluster, pki: Pki) -> Non
             broker_pb2_grpc.BrokerStub(ch).Reserve(reserve, metadata=metadata, timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "node (role node) may not call /agentcg.v1.Broker/Reserve" in err.value.details()
+        # A node reads the leases placed on it (with the tenant's ancestors), and no other's.
+        with Client(broker.broker_address, security=security(pki, "client-b")) as b:
+            lease_id = b.reserve("team-b1", 8 * MiB).lease_id
+            get = broker_pb2.GetLeaseRequest(lease_id=lease_id)
+            lease = broker_pb2_grpc.BrokerStub(ch).GetLease(get, metadata=metadata, timeout=5)
+            assert lease.node_id == NODE_ID and list(lease.tenant_ancestors) == ["org-b"]
+            other = (("authorization", f"Bearer {TOKENS['node-2']}"),)
+            with pytest.raises(grpc.RpcError) as err:
+                broker_pb2_grpc.BrokerStub(ch).GetLease(get, metadata=other, timeout=5)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert f"placed on node '{NODE_ID}', not on one of its nodes" in err.value.details()
+            b.release(lease_id)
 
 
 def test_a_bad_access_file_stops_the_broker_before_it_listens(tmp_path: Path, pki: Pki) -> None:

@@ -48,6 +48,7 @@ class StubBroker:
     def __init__(self) -> None:
         self.leases: dict[str, types_pb2.Lease] = {}
         self.reachable = True
+        self.denied: set[str] = set()  # GetLease: PERMISSION_DENIED (placed on another node)
         self._together = 0
         self._waiting = 0
         self._all_in = asyncio.Event()
@@ -77,6 +78,10 @@ class StubBroker:
         if not self.reachable:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down"
+            )
+        if request.lease_id in self.denied:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(), grpc.aio.Metadata(), "no"
             )
         lease = self.leases.get(request.lease_id)
         if lease is None:

@@ -89,6 +89,8 @@ def test_many_calls_leave_nothing_behind(
         ("stale", "stale epoch: broker has 1, node enforces 2"),
         ("released", "lease is released at the broker"),
         ("gone", "lease is unknown at the broker"),
+        # A broker with an access file lets a node read only the leases placed on it.
+        ("not ours", "lease is unknown at the broker"),
     ],
 )
 def test_lease_that_no_longer_holds_stops_its_call(
@@ -119,6 +121,9 @@ def test_lease_that_no_longer_holds_stops_its_call(
             now = lease.expires_at_unix_ms - 1_000  # not yet expired: stopped all the same
         elif broker_answer == "gone":
             del uplink.broker.leases["l1"]
+            now = lease.expires_at_unix_ms - 1_000
+        elif broker_answer == "not ours":
+            uplink.broker.denied.add("l1")
             now = lease.expires_at_unix_ms - 1_000
         await agent.check_leases(now)
         events = await asyncio.wait_for(call, 30)
