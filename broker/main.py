@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from agentcg.gate import ServerSecurity
+from agentcg.gate import ServerSecurity, reload_on_sighup
 from agentcg.heap import freeze_start_up
 from agentcg.readyfile import write_ready_file
 from agentcg.shutdown import stop_on_signals
@@ -200,15 +200,27 @@ async def _run(
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         url = Store.default_url(config.data_dir)
-    config.security.check()  # a bad file stops the broker before it takes the lock
+    gate = config.security.interceptors()  # a bad file stops the broker before it takes the lock
+    config.security.credentials()
     stop = stop_on_signals(stop)
+    reload_on_sighup(config.security, gate)
     lock = leadership.lock_for(url)
     # The writer process starts now, so that its imports overlap the wait for the lock and the
     # loading of the state: a standby taking over served 0.7 s sooner.
     fds = lock.child_fds() if lock is not None else ()
     started = writer.spawn(fds=fds) if _process_writer(config, url) else None
     serve = functools.partial(
-        _serve, config, url, metrics, metrics_server, stop, on_serving, busy_clock, started, fds
+        _serve,
+        config,
+        url,
+        metrics,
+        metrics_server,
+        stop,
+        on_serving,
+        busy_clock,
+        started,
+        fds,
+        gate=gate,
     )
     try:
         if lock is None:
@@ -266,6 +278,7 @@ async def _serve(
     started: subprocess.Popen[bytes] | None,
     fds: tuple[int, ...],
     *,
+    gate: list[grpc.aio.ServerInterceptor],
     fenced: bool = False,
 ) -> None:
     store = Store(url)
@@ -310,7 +323,7 @@ async def _serve(
     )
 
     interceptors = [aio_server_interceptor()] if config.rpc_spans else []
-    server = grpc.aio.server(interceptors=[*interceptors, *config.security.interceptors()])
+    server = grpc.aio.server(interceptors=[*interceptors, *gate])
     broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(core), server)
     broker_pb2_grpc.add_TenantAdminServicer_to_server(TenantAdminServicer(core), server)
     broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 from agentcg.channels import ClientSecurity
-from agentcg.gate import ServerSecurity
+from agentcg.gate import ServerSecurity, reload_on_sighup
 from agentcg.heap import freeze_start_up
 from agentcg.names import validate_name
 from agentcg.readyfile import write_ready_file
@@ -101,10 +101,8 @@ async def _run(
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
 
-    config.security.check()
-    server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), *config.security.interceptors()]
-    )
+    gate = config.security.interceptors()
+    server = grpc.aio.server(interceptors=[aio_server_interceptor(), *gate])
     port = config.security.bind(server, config.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
@@ -175,6 +173,7 @@ async def _run(
         write_ready_file(config.ready_file, address, listeners)
 
     stop = stop_on_signals(stop)
+    reload_on_sighup(config.security, gate)
     leases = asyncio.create_task(agent.watch_leases(), name="leases")
     await stop.wait()
     leases.cancel()

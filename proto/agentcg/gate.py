@@ -14,7 +14,9 @@ before it listens, and binds the listener with TLS (mutual TLS with a client CA)
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ __all__ = [
     "ServerSecurityError",
     "bearer_token",
     "current_principal",
+    "reload_on_sighup",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,11 @@ class AccessGate(grpc.aio.ServerInterceptor):
         self._access = access
         self._handlers: dict[tuple[str, str], Handler] = {}
 
+    def reload(self, access: Access) -> None:
+        """Judge calls from now on by ``access`` (what was decided by the old file is dropped)."""
+        self._access = access
+        self._handlers = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -134,6 +142,39 @@ class AccessGate(grpc.aio.ServerInterceptor):
         if len(self._handlers) < self.CACHED:
             self._handlers[(token, method)] = gated
         return gated
+
+
+def reload_on_sighup(
+    security: ServerSecurity, interceptors: list[grpc.aio.ServerInterceptor]
+) -> None:
+    """From a composition root: SIGHUP reads the access file again and hands it to the gate in
+    ``interceptors`` (tokens added or revoked take effect for the next call); a file that does
+    not parse is logged and the old one stays. Without an access file SIGHUP is ignored (its
+    default would end the process)."""
+    gates = [i for i in interceptors if isinstance(i, AccessGate)]
+
+    def reload() -> None:
+        if not gates:
+            log.info("SIGHUP: no access file to reload")
+            return
+        try:
+            access = security.load_access()
+        except ServerSecurityError as exc:
+            log.error("SIGHUP: access file not reloaded, the one read before stays: %s", exc)
+            return
+        assert access is not None
+        for gate in gates:
+            gate.reload(access)
+        log.info(
+            "SIGHUP: access file %s reloaded: %d principals",
+            security.access,
+            len(access.by_token_sha256),
+        )
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError):
+        pass  # not the main thread (a server started by a test): no signal handlers
 
 
 class ServerSecurityError(ValueError):

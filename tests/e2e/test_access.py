@@ -5,8 +5,10 @@ agent, with its own access file, running a tool call for one tenant and refusing
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -208,6 +210,40 @@ def test_a_bad_access_file_stops_the_broker_before_it_listens(tmp_path: Path, pk
     assert proc.returncode == 2
     assert "principal[0] (x): token_sha256 must be 64 hex digits" in proc.stderr
     assert not (tmp_path / "b").exists()  # stopped before it made its database
+
+
+def test_sighup_reloads_the_access_file(tmp_path: Path) -> None:
+    """Tokens added and revoked by rewriting the file take effect at SIGHUP; a file that does
+    not parse leaves the one read before, and the broker serving."""
+    old, new = new_token(), new_token()
+    access = tmp_path / "access.toml"
+    access.write_text(principal_entry("old", old, Role.ADMIN, tenants=["*"]))
+    with LocalCluster(tmp_path, nodes=0, broker_args=("--access", str(access))) as c:
+        broker = c.procs["broker"]
+
+        def answer(token: str) -> str:
+            with Client(c.broker_address, security=ClientSecurity(token=token)) as client:
+                try:
+                    client.list_tenants()
+                except UnauthenticatedError:
+                    return "refused"
+                return "answered"
+
+        assert (answer(old), answer(new)) == ("answered", "refused")
+        access.write_text(principal_entry("new", new, Role.ADMIN, tenants=["*"]))
+        broker.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while answer(new) != "answered" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (answer(old), answer(new)) == ("refused", "answered")
+        access.write_text("[[principal]\n")
+        broker.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "not reloaded" not in c.log("broker") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "access file not reloaded, the one read before stays" in c.log("broker")
+        assert (answer(old), answer(new)) == ("refused", "answered")
+        assert broker.poll() is None
 
 
 # -- a node agent behind the same gate ----------------------------------------------------------
