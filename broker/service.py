@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
-from agentcg.access import OPEN, Principal
+from agentcg.access import ANY, OPEN, Principal
 from agentcg.errors import (
     AgentcgError,
     FailedPreconditionError,
@@ -1161,8 +1161,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         limit = _non_negative("limit", request.limit) or 1000
         ledger = self.core.ledger
         caller = current_principal()
+        scope: set[str] | None = None  # every tenant's
         if tenant:
             authorize_tenant(ledger, tenant)
+        elif caller is not OPEN and ANY not in caller.tenants:  # the tenants in its scope
+            scope = {
+                name for name in ledger.tenants if caller.covers(t.name for t in ledger.chain(name))
+            }
         store = self.core.store
         leases = await self.core.journal.run_in_db(
             lambda: store.list_leases(
@@ -1170,10 +1175,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 node_id=node_id,
                 include_inactive=request.include_inactive,
                 limit=limit,
+                tenants=scope,
             )
         )
-        if not tenant and caller is not OPEN:  # only those in the caller's scope
-            leases = [x for x in leases if caller.covers(t.name for t in ledger.chain(x.tenant))]
         return broker_pb2.ListLeasesResponse(leases=[self.core.lease_pb(x) for x in leases])
 
     async def Ping(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, fields
 from importlib.resources import files
@@ -950,11 +950,17 @@ class Store:
         node_id: str = "",
         include_inactive: bool = False,
         limit: int = 1000,
+        tenants: Collection[str] | None = None,
     ) -> list[Lease]:
-        """Leases by grant time (oldest first), filtered by tenant and node when given."""
+        """Leases by grant time (oldest first), filtered by tenant and node when given, and to
+        those of ``tenants`` (a caller's scope) when that is not None."""
         query = select(LeaseRow)
         if tenant:
             query = query.where(LeaseRow.tenant == tenant)
+        if tenants is not None:
+            if not tenants:
+                return []
+            query = query.where(LeaseRow.tenant.in_(sorted(tenants)))
         if node_id:
             query = query.where(LeaseRow.node_id == node_id)
         if not include_inactive:

@@ -356,6 +356,10 @@ def test_list_leases_filters(store: Store) -> None:
     assert ids(tenant="t1", node_id="n1", include_inactive=True) == ["l-1", "l-4"]
     assert ids(tenant="nobody") == []
     assert ids(include_inactive=True, limit=2) == ["l-1", "l-2"]
+    # A caller's scope: the limit counts only leases in it.
+    assert ids(tenants={"t2"}, limit=1) == ["l-3"]
+    assert ids(tenants={"t1", "t2"}, node_id="n1") == ["l-1", "l-3"]
+    assert ids(tenants=set()) == []
 
 
 def test_active_lease_reads_use_the_active_lease_indexes(tmp_path: Path) -> None:
