@@ -212,6 +212,10 @@ def fill_lease_pb(pb: types_pb2.Lease, lease: Lease, node: Node | None) -> types
 
 
 def _audit(kind: str, lease: Lease | None = None, **detail: object) -> Audit:
+    """An audit entry; ``by`` names the principal whose call made it (with an access file)."""
+    caller = current_principal()
+    if caller is not OPEN:
+        detail["by"] = caller.name
     return Audit(
         AuditEntry(
             at_ms=now_ms(),

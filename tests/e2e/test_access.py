@@ -4,6 +4,7 @@ agent, with its own access file, running a tool call for one tenant and refusing
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentcg.access import Role, new_token, principal_entry
+from agentcg.broker.store import Store
 from agentcg.channels import ClientSecurity
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.pki import Pki, make_pki
@@ -131,6 +133,13 @@ def test_an_admin_manages_only_below_its_scope(broker: LocalCluster, pki: Pki) -
         assert tenants["org-a"].memory_quota_bytes == 1 << 30  # untouched
         assert tenants["team-b1"].parent == "org-b" and "team-x" not in tenants
         assert "org-c" not in tenants
+    # The audit trail names who set it.
+    store = Store(Store.default_url(broker.workdir / "broker"))
+    try:
+        [entry] = [e for e in store.audit() if e.kind == "tenant_set" and e.tenant == "team-a1"]
+    finally:
+        store.close()
+    assert json.loads(entry.detail)["by"] == "admin-a"
 
 
 def test_a_client_reserves_only_in_its_scope(broker: LocalCluster, pki: Pki) -> None:
