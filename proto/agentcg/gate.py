@@ -77,7 +77,8 @@ def _refusing(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
 
 
 def _as(principal: Principal, handler: Handler) -> Handler:
-    """``handler`` with its behaviour run as ``principal``."""
+    """``handler`` with its behaviour run as ``principal``. A streaming behaviour must be an
+    async generator (as every agentcg servicer's is), not one writing with ``context.write``."""
     if handler.response_streaming:
         field = "stream_stream" if handler.request_streaming else "unary_stream"
         inner_gen: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
