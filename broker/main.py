@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from agentcg.gate import ServerSecurity, reload_on_sighup
+from agentcg.gate import ServerCertificates, ServerSecurity, reload_on_sighup
 from agentcg.heap import freeze_start_up
 from agentcg.readyfile import write_ready_file
 from agentcg.shutdown import stop_on_signals
@@ -200,10 +200,11 @@ async def _run(
     if not url:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         url = Store.default_url(config.data_dir)
-    gate = config.security.interceptors()  # a bad file stops the broker before it takes the lock
-    config.security.credentials()
+    # A bad file stops the broker before it takes the lock.
+    gate = config.security.interceptors()
+    certificates = config.security.certificates()
     stop = stop_on_signals(stop)
-    reload_on_sighup(config.security, gate)
+    reload_on_sighup(config.security, gate, certificates)
     lock = leadership.lock_for(url)
     # The writer process starts now, so that its imports overlap the wait for the lock and the
     # loading of the state: a standby taking over served 0.7 s sooner.
@@ -221,6 +222,7 @@ async def _run(
         started,
         fds,
         gate=gate,
+        certificates=certificates,
     )
     try:
         if lock is None:
@@ -279,6 +281,7 @@ async def _serve(
     fds: tuple[int, ...],
     *,
     gate: list[grpc.aio.ServerInterceptor],
+    certificates: ServerCertificates | None,
     fenced: bool = False,
 ) -> None:
     store = Store(url)
@@ -334,7 +337,7 @@ async def _serve(
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(services, server)
-    port = config.security.bind(server, config.listen)
+    port = config.security.bind(server, config.listen, certificates)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     host = config.listen.rsplit(":", 1)[0]

@@ -102,8 +102,9 @@ async def _run(
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
 
     gate = config.security.interceptors()
+    certificates = config.security.certificates()
     server = grpc.aio.server(interceptors=[aio_server_interceptor(), *gate])
-    port = config.security.bind(server, config.listen)
+    port = config.security.bind(server, config.listen, certificates)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     address = f"{config.listen.rsplit(':', 1)[0]}:{port}"
@@ -173,7 +174,7 @@ async def _run(
         write_ready_file(config.ready_file, address, listeners)
 
     stop = stop_on_signals(stop)
-    reload_on_sighup(config.security, gate)
+    reload_on_sighup(config.security, gate, certificates)
     leases = asyncio.create_task(agent.watch_leases(), name="leases")
     await stop.wait()
     leases.cancel()

@@ -8,8 +8,9 @@ principal in ``current_principal()``, for the servicer to check the tenant or no
 Health checks and server reflection stay open: load balancers and probes carry no token.
 
 ``ServerSecurity`` holds a server's flags (``--access``, ``--tls-cert``, ``--tls-key``,
-``--tls-client-ca``): it reads the files once, at start-up, so a bad one stops the server
-before it listens, and binds the listener with TLS (mutual TLS with a client CA) or without.
+``--tls-client-ca``): it reads the files at start-up, so a bad one stops the server before it
+listens, and binds the listener with TLS (mutual TLS with a client CA) or without. SIGHUP
+reads them again (``reload_on_sighup``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from agentcg.access import OPEN, Access, AccessFileError, Principal, parse_acces
 __all__ = [
     "OPEN_METHOD_PREFIXES",
     "AccessGate",
+    "ServerCertificates",
     "ServerSecurity",
     "ServerSecurityError",
     "bearer_token",
@@ -146,17 +148,21 @@ class AccessGate(grpc.aio.ServerInterceptor):
 
 
 def reload_on_sighup(
-    security: ServerSecurity, interceptors: list[grpc.aio.ServerInterceptor]
+    security: ServerSecurity,
+    interceptors: list[grpc.aio.ServerInterceptor],
+    certificates: ServerCertificates | None = None,
 ) -> None:
     """From a composition root: SIGHUP reads the access file again and hands it to the gate in
-    ``interceptors`` (tokens added or revoked take effect for the next call); a file that does
-    not parse is logged and the old one stays. Without an access file SIGHUP is ignored (its
-    default would end the process)."""
+    ``interceptors`` (tokens added or revoked take effect for the next call), and the TLS files
+    (``certificates``: new connections get the new certificate and client CA). A file that
+    does not load is logged and what was read before stays. With neither, SIGHUP is ignored
+    (its default would end the process)."""
     gates = [i for i in interceptors if isinstance(i, AccessGate)]
 
     def reload() -> None:
+        if certificates is not None:
+            certificates.reload()
         if not gates:
-            log.info("SIGHUP: no access file to reload")
             return
         try:
             access = security.load_access()
@@ -182,6 +188,56 @@ class ServerSecurityError(ValueError):
     """A server's security flags or files are wrong; the message names the flag."""
 
 
+def _read(flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ServerSecurityError(f"{flag} {path}: {exc.strerror}") from None
+
+
+class ServerCertificates:
+    """A server's TLS files: read at start, and again at ``reload`` (SIGHUP). gRPC asks for
+    them before each new connection's handshake (``dynamic_ssl_server_credentials``): a
+    reloaded certificate, key or client CA serves the connections made after the reload;
+    those already open keep theirs. Rotating a certificate needs no restart."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self._cert, self._key, self._client_ca = cert, key, client_ca
+        self._initial = self._load()
+        self._fresh: grpc.ServerCertificateConfiguration | None = None
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        ca = self._client_ca
+        return grpc.ssl_server_certificate_configuration(
+            [(_read("--tls-key", self._key), _read("--tls-cert", self._cert))],
+            root_certificates=_read("--tls-client-ca", ca) if ca else None,
+        )
+
+    def reload(self) -> bool:
+        """Read the files again for the next handshakes; False (logged) if one cannot be read:
+        the ones read before stay. (A key that does not match its certificate shows only at
+        the next handshake, which then fails.)"""
+        try:
+            self._fresh = self._load()
+        except ServerSecurityError as exc:
+            log.error("TLS files not reloaded, the ones read before stay: %s", exc)
+            return False
+        log.info("TLS files %s, %s reloaded", self._cert, self._key)
+        return True
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's callback, before each handshake: the reloaded files once, then None (keep)."""
+        fresh, self._fresh = self._fresh, None
+        return fresh
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial,
+            self._fetch,  # type: ignore[arg-type]  # the stubs omit None (keep the current)
+            require_client_authentication=self._client_ca is not None,
+        )
+
+
 @dataclass(frozen=True)
 class ServerSecurity:
     access: Path | None = None  # the access file (agentcg.access); None: every caller is OPEN
@@ -202,41 +258,29 @@ class ServerSecurity:
     def check(self) -> None:
         """Read every file now: raise ServerSecurityError naming the flag of a bad one."""
         self.load_access()
-        self.credentials()
+        self.certificates()
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """The access gate if there is an access file (read now), else nothing."""
         access = self.load_access()
         return [] if access is None else [AccessGate(access)]
 
-    def credentials(self) -> grpc.ServerCredentials | None:
-        """TLS server credentials from the files (read now), or None to serve plaintext."""
+    def certificates(self) -> ServerCertificates | None:
+        """The TLS files (read now), or None to serve plaintext."""
         if self.tls_cert is None and self.tls_key is None:
             if self.tls_client_ca is not None:
                 raise ServerSecurityError("--tls-client-ca needs --tls-cert and --tls-key")
             return None
         if self.tls_cert is None or self.tls_key is None:
             raise ServerSecurityError("--tls-cert and --tls-key go together")
+        return ServerCertificates(self.tls_cert, self.tls_key, self.tls_client_ca)
 
-        def read(flag: str, path: Path) -> bytes:
-            try:
-                return path.read_bytes()
-            except OSError as exc:
-                raise ServerSecurityError(f"{flag} {path}: {exc.strerror}") from None
-
-        client_ca = self.tls_client_ca
-        return grpc.ssl_server_credentials(
-            [(read("--tls-key", self.tls_key), read("--tls-cert", self.tls_cert))],
-            root_certificates=read("--tls-client-ca", client_ca) if client_ca else None,
-            require_client_auth=client_ca is not None,
-        )
-
-    def bind(self, server: grpc.aio.Server, listen: str) -> int:
-        """Add the listener (TLS if configured); the port bound, 0 if it could not be."""
-        credentials = self.credentials()
-        if credentials is None:
+    @staticmethod
+    def bind(server: grpc.aio.Server, listen: str, certificates: ServerCertificates | None) -> int:
+        """Add the listener (TLS with ``certificates``); the port bound, 0 if it could not be."""
+        if certificates is None:
             return server.add_insecure_port(listen)
-        return server.add_secure_port(listen, credentials)
+        return server.add_secure_port(listen, certificates.credentials())
 
     def describe(self) -> str:
         tls = "mutual TLS" if self.tls_client_ca else "TLS" if self.tls_cert else "plaintext"

@@ -255,6 +255,39 @@ def test_sighup_reloads_the_access_file(tmp_path: Path) -> None:
         assert broker.poll() is None
 
 
+def test_sighup_rotates_the_tls_certificate_and_client_ca(tmp_path: Path) -> None:
+    """New files in place plus SIGHUP: new connections get the new certificate and must present
+    a client certificate of the new CA; no restart."""
+    first, second = make_pki(tmp_path / "first"), make_pki(tmp_path / "second")
+    cert, key, client_ca = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+
+    def install(pki: Pki) -> None:
+        for src, dst in ((pki.server_cert, cert), (pki.server_key, key), (pki.ca, client_ca)):
+            dst.write_bytes(src.read_bytes())
+
+    install(first)
+    flags = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(client_ca))
+    with LocalCluster(tmp_path / "work", nodes=0, broker_args=flags) as c:
+
+        def connects(pki: Pki) -> bool:
+            trusting = ClientSecurity(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+            with Client(c.broker_address, security=trusting, timeout_s=3) as client:
+                try:
+                    client.ping()
+                except UnavailableError:
+                    return False
+                return True
+
+        assert (connects(first), connects(second)) == (True, False)
+        install(second)
+        c.procs["broker"].send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "TLS files" not in c.log("broker") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (connects(first), connects(second)) == (False, True)
+        assert c.procs["broker"].poll() is None
+
+
 # -- a node agent behind the same gate ----------------------------------------------------------
 
 
