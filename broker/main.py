@@ -201,7 +201,7 @@ async def _run(
         config.data_dir.mkdir(parents=True, exist_ok=True)
         url = Store.default_url(config.data_dir)
     # A bad file stops the broker before it takes the lock.
-    gate = config.security.interceptors()
+    gate = config.security.interceptors(metrics.access_refused)
     certificates = config.security.certificates()
     stop = stop_on_signals(stop)
     reload_on_sighup(config.security, gate, certificates)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from agentcg.gate import REFUSALS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -254,6 +255,15 @@ class BrokerMetrics:
             "Leases revoked for higher-priority work",
             registry=r,
         )
+        refused = Counter(
+            p + "access_refused",
+            "Calls refused by the access gate (with --access): unknown or no token "
+            "(unauthenticated), a method outside the role (role), a tenant, lease or node "
+            "outside the scope (scope)",
+            ["reason"],
+            registry=r,
+        )
+        self._refused = {reason: refused.labels(reason) for reason in REFUSALS}
 
     # -- hot path -------------------------------------------------------------------------------
 
@@ -298,3 +308,6 @@ class BrokerMetrics:
     def track_state(self, read: Callable[[], BrokerState | None]) -> None:
         """Serve the live-state gauges from ``read`` (called at each scrape)."""
         self.registry.register(BrokerStateCollector(read))
+
+    def access_refused(self, reason: str) -> None:
+        self._refused[reason].inc()

@@ -21,6 +21,7 @@ __all__ = [
     "child_pids",
     "free_port",
     "leader_and_standby",
+    "scrape_metric",
     "tree_cpu_s",
 ]
 
@@ -151,6 +152,19 @@ def child_pids(pid: int) -> list[int]:
     ]
 
 
+def scrape_metric(address: str, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with exactly ``labels`` at http://ADDRESS/metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise RuntimeError(f"no {name} {labels} at {address}")
+
+
 def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds process ``pid`` and its children (a broker and its database
     writer) have used so far; a child that exited meanwhile counts no more."""
@@ -213,16 +227,7 @@ class BrokerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of the sample ``name`` with ``labels`` from its metrics endpoint."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        raise RuntimeError(f"no {name} {labels} in its metrics")
+        return scrape_metric(f"127.0.0.1:{self.metrics_port}", name, **labels)
 
     def leader_gauge(self) -> float:
         return self.metric("agentcg_broker_leader")

@@ -101,7 +101,7 @@ async def _run(
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
 
-    gate = config.security.interceptors()
+    gate = config.security.interceptors(metrics.access_refused)
     certificates = config.security.certificates()
     server = grpc.aio.server(interceptors=[aio_server_interceptor(), *gate])
     port = config.security.bind(server, config.listen, certificates)

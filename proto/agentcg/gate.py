@@ -30,6 +30,7 @@ from agentcg.access import OPEN, Access, AccessFileError, Principal, parse_acces
 
 __all__ = [
     "OPEN_METHOD_PREFIXES",
+    "REFUSALS",
     "AccessGate",
     "ServerCertificates",
     "ServerSecurity",
@@ -78,7 +79,10 @@ def _refusing(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     return handler._replace(**{field: unary})  # type: ignore[attr-defined,no-any-return]
 
 
-def _as(principal: Principal, handler: Handler) -> Handler:
+REFUSALS = ("unauthenticated", "role", "scope")  # the reasons ``on_refused`` is given
+
+
+def _as(principal: Principal, handler: Handler, on_refused: Callable[[str], None]) -> Handler:
     """``handler`` with its behaviour run as ``principal``. A streaming behaviour must be an
     async generator (as every agentcg servicer's is), not one writing with ``context.write``."""
     if handler.response_streaming:
@@ -87,8 +91,12 @@ def _as(principal: Principal, handler: Handler) -> Handler:
 
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
             _principal.set(principal)
-            async for response in inner_gen(request, context):
-                yield response
+            try:
+                async for response in inner_gen(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                _count_scope_refusal(context, on_refused)
+                raise
 
         return handler._replace(**{field: streaming})  # type: ignore[attr-defined,no-any-return]
     field = "stream_unary" if handler.request_streaming else "unary_unary"
@@ -96,9 +104,23 @@ def _as(principal: Principal, handler: Handler) -> Handler:
 
     async def unary(request: Any, context: Any) -> Any:
         _principal.set(principal)
-        return await inner(request, context)
+        try:
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            _count_scope_refusal(context, on_refused)
+            raise
 
     return handler._replace(**{field: unary})  # type: ignore[attr-defined,no-any-return]
+
+
+def _count_scope_refusal(context: Any, on_refused: Callable[[str], None]) -> None:
+    """The servicer refused the call: a tenant, lease or node outside the caller's scope?"""
+    if context.code() == grpc.StatusCode.PERMISSION_DENIED:
+        on_refused("scope")
+
+
+def _ignore(reason: str) -> None:
+    pass
 
 
 class AccessGate(grpc.aio.ServerInterceptor):
@@ -109,8 +131,10 @@ class AccessGate(grpc.aio.ServerInterceptor):
 
     CACHED = 4096
 
-    def __init__(self, access: Access) -> None:
+    def __init__(self, access: Access, on_refused: Callable[[str], None] = _ignore) -> None:
+        """``on_refused(reason)``, reason one of REFUSALS, counts each refusal (a metric)."""
         self._access = access
+        self._on_refused = on_refused
         self._handlers: dict[tuple[str, str], Handler] = {}
 
     def reload(self, access: Access) -> None:
@@ -135,13 +159,14 @@ class AccessGate(grpc.aio.ServerInterceptor):
         if principal is None:
             why = "an unknown token" if token else "no token (authorization: Bearer <token>)"
             log.warning("refused %s: %s", method, why)
+            self._on_refused("unauthenticated")
             return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
-        if principal.may_call(method):
-            gated = _as(principal, handler)
-        else:
+        if not principal.may_call(method):
             message = f"{principal.name} (role {principal.role.value}) may not call {method}"
             log.warning("refused %s", message)
-            gated = _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message)
+            self._on_refused("role")
+            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message)
+        gated = _as(principal, handler, self._on_refused)
         if len(self._handlers) < self.CACHED:
             self._handlers[(token, method)] = gated
         return gated
@@ -260,10 +285,12 @@ class ServerSecurity:
         self.load_access()
         self.certificates()
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    def interceptors(
+        self, on_refused: Callable[[str], None] = _ignore
+    ) -> list[grpc.aio.ServerInterceptor]:
         """The access gate if there is an access file (read now), else nothing."""
         access = self.load_access()
-        return [] if access is None else [AccessGate(access)]
+        return [] if access is None else [AccessGate(access, on_refused)]
 
     def certificates(self) -> ServerCertificates | None:
         """The TLS files (read now), or None to serve plaintext."""

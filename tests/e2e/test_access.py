@@ -19,7 +19,7 @@ import pytest
 from agentcg.access import Role, new_token, principal_entry
 from agentcg.broker.store import Store
 from agentcg.channels import ClientSecurity
-from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.cluster import LocalCluster, scrape_metric
 from agentcg.clients.pki import Pki, make_pki
 from agentcg.clients.sdk import Client
 from agentcg.clients.simnode import SimNode
@@ -72,7 +72,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[LocalCluster]:
     work = tmp_path_factory.mktemp("access")
-    flags = server_flags(pki, access_file(work / "access.toml"))
+    flags = (
+        *server_flags(pki, access_file(work / "access.toml")),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    )
     with LocalCluster(work, nodes=0, broker_args=flags) as c:
         with Client(c.broker_address, security=security(pki, "root")) as root:
             root.set_tenant("org-a", 1 << 30)
@@ -207,6 +211,27 @@ def test_a_node_acts_only_as_its_own_node(broker: LocalCluster, pki: Pki) -> Non
             b.release(lease_id)
 
 
+def test_refusals_are_counted_by_reason(broker: LocalCluster, pki: Pki) -> None:
+    def refused(reason: str) -> float:
+        address = broker.metrics_address("broker")
+        return scrape_metric(address, "agentcg_broker_access_refused_total", reason=reason)
+
+    before = {r: refused(r) for r in ("unauthenticated", "role", "scope")}
+    with Client(broker.broker_address, security=security(pki)) as nobody:
+        with pytest.raises(UnauthenticatedError):
+            nobody.list_tenants()
+    with Client(broker.broker_address, security=security(pki, "client-a")) as a:
+        with pytest.raises(PermissionDeniedError):
+            a.delete_tenant("org-a")  # a client's role
+        with pytest.raises(PermissionDeniedError):
+            a.get_tenant("org-b")  # outside its scope
+    assert {r: refused(r) - n for r, n in before.items()} == {
+        "unauthenticated": 1,
+        "role": 1,
+        "scope": 1,
+    }
+
+
 def test_a_bad_access_file_stops_the_broker_before_it_listens(tmp_path: Path, pki: Pki) -> None:
     bad = tmp_path / "access.toml"
     bad.write_text('[[principal]]\nname = "x"\ntoken_sha256 = "abc"\nrole = "client"\n')
@@ -317,6 +342,8 @@ def cluster(
                     NODE_ID,
                     "--memory",
                     "1G",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
                     *flags,
                 ],
                 node_env,
@@ -382,3 +409,7 @@ def test_a_node_runs_no_call_for_a_tenant_outside_the_callers_scope(
             assert list(listed.calls) == []
         assert root.get_lease(lease.lease_id).state == "active"  # refused, nothing changed
         a.release(lease.lease_id)
+    metrics = cluster.metrics_address("node0")
+    name = "agentcg_node_access_refused_total"
+    assert scrape_metric(metrics, name, reason="scope") >= 1
+    assert scrape_metric(metrics, name, reason="unauthenticated") >= 1
