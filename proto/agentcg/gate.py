@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -130,12 +131,28 @@ class AccessGate(grpc.aio.ServerInterceptor):
     kept, so a caller trying tokens cannot fill it)."""
 
     CACHED = 4096
+    LOG_EVERY_S = 10.0
 
     def __init__(self, access: Access, on_refused: Callable[[str], None] = _ignore) -> None:
         """``on_refused(reason)``, reason one of REFUSALS, counts each refusal (a metric)."""
         self._access = access
         self._on_refused = on_refused
         self._handlers: dict[tuple[str, str], Handler] = {}
+        self._logged_at: dict[str, float] = {}  # refusal message -> when last logged
+        self._unlogged: dict[str, int] = {}  # refusals not logged since
+
+    def _log_refusal(self, message: str) -> None:
+        """Log a refusal, the same one at most every LOG_EVERY_S with how many were not: a
+        client retrying with a bad token does not flood the log (the metric counts each)."""
+        now = time.monotonic()
+        if now - self._logged_at.get(message, -self.LOG_EVERY_S) < self.LOG_EVERY_S:
+            self._unlogged[message] = self._unlogged.get(message, 0) + 1
+            return
+        if len(self._logged_at) >= self.CACHED:
+            self._logged_at.clear()
+        self._logged_at[message] = now
+        more = self._unlogged.pop(message, 0)
+        log.warning("refused %s%s", message, f" (and {more} more like it)" if more else "")
 
     def reload(self, access: Access) -> None:
         """Judge calls from now on by ``access`` (what was decided by the old file is dropped)."""
@@ -158,12 +175,12 @@ class AccessGate(grpc.aio.ServerInterceptor):
         principal = self._access.authenticate(token) if token else None
         if principal is None:
             why = "an unknown token" if token else "no token (authorization: Bearer <token>)"
-            log.warning("refused %s: %s", method, why)
+            self._log_refusal(f"{method}: {why}")
             self._on_refused("unauthenticated")
             return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
         if not principal.may_call(method):
             message = f"{principal.name} (role {principal.role.value}) may not call {method}"
-            log.warning("refused %s", message)
+            self._log_refusal(message)
             self._on_refused("role")
             return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message)
         gated = _as(principal, handler, self._on_refused)
