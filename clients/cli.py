@@ -76,11 +76,13 @@ def _server_security(
 def _client_security() -> ClientSecurity:
     """What the CLI presents to servers: AGENTCG_TOKEN (or AGENTCG_TOKEN_FILE),
     AGENTCG_TLS_CA, AGENTCG_TLS_CERT, AGENTCG_TLS_KEY, AGENTCG_TLS_SERVER_NAME."""
+    security = ClientSecurity.from_env()
     try:
-        return ClientSecurity.from_env()
-    except (OSError, ValueError) as e:
-        err_console.print(f"[red]error:[/red] {e}")
+        security.bearer()  # a token file that cannot be read: say so now
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] AGENTCG_TOKEN_FILE {e.filename}: {e.strerror}")
         raise typer.Exit(2) from None
+    return security
 
 
 # Exit status of `agentcg run` when admission is denied (EX_TEMPFAIL: retry later).

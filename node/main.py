@@ -174,7 +174,14 @@ async def _run(
         write_ready_file(config.ready_file, address, listeners)
 
     stop = stop_on_signals(stop)
-    reload_on_sighup(config.security, gate, certificates)
+    reconnects: set[asyncio.Task[None]] = set()
+
+    def reconnect() -> None:  # SIGHUP: to the broker with credentials read again
+        task = asyncio.create_task(uplink.reconnect())
+        reconnects.add(task)
+        task.add_done_callback(reconnects.discard)
+
+    reload_on_sighup(config.security, gate, certificates, then=reconnect)
     leases = asyncio.create_task(agent.watch_leases(), name="leases")
     await stop.wait()
     leases.cancel()

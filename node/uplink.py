@@ -10,6 +10,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from agentcg.channels import ClientSecurity, broker_channel_options
@@ -36,13 +37,10 @@ class Uplink:
     ) -> None:
         # Given every broker replica: calls wait for the new leader, and one in flight when the
         # leader died is sent again (an Exec's lease check made during a takeover waits for it).
-        self.channel = (security or ClientSecurity()).aio_channel(
-            broker_address,
-            options=broker_channel_options(broker_address),
-            interceptors=aio_client_interceptors(),
-        )
-        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
-        self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)
+        self._stream: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self._target = broker_address
+        self._security = security or ClientSecurity()
+        self._open_channel()
         self._registration = registration
         self._on_decision = on_decision
         self._heartbeat = heartbeat
@@ -55,6 +53,31 @@ class Uplink:
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.heartbeat_interval_s = 2.0
+
+    def _open_channel(self) -> None:
+        self.channel = self._security.aio_channel(
+            self._target,
+            options=broker_channel_options(self._target),
+            interceptors=aio_client_interceptors(),
+        )
+        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
+        self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)
+
+    async def reconnect(self, grace_s: float = 2.0) -> None:
+        """A new channel from the credentials' files read again (a rotated token file, client
+        certificate or CA: SIGHUP). Calls from now on use it; the stream moves over to it once
+        the old channel closes (after ``grace_s`` for calls still on it). If the files cannot
+        be read, the old channel stays."""
+        old = self.channel
+        try:
+            self._open_channel()
+        except (OSError, ValueError) as exc:
+            log.error("uplink: credentials not reloaded, the old channel stays: %s", exc)
+            return
+        log.info("uplink: new channel to the broker with the credentials read again")
+        if self._stream is not None:
+            self._stream.cancel()  # the loop connects again, on the new channel
+        await old.close(grace_s)
 
     @property
     def connected(self) -> bool:
@@ -93,7 +116,7 @@ class Uplink:
             try:
                 reply = await self._gateway.RegisterNode(self._registration, timeout=5)
                 self.heartbeat_interval_s = max(0.1, reply.heartbeat_interval_ms / 1000)
-                stream = self._gateway.Connect(self._outgoing())
+                stream = self._stream = self._gateway.Connect(self._outgoing())
                 self._connected.set()
                 log.info("uplink connected to broker as node %s", self._registration.node_id)
                 backoff = 0.1
@@ -104,7 +127,10 @@ class Uplink:
                         self._on_lease(msg.lease.lease)
                 log.warning("uplink: broker closed the stream")
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this task is being cancelled (close)
+                log.info("uplink: stream moved to a new channel")  # reconnect() ended it
             except grpc.aio.AioRpcError as exc:
                 log.warning("uplink: %s: %s", exc.code().name, exc.details())
             except Exception:

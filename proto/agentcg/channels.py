@@ -125,7 +125,9 @@ class ClientSecurity:
     - ``cert`` and ``key``: the client's certificate and key, for a server that requires them
       (mutual TLS).
     - ``token``: sent as ``authorization: Bearer <token>`` on every call, for a server with an
-      access file (agentcg.access).
+      access file (agentcg.access); or ``token_file``, a file holding it, read each time a
+      channel is made (a long-lived client, the node agent, makes a new one at SIGHUP: the
+      token rotates without a restart). Files are read when a channel is made, not before.
     """
 
     token: str = ""
@@ -133,6 +135,7 @@ class ClientSecurity:
     cert: Path | None = None
     key: Path | None = None
     server_name: str = ""
+    token_file: Path | None = None
 
     ENV = {
         "token": "AGENTCG_TOKEN",
@@ -154,16 +157,22 @@ class ClientSecurity:
             return Path(value) if value else None
 
         token = env.get(cls.ENV["token"], "")
+        # A file keeps the token out of the environment of children, and can be rotated.
         token_file = env.get("AGENTCG_TOKEN_FILE", "")
-        if token_file and not token:  # a file keeps it out of the environment of children
-            token = Path(token_file).read_text().strip()
         return cls(
             token=token,
             ca=path("ca"),
             cert=path("cert"),
             key=path("key"),
             server_name=env.get(cls.ENV["server_name"], ""),
+            token_file=Path(token_file) if token_file and not token else None,
         )
+
+    def bearer(self) -> str:
+        """The token to send now: ``token``, or what ``token_file`` holds ("" for none)."""
+        if self.token or self.token_file is None:
+            return self.token
+        return self.token_file.read_text().strip()
 
     @property
     def tls(self) -> bool:
@@ -189,7 +198,8 @@ class ClientSecurity:
         # The token goes in by an interceptor, over TLS too: gRPC's own call credentials
         # (access_token_call_credentials) cost the broker ~35% more CPU per Reserve+Release
         # pair (`agentcg bench access`: 1,172-1,314 against 906-968 us).
-        chain = [*interceptors, *_bearer(self.token)] if self.token else list(interceptors)
+        token = self.bearer()
+        chain = [*interceptors, *_bearer(token)] if token else list(interceptors)
         opts = list(options)
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))

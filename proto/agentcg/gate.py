@@ -193,19 +193,26 @@ def reload_on_sighup(
     security: ServerSecurity,
     interceptors: list[grpc.aio.ServerInterceptor],
     certificates: ServerCertificates | None = None,
+    *,
+    then: Callable[[], object] | None = None,
 ) -> None:
     """From a composition root: SIGHUP reads the access file again and hands it to the gate in
     ``interceptors`` (tokens added or revoked take effect for the next call), and the TLS files
     (``certificates``: new connections get the new certificate and client CA). A file that
-    does not load is logged and what was read before stays. With neither, SIGHUP is ignored
-    (its default would end the process)."""
+    does not load is logged and what was read before stays. ``then`` runs after (the node
+    agent reconnects to the broker with its own credentials read again). With none of these,
+    SIGHUP is ignored (its default would end the process)."""
     gates = [i for i in interceptors if isinstance(i, AccessGate)]
 
     def reload() -> None:
         if certificates is not None:
             certificates.reload()
-        if not gates:
-            return
+        if gates:
+            reload_access()
+        if then is not None:
+            then()
+
+    def reload_access() -> None:
         try:
             access = security.load_access()
         except ServerSecurityError as exc:

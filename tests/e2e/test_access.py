@@ -413,3 +413,64 @@ def test_a_node_runs_no_call_for_a_tenant_outside_the_callers_scope(
     name = "agentcg_node_access_refused_total"
     assert scrape_metric(metrics, name, reason="scope") >= 1
     assert scrape_metric(metrics, name, reason="unauthenticated") >= 1
+
+
+def test_a_node_rotates_its_token_at_sighup(
+    tmp_path: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """The node reads its token from AGENTCG_TOKEN_FILE; the operator adds the new token to the
+    broker's access file, writes it to the node's file, sends the node SIGHUP, then revokes the
+    old one. The node goes on running calls (each Exec reads the lease with its token)."""
+    node_id = f"n0-{os.getpid()}"
+    old, new, client = new_token(), new_token(), new_token()
+    entries = {
+        "client": principal_entry("client", client, Role.CLIENT, tenants=["*"]),
+        "node-old": principal_entry("node-old", old, Role.NODE, nodes=[node_id]),
+        "node-new": principal_entry("node-new", new, Role.NODE, nodes=[node_id]),
+        "root": principal_entry("root", TOKENS["root"], Role.ADMIN, tenants=["*"]),
+    }
+    access, token_file = tmp_path / "access.toml", tmp_path / "node.token"
+
+    def grant(*names: str) -> None:
+        access.write_text("\n".join(entries[n] for n in names))
+
+    grant("client", "node-old", "root")
+    token_file.write_text(old + "\n")
+    cluster = LocalCluster(
+        tmp_path / "work",
+        broker_args=("--access", str(access)),
+        node_env={"AGENTCG_TOKEN_FILE": str(token_file)},
+    )
+    env = {**os.environ, "AGENTCG_TOKEN": client}
+    with cluster:
+
+        def run_call() -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker"]
+            argv += [cluster.broker_address, "--tenant", "org-a", "--memory", "32M", "--"]
+            argv += [sys.executable, "-c", "print('ran')"]
+            return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+        def wait_log(name: str, needle: str, count: int) -> None:
+            deadline = time.monotonic() + 20
+            while cluster.log(name).count(needle) < count and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert cluster.log(name).count(needle) >= count, cluster.log(name)[-2000:]
+
+        with Client(cluster.broker_address, security=ClientSecurity(TOKENS["root"])) as root:
+            root.set_tenant("org-a", 1 << 30)
+        assert run_call().returncode == 0
+        grant("client", "node-old", "node-new", "root")
+        cluster.procs["broker"].send_signal(signal.SIGHUP)
+        wait_log("broker", "access file", 1)
+        token_file.write_text(new + "\n")
+        cluster.procs["node0"].send_signal(signal.SIGHUP)
+        wait_log("node0", "uplink connected to broker", 2)  # on the new channel
+        grant("client", "node-new", "root")  # the old token revoked
+        cluster.procs["broker"].send_signal(signal.SIGHUP)
+        wait_log("broker", "access file", 2)
+        with Client(cluster.broker_address, security=ClientSecurity(old)) as revoked:
+            with pytest.raises(UnauthenticatedError):
+                revoked.ping()
+        done = run_call()
+        assert done.returncode == 0, done.stderr
+        assert "ran" in done.stdout
