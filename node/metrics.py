@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from agentcg.gate import REFUSALS
+from agentcg.access import REFUSALS
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector

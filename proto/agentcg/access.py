@@ -42,6 +42,7 @@ from agentcg.names import InvalidNameError, validate_name
 __all__ = [
     "ANY",
     "OPEN",
+    "REFUSALS",
     "ROLE_METHODS",
     "Access",
     "AccessFileError",
@@ -54,6 +55,10 @@ __all__ = [
 ]
 
 ANY = "*"
+
+# Why a call was refused (a metric label): an unknown or no token, a method outside the
+# principal's role, a tenant, lease or node outside its scope.
+REFUSALS = ("unauthenticated", "role", "scope")
 
 
 class Role(enum.Enum):

@@ -31,7 +31,6 @@ from agentcg.access import OPEN, Access, AccessFileError, Principal, parse_acces
 
 __all__ = [
     "OPEN_METHOD_PREFIXES",
-    "REFUSALS",
     "AccessGate",
     "ServerCertificates",
     "ServerSecurity",
@@ -78,9 +77,6 @@ def _refusing(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
         return handler._replace(**{field: streaming})  # type: ignore[attr-defined,no-any-return]
     field = "stream_unary" if handler.request_streaming else "unary_unary"
     return handler._replace(**{field: unary})  # type: ignore[attr-defined,no-any-return]
-
-
-REFUSALS = ("unauthenticated", "role", "scope")  # the reasons ``on_refused`` is given
 
 
 def _as(principal: Principal, handler: Handler, on_refused: Callable[[str], None]) -> Handler:
@@ -134,7 +130,8 @@ class AccessGate(grpc.aio.ServerInterceptor):
     LOG_EVERY_S = 10.0
 
     def __init__(self, access: Access, on_refused: Callable[[str], None] = _ignore) -> None:
-        """``on_refused(reason)``, reason one of REFUSALS, counts each refusal (a metric)."""
+        """``on_refused(reason)``, reason one of ``agentcg.access.REFUSALS``, counts each
+        refusal (a metric)."""
         self._access = access
         self._on_refused = on_refused
         self._handlers: dict[tuple[str, str], Handler] = {}
