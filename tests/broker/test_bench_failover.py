@@ -35,14 +35,3 @@ def test_bench_failover_measures_every_takeover(tmp_path: Path, database_url: st
     assert result["load_calls"] > 0 and isinstance(result["load_replayed"], int)
     assert result["load_max_call_s"] > 0
     assert "client_max_s" in run.stdout  # the table
-
-
-def test_bench_failover_refuses_a_used_sqlite_file(tmp_path: Path) -> None:
-    used = tmp_path / "used.db"
-    used.write_bytes(b"")
-    argv = [sys.executable, "-m", "agentcg.clients.cli", "bench", "failover"]
-    run = subprocess.run(
-        [*argv, "--db", f"sqlite:///{used}"], capture_output=True, text=True, timeout=60
-    )
-    assert run.returncode == 2
-    assert "needs a new database" in run.stderr

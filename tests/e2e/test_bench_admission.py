@@ -136,15 +136,18 @@ def test_bench_admission_refuses_a_pinning_the_broker_would_refuse() -> None:
     assert "--broker-pin-cpus" in proc.stderr and "the two CPUs must differ" in proc.stderr
 
 
-def test_bench_admission_refuses_an_existing_sqlite_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bench", ["admission", "failover"])
+def test_a_bench_refuses_an_existing_sqlite_file(tmp_path: Path, bench: str) -> None:
+    """Each bench wants a database of its own: it never writes into one that exists."""
     used = tmp_path / "broker.db"
     used.write_bytes(b"")
-    argv = [sys.executable, "-m", "agentcg.clients.cli", "bench", "admission"]
+    argv = [sys.executable, "-m", "agentcg.clients.cli", "bench", bench]
     proc = subprocess.run(
         [*argv, "--db", f"sqlite:///{used}"], capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "exists; the bench needs a new database" in proc.stderr
+    assert used.read_bytes() == b""
 
 
 def test_bench_admission_with_the_python_load_generator(tmp_path: Path) -> None:
