@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
-from agentcg.access import ANY, OPEN, Principal
+from agentcg.access import ANY, OPEN, ROLE_METHODS, Principal
 from agentcg.errors import (
     AgentcgError,
     FailedPreconditionError,
@@ -1190,6 +1190,21 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         context: grpc.aio.ServicerContext[broker_pb2.PingRequest, broker_pb2.PingResponse],
     ) -> broker_pb2.PingResponse:
         return broker_pb2.PingResponse()
+
+    async def WhoAmI(
+        self,
+        request: broker_pb2.WhoAmIRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.WhoAmIRequest, broker_pb2.WhoAmIResponse],
+    ) -> broker_pb2.WhoAmIResponse:
+        p = current_principal()
+        return broker_pb2.WhoAmIResponse(
+            name=p.name,
+            role=p.role.value,
+            tenants=sorted(p.tenants),
+            nodes=sorted(p.nodes),
+            checked=p is not OPEN,
+            methods=sorted(ROLE_METHODS[p.role]) if p is not OPEN else [],
+        )
 
 
 class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):

@@ -468,6 +468,27 @@ def _top_json(snapshot: list[NodeCalls]) -> str:
 
 
 @app.command()
+def whoami(
+    broker: BrokerOpt = BROKER_DEFAULT,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Who the broker takes you for (the principal of AGENTCG_TOKEN) and what it may do."""
+    me = _client_call(broker, lambda c: c.whoami())
+    if json_out:
+        print(json.dumps(dataclasses.asdict(me)))
+        return
+    if not me.checked:
+        console.print("the broker has no access file: every caller may do everything")
+        return
+    scope = ", ".join(me.nodes if me.role == "node" else me.tenants)
+    console.print(
+        f"{me.name} (role {me.role}; {'nodes' if me.role == 'node' else 'tenants'}: {scope})"
+    )
+    for method in me.methods:
+        console.print(f"  {method}")
+
+
+@app.command()
 def top(
     node: Annotated[
         list[str] | None,

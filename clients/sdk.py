@@ -30,6 +30,7 @@ __all__ = [
     "CallStatus",
     "Client",
     "ClientSecurity",
+    "Identity",
     "Lease",
     "NodeCalls",
     "RunResult",
@@ -81,6 +82,18 @@ class Lease:
             peak_memory_bytes=pb.peak_memory_bytes,
             outcome=OUTCOMES.get(pb.outcome, ""),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a broker takes a caller for (``whoami``)."""
+
+    name: str
+    role: str  # client | admin | node
+    tenants: tuple[str, ...]  # the roots of its scope; "*": every tenant
+    nodes: tuple[str, ...]
+    checked: bool  # False: the broker has no access file (everyone may do everything)
+    methods: tuple[str, ...]  # the RPCs its role may call (empty when not checked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +398,20 @@ class AsyncClient:
 
     async def ping(self) -> None:
         await self._call(self._broker.Ping(broker_pb2.PingRequest(), timeout=self._timeout_s))
+
+    async def whoami(self) -> Identity:
+        """Who the broker takes this client for (the principal of its token), and its rights."""
+        reply = await self._call(
+            self._broker.WhoAmI(broker_pb2.WhoAmIRequest(), timeout=self._timeout_s)
+        )
+        return Identity(
+            name=reply.name,
+            role=reply.role,
+            tenants=tuple(reply.tenants),
+            nodes=tuple(reply.nodes),
+            checked=reply.checked,
+            methods=tuple(reply.methods),
+        )
 
     # -- tenants ------------------------------------------------------------------------------
 

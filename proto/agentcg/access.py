@@ -77,6 +77,7 @@ _CLIENT_METHODS = frozenset(
         "/agentcg.v1.Broker/GetLease",
         "/agentcg.v1.Broker/ListLeases",
         "/agentcg.v1.Broker/Ping",
+        "/agentcg.v1.Broker/WhoAmI",
         "/agentcg.v1.TenantAdmin/GetTenant",
         "/agentcg.v1.TenantAdmin/ListTenants",
         "/agentcg.v1.NodeAgent/Exec",
@@ -96,6 +97,7 @@ ROLE_METHODS: Mapping[Role, frozenset[str]] = {
             "/agentcg.v1.NodeGateway/Connect",
             "/agentcg.v1.Broker/GetLease",
             "/agentcg.v1.Broker/Ping",
+            "/agentcg.v1.Broker/WhoAmI",
         }
     ),
 }

@@ -33,6 +33,7 @@ RESENT = {
         "GetLease",
         "ListLeases",
         "Ping",
+        "WhoAmI",
     ),
     "agentcg.v1.TenantAdmin": ("SetTenant", "GetTenant", "ListTenants"),
 }

@@ -5,6 +5,7 @@ with bearer tokens. Every refusal leaves the quota and lease state as it was."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -203,6 +204,44 @@ def test_refusals_are_counted_by_reason(broker: LocalCluster, pki: Pki) -> None:
         "role": 1,
         "scope": 1,
     }
+
+
+def test_whoami_tells_each_caller_who_it_is_taken_for(broker: LocalCluster, pki: Pki) -> None:
+    with Client(broker.broker_address, security=security(pki, "client-a")) as a:
+        me = a.whoami()
+    assert (me.name, me.role, me.tenants, me.nodes, me.checked) == (
+        "client-a",
+        "client",
+        ("org-a",),
+        (),
+        True,
+    )
+    assert "/agentcg.v1.Broker/Reserve" in me.methods
+    assert "/agentcg.v1.TenantAdmin/SetTenant" not in me.methods
+    env = {
+        **os.environ,
+        "AGENTCG_TOKEN": TOKENS["node"],
+        "AGENTCG_TLS_CA": str(pki.ca),
+        "AGENTCG_TLS_CERT": str(pki.client_cert),
+        "AGENTCG_TLS_KEY": str(pki.client_key),
+    }
+    argv = [sys.executable, "-m", "agentcg.clients.cli", "whoami", "--json"]
+    out = subprocess.run(
+        [*argv, "--broker", broker.broker_address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    node = json.loads(out.stdout)
+    assert (node["name"], node["role"], node["nodes"]) == ("node", "node", [NODE_ID])
+
+
+def test_whoami_on_a_broker_without_an_access_file(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path, nodes=0) as c, Client(c.broker_address) as client:
+        me = client.whoami()
+    assert (me.name, me.checked, me.tenants) == ("anyone", False, ("*",))
 
 
 def test_a_bad_access_file_stops_the_broker_before_it_listens(tmp_path: Path, pki: Pki) -> None:

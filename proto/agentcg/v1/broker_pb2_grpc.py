@@ -75,6 +75,11 @@ class BrokerStub:
                 request_serializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchRequest.SerializeToString,
                 response_deserializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/agentcg.v1.Broker/WhoAmI',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -136,6 +141,14 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Who the broker takes the caller for (its access file's principal for the token sent) and
+        what it may do: to tell a wrong token from a missing grant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ReleaseBatch,
                     request_deserializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchRequest.FromString,
                     response_serializer=agentcg_dot_v1_dot_broker__pb2.ReleaseBatchResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.WhoAmIRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +414,33 @@ class Broker:
             '/agentcg.v1.Broker/ReleaseBatch',
             agentcg_dot_v1_dot_broker__pb2.ReleaseBatchRequest.SerializeToString,
             agentcg_dot_v1_dot_broker__pb2.ReleaseBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.Broker/WhoAmI',
+            agentcg_dot_v1_dot_broker__pb2.WhoAmIRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class BrokerStub:
     """
     ReleaseBatch: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ReleaseBatchRequest, _broker_pb2.ReleaseBatchResponse]
     """Many releases in one call, durable before the reply; idempotent per lease."""
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_broker_pb2.WhoAmIRequest, _broker_pb2.WhoAmIResponse]
+    """Who the broker takes the caller for (its access file's principal for the token sent) and
+    what it may do: to tell a wrong token from a missing grant.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -74,6 +78,10 @@ class BrokerAsyncStub(BrokerStub):
     """
     ReleaseBatch: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReleaseBatchRequest, _broker_pb2.ReleaseBatchResponse]  # type: ignore[assignment]
     """Many releases in one call, durable before the reply; idempotent per lease."""
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_broker_pb2.WhoAmIRequest, _broker_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """Who the broker takes the caller for (its access file's principal for the token sent) and
+    what it may do: to tell a wrong token from a missing grant.
+    """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,6 +149,16 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ReleaseBatchResponse, _abc.Awaitable[_broker_pb2.ReleaseBatchResponse]]:
         """Many releases in one call, durable before the reply; idempotent per lease."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _broker_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.WhoAmIResponse, _abc.Awaitable[_broker_pb2.WhoAmIResponse]]:
+        """Who the broker takes the caller for (its access file's principal for the token sent) and
+        what it may do: to tell a wrong token from a missing grant.
+        """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
