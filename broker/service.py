@@ -1504,6 +1504,8 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             lease = ledger.leases.get(LeaseId(ev.lease_id))
             decision_id = uuid.uuid4().hex[:16]
             if lease is None or lease.node_id != node_id:
+                if await self._held_elsewhere(node_id, ev.lease_id):
+                    return None
                 span.set_attribute("agentcg.decision", "kill")
                 return broker_pb2.Decision(
                     decision_id=decision_id,
@@ -1575,6 +1577,32 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                 epoch=lease.epoch,
                 reason=result.message,
             )
+
+    async def _held_elsewhere(self, node_id: NodeId, lease_id: str) -> bool:
+        """Whether a lease this broker does not hold active on ``node_id`` is so in the
+        database, or the database cannot tell: then this broker's state is behind (it lost the
+        leadership and has not noticed yet; a new leader granted the lease) and it must not
+        tell the node to kill the call. It decides nothing; the node waits for its broker's
+        answer up to its own deadline. Only a lease the database does not hold active there
+        is killed."""
+        try:
+            stored = await self.core.find_lease(lease_id)
+        except (NotFoundError, InvalidArgumentError):
+            return False
+        except Exception as exc:  # noqa: BLE001 - the database did not answer: do not kill
+            log.warning(
+                "lease %s: not in this broker's state, database unreadable (%s)", lease_id, exc
+            )
+            return True
+        if stored.state is LeaseState.ACTIVE and stored.node_id == node_id:
+            log.warning(
+                "lease %s is active on node %s in the database but not in this broker's state: "
+                "it no longer leads; no decision",
+                lease_id,
+                node_id,
+            )
+            return True
+        return False
 
     async def on_finished(self, fin: broker_pb2.CallFinished) -> None:
         lease = self.core.ledger.leases.get(LeaseId(fin.lease_id))

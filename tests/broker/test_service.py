@@ -154,3 +154,50 @@ def test_the_broker_deletes_history_past_its_retention(tmp_path: Path, database_
             assert [le.lease_id for le in store.list_leases()] == [kept.lease_id]
         finally:
             store.close()
+
+
+def test_no_kill_for_a_lease_the_database_holds_but_this_broker_does_not(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A broker asked to grow a lease it does not hold: if the database holds it active on that
+    node (a new leader granted it; this broker has not noticed it lost the lead) it decides
+    nothing; a lease the database does not hold either is killed."""
+    from agentcg.broker.model import PutLease
+
+    from .test_store import lease
+
+    with (
+        LocalCluster(tmp_path, nodes=0, database_url=database_url) as c,
+        SimNode(c.broker_address, "sim-0") as node,
+    ):
+        with Client(c.broker_address) as client:
+            client.set_tenant("t1", 1 << 30)
+        far = int(time.time() * 1000) + 600_000
+        ghost = lease("ghost-1", node_id="sim-0", granted_at_ms=far - 1_000, expires_at_ms=far)
+        store = Store(database_url)
+        try:
+            store.apply([PutLease(ghost)])  # behind the broker's back
+        finally:
+            store.close()
+
+        def limit_reached(lease_id: str) -> broker_pb2.NodeMessage:
+            return broker_pb2.NodeMessage(
+                pressure=broker_pb2.PressureEvent(
+                    event_id=lease_id,
+                    lease_id=lease_id,
+                    kind=broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
+                    requested_memory_bytes=2 << 30,
+                )
+            )
+
+        node.outbox.put(limit_reached("ghost-1"))
+        node.outbox.put(limit_reached("nowhere-1"))
+        deadline = time.monotonic() + 20
+        while not node.decisions:
+            assert time.monotonic() < deadline, "no decision came down the stream"
+            time.sleep(0.02)
+        time.sleep(0.2)  # any decision about the ghost would have come first
+        assert [(d.lease_id, d.kind) for d in node.decisions] == [
+            ("nowhere-1", broker_pb2.DECISION_KIND_KILL)
+        ]
+        assert "lease ghost-1 is active on node sim-0 in the database" in c.log("broker")
