@@ -65,9 +65,9 @@ class Uplink:
 
     async def reconnect(self, grace_s: float = 2.0) -> None:
         """A new channel from the credentials' files read again (a rotated token file, client
-        certificate or CA: SIGHUP). Calls from now on use it; the stream moves over to it once
-        the old channel closes (after ``grace_s`` for calls still on it). If the files cannot
-        be read, the old channel stays."""
+        certificate or CA: SIGHUP). Calls from now on use it, and the stream moves over at
+        once (it is ended; the loop registers and connects again); calls still on the old
+        channel get ``grace_s``. If the files cannot be read, the old channel stays."""
         old = self.channel
         try:
             self._open_channel()
