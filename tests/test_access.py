@@ -46,6 +46,7 @@ def test_a_known_token_is_its_principal_and_an_unknown_one_nobody() -> None:
     ("text", "message"),
     [
         ("principal = 3", "array of tables"),
+        ("principal = [1, 2]", "principal[0]: must be a table"),
         ("[[principal]\n", "not TOML"),
         (entry(name=None), "principal[0]: name is required"),
         (entry() + entry(token_sha256=token_sha256("x")), "principal[1] (p): name given twice"),

@@ -158,17 +158,17 @@ class Access:
         return self.by_token_sha256.get(token_sha256(token))
 
 
-def _strings(entry: Mapping[str, object], key: str, where: str, names: bool) -> frozenset[str]:
+def _names(entry: Mapping[str, object], key: str, where: str) -> frozenset[str]:
+    """A list of tenant or node names (or "*"), each one a valid name."""
     value = entry.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise AccessFileError(f"{where}: {key} must be a list of strings")
     out = frozenset(value)
-    if names:
-        for v in out - {ANY}:
-            try:
-                validate_name(key, v)
-            except InvalidNameError as exc:
-                raise AccessFileError(f"{where}: {exc}") from None
+    for v in out - {ANY}:
+        try:
+            validate_name(key, v)
+        except InvalidNameError as exc:
+            raise AccessFileError(f"{where}: {exc}") from None
     return out
 
 
@@ -185,6 +185,8 @@ def parse_access(text: str) -> Access:
     names: set[str] = set()
     for i, entry in enumerate(entries):
         where = f"principal[{i}]"
+        if not isinstance(entry, dict):
+            raise AccessFileError(f"{where}: must be a table ([[principal]] with keys)")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise AccessFileError(f"{where}: name is required")
@@ -203,8 +205,8 @@ def parse_access(text: str) -> Access:
         except ValueError:
             roles = ", ".join(r.value for r in Role)
             raise AccessFileError(f"{where}: role must be one of {roles}") from None
-        tenants = _strings(entry, "tenants", where, names=True)
-        nodes = _strings(entry, "nodes", where, names=True)
+        tenants = _names(entry, "tenants", where)
+        nodes = _names(entry, "nodes", where)
         if role is Role.NODE:
             if tenants:
                 raise AccessFileError(f"{where}: a node has no tenants (it acts for nodes)")
