@@ -87,6 +87,11 @@ class Ledger:
             cur = t.parent
         return out
 
+    def chain_names(self, name: str) -> list[str]:
+        """The names of the tenant and its ancestors, nearest first; ``[name]`` for a tenant
+        this ledger does not know (a caller's scope is checked before the tenant is looked up)."""
+        return [t.name for t in self.chain(TenantName(name))] or [name]
+
     def quota_levels(self, name: TenantName) -> list[QuotaLevel]:
         return [
             QuotaLevel(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
-from agentcg.access import ANY, OPEN, ROLE_METHODS, Principal
+from agentcg.access import ANY, OPEN, ROLE_METHODS
 from agentcg.errors import (
     AgentcgError,
     FailedPreconditionError,
@@ -120,11 +120,6 @@ class _LeaseIds:
 _lease_ids = _LeaseIds()
 
 
-def _out_of_scope(p: Principal, what: str) -> PermissionDeniedError:
-    scope = ", ".join(sorted(p.tenants)) or "none"
-    return PermissionDeniedError(f"{p.name}: {what} is outside its scope (tenants {scope})")
-
-
 def authorize_tenant(ledger: Ledger, tenant: str, field: str = "tenant") -> None:
     """The caller may act on ``tenant`` (it or an ancestor is in its scope), else raise.
 
@@ -133,9 +128,8 @@ def authorize_tenant(ledger: Ledger, tenant: str, field: str = "tenant") -> None
     p = current_principal()
     if p is OPEN:
         return
-    chain: list[str] = [t.name for t in ledger.chain(TenantName(tenant))] or [tenant]
-    if not p.covers(chain):
-        raise _out_of_scope(p, f"{field} {tenant!r}")
+    if not p.covers(ledger.chain_names(tenant)):
+        raise p.outside_scope(f"{field} {tenant!r}")
 
 
 def authorize_lease(ledger: Ledger, lease: Lease, *, read: bool = False) -> None:
@@ -149,8 +143,8 @@ def authorize_lease(ledger: Ledger, lease: Lease, *, read: bool = False) -> None
             f"{p.name}: lease {lease.lease_id} is placed on node {lease.node_id!r}, "
             "not on one of its nodes"
         )
-    if not p.covers([t.name for t in ledger.chain(lease.tenant)] or [lease.tenant]):
-        raise _out_of_scope(p, f"lease {lease.lease_id} (tenant {lease.tenant!r})")
+    if not p.covers(ledger.chain_names(lease.tenant)):
+        raise p.outside_scope(f"lease {lease.lease_id} (tenant {lease.tenant!r})")
 
 
 def now_ms() -> int:
@@ -1149,7 +1143,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         lease = await self.core.find_lease(request.lease_id)
         authorize_lease(ledger, lease, read=True)
         pb = self.core.lease_pb(lease)
-        pb.tenant_ancestors.extend(t.name for t in ledger.chain(lease.tenant)[1:])
+        pb.tenant_ancestors.extend(ledger.chain_names(lease.tenant)[1:])
         return pb
 
     @_rpc
@@ -1169,9 +1163,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         if tenant:
             authorize_tenant(ledger, tenant)
         elif caller is not OPEN and ANY not in caller.tenants:  # the tenants in its scope
-            scope = {
-                name for name in ledger.tenants if caller.covers(t.name for t in ledger.chain(name))
-            }
+            scope = {name for name in ledger.tenants if caller.covers(ledger.chain_names(name))}
         store = self.core.store
         leases = await self.core.journal.run_in_db(
             lambda: store.list_leases(
@@ -1233,12 +1225,10 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
         p = current_principal()
         if p is OPEN:
             return
-        parents = [t.name for t in self.core.ledger.chain(parent)] if parent else []
-        if parent and not parents:
-            parents = [parent]
+        parents = self.core.ledger.chain_names(parent) if parent else []
         if not p.manages(parents):
             where = f"tenants under {parent!r}" if parent else "top-level tenants"
-            raise _out_of_scope(p, f"{field}: managing {where}")
+            raise p.outside_scope(f"{field}: managing {where}")
 
     def _get(self, name: str, field: str = "name") -> Tenant:
         t = self.core.ledger.tenants.get(TenantName(_name(field, name)))
@@ -1332,7 +1322,7 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
             (
                 t
                 for t in ledger.tenants.values()
-                if caller is OPEN or caller.covers(x.name for x in ledger.chain(t.name))
+                if caller is OPEN or caller.covers(ledger.chain_names(t.name))
             ),
             key=lambda t: t.name,
         )

@@ -28,7 +28,6 @@ from agentcg.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    PermissionDeniedError,
 )
 from agentcg.gate import current_principal
 from agentcg.names import InvalidNameError, validate_name
@@ -91,11 +90,7 @@ def authorize_lease(lease: types_pb2.Lease) -> None:
     told in GetLease) is in the caller's scope (agentcg.access). Free without an access file."""
     caller = current_principal()
     if caller is not OPEN and not caller.covers(_tenant_chain(lease)):
-        scope = ", ".join(sorted(caller.tenants)) or "none"
-        raise PermissionDeniedError(
-            f"{caller.name}: lease {lease.lease_id} (tenant {lease.tenant!r}) is outside its "
-            f"scope (tenants {scope})"
-        )
+        raise caller.outside_scope(f"lease {lease.lease_id} (tenant {lease.tenant!r})")
 
 
 def lease_view(lease: types_pb2.Lease) -> LeaseView:

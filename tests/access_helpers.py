@@ -14,7 +14,7 @@ MiB = 1 << 20
 
 PRINCIPALS = ("root", "admin-a", "client-a", "client-b", "node", "node-2")
 TOKENS = {name: new_token() for name in PRINCIPALS}
-NODE_ID = f"acc-{os.getpid()}"
+NODE_ID = f"n0-{os.getpid()}"  # the id LocalCluster gives its first node agent
 
 
 def access_file(path: Path) -> Path:
@@ -35,6 +35,17 @@ def server_flags(pki: Pki, access: Path) -> tuple[str, ...]:
         "--access", str(access), "--tls-cert", str(pki.server_cert),
         "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
     )  # fmt: skip
+
+
+def client_env(pki: Pki, who: str) -> dict[str, str]:
+    """What the CLI or a node agent reads to present ``who``'s token and the client
+    certificate (ClientSecurity.from_env)."""
+    return {
+        "AGENTCG_TOKEN": TOKENS[who],
+        "AGENTCG_TLS_CA": str(pki.ca),
+        "AGENTCG_TLS_CERT": str(pki.client_cert),
+        "AGENTCG_TLS_KEY": str(pki.client_key),
+    }
 
 
 def security(pki: Pki, who: str = "") -> ClientSecurity:

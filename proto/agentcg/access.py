@@ -37,6 +37,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from agentcg.errors import PermissionDeniedError
 from agentcg.names import InvalidNameError, validate_name
 
 __all__ = [
@@ -126,6 +127,11 @@ class Principal:
         the parent's ancestors; empty for a top-level tenant) is ``parents``: one of them must
         be a root of its scope."""
         return self.role is Role.ADMIN and self.covers(parents)
+
+    def outside_scope(self, what: str) -> PermissionDeniedError:
+        """The error for ``what`` (a tenant, a lease, managing some tenants) outside the scope."""
+        scope = ", ".join(sorted(self.tenants)) or "none"
+        return PermissionDeniedError(f"{self.name}: {what} is outside its scope (tenants {scope})")
 
     def acts_for_node(self, node_id: str) -> bool:
         # Only a node principal (or OPEN) has nodes: parse_access refuses them on other roles.

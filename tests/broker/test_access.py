@@ -31,7 +31,15 @@ from agentcg.errors import (
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..access_helpers import NODE_ID, TOKENS, MiB, access_file, security, server_flags
+from ..access_helpers import (
+    NODE_ID,
+    TOKENS,
+    MiB,
+    access_file,
+    client_env,
+    security,
+    server_flags,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,7 @@ def test_an_admin_manages_only_below_its_scope(
         for what, call in refusals.items():
             with pytest.raises(PermissionDeniedError, match="admin-a: .*outside its scope"):
                 call()
-            assert what
+                pytest.fail(f"{what}: not refused")
         assert {t.name for t in admin.list_tenants()} == {"org-a", "team-a1"}
     with Client(broker.broker_address, security=security(pki, "root")) as root:
         tenants = {t.name: t for t in root.list_tenants()}
@@ -218,13 +226,7 @@ def test_whoami_tells_each_caller_who_it_is_taken_for(broker: LocalCluster, pki:
     )
     assert "/agentcg.v1.Broker/Reserve" in me.methods
     assert "/agentcg.v1.TenantAdmin/SetTenant" not in me.methods
-    env = {
-        **os.environ,
-        "AGENTCG_TOKEN": TOKENS["node"],
-        "AGENTCG_TLS_CA": str(pki.ca),
-        "AGENTCG_TLS_CERT": str(pki.client_cert),
-        "AGENTCG_TLS_KEY": str(pki.client_key),
-    }
+    env = {**os.environ, **client_env(pki, "node")}
     argv = [sys.executable, "-m", "agentcg.clients.cli", "whoami", "--json"]
     out = subprocess.run(
         [*argv, "--broker", broker.broker_address],

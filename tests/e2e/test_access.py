@@ -24,7 +24,15 @@ from agentcg.errors import (
 )
 from agentcg.v1 import node_pb2, node_pb2_grpc
 
-from ..access_helpers import NODE_ID, TOKENS, MiB, access_file, security, server_flags
+from ..access_helpers import (
+    NODE_ID,
+    TOKENS,
+    MiB,
+    access_file,
+    client_env,
+    security,
+    server_flags,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,33 +49,15 @@ def cluster(
 ) -> Iterator[LocalCluster]:
     work = tmp_path_factory.mktemp("access-node")
     flags = server_flags(pki, access_file(work / "access.toml"))
-    node_env = {
-        "AGENTCG_TOKEN": TOKENS["node"],
-        "AGENTCG_TLS_CA": str(pki.ca),
-        "AGENTCG_TLS_CERT": str(pki.client_cert),
-        "AGENTCG_TLS_KEY": str(pki.client_key),
-    }
-    c = LocalCluster(work, nodes=0, broker_args=flags, node_args=flags, node_env=node_env)
+    # Its one node agent is NODE_ID, the node id the node's token may act as.
+    c = LocalCluster(
+        work,
+        node_memory="1G",
+        broker_args=flags,
+        node_args=(*flags, "--metrics-listen", "127.0.0.1:0"),
+        node_env=client_env(pki, "node"),
+    )
     with c:
-        # The node's id is the one its token may act as.
-        c.node_addresses = [
-            c._spawn(
-                "node0",
-                [
-                    "node",
-                    "--broker",
-                    c.broker_address,
-                    "--node-id",
-                    NODE_ID,
-                    "--memory",
-                    "1G",
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                    *flags,
-                ],
-                node_env,
-            )  # fmt: skip
-        ]
         with Client(c.broker_address, security=security(pki, "root")) as root:
             root.set_tenant("org-a", 1 << 30)
             root.set_tenant("org-b", 1 << 30)
@@ -75,13 +65,7 @@ def cluster(
 
 
 def test_a_tool_call_runs_through_both_gates(cluster: LocalCluster, pki: Pki) -> None:
-    env = {
-        **os.environ,
-        "AGENTCG_TOKEN": TOKENS["client-a"],
-        "AGENTCG_TLS_CA": str(pki.ca),
-        "AGENTCG_TLS_CERT": str(pki.client_cert),
-        "AGENTCG_TLS_KEY": str(pki.client_key),
-    }
+    env = {**os.environ, **client_env(pki, "client-a")}
     argv = [sys.executable, "-c", "print('hello from org-a')"]
     run = [sys.executable, "-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address]
     ok = subprocess.run(
@@ -140,7 +124,7 @@ def test_a_node_rotates_its_token_at_sighup(
     """The node reads its token from AGENTCG_TOKEN_FILE; the operator adds the new token to the
     broker's access file, writes it to the node's file, sends the node SIGHUP, then revokes the
     old one. The node goes on running calls (each Exec reads the lease with its token)."""
-    node_id = f"n0-{os.getpid()}"
+    node_id = NODE_ID  # LocalCluster's first node
     old, new, client = new_token(), new_token(), new_token()
     entries = {
         "client": principal_entry("client", client, Role.CLIENT, tenants=["*"]),
