@@ -96,6 +96,7 @@ class NodeView:
     granted_memory_bytes: int
     connected: bool = True
     pressured: bool = False
+    cordoned: bool = False  # taken out of service by an operator: no new leases
     intent_memory_bytes: int = 0  # sum of the declared intents of its active leases
     overcommit_ceiling_bytes: int = 0  # bound on that sum; 0: none
     # Sessions on this node that declared their maximum (their intent is that maximum).
@@ -104,6 +105,11 @@ class NodeView:
     @property
     def free_memory_bytes(self) -> int:
         return max(0, self.memory_capacity_bytes - self.granted_memory_bytes)
+
+    @property
+    def takes_work(self) -> bool:
+        """Connected, not pressured, not cordoned: new leases may go there."""
+        return self.connected and not self.pressured and not self.cordoned
 
     def takes_intent(self, intent_bytes: int) -> bool:
         """Within the overcommit ceiling with ``intent_bytes`` more declared."""
@@ -145,7 +151,7 @@ class Refuse:
 def _no_nodes(retry_after_ms: int) -> Deny:
     return Deny(
         code="no_nodes",
-        message="no connected node can take work",
+        message="no connected node can take work (none, or all under pressure or cordoned)",
         scope="cluster",
         largest_memory_bytes_available=0,
         retry_after_ms=retry_after_ms,
@@ -175,7 +181,7 @@ def decide_reserve(
     ``levels`` runs from the tenant itself up to its root; every level is checked for each
     resource (concurrent calls, CPU, memory), so a child never takes more than any ancestor
     allows. A zero CPU quota or call limit means unlimited. Placement takes the connected,
-    unpressured node with the most free memory (spreading spikes rather than packing them)
+    unpressured, uncordoned node with the most free memory (spreading spikes rather than packing them)
     among those whose overcommit ceiling still takes ``intent_bytes`` (the declared intent when
     ``memory_bytes`` is a smaller, learned budget).
 
@@ -212,7 +218,7 @@ def decide_reserve(
                 largest_memory_bytes_available=0,
                 retry_after_ms=retry_after_ms,
             )
-    usable = [n for n in nodes if n.connected and not n.pressured]
+    usable = [n for n in nodes if n.takes_work]
     for level in levels:
         if memory_bytes > level.free_memory_bytes:
             t = level.tenant

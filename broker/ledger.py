@@ -53,8 +53,9 @@ class Ledger:
         self.tenants: dict[TenantName, Tenant] = {}
         self.nodes: dict[NodeId, Node] = {}
         self._connected: set[NodeId] = set()
+        self._draining: set[NodeId] = set()  # nodes with a drain deadline
         self._pressured: set[NodeId] = set()
-        # The nodes that take work (connected, not pressured) by (free memory, node id),
+        # The nodes that take work (connected, not pressured, not cordoned) by (free memory, id),
         # ascending, and each one's key in it: placement reads it from the top, so a Reserve
         # costs O(log nodes), not a view of every node (2 ms a Reserve with 1,000 nodes).
         self._by_free: list[tuple[int, NodeId]] = []
@@ -65,6 +66,7 @@ class Ledger:
         self._subtree_calls: dict[TenantName, int] = defaultdict(int)
         self._subtree_cpu: dict[TenantName, int] = defaultdict(int)
         self._node_bytes: dict[NodeId, int] = defaultdict(int)
+        self._node_calls: dict[NodeId, int] = defaultdict(int)
         self._priority_leases: dict[int, int] = {}  # active leases per priority class
         self._node_intent: dict[NodeId, int] = defaultdict(int)
         # Declared sessions per node, and how many active leases each has there.
@@ -111,10 +113,22 @@ class Ledger:
             granted_memory_bytes=self._node_bytes[n.node_id],
             connected=n.node_id in self.connected,
             pressured=n.node_id in self.pressured,
+            cordoned=n.cordoned,
             intent_memory_bytes=self._node_intent[n.node_id],
             overcommit_ceiling_bytes=int(n.memory_capacity_bytes * self.overcommit_ratio),
             claims=MappingProxyType(self._claims[n.node_id]),  # read-only, not copied
         )
+
+    def node_calls(self, node_id: NodeId) -> int:
+        """Active leases on the node."""
+        return self._node_calls.get(node_id, 0)
+
+    def node_leases(self, node_id: NodeId) -> list[Lease]:
+        """The active leases on the node (a walk of every active lease: for drains, not for
+        admission)."""
+        if not self.node_calls(node_id):
+            return []
+        return [x for x in self.leases.values() if x.node_id == node_id]
 
     def node_views(self) -> list[NodeView]:
         """Every registered node, by id."""
@@ -144,6 +158,11 @@ class Ledger:
         return self._connected
 
     @property
+    def draining(self) -> AbstractSet[NodeId]:
+        """Nodes with a drain deadline (cordoned, their leases revoked once it passes)."""
+        return self._draining
+
+    @property
     def pressured(self) -> AbstractSet[NodeId]:
         """Nodes that reported node pressure and have not recovered (``set_pressured``)."""
         return self._pressured
@@ -162,13 +181,26 @@ class Ledger:
             self._pressured.discard(node_id)
         self._index_node(node_id)
 
+    def _put_node(self, node: Node) -> None:
+        self.nodes[node.node_id] = node
+        if node.drain_deadline_ms:
+            self._draining.add(node.node_id)
+        else:
+            self._draining.discard(node.node_id)
+        self._index_node(node.node_id)
+
     def _index_node(self, node_id: NodeId) -> None:
         """Put the node where it now belongs in ``_by_free`` (out of it if it takes no work)."""
         old = self._free_key.pop(node_id, None)
         if old is not None:
             del self._by_free[bisect.bisect_left(self._by_free, old)]
         node = self.nodes.get(node_id)
-        if node is None or node_id not in self._connected or node_id in self._pressured:
+        if (
+            node is None
+            or node.cordoned
+            or node_id not in self._connected
+            or node_id in self._pressured
+        ):
             return
         key = (max(0, node.memory_capacity_bytes - self._node_bytes[node_id]), node_id)
         bisect.insort(self._by_free, key)
@@ -234,8 +266,7 @@ class Ledger:
         for t in tenants:
             self.tenants[t.name] = t
         for n in nodes:
-            self.nodes[n.node_id] = n
-            self._index_node(n.node_id)
+            self._put_node(n)
         for lease in leases:
             self._put_lease(lease)
 
@@ -253,8 +284,7 @@ class Ledger:
                     undo.append(PutTenant(old))
             elif isinstance(ch, PutNode):
                 old_node = self.nodes.get(ch.node.node_id)
-                self.nodes[ch.node.node_id] = ch.node
-                self._index_node(ch.node.node_id)
+                self._put_node(ch.node)
                 if old_node is not None:
                     undo.append(PutNode(old_node))
             elif isinstance(ch, PutLease):
@@ -297,6 +327,7 @@ class Ledger:
             self._subtree_calls[t.name] += sign
             self._subtree_cpu[t.name] += sign * lease.cpu_millis
         self._node_bytes[lease.node_id] += sign * lease.memory_bytes
+        self._node_calls[lease.node_id] += sign
         count = self._priority_leases.get(lease.priority, 0) + sign
         if count:
             self._priority_leases[lease.priority] = count

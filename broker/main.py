@@ -36,7 +36,13 @@ from . import leadership, writer
 from .journal import Journal
 from .ledger import Ledger
 from .metrics import BrokerMetrics
-from .service import BrokerCore, BrokerServicer, NodeGatewayServicer, TenantAdminServicer
+from .service import (
+    BrokerCore,
+    BrokerServicer,
+    NodeAdminServicer,
+    NodeGatewayServicer,
+    TenantAdminServicer,
+)
 from .store import Store
 from .writer import ProcessJournal
 
@@ -330,20 +336,20 @@ async def _serve(
     broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(core), server)
     broker_pb2_grpc.add_TenantAdminServicer_to_server(TenantAdminServicer(core), server)
     broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)
+    broker_pb2_grpc.add_NodeAdminServicer_to_server(NodeAdminServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = [d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()] + [
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    ]
-    reflection.enable_server_reflection(services, server)
+    ours = [d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()]
+    reflection.enable_server_reflection(
+        [*ours, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     port = config.security.bind(server, config.listen, certificates)
     if port == 0:
         raise RuntimeError(f"cannot listen on {config.listen}")
     host = config.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     await server.start()
-    for name in services[:3]:
+    for name in ours:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(

@@ -86,6 +86,7 @@ class BrokerState:
     node_streams: int  # nodes with an open Connect stream
     nodes_pressured: int
     tenants: int
+    nodes_cordoned: int = 0  # taken out of service (NodeAdmin.CordonNode), draining or not
     # Active leases and granted memory per top-level tenant (org), at most
     # BrokerStateCollector.max_orgs of them (the busiest); the rest summed under "_other".
     org_active_leases: Mapping[str, int] = field(default_factory=dict)
@@ -131,6 +132,11 @@ class BrokerStateCollector(Collector):
                 p + "nodes_pressured",
                 "Nodes under memory pressure (no admission to them)",
                 value=state.nodes_pressured,
+            ),
+            GaugeMetricFamily(
+                p + "nodes_cordoned",
+                "Nodes cordoned by an operator (no new leases), draining or not",
+                value=state.nodes_cordoned,
             ),
             GaugeMetricFamily(p + "tenants", "Tenants defined", value=state.tenants),
         ]
@@ -253,6 +259,11 @@ class BrokerMetrics:
         self.lease_preemptions = Counter(
             p + "lease_preemptions",
             "Leases revoked for higher-priority work",
+            registry=r,
+        )
+        self.lease_drain_revocations = Counter(
+            p + "lease_drain_revocations",
+            "Leases revoked because their node's drain deadline passed",
             registry=r,
         )
         refused = Counter(

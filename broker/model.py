@@ -69,6 +69,14 @@ class Node:
     memory_capacity_bytes: int
     cpu_capacity_millis: int = 0
     registered_at_ms: int = 0
+    # Taken out of service by an operator (NodeAdmin.CordonNode): no new lease is placed on it.
+    cordoned_at_ms: int = 0  # 0: in service
+    cordon_reason: str = ""
+    drain_deadline_ms: int = 0  # leases still active on it then are revoked; 0: none
+
+    @property
+    def cordoned(self) -> bool:
+        return self.cordoned_at_ms > 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,14 @@ from .model import (
 from .sizing import size_budget
 from .store import Store, StoreError, StoreFenced
 
-__all__ = ["BrokerCore", "BrokerServicer", "NodeGatewayServicer", "TenantAdminServicer"]
+__all__ = [
+    "BrokerCore",
+    "BrokerServicer",
+    "NodeAdminServicer",
+    "NodeGatewayServicer",
+    "NodeReport",
+    "TenantAdminServicer",
+]
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -74,6 +81,7 @@ PRUNE_BATCH = 1000  # rows of each history table deleted per round
 MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
 PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
+MAX_CORDON_REASON = 256  # characters
 
 _OUTCOME_TO_MODEL = {
     types_pb2.OUTCOME_UNSPECIFIED: Outcome.UNKNOWN,
@@ -223,6 +231,15 @@ def _audit(kind: str, lease: Lease | None = None, **detail: object) -> Audit:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeReport:
+    """What a node's last heartbeat to this broker said: measured, not granted."""
+
+    at_ms: int
+    used_memory_bytes: int
+    running_calls: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveAsk:
     """A validated ReserveRequest."""
 
@@ -342,6 +359,7 @@ class BrokerCore:
         self._pump_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
         self.pressured_until: dict[NodeId, int] = {}
+        self.node_reports: dict[NodeId, NodeReport] = {}
 
     async def commit(self, changes: list[Change]) -> None:
         await self.commit_applied(changes, self.ledger.apply(changes))
@@ -748,24 +766,29 @@ class BrokerCore:
                 lease.priority,
                 lease.node_id,
             )
-            self.send_decision(
-                lease.node_id,
-                broker_pb2.Decision(
-                    decision_id=uuid.uuid4().hex[:16],
-                    lease_id=lease.lease_id,
-                    kind=broker_pb2.DECISION_KIND_PREEMPT,
-                    epoch=lease.epoch,
-                    reason=(
-                        f"lease {lease.lease_id}: preempted for higher-priority work "
-                        f"(priority {lease.priority})"
-                    ),
-                ),
+            self.send_revocation(
+                lease,
+                f"lease {lease.lease_id}: preempted for higher-priority work "
+                f"(priority {lease.priority})",
             )
         for waiter, lease in admitted:
             if not waiter.admitted.done():
                 waiter.admitted.set_result(lease)
         if preempted:
             self.kick()
+
+    def send_revocation(self, lease: Lease, reason: str) -> bool:
+        """Tell the node of a lease already revoked (durably) to stop its call."""
+        return self.send_decision(
+            lease.node_id,
+            broker_pb2.Decision(
+                decision_id=uuid.uuid4().hex[:16],
+                lease_id=lease.lease_id,
+                kind=broker_pb2.DECISION_KIND_PREEMPT,
+                epoch=lease.epoch,
+                reason=reason,
+            ),
+        )
 
     def send_decision(self, node_id: NodeId, decision: broker_pb2.Decision) -> bool:
         """Queue ``decision`` on the node's stream; False if the node has none open."""
@@ -797,6 +820,7 @@ class BrokerCore:
             node_streams=len(self.node_queues),
             nodes_pressured=len(ledger.pressured),
             tenants=len(ledger.tenants),
+            nodes_cordoned=sum(1 for n in ledger.nodes.values() if n.cordoned),
             org_active_leases=calls,
             org_granted_bytes=granted,
         )
@@ -810,9 +834,44 @@ class BrokerCore:
                 log.info("node %s recovered: admitting to it again", node_id)
                 self.kick()
 
+    async def revoke_drained(self) -> int:
+        """Revoke the leases still active on nodes whose drain deadline passed (the node stops
+        their calls as for a preemption); returns how many."""
+        ledger = self.ledger
+        t = now_ms()
+        changes: list[Change] = []
+        revoked: list[Lease] = []
+        for node_id in sorted(ledger.draining):
+            if ledger.nodes[node_id].drain_deadline_ms > t:
+                continue
+            for lease in ledger.node_leases(node_id):
+                ended = self.ended(
+                    lease, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
+                )
+                changes += self.end_changes(ended, "drain", 0)
+                revoked.append(ended)
+        if not revoked:
+            return 0
+        await self.commit(changes)
+        self.metrics.lease_drain_revocations.inc(len(revoked))
+        for lease in revoked:
+            log.info(
+                "drain: revoke lease %s tenant %s on node %s (its drain deadline passed)",
+                lease.lease_id,
+                lease.tenant,
+                lease.node_id,
+            )
+            self.send_revocation(
+                lease, f"lease {lease.lease_id}: node {lease.node_id} drained (deadline passed)"
+            )
+        self.kick()
+        return len(revoked)
+
     async def expire_due(self) -> int:
-        """Expire every active lease whose TTL passed; returns how many."""
+        """Expire every active lease whose TTL passed, revoke those of drained nodes; returns
+        how many expired."""
         self.recover_nodes(now_ms())
+        await self.revoke_drained()
         due = self.ledger.due(now_ms())
         for lease in due:
             if self.ledger.leases.get(lease.lease_id) is lease:
@@ -1350,6 +1409,137 @@ class TenantAdminServicer(broker_pb2_grpc.TenantAdminServicer):
         return broker_pb2.DeleteTenantResponse()
 
 
+class NodeAdminServicer(broker_pb2_grpc.NodeAdminServicer):
+    """Operating the nodes: list them, cordon (no new leases), drain (a cordon with a deadline
+    for what still runs there), uncordon."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    def _status_pb(self, node: Node) -> broker_pb2.NodeStatus:
+        core = self.core
+        view = core.ledger.node_view(node.node_id)
+        report = core.node_reports.get(node.node_id)
+        return broker_pb2.NodeStatus(
+            node_id=node.node_id,
+            address=node.address,
+            capacity=types_pb2.Resources(
+                memory_bytes=node.memory_capacity_bytes, cpu_millis=node.cpu_capacity_millis
+            ),
+            granted_memory_bytes=view.granted_memory_bytes,
+            active_leases=core.ledger.node_calls(node.node_id),
+            declared_intent_bytes=view.intent_memory_bytes,
+            overcommit_ceiling_bytes=view.overcommit_ceiling_bytes,
+            connected=view.connected,
+            pressured=view.pressured,
+            cordoned=node.cordoned,
+            cordon_reason=node.cordon_reason,
+            cordoned_at_ms=node.cordoned_at_ms,
+            drain_deadline_ms=node.drain_deadline_ms,
+            registered_at_ms=node.registered_at_ms,
+            last_heartbeat_ms=report.at_ms if report else 0,
+            used_memory_bytes=report.used_memory_bytes if report else 0,
+            running_calls=report.running_calls if report else 0,
+        )
+
+    def _get(self, node_id: str) -> Node:
+        node = self.core.ledger.nodes.get(NodeId(_name("node_id", node_id)))
+        if node is None:
+            raise NotFoundError("node", node_id, field="node_id")
+        return node
+
+    @staticmethod
+    def _authorize_cordon() -> None:
+        """Cordoning moves every tenant's work: only an admin of every tenant ("*") may."""
+        caller = current_principal()
+        if ANY not in caller.tenants:
+            raise caller.outside_scope('cordoning a node (it runs every tenant\'s calls: "*")')
+
+    @_rpc
+    async def ListNodes(
+        self,
+        request: broker_pb2.ListNodesRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListNodesRequest, broker_pb2.ListNodesResponse
+        ],
+    ) -> broker_pb2.ListNodesResponse:
+        ledger = self.core.ledger
+        return broker_pb2.ListNodesResponse(
+            nodes=[self._status_pb(ledger.nodes[nid]) for nid in sorted(ledger.nodes)]
+        )
+
+    @_rpc
+    async def GetNode(
+        self,
+        request: broker_pb2.GetNodeRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.GetNodeRequest, broker_pb2.NodeStatus],
+    ) -> broker_pb2.NodeStatus:
+        return self._status_pb(self._get(request.node_id))
+
+    @_rpc
+    async def CordonNode(
+        self,
+        request: broker_pb2.CordonNodeRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.CordonNodeRequest, broker_pb2.NodeStatus],
+    ) -> broker_pb2.NodeStatus:
+        node_id = _name("node_id", request.node_id)
+        reason = request.reason
+        if len(reason) > MAX_CORDON_REASON or not reason.isprintable():
+            raise InvalidArgumentError(
+                "reason",
+                f"at most {MAX_CORDON_REASON} printable characters (got {len(reason)})",
+            )
+        grace_ms = _non_negative("drain_grace_ms", request.drain_grace_ms)
+        if grace_ms > MAX_TTL_MS:
+            raise InvalidArgumentError("drain_grace_ms", f"must be <= {MAX_TTL_MS} (24 h)")
+        self._authorize_cordon()
+        node = self._get(node_id)
+        t = now_ms()
+        cordoned = replace(
+            node,
+            cordoned_at_ms=node.cordoned_at_ms or t,
+            cordon_reason=reason or node.cordon_reason,
+            # A new grace sets the deadline anew (sooner or later); none keeps a drain's.
+            drain_deadline_ms=t + grace_ms if grace_ms else node.drain_deadline_ms,
+        )
+        await self.core.commit(
+            [
+                PutNode(cordoned),
+                _audit(
+                    "node_cordon",
+                    node_id=node.node_id,
+                    reason=cordoned.cordon_reason,
+                    drain_deadline_ms=cordoned.drain_deadline_ms,
+                ),
+            ]
+        )
+        log.info(
+            "node %s cordoned (%s): no new leases; %d active%s",
+            node.node_id,
+            cordoned.cordon_reason or "no reason given",
+            self.core.ledger.node_calls(node.node_id),
+            f", revoked in {grace_ms} ms if still running" if grace_ms else "",
+        )
+        return self._status_pb(cordoned)
+
+    @_rpc
+    async def UncordonNode(
+        self,
+        request: broker_pb2.UncordonNodeRequest,
+        context: grpc.aio.ServicerContext[broker_pb2.UncordonNodeRequest, broker_pb2.NodeStatus],
+    ) -> broker_pb2.NodeStatus:
+        node_id = _name("node_id", request.node_id)
+        self._authorize_cordon()
+        node = self._get(node_id)
+        if not node.cordoned:
+            return self._status_pb(node)
+        back = replace(node, cordoned_at_ms=0, cordon_reason="", drain_deadline_ms=0)
+        await self.core.commit([PutNode(back), _audit("node_uncordon", node_id=node.node_id)])
+        self.core.kick()  # queued asks may fit there
+        log.info("node %s uncordoned: taking new leases again", node.node_id)
+        return self._status_pb(back)
+
+
 def _authorize_node(node_id: str) -> None:
     caller = current_principal()
     if not caller.acts_for_node(node_id):
@@ -1383,10 +1573,24 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             cpu_capacity_millis=_non_negative("capacity.cpu_millis", request.capacity.cpu_millis),
             registered_at_ms=now_ms(),
         )
+        old = self.core.ledger.nodes.get(node_id)
+        if old is not None and old.cordoned:  # an operator's cordon outlives a node restart
+            node = replace(
+                node,
+                cordoned_at_ms=old.cordoned_at_ms,
+                cordon_reason=old.cordon_reason,
+                drain_deadline_ms=old.drain_deadline_ms,
+            )
         await self.core.commit(
             [PutNode(node), _audit("node_register", node_id=node_id, memory_bytes=memory)]
         )
-        log.info("node %s registered at %s with %d bytes", node_id, request.address, memory)
+        log.info(
+            "node %s registered at %s with %d bytes%s",
+            node_id,
+            request.address,
+            memory,
+            " (cordoned: no new leases)" if node.cordoned else "",
+        )
         return broker_pb2.RegisterNodeResponse(
             node_id=node_id, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS
         )
@@ -1455,6 +1659,11 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                         metrics.decision_sent(_DECISION_KIND_LABEL[reply.kind])
                 elif kind == "finished":
                     await self.on_finished(msg.finished)
+                elif kind == "heartbeat":
+                    hb = msg.heartbeat
+                    self.core.node_reports[node_id] = NodeReport(
+                        now_ms(), hb.used.memory_bytes, hb.running_calls
+                    )
                 elif kind == "action":
                     a = msg.action
                     log.info(

@@ -160,6 +160,9 @@ class NodeRow(Base):
     memory_capacity_bytes: Mapped[int]
     cpu_capacity_millis: Mapped[int]
     registered_at_ms: Mapped[int]
+    cordoned_at_ms: Mapped[int] = mapped_column(server_default=text("0"))
+    cordon_reason: Mapped[str] = mapped_column(server_default=text("''"))
+    drain_deadline_ms: Mapped[int] = mapped_column(server_default=text("0"))
 
     __table_args__ = _nonnegative("memory_capacity_bytes", "cpu_capacity_millis")
 
@@ -448,6 +451,9 @@ def _node(row: NodeRow) -> Node:
         memory_capacity_bytes=row.memory_capacity_bytes,
         cpu_capacity_millis=row.cpu_capacity_millis,
         registered_at_ms=row.registered_at_ms,
+        cordoned_at_ms=row.cordoned_at_ms,
+        cordon_reason=row.cordon_reason,
+        drain_deadline_ms=row.drain_deadline_ms,
     )
 
 

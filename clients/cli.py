@@ -9,6 +9,7 @@ import enum
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -21,7 +22,7 @@ from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .sdk import AsyncClient, NodeCalls, RunResult, TenantInfo
+from .sdk import AsyncClient, NodeCalls, NodeInfo, RunResult, TenantInfo
 
 __all__ = ["app", "main"]
 
@@ -34,6 +35,10 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(lease_app, name="lease")
 access_app = typer.Typer(no_args_is_help=True, help="Access: tokens for the access file")
 app.add_typer(access_app, name="access")
+nodes_app = typer.Typer(
+    no_args_is_help=True, help="Registered nodes: list, cordon, drain, uncordon (admin)"
+)
+app.add_typer(nodes_app, name="nodes")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -434,6 +439,135 @@ def lease_list(
             x.outcome or "-",
         )
     console.print(table)
+
+
+# -- nodes ------------------------------------------------------------------------------------
+
+
+def _ago(t_ms: int, now_ms: int) -> str:
+    return f"{max(0, now_ms - t_ms) / 1000:.1f}s ago" if t_ms else "-"
+
+
+def _drain_note(n: NodeInfo, now_ms: int) -> str:
+    if not n.drain_deadline_ms:
+        return ""
+    left_s = (n.drain_deadline_ms - now_ms) / 1000
+    return f"revokes in {left_s:.0f}s" if left_s > 0 else "deadline passed"
+
+
+def _nodes_table(nodes: Iterable[NodeInfo], now_ms: int) -> Table:
+    table = Table(
+        "node", "address", "state", "capacity", "granted", "used", "leases", "heartbeat", "note"
+    )
+    for n in nodes:
+        note = "; ".join(x for x in (n.cordon_reason, _drain_note(n, now_ms)) if x)
+        table.add_row(
+            n.node_id,
+            n.address,
+            n.state,
+            format_bytes(n.memory_capacity_bytes),
+            format_bytes(n.granted_memory_bytes),
+            format_bytes(n.used_memory_bytes) if n.last_heartbeat_ms else "-",
+            str(n.active_leases),
+            _ago(n.last_heartbeat_ms, now_ms),
+            note or "-",
+        )
+    return table
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@nodes_app.command("list")
+def nodes_list(
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """The registered nodes: state (ready, pressured, disconnected, cordoned, draining),
+    capacity, granted and measured memory, active leases."""
+    nodes = _client_call(broker, lambda c: c.list_nodes())
+    if json_out:
+        print(json.dumps({"nodes": [n.as_dict() for n in nodes]}))
+        return
+    console.print(_nodes_table(nodes, _now_ms()))
+
+
+ReasonOpt = Annotated[
+    str, typer.Option(help="why (shown by 'nodes list' and kept in the audit trail)")
+]
+
+
+@nodes_app.command("cordon")
+def nodes_cordon(node_id: str, reason: ReasonOpt = "", broker: BrokerOpt = BROKER_DEFAULT) -> None:
+    """No new leases on NODE_ID; its running calls keep theirs (they may renew and grow)."""
+    n = _client_call(broker, lambda c: c.cordon_node(node_id, reason=reason))
+    console.print(f"node {n.node_id} cordoned: {n.active_leases} active leases left")
+
+
+@nodes_app.command("uncordon")
+def nodes_uncordon(node_id: str, broker: BrokerOpt = BROKER_DEFAULT) -> None:
+    """NODE_ID takes new leases again (a drain's deadline is dropped)."""
+    n = _client_call(broker, lambda c: c.uncordon_node(node_id))
+    console.print(f"node {n.node_id} uncordoned: {n.state}")
+
+
+@nodes_app.command("drain")
+def nodes_drain(
+    node_id: str,
+    grace_s: Annotated[
+        float,
+        typer.Option(
+            "--grace-s",
+            min=0.0,
+            max=86_400.0,
+            help="revoke the leases still active this long from now (their calls are "
+            "stopped); 0: wait for them to end on their own",
+        ),
+    ] = 0.0,
+    reason: ReasonOpt = "",
+    wait: Annotated[bool, typer.Option(help="wait until no lease is active on the node")] = True,
+    timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--timeout-s", min=0.0, help="stop waiting after this long (exit 1); 0: no limit"
+        ),
+    ] = 0.0,
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """Cordon NODE_ID and wait until its leases are gone (a maintenance window): exit 0 once
+    it runs nothing, 1 if --timeout-s ran out first (it stays cordoned either way)."""
+    grace_ms = round(grace_s * 1000)
+    seen: list[int] = []
+
+    def progress(n: NodeInfo) -> None:
+        if not seen or seen[-1] != n.active_leases:
+            seen.append(n.active_leases)
+            note = _drain_note(n, _now_ms())
+            console.print(
+                f"node {n.node_id}: {n.active_leases} active leases{' (' + note + ')' if note else ''}"
+            )
+
+    async def drain(c: AsyncClient) -> NodeInfo | None:
+        if not wait:
+            return await c.cordon_node(node_id, reason=reason, drain_grace_ms=grace_ms)
+        work = c.drain_node(node_id, reason=reason, drain_grace_ms=grace_ms, progress=progress)
+        try:
+            return await asyncio.wait_for(work, timeout_s or None)
+        except TimeoutError:
+            return None
+
+    n = _client_call(broker, drain)
+    if n is None:
+        err_console.print(
+            f"node {node_id}: still has {seen[-1] if seen else '?'} active leases after "
+            f"{timeout_s:g}s (it stays cordoned)"
+        )
+        raise typer.Exit(1)
+    if wait:
+        console.print(f"node {n.node_id} drained: no active lease")
+    else:
+        progress(n)
 
 
 # -- top --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "Identity",
     "Lease",
     "NodeCalls",
+    "NodeInfo",
     "RunResult",
     "TenantInfo",
     "broker_channel_options",
@@ -192,6 +193,68 @@ class TenantInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A registered node as the broker sees it (``list_nodes``)."""
+
+    node_id: str
+    address: str
+    memory_capacity_bytes: int
+    granted_memory_bytes: int
+    active_leases: int
+    connected: bool
+    pressured: bool
+    cordoned: bool
+    cordon_reason: str = ""
+    cordoned_at_ms: int = 0
+    drain_deadline_ms: int = 0  # 0: no deadline
+    cpu_capacity_millis: int = 0
+    declared_intent_bytes: int = 0
+    overcommit_ceiling_bytes: int = 0  # 0: none
+    registered_at_ms: int = 0
+    # From the node's last heartbeat (0 before the first): measured, not granted.
+    last_heartbeat_ms: int = 0
+    used_memory_bytes: int = 0
+    running_calls: int = 0
+
+    @property
+    def state(self) -> str:
+        """``ready``, ``pressured``, ``disconnected``, ``cordoned`` or ``draining``."""
+        if self.drain_deadline_ms:
+            return "draining"
+        if self.cordoned:
+            return "cordoned"
+        if not self.connected:
+            return "disconnected"
+        return "pressured" if self.pressured else "ready"
+
+    @classmethod
+    def from_pb(cls, pb: broker_pb2.NodeStatus) -> NodeInfo:
+        return cls(
+            pb.node_id,
+            pb.address,
+            pb.capacity.memory_bytes,
+            pb.granted_memory_bytes,
+            pb.active_leases,
+            pb.connected,
+            pb.pressured,
+            pb.cordoned,
+            cordon_reason=pb.cordon_reason,
+            cordoned_at_ms=pb.cordoned_at_ms,
+            drain_deadline_ms=pb.drain_deadline_ms,
+            cpu_capacity_millis=pb.capacity.cpu_millis,
+            declared_intent_bytes=pb.declared_intent_bytes,
+            overcommit_ceiling_bytes=pb.overcommit_ceiling_bytes,
+            registered_at_ms=pb.registered_at_ms,
+            last_heartbeat_ms=pb.last_heartbeat_ms,
+            used_memory_bytes=pb.used_memory_bytes,
+            running_calls=pb.running_calls,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "state": self.state}
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     exit_code: int
     outcome: str  # completed | grown | killed | denied | failed
@@ -249,6 +312,7 @@ class AsyncClient:
         self._channel = self._security.aio_channel(broker, options=broker_channel_options(broker))
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
+        self._node_admin = broker_pb2_grpc.NodeAdminStub(self._channel)
         self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
         self._timeout_s = timeout_s
 
@@ -459,6 +523,66 @@ class AsyncClient:
                 broker_pb2.DeleteTenantRequest(name=name), timeout=self._timeout_s
             )
         )
+
+    # -- nodes (operating them) ---------------------------------------------------------------
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        reply = await self._call(
+            self._node_admin.ListNodes(broker_pb2.ListNodesRequest(), timeout=self._timeout_s)
+        )
+        return [NodeInfo.from_pb(n) for n in reply.nodes]
+
+    async def get_node(self, node_id: str) -> NodeInfo:
+        pb = await self._call(
+            self._node_admin.GetNode(
+                broker_pb2.GetNodeRequest(node_id=node_id), timeout=self._timeout_s
+            )
+        )
+        return NodeInfo.from_pb(pb)
+
+    async def cordon_node(
+        self, node_id: str, *, reason: str = "", drain_grace_ms: int = 0
+    ) -> NodeInfo:
+        """No new leases on the node; with ``drain_grace_ms`` > 0 the broker also revokes the
+        leases still active there that long from now (their calls are stopped)."""
+        pb = await self._call(
+            self._node_admin.CordonNode(
+                broker_pb2.CordonNodeRequest(
+                    node_id=node_id, reason=reason, drain_grace_ms=drain_grace_ms
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return NodeInfo.from_pb(pb)
+
+    async def uncordon_node(self, node_id: str) -> NodeInfo:
+        pb = await self._call(
+            self._node_admin.UncordonNode(
+                broker_pb2.UncordonNodeRequest(node_id=node_id), timeout=self._timeout_s
+            )
+        )
+        return NodeInfo.from_pb(pb)
+
+    async def drain_node(
+        self,
+        node_id: str,
+        *,
+        reason: str = "",
+        drain_grace_ms: int = 0,
+        poll_s: float = 0.5,
+        progress: Callable[[NodeInfo], None] | None = None,
+    ) -> NodeInfo:
+        """Cordon the node and wait until no lease is active on it (with ``drain_grace_ms``,
+        the broker revokes what still runs then). Cancel it to stop waiting; the node stays
+        cordoned."""
+        info = await self.cordon_node(node_id, reason=reason, drain_grace_ms=drain_grace_ms)
+        while True:
+            if progress is not None:
+                progress(info)
+            if not info.active_leases:
+                return info
+            await asyncio.sleep(poll_s)
+            info = await self.get_node(node_id)
 
     # -- running a tool call ------------------------------------------------------------------
 

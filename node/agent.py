@@ -9,6 +9,7 @@ has an id that appears in the log, the span, the ExecEvent and the event sent to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -1477,7 +1478,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     # -- node-level ---------------------------------------------------------------------------
 
     def heartbeat(self) -> broker_pb2.Heartbeat:
-        used = sum(c.budget_bytes for c in self.calls.values())
+        """Capacity and what the calls' cgroups use now (measured, not their budgets)."""
+        used = 0
+        for call in list(self.calls.values()):
+            with contextlib.suppress(CgroupError):  # finished meanwhile
+                used += self.driver.read_stats(call.cgroup).usage_bytes
         return broker_pb2.Heartbeat(
             capacity=types_pb2.Resources(memory_bytes=self.capacity_bytes),
             used=types_pb2.Resources(memory_bytes=used),

@@ -21,7 +21,8 @@ Roles (``ROLE_METHODS``: a method no role lists is refused to every principal):
 - ``client`` reserves, renews, releases and reads leases, and reads tenants, within its scope;
 - ``admin`` can also set and delete the tenants *below* its scope's roots: an admin of
   ``org-a`` manages org-a's teams but not org-a's own quota, which belongs to whoever holds
-  the level above (``"*"`` for top-level tenants);
+  the level above (``"*"`` for top-level tenants); it reads the nodes, and with ``"*"`` it may
+  cordon, drain and uncordon them (they run every tenant's calls);
 - ``node`` registers and connects as one of its node ids and reads the leases placed on them.
 
 A tenant is in scope when it or one of its ancestors is one of the principal's ``tenants``.
@@ -91,7 +92,15 @@ _CLIENT_METHODS = frozenset(
 ROLE_METHODS: Mapping[Role, frozenset[str]] = {
     Role.CLIENT: _CLIENT_METHODS,
     Role.ADMIN: _CLIENT_METHODS
-    | {"/agentcg.v1.TenantAdmin/SetTenant", "/agentcg.v1.TenantAdmin/DeleteTenant"},
+    | {
+        "/agentcg.v1.TenantAdmin/SetTenant",
+        "/agentcg.v1.TenantAdmin/DeleteTenant",
+        # Reading the nodes: any admin; cordoning: an admin of "*" (the servicer checks).
+        "/agentcg.v1.NodeAdmin/ListNodes",
+        "/agentcg.v1.NodeAdmin/GetNode",
+        "/agentcg.v1.NodeAdmin/CordonNode",
+        "/agentcg.v1.NodeAdmin/UncordonNode",
+    },
     Role.NODE: frozenset(
         {
             "/agentcg.v1.NodeGateway/RegisterNode",

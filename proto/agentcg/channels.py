@@ -36,6 +36,7 @@ RESENT = {
         "WhoAmI",
     ),
     "agentcg.v1.TenantAdmin": ("SetTenant", "GetTenant", "ListTenants"),
+    "agentcg.v1.NodeAdmin": ("ListNodes", "GetNode", "CordonNode", "UncordonNode"),
 }
 RESEND_POLICY = {
     "maxAttempts": 5,  # gRPC's cap

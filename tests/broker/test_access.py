@@ -128,6 +128,38 @@ def test_an_admin_manages_only_below_its_scope(
     assert json.loads(entry.detail)["by"] == "admin-a"
 
 
+def test_only_an_admin_of_every_tenant_cordons_a_node(
+    broker: LocalCluster, pki: Pki, database_url: str
+) -> None:
+    """Any admin reads the nodes; cordoning moves every tenant's work, so it needs "*"."""
+    with (
+        Client(broker.broker_address, security=security(pki, "client-a")) as client,
+        Client(broker.broker_address, security=security(pki, "admin-a")) as admin,
+        Client(broker.broker_address, security=security(pki, "root")) as root,
+    ):
+        with pytest.raises(PermissionDeniedError, match="may not call .*ListNodes"):
+            client.list_nodes()
+        assert [n.node_id for n in admin.list_nodes()] == [NODE_ID]
+        for call in (admin.cordon_node, admin.uncordon_node):
+            with pytest.raises(PermissionDeniedError, match="admin-a: cordoning a node"):
+                call(NODE_ID)
+        # Refused before the node is looked up: an unknown one is refused alike.
+        with pytest.raises(PermissionDeniedError, match="admin-a: cordoning a node"):
+            admin.cordon_node("no-such-node")
+        assert not root.get_node(NODE_ID).cordoned  # untouched
+        assert root.cordon_node(NODE_ID, reason="patching").cordoned
+        assert root.uncordon_node(NODE_ID).state == "ready"
+    store = Store(database_url)
+    try:
+        entries = [e for e in store.audit() if e.kind in ("node_cordon", "node_uncordon")]
+    finally:
+        store.close()
+    assert [(e.kind, json.loads(e.detail)["by"]) for e in entries] == [
+        ("node_cordon", "root"),
+        ("node_uncordon", "root"),
+    ]
+
+
 def test_a_client_reserves_only_in_its_scope(broker: LocalCluster, pki: Pki) -> None:
     with (
         Client(broker.broker_address, security=security(pki, "client-a")) as a,

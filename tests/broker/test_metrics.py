@@ -96,6 +96,7 @@ def test_state_gauges_are_read_at_each_scrape() -> None:
         node_streams=3,
         nodes_pressured=1,
         tenants=7,
+        nodes_cordoned=2,
         org_active_leases={"acme": 3, "_other": 0},
         org_granted_bytes={"acme": 96 * MiB, "_other": 0},
     )
@@ -120,6 +121,7 @@ def test_state_gauges_are_read_at_each_scrape() -> None:
     assert 'agentcg_broker_org_granted_memory_bytes{org="acme"} 1.00663296e+08' in text
     assert value(r, "agentcg_broker_node_streams") == 3
     assert value(r, "agentcg_broker_nodes_pressured") == 1
+    assert value(r, "agentcg_broker_nodes_cordoned") == 2
 
 
 def test_state_gauges_are_left_out_when_the_state_cannot_be_read() -> None:

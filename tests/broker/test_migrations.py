@@ -87,7 +87,7 @@ def current_revision(url: str) -> str | None:
 
 def test_one_head_named_by_its_revision() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert script.get_heads() == ["0007"]
+    assert script.get_heads() == ["0008"]
     for revision in script.walk_revisions():
         assert Path(revision.path).name.startswith(f"{revision.revision}_")
 
@@ -95,7 +95,7 @@ def test_one_head_named_by_its_revision() -> None:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     upgrade(database_url)
     assert tables(database_url) == TABLES
-    assert current_revision(database_url) == "0007"
+    assert current_revision(database_url) == "0008"
 
     downgrade(database_url)
     assert tables(database_url) == set()
@@ -170,7 +170,7 @@ def test_alembic_command_line_with_the_repo_ini(tmp_path: Path) -> None:
         return done.stdout
 
     alembic("upgrade", "head")
-    assert "0007 (head)" in alembic("current")
+    assert "0008 (head)" in alembic("current")
     assert tables(url) == TABLES
     alembic("downgrade", "base")
     assert tables(url) == set()
@@ -234,7 +234,8 @@ def test_0006_indexes_the_active_leases_already_there(database_url: str) -> None
         assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-active"]
         assert [le.lease_id for le in store.list_leases(node_id="n1")] == ["l-active"]
         downgrade(database_url, "0005")
-        assert [le.lease_id for le in store.load().active_leases] == ["l-active"]
+        # (not store.load(): the nodes table of 0005 lacks what the store now maps)
+        assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-active"]
         assert len(store.list_leases(include_inactive=True)) == 2
     finally:
         store.close()

@@ -71,6 +71,7 @@ OPS = st.one_of(
     st.tuples(st.just("release"), st.integers(0, 1000)),
     st.tuples(st.just("connect"), st.integers(0, 5), st.booleans()),
     st.tuples(st.just("pressure"), st.integers(0, 5), st.booleans()),
+    st.tuples(st.just("cordon"), st.integers(0, 5), st.booleans()),
     st.tuples(st.just("register"), st.integers(0, 5), st.integers(0, 2000)),
 )
 
@@ -112,6 +113,11 @@ def test_placement_views_decide_as_every_node_view(
             _, i, on = op
             assert isinstance(i, int) and isinstance(on, bool)
             ledger.set_pressured(NodeId(f"n{i % n}"), on)
+        elif op[0] == "cordon":
+            _, i, on = op
+            assert isinstance(i, int) and isinstance(on, bool)
+            old = ledger.nodes[NodeId(f"n{i % n}")]
+            ledger.apply([PutNode(replace(old, cordoned_at_ms=1 if on else 0))])
         elif op[0] == "register":
             _, i, capacity_mib = op
             assert isinstance(i, int) and isinstance(capacity_mib, int)
@@ -145,18 +151,22 @@ def test_a_full_ceiling_is_passed_over() -> None:
     assert d == Admit(NodeId("n1"), 64 * MiB)
 
 
-@pytest.mark.parametrize("how", ["disconnected", "pressured"])
+@pytest.mark.parametrize("how", ["disconnected", "pressured", "cordoned"])
 def test_a_node_that_takes_no_work_is_not_offered(how: str) -> None:
     """Neither placed on, nor counted in a denial's hint of what would fit now."""
     ledger = cluster([4096, 256], quota_mib=1024)
+    n0 = ledger.nodes[NodeId("n0")]
     if how == "disconnected":
         ledger.set_connected(NodeId("n0"), False)
-    else:
+    elif how == "pressured":
         ledger.set_pressured(NodeId("n0"), True)
+    else:
+        ledger.apply([PutNode(replace(n0, cordoned_at_ms=1, cordon_reason="kernel upgrade"))])
     assert [v.node_id for v in ledger.placement_views(MiB)] == ["n1"]
     d = decide_reserve(2048 * MiB, ledger.quota_levels(TENANT), ledger.node_views())
     assert isinstance(d, Deny) and d.code == "tenant_quota"
     assert d.largest_memory_bytes_available == 256 * MiB  # n1's, not n0's 4 GiB
     ledger.set_connected(NodeId("n0"), True)
     ledger.set_pressured(NodeId("n0"), False)
+    ledger.apply([PutNode(n0)])
     assert [v.node_id for v in ledger.placement_views(MiB)][0] == "n0"

@@ -738,6 +738,185 @@ class DeleteTenantResponse(_message.Message):
 Global___DeleteTenantResponse: _TypeAlias = DeleteTenantResponse  # noqa: Y015
 
 @_typing.final
+class NodeStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    GRANTED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    ACTIVE_LEASES_FIELD_NUMBER: _builtins.int
+    DECLARED_INTENT_BYTES_FIELD_NUMBER: _builtins.int
+    OVERCOMMIT_CEILING_BYTES_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    PRESSURED_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    CORDON_REASON_FIELD_NUMBER: _builtins.int
+    CORDONED_AT_MS_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    REGISTERED_AT_MS_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
+    USED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    RUNNING_CALLS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    address: _builtins.str
+    granted_memory_bytes: _builtins.int
+    """sum of its active leases' budgets"""
+    active_leases: _builtins.int
+    declared_intent_bytes: _builtins.int
+    """what its leases declared (overcommit counts these)"""
+    overcommit_ceiling_bytes: _builtins.int
+    """0: none"""
+    connected: _builtins.bool
+    """its stream to this broker is open"""
+    pressured: _builtins.bool
+    """reported node pressure and has not recovered"""
+    cordoned: _builtins.bool
+    cordon_reason: _builtins.str
+    cordoned_at_ms: _builtins.int
+    drain_deadline_ms: _builtins.int
+    """0: no deadline (a plain cordon)"""
+    registered_at_ms: _builtins.int
+    last_heartbeat_ms: _builtins.int
+    """From its last heartbeat to this broker (0 before the first): measured, not granted."""
+    used_memory_bytes: _builtins.int
+    running_calls: _builtins.int
+    @_builtins.property
+    def capacity(self) -> _types_pb2.Resources: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        capacity: _types_pb2.Resources | None = ...,
+        granted_memory_bytes: _builtins.int = ...,
+        active_leases: _builtins.int = ...,
+        declared_intent_bytes: _builtins.int = ...,
+        overcommit_ceiling_bytes: _builtins.int = ...,
+        connected: _builtins.bool = ...,
+        pressured: _builtins.bool = ...,
+        cordoned: _builtins.bool = ...,
+        cordon_reason: _builtins.str = ...,
+        cordoned_at_ms: _builtins.int = ...,
+        drain_deadline_ms: _builtins.int = ...,
+        registered_at_ms: _builtins.int = ...,
+        last_heartbeat_ms: _builtins.int = ...,
+        used_memory_bytes: _builtins.int = ...,
+        running_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_leases", b"active_leases", "address", b"address", "capacity", b"capacity", "connected", b"connected", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cordoned_at_ms", b"cordoned_at_ms", "declared_intent_bytes", b"declared_intent_bytes", "drain_deadline_ms", b"drain_deadline_ms", "granted_memory_bytes", b"granted_memory_bytes", "last_heartbeat_ms", b"last_heartbeat_ms", "node_id", b"node_id", "overcommit_ceiling_bytes", b"overcommit_ceiling_bytes", "pressured", b"pressured", "registered_at_ms", b"registered_at_ms", "running_calls", b"running_calls", "used_memory_bytes", b"used_memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]:
+        """by node id"""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___NodeStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class GetNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetNodeRequest: _TypeAlias = GetNodeRequest  # noqa: Y015
+
+@_typing.final
+class CordonNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRAIN_GRACE_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    reason: _builtins.str
+    """shown by ListNodes and in the audit trail (at most 256 characters)"""
+    drain_grace_ms: _builtins.int
+    """> 0: a drain: leases still active on the node this long from now are revoked. 0: no
+    deadline (a node already draining keeps its deadline).
+    """
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        drain_grace_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain_grace_ms", b"drain_grace_ms", "node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CordonNodeRequest: _TypeAlias = CordonNodeRequest  # noqa: Y015
+
+@_typing.final
+class UncordonNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UncordonNodeRequest: _TypeAlias = UncordonNodeRequest  # noqa: Y015
+
+@_typing.final
 class RegisterNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

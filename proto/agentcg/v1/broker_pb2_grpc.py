@@ -653,6 +653,222 @@ class TenantAdmin:
             _registered_method=True)
 
 
+class NodeAdminStub:
+    """Operating the nodes: what each one holds and reports, and taking one out of service. A
+    cordoned node gets no new lease (running calls keep theirs, may renew and grow); a drain is a
+    cordon with a deadline, after which the broker revokes what still runs there (the node stops
+    those calls as for a preemption). The cordon is persisted: it survives a restart of the
+    broker or the node, and a failover. Admin role; cordoning needs the "*" scope.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListNodes = channel.unary_unary(
+                '/agentcg.v1.NodeAdmin/ListNodes',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.GetNode = channel.unary_unary(
+                '/agentcg.v1.NodeAdmin/GetNode',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.NodeStatus.FromString,
+                _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/agentcg.v1.NodeAdmin/CordonNode',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.NodeStatus.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/agentcg.v1.NodeAdmin/UncordonNode',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.UncordonNodeRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.NodeStatus.FromString,
+                _registered_method=True)
+
+
+class NodeAdminServicer:
+    """Operating the nodes: what each one holds and reports, and taking one out of service. A
+    cordoned node gets no new lease (running calls keep theirs, may renew and grow); a drain is a
+    cordon with a deadline, after which the broker revokes what still runs there (the node stops
+    those calls as for a preemption). The cordon is persisted: it survives a restart of the
+    broker or the node, and a failover. Admin role; cordoning needs the "*" scope.
+    """
+
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CordonNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ListNodesRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.GetNodeRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.NodeStatus.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.CordonNodeRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.NodeStatus.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.UncordonNodeRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.NodeStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentcg.v1.NodeAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentcg.v1.NodeAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeAdmin:
+    """Operating the nodes: what each one holds and reports, and taking one out of service. A
+    cordoned node gets no new lease (running calls keep theirs, may renew and grow); a drain is a
+    cordon with a deadline, after which the broker revokes what still runs there (the node stops
+    those calls as for a preemption). The cordon is persisted: it survives a restart of the
+    broker or the node, and a failover. Admin role; cordoning needs the "*" scope.
+    """
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.NodeAdmin/ListNodes',
+            agentcg_dot_v1_dot_broker__pb2.ListNodesRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.NodeAdmin/GetNode',
+            agentcg_dot_v1_dot_broker__pb2.GetNodeRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.NodeAdmin/CordonNode',
+            agentcg_dot_v1_dot_broker__pb2.CordonNodeRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.NodeAdmin/UncordonNode',
+            agentcg_dot_v1_dot_broker__pb2.UncordonNodeRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeGatewayStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -211,6 +211,76 @@ class TenantAdminServicer(metaclass=_abc_1.ABCMeta):
 
 def add_TenantAdminServicer_to_server(servicer: TenantAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class NodeAdminStub:
+    """Operating the nodes: what each one holds and reports, and taking one out of service. A
+    cordoned node gets no new lease (running calls keep theirs, may renew and grow); a drain is a
+    cordon with a deadline, after which the broker revokes what still runs there (the node stops
+    those calls as for a preemption). The cordon is persisted: it survives a restart of the
+    broker or the node, and a failover. Admin role; cordoning needs the "*" scope.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> NodeAdminAsyncStub: ...
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListNodesRequest, _broker_pb2.ListNodesResponse]
+    GetNode: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetNodeRequest, _broker_pb2.NodeStatus]
+    CordonNode: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CordonNodeRequest, _broker_pb2.NodeStatus]
+    UncordonNode: _grpc.UnaryUnaryMultiCallable[_broker_pb2.UncordonNodeRequest, _broker_pb2.NodeStatus]
+
+@_typing.type_check_only
+class NodeAdminAsyncStub(NodeAdminStub):
+    """Operating the nodes: what each one holds and reports, and taking one out of service. A
+    cordoned node gets no new lease (running calls keep theirs, may renew and grow); a drain is a
+    cordon with a deadline, after which the broker revokes what still runs there (the node stops
+    those calls as for a preemption). The cordon is persisted: it survives a restart of the
+    broker or the node, and a failover. Admin role; cordoning needs the "*" scope.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListNodes: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListNodesRequest, _broker_pb2.ListNodesResponse]  # type: ignore[assignment]
+    GetNode: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetNodeRequest, _broker_pb2.NodeStatus]  # type: ignore[assignment]
+    CordonNode: _aio.UnaryUnaryMultiCallable[_broker_pb2.CordonNodeRequest, _broker_pb2.NodeStatus]  # type: ignore[assignment]
+    UncordonNode: _aio.UnaryUnaryMultiCallable[_broker_pb2.UncordonNodeRequest, _broker_pb2.NodeStatus]  # type: ignore[assignment]
+
+class NodeAdminServicer(metaclass=_abc_1.ABCMeta):
+    """Operating the nodes: what each one holds and reports, and taking one out of service. A
+    cordoned node gets no new lease (running calls keep theirs, may renew and grow); a drain is a
+    cordon with a deadline, after which the broker revokes what still runs there (the node stops
+    those calls as for a preemption). The cordon is persisted: it survives a restart of the
+    broker or the node, and a failover. Admin role; cordoning needs the "*" scope.
+    """
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _broker_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListNodesResponse, _abc.Awaitable[_broker_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetNode(
+        self,
+        request: _broker_pb2.GetNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.NodeStatus, _abc.Awaitable[_broker_pb2.NodeStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def CordonNode(
+        self,
+        request: _broker_pb2.CordonNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.NodeStatus, _abc.Awaitable[_broker_pb2.NodeStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def UncordonNode(
+        self,
+        request: _broker_pb2.UncordonNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.NodeStatus, _abc.Awaitable[_broker_pb2.NodeStatus]]: ...
+
+def add_NodeAdminServicer_to_server(servicer: NodeAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class NodeGatewayStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...

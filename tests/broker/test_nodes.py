@@ -1,0 +1,242 @@
+"""Operating the nodes (NodeAdmin) through a real broker process on a real database (SQLite and
+PostgreSQL): list what each node holds and reports, cordon it (no new leases, the running ones
+keep theirs), drain it (leases revoked at a deadline, the node told to stop their calls),
+uncordon it; the cordon outlives a node's re-registration and a broker restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from agentcg.broker.store import Store
+from agentcg.clients.cluster import LocalCluster, scrape_metric
+from agentcg.clients.sdk import Client, NodeInfo
+from agentcg.clients.simnode import SimNode
+from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
+from agentcg.v1 import broker_pb2, types_pb2
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, database_url: str) -> Iterator[tuple[LocalCluster, SimNode, SimNode]]:
+    """A broker with two simulated nodes: sim-a (8 GiB, where placement goes first) and sim-b
+    (4 GiB)."""
+    metrics = ("--metrics-listen", "127.0.0.1:0")
+    with LocalCluster(
+        tmp_path, nodes=0, database_url=database_url, log_level="WARNING", broker_args=metrics
+    ) as c:
+        with (
+            SimNode(c.broker_address, "sim-a", memory_bytes=8 * GiB) as a,
+            SimNode(c.broker_address, "sim-b", memory_bytes=4 * GiB) as b,
+        ):
+            yield c, a, b
+
+
+def wait_for(what: str, check: Callable[[], object], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def audit_kinds(url: str) -> list[str]:
+    store = Store(url)
+    try:
+        return [e.kind for e in store.audit()]
+    finally:
+        store.close()
+
+
+def test_a_cordoned_node_takes_no_new_lease_and_keeps_its_running_ones(
+    cluster: tuple[LocalCluster, SimNode, SimNode], database_url: str
+) -> None:
+    c, _, _ = cluster
+    with Client(c.broker_address) as cl:
+        cl.set_tenant("t", 16 * GiB)
+        first = cl.reserve("t", 512 * MiB, ttl_ms=60_000)
+        assert first.node_id == "sim-a"  # the most free memory
+        info = cl.cordon_node("sim-a", reason="kernel upgrade")
+        assert (info.cordoned, info.cordon_reason, info.state) == (
+            True,
+            "kernel upgrade",
+            "cordoned",
+        )
+        assert info.active_leases == 1 and info.granted_memory_bytes == 512 * MiB
+        assert info.drain_deadline_ms == 0
+        # New leases go elsewhere, though sim-a has more free memory.
+        assert {cl.reserve("t", 64 * MiB).node_id for _ in range(3)} == {"sim-b"}
+        # The running lease on sim-a renews and releases as before.
+        assert cl.renew(first.lease_id, ttl_ms=120_000).state == "active"
+        assert cl.release(first.lease_id).state == "released"
+        # Both cordoned: nothing to place on; a queued ask waits for an uncordon.
+        cl.cordon_node("sim-b")
+        with pytest.raises(QuotaExceededError) as denied:
+            cl.reserve("t", 64 * MiB)
+        assert denied.value.code == "no_nodes"
+        assert "cordoned" in denied.value.message
+        with Client(c.broker_address) as other, ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(other.reserve, "t", 64 * MiB, queue_timeout_ms=20_000)
+            time.sleep(0.5)
+            assert not queued.done()
+            back = cl.uncordon_node("sim-a")
+            assert (back.cordoned, back.cordon_reason, back.state) == (False, "", "ready")
+            assert queued.result(10).node_id == "sim-a"
+        nodes = {n.node_id: n for n in cl.list_nodes()}
+        assert [nodes["sim-a"].state, nodes["sim-b"].state] == ["ready", "cordoned"]
+    kinds = audit_kinds(database_url)
+    assert kinds.count("node_cordon") == 2 and kinds.count("node_uncordon") == 1
+
+
+def test_a_drain_revokes_what_still_runs_at_its_deadline(
+    cluster: tuple[LocalCluster, SimNode, SimNode], database_url: str
+) -> None:
+    c, a, _ = cluster
+    with Client(c.broker_address) as cl:
+        cl.set_tenant("t", 16 * GiB)
+        leases = [cl.reserve("t", 512 * MiB, ttl_ms=600_000) for _ in range(3)]
+        assert {x.node_id for x in leases} == {"sim-a"}
+        started = time.time()
+        info = cl.cordon_node("sim-a", reason="reboot", drain_grace_ms=1_000)
+        assert info.state == "draining" and info.active_leases == 3
+        assert info.drain_deadline_ms >= started * 1000 + 900
+        seen: list[int] = []
+        drained = cl.drain_node(
+            "sim-a", poll_s=0.1, progress=lambda n: seen.append(n.active_leases)
+        )
+        assert drained.active_leases == 0 and drained.granted_memory_bytes == 0
+        assert seen[0] == 3 and seen[-1] == 0
+        assert time.time() - started >= 0.9  # not before the deadline
+        for x in leases:
+            assert cl.get_lease(x.lease_id).state == "revoked"
+        assert cl.get_tenant("t").granted_memory_bytes == 0
+        # The node was told to stop each call, naming the drain.
+        wait_for("three preempt decisions", lambda: len(a.decisions) >= 3)
+        assert {d.lease_id for d in a.decisions} == {x.lease_id for x in leases}
+        assert all(d.kind == broker_pb2.DECISION_KIND_PREEMPT for d in a.decisions)
+        assert all("drained" in d.reason for d in a.decisions)
+        # Still cordoned after the drain: the next lease goes to sim-b.
+        assert cl.reserve("t", 64 * MiB).node_id == "sim-b"
+    metrics = c.metrics_address("broker")
+    assert scrape_metric(metrics, "agentcg_broker_lease_drain_revocations_total") == 3
+    assert scrape_metric(metrics, "agentcg_broker_nodes_cordoned") == 1
+    assert audit_kinds(database_url).count("drain") == 3
+
+
+def test_a_cordon_outlives_re_registration_and_a_broker_restart(
+    cluster: tuple[LocalCluster, SimNode, SimNode],
+) -> None:
+    c, a, b = cluster
+    with Client(c.broker_address) as cl:
+        cl.cordon_node("sim-a", reason="disk", drain_grace_ms=3_600_000)
+        deadline = cl.get_node("sim-a").drain_deadline_ms
+    c.stop("broker")
+    address = c.start_broker()
+    a.address = b.address = address  # the sim nodes connect and register again there
+    wait_for("both nodes back", lambda: a.connected.is_set() and b.connected.is_set())
+    with Client(address) as cl:
+        wait_for("sim-a registered again", lambda: cl.get_node("sim-a").connected)
+        again = cl.get_node("sim-a")
+        assert (again.cordoned, again.cordon_reason) == (True, "disk")
+        assert again.drain_deadline_ms == deadline
+        cl.set_tenant("t", GiB)
+        assert cl.reserve("t", 64 * MiB).node_id == "sim-b"
+
+
+def test_list_nodes_shows_heartbeats_and_bad_input_changes_nothing(
+    cluster: tuple[LocalCluster, SimNode, SimNode],
+) -> None:
+    c, a, _ = cluster
+    a.outbox.put(
+        broker_pb2.NodeMessage(
+            heartbeat=broker_pb2.Heartbeat(
+                used=types_pb2.Resources(memory_bytes=300 * MiB), running_calls=2
+            )
+        )
+    )
+    with Client(c.broker_address) as cl:
+        wait_for("the heartbeat", lambda: cl.get_node("sim-a").used_memory_bytes == 300 * MiB)
+        nodes = cl.list_nodes()
+        assert [n.node_id for n in nodes] == ["sim-a", "sim-b"]
+        sim_a = nodes[0]
+        assert sim_a.running_calls == 2 and sim_a.last_heartbeat_ms > 0
+        assert sim_a.memory_capacity_bytes == 8 * GiB and sim_a.connected
+        assert sim_a.state == "ready"
+        for kwargs, field in [
+            ({"node_id": "../etc"}, "node_id"),
+            ({"node_id": "sim-a", "reason": "x" * 257}, "reason"),
+            ({"node_id": "sim-a", "reason": "bad\nline"}, "reason"),
+            ({"node_id": "sim-a", "drain_grace_ms": -1}, "drain_grace_ms"),
+            ({"node_id": "sim-a", "drain_grace_ms": 86_400_001}, "drain_grace_ms"),
+        ]:
+            node_id = str(kwargs.pop("node_id"))
+            with pytest.raises(InvalidArgumentError) as bad:
+                cl.cordon_node(node_id, **kwargs)  # type: ignore[arg-type]
+            assert bad.value.field == field, kwargs
+        with pytest.raises(NotFoundError):
+            cl.cordon_node("sim-zz")
+        with pytest.raises(NotFoundError):
+            cl.uncordon_node("sim-zz")
+        with pytest.raises(InvalidArgumentError):
+            cl.get_node("")
+        assert [n.cordoned for n in cl.list_nodes()] == [False, False]
+        assert cl.uncordon_node("sim-a").state == "ready"  # uncordoning one in service: a no-op
+
+
+def test_the_nodes_commands(cluster: tuple[LocalCluster, SimNode, SimNode]) -> None:
+    """`agentcg nodes list|cordon|drain|uncordon` against the broker (the CLI over the SDK)."""
+    c, _, _ = cluster
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agentcg.clients.cli",
+                "nodes",
+                *args,
+                "--broker",
+                c.broker_address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+    with Client(c.broker_address) as cl:
+        cl.set_tenant("t", 16 * GiB)
+        lease = cl.reserve("t", 256 * MiB)
+        assert lease.node_id == "sim-a"
+        listed = json.loads(cli("list", "--json").stdout)["nodes"]
+        assert [(n["node_id"], n["state"], n["active_leases"]) for n in listed] == [
+            ("sim-a", "ready", 1),
+            ("sim-b", "ready", 0),
+        ]
+        out = cli("cordon", "sim-b", "--reason", "maintenance")
+        assert out.returncode == 0 and "cordoned" in out.stdout
+        table = cli("list").stdout
+        assert "maintenance" in table and "cordoned" in table
+        # A drain that cannot finish in time: exit 1, the node stays cordoned.
+        out = cli("drain", "sim-a", "--timeout-s", "0.5")
+        assert out.returncode == 1 and "still has 1 active leases" in out.stderr
+        assert cl.get_node("sim-a").cordoned and cl.get_lease(lease.lease_id).state == "active"
+        # With a grace, the broker revokes the lease and the drain finishes.
+        out = cli("drain", "sim-a", "--grace-s", "0.5")
+        assert out.returncode == 0, out.stderr
+        assert "drained" in out.stdout
+        assert cl.get_lease(lease.lease_id).state == "revoked"
+        out = cli("uncordon", "sim-a")
+        assert out.returncode == 0 and isinstance(cl.get_node("sim-a"), NodeInfo)
+        assert cl.get_node("sim-a").state == "ready"
+        bad = cli("cordon", "no/such")
+        assert bad.returncode == 2 and "node_id" in bad.stderr
