@@ -499,7 +499,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     async def on_decision(self, d: broker_pb2.Decision) -> None:
         call = self.calls.get(d.lease_id)
         if d.kind == broker_pb2.DECISION_KIND_PREEMPT:
-            # The broker revoked the lease for higher-priority work: stop the call, paused or not.
+            # The broker revoked the lease (preempted, or its drain deadline passed): stop the
+            # call, paused or not.
             if call is None or call.phase in (CallPhase.KILLED, CallPhase.EXITED):
                 return
             if d.epoch and d.epoch < call.lease.epoch:

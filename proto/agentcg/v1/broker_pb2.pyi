@@ -86,8 +86,9 @@ class _DecisionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision
     DECISION_KIND_KILL: _DecisionKind.ValueType  # 2
     """kill that one call"""
     DECISION_KIND_PREEMPT: _DecisionKind.ValueType  # 3
-    """Give the lease's memory back for higher-priority work: kill that one call (like KILL) and
-    report CallFinished with OUTCOME_KILLED. The broker has already revoked the lease (state
+    """The broker revoked the lease (for higher-priority work, or its node's drain deadline
+    passed; the reason says which): kill that one call (like KILL) and report CallFinished
+    with OUTCOME_KILLED. The broker has already revoked the lease (state
     REVOKED) and frees its budget when the decision is sent; epoch fences stale decisions.
     """
 
@@ -99,8 +100,9 @@ DECISION_KIND_GROW: DecisionKind.ValueType  # 1
 DECISION_KIND_KILL: DecisionKind.ValueType  # 2
 """kill that one call"""
 DECISION_KIND_PREEMPT: DecisionKind.ValueType  # 3
-"""Give the lease's memory back for higher-priority work: kill that one call (like KILL) and
-report CallFinished with OUTCOME_KILLED. The broker has already revoked the lease (state
+"""The broker revoked the lease (for higher-priority work, or its node's drain deadline
+passed; the reason says which): kill that one call (like KILL) and report CallFinished
+with OUTCOME_KILLED. The broker has already revoked the lease (state
 REVOKED) and frees its budget when the decision is sent; epoch fences stale decisions.
 """
 Global___DecisionKind: _TypeAlias = DecisionKind  # noqa: Y015
