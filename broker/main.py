@@ -66,6 +66,10 @@ class BrokerConfig:
     # Declared intents on a node may add up to capacity x this (budgets, sized from measured
     # peaks, still fit its capacity); 0: no overcommit ceiling.
     overcommit_ratio: float = 1.5
+    # Reserves waiting for capacity at once, in all and per tenant (beyond: denied at once,
+    # code queue_full); 0: no bound. Each release walks the queue: bounded, it costs bounded.
+    max_queued: int = 5_000
+    max_queued_per_tenant: int = 1_000
     # Where group commits run: "process" (broker/writer.py) or "thread" (broker/journal.py). An
     # in-memory SQLite database is the broker's own: always "thread".
     db_writer: str = "process"
@@ -320,7 +324,15 @@ async def _serve(
     else:
         journal = Journal(store, metrics=metrics, busy_clock=busy_clock)
     journal.start()
-    core = BrokerCore(store, journal, ledger, metrics, on_fenced=_leadership_lost)
+    core = BrokerCore(
+        store,
+        journal,
+        ledger,
+        metrics,
+        on_fenced=_leadership_lost,
+        max_queued=config.max_queued,
+        max_queued_per_tenant=config.max_queued_per_tenant,
+    )
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
     if store.wal_path is not None:
         metrics.track_wal(store.wal_path)

@@ -63,6 +63,7 @@ class ReserveOutcome(StrEnum):
     QUEUED_GRANTED = "queued_granted"  # waited in the queue (queue_timeout_ms), then admitted
     DENIED = "denied"  # RESOURCE_EXHAUSTED at once (no queue_timeout_ms)
     TIMED_OUT = "timed_out"  # waited in the queue until its deadline: RESOURCE_EXHAUSTED
+    QUEUE_FULL = "queue_full"  # would have waited, but the queue was at its bound
     INVALID_ARGUMENT = "invalid_argument"
     UNKNOWN_TENANT = "unknown_tenant"
     PERMISSION_DENIED = "permission_denied"  # the tenant is outside the caller's scope

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -308,6 +309,7 @@ def _denial_pb(d: Deny, last_peak_bytes: int = 0) -> broker_pb2.Denial:
 # Denials that come from the asking session's own declared maximum (admission.is_safe and the
 # overcommit ceiling for a new declared session): the queue passes over them.
 OWN_CLAIM_DENIALS = frozenset({"node_unsafe", "session_admission"})
+QUEUE_FULL = "queue_full"  # the denial code of an ask refused a place in a full queue
 
 
 @dataclass(eq=False, slots=True)
@@ -338,6 +340,9 @@ class BrokerCore:
         ledger: Ledger,
         metrics: BrokerMetrics | None = None,
         on_fenced: Callable[[str], None] | None = None,
+        *,
+        max_queued: int = 0,
+        max_queued_per_tenant: int = 0,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -355,6 +360,10 @@ class BrokerCore:
         self.waiters: dict[int, _Waiter] = {}
         # The same waiters by (tenant, idempotency key): a retry joins the queued first ask.
         self.waiting_keys: dict[tuple[TenantName, str], _Waiter] = {}
+        # Bounds on the waiters, in all and per tenant (0: none): every release walks them.
+        self.max_queued = max_queued
+        self.max_queued_per_tenant = max_queued_per_tenant
+        self._tenant_waiters: Counter[TenantName] = Counter()
         self._seq = itertools.count()
         self._pump_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
@@ -581,8 +590,10 @@ class BrokerCore:
         (raises QuotaExceededError with the last reason it did not fit)."""
         waiter = self.queued(ask)
         if waiter is None:
+            self._check_room(ask, deny)
             waiter = _Waiter(next(self._seq), ask, deny, asyncio.get_running_loop().create_future())
             self.waiters[waiter.seq] = waiter
+            self._tenant_waiters[ask.tenant] += 1
             if waiter.key is not None:
                 self.waiting_keys[waiter.key] = waiter
             self.kick()
@@ -612,8 +623,39 @@ class BrokerCore:
             return None
         return self.waiting_keys.get((ask.tenant, ask.idempotency_key))
 
+    def _check_room(self, ask: ReserveAsk, deny: Deny) -> None:
+        """Refuse to queue ``ask`` (QuotaExceededError, code queue_full) when the queue, or its
+        tenant's part of it, is at its bound."""
+        tenant_waiting = self._tenant_waiters[ask.tenant]
+        if self.max_queued_per_tenant and tenant_waiting >= self.max_queued_per_tenant:
+            full, scope = (
+                f"tenant {ask.tenant} has {tenant_waiting} Reserves waiting "
+                f"(at most {self.max_queued_per_tenant})",
+                f"tenant:{ask.tenant}",
+            )
+        elif self.max_queued and len(self.waiters) >= self.max_queued:
+            full, scope = (
+                f"the queue holds {len(self.waiters)} Reserves (at most {self.max_queued})",
+                "cluster",
+            )
+        else:
+            return
+        raise QuotaExceededError(
+            f"{deny.message}; not queued: {full}",
+            code=QUEUE_FULL,
+            scope=scope,
+            largest_memory_bytes_available=deny.largest_memory_bytes_available,
+            retry_after_ms=deny.retry_after_ms,
+            last_peak_memory_bytes=self.ledger.last_peak(ask.tenant, ask.command_class),
+        )
+
     def _unqueue(self, waiter: _Waiter) -> None:
-        self.waiters.pop(waiter.seq, None)
+        if self.waiters.pop(waiter.seq, None) is not None:
+            left = self._tenant_waiters[waiter.ask.tenant] - 1
+            if left:
+                self._tenant_waiters[waiter.ask.tenant] = left
+            else:
+                del self._tenant_waiters[waiter.ask.tenant]
         if waiter.key is not None and self.waiting_keys.get(waiter.key) is waiter:
             del self.waiting_keys[waiter.key]
 
@@ -916,6 +958,8 @@ _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 def _failed_outcome(exc: BaseException, queued: bool) -> ReserveOutcome:
     """The outcome label of an admission ask that ended in ``exc``."""
     if isinstance(exc, QuotaExceededError):
+        if exc.code == QUEUE_FULL:
+            return ReserveOutcome.QUEUE_FULL
         return ReserveOutcome.TIMED_OUT if queued else ReserveOutcome.DENIED
     if isinstance(exc, InvalidArgumentError):
         return ReserveOutcome.INVALID_ARGUMENT

@@ -770,7 +770,17 @@ def _run_phases(
         nodes=0,
         database_url=database_url,
         log_level="WARNING",
-        broker_args=("--metrics-listen", "127.0.0.1:0", "--pin-cpus", broker_pin_cpus),
+        broker_args=(
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--pin-cpus",
+            broker_pin_cpus,
+            # The queued phase's waiters are one tenant's: room for as many as asked.
+            "--max-queued-per-tenant",
+            str(max(queued, 1_000)),
+            "--max-queued",
+            str(max(queued, 5_000)),
+        ),
     )
     with cluster:
         address = cluster.broker_address

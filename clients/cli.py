@@ -176,6 +176,18 @@ def broker(
             "capacity x this; 0: no ceiling",
         ),
     ] = 1.5,
+    max_queued: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Reserves waiting for capacity (queue_timeout_ms) at once; one more is denied "
+            "at once (code queue_full); 0: no bound",
+        ),
+    ] = 5_000,
+    max_queued_per_tenant: Annotated[
+        int,
+        typer.Option(min=0, help="the same, per tenant; 0: no bound"),
+    ] = 1_000,
     metrics_listen: MetricsListenOpt = "",
     db_writer: Annotated[
         DbWriter,
@@ -238,6 +250,8 @@ def broker(
         data_dir=data_dir,
         ready_file=ready_file,
         overcommit_ratio=overcommit_ratio,
+        max_queued=max_queued,
+        max_queued_per_tenant=max_queued_per_tenant,
         metrics_listen=metrics_listen,
         db_writer=db_writer.value,
         commit_hold_ms=commit_hold_ms,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.cluster import LocalCluster, scrape_metric
 from agentcg.clients.sdk import AsyncClient, Lease
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import QuotaExceededError
@@ -287,3 +287,69 @@ def test_many_waiters_at_their_quota_hold_back_no_other_tenant(env: tuple[str, S
             assert len(ids) == 200
 
     asyncio.run(go())
+
+
+def test_the_queue_is_bounded_in_all_and_per_tenant(tmp_path: Path, database_url: str) -> None:
+    """Beyond --max-queued-per-tenant (2) or --max-queued (3) an ask that would wait is denied
+    at once (queue_full), the queue and the quotas as they were; a retry of a queued ask still
+    joins it, and room freed by a waiter that gave up is taken again."""
+    flags = ("--max-queued", "3", "--max-queued-per-tenant", "2", "--metrics-listen", "127.0.0.1:0")
+    with (
+        LocalCluster(
+            tmp_path, nodes=0, database_url=database_url, log_level="WARNING", broker_args=flags
+        ) as cluster,
+        SimNode(cluster.broker_address, memory_bytes=1 << 34),
+    ):
+
+        async def go() -> None:
+            async with AsyncClient(cluster.broker_address) as c:
+                for t in ("a", "b", "c"):
+                    await c.set_tenant(t, 16 * MiB)  # every ask below is over its quota
+
+                def wait(
+                    tenant: str, timeout_ms: int = 30_000, key: str = ""
+                ) -> asyncio.Future[Lease]:
+                    return asyncio.ensure_future(
+                        c.reserve(
+                            tenant, 32 * MiB, queue_timeout_ms=timeout_ms, idempotency_key=key
+                        )
+                    )
+
+                a1, a2 = wait("a", key="a1"), wait("a", timeout_ms=1_000)
+                await settle(c)
+                with pytest.raises(QuotaExceededError) as per_tenant:
+                    await c.reserve("a", 32 * MiB, queue_timeout_ms=30_000)
+                e = per_tenant.value
+                assert (e.code, e.scope) == ("queue_full", "tenant:a")
+                assert "tenant a has 2 Reserves waiting (at most 2)" in e.message
+                assert "memory quota exceeded" in e.message  # why it would have waited
+                b1 = wait("b")
+                await settle(c)
+                with pytest.raises(QuotaExceededError) as overall:
+                    await c.reserve("c", 32 * MiB, queue_timeout_ms=30_000)
+                assert (overall.value.code, overall.value.scope) == ("queue_full", "cluster")
+                assert "the queue holds 3 Reserves (at most 3)" in overall.value.message
+                # A retry of a queued ask joins it: no new place needed.
+                again = wait("a", key="a1")
+                await settle(c)
+                assert not again.done() and not a1.done()
+                # a2 gives up at its deadline: its place is free for another of a's asks.
+                with pytest.raises(QuotaExceededError, match="waited 1000 ms"):
+                    await a2
+                a3 = wait("a")
+                await settle(c)
+                assert not a3.done()
+                assert [(await c.get_tenant(t)).active_leases for t in "abc"] == [0, 0, 0]
+                await c.set_tenant("a", 128 * MiB)  # room: a's waiters are admitted
+                first, retried, third = await asyncio.gather(a1, again, a3)
+                assert first.lease_id == retried.lease_id != third.lease_id
+                b1.cancel()
+
+        asyncio.run(go())
+        metrics = cluster.metrics_address("broker")
+        assert (
+            scrape_metric(
+                metrics, "agentcg_broker_reserve_total", rpc="Reserve", outcome="queue_full"
+            )
+            == 2
+        )
