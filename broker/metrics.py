@@ -262,6 +262,11 @@ class BrokerMetrics:
             "Leases revoked for higher-priority work",
             registry=r,
         )
+        self.queue_rounds = Counter(
+            p + "queue_rounds",
+            "Rounds over the admission queue (each walks every waiter once)",
+            registry=r,
+        )
         self.lease_drain_revocations = Counter(
             p + "lease_drain_revocations",
             "Leases revoked because their node's drain deadline passed",

@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -310,6 +310,7 @@ def _denial_pb(d: Deny, last_peak_bytes: int = 0) -> broker_pb2.Denial:
 # overcommit ceiling for a new declared session): the queue passes over them.
 OWN_CLAIM_DENIALS = frozenset({"node_unsafe", "session_admission"})
 QUEUE_FULL = "queue_full"  # the denial code of an ask refused a place in a full queue
+_TENANT_SCOPE = "tenant:"  # a denial's scope when a tenant's quota holds the ask back
 
 
 @dataclass(eq=False, slots=True)
@@ -364,6 +365,10 @@ class BrokerCore:
         self.max_queued = max_queued
         self.max_queued_per_tenant = max_queued_per_tenant
         self._tenant_waiters: Counter[TenantName] = Counter()
+        # The tenants whose quotas alone hold back every waiter, as the last round found them
+        # (None: unknown, or some waiter waits for shared capacity): a lease that ends outside
+        # their chains cannot let anyone in, and starts no round (``kick``).
+        self._held_by: frozenset[TenantName] | None = frozenset()
         self._seq = itertools.count()
         self._pump_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
@@ -571,7 +576,7 @@ class BrokerCore:
             self.metrics.lease_expiries.inc()
         elif state is LeaseState.RELEASED:
             self.metrics.lease_releases.inc()
-        self.kick()
+        self.kick([lease.tenant])
         log.info(
             "%s lease %s tenant %s budget %d peak %d outcome %s",
             kind,
@@ -596,7 +601,17 @@ class BrokerCore:
             self._tenant_waiters[ask.tenant] += 1
             if waiter.key is not None:
                 self.waiting_keys[waiter.key] = waiter
-            self.kick()
+            lowest = self.ledger.lowest_priority()
+            if (
+                self._held_by is not None
+                and deny.scope.startswith(_TENANT_SCOPE)
+                and (lowest is None or lowest >= ask.priority)  # nothing it could preempt
+            ):
+                # Denied just now by its own tenant's quota, and the others are held alike: a
+                # round would deny them all again.
+                self._held_by |= {TenantName(deny.scope.removeprefix(_TENANT_SCOPE))}
+            else:
+                self.kick()
         waiter.callers += 1
         try:
             await asyncio.wait({waiter.admitted}, timeout=ask.queue_timeout_ms / 1000)
@@ -659,14 +674,27 @@ class BrokerCore:
         if waiter.key is not None and self.waiting_keys.get(waiter.key) is waiter:
             del self.waiting_keys[waiter.key]
 
-    def kick(self) -> None:
-        """Capacity may have freed: try the queue once the current callback is done."""
-        if self.waiters and not self._pump_scheduled:
-            self._pump_scheduled = True
-            asyncio.get_running_loop().call_soon(self._pump)
+    def kick(self, freed: Iterable[TenantName] | None = None) -> None:
+        """Capacity may have freed: try the queue once the current callback is done.
+
+        ``freed``: only leases of these tenants ended (their chains' quotas and their nodes
+        have more room). When the last round left only waiters held back by their own tenants'
+        quotas, and none of those tenants is in a freed chain, no round runs: it would deny
+        every waiter again, at a cost that grows with the queue.
+        """
+        if not self.waiters or self._pump_scheduled:
+            return
+        held_by = self._held_by
+        if freed is not None and held_by is not None:
+            chain_names = self.ledger.chain_names
+            if all(held_by.isdisjoint(chain_names(t)) for t in set(freed)):
+                return
+        self._pump_scheduled = True
+        asyncio.get_running_loop().call_soon(self._pump)
 
     def _pump(self) -> None:
         self._pump_scheduled = False
+        self.metrics.queue_rounds.inc()
         ledger = self.ledger
         t = now_ms()
         changes: list[Change] = []
@@ -685,6 +713,7 @@ class BrokerCore:
         # ledger is unchanged: an equal ask is decided alike (1,000 waiters at a tenant's quota
         # are mostly the same few asks).
         passed: dict[tuple[TenantName, str, int, int, int], Deny] = {}
+        stopped = False  # at a shared limit, before every waiter was tried
         while (nxt := order.pop()) is not None:
             waiter = self.waiters[nxt.seq]
             ask = waiter.ask
@@ -733,6 +762,7 @@ class BrokerCore:
                     if same is not None and decision.scope == f"tenant:{ask.tenant}":
                         passed[same] = decision
                     continue
+                stopped = True
                 break  # shared capacity: no backfill past it
             lease, ch = decision
             undo[:0] = ledger.apply(ch)
@@ -743,6 +773,14 @@ class BrokerCore:
             passed.clear()
             for tenant in order.tenants:  # this grant moved their holdings
                 order.hold(tenant, ledger.granted_bytes(tenant))
+        self._held_by = None
+        if not (stopped or changes):
+            # Every waiter was tried on this ledger and none got in: what holds each back now.
+            scopes = {w.deny.scope for w in self.waiters.values()}
+            if all(sc.startswith(_TENANT_SCOPE) for sc in scopes):
+                self._held_by = frozenset(
+                    TenantName(sc.removeprefix(_TENANT_SCOPE)) for sc in scopes
+                )
         if changes:
             task = asyncio.get_running_loop().create_task(
                 self._commit_queue(changes, undo, admitted, preempted)
@@ -1189,7 +1227,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         if changes:
             await core.commit(changes)
             core.metrics.lease_releases.inc(released)
-            core.kick()
+            core.kick([x.tenant for x in out])
         response = broker_pb2.ReleaseBatchResponse()
         add = response.leases.add
         for x in out:

@@ -353,3 +353,49 @@ def test_the_queue_is_bounded_in_all_and_per_tenant(tmp_path: Path, database_url
             )
             == 2
         )
+
+
+def test_a_lease_ending_outside_the_holding_tenants_starts_no_round(
+    tmp_path: Path, database_url: str
+) -> None:
+    """100 asks wait at tenant a's quota. 50 Reserve+Release pairs of tenant b start no round
+    over them (each would deny all 100 again, at a cost that grows with the queue); a's own
+    lease ending does, and lets a's first waiter in; raising a's quota lets the rest in."""
+    flags = ("--metrics-listen", "127.0.0.1:0")
+    with (
+        LocalCluster(
+            tmp_path, nodes=0, database_url=database_url, log_level="WARNING", broker_args=flags
+        ) as cluster,
+        SimNode(cluster.broker_address, memory_bytes=1 << 34),
+    ):
+        metrics = cluster.metrics_address("broker")
+
+        def rounds() -> float:
+            return scrape_metric(metrics, "agentcg_broker_queue_rounds_total")
+
+        async def go() -> None:
+            async with AsyncClient(cluster.broker_address) as c:
+                await c.set_tenant("a", 64 * MiB)
+                await c.set_tenant("b", 1 << 30)
+                hold = await c.reserve("a", 64 * MiB)
+                first = asyncio.ensure_future(c.reserve("a", 64 * MiB, queue_timeout_ms=60_000))
+                await settle(c)
+                rest = [
+                    asyncio.ensure_future(c.reserve("a", 64 * MiB, queue_timeout_ms=60_000))
+                    for _ in range(99)
+                ]
+                await settle(c)
+                before = rounds()
+                for _ in range(50):
+                    await c.release((await c.reserve("b", 32 * MiB)).lease_id)
+                assert rounds() - before <= 2, "b's releases walked a's waiters"
+                assert not first.done() and not any(f.done() for f in rest)
+                await c.release(hold.lease_id)  # a's own capacity: a round, a's first gets in
+                assert (await asyncio.wait_for(first, 10)).tenant == "a"
+                assert rounds() > before
+                assert not any(f.done() for f in rest)
+                await c.set_tenant("a", 101 * 64 * MiB)
+                leases = await asyncio.wait_for(asyncio.gather(*rest), 30)
+                assert len({x.lease_id for x in leases}) == 99
+
+        asyncio.run(go())
