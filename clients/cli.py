@@ -436,10 +436,13 @@ def tenant_delete(name: str, broker: BrokerOpt = BROKER_DEFAULT) -> None:
 @lease_app.command("list")
 def lease_list(
     tenant: str = "",
+    node: Annotated[str, typer.Option(help="only the leases placed on this node")] = "",
     all_: Annotated[bool, typer.Option("--all", help="include ended leases")] = False,
     broker: BrokerOpt = BROKER_DEFAULT,
 ) -> None:
-    leases = _client_call(broker, lambda c: c.list_leases(tenant=tenant, include_inactive=all_))
+    leases = _client_call(
+        broker, lambda c: c.list_leases(tenant=tenant, node_id=node, include_inactive=all_)
+    )
     table = Table("lease", "tenant", "session", "node", "budget", "state", "peak", "outcome")
     for x in leases:
         table.add_row(
