@@ -365,33 +365,76 @@ class RoleOpt(enum.StrEnum):
     NODE = "node"
 
 
+RoleArg = Annotated[RoleOpt, typer.Option(help="what it may call")]
+TenantsArg = Annotated[
+    list[str] | None,
+    typer.Option(help="a subtree it acts on (repeat; '*': every tenant); client and admin"),
+]
+NodesArg = Annotated[
+    list[str] | None,
+    typer.Option(help="a node id it may act as (repeat; default: NAME); role node"),
+]
+
+
+def _access_entry(
+    name: str,
+    token: str,
+    role: RoleOpt,
+    tenant: list[str] | None,
+    node: list[str] | None,
+    cert_names: list[str] | None = None,
+) -> str:
+    from agentcg.access import AccessFileError, Role, principal_entry
+
+    try:
+        return principal_entry(
+            name,
+            token,
+            Role(role.value),
+            tenants=tenant or (),
+            nodes=node or (),
+            cert_names=cert_names or (),
+        )
+    except AccessFileError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @access_app.command("token")
 def access_token(
     name: Annotated[str, typer.Argument(help="who holds it: a team, an orchestrator, a host")],
-    role: Annotated[RoleOpt, typer.Option(help="what it may call")] = RoleOpt.CLIENT,
-    tenant: Annotated[
-        list[str] | None,
-        typer.Option(help="a subtree it acts on (repeat; '*': every tenant); client and admin"),
-    ] = None,
-    node: Annotated[
-        list[str] | None,
-        typer.Option(help="a node id it may act as (repeat; default: NAME); role node"),
-    ] = None,
+    role: RoleArg = RoleOpt.CLIENT,
+    tenant: TenantsArg = None,
+    node: NodesArg = None,
 ) -> None:
     """Make a new bearer token: the token goes to stderr (hand it to its holder), the access
     file's entry to stdout (append it: ``agentcg access token ci --tenant org-a >> access.toml``).
     Only the token's SHA-256 is in the entry."""
-    from agentcg.access import AccessFileError, Role, new_token, principal_entry
+    from agentcg.access import new_token
 
     token = new_token()
-    try:
-        entry = principal_entry(
-            name, token, Role(role.value), tenants=tenant or (), nodes=node or ()
-        )
-    except AccessFileError as e:
-        raise typer.BadParameter(str(e)) from None
+    entry = _access_entry(name, token, role, tenant, node)
     err_console.print(f"token for {name} (AGENTCG_TOKEN): {token}", soft_wrap=True)
     sys.stdout.write("\n" + entry)
+
+
+@access_app.command("cert")
+def access_cert(
+    name: Annotated[str, typer.Argument(help="who holds the certificate")],
+    cert_name: Annotated[
+        list[str],
+        typer.Option(
+            help="a name of its client certificate: the subject's common name, a DNS name or "
+            "a URI such as a SPIFFE id (repeat)"
+        ),
+    ],
+    role: RoleArg = RoleOpt.CLIENT,
+    tenant: TenantsArg = None,
+    node: NodesArg = None,
+) -> None:
+    """The access file's entry for a principal known by its client certificate (mutual TLS:
+    the server needs --tls-client-ca), to stdout: ``agentcg access cert host-17 --role node
+    --cert-name spiffe://example.org/node/host-17 >> access.toml``."""
+    sys.stdout.write("\n" + _access_entry(name, "", role, tenant, node, cert_name))
 
 
 @tenant_app.command("set")

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Pki", "make_pki"]
+__all__ = ["Pki", "make_client_cert", "make_pki"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,10 @@ class Pki:
     client_cert: Path
     client_key: Path
     other_ca: Path  # a CA that signed nothing here: a client trusting it cannot verify
+
+    @property
+    def directory(self) -> Path:
+        return self.ca.parent
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -66,3 +70,12 @@ def make_pki(d: Path) -> Pki:
         client_key=d / "client.key",
         other_ca=d / "other-ca.pem",
     )
+
+
+def make_client_cert(pki: Pki, name: str, alt_names: list[str]) -> tuple[Path, Path]:
+    """A client certificate (PEM certificate, key) signed by ``pki``'s CA, with the common name
+    ``name`` and the subject alternative names ``alt_names`` ("DNS:host-17.example",
+    "URI:spiffe://example.org/node/host-17")."""
+    san = f"subjectAltName={','.join(alt_names)}\n" if alt_names else ""
+    _signed(pki.directory, name, "ca", f"{san}extendedKeyUsage=clientAuth\n")
+    return pki.directory / f"{name}.pem", pki.directory / f"{name}.key"

@@ -14,6 +14,7 @@ from agentcg.access import (
     Role,
     new_token,
     parse_access,
+    principal_entry,
     token_sha256,
 )
 from agentcg.v1 import broker_pb2, node_pb2
@@ -42,6 +43,34 @@ def test_a_known_token_is_its_principal_and_an_unknown_one_nobody() -> None:
     assert access.authenticate("") is None
 
 
+def test_a_client_certificate_is_its_principal_by_one_of_its_names() -> None:
+    """Known by the common name or a subject alternative name; none known, or two principals
+    named by one certificate: nobody (refused, not guessed)."""
+    spiffe = "spiffe://example.org/node/host-1"
+    text = entry(token_sha256=None, cert_names=["ops.example"], role="admin", tenants=["*"])
+    text += entry(name="host-1", token_sha256=None, cert_names=[spiffe], role="node", tenants=None)
+    text += entry(name="both", cert_names=["both.example"])  # a token and a certificate
+    access = parse_access(text)
+    assert access.principals == 3
+    assert access.identify(["ops.example"]) == Principal("p", Role.ADMIN, frozenset({"*"}))
+    host = access.identify(["host-1", "host-1.example", spiffe])  # CN, DNS, URI
+    assert host is not None and host.name == "host-1" and host.nodes == frozenset({"host-1"})
+    assert access.identify(["client", "other.example"]) is None
+    assert access.identify([]) is None
+    assert access.identify(["ops.example", spiffe]) is None  # two principals: refused
+    assert access.authenticate("secret") == access.identify(["both.example"])
+    assert "ops.example" not in access.by_token_sha256
+
+
+def test_an_entry_for_a_certificate_holds_no_token() -> None:
+    text = principal_entry(
+        "host-9", "", Role.NODE, cert_names=["spiffe://example.org/node/host-9", "host-9"]
+    )
+    assert "token_sha256" not in text
+    host = parse_access(text).identify(["host-9"])
+    assert host is not None and host.nodes == frozenset({"host-9"})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -60,6 +89,15 @@ def test_a_known_token_is_its_principal_and_an_unknown_one_nobody() -> None:
         (entry(nodes=["n1"]), "nodes is for role node only"),
         (entry(role="node"), "a node has no tenants"),
         (entry(colour="blue"), "unknown key 'colour'"),
+        (entry(token_sha256=None), "principal[0] (p): token_sha256 or cert_names is required"),
+        (entry(cert_names="host-1"), "cert_names must be a list of names"),
+        (entry(cert_names=[""]), "cert_names must be a list of names"),
+        (entry(cert_names=[" host-1"]), "cert_names must be a list of names"),
+        (entry(cert_names=["a\nb"]), "cert_names must be a list of names"),
+        (
+            entry(cert_names=["h1"]) + entry(name="q", token_sha256=None, cert_names=["h1"]),
+            "principal[1] (q): cert name 'h1' is p's already",
+        ),
     ],
 )
 def test_a_bad_access_file_is_refused_naming_the_entry(text: str, message: str) -> None:

@@ -16,6 +16,12 @@ SHA-256, so reading the file does not give the tokens away::
     role = "node"
     nodes = ["host-17"]      # the node ids it may register and connect as ("*": any)
 
+Under mutual TLS a principal may be known by its client certificate instead of (or as well as)
+a token: ``cert_names = ["host-18.nodes.example", "spiffe://example.org/node/host-18"]``. A
+call with no token whose verified client certificate has one of these as its subject's common
+name or as a subject alternative name (DNS name, URI: a SPIFFE id) is that principal's. A
+token, when the call carries one, decides.
+
 Roles (``ROLE_METHODS``: a method no role lists is refused to every principal):
 
 - ``client`` reserves, renews, releases and reads leases, and reads tenants, within its scope;
@@ -36,7 +42,8 @@ import json
 import secrets
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from agentcg.errors import PermissionDeniedError
 from agentcg.names import InvalidNameError, validate_name
@@ -163,14 +170,27 @@ def new_token() -> str:
 
 @dataclass(frozen=True)
 class Access:
-    """The principals a server knows, by their token's SHA-256."""
+    """The principals a server knows, by their token's SHA-256 and by their certificates'
+    names."""
 
     by_token_sha256: Mapping[str, Principal]
+    by_cert_name: Mapping[str, Principal] = field(default_factory=dict)
+
+    @property
+    def principals(self) -> int:
+        return len({*self.by_token_sha256.values(), *self.by_cert_name.values()})
 
     def authenticate(self, token: str) -> Principal | None:
         # Looked up by the token's digest: how long a lookup takes tells nothing about a token
         # an attacker could steer toward a known one.
         return self.by_token_sha256.get(token_sha256(token))
+
+    def identify(self, cert_names: Iterable[str]) -> Principal | None:
+        """The principal of a verified client certificate with these names (its common name
+        and subject alternative names), or None: none of them is known, or they name two
+        principals (refused rather than guessed)."""
+        found = {p for n in cert_names if (p := self.by_cert_name.get(n)) is not None}
+        return found.pop() if len(found) == 1 else None
 
 
 def _names(entry: Mapping[str, object], key: str, where: str) -> frozenset[str]:
@@ -187,6 +207,19 @@ def _names(entry: Mapping[str, object], key: str, where: str) -> frozenset[str]:
     return out
 
 
+def _cert_names(entry: Mapping[str, object], where: str) -> frozenset[str]:
+    value = entry.get("cert_names", [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and 0 < len(v) <= 1024 and v.isprintable() and v.strip() == v
+        for v in value
+    ):
+        raise AccessFileError(
+            f"{where}: cert_names must be a list of names (a certificate's common name, DNS "
+            "name or URI)"
+        )
+    return frozenset(value)
+
+
 def parse_access(text: str) -> Access:
     """Parse an access file (TOML, module docstring); raise AccessFileError naming the entry."""
     try:
@@ -197,6 +230,7 @@ def parse_access(text: str) -> Access:
     if not isinstance(entries, list):
         raise AccessFileError("principal must be an array of tables ([[principal]])")
     by_digest: dict[str, Principal] = {}
+    by_cert: dict[str, Principal] = {}
     names: set[str] = set()
     for i, entry in enumerate(entries):
         where = f"principal[{i}]"
@@ -209,12 +243,21 @@ def parse_access(text: str) -> Access:
         if name in names:
             raise AccessFileError(f"{where}: name given twice")
         names.add(name)
+        cert_names = _cert_names(entry, where)
         digest = entry.get("token_sha256")
-        if not isinstance(digest, str) or len(digest) != 64 or not _is_hex(digest):
-            raise AccessFileError(f"{where}: token_sha256 must be 64 hex digits")
-        digest = digest.lower()
-        if digest in by_digest:
-            raise AccessFileError(f"{where}: same token as {by_digest[digest].name}")
+        if digest is None and not cert_names:
+            raise AccessFileError(f"{where}: token_sha256 or cert_names is required")
+        if digest is not None:
+            if not isinstance(digest, str) or len(digest) != 64 or not _is_hex(digest):
+                raise AccessFileError(f"{where}: token_sha256 must be 64 hex digits")
+            digest = digest.lower()
+            if digest in by_digest:
+                raise AccessFileError(f"{where}: same token as {by_digest[digest].name}")
+        for cert_name in sorted(cert_names):
+            if cert_name in by_cert:
+                raise AccessFileError(
+                    f"{where}: cert name {cert_name!r} is {by_cert[cert_name].name}'s already"
+                )
         try:
             role = Role(entry.get("role"))
         except ValueError:
@@ -235,11 +278,14 @@ def parse_access(text: str) -> Access:
                 raise AccessFileError(f"{where}: nodes is for role node only")
             if not tenants:
                 raise AccessFileError(f'{where}: tenants is required ("*" for every tenant)')
-        unknown = set(entry) - {"name", "token_sha256", "role", "tenants", "nodes"}
+        unknown = set(entry) - {"name", "token_sha256", "cert_names", "role", "tenants", "nodes"}
         if unknown:
             raise AccessFileError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-        by_digest[digest] = Principal(name, role, tenants, nodes)
-    return Access(by_digest)
+        principal = Principal(name, role, tenants, nodes)
+        if digest is not None:
+            by_digest[digest] = principal
+        by_cert.update(dict.fromkeys(cert_names, principal))
+    return Access(MappingProxyType(by_digest), MappingProxyType(by_cert))
 
 
 def principal_entry(
@@ -249,15 +295,17 @@ def principal_entry(
     *,
     tenants: Iterable[str] = (),
     nodes: Iterable[str] = (),
+    cert_names: Iterable[str] = (),
 ) -> str:
     """The access file's ``[[principal]]`` table for a principal holding ``token`` (only its
-    SHA-256 is written); checked by ``parse_access``, whose AccessFileError it raises."""
-    lines = [
-        "[[principal]]",
-        f"name = {json.dumps(name)}",
-        f'token_sha256 = "{token_sha256(token)}"',
-        f'role = "{role.value}"',
-    ]
+    SHA-256 is written; "": known by ``cert_names`` only); checked by ``parse_access``, whose
+    AccessFileError it raises."""
+    lines = ["[[principal]]", f"name = {json.dumps(name)}"]
+    if token:
+        lines.append(f'token_sha256 = "{token_sha256(token)}"')
+    if cert_names:
+        lines.append(f"cert_names = {json.dumps(sorted(cert_names))}")
+    lines.append(f'role = "{role.value}"')
     if tenants:
         lines.append(f"tenants = {json.dumps(sorted(tenants))}")
     if nodes:

@@ -5,7 +5,10 @@ file (agentcg.access). For every call it reads ``authorization: Bearer <token>``
 unknown token with UNAUTHENTICATED and a method the principal's role does not list with
 PERMISSION_DENIED (before the request is even read), and otherwise runs the method with the
 principal in ``current_principal()``, for the servicer to check the tenant or node it names.
-Health checks and server reflection stay open: load balancers and probes carry no token.
+A call without a token, when the access file knows principals by client certificate
+(``cert_names``), is judged the same way inside the call, where gRPC shows the verified peer
+certificate (``context.auth_context()``). Health checks and server reflection stay open: load
+balancers and probes carry no token.
 
 ``ServerSecurity`` holds a server's flags (``--access``, ``--tls-cert``, ``--tls-key``,
 ``--tls-client-ca``): it reads the files at start-up, so a bad one stops the server before it
@@ -16,6 +19,7 @@ reads them again (``reload_on_sighup``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -79,15 +83,28 @@ def _refusing(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     return handler._replace(**{field: unary})  # type: ignore[attr-defined,no-any-return]
 
 
-def _as(principal: Principal, handler: Handler, on_refused: Callable[[str], None]) -> Handler:
-    """``handler`` with its behaviour run as ``principal``. A streaming behaviour must be an
-    async generator (as every agentcg servicer's is), not one writing with ``context.write``."""
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _as(
+    resolve: Callable[[Any], Principal], handler: Handler, on_refused: Callable[[str], None]
+) -> Handler:
+    """``handler`` with its behaviour run as the principal ``resolve(context)`` gives (it
+    raises _Refusal to refuse the call). A streaming behaviour must be an async generator (as
+    every agentcg servicer's is), not one writing with ``context.write``."""
     if handler.response_streaming:
         field = "stream_stream" if handler.request_streaming else "unary_stream"
         inner_gen: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
 
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-            _principal.set(principal)
+            try:
+                _principal.set(resolve(context))
+            except _Refusal as refusal:
+                await context.abort(refusal.code, refusal.message)
             try:
                 async for response in inner_gen(request, context):
                     yield response
@@ -100,7 +117,10 @@ def _as(principal: Principal, handler: Handler, on_refused: Callable[[str], None
     inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
 
     async def unary(request: Any, context: Any) -> Any:
-        _principal.set(principal)
+        try:
+            _principal.set(resolve(context))
+        except _Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
         try:
             return await inner(request, context)
         except grpc.aio.AbortError:
@@ -151,6 +171,40 @@ class AccessGate(grpc.aio.ServerInterceptor):
         more = self._unlogged.pop(message, 0)
         log.warning("refused %s%s", message, f" (and {more} more like it)" if more else "")
 
+    def _refusal(self, principal: Principal | None, method: str, unknown: str) -> _Refusal | None:
+        """Why ``principal`` (None: not known, for the reason ``unknown``) may not call
+        ``method``, logged and counted; None if it may."""
+        if principal is None:
+            message = f"{method}: {unknown}"
+            code, reason = grpc.StatusCode.UNAUTHENTICATED, "unauthenticated"
+        elif not principal.may_call(method):
+            message = f"{principal.name} (role {principal.role.value}) may not call {method}"
+            code, reason = grpc.StatusCode.PERMISSION_DENIED, "role"
+        else:
+            return None
+        self._log_refusal(message)
+        self._on_refused(reason)
+        return _Refusal(code, message)
+
+    def _by_certificate(self, context: Any, method: str) -> Principal:
+        """The principal of the call's verified client certificate (a call without a token)."""
+        auth = context.auth_context()
+        names = [
+            raw.decode(errors="replace")
+            for key in ("x509_common_name", "x509_subject_alternative_name")
+            for raw in auth.get(key, ())
+        ]
+        principal = self._access.identify(names)
+        if names:
+            unknown = f"no token, and no principal has the client certificate's names {names}"
+        else:
+            unknown = "no token (authorization: Bearer <token>) and no client certificate"
+        refusal = self._refusal(principal, method, unknown)
+        if refusal is not None:
+            raise refusal
+        assert principal is not None
+        return principal
+
     def reload(self, access: Access) -> None:
         """Judge calls from now on by ``access`` (what was decided by the old file is dropped)."""
         self._access = access
@@ -169,18 +223,19 @@ class AccessGate(grpc.aio.ServerInterceptor):
         gated = self._handlers.get((token, method))
         if gated is not None:
             return gated
-        principal = self._access.authenticate(token) if token else None
-        if principal is None:
+        if not token and self._access.by_cert_name:
+            # Known (or not) by its client certificate, seen only inside the call.
+            gated = _as(
+                functools.partial(self._by_certificate, method=method), handler, self._on_refused
+            )
+        else:
+            principal = self._access.authenticate(token) if token else None
             why = "an unknown token" if token else "no token (authorization: Bearer <token>)"
-            self._log_refusal(f"{method}: {why}")
-            self._on_refused("unauthenticated")
-            return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
-        if not principal.may_call(method):
-            message = f"{principal.name} (role {principal.role.value}) may not call {method}"
-            self._log_refusal(message)
-            self._on_refused("role")
-            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message)
-        gated = _as(principal, handler, self._on_refused)
+            refusal = self._refusal(principal, method, why)
+            if refusal is not None:
+                return _refusing(handler, refusal.code, refusal.message)
+            assert principal is not None
+            gated = _as(lambda _: principal, handler, self._on_refused)
         if len(self._handlers) < self.CACHED:
             self._handlers[(token, method)] = gated
         return gated
@@ -221,7 +276,7 @@ def reload_on_sighup(
         log.info(
             "SIGHUP: access file %s reloaded: %d principals",
             security.access,
-            len(access.by_token_sha256),
+            access.principals,
         )
 
     try:
@@ -295,11 +350,18 @@ class ServerSecurity:
         if self.access is None:
             return None
         try:
-            return parse_access(self.access.read_text())
+            access = parse_access(self.access.read_text())
         except OSError as exc:
             raise ServerSecurityError(f"--access {self.access}: {exc.strerror}") from None
         except AccessFileError as exc:
             raise ServerSecurityError(f"--access {self.access}: {exc}") from None
+        if access.by_cert_name and self.tls_client_ca is None:
+            who = sorted({p.name for p in access.by_cert_name.values()})[0]
+            raise ServerSecurityError(
+                f"--access {self.access}: {who} is known by its client certificate "
+                "(cert_names): that needs --tls-client-ca (mutual TLS)"
+            )
+        return access
 
     def check(self) -> None:
         """Read every file now: raise ServerSecurityError naming the flag of a bad one."""

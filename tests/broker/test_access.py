@@ -20,7 +20,7 @@ from agentcg.access import Role, new_token, principal_entry
 from agentcg.broker.store import Store
 from agentcg.channels import ClientSecurity
 from agentcg.clients.cluster import LocalCluster, scrape_metric
-from agentcg.clients.pki import Pki, make_pki
+from agentcg.clients.pki import Pki, make_client_cert, make_pki
 from agentcg.clients.sdk import Client
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import (
@@ -270,6 +270,89 @@ def test_whoami_tells_each_caller_who_it_is_taken_for(broker: LocalCluster, pki:
     assert out.returncode == 0, out.stderr
     node = json.loads(out.stdout)
     assert (node["name"], node["role"], node["nodes"]) == ("node", "node", [NODE_ID])
+
+
+def test_a_client_certificate_is_a_principal_without_a_token(
+    tmp_path: Path, pki: Pki, database_url: str
+) -> None:
+    """Under mutual TLS a principal may be known by its certificate's names (cert_names): a
+    SPIFFE id for an admin, a DNS name for a node. A certificate the file does not name gets
+    UNAUTHENTICATED; a token, when sent, decides over the certificate."""
+    ops_cert = make_client_cert(pki, "ops", ["URI:spiffe://example.org/ops"])
+    host_cert = make_client_cert(pki, "host-17", ["DNS:host-17.nodes.example"])
+    access = tmp_path / "access.toml"
+    access.write_text(
+        principal_entry(
+            "ops", "", Role.ADMIN, tenants=["*"], cert_names=["spiffe://example.org/ops"]
+        )
+        # The node's entry as `agentcg access cert` prints it.
+        + subprocess.run(
+            [sys.executable, "-m", "agentcg.clients.cli", "access", "cert", "host-17"]
+            + ["--role", "node", "--cert-name", "host-17.nodes.example"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        + principal_entry("client-a", TOKENS["client-a"], Role.CLIENT, tenants=["org-a"])
+    )
+
+    def by_cert(cert: tuple[Path, Path], token: str = "") -> ClientSecurity:
+        return ClientSecurity(token=token, ca=pki.ca, cert=cert[0], key=cert[1])
+
+    flags = server_flags(pki, access)
+    with LocalCluster(tmp_path / "w", nodes=0, broker_args=flags, database_url=database_url) as c:
+        with Client(c.broker_address, security=by_cert(ops_cert)) as ops:
+            me = ops.whoami()
+            assert (me.name, me.role, me.tenants) == ("ops", "admin", ("*",))
+            ops.set_tenant("org-a", 1 << 30)
+        # The node agent's certificate is its identity: it registers as itself, not another.
+        with SimNode(c.broker_address, "host-17", security=by_cert(host_cert)):
+            with Client(c.broker_address, security=by_cert(ops_cert)) as ops:
+                assert [n.node_id for n in ops.list_nodes()] == ["host-17"]
+        with Client(c.broker_address, security=by_cert(host_cert)) as host:
+            with pytest.raises(PermissionDeniedError, match="host-17 .*may not call .*SetTenant"):
+                host.set_tenant("org-b", 1 << 30)
+        creds = by_cert(host_cert).credentials()
+        register = broker_pb2.RegisterNodeRequest(
+            node_id="host-18",
+            address="127.0.0.1:1",
+            capacity=types_pb2.Resources(memory_bytes=1 << 30),
+        )
+        with grpc.secure_channel(c.broker_address, creds) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                broker_pb2_grpc.NodeGatewayStub(ch).RegisterNode(register, timeout=5)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "may not act as node 'host-18'" in err.value.details()
+        # A verified certificate the file does not name: nobody.
+        with Client(c.broker_address, security=security(pki)) as stranger:
+            with pytest.raises(
+                UnauthenticatedError, match=r"client certificate's names \['client'\]"
+            ):
+                stranger.list_tenants()
+        # A token decides over the certificate.
+        with Client(c.broker_address, security=by_cert(ops_cert, TOKENS["client-a"])) as a:
+            assert a.whoami().name == "client-a"
+            with pytest.raises(PermissionDeniedError, match="may not call .*SetTenant"):
+                a.set_tenant("team-a1", 1 << 20, parent="org-a")
+        with Client(c.broker_address, security=by_cert(ops_cert)) as ops:
+            assert [t.name for t in ops.list_tenants()] == ["org-a"]  # untouched
+        assert c.procs["broker"].poll() is None
+
+
+def test_certificate_principals_need_mutual_tls(tmp_path: Path, pki: Pki) -> None:
+    access = tmp_path / "access.toml"
+    access.write_text(principal_entry("ops", "", Role.ADMIN, tenants=["*"], cert_names=["ops"]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentcg.clients.cli", "broker", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "b"), "--access", str(access),
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "ops is known by its client certificate (cert_names)" in proc.stderr
+    assert "--tls-client-ca" in proc.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_whoami_on_a_broker_without_an_access_file(tmp_path: Path) -> None:
