@@ -37,6 +37,7 @@ from .journal import Journal
 from .ledger import Ledger
 from .metrics import BrokerMetrics
 from .service import (
+    AuditLogServicer,
     BrokerCore,
     BrokerServicer,
     NodeAdminServicer,
@@ -349,6 +350,7 @@ async def _serve(
     broker_pb2_grpc.add_TenantAdminServicer_to_server(TenantAdminServicer(core), server)
     broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)
     broker_pb2_grpc.add_NodeAdminServicer_to_server(NodeAdminServicer(core), server)
+    broker_pb2_grpc.add_AuditLogServicer_to_server(AuditLogServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     ours = [d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()]

@@ -66,6 +66,7 @@ from .sizing import size_budget
 from .store import Store, StoreError, StoreFenced
 
 __all__ = [
+    "AuditLogServicer",
     "BrokerCore",
     "BrokerServicer",
     "NodeAdminServicer",
@@ -83,6 +84,8 @@ MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
 PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
 MAX_CORDON_REASON = 256  # characters
+AUDIT_PAGE = 100  # entries per ListAudit page by default
+MAX_AUDIT_PAGE = 1000
 
 _OUTCOME_TO_MODEL = {
     types_pb2.OUTCOME_UNSPECIFIED: Outcome.UNKNOWN,
@@ -216,9 +219,8 @@ def fill_lease_pb(pb: types_pb2.Lease, lease: Lease, node: Node | None) -> types
 
 def _audit(kind: str, lease: Lease | None = None, **detail: object) -> Audit:
     """An audit entry; ``by`` names the principal whose call made it (with an access file)."""
-    caller = current_principal()
-    if caller is not OPEN:
-        detail["by"] = caller.name
+    if by := _caller_name():
+        detail["by"] = by
     return Audit(
         AuditEntry(
             at_ms=now_ms(),
@@ -254,6 +256,7 @@ class ReserveAsk:
     idempotency_key: str
     queue_timeout_ms: int
     session_max_memory_bytes: int = 0
+    by: str = ""  # the principal asking (an access file; its grant's audit entry names it)
 
 
 def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> ReserveAsk:
@@ -287,7 +290,14 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> Reser
         idempotency_key=request.idempotency_key,
         queue_timeout_ms=queue_ms,
         session_max_memory_bytes=session_max,
+        by=_caller_name(),
     )
+
+
+def _caller_name() -> str:
+    """The calling principal's name for audit entries; "" without an access file."""
+    caller = current_principal()
+    return "" if caller is OPEN else caller.name
 
 
 def _denial_pb(d: Deny, last_peak_bytes: int = 0) -> broker_pb2.Denial:
@@ -509,7 +519,8 @@ class BrokerCore:
                 lease_id=lease.lease_id,
                 node_id=lease.node_id,
                 detail=(
-                    f'{{"intent_bytes": {ask.memory_bytes}, "memory_bytes": {lease.memory_bytes}}}'
+                    f'{{"intent_bytes": {ask.memory_bytes}, "memory_bytes": {lease.memory_bytes}'
+                    + (f', "by": {json.dumps(ask.by)}}}' if ask.by else "}")
                 ),
             )
         )
@@ -552,7 +563,9 @@ class BrokerCore:
         )
 
     @staticmethod
-    def end_changes(ended: Lease, kind: str, peak_bytes: int) -> list[Change]:
+    def end_changes(ended: Lease, kind: str, peak_bytes: int, by: str = "") -> list[Change]:
+        """The changes that end a lease (``by``: the principal whose call ended it)."""
+        named = f', "by": {json.dumps(by)}' if by else ""
         return [
             PutLease(ended),
             Audit(
@@ -562,16 +575,25 @@ class BrokerCore:
                     tenant=ended.tenant,
                     lease_id=ended.lease_id,
                     node_id=ended.node_id,
-                    detail=f'{{"outcome": "{ended.outcome.value}", "peak_bytes": {peak_bytes}}}',
+                    detail=(
+                        f'{{"outcome": "{ended.outcome.value}", "peak_bytes": {peak_bytes}{named}}}'
+                    ),
                 )
             ),
         ]
 
     async def end_lease(
-        self, lease: Lease, state: LeaseState, *, peak_bytes: int, outcome: Outcome, kind: str
+        self,
+        lease: Lease,
+        state: LeaseState,
+        *,
+        peak_bytes: int,
+        outcome: Outcome,
+        kind: str,
+        by: str = "",
     ) -> Lease:
         ended = self.ended(lease, state, now_ms(), peak_bytes=peak_bytes, outcome=outcome)
-        await self.commit(self.end_changes(ended, kind, peak_bytes))
+        await self.commit(self.end_changes(ended, kind, peak_bytes, by))
         if state is LeaseState.EXPIRED:
             self.metrics.lease_expiries.inc()
         elif state is LeaseState.RELEASED:
@@ -1195,6 +1217,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         ],
     ) -> broker_pb2.ReleaseBatchResponse:
         core = self.core
+        by = _caller_name()
         for i, r in enumerate(request.requests):
             _non_negative(f"requests[{i}].peak_memory_bytes", r.peak_memory_bytes)
             if r.outcome not in _OUTCOME_TO_MODEL:
@@ -1221,7 +1244,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 peak_bytes=r.peak_memory_bytes,
                 outcome=_OUTCOME_TO_MODEL[r.outcome],
             )
-            changes.extend(core.end_changes(ended, "release", r.peak_memory_bytes))
+            changes.extend(core.end_changes(ended, "release", r.peak_memory_bytes, by))
             out.append(ended)
             released += 1
         if changes:
@@ -1252,6 +1275,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 peak_bytes=request.peak_memory_bytes,
                 outcome=_OUTCOME_TO_MODEL[request.outcome],
                 kind="release",
+                by=_caller_name(),
             )
         return broker_pb2.ReleaseResponse(lease=self.core.lease_pb(lease))
 
@@ -1620,6 +1644,88 @@ class NodeAdminServicer(broker_pb2_grpc.NodeAdminServicer):
         self.core.kick()  # queued asks may fit there
         log.info("node %s uncordoned: taking new leases again", node.node_id)
         return self._status_pb(back)
+
+
+def _audit_pb(entry_id: int, e: AuditEntry) -> broker_pb2.AuditEntry:
+    by = ""
+    if '"by"' in e.detail:
+        with contextlib.suppress(ValueError):
+            detail = json.loads(e.detail)
+            by = str(detail.get("by", "")) if isinstance(detail, dict) else ""
+    return broker_pb2.AuditEntry(
+        id=entry_id,
+        at_ms=e.at_ms,
+        kind=e.kind,
+        tenant=e.tenant,
+        lease_id=e.lease_id,
+        node_id=e.node_id,
+        detail_json=e.detail,
+        by=by,
+    )
+
+
+class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
+    """The audit trail, read from the database (on its read thread), newest first."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    def _subtrees(self, roots: Iterable[str]) -> list[str]:
+        """The tenants ``roots`` and every tenant below them (a root the ledger does not know,
+        a deleted tenant, stands for itself)."""
+        below: dict[str, list[str]] = {}
+        for t in self.core.ledger.tenants.values():
+            if t.parent is not None:
+                below.setdefault(t.parent, []).append(t.name)
+        out: set[str] = set()
+        todo = list(roots)
+        while todo:
+            name = todo.pop()
+            if name not in out:
+                out.add(name)
+                todo.extend(below.get(name, ()))
+        return sorted(out)
+
+    @_rpc
+    async def ListAudit(
+        self,
+        request: broker_pb2.ListAuditRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListAuditRequest, broker_pb2.ListAuditResponse
+        ],
+    ) -> broker_pb2.ListAuditResponse:
+        tenant = _name("tenant", request.tenant, allow_empty=True, remember=False)
+        node_id = _name("node_id", request.node_id, allow_empty=True, remember=False)
+        lease_id = _name("lease_id", request.lease_id, allow_empty=True, remember=False)
+        kind = _name("kind", request.kind, allow_empty=True, remember=False)
+        since_ms = _non_negative("since_ms", request.since_ms)
+        before_id = _non_negative("before_id", request.before_id)
+        limit = _non_negative("limit", request.limit) or AUDIT_PAGE
+        if limit > MAX_AUDIT_PAGE:
+            raise InvalidArgumentError("limit", f"must be <= {MAX_AUDIT_PAGE} (got {limit})")
+        caller = current_principal()
+        tenants: list[str] | None = None  # any tenant, and entries of none
+        if tenant:
+            authorize_tenant(self.core.ledger, tenant)
+            tenants = self._subtrees([tenant])
+        elif ANY not in caller.tenants:  # its subtrees only: no node's or other tenant's entry
+            tenants = self._subtrees(caller.tenants)
+        store = self.core.store
+        rows = await self.core.journal.run_in_db(
+            lambda: store.list_audit(
+                tenants=tenants,
+                node_id=node_id,
+                lease_id=lease_id,
+                kind=kind,
+                since_ms=since_ms,
+                before_id=before_id,
+                limit=limit,
+            )
+        )
+        return broker_pb2.ListAuditResponse(
+            entries=[_audit_pb(i, e) for i, e in rows],
+            next_before_id=rows[-1][0] if len(rows) == limit else 0,
+        )
 
 
 def _authorize_node(node_id: str) -> None:

@@ -984,6 +984,37 @@ class Store:
         with _translated("read audit", self._shown_url), Session(self._engine) as session:
             return [_audit_entry(r) for r in reversed(session.scalars(query).all())]
 
+    def list_audit(
+        self,
+        *,
+        tenants: Sequence[str] | None = None,
+        node_id: str = "",
+        lease_id: str = "",
+        kind: str = "",
+        since_ms: int = 0,
+        before_id: int = 0,
+        limit: int = 100,
+    ) -> list[tuple[int, AuditEntry]]:
+        """Audit entries, newest first, with their ids: of ``tenants`` (None: any tenant or
+        none), a node, a lease, a kind, at or after ``since_ms``, with an id below
+        ``before_id`` (0: from the newest), at most ``limit``."""
+        query = select(AuditRow)
+        if tenants is not None:
+            query = query.where(AuditRow.tenant.in_(tenants))
+        if node_id:
+            query = query.where(AuditRow.node_id == node_id)
+        if lease_id:
+            query = query.where(AuditRow.lease_id == lease_id)
+        if kind:
+            query = query.where(AuditRow.kind == kind)
+        if since_ms:
+            query = query.where(AuditRow.at_ms >= since_ms)
+        if before_id:
+            query = query.where(AuditRow.id < before_id)
+        query = query.order_by(AuditRow.id.desc()).limit(limit)
+        with _translated("read audit", self._shown_url), Session(self._engine) as session:
+            return [(r.id, _audit_entry(r)) for r in session.scalars(query).all()]
+
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.stop()

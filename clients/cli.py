@@ -22,7 +22,7 @@ from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .sdk import AsyncClient, NodeCalls, NodeInfo, RunResult, TenantInfo
+from .sdk import AsyncClient, AuditRecord, NodeCalls, NodeInfo, RunResult, TenantInfo
 
 __all__ = ["app", "main"]
 
@@ -628,6 +628,73 @@ def nodes_drain(
         console.print(f"node {n.node_id} drained: no active lease")
     else:
         progress(n)
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+
+def _audit_table(records: Iterable[AuditRecord]) -> Table:
+    table = Table("id", "time (UTC)", "kind", "tenant", "lease", "node", "by", "detail")
+    for r in records:
+        detail = {k: v for k, v in r.detail.items() if k != "by"}
+        table.add_row(
+            str(r.id),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.at_ms / 1000))
+            + f".{r.at_ms % 1000:03d}",
+            r.kind,
+            r.tenant or "-",
+            r.lease_id[:12] or "-",
+            r.node_id or "-",
+            r.by or "-",
+            json.dumps(detail, sort_keys=True) if detail else "-",
+        )
+    return table
+
+
+@app.command()
+def audit(
+    tenant: Annotated[str, typer.Option(help="this tenant and its subtree")] = "",
+    node: Annotated[str, typer.Option(help="entries about this node")] = "",
+    lease: Annotated[str, typer.Option(help="entries about this lease")] = "",
+    kind: Annotated[
+        str, typer.Option(help="reserve, grow, release, expire, preempt, drain, tenant_set, ...")
+    ] = "",
+    since_s: Annotated[
+        float, typer.Option("--since-s", min=0.0, help="only the last this many seconds")
+    ] = 0.0,
+    limit: Annotated[int, typer.Option(min=1, help="entries at most (newest first)")] = 100,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """The broker's audit trail, newest first: decisions and administrative changes, and who
+    made them (admin; the tenants in its scope)."""
+    since_ms = int((time.time() - since_s) * 1000) if since_s else 0
+
+    async def read(c: AsyncClient) -> list[AuditRecord]:
+        out: list[AuditRecord] = []
+        before = 0
+        while len(out) < limit:
+            page = await c.list_audit(
+                tenant=tenant,
+                node_id=node,
+                lease_id=lease,
+                kind=kind,
+                since_ms=since_ms,
+                before_id=before,
+                limit=min(1000, limit - len(out)),
+            )
+            out.extend(page.records)
+            before = page.next_before_id
+            if not before:
+                break
+        return out
+
+    records = _client_call(broker, read)
+    if json_out:
+        for r in records:
+            print(json.dumps(dataclasses.asdict(r), sort_keys=True))
+        return
+    console.print(_audit_table(records))
 
 
 # -- top --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import time
 import uuid
@@ -27,6 +28,8 @@ __all__ = [
     "OUTCOMES",
     "Action",
     "AsyncClient",
+    "AuditPage",
+    "AuditRecord",
     "CallStatus",
     "Client",
     "ClientSecurity",
@@ -193,6 +196,43 @@ class TenantInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One entry of the broker's audit trail (``list_audit``)."""
+
+    id: int
+    at_ms: int
+    kind: str
+    tenant: str
+    lease_id: str
+    node_id: str
+    detail: dict[str, Any]
+    by: str  # the principal whose call made it; "": the broker's own decision, or no access file
+
+    @classmethod
+    def from_pb(cls, pb: broker_pb2.AuditEntry) -> AuditRecord:
+        try:
+            detail = json.loads(pb.detail_json) if pb.detail_json else {}
+        except ValueError:
+            detail = {"text": pb.detail_json}
+        return cls(
+            pb.id,
+            pb.at_ms,
+            pb.kind,
+            pb.tenant,
+            pb.lease_id,
+            pb.node_id,
+            detail if isinstance(detail, dict) else {"value": detail},
+            pb.by,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    records: tuple[AuditRecord, ...]  # newest first
+    next_before_id: int  # pass as before_id for the next (older) page; 0: no more
+
+
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     """A registered node as the broker sees it (``list_nodes``)."""
 
@@ -313,6 +353,7 @@ class AsyncClient:
         self._broker = broker_pb2_grpc.BrokerStub(self._channel)
         self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
         self._node_admin = broker_pb2_grpc.NodeAdminStub(self._channel)
+        self._audit = broker_pb2_grpc.AuditLogStub(self._channel)
         self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
         self._timeout_s = timeout_s
 
@@ -523,6 +564,38 @@ class AsyncClient:
                 broker_pb2.DeleteTenantRequest(name=name), timeout=self._timeout_s
             )
         )
+
+    # -- the audit trail -----------------------------------------------------------------------
+
+    async def list_audit(
+        self,
+        *,
+        tenant: str = "",
+        node_id: str = "",
+        lease_id: str = "",
+        kind: str = "",
+        since_ms: int = 0,
+        before_id: int = 0,
+        limit: int = 0,
+    ) -> AuditPage:
+        """Audit entries, newest first: of ``tenant`` and its subtree, a node, a lease, a
+        kind, since a time (unix ms); ``before_id`` (an earlier page's ``next_before_id``) for
+        older ones; ``limit`` 0: 100, at most 1,000."""
+        reply = await self._call(
+            self._audit.ListAudit(
+                broker_pb2.ListAuditRequest(
+                    tenant=tenant,
+                    node_id=node_id,
+                    lease_id=lease_id,
+                    kind=kind,
+                    since_ms=since_ms,
+                    before_id=before_id,
+                    limit=limit,
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return AuditPage(tuple(AuditRecord.from_pb(e) for e in reply.entries), reply.next_before_id)
 
     # -- nodes (operating them) ---------------------------------------------------------------
 

@@ -107,6 +107,8 @@ ROLE_METHODS: Mapping[Role, frozenset[str]] = {
         "/agentcg.v1.NodeAdmin/GetNode",
         "/agentcg.v1.NodeAdmin/CordonNode",
         "/agentcg.v1.NodeAdmin/UncordonNode",
+        # The audit trail of the tenants in its scope (the servicer filters).
+        "/agentcg.v1.AuditLog/ListAudit",
     },
     Role.NODE: frozenset(
         {

@@ -37,6 +37,7 @@ RESENT = {
     ),
     "agentcg.v1.TenantAdmin": ("SetTenant", "GetTenant", "ListTenants"),
     "agentcg.v1.NodeAdmin": ("ListNodes", "GetNode", "CordonNode", "UncordonNode"),
+    "agentcg.v1.AuditLog": ("ListAudit",),
 }
 RESEND_POLICY = {
     "maxAttempts": 5,  # gRPC's cap

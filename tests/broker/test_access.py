@@ -160,6 +160,31 @@ def test_only_an_admin_of_every_tenant_cordons_a_node(
     ]
 
 
+def test_the_audit_trail_shows_an_admin_its_own_scope(broker: LocalCluster, pki: Pki) -> None:
+    with (
+        Client(broker.broker_address, security=security(pki, "client-a")) as client,
+        Client(broker.broker_address, security=security(pki, "admin-a")) as admin,
+        Client(broker.broker_address, security=security(pki, "root")) as root,
+    ):
+        root.set_tenant("team-a1", 64 * MiB, parent="org-a")
+        admin.set_tenant("team-a2", 64 * MiB, parent="org-a")
+        client.release(client.reserve("team-a2", MiB).lease_id)
+        with pytest.raises(PermissionDeniedError, match="may not call .*ListAudit"):
+            client.list_audit()
+        seen = admin.list_audit(limit=1000).records
+        assert {r.tenant for r in seen} == {"org-a", "team-a1", "team-a2"}  # no org-b, no node
+        by = {(r.kind, r.tenant): r.by for r in seen}
+        assert by[("tenant_set", "team-a1")] == "root"
+        assert by[("tenant_set", "team-a2")] == "admin-a"
+        assert by[("reserve", "team-a2")] == "client-a"
+        assert by[("release", "team-a2")] == "client-a"
+        with pytest.raises(PermissionDeniedError, match="admin-a: tenant 'org-b'"):
+            admin.list_audit(tenant="org-b")
+        everything = root.list_audit(limit=1000).records
+        assert {"org-b", "team-b1"} <= {r.tenant for r in everything}
+        assert ("node_register", NODE_ID) in {(r.kind, r.node_id) for r in everything}
+
+
 def test_a_client_reserves_only_in_its_scope(broker: LocalCluster, pki: Pki) -> None:
     with (
         Client(broker.broker_address, security=security(pki, "client-a")) as a,

@@ -869,6 +869,87 @@ class NodeAdmin:
             _registered_method=True)
 
 
+class AuditLogStub:
+    """The audit trail: every decision and every administrative change, newest first. Admin role;
+    an admin sees the entries of the tenants in its scope, and those of no tenant (nodes
+    registering, cordons) only with the "*" scope.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAudit = channel.unary_unary(
+                '/agentcg.v1.AuditLog/ListAudit',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+
+
+class AuditLogServicer:
+    """The audit trail: every decision and every administrative change, newest first. Admin role;
+    an admin sees the entries of the tenants in its scope, and those of no tenant (nodes
+    registering, cordons) only with the "*" scope.
+    """
+
+    def ListAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditLogServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ListAuditRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ListAuditResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentcg.v1.AuditLog', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentcg.v1.AuditLog', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditLog:
+    """The audit trail: every decision and every administrative change, newest first. Admin role;
+    an admin sees the entries of the tenants in its scope, and those of no tenant (nodes
+    registering, cordons) only with the "*" scope.
+    """
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.AuditLog/ListAudit',
+            agentcg_dot_v1_dot_broker__pb2.ListAuditRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeGatewayStub:
     """Missing associated documentation comment in .proto file."""
 

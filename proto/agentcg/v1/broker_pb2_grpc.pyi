@@ -281,6 +281,43 @@ class NodeAdminServicer(metaclass=_abc_1.ABCMeta):
 
 def add_NodeAdminServicer_to_server(servicer: NodeAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class AuditLogStub:
+    """The audit trail: every decision and every administrative change, newest first. Admin role;
+    an admin sees the entries of the tenants in its scope, and those of no tenant (nodes
+    registering, cordons) only with the "*" scope.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditLogAsyncStub: ...
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListAuditRequest, _broker_pb2.ListAuditResponse]
+
+@_typing.type_check_only
+class AuditLogAsyncStub(AuditLogStub):
+    """The audit trail: every decision and every administrative change, newest first. Admin role;
+    an admin sees the entries of the tenants in its scope, and those of no tenant (nodes
+    registering, cordons) only with the "*" scope.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListAudit: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListAuditRequest, _broker_pb2.ListAuditResponse]  # type: ignore[assignment]
+
+class AuditLogServicer(metaclass=_abc_1.ABCMeta):
+    """The audit trail: every decision and every administrative change, newest first. Admin role;
+    an admin sees the entries of the tenants in its scope, and those of no tenant (nodes
+    registering, cordons) only with the "*" scope.
+    """
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _broker_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListAuditResponse, _abc.Awaitable[_broker_pb2.ListAuditResponse]]: ...
+
+def add_AuditLogServicer_to_server(servicer: AuditLogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class NodeGatewayStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
