@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 OUTCOMES = {
     types_pb2.OUTCOME_UNSPECIFIED: "",
@@ -339,23 +341,84 @@ def _keyed(request: broker_pb2.ReserveRequest) -> broker_pb2.ReserveRequest:
     return keyed
 
 
+@dataclass(frozen=True, slots=True)
+class _BrokerStubs:
+    channel: grpc.aio.Channel
+    broker: broker_pb2_grpc.BrokerAsyncStub
+    admin: broker_pb2_grpc.TenantAdminAsyncStub
+    node_admin: broker_pb2_grpc.NodeAdminAsyncStub
+    audit: broker_pb2_grpc.AuditLogAsyncStub
+
+
 class AsyncClient:
     """One channel to the broker, plus a channel per node address used by ``run``.
 
     ``security`` (TLS files, a bearer token; default plaintext, no token) applies to the broker
-    and to the nodes alike; ``ClientSecurity.from_env()`` reads it from AGENTCG_* variables."""
+    and to the nodes alike; ``ClientSecurity.from_env()`` reads it from AGENTCG_* variables.
+    When its files change (a renewed client certificate, a rotated token file; looked at, at
+    most once every ``ROTATION_CHECK_S``), the next call makes the channels anew with them;
+    calls in flight finish on the old ones (closed after up to ``RETIRED_GRACE_S``)."""
+
+    ROTATION_CHECK_S = 1.0
+    RETIRED_GRACE_S = 3600.0
 
     def __init__(
         self, broker: str, *, timeout_s: float = 10.0, security: ClientSecurity | None = None
     ) -> None:
         self._security = security or ClientSecurity()
-        self._channel = self._security.aio_channel(broker, options=broker_channel_options(broker))
-        self._broker = broker_pb2_grpc.BrokerStub(self._channel)
-        self._admin = broker_pb2_grpc.TenantAdminStub(self._channel)
-        self._node_admin = broker_pb2_grpc.NodeAdminStub(self._channel)
-        self._audit = broker_pb2_grpc.AuditLogStub(self._channel)
+        self._target = broker
         self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         self._timeout_s = timeout_s
+        self._files = self._security.files_version()
+        self._checked_at = time.monotonic()
+        self._stubs = self._open()
+
+    def _open(self) -> _BrokerStubs:
+        ch = self._security.aio_channel(self._target, options=broker_channel_options(self._target))
+        return _BrokerStubs(
+            ch,
+            broker_pb2_grpc.BrokerStub(ch),
+            broker_pb2_grpc.TenantAdminStub(ch),
+            broker_pb2_grpc.NodeAdminStub(ch),
+            broker_pb2_grpc.AuditLogStub(ch),
+        )
+
+    def _current(self) -> _BrokerStubs:
+        """The broker's stubs, made anew if the credential files changed."""
+        now = time.monotonic()
+        if now - self._checked_at >= self.ROTATION_CHECK_S:
+            self._checked_at = now
+            files = self._security.files_version()
+            if files != self._files:
+                try:
+                    fresh = self._open()
+                except (OSError, ValueError) as exc:  # caught mid-rename: the next check
+                    log.warning("credential files changed but cannot be read yet: %s", exc)
+                    return self._stubs
+                retired = [self._stubs.channel, *(ch for ch, _ in self._nodes.values())]
+                self._files, self._stubs, self._nodes = files, fresh, {}
+                for ch in retired:
+                    task = asyncio.ensure_future(ch.close(self.RETIRED_GRACE_S))
+                    self._retiring.add(task)
+                    task.add_done_callback(self._retiring.discard)
+        return self._stubs
+
+    @property
+    def _broker(self) -> broker_pb2_grpc.BrokerAsyncStub:
+        return self._current().broker
+
+    @property
+    def _admin(self) -> broker_pb2_grpc.TenantAdminAsyncStub:
+        return self._current().admin
+
+    @property
+    def _node_admin(self) -> broker_pb2_grpc.NodeAdminAsyncStub:
+        return self._current().node_admin
+
+    @property
+    def _audit(self) -> broker_pb2_grpc.AuditLogAsyncStub:
+        return self._current().audit
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -367,7 +430,9 @@ class AsyncClient:
         for ch, _ in self._nodes.values():
             await ch.close()
         self._nodes.clear()
-        await self._channel.close()
+        await self._stubs.channel.close()
+        for task in list(self._retiring):
+            task.cancel()
 
     async def _call(self, call: Awaitable[T]) -> T:
         try:
@@ -660,6 +725,7 @@ class AsyncClient:
     # -- running a tool call ------------------------------------------------------------------
 
     def _node(self, address: str) -> node_pb2_grpc.NodeAgentAsyncStub:
+        self._current()  # credentials rotated: the node channels too
         if address not in self._nodes:
             ch = self._security.aio_channel(address)
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))

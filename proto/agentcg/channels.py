@@ -177,6 +177,17 @@ class ClientSecurity:
             return self.token
         return self.token_file.read_text().strip()
 
+    def files_version(self) -> tuple[int, ...]:
+        """When the files (token file, CA, certificate, key) last changed (-1: none there): a
+        client whose version changed makes its channels anew (a renewed certificate)."""
+        out: list[int] = []
+        for path in (self.token_file, self.ca, self.cert, self.key):
+            try:
+                out.append(path.stat().st_mtime_ns if path is not None else -1)
+            except OSError:
+                out.append(-1)
+        return tuple(out)
+
     @property
     def tls(self) -> bool:
         return self.ca is not None or self.cert is not None

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -363,6 +363,55 @@ def test_a_client_certificate_is_a_principal_without_a_token(
         with Client(c.broker_address, security=by_cert(ops_cert)) as ops:
             assert [t.name for t in ops.list_tenants()] == ["org-a"]  # untouched
         assert c.procs["broker"].poll() is None
+
+
+def test_a_long_lived_client_follows_its_rotated_files(tmp_path: Path, pki: Pki) -> None:
+    """One SDK client, its certificate and token files replaced under it (a renewal, a
+    rotation): its next calls present the new ones, no new client needed."""
+    first = make_client_cert(pki, "renewed-1", ["URI:spiffe://example.org/agent"])
+    second = make_client_cert(pki, "renewed-2", ["URI:spiffe://example.org/agent-v2"])
+    access = tmp_path / "access.toml"
+    access.write_text(
+        principal_entry(
+            "agent", "", Role.CLIENT, tenants=["*"], cert_names=["spiffe://example.org/agent"]
+        )
+        + principal_entry(
+            "agent-v2", "", Role.CLIENT, tenants=["*"], cert_names=["spiffe://example.org/agent-v2"]
+        )
+        + principal_entry("client-a", TOKENS["client-a"], Role.CLIENT, tenants=["org-a"])
+        + principal_entry("client-b", TOKENS["client-b"], Role.CLIENT, tenants=["org-b"])
+    )
+    cert, key, token = tmp_path / "me.pem", tmp_path / "me.key", tmp_path / "token"
+
+    def install(pem: Path, private: Path) -> None:
+        # As cert-manager or spiffe-helper do: a new file renamed over the old one.
+        for src, dst in ((pem, cert), (private, key)):
+            (tmp_path / "tmp").write_bytes(src.read_bytes())
+            (tmp_path / "tmp").replace(dst)
+
+    def rotated(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not check():
+            assert time.monotonic() < deadline, "the client kept its old credentials"
+            time.sleep(0.2)
+
+    install(*first)
+    flags = server_flags(pki, access)
+    with LocalCluster(tmp_path / "w", nodes=0, broker_args=flags) as c:
+        by_cert = ClientSecurity(ca=pki.ca, cert=cert, key=key)
+        with Client(c.broker_address, security=by_cert) as client:
+            assert client.whoami().name == "agent"
+            install(*second)
+            rotated(lambda: client.whoami().name == "agent-v2")
+        token.write_text(TOKENS["client-a"])
+        by_token = ClientSecurity(
+            ca=pki.ca, cert=pki.client_cert, key=pki.client_key, token_file=token
+        )
+        with Client(c.broker_address, security=by_token) as client:
+            assert client.whoami().name == "client-a"
+            (tmp_path / "tmp").write_text(TOKENS["client-b"])
+            (tmp_path / "tmp").replace(token)
+            rotated(lambda: client.whoami().name == "client-b")
 
 
 def test_certificate_principals_need_mutual_tls(tmp_path: Path, pki: Pki) -> None:
