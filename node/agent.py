@@ -810,8 +810,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             except Exception:
                 log.exception("lease check failed")
 
-    async def check_leases(self, now_unix_ms: int | None = None) -> None:
-        """One pass: refresh leases about to expire from the broker; stop expired/stale ones.
+    async def check_leases(self, now_unix_ms: int | None = None, *, every: bool = False) -> None:
+        """One pass: refresh leases about to expire (``every``: all of them) from the broker;
+        stop expired/stale ones.
 
         The broker is asked about every lease due at once, not one after another: a broker that
         is slow or taking over (each question waits up to its timeout) then delays the pass by
@@ -822,9 +823,17 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 continue
             now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
             held = lease_view(call.lease)
-            if isinstance(on_lease_tick(held, now, self.policy.lease_refresh_margin_ms), Refresh):
+            tick = on_lease_tick(held, now, self.policy.lease_refresh_margin_ms)
+            if every or isinstance(tick, Refresh):
                 due.append(self._refresh_lease(call, held, now_unix_ms))
         await asyncio.gather(*due)
+
+    async def on_uplink_connected(self) -> None:
+        """The stream to the broker (re)opened: what it pushed while the link was down (a
+        revocation by preemption or a drain, a renewal) is lost, so every lease is asked
+        about again."""
+        if self.calls:
+            await self.check_leases(every=True)
 
     async def _refresh_lease(self, call: Call, held: LeaseView, now_unix_ms: int | None) -> None:
         """Ask the broker about one lease and act on its answer, judged at the time it came."""

@@ -111,6 +111,10 @@ async def _run(
 
     agent: NodeAgent | None = None
 
+    async def on_connected() -> None:
+        if agent is not None:
+            await agent.on_uplink_connected()
+
     async def on_decision(d: broker_pb2.Decision) -> None:
         assert agent is not None
         await agent.on_decision(d)
@@ -125,6 +129,7 @@ async def _run(
         on_decision,
         lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
         on_lease=lambda lease: agent.on_lease_update(lease) if agent else None,
+        on_connected=on_connected,
         security=config.broker_security,
     )
     monitor = MemoryMonitor(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -31,6 +31,7 @@ class Uplink:
         heartbeat: Callable[[], broker_pb2.Heartbeat],
         *,
         on_lease: Callable[[types_pb2.Lease], None] | None = None,
+        on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
         buffer_size: int = 10_000,
         max_backoff_s: float = 5.0,
         security: ClientSecurity | None = None,
@@ -45,6 +46,11 @@ class Uplink:
         self._on_decision = on_decision
         self._heartbeat = heartbeat
         self._on_lease = on_lease
+        # Run after every (re)connection, beside the stream: decisions and lease updates sent
+        # while the link was down are lost, so the node checks what it holds again.
+        self._on_connected = on_connected
+        self._background: set[asyncio.Future[None]] = set()
+        self.connections = 0  # how many times the stream was opened
         self._buffer: collections.deque[broker_pb2.NodeMessage] = collections.deque()
         self._buffer_size = buffer_size
         self._ready = asyncio.Event()
@@ -118,7 +124,12 @@ class Uplink:
                 self.heartbeat_interval_s = max(0.1, reply.heartbeat_interval_ms / 1000)
                 stream = self._stream = self._gateway.Connect(self._outgoing())
                 self._connected.set()
+                self.connections += 1
                 log.info("uplink connected to broker as node %s", self._registration.node_id)
+                if self._on_connected is not None:
+                    check = asyncio.ensure_future(self._on_connected())
+                    self._background.add(check)
+                    check.add_done_callback(self._background.discard)
                 backoff = 0.1
                 async for msg in stream:
                     if msg.HasField("decision"):
@@ -145,6 +156,8 @@ class Uplink:
             if not self._buffer or not self.connected:
                 break
             await asyncio.sleep(0.01)
+        for check in list(self._background):
+            check.cancel()
         if self._task is not None:
             self._task.cancel()
             try:

@@ -55,9 +55,13 @@ def test_uplink_buffers_and_reconnects_when_the_broker_restarts(tmp_path: Path) 
     port = free_port()
     broker = start_broker(tmp_path, port)
     decisions: list[broker_pb2.Decision] = []
+    connected: list[float] = []
 
     async def on_decision(d: broker_pb2.Decision) -> None:
         decisions.append(d)
+
+    async def on_connected() -> None:
+        connected.append(time.monotonic())
 
     async def wait(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + 30
@@ -78,6 +82,7 @@ def test_uplink_buffers_and_reconnects_when_the_broker_restarts(tmp_path: Path) 
             lambda: broker_pb2.Heartbeat(dropped_events=uplink.dropped),
             buffer_size=5,
             max_backoff_s=0.5,
+            on_connected=on_connected,
         )
         await uplink.start()
         try:
@@ -91,6 +96,9 @@ def test_uplink_buffers_and_reconnects_when_the_broker_restarts(tmp_path: Path) 
             assert not uplink.connected
             broker = start_broker(tmp_path, port)
             await wait(lambda: uplink.connected, "reconnection")
+            # The node is told of each (re)connection: it checks its leases again then.
+            await wait(lambda: len(connected) == 2, "the callback of the reconnection")
+            assert uplink.connections == 2
             await wait(lambda: not uplink._buffer, "the buffer to drain to the broker")
             assert uplink.dropped == 3
         finally:

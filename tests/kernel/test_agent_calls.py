@@ -140,6 +140,38 @@ def test_lease_that_no_longer_holds_stops_its_call(
     assert driver.children() == []
 
 
+def test_a_reconnected_uplink_has_every_lease_checked(
+    driver: CgroupV1Driver, make_agent: MakeAgent
+) -> None:
+    """A lease revoked while the node's stream was down (a drain, a preemption: the decision
+    was lost) is far from its expiry, so the periodic pass does not ask about it; the check at
+    reconnection does, and stops the call. A lease still active is left alone."""
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    for lease_id in ("revoked", "fine"):
+        uplink.broker.leases[lease_id] = make_lease(lease_id, expires_in_ms=600_000)
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+        started = {i: asyncio.Event() for i in ("revoked", "fine")}
+        calls = {i: asyncio.create_task(run_call(agent, i, argv, e)) for i, e in started.items()}
+        for event in started.values():
+            await event.wait()
+        uplink.broker.leases["revoked"].state = types_pb2.LEASE_STATE_REVOKED
+        await agent.check_leases()  # nothing due: not asked, still running
+        assert sorted(agent.calls) == ["fine", "revoked"]
+        await agent.on_uplink_connected()
+        events = await asyncio.wait_for(calls["revoked"], 30)
+        assert events[-1].exited.outcome == types_pb2.OUTCOME_KILLED
+        assert list(agent.calls) == ["fine"]
+        agent.kill_all("test over")
+        await asyncio.wait_for(calls["fine"], 30)
+
+    asyncio.run(main())
+    assert driver.children() == []
+
+
 def test_renewed_lease_keeps_its_call(driver: CgroupV1Driver, make_agent: MakeAgent) -> None:
     uplink = StubUplink()
     agent = make_agent(uplink, None)
