@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import time
 import uuid
@@ -828,11 +829,15 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 due.append(self._refresh_lease(call, held, now_unix_ms))
         await asyncio.gather(*due)
 
+    RECHECK_SPREAD_S = 2.0
+
     async def on_uplink_connected(self) -> None:
         """The stream to the broker (re)opened: what it pushed while the link was down (a
         revocation by preemption or a drain, a renewal) is lost, so every lease is asked
-        about again."""
+        about again. After a random wait of up to RECHECK_SPREAD_S: after a failover every
+        node reconnects to the new leader at once, and their questions are spread out."""
         if self.calls:
+            await asyncio.sleep(random.uniform(0, self.RECHECK_SPREAD_S))
             await self.check_leases(every=True)
 
     async def _refresh_lease(self, call: Call, held: LeaseView, now_unix_ms: int | None) -> None:
