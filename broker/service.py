@@ -259,8 +259,9 @@ class ReserveAsk:
     by: str = ""  # the principal asking (an access file; its grant's audit entry names it)
 
 
-def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> ReserveAsk:
-    """Validate a ReserveRequest; errors name the field (``prefix`` + field name)."""
+def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "", by: str = "") -> ReserveAsk:
+    """Validate a ReserveRequest; errors name the field (``prefix`` + field name). ``by``: the
+    principal asking (read once per RPC, not per item of a batch)."""
     tenant = TenantName(_name(prefix + "tenant", request.tenant))
     session = SessionName(_name(prefix + "session", request.session or "default"))
     command_class = _name(prefix + "command_class", request.command_class or "default")
@@ -290,7 +291,7 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "") -> Reser
         idempotency_key=request.idempotency_key,
         queue_timeout_ms=queue_ms,
         session_max_memory_bytes=session_max,
-        by=_caller_name(),
+        by=by,
     )
 
 
@@ -1062,7 +1063,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.ReserveRequest
     ) -> tuple[broker_pb2.ReserveResponse, ReserveOutcome]:
         core = self.core
-        ask = parse_reserve(request)  # validate
+        ask = parse_reserve(request, by=_caller_name())  # validate
         authorize_tenant(core.ledger, ask.tenant)
         if ask.tenant not in core.ledger.tenants:
             raise NotFoundError("tenant", ask.tenant, field="tenant")
@@ -1154,7 +1155,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.ReserveBatchResponse:
         core = self.core
         ledger = core.ledger
-        asks = [parse_reserve(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+        by = _caller_name()
+        asks = [parse_reserve(r, f"requests[{i}].", by) for i, r in enumerate(request.requests)]
         for i, ask in enumerate(asks):
             authorize_tenant(ledger, ask.tenant, f"requests[{i}].tenant")
             if ask.tenant not in ledger.tenants:

@@ -8,9 +8,12 @@ AGENTCG_REQUIRE_KERNEL=1 (set by `make test` in CI), where it fails instead.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from agentcg.clients.pki import Pki, make_pki
 
 REQUIRE_KERNEL = os.environ.get("AGENTCG_REQUIRE_KERNEL") == "1"
 
@@ -32,6 +35,21 @@ def _own_v1_memcg() -> Path | None:
         if "memory" in controllers.split(","):
             return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
     return None
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA with server and client certificates (the access tests)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def wait_until(predicate: Callable[[], object], what: str, *, timeout_s: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")

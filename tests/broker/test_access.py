@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,11 +40,7 @@ from ..access_helpers import (
     security,
     server_flags,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+from ..conftest import wait_until
 
 
 @pytest.fixture
@@ -389,12 +385,6 @@ def test_a_long_lived_client_follows_its_rotated_files(tmp_path: Path, pki: Pki)
             (tmp_path / "tmp").write_bytes(src.read_bytes())
             (tmp_path / "tmp").replace(dst)
 
-    def rotated(check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 10
-        while not check():
-            assert time.monotonic() < deadline, "the client kept its old credentials"
-            time.sleep(0.2)
-
     install(*first)
     flags = server_flags(pki, access)
     with LocalCluster(tmp_path / "w", nodes=0, broker_args=flags) as c:
@@ -402,7 +392,7 @@ def test_a_long_lived_client_follows_its_rotated_files(tmp_path: Path, pki: Pki)
         with Client(c.broker_address, security=by_cert) as client:
             assert client.whoami().name == "agent"
             install(*second)
-            rotated(lambda: client.whoami().name == "agent-v2")
+            wait_until(lambda: client.whoami().name == "agent-v2", "the renewed certificate")
         token.write_text(TOKENS["client-a"])
         by_token = ClientSecurity(
             ca=pki.ca, cert=pki.client_cert, key=pki.client_key, token_file=token
@@ -411,7 +401,7 @@ def test_a_long_lived_client_follows_its_rotated_files(tmp_path: Path, pki: Pki)
             assert client.whoami().name == "client-a"
             (tmp_path / "tmp").write_text(TOKENS["client-b"])
             (tmp_path / "tmp").replace(token)
-            rotated(lambda: client.whoami().name == "client-b")
+            wait_until(lambda: client.whoami().name == "client-b", "the rotated token")
 
 
 def test_certificate_principals_need_mutual_tls(tmp_path: Path, pki: Pki) -> None:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from agentcg.clients.sdk import Client
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
 from agentcg.v1 import broker_pb2, types_pb2
+
+from ..conftest import wait_until
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -39,14 +41,6 @@ def cluster(tmp_path: Path, database_url: str) -> Iterator[tuple[LocalCluster, S
             SimNode(c.broker_address, "sim-b", memory_bytes=4 * GiB) as b,
         ):
             yield c, a, b
-
-
-def wait_for(what: str, check: Callable[[], object], timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def audit_kinds(url: str) -> list[str]:
@@ -120,7 +114,7 @@ def test_a_drain_revokes_what_still_runs_at_its_deadline(
             assert cl.get_lease(x.lease_id).state == "revoked"
         assert cl.get_tenant("t").granted_memory_bytes == 0
         # The node was told to stop each call, naming the drain.
-        wait_for("three preempt decisions", lambda: len(a.decisions) >= 3)
+        wait_until(lambda: len(a.decisions) >= 3, "three preempt decisions", timeout_s=15)
         assert {d.lease_id for d in a.decisions} == {x.lease_id for x in leases}
         assert all(d.kind == broker_pb2.DECISION_KIND_PREEMPT for d in a.decisions)
         assert all("drained" in d.reason for d in a.decisions)
@@ -142,9 +136,11 @@ def test_a_cordon_outlives_re_registration_and_a_broker_restart(
     c.stop("broker")
     address = c.start_broker()
     a.address = b.address = address  # the sim nodes connect and register again there
-    wait_for("both nodes back", lambda: a.connected.is_set() and b.connected.is_set())
+    wait_until(
+        lambda: a.connected.is_set() and b.connected.is_set(), "both nodes back", timeout_s=15
+    )
     with Client(address) as cl:
-        wait_for("sim-a registered again", lambda: cl.get_node("sim-a").connected)
+        wait_until(lambda: cl.get_node("sim-a").connected, "sim-a registered again", timeout_s=15)
         again = cl.get_node("sim-a")
         assert (again.cordoned, again.cordon_reason) == (True, "disk")
         assert again.drain_deadline_ms == deadline
@@ -164,7 +160,11 @@ def test_list_nodes_shows_heartbeats_and_bad_input_changes_nothing(
         )
     )
     with Client(c.broker_address) as cl:
-        wait_for("the heartbeat", lambda: cl.get_node("sim-a").used_memory_bytes == 300 * MiB)
+        wait_until(
+            lambda: cl.get_node("sim-a").used_memory_bytes == 300 * MiB,
+            "the heartbeat",
+            timeout_s=15,
+        )
         nodes = cl.list_nodes()
         assert [n.node_id for n in nodes] == ["sim-a", "sim-b"]
         sim_a = nodes[0]

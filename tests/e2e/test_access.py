@@ -17,7 +17,7 @@ import pytest
 from agentcg.access import Role, new_token, principal_entry
 from agentcg.channels import ClientSecurity
 from agentcg.clients.cluster import LocalCluster, scrape_metric
-from agentcg.clients.pki import Pki, make_pki
+from agentcg.clients.pki import Pki
 from agentcg.clients.sdk import Client
 from agentcg.errors import (
     UnauthenticatedError,
@@ -33,12 +33,6 @@ from ..access_helpers import (
     security,
     server_flags,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
 
 # -- a node agent behind the same gate ----------------------------------------------------------
 

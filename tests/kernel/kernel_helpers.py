@@ -11,6 +11,10 @@ from agentcg.node.cgroup import Cgroup
 from agentcg.node.monitor import EventKind, MemEvent
 from agentcg.node.spawn import GatedProcess
 
+from ..conftest import wait_until
+
+__all__ = ["wait_until"]  # the shared one, for the kernel tests that import it from here
+
 Spawn = Callable[[Cgroup, Sequence[str]], GatedProcess]
 
 
@@ -53,11 +57,3 @@ class EventLog:
                     )
                 self._cv.wait(left)
             return found
-
-
-def wait_until(predicate: Callable[[], bool], what: str, *, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.005)
