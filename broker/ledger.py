@@ -14,12 +14,14 @@ from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeAlias
 
 from .admission import NodeView, QuotaLevel, SessionClaim, SessionKey
 from .model import (
     Audit,
     Change,
     DeleteTenant,
+    ForgetPeaks,
     Lease,
     LeaseId,
     LeaseState,
@@ -35,7 +37,7 @@ from .model import (
 )
 from .sizing import WINDOW
 
-__all__ = ["Forget", "Ledger"]
+__all__ = ["Forget", "Ledger", "RestorePeaks", "Undo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,18 @@ class Forget:
     """Undo of a lease that was never durable: drop it from memory (never persisted)."""
 
     lease_id: LeaseId
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePeaks:
+    """Undo of a ``ForgetPeaks`` that was never durable: the peaks as they were (in memory)."""
+
+    tenant: TenantName
+    command_class: str
+    peaks: tuple[int, ...]
+
+
+Undo: TypeAlias = Change | Forget | RestorePeaks
 
 
 class Ledger:
@@ -93,6 +107,22 @@ class Ledger:
         """The names of the tenant and its ancestors, nearest first; ``[name]`` for a tenant
         this ledger does not know (a caller's scope is checked before the tenant is looked up)."""
         return [t.name for t in self.chain(TenantName(name))] or [name]
+
+    def subtree_names(self, roots: Iterable[str]) -> set[str]:
+        """The tenants ``roots`` and every tenant below them (a root this ledger does not
+        know, a deleted tenant, stands for itself)."""
+        below: dict[str, list[str]] = {}
+        for t in self.tenants.values():
+            if t.parent is not None:
+                below.setdefault(t.parent, []).append(t.name)
+        out: set[str] = set()
+        todo = list(roots)
+        while todo:
+            name = todo.pop()
+            if name not in out:
+                out.add(name)
+                todo.extend(below.get(name, ()))
+        return out
 
     def quota_levels(self, name: TenantName) -> list[QuotaLevel]:
         return [
@@ -270,9 +300,9 @@ class Ledger:
         for lease in leases:
             self._put_lease(lease)
 
-    def apply(self, changes: Sequence[Change | Forget]) -> list[Change | Forget]:
+    def apply(self, changes: Sequence[Undo]) -> list[Undo]:
         """Apply changes; return the changes that undo them (in the order to apply them)."""
-        undo: list[Change | Forget] = []
+        undo: list[Undo] = []
         for ch in changes:
             if isinstance(ch, PutTenant):
                 old = self.tenants.get(ch.tenant.name)
@@ -296,6 +326,14 @@ class Ledger:
                 if prev is not None:
                     self._drop_lease(prev)
                     undo.append(PutLease(prev))
+            elif isinstance(ch, ForgetPeaks):
+                key = (ch.tenant, ch.command_class)
+                undo.append(RestorePeaks(ch.tenant, ch.command_class, self.recent_peaks(*key)))
+                self.peaks.pop(key, None)
+            elif isinstance(ch, RestorePeaks):
+                since = self.peaks.pop((ch.tenant, ch.command_class), ())
+                for peak in (*ch.peaks, *since):  # with what was learned since
+                    self.observe_peak(ch.tenant, ch.command_class, peak)
             elif isinstance(ch, Audit | PruneHistory):
                 pass  # the database's history only: nothing live
         undo.reverse()

@@ -42,6 +42,7 @@ from .service import (
     BrokerServicer,
     NodeAdminServicer,
     NodeGatewayServicer,
+    SizingServicer,
     TenantAdminServicer,
 )
 from .store import Store
@@ -351,6 +352,7 @@ async def _serve(
     broker_pb2_grpc.add_NodeGatewayServicer_to_server(NodeGatewayServicer(core), server)
     broker_pb2_grpc.add_NodeAdminServicer_to_server(NodeAdminServicer(core), server)
     broker_pb2_grpc.add_AuditLogServicer_to_server(AuditLogServicer(core), server)
+    broker_pb2_grpc.add_SizingServicer_to_server(SizingServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     ours = [d.full_name for d in broker_pb2.DESCRIPTOR.services_by_name.values()]

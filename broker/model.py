@@ -15,6 +15,7 @@ __all__ = [
     "AuditEntry",
     "Change",
     "DeleteTenant",
+    "ForgetPeaks",
     "Lease",
     "LeaseId",
     "LeaseState",
@@ -146,4 +147,16 @@ class PruneHistory:
     limit: int
 
 
-Change: TypeAlias = PutTenant | DeleteTenant | PutNode | PutLease | Audit | PruneHistory
+@dataclass(frozen=True, slots=True)
+class ForgetPeaks:
+    """Drop what sizing learned of (tenant, command class): the peaks of leases that ended at
+    or before ``at_ms`` are not learned from again, after a restart either."""
+
+    tenant: TenantName
+    command_class: str
+    at_ms: int
+
+
+Change: TypeAlias = (
+    PutTenant | DeleteTenant | PutNode | PutLease | Audit | PruneHistory | ForgetPeaks
+)

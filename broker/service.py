@@ -41,13 +41,14 @@ from opentelemetry import trace
 from .admission import Deny, Grow, decide_growth, decide_reserve
 from .fairshare import Candidate, FairQueue, WaitingAsk, choose_victims
 from .journal import Journal
-from .ledger import Forget, Ledger
+from .ledger import Ledger, Undo
 from .metrics import BrokerMetrics, BrokerState, ReserveOutcome
 from .model import (
     Audit,
     AuditEntry,
     Change,
     DeleteTenant,
+    ForgetPeaks,
     Lease,
     LeaseId,
     LeaseState,
@@ -62,11 +63,12 @@ from .model import (
     Tenant,
     TenantName,
 )
-from .sizing import size_budget
+from .sizing import FLOOR_BYTES, MIN_SAMPLES, WINDOW, profile, size_budget
 from .store import Store, StoreError, StoreFenced
 
 __all__ = [
     "AuditLogServicer",
+    "SizingServicer",
     "BrokerCore",
     "BrokerServicer",
     "NodeAdminServicer",
@@ -157,6 +159,16 @@ def authorize_lease(ledger: Ledger, lease: Lease, *, read: bool = False) -> None
         )
     if not p.covers(ledger.chain_names(lease.tenant)):
         raise p.outside_scope(f"lease {lease.lease_id} (tenant {lease.tenant!r})")
+
+
+def tenants_in_view(ledger: Ledger, tenant: str) -> set[str] | None:
+    """The tenants a listing filtered by ``tenant`` ("": none) shows the caller: that tenant's
+    subtree (refused unless in scope), else its scope's subtrees; None: every tenant."""
+    if tenant:
+        authorize_tenant(ledger, tenant)
+        return ledger.subtree_names([tenant])
+    caller = current_principal()
+    return None if ANY in caller.tenants else ledger.subtree_names(caller.tenants)
 
 
 def now_ms() -> int:
@@ -392,7 +404,7 @@ class BrokerCore:
     async def commit_applied(
         self,
         changes: list[Change],
-        undo: list[Change | Forget],
+        undo: list[Undo],
         new_leases: Sequence[Lease] = (),
     ) -> None:
         """Make ``changes`` (already applied to the ledger, ``undo`` reverts them) durable.
@@ -721,7 +733,7 @@ class BrokerCore:
         ledger = self.ledger
         t = now_ms()
         changes: list[Change] = []
-        undo: list[Change | Forget] = []
+        undo: list[Undo] = []
         admitted: list[tuple[_Waiter, Lease]] = []
         preempted: list[Lease] = []
         views = [w.view for w in self.waiters.values()]
@@ -849,7 +861,7 @@ class BrokerCore:
     async def _commit_queue(
         self,
         changes: list[Change],
-        undo: list[Change | Forget],
+        undo: list[Undo],
         admitted: list[tuple[_Waiter, Lease]],
         preempted: list[Lease],
     ) -> None:
@@ -1163,7 +1175,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 raise NotFoundError("tenant", ask.tenant, field=f"requests[{i}].tenant")
         results: list[Lease | broker_pb2.Denial] = []
         changes: list[Change] = []
-        undo: list[Change | Forget] = []
+        undo: list[Undo] = []
         new: list[Lease] = []
         replayed = 0
         t = now_ms()
@@ -1672,22 +1684,6 @@ class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
 
-    def _subtrees(self, roots: Iterable[str]) -> list[str]:
-        """The tenants ``roots`` and every tenant below them (a root the ledger does not know,
-        a deleted tenant, stands for itself)."""
-        below: dict[str, list[str]] = {}
-        for t in self.core.ledger.tenants.values():
-            if t.parent is not None:
-                below.setdefault(t.parent, []).append(t.name)
-        out: set[str] = set()
-        todo = list(roots)
-        while todo:
-            name = todo.pop()
-            if name not in out:
-                out.add(name)
-                todo.extend(below.get(name, ()))
-        return sorted(out)
-
     @_rpc
     async def ListAudit(
         self,
@@ -1705,17 +1701,12 @@ class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
         limit = _non_negative("limit", request.limit) or AUDIT_PAGE
         if limit > MAX_AUDIT_PAGE:
             raise InvalidArgumentError("limit", f"must be <= {MAX_AUDIT_PAGE} (got {limit})")
-        caller = current_principal()
-        tenants: list[str] | None = None  # any tenant, and entries of none
-        if tenant:
-            authorize_tenant(self.core.ledger, tenant)
-            tenants = self._subtrees([tenant])
-        elif ANY not in caller.tenants:  # its subtrees only: no node's or other tenant's entry
-            tenants = self._subtrees(caller.tenants)
+        # None: any tenant, and entries of none (a node's, an admin of every tenant's only).
+        tenants = tenants_in_view(self.core.ledger, tenant)
         store = self.core.store
         rows = await self.core.journal.run_in_db(
             lambda: store.list_audit(
-                tenants=tenants,
+                tenants=None if tenants is None else sorted(tenants),
                 node_id=node_id,
                 lease_id=lease_id,
                 kind=kind,
@@ -1728,6 +1719,104 @@ class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
             entries=[_audit_pb(i, e) for i, e in rows],
             next_before_id=rows[-1][0] if len(rows) == limit else 0,
         )
+
+
+def _profile_pb(
+    tenant: str, command_class: str, peaks: Sequence[int], intent_bytes: int = 0
+) -> broker_pb2.SizingProfile:
+    p = profile(peaks, intent_bytes)
+    return broker_pb2.SizingProfile(
+        tenant=tenant,
+        command_class=command_class,
+        samples=p.samples,
+        learned=p.learned,
+        p50_bytes=p.p50_bytes,
+        p95_bytes=p.p95_bytes,
+        max_bytes=p.max_bytes,
+        last_peak_bytes=p.last_peak_bytes,
+        budget_bytes=p.budget_bytes,
+    )
+
+
+class SizingServicer(broker_pb2_grpc.SizingServicer):
+    """What sizing learned per (tenant, command class), read from the ledger; forgetting it."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+
+    @_rpc
+    async def ListProfiles(
+        self,
+        request: broker_pb2.ListProfilesRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ListProfilesRequest, broker_pb2.ListProfilesResponse
+        ],
+    ) -> broker_pb2.ListProfilesResponse:
+        tenant = _name("tenant", request.tenant, allow_empty=True, remember=False)
+        command_class = _name(
+            "command_class", request.command_class, allow_empty=True, remember=False
+        )
+        intent = _non_negative("intent_memory_bytes", request.intent_memory_bytes)
+        ledger = self.core.ledger
+        tenants = tenants_in_view(ledger, tenant)
+        keys = sorted(
+            key
+            for key in ledger.peaks
+            if (tenants is None or key[0] in tenants)
+            and (not command_class or key[1] == command_class)
+        )
+        return broker_pb2.ListProfilesResponse(
+            profiles=[_profile_pb(t, c, ledger.recent_peaks(t, c), intent) for t, c in keys],
+            min_samples=MIN_SAMPLES,
+            window=WINDOW,
+            floor_bytes=FLOOR_BYTES,
+        )
+
+    @_rpc
+    async def ForgetProfile(
+        self,
+        request: broker_pb2.ForgetProfileRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ForgetProfileRequest, broker_pb2.ForgetProfileResponse
+        ],
+    ) -> broker_pb2.ForgetProfileResponse:
+        tenant = TenantName(_name("tenant", request.tenant, remember=False))
+        command_class = _name(
+            "command_class", request.command_class, allow_empty=True, remember=False
+        )
+        ledger = self.core.ledger
+        authorize_tenant(ledger, tenant)
+        learned = sorted(c for t, c in ledger.peaks if t == tenant)
+        if tenant not in ledger.tenants and not learned:
+            raise NotFoundError("tenant", tenant)
+        classes = [command_class] if command_class else learned
+        forgotten = [_profile_pb(tenant, c, ledger.recent_peaks(tenant, c)) for c in classes]
+        t = now_ms()
+        changes: list[Change] = []
+        for pb in forgotten:
+            changes.append(ForgetPeaks(tenant, pb.command_class, t))
+            changes.append(
+                _audit(
+                    "sizing_forget",
+                    tenant=tenant,
+                    command_class=pb.command_class,
+                    samples=pb.samples,
+                    p95_bytes=pb.p95_bytes,
+                )
+            )
+        if changes:
+            await self.core.commit(changes)
+        for pb in forgotten:
+            log.info(
+                "sizing: tenant %s command class %s forgotten (%d peaks, p95 %d): its Reserves "
+                "get their intent until %d new peaks",
+                tenant,
+                pb.command_class,
+                pb.samples,
+                pb.p95_bytes,
+                MIN_SAMPLES,
+            )
+        return broker_pb2.ForgetProfileResponse(forgotten=forgotten)
 
 
 def _authorize_node(node_id: str) -> None:

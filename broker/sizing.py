@@ -13,19 +13,33 @@ broker bets on the learned sizes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["FLOOR_BYTES", "MIN_SAMPLES", "WINDOW", "p95", "size_budget"]
+__all__ = [
+    "FLOOR_BYTES",
+    "MIN_SAMPLES",
+    "WINDOW",
+    "Profile",
+    "p95",
+    "percentile",
+    "profile",
+    "size_budget",
+]
 
 MIN_SAMPLES = 5  # fewer observations: trust the intent
 WINDOW = 64  # the most recent peaks kept per (tenant, command class)
 FLOOR_BYTES = 4 << 20  # a budget below this would only pause at once
 
 
+def percentile(ordered: Sequence[int], pct: int) -> int:
+    """Nearest-rank ``pct``th percentile of a non-empty sorted sequence."""
+    rank = max(0, -(-pct * len(ordered) // 100) - 1)  # ceil(pct/100 n) - 1
+    return ordered[rank]
+
+
 def p95(peaks: Sequence[int]) -> int:
     """Nearest-rank 95th percentile of a non-empty sequence."""
-    ordered = sorted(peaks)
-    rank = max(0, -(-95 * len(ordered) // 100) - 1)  # ceil(0.95 n) - 1
-    return ordered[rank]
+    return percentile(sorted(peaks), 95)
 
 
 def size_budget(intent_bytes: int, peaks: Sequence[int]) -> int:
@@ -33,3 +47,33 @@ def size_budget(intent_bytes: int, peaks: Sequence[int]) -> int:
     if len(peaks) < MIN_SAMPLES:
         return intent_bytes
     return min(intent_bytes, max(FLOOR_BYTES, p95(peaks)))
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What was learned of one (tenant, command class): its recent peaks summed up."""
+
+    samples: int
+    learned: bool  # enough samples: budgets come from them
+    p50_bytes: int
+    p95_bytes: int
+    max_bytes: int
+    last_peak_bytes: int
+    budget_bytes: int  # granted for the intent asked about; 0: none asked
+
+
+def profile(peaks: Sequence[int], intent_bytes: int = 0) -> Profile:
+    """Sum up a class's recent peaks (oldest first), and the budget ``intent_bytes`` gets."""
+    budget = size_budget(intent_bytes, peaks) if intent_bytes > 0 else 0
+    if not peaks:
+        return Profile(0, False, 0, 0, 0, 0, budget)
+    ordered = sorted(peaks)
+    return Profile(
+        samples=len(peaks),
+        learned=len(peaks) >= MIN_SAMPLES,
+        p50_bytes=percentile(ordered, 50),
+        p95_bytes=percentile(ordered, 95),
+        max_bytes=ordered[-1],
+        last_peak_bytes=peaks[-1],
+        budget_bytes=budget,
+    )

@@ -56,6 +56,7 @@ from .model import (
     AuditEntry,
     Change,
     DeleteTenant,
+    ForgetPeaks,
     Lease,
     LeaseId,
     LeaseState,
@@ -245,6 +246,17 @@ class AuditRow(Base):
     detail: Mapped[str] = mapped_column(Text())
 
 
+class SizingResetRow(Base):
+    """When sizing last forgot a (tenant, command class): peaks of leases ended at or before
+    it are not learned from (``ForgetPeaks``, migration 0009)."""
+
+    __tablename__ = "sizing_resets"
+
+    tenant: Mapped[str] = mapped_column(primary_key=True)
+    command_class: Mapped[str] = mapped_column(primary_key=True)
+    forgotten_at_ms: Mapped[int]
+
+
 def _table(row: type[Base]) -> Table:
     table = row.__table__
     assert isinstance(table, Table)
@@ -258,6 +270,7 @@ _LEADERSHIP = _table(LeadershipRow)
 # A fenced writer's first statement in each transaction (``Store.fence``); PostgreSQL's form.
 FENCE_SQL = "SELECT epoch FROM leadership WHERE id = 1 FOR SHARE"
 _AUDIT = _table(AuditRow)
+_SIZING_RESETS = _table(SizingResetRow)
 
 
 class StoreError(Exception):
@@ -353,10 +366,11 @@ class _Batch:
     leases: dict[str, Lease]
     audit: list[AuditEntry]
     prunes: list[PruneHistory]
+    resets: dict[tuple[str, str], int]  # (tenant, command class): forgotten at
 
     @classmethod
     def of(cls, changes: Sequence[Change]) -> _Batch:
-        batch = cls({}, {}, {}, [], [])
+        batch = cls({}, {}, {}, [], [], {})
         for change in changes:
             match change:
                 case PutTenant(tenant=tenant):
@@ -371,6 +385,8 @@ class _Batch:
                     batch.audit.append(entry)
                 case PruneHistory():
                     batch.prunes.append(change)
+                case ForgetPeaks(tenant=tenant, command_class=command_class, at_ms=at_ms):
+                    batch.resets[(tenant, command_class)] = at_ms
                 case _:
                     assert_never(change)
         return batch
@@ -609,7 +625,9 @@ class Store:
             else None
         )
         self.wal_catch_ups = 0  # checkpoints the writer ran itself (_catch_up)
-        self._upserts = {table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES)}
+        self._upserts = {
+            table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES, _SIZING_RESETS)
+        }
         self._mark = "?" if self._dialect == "sqlite" else "%s"
         self._lease_upsert_sql = self._lease_upsert(1)
         self._audit_insert_sql = self._audit_insert(1)
@@ -745,7 +763,7 @@ class Store:
         tenants = [_values(t) for t in batch.tenants.values() if t is not None]
         action = f"apply {len(changes)} changes"
         try:
-            if not batch.tenants and not batch.nodes and not batch.prunes:
+            if not (batch.tenants or batch.nodes or batch.prunes or batch.resets):
                 self._write_leases(action, batch)
             else:
                 with _translated(action, self._shown_url):
@@ -899,6 +917,12 @@ class Store:
             )
         if batch.audit:
             conn.exec_driver_sql(self._audit_insert_sql, [_audit_row(e) for e in batch.audit])
+        if batch.resets:
+            resets = [
+                {"tenant": t, "command_class": c, "forgotten_at_ms": at}
+                for (t, c), at in batch.resets.items()
+            ]
+            conn.execute(self._upserts[_SIZING_RESETS.name], resets)
         for prune in batch.prunes:
             self._prune(conn, prune)
 
@@ -933,10 +957,20 @@ class Store:
 
     def recent_peaks(self, *, limit: int = 20_000) -> list[tuple[TenantName, str, int]]:
         """(tenant, command class, peak) of the newest ``limit`` ended leases that reported a
-        peak, oldest first: what sizing learns from after a restart."""
+        peak, oldest first: what sizing learns from after a restart (not those ended before
+        their class was last forgotten)."""
+        reset = SizingResetRow
         query = (
             select(LeaseRow.tenant, LeaseRow.command_class, LeaseRow.peak_memory_bytes)
-            .where(LeaseRow.state != LeaseState.ACTIVE, LeaseRow.peak_memory_bytes > 0)
+            .outerjoin(
+                reset,
+                (reset.tenant == LeaseRow.tenant) & (reset.command_class == LeaseRow.command_class),
+            )
+            .where(
+                LeaseRow.state != LeaseState.ACTIVE,
+                LeaseRow.peak_memory_bytes > 0,
+                reset.forgotten_at_ms.is_(None) | (LeaseRow.ended_at_ms > reset.forgotten_at_ms),
+            )
             .order_by(LeaseRow.ended_at_ms.desc(), LeaseRow.lease_id.desc())
             .limit(limit)
         )

@@ -22,7 +22,15 @@ from agentcg.quantity import format_bytes, parse_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .sdk import AsyncClient, AuditRecord, NodeCalls, NodeInfo, RunResult, TenantInfo
+from .sdk import (
+    AsyncClient,
+    AuditRecord,
+    NodeCalls,
+    NodeInfo,
+    RunResult,
+    SizingProfile,
+    TenantInfo,
+)
 
 __all__ = ["app", "main"]
 
@@ -39,6 +47,11 @@ nodes_app = typer.Typer(
     no_args_is_help=True, help="Registered nodes: list, cordon, drain, uncordon (admin)"
 )
 app.add_typer(nodes_app, name="nodes")
+sizing_app = typer.Typer(
+    no_args_is_help=True,
+    help="What the broker learned of each tenant's command classes from measured peaks",
+)
+app.add_typer(sizing_app, name="sizing")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -695,6 +708,71 @@ def audit(
             print(json.dumps(dataclasses.asdict(r), sort_keys=True))
         return
     console.print(_audit_table(records))
+
+
+# -- sizing -----------------------------------------------------------------------------------
+
+
+def _sizing_table(profiles: Iterable[SizingProfile], with_budget: bool) -> Table:
+    columns = ["tenant", "class", "peaks", "sized", "p50", "p95", "max", "last"]
+    table = Table(*columns, *(["budget"] if with_budget else []))
+    for p in profiles:
+        peaks = (p.p50_bytes, p.p95_bytes, p.max_bytes, p.last_peak_bytes)
+        table.add_row(
+            p.tenant,
+            p.command_class,
+            str(p.samples),
+            "p95" if p.learned else "intent",
+            *(format_bytes(b) if p.samples else "-" for b in peaks),
+            *([format_bytes(p.budget_bytes)] if with_budget else []),
+        )
+    return table
+
+
+@sizing_app.command("list")
+def sizing_list(
+    tenant: Annotated[str, typer.Option(help="this tenant and its subtree")] = "",
+    command_class: Annotated[str, typer.Option("--class", help="one command class")] = "",
+    intent: Annotated[
+        str, typer.Option(help="also show the budget a Reserve declaring this gets now, e.g. 1G")
+    ] = "",
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """Per tenant and command class: the committed peaks the broker sizes Reserves from (the
+    newest 64), and whether it does yet ("p95": enough peaks, a Reserve gets their 95th
+    percentile, never above its intent; "intent": too few, it gets what it declares)."""
+    intent_bytes = _size(intent) if intent else 0
+    profiles = _client_call(
+        broker,
+        lambda c: c.list_sizing(
+            tenant=tenant, command_class=command_class, intent_memory_bytes=intent_bytes
+        ),
+    )
+    if json_out:
+        print(json.dumps({"profiles": [dataclasses.asdict(p) for p in profiles]}))
+        return
+    console.print(_sizing_table(profiles, with_budget=bool(intent_bytes)))
+
+
+@sizing_app.command("forget")
+def sizing_forget(
+    tenant: str,
+    command_class: Annotated[
+        str, typer.Option("--class", help="one command class; default: every class of TENANT")
+    ] = "",
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """Forget the peaks learned of TENANT's command classes (after a tool upgrade changed
+    their memory use): their Reserves get their intent until enough new peaks (admin)."""
+    forgotten = _client_call(broker, lambda c: c.forget_sizing(tenant, command_class))
+    for p in forgotten:
+        console.print(
+            f"tenant {p.tenant} class {p.command_class}: forgot {p.samples} peaks"
+            + (f" (p95 {format_bytes(p.p95_bytes)})" if p.samples else "")
+        )
+    if not forgotten:
+        console.print(f"tenant {tenant}: nothing learned to forget")
 
 
 # -- top --------------------------------------------------------------------------------------

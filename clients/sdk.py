@@ -39,6 +39,7 @@ __all__ = [
     "NodeCalls",
     "NodeInfo",
     "RunResult",
+    "SizingProfile",
     "TenantInfo",
     "broker_channel_options",
 ]
@@ -235,6 +236,37 @@ class AuditPage:
 
 
 @dataclass(frozen=True, slots=True)
+class SizingProfile:
+    """What the broker learned of one (tenant, command class) from committed peaks
+    (``list_sizing``): with ``learned``, its Reserves are granted ``p95_bytes``, never above
+    their intent; ``budget_bytes`` is what the intent asked about gets now."""
+
+    tenant: str
+    command_class: str
+    samples: int
+    learned: bool
+    p50_bytes: int
+    p95_bytes: int
+    max_bytes: int
+    last_peak_bytes: int
+    budget_bytes: int
+
+    @classmethod
+    def from_pb(cls, pb: broker_pb2.SizingProfile) -> SizingProfile:
+        return cls(
+            pb.tenant,
+            pb.command_class,
+            pb.samples,
+            pb.learned,
+            pb.p50_bytes,
+            pb.p95_bytes,
+            pb.max_bytes,
+            pb.last_peak_bytes,
+            pb.budget_bytes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     """A registered node as the broker sees it (``list_nodes``)."""
 
@@ -348,6 +380,7 @@ class _BrokerStubs:
     admin: broker_pb2_grpc.TenantAdminAsyncStub
     node_admin: broker_pb2_grpc.NodeAdminAsyncStub
     audit: broker_pb2_grpc.AuditLogAsyncStub
+    sizing: broker_pb2_grpc.SizingAsyncStub
 
 
 class AsyncClient:
@@ -382,6 +415,7 @@ class AsyncClient:
             broker_pb2_grpc.TenantAdminStub(ch),
             broker_pb2_grpc.NodeAdminStub(ch),
             broker_pb2_grpc.AuditLogStub(ch),
+            broker_pb2_grpc.SizingStub(ch),
         )
 
     def _current(self) -> _BrokerStubs:
@@ -419,6 +453,10 @@ class AsyncClient:
     @property
     def _audit(self) -> broker_pb2_grpc.AuditLogAsyncStub:
         return self._current().audit
+
+    @property
+    def _sizing(self) -> broker_pb2_grpc.SizingAsyncStub:
+        return self._current().sizing
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -661,6 +699,39 @@ class AsyncClient:
             )
         )
         return AuditPage(tuple(AuditRecord.from_pb(e) for e in reply.entries), reply.next_before_id)
+
+    # -- sizing (what was learned from measurements) --------------------------------------------
+
+    async def list_sizing(
+        self, *, tenant: str = "", command_class: str = "", intent_memory_bytes: int = 0
+    ) -> list[SizingProfile]:
+        """What the broker learned per (tenant, command class), by tenant then class: of
+        ``tenant`` and its subtree (default: every tenant in the caller's scope), of one class;
+        with ``intent_memory_bytes``, each profile's ``budget_bytes`` is what a Reserve
+        declaring it would be granted now."""
+        reply = await self._call(
+            self._sizing.ListProfiles(
+                broker_pb2.ListProfilesRequest(
+                    tenant=tenant,
+                    command_class=command_class,
+                    intent_memory_bytes=intent_memory_bytes,
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [SizingProfile.from_pb(p) for p in reply.profiles]
+
+    async def forget_sizing(self, tenant: str, command_class: str = "") -> list[SizingProfile]:
+        """Make the broker forget what it learned of ``tenant``'s ``command_class`` (default:
+        every class of it); its Reserves get their intent until enough new peaks. Returns the
+        profiles as they were (admin role)."""
+        reply = await self._call(
+            self._sizing.ForgetProfile(
+                broker_pb2.ForgetProfileRequest(tenant=tenant, command_class=command_class),
+                timeout=self._timeout_s,
+            )
+        )
+        return [SizingProfile.from_pb(p) for p in reply.forgotten]
 
     # -- nodes (operating them) ---------------------------------------------------------------
 

@@ -24,11 +24,13 @@ token, when the call carries one, decides.
 
 Roles (``ROLE_METHODS``: a method no role lists is refused to every principal):
 
-- ``client`` reserves, renews, releases and reads leases, and reads tenants, within its scope;
+- ``client`` reserves, renews, releases and reads leases, and reads tenants and what sizing
+  learned of them, within its scope;
 - ``admin`` can also set and delete the tenants *below* its scope's roots: an admin of
   ``org-a`` manages org-a's teams but not org-a's own quota, which belongs to whoever holds
-  the level above (``"*"`` for top-level tenants); it reads the nodes, and with ``"*"`` it may
-  cordon, drain and uncordon them (they run every tenant's calls);
+  the level above (``"*"`` for top-level tenants); it makes sizing forget a tenant's classes
+  in its scope, reads the audit trail and the nodes, and with ``"*"`` it may cordon, drain
+  and uncordon them (they run every tenant's calls);
 - ``node`` registers and connects as one of its node ids and reads the leases placed on them.
 
 A tenant is in scope when it or one of its ancestors is one of the principal's ``tenants``.
@@ -89,6 +91,7 @@ _CLIENT_METHODS = frozenset(
         "/agentcg.v1.Broker/WhoAmI",
         "/agentcg.v1.TenantAdmin/GetTenant",
         "/agentcg.v1.TenantAdmin/ListTenants",
+        "/agentcg.v1.Sizing/ListProfiles",
         "/agentcg.v1.NodeAgent/Exec",
         "/agentcg.v1.NodeAgent/Attach",
         "/agentcg.v1.NodeAgent/ListCalls",
@@ -109,6 +112,7 @@ ROLE_METHODS: Mapping[Role, frozenset[str]] = {
         "/agentcg.v1.NodeAdmin/UncordonNode",
         # The audit trail of the tenants in its scope (the servicer filters).
         "/agentcg.v1.AuditLog/ListAudit",
+        "/agentcg.v1.Sizing/ForgetProfile",
     },
     Role.NODE: frozenset(
         {

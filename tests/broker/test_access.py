@@ -181,6 +181,32 @@ def test_the_audit_trail_shows_an_admin_its_own_scope(broker: LocalCluster, pki:
         assert ("node_register", NODE_ID) in {(r.kind, r.node_id) for r in everything}
 
 
+def test_sizing_is_read_in_scope_and_forgotten_by_an_admin(broker: LocalCluster, pki: Pki) -> None:
+    with (
+        Client(broker.broker_address, security=security(pki, "client-a")) as client,
+        Client(broker.broker_address, security=security(pki, "client-b")) as client_b,
+        Client(broker.broker_address, security=security(pki, "admin-a")) as admin,
+        Client(broker.broker_address, security=security(pki, "root")) as root,
+    ):
+        root.set_tenant("team-a1", 256 * MiB, parent="org-a")
+        for c, tenant in ((client, "team-a1"), (client_b, "team-b1")):
+            lease = c.reserve(tenant, 32 * MiB, command_class="pytest")
+            c.release(lease.lease_id, peak_bytes=8 * MiB, outcome="completed")
+        assert [p.tenant for p in client.list_sizing()] == ["team-a1"]
+        assert [p.tenant for p in root.list_sizing()] == ["team-a1", "team-b1"]
+        with pytest.raises(PermissionDeniedError, match="client-a: tenant 'team-b1'"):
+            client.list_sizing(tenant="team-b1")
+        with pytest.raises(PermissionDeniedError, match="may not call .*ForgetProfile"):
+            client.forget_sizing("team-a1")
+        with pytest.raises(PermissionDeniedError, match="admin-a: tenant 'team-b1'"):
+            admin.forget_sizing("team-b1")
+        assert [p.tenant for p in root.list_sizing()] == ["team-a1", "team-b1"]  # unchanged
+        assert [p.samples for p in admin.forget_sizing("team-a1")] == [1]
+        assert [p.tenant for p in root.list_sizing()] == ["team-b1"]
+        entry = root.list_audit(kind="sizing_forget").records[0]
+        assert (entry.tenant, entry.by) == ("team-a1", "admin-a")
+
+
 def test_a_client_reserves_only_in_its_scope(broker: LocalCluster, pki: Pki) -> None:
     with (
         Client(broker.broker_address, security=security(pki, "client-a")) as a,

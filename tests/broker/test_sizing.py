@@ -1,18 +1,23 @@
 """Overcommit from measurements: the pure sizing rule, the node ceiling, and learning from
-committed peaks through a real broker (budgets, hints, and a restart that keeps what it learned)."""
+committed peaks through a real broker (budgets, hints, and a restart that keeps what it learned);
+what was learned, read and forgotten through the Sizing service and `agentcg sizing`."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from agentcg.broker.admission import Admit, Deny, NodeView, QuotaLevel, decide_reserve
-from agentcg.broker.model import NodeId, Tenant, TenantName
-from agentcg.broker.sizing import FLOOR_BYTES, MIN_SAMPLES, p95, size_budget
+from agentcg.broker.ledger import Ledger
+from agentcg.broker.model import ForgetPeaks, NodeId, Tenant, TenantName
+from agentcg.broker.sizing import FLOOR_BYTES, MIN_SAMPLES, Profile, p95, profile, size_budget
 from agentcg.clients.cluster import LocalCluster
-from agentcg.clients.sdk import Client
+from agentcg.clients.sdk import Client, SizingProfile
 from agentcg.clients.simnode import SimNode
-from agentcg.errors import QuotaExceededError
+from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,6 +47,57 @@ def test_size_budget(intent: int, peaks: list[int], budget: int) -> None:
 @given(intent=st.integers(1, 1 << 36), peaks=st.lists(st.integers(1, 1 << 36), max_size=80))
 def test_budget_never_above_intent(intent: int, peaks: list[int]) -> None:
     assert 0 < size_budget(intent, peaks) <= intent
+
+
+@pytest.mark.parametrize(
+    ("peaks", "intent", "expected"),
+    [
+        ([], 0, Profile(0, False, 0, 0, 0, 0, 0)),
+        ([], 64 * MiB, Profile(0, False, 0, 0, 0, 0, 64 * MiB)),  # nothing learned: intent
+        (
+            [30 * MiB, 10 * MiB, 20 * MiB],  # too few: the intent, the peaks shown anyway
+            64 * MiB,
+            Profile(3, False, 20 * MiB, 30 * MiB, 30 * MiB, 20 * MiB, 64 * MiB),
+        ),
+        (
+            [10 * MiB, 12 * MiB, 14 * MiB, 16 * MiB, 40 * MiB],
+            64 * MiB,
+            Profile(5, True, 14 * MiB, 40 * MiB, 40 * MiB, 40 * MiB, 40 * MiB),
+        ),
+        (  # the budget is what size_budget grants: capped by the intent
+            [10 * MiB] * 4 + [40 * MiB],
+            32 * MiB,
+            Profile(5, True, 10 * MiB, 40 * MiB, 40 * MiB, 40 * MiB, 32 * MiB),
+        ),
+    ],
+)
+def test_profile_sums_up_the_peaks(peaks: list[int], intent: int, expected: Profile) -> None:
+    assert profile(peaks, intent) == expected
+
+
+@given(intent=st.integers(1, 1 << 36), peaks=st.lists(st.integers(1, 1 << 36), max_size=80))
+def test_profile_budget_is_the_granted_budget(intent: int, peaks: list[int]) -> None:
+    p = profile(peaks, intent)
+    assert p.budget_bytes == size_budget(intent, peaks)
+    assert p.learned == (len(peaks) >= MIN_SAMPLES)
+    if peaks:
+        assert min(peaks) <= p.p50_bytes <= p.p95_bytes <= p.max_bytes == max(peaks)
+
+
+def test_forgetting_is_undone_with_what_was_learned_since() -> None:
+    """A ForgetPeaks whose commit fails is undone: the peaks come back, and one committed in
+    between (another lease ended) is kept after them."""
+    ledger = Ledger()
+    t = TenantName("t")
+    for i, peak in enumerate((10, 20, 30)):
+        ledger.observe_peak(t, "pytest", peak * MiB)
+        ledger.observe_peak(t, "pip", i + 1)
+    undo = ledger.apply([ForgetPeaks(t, "pytest", 100)])
+    assert ledger.recent_peaks(t, "pytest") == ()
+    assert ledger.recent_peaks(t, "pip") == (1, 2, 3)  # another class untouched
+    ledger.observe_peak(t, "pytest", 99 * MiB)
+    ledger.apply(undo)
+    assert ledger.recent_peaks(t, "pytest") == (10 * MiB, 20 * MiB, 30 * MiB, 99 * MiB)
 
 
 def test_overcommit_ceiling_bounds_declared_intent() -> None:
@@ -89,3 +145,158 @@ def test_learns_from_committed_peaks_and_hints_denials(tmp_path: Path, database_
             assert node.connected.wait(30)
             with Client(cluster.broker_address) as again:
                 assert again.reserve("t", 64 * MiB, command_class="pytest").memory_bytes == 12 * MiB
+
+
+def _learn(c: Client, tenant: str, command_class: str, peaks_mib: list[int]) -> None:
+    leases = [c.reserve(tenant, 64 * MiB, command_class=command_class) for _ in peaks_mib]
+    for lease, peak in zip(leases, peaks_mib, strict=True):
+        c.release(lease.lease_id, peak_bytes=peak * MiB, outcome="completed")
+
+
+def test_profiles_show_what_sizing_grants(tmp_path: Path, database_url: str) -> None:
+    with (
+        LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as cl,
+        SimNode(cl.broker_address, memory_bytes=1 << 34),
+        Client(cl.broker_address) as c,
+    ):
+        c.set_tenant("org", 1 << 30)
+        c.set_tenant("team-a", 512 * MiB, parent="org")
+        c.set_tenant("team-b", 512 * MiB, parent="org")
+        _learn(c, "team-a", "pytest", [10, 12, 14, 16, 40])
+        _learn(c, "team-a", "pip", [30, 20])
+        _learn(c, "team-b", "pytest", [8] * MIN_SAMPLES)
+        profiles = c.list_sizing(intent_memory_bytes=64 * MiB)
+        assert [(p.tenant, p.command_class) for p in profiles] == [
+            ("team-a", "pip"),
+            ("team-a", "pytest"),
+            ("team-b", "pytest"),
+        ]
+        pip, pytest_a, pytest_b = profiles
+        assert pytest_a == SizingProfile(
+            "team-a", "pytest", 5, True, 14 * MiB, 40 * MiB, 40 * MiB, 40 * MiB, 40 * MiB
+        )
+        assert pip == SizingProfile(
+            "team-a", "pip", 2, False, 20 * MiB, 30 * MiB, 30 * MiB, 20 * MiB, 64 * MiB
+        )
+        assert pytest_b.budget_bytes == 8 * MiB
+        # What the profile says a Reserve gets is what it gets.
+        for p in profiles:
+            lease = c.reserve(p.tenant, 64 * MiB, command_class=p.command_class)
+            assert lease.memory_bytes == p.budget_bytes
+            c.release(lease.lease_id)  # no peak: nothing learned
+        assert c.list_sizing(intent_memory_bytes=64 * MiB) == profiles
+        # Filters: a subtree, one tenant, one class; no intent, no budget.
+        assert len(c.list_sizing(tenant="org")) == 3
+        assert [p.command_class for p in c.list_sizing(tenant="team-a")] == ["pip", "pytest"]
+        assert [p.tenant for p in c.list_sizing(command_class="pytest")] == ["team-a", "team-b"]
+        assert {p.budget_bytes for p in c.list_sizing()} == {0}
+        assert c.list_sizing(tenant="team-a", command_class="make") == []
+
+
+def test_forgetting_a_class_outlives_a_restart(tmp_path: Path, database_url: str) -> None:
+    cluster = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING")
+    with cluster, SimNode(cluster.broker_address, memory_bytes=1 << 34) as node:
+        with Client(cluster.broker_address) as c:
+            c.set_tenant("t", 1 << 30)
+            _learn(c, "t", "pytest", [12] * MIN_SAMPLES)
+            _learn(c, "t", "pip", [20] * MIN_SAMPLES)
+            forgotten = c.forget_sizing("t", "pytest")
+            assert [(p.command_class, p.samples, p.p95_bytes) for p in forgotten] == [
+                ("pytest", MIN_SAMPLES, 12 * MiB)
+            ]
+            assert [p.command_class for p in c.list_sizing()] == ["pip"]
+            assert c.reserve("t", 64 * MiB, command_class="pytest").memory_bytes == 64 * MiB
+            assert c.forget_sizing("t", "pytest")[0].samples == 0  # again: nothing left
+            entries = c.list_audit(kind="sizing_forget").records
+            assert [(r.tenant, r.detail["command_class"]) for r in entries] == [
+                ("t", "pytest"),
+                ("t", "pytest"),
+            ]
+        cluster.stop("broker")
+        node.address = cluster.start_broker()
+        assert node.connected.wait(30)
+        with Client(cluster.broker_address) as c:
+            # The ended leases are still in the database; the restarted broker does not
+            # learn from the forgotten ones, and does from the other class's.
+            assert {p.command_class: p.samples for p in c.list_sizing()} == {"pip": MIN_SAMPLES}
+            assert c.reserve("t", 64 * MiB, command_class="pytest").memory_bytes == 64 * MiB
+            assert c.reserve("t", 64 * MiB, command_class="pip").memory_bytes == 20 * MiB
+            # Peaks committed after the forget are learned from, before and after a restart.
+            _learn(c, "t", "pytest", [30] * MIN_SAMPLES)
+            assert c.reserve("t", 64 * MiB, command_class="pytest").memory_bytes == 30 * MiB
+            # Forgetting every class of the tenant.
+            assert [p.command_class for p in c.forget_sizing("t")] == ["pip", "pytest"]
+            assert c.list_sizing() == []
+            _learn(c, "t", "make", [16] * MIN_SAMPLES)
+        cluster.stop("broker")
+        node.address = cluster.start_broker()
+        assert node.connected.wait(30)
+        with Client(cluster.broker_address) as c:
+            assert {p.command_class: p.samples for p in c.list_sizing()} == {"make": MIN_SAMPLES}
+
+
+def test_bad_sizing_requests_name_the_field_and_change_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    with (
+        LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as cl,
+        SimNode(cl.broker_address, memory_bytes=1 << 34),
+        Client(cl.broker_address) as c,
+    ):
+        c.set_tenant("t", 1 << 30)
+        _learn(c, "t", "pytest", [12] * MIN_SAMPLES)
+        before = c.list_sizing()
+        bad = [
+            (lambda: c.list_sizing(tenant="../etc"), "tenant"),
+            (lambda: c.list_sizing(command_class="a b"), "command_class"),
+            (lambda: c.list_sizing(intent_memory_bytes=-1), "intent_memory_bytes"),
+            (lambda: c.forget_sizing(""), "tenant"),
+            (lambda: c.forget_sizing("t", "x" * 300), "command_class"),
+        ]
+        for call, field in bad:
+            with pytest.raises(InvalidArgumentError) as exc:
+                call()
+            assert exc.value.field == field
+        with pytest.raises(NotFoundError, match="nobody"):
+            c.forget_sizing("nobody")
+        assert c.list_sizing() == before
+        assert not c.list_audit(kind="sizing_forget").records
+        assert cl.procs["broker"].poll() is None
+
+
+def test_sizing_cli(tmp_path: Path) -> None:
+    with (
+        LocalCluster(tmp_path, nodes=0, log_level="WARNING") as cl,
+        SimNode(cl.broker_address, memory_bytes=1 << 34),
+        Client(cl.broker_address) as c,
+    ):
+        c.set_tenant("t", 1 << 30)
+        _learn(c, "t", "pytest", [12] * MIN_SAMPLES)
+
+        def agentcg(*args: str) -> str:
+            cmd = [sys.executable, "-m", "agentcg.clients.cli", *args]
+            cmd += ["--broker", cl.broker_address]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        listed = json.loads(agentcg("sizing", "list", "--intent", "1G", "--json"))
+        assert listed == {
+            "profiles": [
+                {
+                    "tenant": "t",
+                    "command_class": "pytest",
+                    "samples": MIN_SAMPLES,
+                    "learned": True,
+                    "p50_bytes": 12 * MiB,
+                    "p95_bytes": 12 * MiB,
+                    "max_bytes": 12 * MiB,
+                    "last_peak_bytes": 12 * MiB,
+                    "budget_bytes": 12 * MiB,
+                }
+            ]
+        }
+        table = agentcg("sizing", "list", "--tenant", "t")
+        assert "pytest" in table and "p95" in table
+        assert "forgot 5 peaks" in agentcg("sizing", "forget", "t", "--class", "pytest")
+        assert c.list_sizing() == []

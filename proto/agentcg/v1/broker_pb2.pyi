@@ -1029,6 +1029,160 @@ class ListAuditResponse(_message.Message):
 Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015
 
 @_typing.final
+class SizingProfile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    COMMAND_CLASS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    LEARNED_FIELD_NUMBER: _builtins.int
+    P50_BYTES_FIELD_NUMBER: _builtins.int
+    P95_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    LAST_PEAK_BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    command_class: _builtins.str
+    samples: _builtins.int
+    """committed peaks kept (the newest ListProfilesResponse.window)"""
+    learned: _builtins.bool
+    """samples >= min_samples: Reserves are sized from them"""
+    p50_bytes: _builtins.int
+    """nearest rank; 0 without samples"""
+    p95_bytes: _builtins.int
+    max_bytes: _builtins.int
+    last_peak_bytes: _builtins.int
+    budget_bytes: _builtins.int
+    """What a Reserve declaring ListProfilesRequest.intent_memory_bytes is granted now (a
+    declared session gets its intent); 0 when no intent was given.
+    """
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        command_class: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        learned: _builtins.bool = ...,
+        p50_bytes: _builtins.int = ...,
+        p95_bytes: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+        last_peak_bytes: _builtins.int = ...,
+        budget_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "command_class", b"command_class", "last_peak_bytes", b"last_peak_bytes", "learned", b"learned", "max_bytes", b"max_bytes", "p50_bytes", b"p50_bytes", "p95_bytes", b"p95_bytes", "samples", b"samples", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SizingProfile: _TypeAlias = SizingProfile  # noqa: Y015
+
+@_typing.final
+class ListProfilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    COMMAND_CLASS_FIELD_NUMBER: _builtins.int
+    INTENT_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """this tenant and its subtree; "": every one in the caller's scope"""
+    command_class: _builtins.str
+    """"": every class"""
+    intent_memory_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        command_class: _builtins.str = ...,
+        intent_memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_class", b"command_class", "intent_memory_bytes", b"intent_memory_bytes", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProfilesRequest: _TypeAlias = ListProfilesRequest  # noqa: Y015
+
+@_typing.final
+class ListProfilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILES_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    FLOOR_BYTES_FIELD_NUMBER: _builtins.int
+    min_samples: _builtins.int
+    window: _builtins.int
+    floor_bytes: _builtins.int
+    """no learned budget is below this"""
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___SizingProfile]:
+        """by tenant, then command class"""
+
+    def __init__(
+        self,
+        *,
+        profiles: _abc.Iterable[Global___SizingProfile] | None = ...,
+        min_samples: _builtins.int = ...,
+        window: _builtins.int = ...,
+        floor_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["floor_bytes", b"floor_bytes", "min_samples", b"min_samples", "profiles", b"profiles", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProfilesResponse: _TypeAlias = ListProfilesResponse  # noqa: Y015
+
+@_typing.final
+class ForgetProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    COMMAND_CLASS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """this tenant only (not its subtree)"""
+    command_class: _builtins.str
+    """"": every class of the tenant"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        command_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_class", b"command_class", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetProfileRequest: _TypeAlias = ForgetProfileRequest  # noqa: Y015
+
+@_typing.final
+class ForgetProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORGOTTEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def forgotten(self) -> _containers.RepeatedCompositeFieldContainer[Global___SizingProfile]:
+        """as they were before"""
+
+    def __init__(
+        self,
+        *,
+        forgotten: _abc.Iterable[Global___SizingProfile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten", b"forgotten"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetProfileResponse: _TypeAlias = ForgetProfileResponse  # noqa: Y015
+
+@_typing.final
 class RegisterNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -950,6 +950,133 @@ class AuditLog:
             _registered_method=True)
 
 
+class SizingStub:
+    """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
+    class with enough peaks is granted their 95th percentile, never above its intent
+    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListProfiles = channel.unary_unary(
+                '/agentcg.v1.Sizing/ListProfiles',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ListProfilesRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ListProfilesResponse.FromString,
+                _registered_method=True)
+        self.ForgetProfile = channel.unary_unary(
+                '/agentcg.v1.Sizing/ForgetProfile',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.FromString,
+                _registered_method=True)
+
+
+class SizingServicer:
+    """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
+    class with enough peaks is granted their 95th percentile, never above its intent
+    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    """
+
+    def ListProfiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetProfile(self, request, context):
+        """Drop a class's peaks (a tool upgrade changed its memory use): its Reserves get their
+        intent again until min_samples new peaks are committed. Durable, outlives a restart;
+        idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SizingServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProfiles,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ListProfilesRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'ForgetProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetProfile,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentcg.v1.Sizing', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentcg.v1.Sizing', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Sizing:
+    """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
+    class with enough peaks is granted their 95th percentile, never above its intent
+    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    """
+
+    @staticmethod
+    def ListProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.Sizing/ListProfiles',
+            agentcg_dot_v1_dot_broker__pb2.ListProfilesRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ListProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.Sizing/ForgetProfile',
+            agentcg_dot_v1_dot_broker__pb2.ForgetProfileRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeGatewayStub:
     """Missing associated documentation comment in .proto file."""
 

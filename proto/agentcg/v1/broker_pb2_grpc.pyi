@@ -318,6 +318,64 @@ class AuditLogServicer(metaclass=_abc_1.ABCMeta):
 
 def add_AuditLogServicer_to_server(servicer: AuditLogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class SizingStub:
+    """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
+    class with enough peaks is granted their 95th percentile, never above its intent
+    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SizingAsyncStub: ...
+    ListProfiles: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListProfilesRequest, _broker_pb2.ListProfilesResponse]
+    ForgetProfile: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ForgetProfileRequest, _broker_pb2.ForgetProfileResponse]
+    """Drop a class's peaks (a tool upgrade changed its memory use): its Reserves get their
+    intent again until min_samples new peaks are committed. Durable, outlives a restart;
+    idempotent.
+    """
+
+@_typing.type_check_only
+class SizingAsyncStub(SizingStub):
+    """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
+    class with enough peaks is granted their 95th percentile, never above its intent
+    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListProfiles: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListProfilesRequest, _broker_pb2.ListProfilesResponse]  # type: ignore[assignment]
+    ForgetProfile: _aio.UnaryUnaryMultiCallable[_broker_pb2.ForgetProfileRequest, _broker_pb2.ForgetProfileResponse]  # type: ignore[assignment]
+    """Drop a class's peaks (a tool upgrade changed its memory use): its Reserves get their
+    intent again until min_samples new peaks are committed. Durable, outlives a restart;
+    idempotent.
+    """
+
+class SizingServicer(metaclass=_abc_1.ABCMeta):
+    """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
+    class with enough peaks is granted their 95th percentile, never above its intent
+    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    """
+
+    @_abc_1.abstractmethod
+    def ListProfiles(
+        self,
+        request: _broker_pb2.ListProfilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListProfilesResponse, _abc.Awaitable[_broker_pb2.ListProfilesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ForgetProfile(
+        self,
+        request: _broker_pb2.ForgetProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ForgetProfileResponse, _abc.Awaitable[_broker_pb2.ForgetProfileResponse]]:
+        """Drop a class's peaks (a tool upgrade changed its memory use): its Reserves get their
+        intent again until min_samples new peaks are committed. Durable, outlives a restart;
+        idempotent.
+        """
+
+def add_SizingServicer_to_server(servicer: SizingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class NodeGatewayStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
