@@ -202,8 +202,8 @@ def lock_for(url: str) -> LeaderLock | None:
     return AdvisoryLock(url)
 
 
-async def acquire(lock: LeaderLock) -> None:
-    """Wait until this broker holds ``lock``."""
+async def acquire(lock: LeaderLock, on_standby: Callable[[], None] | None = None) -> None:
+    """Wait until this broker holds ``lock``; ``on_standby`` runs once if it has to wait."""
     standing_by = False
     while not await asyncio.to_thread(lock.try_acquire):
         if not standing_by:
@@ -213,6 +213,8 @@ async def acquire(lock: LeaderLock) -> None:
                 lock.describe(),
                 RETRY_S,
             )
+            if on_standby is not None:
+                on_standby()
         await asyncio.sleep(RETRY_S)
     log.info("holding %s; loading the state", lock.describe())
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from agentcg.gate import ServerCertificates, ServerSecurity, reload_on_sighup
 from agentcg.heap import freeze_start_up
+from agentcg.notify import ServiceNotifier
 from agentcg.readyfile import write_ready_file
 from agentcg.shutdown import stop_on_signals
 from agentcg.telemetry import (
@@ -152,9 +153,11 @@ async def run_broker(
     stop: asyncio.Event | None = None,
     on_serving: Callable[[], None] | None = None,
     busy_clock: Callable[[], float] = time.thread_time,
+    notifier: ServiceNotifier | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGINT/SIGTERM). ``busy_clock``: the journal's (see
-    ``Journal``; ``main`` passes ``TimedSelector.busy_s``)."""
+    ``Journal``; ``main`` passes ``TimedSelector.busy_s``); ``notifier``: the service
+    manager's (``main``: systemd's, from the environment)."""
     # The metrics endpoint first: a bad --metrics-listen fails before anything else starts.
     registry = metrics_registry()
     metrics = BrokerMetrics(registry)
@@ -162,7 +165,15 @@ async def run_broker(
         serve_metrics(config.metrics_listen, registry) if config.metrics_listen else None
     )
     try:
-        await _run(config, metrics, metrics_server, stop, on_serving, busy_clock)
+        await _run(
+            config,
+            metrics,
+            metrics_server,
+            stop,
+            on_serving,
+            busy_clock,
+            notifier or ServiceNotifier(),
+        )
     finally:
         if metrics_server is not None:
             await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
@@ -207,6 +218,7 @@ async def _run(
     stop: asyncio.Event | None,
     on_serving: Callable[[], None] | None,
     busy_clock: Callable[[], float],
+    notifier: ServiceNotifier,
 ) -> None:
     url = config.database_url
     if not url:
@@ -235,7 +247,9 @@ async def _run(
         fds,
         gate=gate,
         certificates=certificates,
+        notifier=notifier,
     )
+    watchdog = asyncio.create_task(notifier.keep_alive(), name="watchdog")
     try:
         if lock is None:
             metrics.leader.set(1)
@@ -243,7 +257,12 @@ async def _run(
             return
         try:
             metrics.leader.set(0)
-            if not await _first(leadership.acquire(lock), stop):
+
+            def standing_by() -> None:  # its job while another leads: ready (started)
+                notifier.ready("standby: waiting for the database's leadership lock")
+
+            if not await _first(leadership.acquire(lock, standing_by), stop):
+                notifier.stopping("stopping (was standing by)")
                 log.info("broker stopping (was standing by)")
                 return
             metrics.leader.set(1)
@@ -252,6 +271,7 @@ async def _run(
         finally:
             lock.close()
     finally:
+        watchdog.cancel()
         if started is not None:  # not taken, or already stopped by the journal: a no-op
             writer.stop(started)
 
@@ -294,8 +314,10 @@ async def _serve(
     *,
     gate: list[grpc.aio.ServerInterceptor],
     certificates: ServerCertificates | None,
+    notifier: ServiceNotifier,
     fenced: bool = False,
 ) -> None:
+    notifier.status("loading the state")
     store = Store(url)
     store.migrate()
     epoch = None
@@ -382,6 +404,7 @@ async def _serve(
         on_serving()
     if config.ready_file is not None:
         write_ready_file(config.ready_file, address, listeners)
+    notifier.ready(f"leader: serving on {address}")
 
     async def reap() -> None:
         while True:
@@ -408,6 +431,7 @@ async def _serve(
         background.append(asyncio.create_task(prune()))
     await stop.wait()
     log.info("broker stopping (grace %.1f s)", config.grace_s)
+    notifier.stopping(f"stopping (grace {config.grace_s:.1f} s)")
     for task in background:
         task.cancel()
     await health_servicer.enter_graceful_shutdown()
@@ -450,4 +474,11 @@ def main(config: BrokerConfig, log_level: str = "INFO") -> None:
         log.info("broker on CPU %d, its writer on CPU %d", *config.cpus)
     selector = TimedSelector()
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
-        runner.run(run_broker(config, on_serving=_after_start, busy_clock=selector.busy_s))
+        runner.run(
+            run_broker(
+                config,
+                on_serving=_after_start,
+                busy_clock=selector.busy_s,
+                notifier=ServiceNotifier.from_env(),
+            )
+        )

@@ -188,7 +188,10 @@ class BrokerProcess:
     (broker/leadership.py) binds its port only once it leads, so a client target naming every
     replica has to know the ports before they listen."""
 
-    def __init__(self, workdir: Path, name: str, database_url: str) -> None:
+    def __init__(
+        self, workdir: Path, name: str, database_url: str, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: added to its environment."""
         self.port = free_port()
         self.metrics_port = free_port()
         self.ready = workdir / f"{name}.addr"
@@ -203,6 +206,7 @@ class BrokerProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
 
     @property

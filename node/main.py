@@ -15,6 +15,7 @@ from agentcg.channels import ClientSecurity
 from agentcg.gate import ServerSecurity, reload_on_sighup
 from agentcg.heap import freeze_start_up
 from agentcg.names import validate_name
+from agentcg.notify import ServiceNotifier
 from agentcg.readyfile import write_ready_file
 from agentcg.shutdown import stop_on_signals
 from agentcg.telemetry import (
@@ -74,9 +75,11 @@ async def run_node(
     config: NodeConfig,
     stop: asyncio.Event | None = None,
     on_serving: Callable[[], None] | None = None,
+    notifier: ServiceNotifier | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGINT/SIGTERM); ``on_serving`` runs once the agent
-    serves, before its ready file is written."""
+    serves, before its ready file is written; ``notifier``: the service manager's (``main``:
+    systemd's, from the environment)."""
     # The metrics endpoint first: a bad --metrics-listen fails before anything else starts.
     registry = metrics_registry()
     metrics = NodeMetrics(registry)
@@ -84,7 +87,7 @@ async def run_node(
         serve_metrics(config.metrics_listen, registry) if config.metrics_listen else None
     )
     try:
-        await _run(config, metrics, metrics_server, stop, on_serving)
+        await _run(config, metrics, metrics_server, stop, on_serving, notifier or ServiceNotifier())
     finally:
         if metrics_server is not None:
             await asyncio.get_running_loop().run_in_executor(None, metrics_server.close)
@@ -96,6 +99,7 @@ async def _run(
     metrics_server: MetricsServer | None,
     stop: asyncio.Event | None,
     on_serving: Callable[[], None] | None,
+    notifier: ServiceNotifier,
 ) -> None:
     node_id = validate_name("node_id", config.node_id or default_node_id())
     capacity = config.capacity_bytes or default_capacity_bytes()
@@ -177,6 +181,8 @@ async def _run(
         on_serving()
     if config.ready_file is not None:
         write_ready_file(config.ready_file, address, listeners)
+    notifier.ready(f"node {node_id} serving on {address}; {adopted} call(s) re-adopted")
+    watchdog = asyncio.create_task(notifier.keep_alive(), name="watchdog")
 
     stop = stop_on_signals(stop)
     reconnects: set[asyncio.Task[None]] = set()
@@ -191,6 +197,10 @@ async def _run(
     await stop.wait()
     leases.cancel()
     log.info("node %s stopping (grace %.1f s)", node_id, config.grace_s)
+    notifier.stopping(
+        f"stopping (grace {config.grace_s:.1f} s; "
+        + ("calls left running)" if config.keep_calls else "calls stopped)")
+    )
     await health_servicer.enter_graceful_shutdown()
     stopping = asyncio.create_task(server.stop(config.grace_s))
     await asyncio.sleep(min(config.grace_s, 0.5))
@@ -202,6 +212,7 @@ async def _run(
     cgroup_io.shutdown(wait=True)  # cgroup removals already submitted finish first
     if not config.keep_calls:
         driver.clear()
+    watchdog.cancel()
 
 
 def _after_start() -> None:
@@ -213,4 +224,5 @@ def _after_start() -> None:
 def main(config: NodeConfig, log_level: str = "INFO") -> None:
     configure_logging(log_level)
     configure_tracing("agentcg-node")
-    asyncio.run(run_node(config, on_serving=_after_start))
+    notifier = ServiceNotifier.from_env()  # before any call is spawned: none inherits it
+    asyncio.run(run_node(config, on_serving=_after_start, notifier=notifier))
