@@ -12,6 +12,7 @@ The `parse_*` functions are pure (text in, values out) and tested against fixtur
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import signal
@@ -24,6 +25,7 @@ from typing import Protocol
 from agentcg.names import validate_name
 
 __all__ = [
+    "AGENT_LEAF",
     "Cgroup",
     "CgroupDriver",
     "CgroupError",
@@ -44,6 +46,8 @@ __all__ = [
     "parse_proc_cgroup",
     "parse_v2_mount",
 ]
+
+log = logging.getLogger(__name__)
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 MEMORY = "memory"
@@ -623,12 +627,38 @@ def format_cpu_max(quota_millis: int | None, period_us: int = _V2_CPU_PERIOD_US)
     return f"{max(1000, quota_millis * period_us // 1000)} {period_us}"
 
 
+AGENT_LEAF = "_agent"  # no root name can be it: a validated name starts with a letter or digit
+
+
+def _leave_for_leaf(base: Path) -> None:
+    """Move the processes of ``base`` into its leaf ``AGENT_LEAF`` (made if missing), so that
+    ``base`` can delegate controllers to its children; a process that ends meanwhile is
+    skipped."""
+    pids = _read_text(base / "cgroup.procs").split()
+    if not pids:
+        return
+    leaf = base / AGENT_LEAF
+    _mkdir_p(leaf, base)
+    for pid in pids:
+        try:
+            _write_text(leaf / "cgroup.procs", pid)
+        except CgroupError:
+            if Path(f"/proc/{pid}").exists():
+                raise
+    log.info(
+        "moved %d process(es) of %s into %s (v2: no internal processes)", len(pids), base, leaf
+    )
+
+
 class CgroupV2Driver:
     """cgroup v2: one unified hierarchy; memory, cpu and pids enabled down to each call.
 
     Rooted at `<this process's v2 cgroup>/<root_name>` (or `base/<root_name>`). v2 forbids
     processes in a cgroup that delegates controllers to children ("no internal processes"), so
-    the base must be the v2 root or a delegated cgroup the agent does not itself sit in.
+    the base must be the v2 root or a delegated cgroup the agent does not itself sit in. Rooted
+    at its own cgroup (a systemd unit's with ``Delegate=yes``), the agent first moves the
+    cgroup's processes (itself) into the leaf ``AGENT_LEAF`` below it, as systemd asks of a
+    delegated unit.
 
     v2 has no oom_kill_disable. With pause at limit on, the budget is memory.high (allocators
     above it are stalled in reclaim, and that reclaim is the limit event the BPF program sees)
@@ -655,6 +685,8 @@ class CgroupV2Driver:
             if mount is None or own is None:
                 raise CgroupError("no cgroup v2 hierarchy for this process")
             base = mount.joinpath(*[p for p in own.split("/") if p])
+            if base != mount:  # the root alone may hold processes and delegate
+                _leave_for_leaf(base)
         if not (base / "cgroup.controllers").exists():
             raise CgroupError(f"{base}: not a cgroup v2 directory (no cgroup.controllers)")
         available = set(_read_text(base / "cgroup.controllers").split())

@@ -160,3 +160,46 @@ def test_usage_tracepoints_on_this_kernel() -> None:
     counter = supported_usage_source(UsageSource.COUNTER, TRACEFS)
     assert counter in ((UsageSource.COUNTER, UsageSource.LRU) if has_memcg else (UsageSource.NONE,))
     print(f"kernel {os.uname().release}: memcg tracepoints {'present' if has_memcg else 'absent'}")
+
+
+_DELEGATED_AGENT = """
+import os, sys
+from pathlib import Path
+unit = Path(sys.argv[1])
+(unit / "cgroup.procs").write_text(str(os.getpid()))  # where systemd starts the main process
+from agentcg.node.cgroup import CgroupV2Driver
+d = CgroupV2Driver("agentcg-n1")  # rooted at its own cgroup: the unit's
+cg = d.create("t", "s", "c")
+d.set_memory_limit(cg, 64 << 20)
+print(Path("/proc/self/cgroup").read_text().strip())
+print(d.root)
+print((cg.path / "memory.max").read_text().strip())
+d.clear()
+"""
+
+
+def test_an_agent_in_a_delegated_unit_moves_itself_into_a_leaf() -> None:
+    """As systemd starts `agentcg node` in a unit with Delegate=yes: the agent's process sits in
+    the unit's cgroup, which must hold no process to delegate controllers to the calls' cgroups
+    (v2's rule). The driver moves it into a leaf and manages the calls beside it."""
+    unit = V2 / f"agentcg-node-{uuid.uuid4().hex[:8]}.service"
+    unit.mkdir()
+    try:
+        # What Delegate=yes does above the unit: its controllers are enabled for it.
+        (V2 / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+        done = subprocess.run(
+            [sys.executable, "-c", _DELEGATED_AGENT, str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        own, root, limit = done.stdout.split()
+        assert own == f"0::/{unit.name}/_agent"
+        assert root == str(unit / "agentcg-n1")
+        assert limit == str(64 * MiB)
+        assert "memory" in (unit / "cgroup.subtree_control").read_text().split()
+    finally:
+        for leftover in (unit / "agentcg-n1", unit / "_agent", unit):
+            if leftover.exists():
+                leftover.rmdir()
