@@ -807,6 +807,76 @@ def _top_json(snapshot: list[NodeCalls]) -> str:
 
 
 @app.command()
+def preflight(
+    broker: Annotated[
+        str,
+        typer.Option(
+            "--broker", help="also check this broker: reachable, and takes us for --node-id"
+        ),
+    ] = "",
+    node_id: Annotated[str, typer.Option(help="the node id to check (default: host name)")] = "",
+    usage_source: Annotated[
+        str, typer.Option(help="the usage source the node will ask for (see 'agentcg node')")
+    ] = "counter",
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Can this host run the node agent? Tries cgroups, the BPF monitor and a real paused and
+    grown allocation (and with --broker, the broker and this node's identity there), as the
+    agent will; exit 1 when a check fails (root needed, as for the agent)."""
+    from agentcg.node.main import default_node_id
+    from agentcg.node.monitor import UsageSource
+    from agentcg.node.preflight import Check, run_preflight
+
+    if usage_source.upper() not in UsageSource.__members__:
+        raise typer.BadParameter(
+            f"unknown usage source {usage_source!r}", param_hint="--usage-source"
+        )
+    checks = run_preflight(UsageSource[usage_source.upper()])
+    if broker:
+        node = node_id or default_node_id()
+
+        async def identify(c: AsyncClient) -> Check:
+            t = time.perf_counter()
+            await c.ping()
+            me = await c.whoami()
+            took_ms = (time.perf_counter() - t) * 1000
+            if not me.checked:
+                return Check("broker", "ok", f"{broker}: reachable, no access file", took_ms)
+            if me.role == "node" and node in me.nodes:
+                return Check(
+                    "broker", "ok", f"{broker}: reachable, takes us for {me.name}", took_ms
+                )
+            return Check(
+                "broker",
+                "fail",
+                f"{broker}: takes us for {me.name} (role {me.role}, nodes "
+                f"{', '.join(me.nodes) or 'none'}), which may not act as node {node!r}",
+                took_ms,
+            )
+
+        async def check() -> Check:
+            try:
+                async with AsyncClient(broker, security=_client_security(), timeout_s=5) as c:
+                    return await identify(c)
+            except AgentcgError as exc:
+                return Check("broker", "fail", f"{broker}: {exc}")
+
+        checks.append(asyncio.run(check()))
+    failed = [c.name for c in checks if c.status == "fail"]
+    if json_out:
+        print(json.dumps({"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks]}))
+    else:
+        table = Table("check", "status", "ms", "detail")
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in checks:
+            status = f"[{colour[c.status]}]{c.status}[/{colour[c.status]}]"
+            table.add_row(c.name, status, f"{c.duration_ms:.0f}", c.detail)
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def whoami(
     broker: BrokerOpt = BROKER_DEFAULT,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,

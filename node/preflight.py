@@ -1,0 +1,203 @@
+"""Can this host enforce budgets? ``agentcg preflight`` tries each part the node agent needs, for
+real and as the agent uses it, before a platform team turns the agent on across its hosts.
+
+1. ``cgroups``: the driver for this host (v1 or v2, nested under this process's own cgroup as
+   the agent's), a call's cgroup made, limited, set to pause at its limit, removed.
+2. ``memwatch``: the BPF program compiled, loaded and attached, and the usage source it runs
+   with (a fallback from the one asked for is a warning: the agent still enforces, with less).
+3. ``enforcement``: a real process allocating past its budget in its own cgroup is paused at the
+   limit (the kernel), the limit event reaches user space (BPF), the budget is raised, and it
+   finishes: the agent's pause -> grow path, timed. Without the first two it is not tried.
+
+Every check cleans up after itself (its cgroups are under ``agentcg-preflight-<pid>``, never a
+running agent's).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .cgroup import Cgroup, CgroupDriver, CgroupError, detect_driver
+from .monitor import EventKind, MemEvent, MemoryMonitor, MonitorError, UsageSource
+from .spawn import spawn_gated
+
+__all__ = ["Check", "run_preflight"]
+
+MiB = 1 << 20
+BUDGET_BYTES = 32 * MiB
+ALLOCATE_BYTES = 64 * MiB  # past the budget: the call must pause there
+GROWN_BYTES = 128 * MiB
+EVENT_TIMEOUT_S = 10.0
+EXIT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: str  # "ok" | "warn" (works, with less) | "fail"
+    detail: str
+    duration_ms: float = 0.0
+
+
+class _Events:
+    """MemEvents from the monitor's poller thread, waited for by kind."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._events: list[MemEvent] = []
+
+    def __call__(self, event: MemEvent) -> None:
+        with self._cv:
+            self._events.append(event)
+            self._cv.notify_all()
+
+    def wait_for(self, cgroup_id: int, kind: EventKind, timeout_s: float) -> MemEvent | None:
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while True:
+                for e in self._events:
+                    if e.cgroup_id == cgroup_id and e.kind == kind:
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(left)
+
+
+def _timed(name: str, run: Callable[[], tuple[str, str]]) -> Check:
+    t = time.perf_counter()
+    try:
+        status, detail = run()
+    except (CgroupError, MonitorError, OSError) as exc:
+        status, detail = "fail", str(exc)
+    return Check(name, status, detail, (time.perf_counter() - t) * 1000)
+
+
+@contextmanager
+def _call_cgroup(driver: CgroupDriver, name: str) -> Iterator[Cgroup]:
+    cg = driver.create("preflight", "session", name)
+    try:
+        yield cg
+    finally:
+        try:
+            driver.kill(cg)
+        finally:
+            driver.remove(cg)
+
+
+def _check_cgroups(driver: CgroupDriver) -> tuple[str, str]:
+    with _call_cgroup(driver, "limits") as cg:
+        driver.set_memory_limit(cg, BUDGET_BYTES)
+        driver.set_pause_at_limit(cg, True)
+        limit = driver.read_stats(cg).limit_bytes
+        if limit is None or limit < BUDGET_BYTES:
+            return "fail", f"{cg.path}: a {BUDGET_BYTES >> 20} MiB budget reads back as {limit}"
+    return "ok", f"cgroup v{driver.version}; calls under {driver.root.parent}/agentcg-<node id>"
+
+
+ALLOCATE = (
+    "import sys; b = b'x' * {bytes}; sys.stdout.write('done'); sys.stdout.flush()"  # touches all
+)
+
+
+def _check_enforcement(driver: CgroupDriver, monitor: MemoryMonitor, events: _Events) -> Check:
+    """A real allocation past its budget: paused, seen in-kernel, grown, finished."""
+
+    def run() -> tuple[str, str]:
+        with _call_cgroup(driver, "spike") as cg:
+            driver.set_memory_limit(cg, BUDGET_BYTES)
+            driver.set_pause_at_limit(cg, True)
+            cid = driver.cgroup_id(cg)
+            monitor.watch(cid, soft_bytes=0, limit_bytes=BUDGET_BYTES)
+            argv = [sys.executable, "-c", ALLOCATE.format(bytes=ALLOCATE_BYTES)]
+            gated = spawn_gated(argv, stdout=subprocess.PIPE)
+            try:
+                driver.attach(cg, gated.pid)
+                monitor.add_pid(gated.pid, cid)
+                started = time.monotonic_ns()
+                gated.release()
+                limit = events.wait_for(cid, EventKind.LIMIT, EVENT_TIMEOUT_S)
+                budget = f"a {ALLOCATE_BYTES >> 20} MiB allocation under a {BUDGET_BYTES >> 20} MiB budget"
+                if limit is None:
+                    return "fail", f"{budget}: no limit event within {EVENT_TIMEOUT_S:.0f} s"
+                seen_ms = (limit.kernel_time_ns - started) / 1e6
+                if driver.version == 2:  # memory.high only slows it: the agent freezes it
+                    driver.set_frozen(cg, True)
+                if gated.process.poll() is not None:
+                    return "fail", f"{budget}: ended ({gated.process.returncode}), not paused"
+                oom_kills = driver.read_stats(cg).oom_kills
+                driver.set_memory_limit(cg, GROWN_BYTES)
+                if driver.version == 2:
+                    driver.set_frozen(cg, False)
+                try:
+                    code = gated.process.wait(EXIT_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    return "fail", f"{budget}: still paused {EXIT_TIMEOUT_S:.0f} s after growing"
+                if code != 0 or oom_kills:
+                    return "fail", f"{budget}: exit {code}, {oom_kills} OOM kill(s)"
+                return "ok", (
+                    f"{budget}: paused at the limit, limit event {seen_ms:.0f} ms after start, "
+                    f"resumed when grown to {GROWN_BYTES >> 20} MiB, exit 0"
+                )
+            finally:
+                if gated.process.poll() is None:
+                    gated.abort()
+                    gated.process.kill()
+                gated.process.communicate()
+                monitor.unwatch(cid)
+
+    return _timed("enforcement", run)
+
+
+def run_preflight(usage_source: UsageSource = UsageSource.COUNTER) -> list[Check]:
+    """The host's checks, in order (see the module's docstring)."""
+    checks: list[Check] = []
+    driver: CgroupDriver | None = None
+    try:
+        driver = detect_driver(f"agentcg-preflight-{os.getpid()}")
+    except CgroupError as exc:
+        checks.append(Check("cgroups", "fail", str(exc)))
+    if driver is not None:
+        found = driver
+        checks.append(_timed("cgroups", lambda: _check_cgroups(found)))
+    events = _Events()
+    monitor: MemoryMonitor | None = None
+    t = time.perf_counter()
+    try:
+        monitor = MemoryMonitor(events, usage_source=usage_source)
+    except (MonitorError, OSError) as exc:
+        checks.append(Check("memwatch", "fail", str(exc), (time.perf_counter() - t) * 1000))
+    else:
+        took_ms = (time.perf_counter() - t) * 1000
+        got = monitor.usage_source
+        if got is usage_source:
+            checks.append(Check("memwatch", "ok", f"loaded; usage source {got.name}", took_ms))
+        else:
+            checks.append(
+                Check(
+                    "memwatch",
+                    "warn",
+                    f"loaded with usage source {got.name}, not {usage_source.name} (fewer "
+                    "in-kernel measurements; the log says why)",
+                    took_ms,
+                )
+            )
+    try:
+        if driver is None or monitor is None or any(c.status == "fail" for c in checks):
+            checks.append(Check("enforcement", "fail", "not tried: cgroups or memwatch failed"))
+        else:
+            monitor.start()
+            checks.append(_check_enforcement(driver, monitor, events))
+    finally:
+        if monitor is not None:
+            monitor.close()
+        if driver is not None:
+            driver.clear()
+    return checks
