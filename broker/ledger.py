@@ -108,6 +108,15 @@ class Ledger:
         this ledger does not know (a caller's scope is checked before the tenant is looked up)."""
         return [t.name for t in self.chain(TenantName(name))] or [name]
 
+    def total_granted_bytes(self) -> int:
+        """The budgets of every active lease (O(nodes))."""
+        return sum(self._node_bytes.values())
+
+    def total_declared_bytes(self) -> int:
+        """What every active lease declared, as the overcommit ceiling counts it: its intent
+        (or its budget, grown above it), a declared session's maximum once (O(nodes))."""
+        return sum(self._node_intent.values())
+
     def subtree_names(self, roots: Iterable[str]) -> set[str]:
         """The tenants ``roots`` and every tenant below them (a root this ledger does not
         know, a deleted tenant, stands for itself)."""

@@ -88,6 +88,8 @@ class BrokerState:
     nodes_pressured: int
     tenants: int
     nodes_cordoned: int = 0  # taken out of service (NodeAdmin.CordonNode), draining or not
+    granted_memory_bytes: int = 0  # the active leases' budgets
+    declared_memory_bytes: int = 0  # what they declared (a declared session: its maximum, once)
     # Active leases and granted memory per top-level tenant (org), at most
     # BrokerStateCollector.max_orgs of them (the busiest); the rest summed under "_other".
     org_active_leases: Mapping[str, int] = field(default_factory=dict)
@@ -140,6 +142,17 @@ class BrokerStateCollector(Collector):
                 value=state.nodes_cordoned,
             ),
             GaugeMetricFamily(p + "tenants", "Tenants defined", value=state.tenants),
+            GaugeMetricFamily(
+                p + "granted_memory_bytes",
+                "Memory granted to the active leases (their budgets, grown or not)",
+                value=state.granted_memory_bytes,
+            ),
+            GaugeMetricFamily(
+                p + "declared_memory_bytes",
+                "Memory the active leases declared (intents; a declared session's maximum once): "
+                "granted below it is what sizing from measured peaks holds back",
+                value=state.declared_memory_bytes,
+            ),
         ]
         by_org = GaugeMetricFamily(
             p + "org_active_leases",

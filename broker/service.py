@@ -936,6 +936,8 @@ class BrokerCore:
             nodes_pressured=len(ledger.pressured),
             tenants=len(ledger.tenants),
             nodes_cordoned=sum(1 for n in ledger.nodes.values() if n.cordoned),
+            granted_memory_bytes=ledger.total_granted_bytes(),
+            declared_memory_bytes=ledger.total_declared_bytes(),
             org_active_leases=calls,
             org_granted_bytes=granted,
         )

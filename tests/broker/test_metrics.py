@@ -97,6 +97,8 @@ def test_state_gauges_are_read_at_each_scrape() -> None:
         nodes_pressured=1,
         tenants=7,
         nodes_cordoned=2,
+        granted_memory_bytes=96 * MiB,
+        declared_memory_bytes=256 * MiB,
         org_active_leases={"acme": 3, "_other": 0},
         org_granted_bytes={"acme": 96 * MiB, "_other": 0},
     )
@@ -122,6 +124,8 @@ def test_state_gauges_are_read_at_each_scrape() -> None:
     assert value(r, "agentcg_broker_node_streams") == 3
     assert value(r, "agentcg_broker_nodes_pressured") == 1
     assert value(r, "agentcg_broker_nodes_cordoned") == 2
+    assert value(r, "agentcg_broker_granted_memory_bytes") == 96 * MiB
+    assert value(r, "agentcg_broker_declared_memory_bytes") == 256 * MiB
 
 
 def test_state_gauges_are_left_out_when_the_state_cannot_be_read() -> None:

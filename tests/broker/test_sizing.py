@@ -14,7 +14,7 @@ from agentcg.broker.admission import Admit, Deny, NodeView, QuotaLevel, decide_r
 from agentcg.broker.ledger import Ledger
 from agentcg.broker.model import ForgetPeaks, NodeId, Tenant, TenantName
 from agentcg.broker.sizing import FLOOR_BYTES, MIN_SAMPLES, Profile, p95, profile, size_budget
-from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.cluster import LocalCluster, scrape_metric
 from agentcg.clients.sdk import Client, SizingProfile
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
@@ -154,8 +154,11 @@ def _learn(c: Client, tenant: str, command_class: str, peaks_mib: list[int]) -> 
 
 
 def test_profiles_show_what_sizing_grants(tmp_path: Path, database_url: str) -> None:
+    flags = ("--metrics-listen", "127.0.0.1:0")
     with (
-        LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as cl,
+        LocalCluster(
+            tmp_path, nodes=0, database_url=database_url, broker_args=flags, log_level="WARNING"
+        ) as cl,
         SimNode(cl.broker_address, memory_bytes=1 << 34),
         Client(cl.broker_address) as c,
     ):
@@ -179,11 +182,15 @@ def test_profiles_show_what_sizing_grants(tmp_path: Path, database_url: str) -> 
             "team-a", "pip", 2, False, 20 * MiB, 30 * MiB, 30 * MiB, 20 * MiB, 64 * MiB
         )
         assert pytest_b.budget_bytes == 8 * MiB
-        # What the profile says a Reserve gets is what it gets.
-        for p in profiles:
-            lease = c.reserve(p.tenant, 64 * MiB, command_class=p.command_class)
-            assert lease.memory_bytes == p.budget_bytes
-            c.release(lease.lease_id)  # no peak: nothing learned
+        # What the profile says a Reserve gets is what it gets; the gauges show what the
+        # active leases declared and what they were granted.
+        leases = [c.reserve(p.tenant, 64 * MiB, command_class=p.command_class) for p in profiles]
+        assert [x.memory_bytes for x in leases] == [p.budget_bytes for p in profiles]
+        metrics = cl.metrics_address("broker")
+        assert scrape_metric(metrics, "agentcg_broker_declared_memory_bytes") == 3 * 64 * MiB
+        assert scrape_metric(metrics, "agentcg_broker_granted_memory_bytes") == (64 + 40 + 8) * MiB
+        c.release_batch([x.lease_id for x in leases])  # no peak: nothing learned
+        assert scrape_metric(metrics, "agentcg_broker_granted_memory_bytes") == 0
         assert c.list_sizing(intent_memory_bytes=64 * MiB) == profiles
         # Filters: a subtree, one tenant, one class; no intent, no budget.
         assert len(c.list_sizing(tenant="org")) == 3
