@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from agentcg.access import REFUSALS
+from agentcg.telemetry import access_refusals
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -285,15 +285,7 @@ class BrokerMetrics:
             "Leases revoked because their node's drain deadline passed",
             registry=r,
         )
-        refused = Counter(
-            p + "access_refused",
-            "Calls refused by the access gate (with --access): unknown or no token "
-            "(unauthenticated), a method outside the role (role), a tenant, lease or node "
-            "outside the scope (scope)",
-            ["reason"],
-            registry=r,
-        )
-        self._refused = {reason: refused.labels(reason) for reason in REFUSALS}
+        self.access_refused = access_refusals(r, p)
 
     # -- hot path -------------------------------------------------------------------------------
 
@@ -338,6 +330,3 @@ class BrokerMetrics:
     def track_state(self, read: Callable[[], BrokerState | None]) -> None:
         """Serve the live-state gauges from ``read`` (called at each scrape)."""
         self.registry.register(BrokerStateCollector(read))
-
-    def access_refused(self, reason: str) -> None:
-        self._refused[reason].inc()

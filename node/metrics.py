@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from agentcg.access import REFUSALS
+from agentcg.telemetry import access_refusals
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -181,15 +181,7 @@ class NodeMetrics:
         self.calls_started = Counter(
             p + "calls_started", "Tool calls started or attached", registry=r
         )
-        refused = Counter(
-            p + "access_refused",
-            "Calls refused by the access gate (with --access): unknown or no token "
-            "(unauthenticated), a method outside the role (role), a tenant, lease or node "
-            "outside the scope (scope)",
-            ["reason"],
-            registry=r,
-        )
-        self._refused = {reason: refused.labels(reason) for reason in REFUSALS}
+        self.access_refused = access_refusals(r, p)
         self._pause_notice_family = Counter(
             p + "pause_notices",
             "Kernel notices of a call's task waiting at its limit (v1) that found nothing "
@@ -234,6 +226,3 @@ class NodeMetrics:
     ) -> None:
         """Serve the state of the agent, its uplink and its monitor (read at each scrape)."""
         self.registry.register(NodeStateCollector(calls_running, uplink, monitor))
-
-    def access_refused(self, reason: str) -> None:
-        self._refused[reason].inc()
