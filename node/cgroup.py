@@ -685,7 +685,9 @@ class CgroupV2Driver:
             if mount is None or own is None:
                 raise CgroupError("no cgroup v2 hierarchy for this process")
             base = mount.joinpath(*[p for p in own.split("/") if p])
-            if base != mount:  # the root alone may hold processes and delegate
+            # The root alone may hold processes and delegate; it has no cgroup.type. (A cgroup
+            # namespace's root, a container's, is not the root and has one.)
+            if (base / "cgroup.type").exists():
                 _leave_for_leaf(base)
         if not (base / "cgroup.controllers").exists():
             raise CgroupError(f"{base}: not a cgroup v2 directory (no cgroup.controllers)")
