@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from agentcg.telemetry import access_refusals
+from agentcg.refusals import access_refusals
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector

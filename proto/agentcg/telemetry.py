@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -34,7 +34,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     GCCollector,
     PlatformCollector,
     ProcessCollector,
@@ -44,8 +43,6 @@ from prometheus_client import (
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agentcg.access import REFUSALS
-
 __all__ = [
     "GC_PAUSE_BUCKETS_S",
     "GcPauseCollector",
@@ -53,7 +50,6 @@ __all__ = [
     "MetricsServer",
     "aio_client_interceptors",
     "aio_server_interceptor",
-    "access_refusals",
     "configure_logging",
     "configure_tracing",
     "metrics_registry",
@@ -61,25 +57,6 @@ __all__ = [
     "process_gc_pauses",
     "serve_metrics",
 ]
-
-
-def access_refusals(registry: CollectorRegistry, prefix: str) -> Callable[[str], None]:
-    """``<prefix>access_refused_total{reason}`` in ``registry`` (the broker's and the node's
-    gates count alike); returns what counts one refusal of a ``REFUSALS`` reason."""
-    refused = Counter(
-        prefix + "access_refused",
-        "Calls refused by the access gate (with --access): unknown or no token "
-        "(unauthenticated), a method outside the role (role), a tenant, lease or node "
-        "outside the scope (scope)",
-        ["reason"],
-        registry=registry,
-    )
-    children = {reason: refused.labels(reason) for reason in REFUSALS}
-
-    def count(reason: str) -> None:
-        children[reason].inc()
-
-    return count
 
 
 def configure_logging(level: str = "INFO") -> None:

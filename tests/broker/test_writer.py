@@ -10,6 +10,7 @@ import asyncio
 import gc
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -408,3 +409,16 @@ def test_the_writer_process_does_not_import_grpc() -> None:
     code = "import sys, agentcg.broker.writer; print(sorted(m for m in sys.modules if m == 'grpc'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_writer_process_imports_neither_grpc_nor_opentelemetry() -> None:
+    """The writer process imports what it commits with (the store, the metrics module), not
+    the broker's server stack: OpenTelemetry alone added 13 MB to its resident set once a
+    module the metrics import pulled it in."""
+    code = (
+        "import sys, agentcg.broker.writer; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'opentelemetry'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
