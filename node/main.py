@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,9 +116,17 @@ async def _run(
 
     agent: NodeAgent | None = None
 
+    serving = ""  # "node N serving on A", once it does: the first part of its STATUS
+
     async def on_connected() -> None:
+        if serving:
+            notifier.status(f"{serving}; broker {config.broker} connected")
         if agent is not None:
             await agent.on_uplink_connected()
+
+    def on_disconnected(why: str) -> None:
+        at = time.strftime("%H:%M:%S")
+        notifier.status(f"{serving}; broker {config.broker} unreachable since {at} ({why})")
 
     async def on_decision(d: broker_pb2.Decision) -> None:
         assert agent is not None
@@ -134,6 +143,7 @@ async def _run(
         lambda: agent.heartbeat() if agent else broker_pb2.Heartbeat(),
         on_lease=lambda lease: agent.on_lease_update(lease) if agent else None,
         on_connected=on_connected,
+        on_disconnected=on_disconnected,
         security=config.broker_security,
     )
     monitor = MemoryMonitor(
@@ -181,7 +191,9 @@ async def _run(
         on_serving()
     if config.ready_file is not None:
         write_ready_file(config.ready_file, address, listeners)
-    notifier.ready(f"node {node_id} serving on {address}; {adopted} call(s) re-adopted")
+    serving = f"node {node_id} serving on {address}"
+    link = "connected" if uplink.connected else "unreachable (reconnecting)"
+    notifier.ready(f"{serving}; {adopted} call(s) re-adopted; broker {config.broker} {link}")
     watchdog = asyncio.create_task(notifier.keep_alive(), name="watchdog")
 
     stop = stop_on_signals(stop)

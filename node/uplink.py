@@ -32,6 +32,7 @@ class Uplink:
         *,
         on_lease: Callable[[types_pb2.Lease], None] | None = None,
         on_connected: Callable[[], Coroutine[Any, Any, None]] | None = None,
+        on_disconnected: Callable[[str], None] | None = None,
         buffer_size: int = 10_000,
         max_backoff_s: float = 5.0,
         security: ClientSecurity | None = None,
@@ -49,6 +50,7 @@ class Uplink:
         # Run after every (re)connection, beside the stream: decisions and lease updates sent
         # while the link was down are lost, so the node checks what it holds again.
         self._on_connected = on_connected
+        self._on_disconnected = on_disconnected  # once per lost link, with why
         self._background: set[asyncio.Future[None]] = set()
         self.connections = 0  # how many times the stream was opened
         self._buffer: collections.deque[broker_pb2.NodeMessage] = collections.deque()
@@ -137,16 +139,23 @@ class Uplink:
                     elif msg.HasField("lease") and self._on_lease is not None:
                         self._on_lease(msg.lease.lease)
                 log.warning("uplink: broker closed the stream")
+                why = "the broker closed the stream"
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
                     raise  # this task is being cancelled (close)
                 log.info("uplink: stream moved to a new channel")  # reconnect() ended it
+                why = "moving to a new channel"
             except grpc.aio.AioRpcError as exc:
                 log.warning("uplink: %s: %s", exc.code().name, exc.details())
-            except Exception:
+                why = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:
                 log.exception("uplink failed")
-            self._connected.clear()
+                why = f"failed: {exc}"
+            if self._connected.is_set():
+                self._connected.clear()
+                if self._on_disconnected is not None:
+                    self._on_disconnected(why)
             await asyncio.sleep(backoff)
             backoff = min(self._max_backoff_s, backoff * 2)
 

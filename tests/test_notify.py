@@ -117,3 +117,32 @@ def test_a_manager_that_does_not_listen_stops_nothing(
     assert len(caplog.records) == 1  # said once, not per send
     assert "nobody.sock" in caplog.text
     n.close()
+
+
+def test_a_full_queue_delays_state_changes_in_order_and_drops_pings(
+    listener: tuple[str, socket.socket],
+) -> None:
+    """The manager's queue (net.unix.max_dgram_qlen datagrams) is full: a state change is sent
+    again from the event loop once there is room, after the ones refused before it; pings
+    are not kept."""
+    address, sock = listener
+    n = ServiceNotifier(address)
+    fillers = 0
+    while n._send(b"STATUS=filler"):  # noqa: SLF001 - filling the queue with the real send
+        fillers += 1
+        assert fillers < 100_000
+
+    async def refused_then_delivered() -> list[dict[str, str]]:
+        n.ready("up")
+        n.notify(watchdog=1)
+        n.status("later")
+        loop = asyncio.get_running_loop()
+        got: list[dict[str, str]] = []
+        while len(got) < fillers + 2:
+            got.append(await loop.run_in_executor(None, receive, sock))
+        return got
+
+    got = asyncio.run(refused_then_delivered())
+    assert got[:fillers] == [{"STATUS": "filler"}] * fillers
+    assert got[fillers:] == [{"READY": "1", "STATUS": "up"}, {"STATUS": "later"}]
+    n.close()

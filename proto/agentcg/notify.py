@@ -10,12 +10,14 @@ event loop stops turning stops sending them and is killed and restarted.
 ``ServiceNotifier.from_env`` takes the variables out of the environment, as
 ``sd_notify(unset_environment=1)`` does, so that no child (the broker's database writer, a
 node's tool calls) speaks for the service. Without ``NOTIFY_SOCKET`` every method does nothing.
-A send never blocks and never raises: the service goes on if the manager does not listen.
+A send never blocks and never raises: the service goes on if the manager does not listen, and
+what its full queue refuses is sent again from the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -25,6 +27,8 @@ __all__ = ["ServiceNotifier"]
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 0.05  # how soon a notification the manager's full queue refused is sent again
+
 
 class ServiceNotifier:
     def __init__(self, address: str | None = None, watchdog_usec: int = 0) -> None:
@@ -33,6 +37,7 @@ class ServiceNotifier:
         self._address: str | bytes | None = None
         self._sock: socket.socket | None = None
         self._failed = False
+        self._pending: collections.deque[bytes] = collections.deque()  # refused, in order
         self._shown = address or ""
         self.watchdog_usec = watchdog_usec if address else 0
         if not address:
@@ -71,18 +76,52 @@ class ServiceNotifier:
         return self.watchdog_usec / 2e6 if self.watchdog_usec and self.enabled else None
 
     def notify(self, **fields: str | int) -> None:
-        """Send ``KEY=value`` lines (``ready=1`` -> ``READY=1``)."""
-        if self._sock is None or self._address is None:
+        """Send ``KEY=value`` lines (``ready=1`` -> ``READY=1``). A state change the manager's
+        full queue refuses is sent again, in order, from the running event loop (as
+        libsystemd's blocking send would, without blocking the loop); a watchdog ping is
+        not (the next one follows)."""
+        if self._sock is None:
             return
-        message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
+        message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items()).encode()
+        ping = set(fields) == {"watchdog"}
+        if self._pending:  # behind what waits already (a ping then is of no use)
+            if not ping:
+                self._pending.append(message)
+        elif not self._send(message) and not ping:
+            self._pending.append(message)
+            self._flush_later()
+
+    def _send(self, message: bytes) -> bool:
+        assert self._sock is not None and self._address is not None
         try:
-            self._sock.sendto(message.encode(), self._address)
-        except OSError as exc:  # not listening, its queue full: the service goes on
+            self._sock.sendto(message, self._address)
+        except BlockingIOError:  # the manager's queue is full: it reads it soon
+            return False
+        except OSError as exc:  # not listening: the service goes on
             if not self._failed:
                 log.warning("notifying the service manager at %s failed: %s", self._shown, exc)
             self._failed = True
-        else:
-            self._failed = False
+            return True  # dropped, not retried
+        self._failed = False
+        return True
+
+    def _flush_later(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop to retry from
+            log.warning(
+                "service manager's queue full: %d notification(s) dropped", len(self._pending)
+            )
+            self._pending.clear()
+            return
+        loop.call_later(RETRY_S, self._flush)
+
+    def _flush(self) -> None:
+        while self._pending and self._sock is not None:
+            if not self._send(self._pending[0]):
+                self._flush_later()
+                return
+            self._pending.popleft()
 
     def ready(self, status: str) -> None:
         self.notify(ready=1, status=status)
