@@ -197,7 +197,7 @@ async def _run(
     watchdog = asyncio.create_task(notifier.keep_alive(), name="watchdog")
 
     stop = stop_on_signals(stop)
-    reconnects: set[asyncio.Task[None]] = set()
+    reconnects: set[asyncio.Task[bool]] = set()
 
     def reconnect() -> None:  # SIGHUP: to the broker with credentials read again
         task = asyncio.create_task(uplink.reconnect())

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class Uplink:
+    FILES_CHECK_S = 2.0
+
     def __init__(
         self,
         broker_address: str,
@@ -42,6 +44,7 @@ class Uplink:
         self._stream: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._target = broker_address
         self._security = security or ClientSecurity()
+        self._files = self._security.files_version()
         self._open_channel()
         self._registration = registration
         self._on_decision = on_decision
@@ -71,21 +74,36 @@ class Uplink:
         self.broker = broker_pb2_grpc.BrokerStub(self.channel)
         self._gateway = broker_pb2_grpc.NodeGatewayStub(self.channel)
 
-    async def reconnect(self, grace_s: float = 2.0) -> None:
+    async def reconnect(self, grace_s: float = 2.0) -> bool:
         """A new channel from the credentials' files read again (a rotated token file, client
-        certificate or CA: SIGHUP). Calls from now on use it, and the stream moves over at
-        once (it is ended; the loop registers and connects again); calls still on the old
-        channel get ``grace_s``. If the files cannot be read, the old channel stays."""
+        certificate or CA: SIGHUP, or seen changed by ``_follow_files``). Calls from now on use
+        it, and the stream moves over at once (it is ended; the loop registers and connects
+        again); calls still on the old channel get ``grace_s``. If the files cannot be read,
+        the old channel stays (False)."""
         old = self.channel
+        files = self._security.files_version()
         try:
             self._open_channel()
         except (OSError, ValueError) as exc:
             log.error("uplink: credentials not reloaded, the old channel stays: %s", exc)
-            return
+            return False
+        self._files = files
         log.info("uplink: new channel to the broker with the credentials read again")
         if self._stream is not None:
             self._stream.cancel()  # the loop connects again, on the new channel
         await old.close(grace_s)
+        return True
+
+    async def _follow_files(self) -> None:
+        """Reconnect with the credentials' files when they change (cert-manager or
+        spiffe-helper renaming a renewed certificate into place), looked at every
+        ``FILES_CHECK_S``: a node whose certificate expired could not connect again after a
+        broker restart or failover. A file caught mid-rename is tried again at the next look."""
+        while True:
+            await asyncio.sleep(self.FILES_CHECK_S)
+            if self._security.files_version() != self._files:
+                log.info("uplink: the credential files changed")
+                await self.reconnect()
 
     @property
     def connected(self) -> bool:
@@ -105,6 +123,9 @@ class Uplink:
 
     async def start(self, *, wait_connected_s: float = 10.0) -> None:
         self._task = asyncio.create_task(self._run(), name="uplink")
+        follow = asyncio.create_task(self._follow_files(), name="uplink-files")
+        self._background.add(follow)
+        follow.add_done_callback(self._background.discard)
         await asyncio.wait_for(self._connected.wait(), wait_connected_s)
 
     async def _outgoing(self) -> AsyncIterator[broker_pb2.NodeMessage]:

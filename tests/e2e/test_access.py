@@ -112,12 +112,14 @@ def test_a_node_runs_no_call_for_a_tenant_outside_the_callers_scope(
     assert scrape_metric(metrics, name, reason="unauthenticated") >= 1
 
 
-def test_a_node_rotates_its_token_at_sighup(
-    tmp_path: Path, cgroup_write: Path, bcc_available: None
+@pytest.mark.parametrize("sighup", [True, False], ids=["sighup", "file-watch"])
+def test_a_node_rotates_its_token(
+    tmp_path: Path, cgroup_write: Path, bcc_available: None, sighup: bool
 ) -> None:
     """The node reads its token from AGENTCG_TOKEN_FILE; the operator adds the new token to the
-    broker's access file, writes it to the node's file, sends the node SIGHUP, then revokes the
-    old one. The node goes on running calls (each Exec reads the lease with its token)."""
+    broker's access file, writes it to the node's file (and sends the node SIGHUP, or not: the
+    node sees the file change), then revokes the old one. The node goes on running calls (each
+    Exec reads the lease with its token)."""
     node_id = NODE_ID  # LocalCluster's first node
     old, new, client = new_token(), new_token(), new_token()
     entries = {
@@ -159,9 +161,14 @@ def test_a_node_rotates_its_token_at_sighup(
         grant("client", "node-old", "node-new", "root")
         cluster.procs["broker"].send_signal(signal.SIGHUP)
         wait_log("broker", "access file", 1)
-        token_file.write_text(new + "\n")
-        cluster.procs["node0"].send_signal(signal.SIGHUP)
+        replacement = tmp_path / "node.token.new"
+        replacement.write_text(new + "\n")
+        replacement.rename(token_file)  # as cert-manager or spiffe-helper put one in place
+        if sighup:
+            cluster.procs["node0"].send_signal(signal.SIGHUP)
         wait_log("node0", "uplink connected to broker", 2)  # on the new channel
+        if not sighup:
+            assert "the credential files changed" in cluster.log("node0")
         grant("client", "node-new", "root")  # the old token revoked
         cluster.procs["broker"].send_signal(signal.SIGHUP)
         wait_log("broker", "access file", 2)
