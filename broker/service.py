@@ -656,7 +656,10 @@ class BrokerCore:
             if not picked and not waiter.callers:  # the last caller gave up: leave the queue
                 self._unqueue(waiter)
         if not picked:
-            d = waiter.deny
+            # What fits now, not in the round it was last tried in: grants start no round, and
+            # a round can be skipped (kick), so that round's node room may be long gone.
+            fresh = self.decide_reserve(ask, now_ms())
+            d = fresh if isinstance(fresh, Deny) else waiter.deny
             raise QuotaExceededError(
                 f"{d.message} (waited {ask.queue_timeout_ms} ms in the queue)",
                 code=d.code,

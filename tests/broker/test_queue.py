@@ -399,3 +399,28 @@ def test_a_lease_ending_outside_the_holding_tenants_starts_no_round(
                 assert len({x.lease_id for x in leases}) == 99
 
         asyncio.run(go())
+
+
+def test_a_timed_out_waiter_is_told_what_fits_when_it_gives_up(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The hint a waiter gets at its deadline is decided then, not taken from the round it was
+    last tried in: grants start no round, and here another tenant's grant took the node's
+    room after tenant a's waiter was denied by a's own quota."""
+
+    async def go(address: str) -> None:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("a", 100 * MiB)
+            await c.set_tenant("b", 1 << 30)
+            await c.reserve("a", 60 * MiB)  # a has 40 MiB left
+            waiting = asyncio.ensure_future(c.reserve("a", 64 * MiB, queue_timeout_ms=1500))
+            await settle(c)
+            await c.reserve("b", 190 * MiB)  # the node (256 MiB) has 6 MiB left
+            with pytest.raises(QuotaExceededError) as late:
+                await waiting
+            assert "waited 1500 ms" in late.value.message
+            assert late.value.largest_memory_bytes_available == 6 * MiB
+
+    with LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as c:
+        with SimNode(c.broker_address, memory_bytes=256 * MiB):
+            asyncio.run(go(c.broker_address))
