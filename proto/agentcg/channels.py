@@ -38,6 +38,7 @@ RESENT = {
     "agentcg.v1.TenantAdmin": ("SetTenant", "GetTenant", "ListTenants"),
     "agentcg.v1.NodeAdmin": ("ListNodes", "GetNode", "CordonNode", "UncordonNode"),
     "agentcg.v1.AuditLog": ("ListAudit",),
+    "agentcg.v1.Sizing": ("ListProfiles", "ForgetProfile"),  # forgetting twice: the same
 }
 RESEND_POLICY = {
     "maxAttempts": 5,  # gRPC's cap
