@@ -317,12 +317,16 @@ def _children(pid: int) -> list[int]:
     ]
 
 
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; b"" once it is gone (a writer just killed and reaped)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
 def _writers(broker: int) -> list[int]:
-    return [
-        c
-        for c in _children(broker)
-        if b"agentcg.broker.writer" in Path(f"/proc/{c}/cmdline").read_bytes()
-    ]
+    return [c for c in _children(broker) if b"agentcg.broker.writer" in _cmdline(c)]
 
 
 @pytest.mark.timeout(120)
