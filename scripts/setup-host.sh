@@ -2,13 +2,14 @@
 # Idempotent host set-up for the node agent's kernel side (needs root):
 # bcc from Debian, kernel headers linked for the running kernel, tracefs mounted; and Debian's
 # gRPC C++ toolchain for the native load generator (clients/loadgen, `make loadgen`); openssl,
-# with which the TLS tests make their certificates (tests/pki.py).
+# with which the TLS tests make their certificates (tests/pki.py); systemd, whose
+# systemd-analyze checks the README's unit files (it does not have to run as init).
 # Optional: WITH_POSTGRES=1 also installs Debian's PostgreSQL server.
 set -euo pipefail
 
 need=(bpfcc-tools python3-bpfcc linux-headers-amd64)
 need+=(g++ make pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc)
-need+=(openssl)
+need+=(openssl systemd)
 if [ "${WITH_POSTGRES:-0}" = 1 ]; then need+=(postgresql); fi
 
 missing=()
