@@ -68,12 +68,12 @@ from .store import Store, StoreError, StoreFenced
 
 __all__ = [
     "AuditLogServicer",
-    "SizingServicer",
     "BrokerCore",
     "BrokerServicer",
     "NodeAdminServicer",
     "NodeGatewayServicer",
     "NodeReport",
+    "SizingServicer",
     "TenantAdminServicer",
 ]
 

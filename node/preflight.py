@@ -124,7 +124,10 @@ def _check_enforcement(driver: CgroupDriver, monitor: MemoryMonitor, events: _Ev
                 started = time.monotonic_ns()
                 gated.release()
                 limit = events.wait_for(cid, EventKind.LIMIT, EVENT_TIMEOUT_S)
-                budget = f"a {ALLOCATE_BYTES >> 20} MiB allocation under a {BUDGET_BYTES >> 20} MiB budget"
+                budget = (
+                    f"a {ALLOCATE_BYTES >> 20} MiB allocation under a "
+                    f"{BUDGET_BYTES >> 20} MiB budget"
+                )
                 if limit is None:
                     return "fail", f"{budget}: no limit event within {EVENT_TIMEOUT_S:.0f} s"
                 seen_ms = (limit.kernel_time_ns - started) / 1e6

@@ -73,6 +73,8 @@ def test_ready_status_and_stopping_reach_the_socket(listener: tuple[str, socket.
     assert receive(sock) == {"READY": "1", "STATUS": "serving on 127.0.0.1:50051"}
     n.stopping("stopping (grace 5.0 s)")
     assert receive(sock) == {"STOPPING": "1", "STATUS": "stopping (grace 5.0 s)"}
+    n.status("broker unreachable (UNAVAILABLE: a\nREADY=1)")  # a value cannot add a key
+    assert receive(sock) == {"STATUS": "broker unreachable (UNAVAILABLE: a READY=1)"}
     n.close()
 
 

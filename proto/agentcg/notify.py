@@ -82,7 +82,9 @@ class ServiceNotifier:
         not (the next one follows)."""
         if self._sock is None:
             return
-        message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items()).encode()
+        message = "\n".join(  # one line per field: a newline in a value would start a key
+            f"{key.upper()}={' '.join(str(value).splitlines())}" for key, value in fields.items()
+        ).encode()
         ping = set(fields) == {"watchdog"}
         if self._pending:  # behind what waits already (a ping then is of no use)
             if not ping:
