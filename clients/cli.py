@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from agentcg.access import ANY
 from agentcg.channels import ClientSecurity
 from agentcg.errors import AgentcgError
 from agentcg.gate import ServerSecurity, ServerSecurityError
@@ -842,7 +843,7 @@ def preflight(
             took_ms = (time.perf_counter() - t) * 1000
             if not me.checked:
                 return Check("broker", "ok", f"{broker}: reachable, no access file", took_ms)
-            if me.role == "node" and (node in me.nodes or "*" in me.nodes):
+            if me.role == "node" and (node in me.nodes or ANY in me.nodes):
                 return Check(
                     "broker", "ok", f"{broker}: reachable, takes us for {me.name}", took_ms
                 )
