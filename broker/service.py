@@ -35,6 +35,7 @@ from agentcg.errors import (
 from agentcg.gate import current_principal
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import to_status
+from agentcg.tracecontext import parent_context, traceparent
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry import trace
 
@@ -1981,7 +1982,9 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             log.debug("node %s pressure %s lease %s", node_id, ev.kind, ev.lease_id)
             return None
         ledger = self.core.ledger
-        with tracer.start_as_current_span("agentcg.growth") as span:
+        # The node's pause is the parent: the call's trace goes on through the broker and back.
+        parent = parent_context(ev.traceparent)
+        with tracer.start_as_current_span("agentcg.growth", context=parent) as span:
             span.set_attribute("agentcg.lease_id", ev.lease_id)
             span.set_attribute("agentcg.action_id", ev.action_id)
             lease = ledger.leases.get(LeaseId(ev.lease_id))
@@ -1996,6 +1999,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                     event_id=ev.event_id,
                     kind=broker_pb2.DECISION_KIND_KILL,
                     reason=f"lease {ev.lease_id}: not active on node {node_id}",
+                    traceparent=traceparent(),
                 )
             result = decide_growth(
                 lease.memory_bytes,
@@ -2037,6 +2041,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                     new_budget_bytes=grown.memory_bytes,
                     epoch=grown.epoch,
                     reason=result.message,
+                    traceparent=traceparent(),
                 )
             await self.core.commit(
                 [
@@ -2059,6 +2064,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                 kind=broker_pb2.DECISION_KIND_KILL,
                 epoch=lease.epoch,
                 reason=result.message,
+                traceparent=traceparent(),
             )
 
     async def _held_elsewhere(self, node_id: NodeId, lease_id: str) -> bool:

@@ -4,13 +4,14 @@ the servers through their composition roots."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -951,6 +952,40 @@ def top(
 # -- run --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _run_span(tenant: str, session: str, command_class: str, argv: list[str]) -> Iterator[None]:
+    """The trace of one ``agentcg run``: continued from ``TRACEPARENT`` (OpenTelemetry's
+    environment carrier: a program that runs us passes its trace so), under a span
+    ``agentcg.run`` when spans are exported (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``AGENTCG_TRACE_CONSOLE=1``). The broker's and the node's spans of the call join it."""
+    from agentcg.telemetry import configure_tracing, tracing_exported
+    from agentcg.tracecontext import parent_context
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    parent = parent_context(os.environ.get("TRACEPARENT", ""))
+    # Not exported: no tracer provider, so the RPCs pass on the caller's trace as it is, or
+    # none (with an unsampled one of our own the broker would stop sampling our calls).
+    if not tracing_exported():
+        token = otel_context.attach(parent) if parent is not None else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return
+    attributes = {
+        "agentcg.tenant": tenant,
+        "agentcg.session": session,
+        "agentcg.command_class": command_class,
+        "process.command": argv[0],
+    }
+    configure_tracing("agentcg-cli")  # spans flushed at exit (the SDK's atexit hook)
+    tracer = trace.get_tracer(__name__)
+    with tracer.start_as_current_span("agentcg.run", context=parent, attributes=attributes):
+        yield
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
@@ -979,18 +1014,19 @@ def run(
         out.buffer.write(data)
         out.flush()
 
-    result: RunResult = _client_call(
-        broker,
-        lambda c: c.run(
-            tenant,
-            mem,
-            argv,
-            session=session,
-            command_class=command_class,
-            priority=priority,
-            on_output=sink,
-        ),
-    )
+    with _run_span(tenant, session, command_class, argv):
+        result: RunResult = _client_call(
+            broker,
+            lambda c: c.run(
+                tenant,
+                mem,
+                argv,
+                session=session,
+                command_class=command_class,
+                priority=priority,
+                on_output=sink,
+            ),
+        )
     if as_json:
         print(json.dumps(result.as_dict()))
     elif result.outcome != "completed":

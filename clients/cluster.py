@@ -189,10 +189,16 @@ class BrokerProcess:
     replica has to know the ports before they listen."""
 
     def __init__(
-        self, workdir: Path, name: str, database_url: str, env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        name: str,
+        database_url: str,
+        env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> None:
-        """``env``: added to its environment."""
-        self.port = free_port()
+        """``env``: added to its environment; ``port``: to listen on (default: a free one; a
+        restarted broker takes its predecessor's)."""
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.ready = workdir / f"{name}.addr"
         self.log = workdir / f"{name}.log"

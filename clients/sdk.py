@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from agentcg.channels import ClientSecurity, broker_channel_options
+from agentcg.channels import ClientSecurity, broker_channel_options, broker_interceptors
 from agentcg.errors import AgentcgError, QuotaExceededError
 from agentcg.rpcstatus import error_from_rpc
+from agentcg.tracecontext import aio_client_interceptors
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = [
@@ -390,7 +391,12 @@ class AsyncClient:
     and to the nodes alike; ``ClientSecurity.from_env()`` reads it from AGENTCG_* variables.
     When its files change (a renewed client certificate, a rotated token file; looked at, at
     most once every ``ROTATION_CHECK_S``), the next call makes the channels anew with them;
-    calls in flight finish on the old ones (closed after up to ``RETIRED_GRACE_S``)."""
+    calls in flight finish on the old ones (closed after up to ``RETIRED_GRACE_S``).
+
+    Tracing: every RPC carries the caller's OpenTelemetry context (a span current when a method
+    is called is the parent of its client span), so a tool call's Reserve, its run on the node,
+    the node's enforcement actions and the broker's decisions on them are one trace. Without a
+    tracer provider set up nothing is recorded or sent."""
 
     ROTATION_CHECK_S = 1.0
     RETIRED_GRACE_S = 3600.0
@@ -405,10 +411,17 @@ class AsyncClient:
         self._timeout_s = timeout_s
         self._files = self._security.files_version()
         self._checked_at = time.monotonic()
+        # Tracing outermost: a call sent again after a broker restart is one client span.
+        # Kept across the channels made anew at rotation (whether the broker was reached).
+        self._interceptors = [*aio_client_interceptors(), *broker_interceptors(broker)]
         self._stubs = self._open()
 
     def _open(self) -> _BrokerStubs:
-        ch = self._security.aio_channel(self._target, options=broker_channel_options(self._target))
+        ch = self._security.aio_channel(
+            self._target,
+            options=broker_channel_options(self._target),
+            interceptors=self._interceptors,
+        )
         return _BrokerStubs(
             ch,
             broker_pb2_grpc.BrokerStub(ch),
@@ -500,8 +513,9 @@ class AsyncClient:
         the most the whole session will hold at once: the broker then keeps it on one node and
         admits its leases only in an order in which every declared session there can finish.
 
-        Without an ``idempotency_key`` the SDK makes one: a Reserve sent again (several brokers,
-        ``broker_channel_options``) then gets the lease the first attempt got, never a second."""
+        Without an ``idempotency_key`` the SDK makes one: a Reserve sent again (after a leader
+        change or a broker restart, ``agentcg.channels``) then gets the lease the first attempt
+        got, never a second."""
         reply = await self._call(
             self._broker.Reserve(
                 broker_pb2.ReserveRequest(
@@ -798,7 +812,7 @@ class AsyncClient:
     def _node(self, address: str) -> node_pb2_grpc.NodeAgentAsyncStub:
         self._current()  # credentials rotated: the node channels too
         if address not in self._nodes:
-            ch = self._security.aio_channel(address)
+            ch = self._security.aio_channel(address, interceptors=aio_client_interceptors())
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
 

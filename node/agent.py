@@ -34,8 +34,11 @@ from agentcg.errors import (
 from agentcg.gate import current_principal
 from agentcg.names import InvalidNameError, validate_name
 from agentcg.rpcstatus import error_from_rpc, to_status
+from agentcg.tracecontext import parent_context, traceparent
 from agentcg.v1 import broker_pb2, node_pb2, node_pb2_grpc, types_pb2
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from .cgroup import Cgroup, CgroupDriver, CgroupError
 from .enforcement import (
@@ -113,6 +116,7 @@ class _Pending:
     kernel_time_ns: int
     timer: asyncio.TimerHandle
     decision_ns: int = 0  # kernel event -> the broker's decision received here
+    decision_trace: Context | None = None  # the broker decision's span: the action's parent
 
 
 _OUTCOME_LABEL = {
@@ -153,6 +157,9 @@ class Call:
     pause_fd: int = -1  # eventfd of the kernel's notice of a task waiting at the limit (v1)
     removed: asyncio.Future[None] | None = None  # its cgroup's removal, once it has ended
     started_s: float = field(default_factory=time.monotonic)
+    # The trace of the RPC that started it (Exec, Attach): its actions' spans join the caller's
+    # trace. None for a call re-adopted after a restart.
+    trace: Context | None = None
 
     def view(self) -> CallView:
         return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
@@ -332,7 +339,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             requested_bytes,
             " (dry run)" if self.policy.dry_run else "",
         )
-        self._announce(call, action_id, "pause", reason, usage_bytes=usage_bytes)
+        paused = self._announce(call, action_id, "pause", reason, usage_bytes=usage_bytes)
         self._send_pressure(
             call,
             broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
@@ -341,6 +348,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             requested_bytes,
             event_id=event_id,
             usage_bytes=usage_bytes,
+            trace_parent=paused,
         )
 
     # -- throttle: the first step of the ladder, always with a deadline ----------------------
@@ -402,20 +410,24 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         reaction_ns: int = 0,
         decision_ns: int = 0,
         span: str = "",
-    ) -> None:
+        parent: Context | None = None,
+    ) -> str:
         """An enforcement action's span, metrics and its ExecEvent to the caller (same action
-        id)."""
+        id). The span's parent is ``parent`` (the broker decision it carries out), else the
+        call's own trace; returns the span's traceparent (for a request it makes)."""
         kind = span or action
         self.metrics.action(kind, self.policy.dry_run)
         if reaction_ns:
             self.metrics.reaction(kind, reaction_ns / 1e9)
-        with tracer.start_as_current_span(f"agentcg.enforce.{kind}") as sp:
+        context = parent or call.trace
+        with tracer.start_as_current_span(f"agentcg.enforce.{kind}", context=context) as sp:
             sp.set_attribute("agentcg.action_id", action_id)
             sp.set_attribute("agentcg.lease_id", call.lease.lease_id)
             sp.set_attribute("agentcg.tenant", call.lease.tenant)
             sp.set_attribute("agentcg.reason", reason)
             if reaction_ns:
                 sp.set_attribute("agentcg.reaction_ms", reaction_ns / 1e6)
+            span_trace = traceparent()
         enforcement = node_pb2.Enforcement(
             action_id=action_id,
             action=action,
@@ -427,6 +439,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         call.recent_actions.append(enforcement)
         call.events.put_nowait(node_pb2.ExecEvent(enforcement=enforcement))
+        return span_trace
 
     def _report_local(
         self,
@@ -477,6 +490,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         *,
         event_id: str = "",
         usage_bytes: int = 0,
+        trace_parent: str = "",
     ) -> None:
         self.uplink.send(
             broker_pb2.NodeMessage(
@@ -491,6 +505,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     requested_memory_bytes=requested_bytes,
                     kernel_time_ns=ev.kernel_time_ns,
                     action_id=action_id,
+                    traceparent=trace_parent,
                 )
             )
         )
@@ -524,6 +539,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             )
             return
         call.pending.decision_ns = time.monotonic_ns() - call.pending.kernel_time_ns
+        call.pending.decision_trace = parent_context(d.traceparent)
         if d.kind == broker_pb2.DECISION_KIND_GROW:
             grow = on_decision_grow(call.view(), d.new_budget_bytes)
             if isinstance(grow, Resize):
@@ -592,6 +608,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             usage_bytes=call.peak_bytes,
             reaction_ns=reaction_ns,
             decision_ns=pending.decision_ns,
+            parent=pending.decision_trace,
         )
         self.uplink.send(
             broker_pb2.NodeMessage(
@@ -1008,8 +1025,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 cgroup_id=await asyncio.shield(self._io(self._create_call_cgroup, cg, budget)),
                 budget_bytes=budget,
                 events=asyncio.Queue(),
+                trace=otel_context.get_current(),
             )
             env = dict(os.environ)
+            # A traced tool (OpenTelemetry's environment carrier) continues the call's trace.
+            if span_trace := traceparent():
+                env["TRACEPARENT"] = span_trace
             env.update(request.env)
             out = asyncio.subprocess.PIPE if request.capture_output else asyncio.subprocess.DEVNULL
             # Gated: the call waits on its stdin until it sits in its cgroup and is watched.
@@ -1179,6 +1200,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     budget_bytes=budget,
                     events=asyncio.Queue(),
                     adopted=True,
+                    trace=otel_context.get_current(),
                 )
                 await self._watch(call, budget)
                 self._watch_pause(call)

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 from agentcg.channels import ClientSecurity, broker_channel_options
-from agentcg.telemetry import aio_client_interceptors
+from agentcg.tracecontext import aio_client_interceptors
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 __all__ = ["Uplink"]

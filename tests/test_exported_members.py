@@ -18,6 +18,9 @@ MODULES = [
     "agentcg.readyfile",
     "agentcg.rpcstatus",
     "agentcg.shutdown",
+    "agentcg.tracecontext",
+    "agentcg.notify",
+    "agentcg.refusals",
     "agentcg.broker.admission",
     "agentcg.broker.fairshare",
     "agentcg.broker.sizing",
@@ -37,14 +40,16 @@ def test_all_members_exist_and_are_public(name: str) -> None:
 
 
 def test_sdk_depends_only_on_stubs_and_grpcio() -> None:
-    """The client SDK must not pull in the broker, the node or the database."""
+    """The client SDK must not pull in the broker, the node or the database, nor the
+    OpenTelemetry SDK (the API only: the application sets tracing up)."""
     import subprocess
     import sys
 
     code = (
         "import sys, agentcg.clients.sdk; "
         "bad = [m for m in sys.modules if m.startswith(('agentcg.broker', 'agentcg.node', "
-        "'sqlalchemy', 'bcc', 'alembic'))]; print(','.join(bad))"
+        "'sqlalchemy', 'bcc', 'alembic', 'opentelemetry.sdk', 'prometheus_client'))]; "
+        "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

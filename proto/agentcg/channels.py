@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Any
 
 import grpc
 
-__all__ = ["ClientSecurity", "broker_channel_options"]
+__all__ = ["ClientSecurity", "broker_channel_options", "broker_interceptors"]
 
-RECONNECT_BACKOFF_MS = (100, 500)  # (first and least, most) with several brokers
+RECONNECT_BACKOFF_MS = (100, 500)  # (first and least, most)
 
 # Calls that give the same result when sent twice: with several brokers one that fails with
 # UNAVAILABLE (the leader died with it in flight) is sent again, to the new leader. A Reserve
@@ -57,14 +58,22 @@ def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
     service config:
 
     - ``waitForReady``: a call made while the leader is being replaced waits, within its
-      deadline, for the new one to listen instead of failing at once with UNAVAILABLE, and the
-      channel tries to connect again every 0.1-0.5 s;
+      deadline, for the new one to listen instead of failing at once with UNAVAILABLE;
     - a ``retryPolicy`` for the calls in ``RESENT``: one that fails with UNAVAILABLE (in flight
       when the leader died) is sent again, up to 5 attempts within its deadline.
 
-    A single address keeps gRPC's defaults: fail fast while nothing listens, never resend."""
+    A single address keeps failing fast while nothing listens (a wrong address is an error at
+    once, not at the deadline); ``broker_interceptors`` rides through its restarts instead.
+    Either way the channel tries to connect again every 0.1-0.5 s."""
+    # gRPC's reconnect backoff starts at 1 s and grows 1.6x: a client then saw the new leader
+    # up to ~1.3 s after it served (`agentcg bench failover`). Retry connecting sooner.
+    options: list[tuple[str, Any]] = [
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
     if "," not in broker:
-        return []
+        return options
     resent = [{"service": s, "method": m} for s, methods in RESENT.items() for m in methods]
     config = {
         "methodConfig": [
@@ -72,14 +81,52 @@ def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
             {"name": resent, "waitForReady": True, "retryPolicy": RESEND_POLICY},
         ]
     }
-    # gRPC's reconnect backoff starts at 1 s and grows 1.6x: a client then saw the new leader
-    # up to ~1.3 s after it served (`agentcg bench failover`). Retry connecting sooner.
-    return [
-        ("grpc.service_config", json.dumps(config)),
-        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
-    ]
+    return [("grpc.service_config", json.dumps(config)), *options]
+
+
+def broker_interceptors(broker: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors for the broker target ``broker``: with a single address, one that
+    rides through a restart of the broker (``_ResendOnceReached``); none with several (their
+    service config waits and resends, ``broker_channel_options``)."""
+    return [] if "," in broker else [_ResendOnceReached()]
+
+
+_RESENT_PATHS = frozenset(f"/{s}/{m}" for s, methods in RESENT.items() for m in methods)
+# Codes a call can end with while no broker ever answered it.
+_NO_ANSWER = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+
+
+class _ResendOnceReached(grpc.aio.UnaryUnaryClientInterceptor):
+    """A call in ``RESENT`` that fails with UNAVAILABLE on a channel that has reached the
+    broker before is sent again once, waiting for the broker (``wait_for_ready``) within what
+    is left of its deadline: the broker is restarting (an upgrade, systemd's Restart=, a
+    crash), its calls ride through. If the broker is not back by the deadline the caller gets
+    the first UNAVAILABLE. Until a call has had any answer the channel keeps failing fast: a
+    wrong address, or a broker not started, is an error at once."""
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        started = time.monotonic()
+        call = await continuation(details, request)
+        code = await call.code()
+        if code not in _NO_ANSWER:
+            self.reached = True
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return call
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if not self.reached or details.wait_for_ready or method not in _RESENT_PATHS:
+            return call
+        left_s = None if details.timeout is None else details.timeout - (time.monotonic() - started)
+        if left_s is not None and left_s <= 0:
+            return call
+        again = await continuation(details._replace(timeout=left_s, wait_for_ready=True), request)
+        if await again.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return call  # not back in time: what the caller should hear is that it was down
+        return again
 
 
 class _Bearer:

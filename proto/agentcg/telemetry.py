@@ -48,7 +48,6 @@ __all__ = [
     "GcPauseCollector",
     "MetricsListenError",
     "MetricsServer",
-    "aio_client_interceptors",
     "aio_server_interceptor",
     "configure_logging",
     "configure_tracing",
@@ -56,6 +55,7 @@ __all__ = [
     "parse_listen_address",
     "process_gc_pauses",
     "serve_metrics",
+    "tracing_exported",
 ]
 
 
@@ -66,16 +66,26 @@ def configure_logging(level: str = "INFO") -> None:
     )
 
 
+OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+TRACE_CONSOLE = "AGENTCG_TRACE_CONSOLE"
+
+
+def tracing_exported() -> bool:
+    """Whether the environment asks for spans to be exported (what ``configure_tracing`` would
+    set up an exporter for)."""
+    return bool(os.environ.get(OTLP_ENDPOINT)) or os.environ.get(TRACE_CONSOLE) == "1"
+
+
 def configure_tracing(service_name: str) -> bool:
     """Install the process's tracer provider; whether spans are exported (an exporter is
     configured). When they are not, a server needs no per-RPC tracing interceptor: its spans
     would be built for nobody."""
     exporter: SpanExporter | None = None
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    if os.environ.get(OTLP_ENDPOINT):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
-    elif os.environ.get("AGENTCG_TRACE_CONSOLE") == "1":
+    elif os.environ.get(TRACE_CONSOLE) == "1":
         exporter = ConsoleSpanExporter()
     # Recording a span nobody exports costs every RPC its attributes, timestamps and processor
     # calls (a tenth of a no-op RPC's CPU here); without an exporter sample nothing, unless a
@@ -92,20 +102,14 @@ def configure_tracing(service_name: str) -> bool:
     return exporter is not None
 
 
-# opentelemetry-instrumentation-grpc ships no annotations: these wrappers give its two aio factories
-# the types of what they return (a server interceptor; one client interceptor per call kind).
+# opentelemetry-instrumentation-grpc ships no annotations: this wrapper gives its aio server
+# factory the type of what it returns (the client side: agentcg.tracecontext).
 
 
 def aio_server_interceptor() -> grpc.aio.ServerInterceptor:
     """OpenTelemetry's aio server interceptor (spans for every RPC served)."""
     interceptor: grpc.aio.ServerInterceptor = otel_grpc.aio_server_interceptor()  # type: ignore[no-untyped-call]  # untyped third-party factory
     return interceptor
-
-
-def aio_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """OpenTelemetry's aio client interceptors (spans for every RPC made on the channel)."""
-    interceptors: list[grpc.aio.ClientInterceptor] = otel_grpc.aio_client_interceptors()  # type: ignore[no-untyped-call]  # untyped third-party factory
-    return interceptors
 
 
 # -- Prometheus --------------------------------------------------------------------------------

@@ -1358,6 +1358,7 @@ class PressureEvent(_message.Message):
     REQUESTED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     KERNEL_TIME_NS_FIELD_NUMBER: _builtins.int
     ACTION_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     lease_id: _builtins.str
     epoch: _builtins.int
@@ -1371,6 +1372,10 @@ class PressureEvent(_message.Message):
     """CLOCK_MONOTONIC of the in-kernel event on the node"""
     action_id: _builtins.str
     """the local action already taken (e.g. pause)"""
+    traceparent: _builtins.str
+    """W3C traceparent of that action's span: the broker's decision continues the call's trace
+    (agentcg.tracecontext); "" when the node does not trace it.
+    """
     def __init__(
         self,
         *,
@@ -1384,10 +1389,11 @@ class PressureEvent(_message.Message):
         requested_memory_bytes: _builtins.int = ...,
         kernel_time_ns: _builtins.int = ...,
         action_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "budget_bytes", b"budget_bytes", "epoch", b"epoch", "event_id", b"event_id", "kernel_time_ns", b"kernel_time_ns", "kind", b"kind", "lease_id", b"lease_id", "peak_bytes", b"peak_bytes", "requested_memory_bytes", b"requested_memory_bytes", "usage_bytes", b"usage_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "budget_bytes", b"budget_bytes", "epoch", b"epoch", "event_id", b"event_id", "kernel_time_ns", b"kernel_time_ns", "kind", b"kind", "lease_id", b"lease_id", "peak_bytes", b"peak_bytes", "requested_memory_bytes", b"requested_memory_bytes", "traceparent", b"traceparent", "usage_bytes", b"usage_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1526,6 +1532,7 @@ class Decision(_message.Message):
     NEW_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     lease_id: _builtins.str
     event_id: _builtins.str
@@ -1533,6 +1540,8 @@ class Decision(_message.Message):
     new_budget_bytes: _builtins.int
     epoch: _builtins.int
     reason: _builtins.str
+    traceparent: _builtins.str
+    """W3C traceparent of the decision's span: the node's action on it continues the trace."""
     def __init__(
         self,
         *,
@@ -1543,10 +1552,11 @@ class Decision(_message.Message):
         new_budget_bytes: _builtins.int = ...,
         epoch: _builtins.int = ...,
         reason: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "epoch", b"epoch", "event_id", b"event_id", "kind", b"kind", "lease_id", b"lease_id", "new_budget_bytes", b"new_budget_bytes", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "epoch", b"epoch", "event_id", b"event_id", "kind", b"kind", "lease_id", b"lease_id", "new_budget_bytes", b"new_budget_bytes", "reason", b"reason", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
