@@ -146,6 +146,7 @@ class Grow:
 class Refuse:
     code: str  # "tenant_quota" | "node_capacity" | "node_unsafe" | "lease_inactive"
     message: str
+    scope: str = ""  # what limits it: "tenant:<name>" or "node:<id>" (as Deny.scope)
 
 
 def _no_nodes(retry_after_ms: int) -> Deny:
@@ -411,6 +412,7 @@ def decide_growth(
         ):
             return Refuse(
                 code="node_unsafe",
+                scope=f"node:{node.node_id}",
                 message=(
                     f"node {node.node_id}: growing session {session[0]}/{session[1]} by "
                     f"{format_bytes(grant)} could leave its declared sessions waiting on each "
@@ -426,6 +428,7 @@ def decide_growth(
         t = tight.tenant
         return Refuse(
             code="tenant_quota",
+            scope=f"tenant:{t.name}",
             message=(
                 f"tenant {t.name}: memory quota exhausted ({seen}; quota "
                 f"{format_bytes(t.memory_quota_bytes)}, {format_bytes(tight.free_memory_bytes)} free)"
@@ -433,6 +436,7 @@ def decide_growth(
         )
     return Refuse(
         code="node_capacity",
+        scope=f"node:{node.node_id}",
         message=(
             f"node {node.node_id}: no memory headroom ({seen}; capacity "
             f"{format_bytes(node.memory_capacity_bytes)}, "

@@ -35,10 +35,25 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
-from .admission import Admit, NodeView, QuotaLevel, decide_reserve
+from .admission import (
+    Admit,
+    Grow,
+    NodeView,
+    QuotaLevel,
+    Refuse,
+    decide_growth,
+    decide_reserve,
+)
 from .model import LeaseId, NodeId, TenantName
 
-__all__ = ["Candidate", "FairQueue", "WaitingAsk", "choose_victims", "pick_next"]
+__all__ = [
+    "Candidate",
+    "FairQueue",
+    "WaitingAsk",
+    "choose_victims",
+    "growth_victims",
+    "pick_next",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,25 +205,71 @@ def choose_victims(
     """The fewest lower-priority leases whose revocation lets the ask in (see the module
     docstring for the order), or None when preemption cannot make it fit."""
     chosen: list[Candidate] = []
-    taken: set[LeaseId] = set()
     while True:
         lv, nv = _without(levels, nodes, chosen)
         d = decide_reserve(memory_bytes, lv, nv, cpu_millis=cpu_millis)
         if isinstance(d, Admit):
             return chosen or None
-        kind, _, name = d.scope.partition(":")
-        relevant = [
-            c
-            for c in candidates
-            if c.priority < priority
-            and c.lease_id not in taken
-            and (
-                (kind == "tenant" and TenantName(name) in c.chain)
-                or (kind == "node" and c.node_id == NodeId(name))
-            )
-        ]
-        if not relevant:
+        victim = _next_victim(d.scope, priority, candidates, chosen)
+        if victim is None:
             return None
-        victim = min(relevant, key=lambda c: (c.priority, -c.granted_at_ms, c.lease_id))
         chosen.append(victim)
-        taken.add(victim.lease_id)
+
+
+def growth_victims(
+    current_bytes: int,
+    requested_bytes: int,
+    priority: int,
+    levels: Sequence[QuotaLevel],
+    node: NodeView,
+    candidates: Sequence[Candidate],
+) -> list[Candidate] | None:
+    """For a paused call whose growth waited its deadline out: the fewest lower-priority
+    leases whose revocation lets it grow (``admission.decide_growth`` on its node), chosen as
+    ``choose_victims`` chooses, or None when preemption cannot make room (the call is then
+    the one that gives way). Not for a declared session's call (``node_unsafe``): revoking
+    another session's lease changes which orders are safe, not just the room."""
+    chosen: list[Candidate] = []
+    while True:
+        lv, (nv,) = _without(levels, [node], chosen)
+        d = decide_growth(current_bytes, requested_bytes, 0, lv, nv)
+        if isinstance(d, Grow) and d.new_memory_bytes >= requested_bytes:
+            return chosen or None
+        # Short of the whole ask: one more victim, if one relieves the limit; else what the
+        # victims so far give, if it is a growth at all.
+        scope = d.scope if isinstance(d, Refuse) else _growth_limit(lv, nv)
+        victim = _next_victim(scope, priority, candidates, chosen)
+        if victim is None:
+            return (chosen or None) if isinstance(d, Grow) else None
+        chosen.append(victim)
+
+
+def _growth_limit(levels: Sequence[QuotaLevel], node: NodeView) -> str:
+    """What limits a growth to less than asked: the tightest quota level or the node."""
+    tight = min(levels, key=lambda lv: lv.free_memory_bytes)
+    if tight.free_memory_bytes <= node.free_memory_bytes:
+        return f"tenant:{tight.tenant.name}"
+    return f"node:{node.node_id}"
+
+
+def _next_victim(
+    scope: str, priority: int, candidates: Sequence[Candidate], chosen: Sequence[Candidate]
+) -> Candidate | None:
+    """The next lease to revoke to relieve the limit ``scope`` names ("tenant:<name>": a lease
+    in its subtree; "node:<id>": one on it): of strictly lower priority than ``priority``,
+    the lowest priority first, then the youngest (the least work lost)."""
+    kind, _, name = scope.partition(":")
+    taken = {c.lease_id for c in chosen}
+    relevant = [
+        c
+        for c in candidates
+        if c.priority < priority
+        and c.lease_id not in taken
+        and (
+            (kind == "tenant" and TenantName(name) in c.chain)
+            or (kind == "node" and c.node_id == NodeId(name))
+        )
+    ]
+    if not relevant:
+        return None
+    return min(relevant, key=lambda c: (c.priority, -c.granted_at_ms, c.lease_id))

@@ -73,6 +73,9 @@ class BrokerConfig:
     # code queue_full); 0: no bound. Each release walks the queue: bounded, it costs bounded.
     max_queued: int = 5_000
     max_queued_per_tenant: int = 1_000
+    # A paused call whose growth does not fit stays paused up to this long for room to free
+    # (spikes last 1-2 s: time-shifted instead of killed); 0: killed at once.
+    growth_wait_ms: int = 2_000
     # Where group commits run: "process" (broker/writer.py) or "thread" (broker/journal.py). An
     # in-memory SQLite database is the broker's own: always "thread".
     db_writer: str = "process"
@@ -356,6 +359,7 @@ async def _serve(
         on_fenced=_leadership_lost,
         max_queued=config.max_queued,
         max_queued_per_tenant=config.max_queued_per_tenant,
+        growth_wait_ms=config.growth_wait_ms,
     )
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
     if store.wal_path is not None:

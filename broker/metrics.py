@@ -73,7 +73,7 @@ class ReserveOutcome(StrEnum):
 
 
 RESERVE_RPCS = ("Reserve", "ReserveBatch")
-DECISION_KINDS = ("grow", "kill", "preempt")
+DECISION_KINDS = ("grow", "kill", "preempt", "wait")
 PRESSURE_KINDS = ("soft_threshold", "limit_reached", "oom_kill", "node", "unspecified")
 
 
@@ -94,6 +94,7 @@ class BrokerState:
     # BrokerStateCollector.max_orgs of them (the busiest); the rest summed under "_other".
     org_active_leases: Mapping[str, int] = field(default_factory=dict)
     org_granted_bytes: Mapping[str, int] = field(default_factory=dict)
+    growth_waiters: int = 0  # paused calls whose growth waits for room
 
 
 class BrokerStateCollector(Collector):
@@ -124,6 +125,11 @@ class BrokerStateCollector(Collector):
                 p + "queue_waiters",
                 "Reserve asks waiting in the queue for capacity",
                 value=state.queue_waiters,
+            ),
+            GaugeMetricFamily(
+                p + "growth_waiters",
+                "Paused calls whose growth waits for room (up to --growth-wait-ms)",
+                value=state.growth_waiters,
             ),
             GaugeMetricFamily(
                 p + "nodes_registered", "Nodes registered", value=state.nodes_registered

@@ -38,9 +38,10 @@ from agentcg.rpcstatus import to_status
 from agentcg.tracecontext import parent_context, traceparent
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry import trace
+from opentelemetry.context import Context
 
-from .admission import Deny, Grow, decide_growth, decide_reserve
-from .fairshare import Candidate, FairQueue, WaitingAsk, choose_victims
+from .admission import Deny, Grow, Refuse, decide_growth, decide_reserve
+from .fairshare import Candidate, FairQueue, WaitingAsk, choose_victims, growth_victims
 from .journal import Journal
 from .ledger import Ledger, Undo
 from .metrics import BrokerMetrics, BrokerState, ReserveOutcome
@@ -109,6 +110,7 @@ _DECISION_KIND_LABEL = {
     broker_pb2.DECISION_KIND_GROW: "grow",
     broker_pb2.DECISION_KIND_KILL: "kill",
     broker_pb2.DECISION_KIND_PREEMPT: "preempt",
+    broker_pb2.DECISION_KIND_WAIT: "wait",
 }
 _STATE_TO_PB = {
     LeaseState.ACTIVE: types_pb2.LEASE_STATE_ACTIVE,
@@ -354,6 +356,24 @@ class _Waiter:
         return WaitingAsk(self.seq, self.ask.tenant, self.ask.priority, self.ask.memory_bytes)
 
 
+@dataclass(eq=False, slots=True)
+class _GrowthAsk:
+    """A paused call's ask to grow (a node's LIMIT_REACHED pressure event). One that does not
+    fit waits in ``BrokerCore.growth_waits`` while its call stays paused on its node."""
+
+    seq: int  # arrival order
+    node_id: NodeId
+    lease_id: LeaseId
+    requested_bytes: int
+    peak_bytes: int
+    event_id: str
+    action_id: str
+    since_ms: int  # when the node first asked
+    parent: Context | None  # the node's pause span: the decision continues the call's trace
+    refuse: Refuse | None = None  # why it does not fit (the latest try)
+    timer: asyncio.TimerHandle | None = None  # its deadline
+
+
 class BrokerCore:
     """State + durability shared by the servicers: commit = apply to the ledger, make durable,
     roll the ledger back if the database refused."""
@@ -368,6 +388,7 @@ class BrokerCore:
         *,
         max_queued: int = 0,
         max_queued_per_tenant: int = 0,
+        growth_wait_ms: int = 0,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -398,6 +419,12 @@ class BrokerCore:
         self._background: set[asyncio.Task[None]] = set()
         self.pressured_until: dict[NodeId, int] = {}
         self.node_reports: dict[NodeId, NodeReport] = {}
+        # Paused calls whose growth did not fit, by lease: held up to growth_wait_ms (0: a
+        # growth that does not fit kills the call at once) for room to free.
+        self.growth_wait_ms = growth_wait_ms
+        self.growth_waits: dict[LeaseId, _GrowthAsk] = {}
+        self.growth_seq = itertools.count()
+        self._growth_scheduled = False
 
     async def commit(self, changes: list[Change]) -> None:
         await self.commit_applied(changes, self.ledger.apply(changes))
@@ -721,6 +748,11 @@ class BrokerCore:
         quotas, and none of those tenants is in a freed chain, no round runs: it would deny
         every waiter again, at a cost that grows with the queue.
         """
+        if self.growth_waits and not self._growth_scheduled:
+            # Before the queue's round (call_soon runs in order): paused calls first, they
+            # hold work in progress that waits for room.
+            self._growth_scheduled = True
+            asyncio.get_running_loop().call_soon(self._grow_waiting)
         if not self.waiters or self._pump_scheduled:
             return
         held_by = self._held_by
@@ -782,14 +814,7 @@ class BrokerCore:
             if victims:
                 candidates = None
                 passed.clear()
-                for victim in victims:
-                    revoked = self.ended(
-                        victim, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
-                    )
-                    ch = self.end_changes(revoked, "preempt", 0)
-                    undo[:0] = ledger.apply(ch)
-                    changes.extend(ch)
-                    preempted.append(revoked)
+                preempted.extend(self._revoke(victims, t, changes, undo))
                 for tenant in order.tenants:  # the revoked leases' holdings are free now
                     order.hold(tenant, ledger.granted_bytes(tenant))
                 decision = self.decide_reserve(ask, t)
@@ -826,6 +851,22 @@ class BrokerCore:
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _revoke(
+        self, victims: list[Lease], t_ms: int, changes: list[Change], undo: list[Undo]
+    ) -> list[Lease]:
+        """Revoke ``victims`` in the ledger (preempted), adding the changes and their undo;
+        the revoked leases."""
+        revoked = []
+        for victim in victims:
+            ended = self.ended(
+                victim, LeaseState.REVOKED, t_ms, peak_bytes=0, outcome=Outcome.KILLED
+            )
+            ch = self.end_changes(ended, "preempt", 0)
+            undo[:0] = self.ledger.apply(ch)
+            changes.extend(ch)
+            revoked.append(ended)
+        return revoked
 
     def _candidates(self) -> list[Candidate]:
         """Every active lease as a preemption candidate."""
@@ -876,25 +917,215 @@ class BrokerCore:
                 if not waiter.admitted.done():
                     waiter.admitted.set_exception(exc)
             return
-        self.metrics.lease_preemptions.inc(len(preempted))
-        for lease in preempted:
-            log.info(
-                "preempt lease %s tenant %s priority %d node %s",
-                lease.lease_id,
-                lease.tenant,
-                lease.priority,
-                lease.node_id,
-            )
-            self.send_revocation(
-                lease,
-                f"lease {lease.lease_id}: preempted for higher-priority work "
-                f"(priority {lease.priority})",
-            )
+        self._send_preemptions(preempted, "higher-priority work")
         for waiter, lease in admitted:
             if not waiter.admitted.done():
                 waiter.admitted.set_result(lease)
         if preempted:
             self.kick()
+
+    # -- paused calls waiting to grow ------------------------------------------------------------
+
+    def decide_growth(self, ask: _GrowthAsk, lease: Lease) -> Grow | Refuse:
+        ledger = self.ledger
+        return decide_growth(
+            lease.memory_bytes,
+            ask.requested_bytes,
+            ask.peak_bytes,
+            ledger.quota_levels(lease.tenant),
+            ledger.node_view(ask.node_id),
+            (lease.tenant, lease.session),
+        )
+
+    def growth_outcome(
+        self, ask: _GrowthAsk, lease: Lease, result: Grow | Refuse, decision_id: str
+    ) -> tuple[list[Change], broker_pb2.Decision]:
+        """The changes and the node's decision for ``result`` (in the current span): the lease
+        grown, or the call killed."""
+        span = trace.get_current_span()
+        waited_ms = now_ms() - ask.since_ms if ask.refuse is not None else 0
+        waited = {"waited_ms": waited_ms} if waited_ms else {}
+        if isinstance(result, Grow):
+            grown = replace(lease, memory_bytes=result.new_memory_bytes, epoch=lease.epoch + 1)
+            span.set_attribute("agentcg.decision", "grow")
+            log.info(
+                "grow lease %s tenant %s %d -> %d (action %s)%s",
+                lease.lease_id,
+                lease.tenant,
+                lease.memory_bytes,
+                grown.memory_bytes,
+                ask.action_id,
+                f" after waiting {waited_ms} ms" if waited_ms else "",
+            )
+            changes: list[Change] = [
+                PutLease(grown),
+                _audit(
+                    "grow",
+                    grown,
+                    from_bytes=lease.memory_bytes,
+                    to_bytes=grown.memory_bytes,
+                    action_id=ask.action_id,
+                    **waited,
+                ),
+            ]
+            return changes, broker_pb2.Decision(
+                decision_id=decision_id,
+                lease_id=lease.lease_id,
+                event_id=ask.event_id,
+                kind=broker_pb2.DECISION_KIND_GROW,
+                new_budget_bytes=grown.memory_bytes,
+                epoch=grown.epoch,
+                reason=result.message,
+                traceparent=traceparent(),
+            )
+        reason = result.message + (f"; waited {waited_ms} ms for room" if waited_ms else "")
+        span.set_attribute("agentcg.decision", "kill")
+        span.set_attribute("agentcg.reason", result.code)
+        log.info("kill lease %s: %s (action %s)", lease.lease_id, reason, ask.action_id)
+        changes = [
+            _audit(
+                "kill", lease, code=result.code, reason=reason, action_id=ask.action_id, **waited
+            )
+        ]
+        return changes, broker_pb2.Decision(
+            decision_id=decision_id,
+            lease_id=lease.lease_id,
+            event_id=ask.event_id,
+            kind=broker_pb2.DECISION_KIND_KILL,
+            epoch=lease.epoch,
+            reason=reason,
+            traceparent=traceparent(),
+        )
+
+    def hold_growth(self, ask: _GrowthAsk, refuse: Refuse) -> int:
+        """Hold ``ask`` until room frees (``kick``) or ``growth_wait_ms`` after it was first
+        made; the ms left. The same call asking again (its node's notice of a task still
+        waiting at its limit) keeps its place and deadline."""
+        held = self.growth_waits.get(ask.lease_id)
+        if held is not None and held.node_id == ask.node_id:
+            held.requested_bytes = max(held.requested_bytes, ask.requested_bytes)
+            held.peak_bytes = max(held.peak_bytes, ask.peak_bytes)
+            held.refuse = refuse
+            return max(0, held.since_ms + self.growth_wait_ms - now_ms())
+        if held is not None:
+            self._drop_growth(held)
+        ask.refuse = refuse
+        ask.timer = asyncio.get_running_loop().call_later(
+            self.growth_wait_ms / 1000, self._growth_deadline, ask
+        )
+        self.growth_waits[ask.lease_id] = ask
+        return self.growth_wait_ms
+
+    def forget_growth(self, lease_id: LeaseId) -> None:
+        """The held growth of ``lease_id``, if any, is decided otherwise."""
+        if (held := self.growth_waits.get(lease_id)) is not None:
+            self._drop_growth(held)
+
+    def _drop_growth(self, ask: _GrowthAsk) -> None:
+        if self.growth_waits.get(ask.lease_id) is ask:
+            del self.growth_waits[ask.lease_id]
+        if ask.timer is not None:
+            ask.timer.cancel()
+
+    def _grow_waiting(self) -> None:
+        """Room may have freed: grow the paused calls that fit now, by priority then
+        arrival (each grant applied before the next is decided)."""
+        self._growth_scheduled = False
+        ledger = self.ledger
+
+        def order(a: _GrowthAsk) -> tuple[int, int]:
+            lease = ledger.leases.get(a.lease_id)
+            return (-(lease.priority if lease else 0), a.seq)
+
+        for ask in sorted(self.growth_waits.values(), key=order):
+            self._settle_growth(ask, at_deadline=False)
+
+    def _growth_deadline(self, ask: _GrowthAsk) -> None:
+        ask.timer = None
+        if self.growth_waits.get(ask.lease_id) is ask:
+            self._settle_growth(ask, at_deadline=True)
+
+    def _settle_growth(self, ask: _GrowthAsk, *, at_deadline: bool) -> None:
+        """Grow ``ask``'s call if it fits now. At its deadline something gives way, decided
+        here once: leases of lower priority that make room (``fairshare.growth_victims``), or
+        else the paused call itself is killed."""
+        ledger = self.ledger
+        lease = ledger.leases.get(ask.lease_id)
+        if lease is None or lease.node_id != ask.node_id or ask.node_id not in self.node_queues:
+            self._drop_growth(ask)  # ended, revoked, or its node gone: nobody to answer
+            return
+        result = self.decide_growth(ask, lease)
+        victims: list[Lease] = []
+        if isinstance(result, Refuse):
+            ask.refuse = result
+            if not at_deadline:
+                return
+            if result.code in ("tenant_quota", "node_capacity"):
+                chosen = growth_victims(
+                    lease.memory_bytes,
+                    ask.requested_bytes,
+                    lease.priority,
+                    ledger.quota_levels(lease.tenant),
+                    ledger.node_view(ask.node_id),
+                    self._candidates(),
+                )
+                victims = [ledger.leases[c.lease_id] for c in chosen or ()]
+        self._drop_growth(ask)
+        changes: list[Change] = []
+        undo: list[Undo] = []
+        t = now_ms()
+        revoked = self._revoke(victims, t, changes, undo)
+        if revoked:
+            result = self.decide_growth(ask, lease)  # with the victims' room
+        with tracer.start_as_current_span("agentcg.growth", context=ask.parent) as span:
+            span.set_attribute("agentcg.lease_id", lease.lease_id)
+            span.set_attribute("agentcg.action_id", ask.action_id)
+            span.set_attribute("agentcg.tenant", lease.tenant)
+            span.set_attribute("agentcg.waited_ms", t - ask.since_ms)
+            span.set_attribute("agentcg.preempted", len(revoked))
+            ch, decision = self.growth_outcome(ask, lease, result, uuid.uuid4().hex[:16])
+        undo[:0] = ledger.apply(ch)
+        changes.extend(ch)
+        task = asyncio.get_running_loop().create_task(
+            self._commit_growth(changes, undo, ask.node_id, decision, revoked)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _commit_growth(
+        self,
+        changes: list[Change],
+        undo: list[Undo],
+        node_id: NodeId,
+        decision: broker_pb2.Decision,
+        revoked: list[Lease],
+    ) -> None:
+        try:
+            await self.commit_applied(changes, undo)
+        except Exception as exc:  # noqa: BLE001 - the node's own deadline applies its rule
+            log.warning("lease %s: growth decision not persisted: %s", decision.lease_id, exc)
+            return
+        self._send_preemptions(revoked, "a paused call of higher priority to grow")
+        self.send_decision(node_id, decision)
+        if revoked:
+            self.kick()
+
+    def _send_preemptions(self, revoked: list[Lease], what: str) -> None:
+        """Tell the nodes of leases revoked (durably) to make room for ``what``."""
+        self.metrics.lease_preemptions.inc(len(revoked))
+        for lease in revoked:
+            log.info(
+                "preempt lease %s tenant %s priority %d node %s for %s",
+                lease.lease_id,
+                lease.tenant,
+                lease.priority,
+                lease.node_id,
+                what,
+            )
+            self.send_revocation(
+                lease,
+                f"lease {lease.lease_id}: preempted for {what} (priority {lease.priority})",
+            )
 
     def send_revocation(self, lease: Lease, reason: str) -> bool:
         """Tell the node of a lease already revoked (durably) to stop its call."""
@@ -935,6 +1166,7 @@ class BrokerCore:
         return BrokerState(
             active_leases=len(ledger.leases),
             queue_waiters=len(self.waiters),
+            growth_waiters=len(self.growth_waits),
             nodes_registered=len(ledger.nodes),
             node_streams=len(self.node_queues),
             nodes_pressured=len(ledger.pressured),
@@ -2001,71 +2233,46 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
                     reason=f"lease {ev.lease_id}: not active on node {node_id}",
                     traceparent=traceparent(),
                 )
-            result = decide_growth(
-                lease.memory_bytes,
+            ask = _GrowthAsk(
+                next(self.core.growth_seq),
+                node_id,
+                lease.lease_id,
                 ev.requested_memory_bytes,
                 ev.peak_bytes,
-                ledger.quota_levels(lease.tenant),
-                ledger.node_view(node_id),
-                (lease.tenant, lease.session),
+                ev.event_id,
+                ev.action_id,
+                now_ms(),
+                parent,
             )
+            result = self.core.decide_growth(ask, lease)
             span.set_attribute("agentcg.tenant", lease.tenant)
-            if isinstance(result, Grow):
-                grown = replace(lease, memory_bytes=result.new_memory_bytes, epoch=lease.epoch + 1)
-                await self.core.commit(
-                    [
-                        PutLease(grown),
-                        _audit(
-                            "grow",
-                            grown,
-                            from_bytes=lease.memory_bytes,
-                            to_bytes=grown.memory_bytes,
-                            action_id=ev.action_id,
-                        ),
-                    ]
-                )
-                span.set_attribute("agentcg.decision", "grow")
+            if isinstance(result, Refuse) and self.core.growth_wait_ms > 0:
+                # Time-shifting: the call stays paused while the broker waits for room.
+                left_ms = self.core.hold_growth(ask, result)
+                span.set_attribute("agentcg.decision", "wait")
+                span.set_attribute("agentcg.reason", result.code)
                 log.info(
-                    "grow lease %s tenant %s %d -> %d (action %s)",
+                    "hold growth of lease %s tenant %s for up to %d ms: %s (action %s)",
                     lease.lease_id,
                     lease.tenant,
-                    lease.memory_bytes,
-                    grown.memory_bytes,
+                    left_ms,
+                    result.message,
                     ev.action_id,
                 )
                 return broker_pb2.Decision(
                     decision_id=decision_id,
                     lease_id=lease.lease_id,
                     event_id=ev.event_id,
-                    kind=broker_pb2.DECISION_KIND_GROW,
-                    new_budget_bytes=grown.memory_bytes,
-                    epoch=grown.epoch,
+                    kind=broker_pb2.DECISION_KIND_WAIT,
+                    epoch=lease.epoch,
                     reason=result.message,
+                    wait_ms=left_ms,
                     traceparent=traceparent(),
                 )
-            await self.core.commit(
-                [
-                    _audit(
-                        "kill",
-                        lease,
-                        code=result.code,
-                        reason=result.message,
-                        action_id=ev.action_id,
-                    )
-                ]
-            )
-            span.set_attribute("agentcg.decision", "kill")
-            span.set_attribute("agentcg.reason", result.code)
-            log.info("kill lease %s: %s (action %s)", lease.lease_id, result.message, ev.action_id)
-            return broker_pb2.Decision(
-                decision_id=decision_id,
-                lease_id=lease.lease_id,
-                event_id=ev.event_id,
-                kind=broker_pb2.DECISION_KIND_KILL,
-                epoch=lease.epoch,
-                reason=result.message,
-                traceparent=traceparent(),
-            )
+            self.core.forget_growth(lease.lease_id)  # decided now: no longer held, if it was
+            changes, decision = self.core.growth_outcome(ask, lease, result, decision_id)
+            await self.core.commit(changes)
+            return decision
 
     async def _held_elsewhere(self, node_id: NodeId, lease_id: str) -> bool:
         """Whether a lease this broker does not hold active on ``node_id`` is so in the

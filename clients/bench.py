@@ -537,7 +537,11 @@ def bench_reaction(
 def _cluster_reaction(calls: int, spike_mb: int, concurrency: int) -> dict[str, Any]:
     """In-kernel limit event -> broker decision on the node / applied, via a real broker."""
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-") as tmp:
-        with LocalCluster(Path(tmp), nodes=1, node_memory="8G", log_level="WARNING") as cluster:
+        cluster = LocalCluster(Path(tmp), nodes=1, node_memory="8G", log_level="WARNING")
+        # The broker decides at once: a growth that does not fit kills (the poor tenant's),
+        # instead of being held up to --growth-wait-ms for room. This times decisions.
+        cluster.broker_args = ("--growth-wait-ms", "0")
+        with cluster:
             samples = asyncio.run(_spikes(cluster.broker_address, calls, spike_mb, concurrency))
     result: dict[str, Any] = {
         "calls": calls,

@@ -191,6 +191,14 @@ def broker(
             "capacity x this; 0: no ceiling",
         ),
     ] = 1.5,
+    growth_wait_ms: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="a paused call whose growth does not fit stays paused up to this long for "
+            "room to free, then lower-priority leases or the call give way; 0: killed at once",
+        ),
+    ] = 2_000,
     max_queued: Annotated[
         int,
         typer.Option(
@@ -265,6 +273,7 @@ def broker(
         data_dir=data_dir,
         ready_file=ready_file,
         overcommit_ratio=overcommit_ratio,
+        growth_wait_ms=growth_wait_ms,
         max_queued=max_queued,
         max_queued_per_tenant=max_queued_per_tenant,
         metrics_listen=metrics_listen,
@@ -681,8 +690,9 @@ def audit(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
     broker: BrokerOpt = BROKER_DEFAULT,
 ) -> None:
-    """The broker's audit trail, newest first: decisions and administrative changes, and who
-    made them (admin; the tenants in its scope)."""
+    """The broker's audit trail, newest first: decisions and changes, and who made them.
+
+    Admin; the tenants in its scope."""
     since_ms = int((time.time() - since_s) * 1000) if since_s else 0
 
     async def read(c: AsyncClient) -> list[AuditRecord]:
@@ -822,9 +832,11 @@ def preflight(
     ] = "counter",
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Can this host run the node agent? Tries cgroups, the BPF monitor and a real paused and
-    grown allocation (and with --broker, the broker and this node's identity there), as the
-    agent will; exit 1 when a check fails (root needed, as for the agent)."""
+    """Can this host run the node agent? Tries what it needs, for real; exit 1 on a failure.
+
+    Tries cgroups, the BPF monitor and a real paused and grown allocation (and with --broker,
+    the broker and this node's identity there), as the agent will. Root needed, as for the
+    agent."""
     from agentcg.node.main import default_node_id
     from agentcg.node.monitor import UsageSource
     from agentcg.node.preflight import Check, run_preflight

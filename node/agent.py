@@ -538,6 +538,28 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 call.lease.epoch,
             )
             return
+        if d.kind == broker_pb2.DECISION_KIND_WAIT:
+            # No room now: the broker holds the ask and answers within wait_ms. Stay paused
+            # that long, plus the usual time for an answer, before the local rule.
+            pending = call.pending
+            pending.timer.cancel()
+            assert self.loop is not None
+            pending.timer = self.loop.call_later(
+                d.wait_ms / 1000 + self.policy.broker_timeout_s,
+                self._on_deadline,
+                call,
+                pending.action_id,
+            )
+            log.info(
+                "call %s lease %s stays paused (action %s): the broker holds its growth up to "
+                "%d ms: %s",
+                call.call_id,
+                call.lease.lease_id,
+                pending.action_id,
+                d.wait_ms,
+                d.reason,
+            )
+            return
         call.pending.decision_ns = time.monotonic_ns() - call.pending.kernel_time_ns
         call.pending.decision_trace = parent_context(d.traceparent)
         if d.kind == broker_pb2.DECISION_KIND_GROW:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from agentcg.broker.admission import NodeView, QuotaLevel
+from agentcg.broker.admission import Grow, NodeView, QuotaLevel, decide_growth
 from agentcg.broker.fairshare import (
     Candidate,
     FairQueue,
     WaitingAsk,
+    _without,
     choose_victims,
+    growth_victims,
     pick_next,
 )
 from agentcg.broker.ledger import Ledger
@@ -161,6 +163,84 @@ def test_victims_only_where_they_relieve_the_limit() -> None:
     assert [c.lease_id for c in choose_victims(10 * MiB, 5, levels, NODE, [other, mine]) or []] == [
         "t1"
     ]
+
+
+def test_growth_victims_on_the_paused_call_s_node() -> None:
+    """A paused call of priority 5 on full node "n" (100 MiB: its own 28 MiB + 70 MiB of
+    others) asking to grow 28 -> 56 MiB: room comes only from lower-priority leases on "n"."""
+    levels = [lvl("t", 1000, 98), lvl("org", 1000, 98)]
+    full = NodeView(NodeId("n"), 100 * MiB, 98 * MiB)
+    low, elsewhere = cand("low", 0, 1, 70), cand("far", 0, 9, 70, node="m")
+    equal = cand("equal", 5, 9, 70)
+    got = growth_victims(28 * MiB, 56 * MiB, 5, levels, full, [elsewhere, equal, low])
+    assert [c.lease_id for c in got or []] == ["low"]
+    assert growth_victims(28 * MiB, 56 * MiB, 5, levels, full, [elsewhere, equal]) is None
+    # Two small low-priority leases, youngest first, as many as needed.
+    small = [cand("s-old", 0, 1, 20), cand("s-young", 0, 2, 20), cand("s-mid", 1, 5, 30)]
+    got = growth_victims(28 * MiB, 56 * MiB, 5, levels, full, small)
+    assert [c.lease_id for c in got or []] == ["s-young", "s-old"]
+
+
+def test_growth_victims_under_a_tenant_quota() -> None:
+    """Tenant "t" is at its quota: only its own lower-priority leases make room."""
+    levels = [lvl("t", 100, 98), lvl("org", 1000, 98)]
+    roomy = NodeView(NodeId("n"), 1 << 40, 98 * MiB)
+    other = Candidate(LeaseId("u1"), 0, 1, 70 * MiB, 0, NodeId("n"), frozenset({T("u"), T("org")}))
+    assert growth_victims(28 * MiB, 56 * MiB, 5, levels, roomy, [other]) is None
+    mine = cand("t1", 0, 1, 70)
+    got = growth_victims(28 * MiB, 56 * MiB, 5, levels, roomy, [other, mine])
+    assert [c.lease_id for c in got or []] == ["t1"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    others=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(1, 60), st.booleans(), st.booleans()),
+        max_size=12,
+    ),
+    quota=st.integers(60, 400),
+    capacity=st.integers(60, 400),
+    ask=st.integers(1, 120),
+    priority=st.integers(0, 6),
+)
+def test_growth_victims_only_lower_priority_and_they_make_room(
+    others: list[tuple[int, int, bool, bool]],
+    quota: int,
+    capacity: int,
+    ask: int,
+    priority: int,
+) -> None:
+    """Whatever is chosen is of lower priority and, revoked, lets the paused call (20 MiB,
+    asking 20 + ``ask``) grow; None only when even every lower-priority lease would not."""
+    cands = [
+        Candidate(
+            LeaseId(f"l{i}"),
+            p,
+            i,
+            mib * MiB,
+            0,
+            NodeId("n" if here else "m"),
+            frozenset({T("t" if mine else "u"), T("org")}),
+        )
+        for i, (p, mib, here, mine) in enumerate(others)
+    ]
+    mine_mib = 20 + sum(mib for _, mib, _, mine in others if mine)
+    levels = [lvl("t", quota, mine_mib), lvl("org", 10_000, 20 + sum(m for _, m, _, _ in others))]
+    node = NodeView(
+        NodeId("n"), capacity * MiB, (20 + sum(m for _, m, here, _ in others if here)) * MiB
+    )
+    want = (20 + ask) * MiB
+    if isinstance(decide_growth(20 * MiB, want, 0, levels, node), Grow):
+        return  # fits without preemption: not asked
+    chosen = growth_victims(20 * MiB, want, priority, levels, node, cands)
+    lower = [c for c in cands if c.priority < priority]
+    if chosen is None:
+        lv, (nv,) = _without(levels, [node], lower)
+        assert not isinstance(decide_growth(20 * MiB, want, 0, lv, nv), Grow) or not lower
+        return
+    assert all(c.priority < priority for c in chosen)
+    lv, (nv,) = _without(levels, [node], chosen)
+    assert isinstance(decide_growth(20 * MiB, want, 0, lv, nv), Grow)
 
 
 @settings(max_examples=100, deadline=None)

@@ -91,6 +91,11 @@ class _DecisionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision
     with OUTCOME_KILLED. The broker has already revoked the lease (state
     REVOKED) and frees its budget when the decision is sent; epoch fences stale decisions.
     """
+    DECISION_KIND_WAIT: _DecisionKind.ValueType  # 4
+    """The growth does not fit now: keep the call paused; the broker grows it when room frees
+    (a GROW later) or, at most wait_ms from now, decides what gives way (GROW after preempting
+    lower-priority leases, or KILL). The node waits that long plus its own broker timeout.
+    """
 
 class DecisionKind(_DecisionKind, metaclass=_DecisionKindEnumTypeWrapper): ...
 
@@ -104,6 +109,11 @@ DECISION_KIND_PREEMPT: DecisionKind.ValueType  # 3
 passed; the reason says which): kill that one call (like KILL) and report CallFinished
 with OUTCOME_KILLED. The broker has already revoked the lease (state
 REVOKED) and frees its budget when the decision is sent; epoch fences stale decisions.
+"""
+DECISION_KIND_WAIT: DecisionKind.ValueType  # 4
+"""The growth does not fit now: keep the call paused; the broker grows it when room frees
+(a GROW later) or, at most wait_ms from now, decides what gives way (GROW after preempting
+lower-priority leases, or KILL). The node waits that long plus its own broker timeout.
 """
 Global___DecisionKind: _TypeAlias = DecisionKind  # noqa: Y015
 
@@ -1533,6 +1543,7 @@ class Decision(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     lease_id: _builtins.str
     event_id: _builtins.str
@@ -1542,6 +1553,8 @@ class Decision(_message.Message):
     reason: _builtins.str
     traceparent: _builtins.str
     """W3C traceparent of the decision's span: the node's action on it continues the trace."""
+    wait_ms: _builtins.int
+    """WAIT: the most the broker holds the growth from now"""
     def __init__(
         self,
         *,
@@ -1553,10 +1566,11 @@ class Decision(_message.Message):
         epoch: _builtins.int = ...,
         reason: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "epoch", b"epoch", "event_id", b"event_id", "kind", b"kind", "lease_id", b"lease_id", "new_budget_bytes", b"new_budget_bytes", "reason", b"reason", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "epoch", b"epoch", "event_id", b"event_id", "kind", b"kind", "lease_id", b"lease_id", "new_budget_bytes", b"new_budget_bytes", "reason", b"reason", "traceparent", b"traceparent", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,168 @@
+"""A paused call whose growth does not fit waits for room instead of being killed at once
+(`--growth-wait-ms`): grown when room frees, and at its deadline something gives way, decided
+by the broker once: lower-priority leases preempted, or the call itself killed. A real broker
+process on a real database (SQLite and PostgreSQL) and a simulated node on its stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import Client
+from agentcg.clients.simnode import SimNode
+from agentcg.v1 import broker_pb2
+
+MiB = 1 << 20
+GROW, KILL, WAIT, PREEMPT = (
+    broker_pb2.DECISION_KIND_GROW,
+    broker_pb2.DECISION_KIND_KILL,
+    broker_pb2.DECISION_KIND_WAIT,
+    broker_pb2.DECISION_KIND_PREEMPT,
+)
+
+
+def limit_reached(lease_id: str, requested_bytes: int) -> broker_pb2.NodeMessage:
+    return broker_pb2.NodeMessage(
+        pressure=broker_pb2.PressureEvent(
+            event_id=f"ev-{lease_id}",
+            lease_id=lease_id,
+            kind=broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
+            requested_memory_bytes=requested_bytes,
+            action_id=f"act-{lease_id}",
+        )
+    )
+
+
+def decisions(node: SimNode, n: int, timeout_s: float = 20) -> list[broker_pb2.Decision]:
+    """The first ``n`` decisions down the node's stream, once they came."""
+    deadline = time.monotonic() + timeout_s
+    while len(node.decisions) < n:
+        assert time.monotonic() < deadline, f"decisions so far: {node.decisions}"
+        time.sleep(0.02)
+    return list(node.decisions[:n])
+
+
+def cluster(tmp_path: Path, database_url: str, wait_ms: int) -> LocalCluster:
+    c = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="INFO")
+    c.broker_args = ("--growth-wait-ms", str(wait_ms))
+    return c
+
+
+# A 100 MiB node holding 70 + 28 MiB: 2 MiB free, less than a growth worth resuming for.
+Setup = Callable[[Client], tuple[str, str]]
+
+
+def full_node(c: Client) -> tuple[str, str]:
+    c.set_tenant("t", 1 << 30)
+    big = c.reserve("t", 70 * MiB)
+    small = c.reserve("t", 28 * MiB)
+    return big.lease_id, small.lease_id
+
+
+def tenant_at_quota(c: Client) -> tuple[str, str]:
+    """The node has room; the tenant's quota (100 MiB) does not."""
+    c.set_tenant("t", 100 * MiB)
+    big = c.reserve("t", 70 * MiB)
+    small = c.reserve("t", 28 * MiB)
+    return big.lease_id, small.lease_id
+
+
+@pytest.mark.parametrize(
+    ("setup", "node_bytes", "code"),
+    [(full_node, 100 * MiB, "no memory headroom"), (tenant_at_quota, 1 << 30, "quota")],
+    ids=["node", "tenant"],
+)
+def test_a_paused_call_is_grown_when_room_frees(
+    tmp_path: Path, database_url: str, setup: Setup, node_bytes: int, code: str
+) -> None:
+    with (
+        cluster(tmp_path, database_url, wait_ms=30_000) as c,
+        SimNode(c.broker_address, memory_bytes=node_bytes) as node,
+        Client(c.broker_address) as client,
+    ):
+        big, small = setup(client)
+        node.outbox.put(limit_reached(small, 56 * MiB))
+        (wait,) = decisions(node, 1)
+        assert (wait.lease_id, wait.kind) == (small, WAIT)
+        assert 0 < wait.wait_ms <= 30_000 and code in wait.reason
+        assert client.get_lease(small).memory_bytes == 28 * MiB  # nothing granted yet
+        client.release(big)  # room frees: the paused call is grown, not killed
+        _, grow = decisions(node, 2)
+        assert (grow.lease_id, grow.kind, grow.new_budget_bytes) == (small, GROW, 56 * MiB)
+        assert grow.epoch == wait.epoch + 1 and grow.event_id == f"ev-{small}"
+        assert client.get_lease(small).memory_bytes == 56 * MiB
+        (entry,) = [e for e in client.list_audit(lease_id=small).records if e.kind == "grow"]
+        assert entry.detail["waited_ms"] > 0
+
+
+def test_at_its_deadline_the_paused_call_gives_way(tmp_path: Path, database_url: str) -> None:
+    """Nothing frees and nothing of lower priority holds the node: the call is killed, once,
+    with the reason and how long it waited; the other lease is untouched."""
+    with (
+        cluster(tmp_path, database_url, wait_ms=400) as c,
+        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
+        Client(c.broker_address) as client,
+    ):
+        big, small = full_node(client)
+        node.outbox.put(limit_reached(small, 56 * MiB))
+        wait, kill = decisions(node, 2)
+        assert (wait.kind, kill.lease_id, kill.kind) == (WAIT, small, KILL)
+        assert "no memory headroom" in kill.reason and "ms for room" in kill.reason
+        time.sleep(0.3)
+        assert len(node.decisions) == 2  # decided once
+        assert client.get_lease(big).state == "active"
+        kills = [e for e in client.list_audit(lease_id=small).records if e.kind == "kill"]
+        assert len(kills) == 1 and kills[0].detail["waited_ms"] >= 400
+
+
+def test_at_its_deadline_lower_priority_work_gives_way(tmp_path: Path, database_url: str) -> None:
+    """The paused call has the higher priority: the lease holding the room is preempted
+    (revoked, its node told first) and the paused call grown into it."""
+    with (
+        cluster(tmp_path, database_url, wait_ms=400) as c,
+        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
+        Client(c.broker_address) as client,
+    ):
+        client.set_tenant("t", 1 << 30)
+        low = client.reserve("t", 70 * MiB, priority=0)
+        high = client.reserve("t", 28 * MiB, priority=5)
+        node.outbox.put(limit_reached(high.lease_id, 56 * MiB))
+        wait, preempt, grow = decisions(node, 3)
+        assert wait.kind == WAIT
+        assert (preempt.lease_id, preempt.kind) == (low.lease_id, PREEMPT)
+        assert (grow.lease_id, grow.kind, grow.new_budget_bytes) == (high.lease_id, GROW, 56 * MiB)
+        assert client.get_lease(low.lease_id).state == "revoked"
+        assert client.get_lease(high.lease_id).memory_bytes == 56 * MiB
+
+
+def test_a_call_that_ends_while_it_waits_gets_no_decision(
+    tmp_path: Path, database_url: str
+) -> None:
+    with (
+        cluster(tmp_path, database_url, wait_ms=400) as c,
+        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
+        Client(c.broker_address) as client,
+    ):
+        _, small = full_node(client)
+        node.outbox.put(limit_reached(small, 56 * MiB))
+        decisions(node, 1)
+        client.release(small)
+        time.sleep(0.8)  # past its deadline
+        assert [d.kind for d in node.decisions] == [WAIT]
+
+
+def test_with_no_wait_a_growth_that_does_not_fit_kills_at_once(
+    tmp_path: Path, database_url: str
+) -> None:
+    with (
+        cluster(tmp_path, database_url, wait_ms=0) as c,
+        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
+        Client(c.broker_address) as client,
+    ):
+        _, small = full_node(client)
+        node.outbox.put(limit_reached(small, 56 * MiB))
+        (kill,) = decisions(node, 1)
+        assert (kill.lease_id, kill.kind) == (small, KILL) and "waited" not in kill.reason
