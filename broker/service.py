@@ -1006,6 +1006,8 @@ class BrokerCore:
             held.requested_bytes = max(held.requested_bytes, ask.requested_bytes)
             held.peak_bytes = max(held.peak_bytes, ask.peak_bytes)
             held.refuse = refuse
+            # The answer goes to the node's latest pause (a new one after a partial growth).
+            held.event_id, held.action_id, held.parent = ask.event_id, ask.action_id, ask.parent
             return max(0, held.since_ms + self.growth_wait_ms - now_ms())
         if held is not None:
             self._drop_growth(held)

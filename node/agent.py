@@ -559,6 +559,15 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 d.wait_ms,
                 d.reason,
             )
+            # The caller sees it wait (and why), in its events and in the trace.
+            self._announce(
+                call,
+                pending.action_id,
+                "wait",
+                f"waiting up to {d.wait_ms} ms for room: {d.reason}",
+                usage_bytes=call.peak_bytes,
+                parent=parent_context(d.traceparent),
+            )
             return
         call.pending.decision_ns = time.monotonic_ns() - call.pending.kernel_time_ns
         call.pending.decision_trace = parent_context(d.traceparent)

@@ -34,8 +34,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Enforcement actions, as named in the log, the span and the ExecEvent: "stop" is a call stopped
-# on the node's own authority (its lease expired, was revoked or preempted).
-ACTION_KINDS = ("throttle", "unthrottle", "pause", "grow", "resume", "kill", "stop")
+# on the node's own authority (its lease expired, was revoked or preempted); "wait" a paused
+# call the broker keeps paused while it waits for room.
+ACTION_KINDS = ("throttle", "unthrottle", "pause", "wait", "grow", "resume", "kill", "stop")
 # Spike -> action in effect: the goal is p99 <= 5 ms; a kill after the broker timeout takes s.
 REACTION_BUCKETS_S = (
     0.0001,

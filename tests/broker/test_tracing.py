@@ -14,9 +14,10 @@ from agentcg.broker.main import BrokerConfig, run_broker
 from agentcg.clients.sdk import Client
 from agentcg.errors import QuotaExceededError
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 MiB = 1 << 20
 EXPORTER = InMemorySpanExporter()
@@ -63,10 +64,16 @@ def test_reserve_has_an_admission_span_with_tenant_and_decision(
     assert span.attributes["agentcg.reason"] == "tenant_quota"
     # The RPC span from the gRPC instrumentation is the admission span's parent. It ends after
     # the reply has gone out, so it may be exported a moment after the client has its answer.
-    rpc: list = []
+    # The SDK's client span (same name, kind CLIENT) is the server span's parent: one trace.
+    rpc: dict[SpanKind, ReadableSpan] = {}
     for _ in range(200):
-        rpc = [s for s in EXPORTER.get_finished_spans() if s.name.endswith("Broker/Reserve")]
-        if rpc:
+        rpc = {
+            s.kind: s for s in EXPORTER.get_finished_spans() if s.name.endswith("Broker/Reserve")
+        }
+        if len(rpc) == 2:
             break
         time.sleep(0.01)
-    assert rpc and span.parent is not None and span.parent.span_id == rpc[0].context.span_id
+    server, client = rpc[SpanKind.SERVER], rpc[SpanKind.CLIENT]
+    assert span.parent is not None and span.parent.span_id == server.context.span_id
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
+    assert span.context.trace_id == client.context.trace_id

@@ -46,5 +46,8 @@ def test_a_spike_waits_for_room_instead_of_being_killed(
         assert "pause" in spiked.actions
         if outcome == "grown":
             assert spiked.exit_code == 0 and spiked.budget_bytes >= 120 * 10**6
+            # The caller saw it kept paused, then grown.
+            waited = spiked.actions.index("wait")
+            assert "grow" in spiked.actions[waited:], spiked.actions
         else:
             assert "no memory headroom" in spiked.reason
