@@ -997,6 +997,17 @@ class BrokerCore:
             traceparent=traceparent(),
         )
 
+    def room_may_free(self, refuse: Refuse) -> bool:
+        """Whether waiting can help the growth ``refuse`` refused: another active lease holds
+        part of what limits it (it may end). A quota or node held by the paused call alone frees
+        nothing by waiting: it is decided at once, as with no wait."""
+        kind, _, name = refuse.scope.partition(":")
+        if kind == "tenant":
+            return self.ledger.active_calls(TenantName(name)) > 1
+        if kind == "node":
+            return self.ledger.node_calls(NodeId(name)) > 1
+        return True
+
     def hold_growth(self, ask: _GrowthAsk, refuse: Refuse) -> int:
         """Hold ``ask`` until room frees (``kick``) or ``growth_wait_ms`` after it was first
         made; the ms left. The same call asking again (its node's notice of a task still
@@ -2248,7 +2259,11 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
             )
             result = self.core.decide_growth(ask, lease)
             span.set_attribute("agentcg.tenant", lease.tenant)
-            if isinstance(result, Refuse) and self.core.growth_wait_ms > 0:
+            if (
+                isinstance(result, Refuse)
+                and self.core.growth_wait_ms > 0
+                and self.core.room_may_free(result)
+            ):
                 # Time-shifting: the call stays paused while the broker waits for room.
                 left_ms = self.core.hold_growth(ask, result)
                 span.set_attribute("agentcg.decision", "wait")

@@ -13,6 +13,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,9 @@ class TenantReport:
     denied: int = 0
     peak_bytes: int = 0
     max_budget_bytes: int = 0
-    reactions_ns: list[int] = field(default_factory=list)
+    reactions_ns: list[int] = field(default_factory=list)  # decided at once
+    # Outcomes of the calls the broker kept paused for a while, waiting for room.
+    held: list[str] = field(default_factory=list)
 
 
 def _curve_arg(call: ToolCall, speed: float) -> str:
@@ -82,7 +85,11 @@ async def _replay_tenant(
         report.killed += result.outcome == "killed"
         report.peak_bytes = max(report.peak_bytes, result.peak_bytes)
         report.max_budget_bytes = max(report.max_budget_bytes, result.budget_bytes)
-        report.reactions_ns.extend(ns for a, ns in result.timed_actions if a in ("grow", "kill"))
+        timed = [ns for a, ns in result.timed_actions if a in ("grow", "kill")]
+        if "wait" in result.actions:  # held: its decisions are timed from the pause
+            report.held.append(result.outcome)
+        else:
+            report.reactions_ns.extend(timed)
 
 
 async def _replay(
@@ -142,8 +149,10 @@ def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: fl
     ):
         table.add_column(col)
     reactions: list[int] = []
+    held: list[str] = []
     for name, r in reports.items():
         reactions += r.reactions_ns
+        held += r.held
         table.add_row(
             name,
             r.trace[:32],
@@ -158,11 +167,19 @@ def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: fl
         )
     console.print(table)
     if reactions:
-        reactions.sort()
+        console.print(f"in-kernel limit event -> decision applied: {_spread(reactions)}")
+    if held:
+        outcomes = ", ".join(f"{n} {o}" for o, n in sorted(Counter(held).items()))
         console.print(
-            f"in-kernel limit event -> decision applied: {len(reactions)} actions, "
-            f"p50 {reactions[len(reactions) // 2] / 1e6:.2f} ms, "
-            f"p99 {reactions[min(len(reactions) - 1, len(reactions) * 99 // 100)] / 1e6:.2f} ms, "
-            f"max {reactions[-1] / 1e6:.2f} ms"
+            f"{len(held)} calls kept paused while the broker waited for room (up to "
+            f"--growth-wait-ms), then: {outcomes}"
         )
     return 0
+
+
+def _spread(values_ns: list[int]) -> str:
+    v = sorted(values_ns)
+    return (
+        f"{len(v)} actions, p50 {v[len(v) // 2] / 1e6:.2f} ms, "
+        f"p99 {v[min(len(v) - 1, len(v) * 99 // 100)] / 1e6:.2f} ms, max {v[-1] / 1e6:.2f} ms"
+    )

@@ -166,3 +166,19 @@ def test_with_no_wait_a_growth_that_does_not_fit_kills_at_once(
         node.outbox.put(limit_reached(small, 56 * MiB))
         (kill,) = decisions(node, 1)
         assert (kill.lease_id, kill.kind) == (small, KILL) and "waited" not in kill.reason
+
+
+def test_a_limit_held_by_the_paused_call_alone_is_decided_at_once(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Waiting frees nothing when no other lease holds part of the limit: killed at once."""
+    with (
+        cluster(tmp_path, database_url, wait_ms=30_000) as c,
+        SimNode(c.broker_address, memory_bytes=1 << 30) as node,
+        Client(c.broker_address) as client,
+    ):
+        client.set_tenant("t", 30 * MiB)
+        only = client.reserve("t", 28 * MiB)
+        node.outbox.put(limit_reached(only.lease_id, 56 * MiB))
+        (kill,) = decisions(node, 1)
+        assert (kill.lease_id, kill.kind) == (only.lease_id, KILL) and "quota" in kill.reason
