@@ -20,7 +20,8 @@ __all__ = ["ClientSecurity", "broker_channel_options", "broker_interceptors"]
 RECONNECT_BACKOFF_MS = (100, 500)  # (first and least, most)
 
 # Calls that give the same result when sent twice: with several brokers one that fails with
-# UNAVAILABLE (the leader died with it in flight) is sent again, to the new leader. A Reserve
+# UNAVAILABLE (the leader died with it in flight) is sent again, to the new leader; with one,
+# once it is back from a restart (``broker_interceptors``). A Reserve
 # is one of them because the SDK sends every Reserve with an idempotency key (sdk.reserve):
 # sent again it returns the lease the first attempt got if that one was committed. Not
 # DeleteTenant (sent again: NOT_FOUND) nor the node's Connect stream (it reconnects itself).
