@@ -26,6 +26,7 @@ __all__ = [
     "SessionKey",
     "decide_growth",
     "decide_reserve",
+    "growth_limit",
     "is_safe",
 ]
 
@@ -161,6 +162,15 @@ def _no_nodes(retry_after_ms: int) -> Deny:
 
 def _tightest(levels: Sequence[QuotaLevel]) -> QuotaLevel:
     return min(levels, key=lambda lv: lv.free_memory_bytes)
+
+
+def growth_limit(levels: Sequence[QuotaLevel], node: NodeView) -> str:
+    """What limits a growth on ``node``: "tenant:<name>" (the tightest quota level) or
+    "node:<id>" (``Refuse.scope``)."""
+    tight = _tightest(levels)
+    if tight.free_memory_bytes <= node.free_memory_bytes:
+        return f"tenant:{tight.tenant.name}"
+    return f"node:{node.node_id}"
 
 
 def decide_reserve(
@@ -424,11 +434,12 @@ def decide_growth(
             new_memory_bytes=current_bytes + grant,
             message=f"grown to {format_bytes(current_bytes + grant)} ({seen})",
         )
-    if tight.free_memory_bytes <= node.free_memory_bytes:
+    scope = growth_limit(levels, node)
+    if scope.startswith("tenant:"):
         t = tight.tenant
         return Refuse(
             code="tenant_quota",
-            scope=f"tenant:{t.name}",
+            scope=scope,
             message=(
                 f"tenant {t.name}: memory quota exhausted ({seen}; quota "
                 f"{format_bytes(t.memory_quota_bytes)}, {format_bytes(tight.free_memory_bytes)} free)"
@@ -436,7 +447,7 @@ def decide_growth(
         )
     return Refuse(
         code="node_capacity",
-        scope=f"node:{node.node_id}",
+        scope=scope,
         message=(
             f"node {node.node_id}: no memory headroom ({seen}; capacity "
             f"{format_bytes(node.memory_capacity_bytes)}, "

@@ -43,6 +43,7 @@ from .admission import (
     Refuse,
     decide_growth,
     decide_reserve,
+    growth_limit,
 )
 from .model import LeaseId, NodeId, TenantName
 
@@ -237,19 +238,11 @@ def growth_victims(
             return chosen or None
         # Short of the whole ask: one more victim, if one relieves the limit; else what the
         # victims so far give, if it is a growth at all.
-        scope = d.scope if isinstance(d, Refuse) else _growth_limit(lv, nv)
+        scope = d.scope if isinstance(d, Refuse) else growth_limit(lv, nv)
         victim = _next_victim(scope, priority, candidates, chosen)
         if victim is None:
             return (chosen or None) if isinstance(d, Grow) else None
         chosen.append(victim)
-
-
-def _growth_limit(levels: Sequence[QuotaLevel], node: NodeView) -> str:
-    """What limits a growth to less than asked: the tightest quota level or the node."""
-    tight = min(levels, key=lambda lv: lv.free_memory_bytes)
-    if tight.free_memory_bytes <= node.free_memory_bytes:
-        return f"tenant:{tight.tenant.name}"
-    return f"node:{node.node_id}"
 
 
 def _next_victim(

@@ -5,8 +5,9 @@ process on a real database (SQLite and PostgreSQL) and a simulated node on its s
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,20 @@ def decisions(node: SimNode, n: int, timeout_s: float = 20) -> list[broker_pb2.D
     return list(node.decisions[:n])
 
 
-def cluster(tmp_path: Path, database_url: str, wait_ms: int) -> LocalCluster:
+@contextlib.contextmanager
+def running(
+    tmp_path: Path, database_url: str, wait_ms: int, node_bytes: int = 100 * MiB
+) -> Iterator[tuple[SimNode, Client]]:
+    """A broker holding growths up to ``wait_ms``, a simulated node of ``node_bytes`` on its
+    stream, and a client."""
     c = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="INFO")
     c.broker_args = ("--growth-wait-ms", str(wait_ms))
-    return c
+    with (
+        c,
+        SimNode(c.broker_address, memory_bytes=node_bytes) as node,
+        Client(c.broker_address) as client,
+    ):
+        yield node, client
 
 
 # A 100 MiB node holding 70 + 28 MiB: 2 MiB free, less than a growth worth resuming for.
@@ -78,11 +89,7 @@ def tenant_at_quota(c: Client) -> tuple[str, str]:
 def test_a_paused_call_is_grown_when_room_frees(
     tmp_path: Path, database_url: str, setup: Setup, node_bytes: int, code: str
 ) -> None:
-    with (
-        cluster(tmp_path, database_url, wait_ms=30_000) as c,
-        SimNode(c.broker_address, memory_bytes=node_bytes) as node,
-        Client(c.broker_address) as client,
-    ):
+    with running(tmp_path, database_url, 30_000, node_bytes) as (node, client):
         big, small = setup(client)
         node.outbox.put(limit_reached(small, 56 * MiB))
         (wait,) = decisions(node, 1)
@@ -101,11 +108,7 @@ def test_a_paused_call_is_grown_when_room_frees(
 def test_at_its_deadline_the_paused_call_gives_way(tmp_path: Path, database_url: str) -> None:
     """Nothing frees and nothing of lower priority holds the node: the call is killed, once,
     with the reason and how long it waited; the other lease is untouched."""
-    with (
-        cluster(tmp_path, database_url, wait_ms=400) as c,
-        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
-        Client(c.broker_address) as client,
-    ):
+    with running(tmp_path, database_url, 400) as (node, client):
         big, small = full_node(client)
         node.outbox.put(limit_reached(small, 56 * MiB))
         wait, kill = decisions(node, 2)
@@ -121,11 +124,7 @@ def test_at_its_deadline_the_paused_call_gives_way(tmp_path: Path, database_url:
 def test_at_its_deadline_lower_priority_work_gives_way(tmp_path: Path, database_url: str) -> None:
     """The paused call has the higher priority: the lease holding the room is preempted
     (revoked, its node told first) and the paused call grown into it."""
-    with (
-        cluster(tmp_path, database_url, wait_ms=400) as c,
-        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
-        Client(c.broker_address) as client,
-    ):
+    with running(tmp_path, database_url, 400) as (node, client):
         client.set_tenant("t", 1 << 30)
         low = client.reserve("t", 70 * MiB, priority=0)
         high = client.reserve("t", 28 * MiB, priority=5)
@@ -141,11 +140,7 @@ def test_at_its_deadline_lower_priority_work_gives_way(tmp_path: Path, database_
 def test_a_call_that_ends_while_it_waits_gets_no_decision(
     tmp_path: Path, database_url: str
 ) -> None:
-    with (
-        cluster(tmp_path, database_url, wait_ms=400) as c,
-        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
-        Client(c.broker_address) as client,
-    ):
+    with running(tmp_path, database_url, 400) as (node, client):
         _, small = full_node(client)
         node.outbox.put(limit_reached(small, 56 * MiB))
         decisions(node, 1)
@@ -157,11 +152,7 @@ def test_a_call_that_ends_while_it_waits_gets_no_decision(
 def test_with_no_wait_a_growth_that_does_not_fit_kills_at_once(
     tmp_path: Path, database_url: str
 ) -> None:
-    with (
-        cluster(tmp_path, database_url, wait_ms=0) as c,
-        SimNode(c.broker_address, memory_bytes=100 * MiB) as node,
-        Client(c.broker_address) as client,
-    ):
+    with running(tmp_path, database_url, 0) as (node, client):
         _, small = full_node(client)
         node.outbox.put(limit_reached(small, 56 * MiB))
         (kill,) = decisions(node, 1)
@@ -172,11 +163,7 @@ def test_a_limit_held_by_the_paused_call_alone_is_decided_at_once(
     tmp_path: Path, database_url: str
 ) -> None:
     """Waiting frees nothing when no other lease holds part of the limit: killed at once."""
-    with (
-        cluster(tmp_path, database_url, wait_ms=30_000) as c,
-        SimNode(c.broker_address, memory_bytes=1 << 30) as node,
-        Client(c.broker_address) as client,
-    ):
+    with running(tmp_path, database_url, 30_000, 1 << 30) as (node, client):
         client.set_tenant("t", 30 * MiB)
         only = client.reserve("t", 28 * MiB)
         node.outbox.put(limit_reached(only.lease_id, 56 * MiB))
