@@ -45,10 +45,14 @@ class QuotaLevel:
     granted_memory_bytes: int  # sum of active budgets in this tenant's whole subtree
     active_calls: int = 0
     granted_cpu_millis: int = 0
+    # Kept for paused calls in its subtree that wait to grow (a new call does not take it).
+    held_memory_bytes: int = 0
 
     @property
     def free_memory_bytes(self) -> int:
-        return max(0, self.tenant.memory_quota_bytes - self.granted_memory_bytes)
+        return max(
+            0, self.tenant.memory_quota_bytes - self.granted_memory_bytes - self.held_memory_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +106,14 @@ class NodeView:
     overcommit_ceiling_bytes: int = 0  # bound on that sum; 0: none
     # Sessions on this node that declared their maximum (their intent is that maximum).
     claims: Mapping[SessionKey, SessionClaim] = field(default_factory=dict)
+    # Kept for paused calls on this node that wait to grow (a new call does not take it).
+    held_memory_bytes: int = 0
 
     @property
     def free_memory_bytes(self) -> int:
-        return max(0, self.memory_capacity_bytes - self.granted_memory_bytes)
+        return max(
+            0, self.memory_capacity_bytes - self.granted_memory_bytes - self.held_memory_bytes
+        )
 
     @property
     def takes_work(self) -> bool:
@@ -164,6 +172,12 @@ def _tightest(levels: Sequence[QuotaLevel]) -> QuotaLevel:
     return min(levels, key=lambda lv: lv.free_memory_bytes)
 
 
+def _held_text(view: QuotaLevel | NodeView) -> str:
+    """What a denial adds when room is kept for paused calls."""
+    held = view.held_memory_bytes
+    return f"; {format_bytes(held)} kept for paused calls waiting to grow" if held else ""
+
+
 def growth_limit(levels: Sequence[QuotaLevel], node: NodeView) -> str:
     """What limits a growth on ``node``: "tenant:<name>" (the tightest quota level) or
     "node:<id>" (``Refuse.scope``)."""
@@ -194,7 +208,8 @@ def decide_reserve(
     allows. A zero CPU quota or call limit means unlimited. Placement takes the connected,
     unpressured, uncordoned node with the most free memory (spreading spikes rather than packing them)
     among those whose overcommit ceiling still takes ``intent_bytes`` (the declared intent when
-    ``memory_bytes`` is a smaller, learned budget).
+    ``memory_bytes`` is a smaller, learned budget). Memory kept for paused calls that wait to
+    grow (``held_memory_bytes`` of a level or node) is not free for it.
 
     A ``session`` that declared its maximum (``session_max_bytes``), or already holds declared
     leases on ``session_node``, is placed by ``_place_declared`` instead: it stays on its node,
@@ -239,7 +254,7 @@ def decide_reserve(
                 message=(
                     f"tenant {t.name}: memory quota exceeded (asked {format_bytes(memory_bytes)}, "
                     f"{format_bytes(level.free_memory_bytes)} of "
-                    f"{format_bytes(t.memory_quota_bytes)} free)"
+                    f"{format_bytes(t.memory_quota_bytes)} free{_held_text(level)})"
                 ),
                 scope=f"tenant:{t.name}",
                 # What would fit now: a node that takes no work holds nothing for it.
@@ -294,7 +309,8 @@ def decide_reserve(
             code="node_capacity",
             message=(
                 f"no node has {format_bytes(memory_bytes)} free "
-                f"(largest: node {best.node_id} with {format_bytes(best.free_memory_bytes)})"
+                f"(largest: node {best.node_id} with {format_bytes(best.free_memory_bytes)}"
+                f"{_held_text(best)})"
             ),
             scope=f"node:{best.node_id}",
             largest_memory_bytes_available=min(
@@ -360,7 +376,8 @@ def _place_declared(
             code="node_capacity",
             message=(
                 f"no node has {format_bytes(memory_bytes)} free for {name} "
-                f"(largest: node {best.node_id} with {format_bytes(best.free_memory_bytes)})"
+                f"(largest: node {best.node_id} with {format_bytes(best.free_memory_bytes)}"
+                f"{_held_text(best)})"
             ),
             scope=f"node:{best.node_id}",
             largest_memory_bytes_available=min(best.free_memory_bytes, quota_free),

@@ -40,7 +40,15 @@ from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from .admission import Deny, Grow, Refuse, decide_growth, decide_reserve
+from .admission import (
+    Deny,
+    Grow,
+    NodeView,
+    QuotaLevel,
+    Refuse,
+    decide_growth,
+    decide_reserve,
+)
 from .fairshare import Candidate, FairQueue, WaitingAsk, choose_victims, growth_victims
 from .journal import Journal
 from .ledger import Ledger, Undo
@@ -520,13 +528,18 @@ class BrokerCore:
                 session_max = max(session_max, held.max_bytes, held.held_bytes + budget)
         if session_node is not None:  # its leases stay on its node
             nodes = [ledger.node_view(session_node)] if session_node in ledger.nodes else []
-        elif session_max:
-            nodes = ledger.node_views()  # a new declared session: is_safe on every node
+        elif session_max or self.growth_waits:
+            # A new declared session: is_safe on every node. Room kept for paused calls: the
+            # node with the most free memory may not be the first by granted memory.
+            nodes = ledger.node_views()
         else:
             nodes = ledger.placement_views(max(ask.memory_bytes, budget))
+        levels = ledger.quota_levels(ask.tenant)
+        if self.growth_waits:
+            levels, nodes = self.keep_for_growth(ask.priority, levels, nodes)
         decision = decide_reserve(
             budget,
-            ledger.quota_levels(ask.tenant),
+            levels,
             nodes,
             cpu_millis=ask.cpu_millis,
             intent_bytes=ask.memory_bytes,
@@ -566,6 +579,32 @@ class BrokerCore:
             )
         )
         return lease, [PutLease(lease), audit]
+
+    def keep_for_growth(
+        self, priority: int, levels: list[QuotaLevel], nodes: list[NodeView]
+    ) -> tuple[list[QuotaLevel], list[NodeView]]:
+        """``levels`` and ``nodes`` as a new call of ``priority`` sees them: the memory that
+        paused calls of at least that priority wait for (``growth_waits``) is kept for them, on
+        their nodes and at every level of their tenants' chains. Work in progress comes before
+        new work; a call of higher priority may take it, as it could preempt them."""
+        ledger = self.ledger
+        by_node: Counter[NodeId] = Counter()
+        by_tenant: Counter[str] = Counter()
+        for ask in self.growth_waits.values():
+            lease = ledger.leases.get(ask.lease_id)
+            if lease is None or lease.priority < priority:
+                continue
+            want = ask.requested_bytes - lease.memory_bytes
+            if want > 0:
+                by_node[lease.node_id] += want
+                for name in ledger.chain_names(lease.tenant):
+                    by_tenant[name] += want
+        if not by_node:
+            return levels, nodes
+        return (
+            [replace(lv, held_memory_bytes=by_tenant[lv.tenant.name]) for lv in levels],
+            [replace(n, held_memory_bytes=by_node[n.node_id]) for n in nodes],
+        )
 
     def _started_sessions_waiting(self) -> int:
         """Queued asks of declared sessions that already hold leases."""
@@ -893,11 +932,14 @@ class BrokerCore:
     def _victims(self, ask: ReserveAsk, candidates: list[Candidate]) -> list[Lease]:
         """The leases to revoke for ``ask`` (none: preemption would not let it in)."""
         ledger = self.ledger
+        levels, nodes = ledger.quota_levels(ask.tenant), ledger.node_views()
+        if self.growth_waits:
+            levels, nodes = self.keep_for_growth(ask.priority, levels, nodes)
         chosen = choose_victims(
             ask.memory_bytes,
             ask.priority,
-            ledger.quota_levels(ask.tenant),
-            ledger.node_views(),
+            levels,
+            nodes,
             candidates,
             cpu_millis=ask.cpu_millis,
         )
@@ -1037,6 +1079,7 @@ class BrokerCore:
     def _drop_growth(self, ask: _GrowthAsk) -> None:
         if self.growth_waits.get(ask.lease_id) is ask:
             del self.growth_waits[ask.lease_id]
+            self.kick()  # the room kept for it (keep_for_growth) is open to queued asks again
         if ask.timer is not None:
             ask.timer.cancel()
 

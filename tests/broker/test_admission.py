@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from agentcg.broker.admission import (
     MIN_GROWTH_BYTES,
@@ -121,6 +123,25 @@ def test_denial_names_tenant_limit_and_what_is_free() -> None:
         d.message == "tenant t-42: memory quota exceeded (asked 4.0 GiB, 2.0 GiB of 8.0 GiB free)"
     )
     assert d.largest_memory_bytes_available == 2048 * MiB
+
+
+def test_memory_kept_for_paused_calls_is_not_free() -> None:
+    """Room kept for paused calls waiting to grow counts as taken, at a quota level and on a
+    node, and a denial says so; placement picks the node with the most room not kept."""
+    kept_in_tenant = replace(level("t", 256 * MiB, 100 * MiB), held_memory_bytes=100 * MiB)
+    d = decide_reserve(64 * MiB, [kept_in_tenant], [node("a", 1024 * MiB)])
+    assert isinstance(d, Deny) and d.code == "tenant_quota"
+    assert d.message == (
+        "tenant t: memory quota exceeded (asked 64.0 MiB, 56.0 MiB of 256.0 MiB free; "
+        "100.0 MiB kept for paused calls waiting to grow)"
+    )
+    kept_on_a = replace(node("a", 1024 * MiB, 512 * MiB), held_memory_bytes=300 * MiB)
+    d = decide_reserve(256 * MiB, [level("t", 4096 * MiB)], [kept_on_a])
+    assert isinstance(d, Deny) and d.code == "node_capacity"
+    assert d.largest_memory_bytes_available == 212 * MiB
+    assert "kept for paused calls" in d.message
+    d = decide_reserve(256 * MiB, [level("t", 4096 * MiB)], [kept_on_a, node("b", 512 * MiB)])
+    assert isinstance(d, Admit) and d.node_id == "b"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ process on a real database (SQLite and PostgreSQL) and a simulated node on its s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
 from agentcg.clients.simnode import SimNode
+from agentcg.errors import QuotaExceededError
 from agentcg.v1 import broker_pb2
 
 MiB = 1 << 20
@@ -169,3 +171,56 @@ def test_a_limit_held_by_the_paused_call_alone_is_decided_at_once(
         node.outbox.put(limit_reached(only.lease_id, 56 * MiB))
         (kill,) = decisions(node, 1)
         assert (kill.lease_id, kill.kind) == (only.lease_id, KILL) and "quota" in kill.reason
+
+
+def test_room_a_paused_call_waits_for_is_kept_from_new_calls(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Held by its tenant's quota, the paused call still needs room on its node when that
+    frees: another tenant's new call of no higher priority does not take it (denied, saying
+    why); one of higher priority may (it could preempt the paused call anyway)."""
+    with running(tmp_path, database_url, 30_000, 200 * MiB) as (node, client):
+        big, small = tenant_at_quota(client)  # node: 98 of 200 MiB granted
+        client.set_tenant("u", 1 << 30)
+        node.outbox.put(limit_reached(small, 56 * MiB))  # 28 MiB more wanted
+        (wait,) = decisions(node, 1)
+        assert wait.kind == WAIT
+        with pytest.raises(QuotaExceededError) as denied:
+            client.reserve("u", 90 * MiB)  # 102 MiB free, 28 of it kept
+        assert denied.value.code == "node_capacity"
+        assert "28.0 MiB kept for paused calls" in str(denied.value)
+        assert denied.value.largest_memory_bytes_available == 74 * MiB
+        assert client.reserve("u", 70 * MiB).memory_bytes == 70 * MiB  # what is not kept
+        client.release(big)  # its tenant's quota frees: the room on its node is still there
+        _, grow = decisions(node, 2)
+        assert (grow.lease_id, grow.kind, grow.new_budget_bytes) == (small, GROW, 56 * MiB)
+
+
+def test_a_higher_priority_call_may_take_the_room_kept(tmp_path: Path, database_url: str) -> None:
+    with running(tmp_path, database_url, 30_000, 200 * MiB) as (node, client):
+        _, small = tenant_at_quota(client)
+        client.set_tenant("u", 1 << 30)
+        node.outbox.put(limit_reached(small, 56 * MiB))
+        decisions(node, 1)
+        assert client.reserve("u", 90 * MiB, priority=5).memory_bytes == 90 * MiB
+
+
+def test_a_queued_call_gets_the_room_once_the_paused_call_is_decided(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The paused call is killed at its deadline (its call still holds its budget until the
+    node ends it): the room kept for it goes to the call queued behind it at once."""
+    with running(tmp_path, database_url, 500, 200 * MiB) as (node, client):
+        _, small = tenant_at_quota(client)
+        client.set_tenant("u", 1 << 30)
+        node.outbox.put(limit_reached(small, 56 * MiB))
+        decisions(node, 1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(client.reserve, "u", 90 * MiB, queue_timeout_ms=8_000)
+            time.sleep(0.2)
+            assert not queued.done()
+            _, kill = decisions(node, 2)
+            assert (kill.lease_id, kill.kind) == (small, KILL)
+            lease = queued.result(timeout=6)
+        assert lease.memory_bytes == 90 * MiB
+        assert client.get_lease(small).state == "active"  # until its node ends the call
