@@ -431,6 +431,10 @@ def decide_growth(
         f"budget {format_bytes(current_bytes)}, peak {format_bytes(peak_bytes)}, "
         f"asked {format_bytes(requested_bytes)}"
     )
+    if not want:
+        # Already granted: an ask sent again whose first answer was lost (the node asks again
+        # after its link to the broker broke) gets the budget it was given.
+        return Grow(new_memory_bytes=current_bytes, message=f"already granted ({seen})")
     claimed = session is not None and session in node.claims
     if claimed and grant > 0:
         assert session is not None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,20 +196,22 @@ class BrokerProcess:
         database_url: str,
         env: dict[str, str] | None = None,
         port: int = 0,
+        args: Sequence[str] = (),
     ) -> None:
         """``env``: added to its environment; ``port``: to listen on (default: a free one; a
-        restarted broker takes its predecessor's)."""
+        restarted broker takes its predecessor's); ``args``: more options of ``agentcg
+        broker``."""
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.ready = workdir / f"{name}.addr"
         self.log = workdir / f"{name}.log"
         self.ready.unlink(missing_ok=True)
-        args = ["broker", "--listen", f"127.0.0.1:{self.port}", "--db", database_url]
-        args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
-        args += ["--ready-file", str(self.ready), "--log-level", "INFO"]
+        argv = ["broker", "--listen", f"127.0.0.1:{self.port}", "--db", database_url]
+        argv += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
+        argv += ["--ready-file", str(self.ready), "--log-level", "INFO", *args]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agentcg.clients.cli", *args],
+                [sys.executable, "-m", "agentcg.clients.cli", *argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -253,14 +256,14 @@ class BrokerProcess:
 
 
 def leader_and_standby(
-    workdir: Path, database_url: str, started: list[BrokerProcess]
+    workdir: Path, database_url: str, started: list[BrokerProcess], args: Sequence[str] = ()
 ) -> tuple[BrokerProcess, BrokerProcess]:
-    """Broker "a" serving, then broker "b" standing by for it, on one database; both are
-    appended to ``started`` as they start (for the caller to stop)."""
-    a = BrokerProcess(workdir, "a", database_url)
+    """Broker "a" serving, then broker "b" standing by for it, on one database (both given
+    ``args``); both are appended to ``started`` as they start (for the caller to stop)."""
+    a = BrokerProcess(workdir, "a", database_url, args=args)
     started.append(a)
     a.wait_ready()
-    b = BrokerProcess(workdir, "b", database_url)
+    b = BrokerProcess(workdir, "b", database_url, args=args)
     started.append(b)
     b.wait_standby()
     return a, b

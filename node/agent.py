@@ -117,6 +117,14 @@ class _Pending:
     timer: asyncio.TimerHandle
     decision_ns: int = 0  # kernel event -> the broker's decision received here
     decision_trace: Context | None = None  # the broker decision's span: the action's parent
+    ask: broker_pb2.NodeMessage | None = None  # the request to grow, as sent
+    connection: int = 0  # the uplink connection it went out on (``ask_again``)
+    asked_again: int = 0
+
+
+# How many times one pause's ask is sent again after the link to the broker was lost
+# (``NodeAgent.ask_again``): a link that keeps breaking cannot keep a call paused forever.
+MAX_ASKS_AGAIN = 2
 
 
 _OUTCOME_LABEL = {
@@ -326,7 +334,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         timer = self.loop.call_later(
             self.policy.broker_timeout_s, self._on_deadline, call, action_id
         )
-        call.pending = _Pending(action_id, event_id, ev.kernel_time_ns, timer)
+        call.pending = pending = _Pending(action_id, event_id, ev.kernel_time_ns, timer)
         log.info(
             "pause call %s lease %s tenant %s at budget %d (usage %d) action %s: asking broker "
             "for %d%s",
@@ -340,7 +348,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             " (dry run)" if self.policy.dry_run else "",
         )
         paused = self._announce(call, action_id, "pause", reason, usage_bytes=usage_bytes)
-        self._send_pressure(
+        uplink = self.uplink
+        # Sent on the open stream, or buffered for the next one.
+        pending.connection = uplink.connections + (0 if uplink.connected else 1)
+        pending.ask = self._send_pressure(
             call,
             broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
             ev,
@@ -491,24 +502,24 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         event_id: str = "",
         usage_bytes: int = 0,
         trace_parent: str = "",
-    ) -> None:
-        self.uplink.send(
-            broker_pb2.NodeMessage(
-                pressure=broker_pb2.PressureEvent(
-                    event_id=event_id or uuid.uuid4().hex[:12],
-                    lease_id=call.lease.lease_id,
-                    epoch=call.lease.epoch,
-                    kind=kind,
-                    usage_bytes=usage_bytes or ev.usage_bytes,
-                    budget_bytes=call.budget_bytes,
-                    peak_bytes=call.peak_bytes,
-                    requested_memory_bytes=requested_bytes,
-                    kernel_time_ns=ev.kernel_time_ns,
-                    action_id=action_id,
-                    traceparent=trace_parent,
-                )
+    ) -> broker_pb2.NodeMessage:
+        msg = broker_pb2.NodeMessage(
+            pressure=broker_pb2.PressureEvent(
+                event_id=event_id or uuid.uuid4().hex[:12],
+                lease_id=call.lease.lease_id,
+                epoch=call.lease.epoch,
+                kind=kind,
+                usage_bytes=usage_bytes or ev.usage_bytes,
+                budget_bytes=call.budget_bytes,
+                peak_bytes=call.peak_bytes,
+                requested_memory_bytes=requested_bytes,
+                kernel_time_ns=ev.kernel_time_ns,
+                action_id=action_id,
+                traceparent=trace_parent,
             )
         )
+        self.uplink.send(msg)
+        return msg
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -883,10 +894,48 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         """The stream to the broker (re)opened: what it pushed while the link was down (a
         revocation by preemption or a drain, a renewal) is lost, so every lease is asked
         about again. After a random wait of up to RECHECK_SPREAD_S: after a failover every
-        node reconnects to the new leader at once, and their questions are spread out."""
+        node reconnects to the new leader at once, and their questions are spread out. Paused
+        calls ask again first (``ask_again``)."""
+        self.ask_again()
         if self.calls:
             await asyncio.sleep(random.uniform(0, self.RECHECK_SPREAD_S))
             await self.check_leases(every=True)
+
+    def ask_again(self) -> None:
+        """Send again the asks to grow that went out on a stream that has since broken: the
+        broker that had them may never answer (it died or restarted, or lost its leadership,
+        holding the ask while room was to free), and the one connected now has never heard of
+        them. Same event and action ids; the broker decides it as a new ask (a growth the old
+        one granted comes back as that grant). The call gets at least ``broker_timeout_s`` more
+        for the answer, at most MAX_ASKS_AGAIN times per pause."""
+        uplink = self.uplink
+        assert self.loop is not None
+        for call in self.calls.values():
+            pending = call.pending
+            if (
+                pending is None
+                or pending.ask is None
+                or call.phase is not CallPhase.PAUSED
+                or pending.connection >= uplink.connections  # on this stream, or buffered
+                or pending.asked_again >= MAX_ASKS_AGAIN
+            ):
+                continue
+            pending.asked_again += 1
+            pending.connection = uplink.connections
+            uplink.send(pending.ask)
+            timeout_s = self.policy.broker_timeout_s
+            if pending.timer.when() - self.loop.time() < timeout_s:
+                pending.timer.cancel()
+                pending.timer = self.loop.call_later(
+                    timeout_s, self._on_deadline, call, pending.action_id
+                )
+            log.info(
+                "call %s lease %s still paused (action %s): asked the broker again after the "
+                "link to it was lost",
+                call.call_id,
+                call.lease.lease_id,
+                pending.action_id,
+            )
 
     async def _refresh_lease(self, call: Call, held: LeaseView, now_unix_ms: int | None) -> None:
         """Ask the broker about one lease and act on its answer, judged at the time it came."""

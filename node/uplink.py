@@ -128,10 +128,17 @@ class Uplink:
         follow.add_done_callback(self._background.discard)
         await asyncio.wait_for(self._connected.wait(), wait_connected_s)
 
-    async def _outgoing(self) -> AsyncIterator[broker_pb2.NodeMessage]:
+    async def _outgoing(self, connection: int) -> AsyncIterator[broker_pb2.NodeMessage]:
+        """What stream number ``connection`` sends. Once that stream has ended it takes nothing
+        more: gRPC may still be reading this generator after its call ended, and a message taken
+        then (one queued while the link was down, for the next stream) would be lost."""
         yield broker_pb2.NodeMessage(hello=broker_pb2.NodeHello(node_id=self._registration.node_id))
-        while True:
-            while self._buffer:
+
+        def current() -> bool:
+            return connection == self.connections and self._connected.is_set()
+
+        while current():
+            while self._buffer and current():
                 yield self._buffer.popleft()
             self._ready.clear()
             try:
@@ -145,9 +152,9 @@ class Uplink:
             try:
                 reply = await self._gateway.RegisterNode(self._registration, timeout=5)
                 self.heartbeat_interval_s = max(0.1, reply.heartbeat_interval_ms / 1000)
-                stream = self._stream = self._gateway.Connect(self._outgoing())
-                self._connected.set()
                 self.connections += 1
+                stream = self._stream = self._gateway.Connect(self._outgoing(self.connections))
+                self._connected.set()
                 log.info("uplink connected to broker as node %s", self._registration.node_id)
                 if self._on_connected is not None:
                     check = asyncio.ensure_future(self._on_connected())

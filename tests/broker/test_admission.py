@@ -186,6 +186,15 @@ def test_memory_kept_for_paused_calls_is_not_free() -> None:
             node("a", 1024 * MiB),
             ("refuse", "tenant_quota"),
         ),
+        # asked again for what was already granted (the first answer lost): granted again,
+        # even with nothing left anywhere
+        (
+            128 * MiB,
+            128 * MiB,
+            [level("t", 128 * MiB, 128 * MiB)],
+            node("a", 128 * MiB, 128 * MiB),
+            ("grow", 128 * MiB),
+        ),
     ],
 )
 def test_decide_growth(

@@ -88,3 +88,47 @@ def test_tool_calls_ride_through_a_broker_failover(
         cluster.stop()
         for broker in brokers:
             broker.stop(signal.SIGKILL)
+
+
+def test_a_paused_call_held_by_a_leader_that_dies_is_asked_for_again(
+    tmp_path: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """The leader holds a paused call's growth (no room: WAIT) and is SIGKILLed. The new leader
+    never heard the ask; the node sends it again once its stream reaches the new leader, which
+    holds it in turn and grows the call when room frees. (Without the ask sent again the node
+    would wait out the old leader's 20 s and its own timeout, then kill the call.)"""
+    database_url = Store.default_url(tmp_path)
+    brokers: list[BrokerProcess] = []
+    cluster = LocalCluster(tmp_path / "cluster", node_memory="256M", log_level="INFO")
+    cluster.workdir.mkdir()
+    try:
+        a, b = leader_and_standby(
+            tmp_path, database_url, brokers, args=("--growth-wait-ms", "20000")
+        )
+        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        cluster.start_node(0)
+        results: dict[str, RunResult] = {}
+        with Client(cluster.broker_address, timeout_s=60) as c:
+            c.set_tenant("ft", 1024 * MiB)
+            holder = c.reserve("ft", 222 * MiB)  # 2 MiB left beside a 32 MiB call
+
+            def spike() -> None:
+                argv = [sys.executable, "-c", "b = b'x' * (100 << 20)"]
+                results["spike"] = c.run("ft", 32 * MiB, argv)
+
+            spiking = threading.Thread(target=spike)
+            spiking.start()
+            a.wait_log("hold growth of lease", 60)
+            a.stop(signal.SIGKILL)
+            b.wait_log("hold growth of lease", 15)  # asked again, held again
+            c.release(holder.lease_id)  # room frees on the new leader: the call is grown
+            spiking.join(60)
+            assert not spiking.is_alive()
+        spiked = results["spike"]
+        assert (spiked.exit_code, spiked.outcome) == (0, "grown"), spiked
+        assert spiked.peak_bytes >= 100 * MiB
+        assert "asked the broker again after the link to it was lost" in cluster.log("node0")
+    finally:
+        cluster.stop()
+        for broker in brokers:
+            broker.stop(signal.SIGKILL)

@@ -1,5 +1,6 @@
 """The node's uplink against a real broker process that is stopped and restarted: it buffers
-(bounded, drops counted) while the broker is away and reconnects with backoff."""
+(bounded, drops counted) while the broker is away, reconnects with backoff, and what it queued
+meanwhile reaches the new broker."""
 
 from __future__ import annotations
 
@@ -87,10 +88,21 @@ def test_uplink_buffers_and_reconnects_when_the_broker_restarts(tmp_path: Path) 
         await uplink.start()
         try:
             assert uplink.connected
-            stop(broker)
+            broker.kill()  # SIGKILL: the stream breaks, it is not closed
+            broker.wait(15)
             await wait(lambda: not uplink.connected, "the uplink to notice the broker left")
-            for i in range(8):  # 8 reports into a buffer of 5: the 3 oldest are dropped
+            for i in range(6):  # 8 reports into a buffer of 5: the 3 oldest are dropped
                 uplink.send(broker_pb2.NodeMessage(heartbeat=broker_pb2.Heartbeat(running_calls=i)))
+            for lease_id in ("gone-1", "gone-2"):  # asks the broker answers (leases it lacks)
+                uplink.send(
+                    broker_pb2.NodeMessage(
+                        pressure=broker_pb2.PressureEvent(
+                            event_id=f"ev-{lease_id}",
+                            lease_id=lease_id,
+                            kind=broker_pb2.PRESSURE_KIND_LIMIT_REACHED,
+                        )
+                    )
+                )
             assert uplink.dropped == 3
             await asyncio.sleep(1.0)  # a few failed attempts (backoff) while it is away
             assert not uplink.connected
@@ -101,6 +113,12 @@ def test_uplink_buffers_and_reconnects_when_the_broker_restarts(tmp_path: Path) 
             assert uplink.connections == 2
             await wait(lambda: not uplink._buffer, "the buffer to drain to the broker")
             assert uplink.dropped == 3
+            # What was queued while the broker was away reached the new one: both answered.
+            await wait(lambda: len(decisions) == 2, "the answers to what was queued")
+            assert {(d.event_id, d.kind) for d in decisions} == {
+                ("ev-gone-1", broker_pb2.DECISION_KIND_KILL),
+                ("ev-gone-2", broker_pb2.DECISION_KIND_KILL),
+            }
         finally:
             await uplink.close()
 

@@ -100,6 +100,8 @@ class StubUplink:
     sent: list[broker_pb2.NodeMessage] = field(default_factory=list)
     kinds: Counter[str] = field(default_factory=Counter)
     dropped: int = 0
+    connections: int = 1  # streams opened so far (a test moves it on for a reconnection)
+    connected: bool = True
 
     def send(self, msg: broker_pb2.NodeMessage) -> None:
         self.kinds[str(msg.WhichOneof("body"))] += 1

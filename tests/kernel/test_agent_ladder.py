@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agentcg.node.agent import NodeAgent
+from agentcg.node.agent import MAX_ASKS_AGAIN, NodeAgent
 from agentcg.node.cgroup import CgroupV1Driver
 from agentcg.node.enforcement import NodePolicy
 from agentcg.v1 import broker_pb2, node_pb2, types_pb2
@@ -187,4 +187,58 @@ def test_in_kernel_stop_pauses_before_the_limit_then_grows(
     exited = events[-1].exited
     assert seen == ["pause", "grow"], seen
     assert exited.outcome == types_pb2.OUTCOME_GROWN and exited.exit_code == 0
+    assert driver.children() == []
+
+
+def test_an_ask_on_a_stream_that_broke_is_sent_again(
+    driver: CgroupV1Driver, make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    """A paused call's ask to grow that went out on a stream since broken is sent again once a
+    new one opens (same event and action ids, a full broker timeout more), at most
+    MAX_ASKS_AGAIN times; one buffered while the link was down goes out on the next stream as it
+    is and is not doubled."""
+    uplink = StubUplink(connected=False)  # the pause comes while the link is down
+    agent: NodeAgent = make_agent(uplink, POLICY)
+    uplink.broker.leases["l1"] = make_lease("l1")
+    release = tmp_path / "release"
+
+    async def main() -> node_pb2.ExecEvent:
+        loop = agent.loop = asyncio.get_running_loop()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", hold_code(56, release)])
+        )
+        await wait_for(lambda: limit_asks(uplink), "pause after the throttle deadline")
+        [first] = limit_asks(uplink)
+        pending = agent.calls["l1"].pending
+        assert pending is not None
+        uplink.connected, uplink.connections = True, 2  # the buffered ask went out on it
+        await agent.on_uplink_connected()
+        assert len(limit_asks(uplink)) == 1
+        await asyncio.sleep(1.1)  # the broker timeout (30 s) runs down meanwhile
+        for n in (3, 4, 5, 6):  # the stream breaks and opens again, and again
+            uplink.connections = n
+            agent.ask_again()
+        asks = limit_asks(uplink)
+        assert len(asks) == 1 + MAX_ASKS_AGAIN
+        assert {(a.event_id, a.action_id) for a in asks} == {(first.event_id, first.action_id)}
+        assert pending.timer.when() - loop.time() > POLICY.broker_timeout_s - 0.5
+        await agent.on_decision(
+            broker_pb2.Decision(
+                decision_id="d1",
+                lease_id="l1",
+                event_id=first.event_id,
+                kind=broker_pb2.DECISION_KIND_GROW,
+                new_budget_bytes=128 * MiB,
+                epoch=2,
+            )
+        )
+        uplink.connections = 7
+        agent.ask_again()  # answered: nothing to ask
+        assert len(limit_asks(uplink)) == 1 + MAX_ASKS_AGAIN
+        release.touch()
+        events = await asyncio.wait_for(call, 30)
+        return events[-1]
+
+    last = asyncio.run(main())
+    assert last.exited.outcome == types_pb2.OUTCOME_GROWN and last.exited.exit_code == 0
     assert driver.children() == []
