@@ -386,9 +386,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-	if (!args->group_dead)
+	/* Once per process: when its leader thread exits. (The tracepoint's group_dead field
+	 * would say when its last thread does, but it is new: 6.18 has it, 6.12 does not, and
+	 * the program must compile on both.) */
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32;
+	if ((u32)pid_tgid != tgid)
 		return 0;
-	u32 tgid = current_tgid();
 	u64 *cg = pids.lookup(&tgid);
 	if (!cg)
 		return 0;

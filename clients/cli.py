@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import json
@@ -845,7 +846,9 @@ def preflight(
         raise typer.BadParameter(
             f"unknown usage source {usage_source!r}", param_hint="--usage-source"
         )
-    checks = run_preflight(UsageSource[usage_source.upper()])
+    with _stdout_to_stderr() if json_out else contextlib.nullcontext():
+        # bcc's compiler writes its warnings to fd 1 (e.g. no kernel headers): not into JSON.
+        checks = run_preflight(UsageSource[usage_source.upper()])
     if broker:
         node = node_id or default_node_id()
 
@@ -888,6 +891,22 @@ def preflight(
         console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """What this process and the libraries in it write to fd 1 goes to fd 2 meanwhile."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        libc.fflush(None)  # C stdio buffers what it writes to a pipe: out before fd 1 is back
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @app.command()

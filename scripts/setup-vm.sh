@@ -71,4 +71,17 @@ if [ ! -d "/lib/modules/$ver/kernel" ]; then
   depmod "$ver" >/dev/null 2>&1 || true
   echo "setup-vm: modules for $ver in /lib/modules/$ver" >&2
 fi
+# bcc in the VM compiles against /lib/modules/<ver>/build, which virtme points at the unpacked
+# package's modules: link the host's Debian headers there, as setup-host.sh does for the host's
+# kernel (tracepoint programs read no kernel structs).
+kdir="$VM/kernel/usr/lib/modules/$ver"
+if [ ! -e "$kdir/build/Makefile" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$hdr" ]; then
+    ln -sfn "$hdr" "$kdir/build"
+    [ -n "$common" ] && ln -sfn "$common" "$kdir/source"
+    echo "setup-vm: linked $kdir/build -> $hdr" >&2
+  fi
+fi
 echo "$vmlinuz"
