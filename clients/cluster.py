@@ -54,6 +54,7 @@ class LocalCluster:
     # (AGENTCG_TOKEN, AGENTCG_TLS_*: agentcg.channels.ClientSecurity.from_env).
     node_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    ready_timeout_s: float = 60.0  # per process (a node compiles its BPF program first)
     broker_address: str = ""
     node_addresses: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class LocalCluster:
                 env={**os.environ, **env} if env else None,
             )
         self.procs[name] = proc
-        return _wait_ready(proc, ready, log, 60)
+        return _wait_ready(proc, ready, log, self.ready_timeout_s)
 
     def start_broker(self) -> str:
         args = ["broker", "--listen", "127.0.0.1:0", "--data-dir", str(self.workdir / "broker")]

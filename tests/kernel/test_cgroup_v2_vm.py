@@ -1,5 +1,6 @@
 """Boots Debian trixie's 6.12 kernel (cgroup v2, memory controller) under qemu without KVM and
-runs tests/vm inside it against the real v2 kernel. scripts/setup-vm.sh installs the kit."""
+runs tests/vm inside it against the real v2 kernel: the v2 driver, preflight, and a broker and
+node agent with the BPF monitor loaded. scripts/setup-vm.sh installs the kit."""
 
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ def _boot(virtme: Path, vmlinuz: Path, out: Path, script: str) -> subprocess.Com
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1100,
         stdin=subprocess.DEVNULL,
     )
 
 
+@pytest.mark.timeout(2400)  # up to two boots (see below), each running tests/vm for ~5 minutes
 def test_cgroup_v2_driver_in_a_v2_vm() -> None:
     vmlinuz, virtme = vm_kit()
     out = REPO / "var/vm" / f"out-{uuid.uuid4().hex[:8]}"

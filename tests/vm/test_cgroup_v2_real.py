@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import Client
 from agentcg.node.cgroup import CgroupV2Driver
 from agentcg.node.monitor import UsageSource, supported_usage_source
 from agentcg.node.spawn import GatedProcess, spawn_gated
@@ -227,3 +229,29 @@ def test_preflight_passes_on_a_v2_host() -> None:
     assert "paused at the limit" in enforcement["detail"]
     assert enforcement["detail"].endswith("exit 0")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.timeout(900)  # under qemu without KVM: ~3 minutes (processes start, bcc compiles)
+def test_tool_calls_are_grown_or_killed_alone_on_v2(tmp_path: Path) -> None:
+    """The whole path on a v2 host: a broker (SQLite) and a node agent as processes, the BPF
+    monitor loaded on this kernel, and `Client.run` of calls spiking past their budgets. One
+    is paused at its budget, grown by the broker from its tenant's headroom, and finishes; one
+    whose tenant has no headroom is killed, alone: the other tenant's call finishes."""
+    spike = "b = b'x' * ({} << 20)"
+    with (
+        LocalCluster(
+            tmp_path / "cluster", node_memory="1G", log_level="INFO", ready_timeout_s=300
+        ) as cluster,
+        Client(cluster.broker_address, timeout_s=300) as client,
+    ):
+        client.set_tenant("rich", 512 * MiB)
+        client.set_tenant("poor", 40 * MiB)
+        grown = client.run("rich", 32 * MiB, [sys.executable, "-c", spike.format(100)])
+        killed = client.run("poor", 32 * MiB, [sys.executable, "-c", spike.format(200)])
+        node_log = cluster.log("node0")
+    print(grown, killed, sep="\n")
+    assert "(v2)" in node_log, node_log[-2000:]
+    assert (grown.exit_code, grown.outcome) == (0, "grown"), grown
+    assert grown.peak_bytes >= 100 * MiB and grown.budget_bytes > 32 * MiB
+    assert killed.outcome == "killed" and killed.exit_code != 0, killed
+    assert "quota" in killed.reason, killed
