@@ -534,9 +534,7 @@ class BrokerCore:
             nodes = ledger.node_views()
         else:
             nodes = ledger.placement_views(max(ask.memory_bytes, budget))
-        levels = ledger.quota_levels(ask.tenant)
-        if self.growth_waits:
-            levels, nodes = self.keep_for_growth(ask.priority, levels, nodes)
+        levels, nodes = self.keep_for_growth(ask.priority, ledger.quota_levels(ask.tenant), nodes)
         decision = decide_reserve(
             budget,
             levels,
@@ -587,6 +585,8 @@ class BrokerCore:
         paused calls of at least that priority wait for (``growth_waits``) is kept for them, on
         their nodes and at every level of their tenants' chains. Work in progress comes before
         new work; a call of higher priority may take it, as it could preempt them."""
+        if not self.growth_waits:  # the usual case, on every admission: nothing kept
+            return levels, nodes
         ledger = self.ledger
         by_node: Counter[NodeId] = Counter()
         by_tenant: Counter[str] = Counter()
@@ -932,9 +932,9 @@ class BrokerCore:
     def _victims(self, ask: ReserveAsk, candidates: list[Candidate]) -> list[Lease]:
         """The leases to revoke for ``ask`` (none: preemption would not let it in)."""
         ledger = self.ledger
-        levels, nodes = ledger.quota_levels(ask.tenant), ledger.node_views()
-        if self.growth_waits:
-            levels, nodes = self.keep_for_growth(ask.priority, levels, nodes)
+        levels, nodes = self.keep_for_growth(
+            ask.priority, ledger.quota_levels(ask.tenant), ledger.node_views()
+        )
         chosen = choose_victims(
             ask.memory_bytes,
             ask.priority,
