@@ -386,13 +386,19 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-	/* Once per process: when its leader thread exits. (The tracepoint's group_dead field
-	 * would say when its last thread does, but it is new: 6.18 has it, 6.12 does not, and
-	 * the program must compile on both.) */
+	/* Once per process: when its last thread exits, where the tracepoint says so (its
+	 * group_dead field: 6.18 has it, 6.12 does not; the loader reads the format file). Without
+	 * it, when its leader thread exits: a process whose leader exits first (pthread_exit in
+	 * main) then loses its entry while its other threads still run. */
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tgid = pid_tgid >> 32;
+#ifdef MW_EXIT_GROUP_DEAD
+	if (!args->group_dead)
+		return 0;
+#else
 	if ((u32)pid_tgid != tgid)
 		return 0;
+#endif
 	u64 *cg = pids.lookup(&tgid);
 	if (!cg)
 		return 0;

@@ -40,10 +40,12 @@ __all__ = [
     "check_header",
     "counter_offsets",
     "describe_program",
+    "exit_reports_group_dead",
     "program_cflags",
     "read_header_constants",
     "resolve_usage_source",
     "supported_usage_source",
+    "tracepoint_fields",
 ]
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,29 @@ def counter_offsets(btf: Btf) -> dict[str, int]:
     return offsets
 
 
+EXIT_TRACEPOINT = "sched/sched_process_exit"
+
+
+def tracepoint_fields(format_text: str) -> set[str]:
+    """The field names in a tracepoint's ``format`` file (``field:bool group_dead;`` ...)."""
+    names: set[str] = set()
+    for line in format_text.splitlines():
+        decl = line.strip().partition(";")[0]
+        if decl.startswith("field:"):
+            names.add(decl.rsplit(None, 1)[-1].partition("[")[0])
+    return names
+
+
+def exit_reports_group_dead(tracefs: Path = TRACEFS) -> bool:
+    """Whether ``sched_process_exit`` says when a process's last thread exits (its
+    ``group_dead`` field: 6.18 has it, 6.12 does not)."""
+    try:
+        text = (tracefs / "events" / EXIT_TRACEPOINT / "format").read_text()
+    except OSError:
+        return False
+    return "group_dead" in tracepoint_fields(text)
+
+
 def _source_available(
     source: UsageSource, tracefs: Path, btf_path: Path
 ) -> tuple[bool, str, dict[str, int]]:
@@ -254,7 +279,10 @@ def program_cflags(
     page_size: int | None = None,
     usage_source: UsageSource = UsageSource.COUNTER,
     offsets: dict[str, int] | None = None,
+    group_dead: bool = False,
 ) -> list[str]:
+    """The program's -D defines. ``group_dead``: the exit tracepoint has that field (a process's
+    exit is then its last thread's, not its leader thread's)."""
     if page_size is None:
         page_size = os.sysconf("SC_PAGE_SIZE")
     if page_size <= 0 or page_size & (page_size - 1):
@@ -270,6 +298,7 @@ def program_cflags(
         f"-DMW_FILTER_SLOTS={FILTER_SLOTS}",
         f"-DMW_SAMPLE_SHIFT={COUNTER_SAMPLE_SHIFT}",
         f"-DMW_USAGE_SOURCE={int(usage_source)}",
+        *(["-DMW_EXIT_GROUP_DEAD=1"] if group_dead else []),
         *(f"-D{name}={value}" for name, value in sorted((offsets or {}).items())),
     ]
 
@@ -313,6 +342,7 @@ class MemoryMonitor:
         except ImportError as e:
             raise MonitorError(f"bcc python module not importable: {e}") from e
         source, offsets = resolve_usage_source(usage_source)
+        group_dead = exit_reports_group_dead()
         self._bpf: Any = None
         while True:
             self._cflags = program_cflags(
@@ -321,6 +351,7 @@ class MemoryMonitor:
                 ringbuf_pages=ringbuf_pages,
                 usage_source=source,
                 offsets=offsets,
+                group_dead=group_dead,
             )
             if print_program:
                 print(describe_program(self._cflags))  # the hidden --ebpf flag (as runqlat)
@@ -600,7 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = UsageSource[args.usage_source]
     if args.ebpf:
         source, offsets = resolve_usage_source(source)
-        print(describe_program(program_cflags(usage_source=source, offsets=offsets)))
+        cflags = program_cflags(
+            usage_source=source, offsets=offsets, group_dead=exit_reports_group_dead()
+        )
+        print(describe_program(cflags))
         return 0
     if args.cgroup_dir is None:
         from agentcg.node.cgroup import current_cgroup_dir

@@ -19,9 +19,11 @@ from agentcg.node.monitor import (
     EventKind,
     MemoryMonitor,
     UsageSource,
+    exit_reports_group_dead,
 )
 from agentcg.node.spawn import spawn_gated
 
+from ..conftest import kernel_missing
 from .kernel_helpers import EventLog, Spawn, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -343,6 +345,41 @@ def test_in_kernel_stop_at_the_threshold(
     os.kill(call.pid, 18)
     assert call.process.wait(timeout=30) == 0
     assert len(events.of(cid, EventKind.STOP)) == 1
+
+
+def test_a_process_whose_leader_thread_exits_first_stays_watched(
+    driver: CgroupV1Driver, monitor: MemoryMonitor, events: EventLog, spawn: Spawn
+) -> None:
+    # pthread_exit in main: the process lives on in its other thread. Its entry must stay
+    # until that one exits, or its spike is neither stopped nor reported.
+    if not exit_reports_group_dead():
+        kernel_missing("sched_process_exit has no group_dead field")
+    cg = driver.create("call")
+    driver.set_memory_limit(cg, 512 * MiB)  # a backstop, never reached
+    cid = driver.cgroup_id(cg)
+    monitor.watch(cid, soft_bytes=0, limit_bytes=512 * MiB, stop_bytes=LIMIT)
+    code = (
+        "import ctypes, os, threading, time\n"
+        "def spike():\n"
+        "    leader = f'/proc/self/task/{os.getpid()}/stat'\n"
+        "    while open(leader).read().rsplit(')', 1)[1].split()[0] != 'Z':\n"
+        "        time.sleep(0.01)  # until the leader thread has exited\n"
+        f"    {alloc_code(150)}\n"
+        "threading.Thread(target=spike).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    call = spawn(cg, [sys.executable, "-c", code])
+    [stop] = events.wait_for(cid, EventKind.STOP)
+    [stopped] = events.wait_for(cid, EventKind.STOPPED)
+    assert stop.pid == stopped.pid == call.pid
+    assert events.of(cid, EventKind.EXIT) == []  # the leader's exit was not the process's
+    assert monitor.entry_counts() == (1, 1)
+    os.kill(call.pid, 18)
+    assert call.process.wait(timeout=30) == 0
+    [exit_event] = events.wait_for(cid, EventKind.EXIT)
+    assert exit_event.pid == call.pid
+    assert monitor.entry_counts() == (1, 0)
+    monitor.unwatch(cid)
 
 
 def _state(pid: int) -> str:

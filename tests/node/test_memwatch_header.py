@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from agentcg.node.monitor import (
     BPF_SOURCE,
@@ -10,8 +12,10 @@ from agentcg.node.monitor import (
     UsageSource,
     check_header,
     describe_program,
+    exit_reports_group_dead,
     program_cflags,
     read_header_constants,
+    tracepoint_fields,
 )
 
 
@@ -71,6 +75,8 @@ def test_program_cflags_are_defines_not_text_edits() -> None:
         "-DMW_OFF_CGROUP_KN=256",
         "-DMW_OFF_KN_ID=96",
     ]
+    assert program_cflags(group_dead=True)[-1] == "-DMW_EXIT_GROUP_DEAD=1"
+    assert "-DMW_EXIT_GROUP_DEAD=1" not in program_cflags()
     with pytest.raises(MonitorError, match="power of two"):
         program_cflags(ringbuf_pages=3)
     text = describe_program(cflags)
@@ -97,3 +103,43 @@ def test_usage_source_falls_back_when_the_kernel_lacks_its_tracepoint(tmp_path) 
     bad_btf = tmp_path / "bad-btf"
     bad_btf.write_bytes(b"\0" * 64)
     assert supported_usage_source(UsageSource.COUNTER, tmp_path, bad_btf) is UsageSource.LRU
+
+
+# sched_process_exit's format file on 6.18 (group_dead) and on Debian trixie's 6.12 (none).
+EXIT_FORMAT_6_18 = """name: sched_process_exit
+ID: 369
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;
+
+print fmt: "comm=%s pid=%d prio=%d group_dead=%s", REC->comm, REC->pid, REC->prio, \
+REC->group_dead ? "true" : "false"
+"""
+EXIT_FORMAT_6_12 = (
+    "\n".join(line for line in EXIT_FORMAT_6_18.splitlines() if "group_dead" not in line)
+    + '\nprint fmt: "comm=%s pid=%d prio=%d", REC->comm, REC->pid, REC->prio\n'
+)
+
+
+def test_tracepoint_fields_and_the_exit_tracepoints_group_dead(tmp_path: Path) -> None:
+    assert tracepoint_fields(EXIT_FORMAT_6_18) == {
+        "common_type",
+        "common_pid",
+        "comm",
+        "pid",
+        "prio",
+        "group_dead",
+    }
+    assert "group_dead" not in tracepoint_fields(EXIT_FORMAT_6_12)
+    fmt = tmp_path / "events" / "sched" / "sched_process_exit" / "format"
+    assert not exit_reports_group_dead(tmp_path)  # no tracefs there: the leader-thread rule
+    fmt.parent.mkdir(parents=True)
+    fmt.write_text(EXIT_FORMAT_6_12)
+    assert not exit_reports_group_dead(tmp_path)
+    fmt.write_text(EXIT_FORMAT_6_18)
+    assert exit_reports_group_dead(tmp_path)
