@@ -40,7 +40,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from .cgroup import Cgroup, CgroupDriver, CgroupError
+from .cgroup import Cgroup, CgroupDriver, CgroupError, read_label, set_label
 from .enforcement import (
     AskBroker,
     CallPhase,
@@ -126,6 +126,9 @@ class _Pending:
 # (``NodeAgent.ask_again``): a link that keeps breaking cannot keep a call paused forever.
 MAX_ASKS_AGAIN = 2
 
+# The cgroup label (node.cgroup.set_label) holding the traceparent of the RPC that started a call.
+TRACE_LABEL = "traceparent"
+
 
 _OUTCOME_LABEL = {
     types_pb2.OUTCOME_COMPLETED: "completed",
@@ -166,7 +169,7 @@ class Call:
     removed: asyncio.Future[None] | None = None  # its cgroup's removal, once it has ended
     started_s: float = field(default_factory=time.monotonic)
     # The trace of the RPC that started it (Exec, Attach): its actions' spans join the caller's
-    # trace. None for a call re-adopted after a restart.
+    # trace (a re-adopted call's comes from its cgroup's label). None: untraced.
     trace: Context | None = None
 
     def view(self) -> CallView:
@@ -1102,7 +1105,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 call_id=call_id,
                 lease=lease,
                 cgroup=cg,
-                cgroup_id=await asyncio.shield(self._io(self._create_call_cgroup, cg, budget)),
+                cgroup_id=await asyncio.shield(
+                    self._io(self._create_call_cgroup, cg, budget, traceparent())
+                ),
                 budget_bytes=budget,
                 events=asyncio.Queue(),
                 trace=otel_context.get_current(),
@@ -1276,7 +1281,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     call_id=lease_id,
                     lease=lease,
                     cgroup=cg,
-                    cgroup_id=await asyncio.shield(self._io(self._create_call_cgroup, cg, budget)),
+                    cgroup_id=await asyncio.shield(
+                        self._io(self._create_call_cgroup, cg, budget, traceparent())
+                    ),
                     budget_bytes=budget,
                     events=asyncio.Queue(),
                     adopted=True,
@@ -1415,12 +1422,18 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         return exited
 
-    def _create_call_cgroup(self, cg: Cgroup, budget_bytes: int) -> int:
+    def _create_call_cgroup(self, cg: Cgroup, budget_bytes: int, trace: str) -> int:
         """On the cgroup-I/O thread: a call's cgroup, limited, pausing at its limit (unless
-        dry run); returns its id."""
+        dry run), labelled with the ``traceparent`` of the RPC that starts it (if traced: an
+        agent that re-adopts the call continues its trace); returns its id."""
         self.driver.create(*cg.rel)
         self.driver.set_memory_limit(cg, budget_bytes)
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+        if trace:
+            try:
+                set_label(cg, TRACE_LABEL, trace)
+            except CgroupError as exc:  # the call runs; a re-adopted one starts new traces
+                log.debug("%s", exc)
         return self.driver.cgroup_id(cg)
 
     def _release_dirs(self, tenant: str, session: str, cg: Cgroup | None) -> asyncio.Future[None]:
@@ -1534,6 +1547,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             events=asyncio.Queue(),
             peak_bytes=stats.peak_bytes,
             adopted=True,
+            trace=parent_context(read_label(cg, TRACE_LABEL)),
         )
         if budget > lease.budget.memory_bytes:
             call.grown = 1

@@ -45,6 +45,8 @@ __all__ = [
     "parse_oom_control",
     "parse_proc_cgroup",
     "parse_v2_mount",
+    "read_label",
+    "set_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -324,6 +326,28 @@ def _write_text(path: Path, value: str) -> None:
         raise CgroupError(f"{path}: writing {value!r} failed: {e.strerror}") from e
     finally:
         os.close(fd)
+
+
+# A label is a trusted.* extended attribute of the cgroup's directory (the memory one on v1):
+# kernfs keeps it for as long as the cgroup lives, on v1 and v2 alike (systemd keeps its units'
+# invocation ids so), and only a process with CAP_SYS_ADMIN can set it.
+_LABEL_PREFIX = "trusted.agentcg."
+
+
+def set_label(cg: Cgroup, name: str, value: str) -> None:
+    """Keep ``value`` with the cgroup, for the agent that re-adopts it after a restart."""
+    try:
+        os.setxattr(cg.path, _LABEL_PREFIX + name, value.encode("ascii"))
+    except OSError as e:
+        raise CgroupError(f"cgroup {cg.path}: cannot set label {name}: {e.strerror}") from e
+
+
+def read_label(cg: Cgroup, name: str) -> str:
+    """A label kept by ``set_label``; "" if it has none (or it is not ASCII)."""
+    try:
+        return os.getxattr(cg.path, _LABEL_PREFIX + name).decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _mkdir_p(path: Path, stop: Path) -> None:

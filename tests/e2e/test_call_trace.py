@@ -1,12 +1,14 @@
 """One tool call, one trace, end to end: `agentcg run` (continuing a caller's TRACEPARENT), the
 broker's admission, the node's Exec, the node's pause at the budget, the broker's growth
-decision, the node's grow, and the tool itself (TRACEPARENT in its environment). Real
+decision, the node's grow, and the tool itself (TRACEPARENT in its environment); and a call
+attached by a traced caller that a restarted node re-adopts stays in that trace. Real
 processes (CLI, broker, node) export their spans over OTLP/gRPC to a real receiver in this
 test; real cgroups and BPF, a real spike over the budget."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ import grpc
 import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
+from agentcg.v1 import node_pb2, node_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 MiB = 1 << 20
@@ -29,6 +32,7 @@ CALLER_SPAN = "b7ad6b7169203331"
 RUN = "agentcg-cli:agentcg.run"
 ADMISSION = "agentcg-broker:agentcg.admission"
 EXEC = "agentcg-node:/agentcg.v1.NodeAgent/Exec"
+ATTACH = "agentcg-node:/agentcg.v1.NodeAgent/Attach"
 PAUSE = "agentcg-node:agentcg.enforce.pause"
 GROWTH = "agentcg-broker:agentcg.growth"
 GROW = "agentcg-node:agentcg.enforce.grow"
@@ -193,6 +197,59 @@ def test_one_tool_call_is_one_trace(
     # The tool was given the trace too: its parent is the node's Exec span.
     line = next(x for x in proc.stdout.splitlines() if x.startswith("tool traceparent"))
     assert line.split()[-1] == f"00-{CALLER_TRACE}-{exec_span.span_id}-01"
+
+
+def test_a_call_re_adopted_after_a_node_restart_stays_in_its_trace(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    receiver: tuple[Receiver, str],
+    cgroup_write: Path,
+    bcc_available: None,
+) -> None:
+    """A traced caller attaches its own process; the node agent is SIGKILLed and started
+    again; the process then spikes: the new agent's pause, the broker's growth and the grow
+    are in the caller's trace, under the Attach (kept with the call's cgroup)."""
+    collector, endpoint = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.delenv("AGENTCG_TRACE_CONSOLE", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    go = tmp_path / "go"
+    code = (
+        "import os, time\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "b = b'x' * (80 << 20)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        with LocalCluster(tmp_path / "cluster", node_memory="1G") as cluster:
+            with Client(cluster.broker_address) as c:
+                c.set_tenant("traced", 512 * MiB)
+                lease = c.reserve("traced", 32 * MiB, session="s1")
+            # The caller's trace context, as the SDK's interceptor sends it from a traced caller.
+            with grpc.insecure_channel(lease.node_address) as channel:
+                node_pb2_grpc.NodeAgentStub(channel).Attach(
+                    node_pb2.AttachRequest(lease_id=lease.lease_id, pid=proc.pid),
+                    metadata=[("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01")],
+                    timeout=30,
+                )
+            attach = _wait_for(collector, [ATTACH])[ATTACH]
+            cluster.stop("node0", sig=signal.SIGKILL)
+            cluster.start_node(0)
+            assert "re-adopted 1 running call" in cluster.log("node0")
+            go.touch()
+            assert proc.wait(timeout=60) == 0
+            spans = _wait_for(collector, [PAUSE, GROWTH, GROW])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (attach.trace_id, attach.parent_id) == (CALLER_TRACE, CALLER_SPAN)
+    pause, growth, grow = spans[PAUSE], spans[GROWTH], spans[GROW]
+    assert all(s.trace_id == CALLER_TRACE for s in (pause, growth, grow))
+    assert pause.parent_id == attach.span_id  # by the agent that re-adopted the call
+    assert growth.parent_id == pause.span_id
+    assert grow.parent_id == growth.span_id
 
 
 def test_an_untraced_call_passes_no_trace_on(

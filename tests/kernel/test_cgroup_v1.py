@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from agentcg.names import InvalidNameError
-from agentcg.node.cgroup import CgroupError, CgroupV1Driver
+from agentcg.node.cgroup import Cgroup, CgroupError, CgroupV1Driver, read_label, set_label
 from agentcg.node.spawn import spawn_gated
 
 from ..conftest import kernel_missing
@@ -82,6 +82,21 @@ def test_lifecycle_create_limit_attach_stats_kill_remove(driver: CgroupV1Driver)
 def test_cgroup_id_is_the_memcg_inode(driver: CgroupV1Driver) -> None:
     cg = driver.create("call")
     assert driver.cgroup_id(cg) == os.stat(cg.path).st_ino
+
+
+def test_a_label_lives_with_its_cgroup(driver: CgroupV1Driver) -> None:
+    cg = driver.create("call")
+    assert read_label(cg, "traceparent") == ""
+    value = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    set_label(cg, "traceparent", value)
+    assert read_label(cg, "traceparent") == value
+    assert os.getxattr(cg.path, "trusted.agentcg.traceparent") == value.encode()
+    driver.remove(cg)
+    assert read_label(driver.create("call"), "traceparent") == ""  # a new cgroup: none
+    never_made = Cgroup(rel=("gone",), path=driver.root / "gone")
+    with pytest.raises(CgroupError, match="cannot set label traceparent"):
+        set_label(never_made, "traceparent", value)
+    assert read_label(never_made, "traceparent") == ""
 
 
 def test_names_are_validated_before_touching_the_fs(driver: CgroupV1Driver) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client
-from agentcg.node.cgroup import CgroupV2Driver
+from agentcg.node.cgroup import CgroupV2Driver, read_label, set_label
 from agentcg.node.monitor import UsageSource, supported_usage_source
 from agentcg.node.spawn import GatedProcess, spawn_gated
 
@@ -76,6 +76,8 @@ def test_lifecycle_limits_freeze_kill(driver: CgroupV2Driver, procs: list[GatedP
     assert (cg.path / "cpu.weight").read_text().strip() == "200"
     assert (cg.path / "cpu.max").read_text().strip() == "50000 100000"
     assert (cg.path / "pids.max").read_text().strip() == "32"
+    set_label(cg, "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    assert read_label(cg, "traceparent").endswith("-b7ad6b7169203331-01")  # kept on v2 too
     g = start(driver, cg, ["sleep", "300"], procs)
     wait_until(lambda: driver.read_stats(cg).pids == (g.pid,), "the call in its cgroup")
     driver.set_frozen(cg, True)
