@@ -98,6 +98,17 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
     server.stop(0)
 
 
+@pytest.fixture
+def collector(receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch) -> Receiver:
+    """The receiver, with the processes started from here on exporting their spans to it."""
+    collector, endpoint = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.delenv("AGENTCG_TRACE_CONSOLE", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    return collector
+
+
 def _wait_for(receiver: Receiver, keys: list[str], timeout_s: float = 30) -> dict[str, Span]:
     """The first span of each ``service:name`` in ``keys``, once all were exported."""
     deadline = time.monotonic() + timeout_s
@@ -142,17 +153,8 @@ def _agentcg_run(
 
 
 def test_one_tool_call_is_one_trace(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    receiver: tuple[Receiver, str],
-    cgroup_write: Path,
-    bcc_available: None,
+    tmp_path: Path, collector: Receiver, cgroup_write: Path, bcc_available: None
 ) -> None:
-    collector, endpoint = receiver
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    monkeypatch.delenv("AGENTCG_TRACE_CONSOLE", raising=False)
-    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
     with LocalCluster(tmp_path, node_memory="1G") as cluster:
         with Client(cluster.broker_address) as c:
             c.set_tenant("traced", 512 * MiB)
@@ -200,20 +202,11 @@ def test_one_tool_call_is_one_trace(
 
 
 def test_a_call_re_adopted_after_a_node_restart_stays_in_its_trace(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    receiver: tuple[Receiver, str],
-    cgroup_write: Path,
-    bcc_available: None,
+    tmp_path: Path, collector: Receiver, cgroup_write: Path, bcc_available: None
 ) -> None:
     """A traced caller attaches its own process; the node agent is SIGKILLed and started
     again; the process then spikes: the new agent's pause, the broker's growth and the grow
     are in the caller's trace, under the Attach (kept with the call's cgroup)."""
-    collector, endpoint = receiver
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    monkeypatch.delenv("AGENTCG_TRACE_CONSOLE", raising=False)
-    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
     go = tmp_path / "go"
     code = (
         "import os, time\n"
