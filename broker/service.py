@@ -988,28 +988,42 @@ class BrokerCore:
         waited_ms = now_ms() - ask.since_ms if ask.refuse is not None else 0
         waited = {"waited_ms": waited_ms} if waited_ms else {}
         if isinstance(result, Grow):
-            grown = replace(lease, memory_bytes=result.new_memory_bytes, epoch=lease.epoch + 1)
             span.set_attribute("agentcg.decision", "grow")
-            log.info(
-                "grow lease %s tenant %s %d -> %d (action %s)%s",
-                lease.lease_id,
-                lease.tenant,
-                lease.memory_bytes,
-                grown.memory_bytes,
-                ask.action_id,
-                f" after waiting {waited_ms} ms" if waited_ms else "",
-            )
-            changes: list[Change] = [
-                PutLease(grown),
-                _audit(
-                    "grow",
-                    grown,
-                    from_bytes=lease.memory_bytes,
-                    to_bytes=grown.memory_bytes,
-                    action_id=ask.action_id,
-                    **waited,
-                ),
-            ]
+            changes: list[Change] = []
+            grown = lease
+            if result.new_memory_bytes == lease.memory_bytes:
+                # Asked again for what the lease already has (the answer to the first ask was
+                # lost with a broken stream or a leader that died): the same grant, and nothing
+                # changes (no new epoch, no audit entry).
+                log.info(
+                    "grow lease %s tenant %s: already %d (action %s)",
+                    lease.lease_id,
+                    lease.tenant,
+                    lease.memory_bytes,
+                    ask.action_id,
+                )
+            else:
+                grown = replace(lease, memory_bytes=result.new_memory_bytes, epoch=lease.epoch + 1)
+                log.info(
+                    "grow lease %s tenant %s %d -> %d (action %s)%s",
+                    lease.lease_id,
+                    lease.tenant,
+                    lease.memory_bytes,
+                    grown.memory_bytes,
+                    ask.action_id,
+                    f" after waiting {waited_ms} ms" if waited_ms else "",
+                )
+                changes = [
+                    PutLease(grown),
+                    _audit(
+                        "grow",
+                        grown,
+                        from_bytes=lease.memory_bytes,
+                        to_bytes=grown.memory_bytes,
+                        action_id=ask.action_id,
+                        **waited,
+                    ),
+                ]
             return changes, broker_pb2.Decision(
                 decision_id=decision_id,
                 lease_id=lease.lease_id,

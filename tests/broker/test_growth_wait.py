@@ -161,6 +161,27 @@ def test_with_no_wait_a_growth_that_does_not_fit_kills_at_once(
         assert (kill.lease_id, kill.kind) == (small, KILL) and "waited" not in kill.reason
 
 
+def test_an_ask_made_again_after_its_grant_gets_the_same_grant_and_changes_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A node asks again when the answer was lost (a broken stream, a leader that died): the
+    lease keeps its budget and epoch, and the audit trail its one grow."""
+    with running(tmp_path, database_url, 0, 1 << 30) as (node, client):
+        client.set_tenant("t", 1 << 30)
+        lease = client.reserve("t", 28 * MiB).lease_id
+        node.outbox.put(limit_reached(lease, 56 * MiB))
+        (grow,) = decisions(node, 1)
+        assert (grow.kind, grow.new_budget_bytes) == (GROW, 56 * MiB)
+        node.outbox.put(limit_reached(lease, 56 * MiB))  # the same ask, sent again
+        _, again = decisions(node, 2)
+        assert (again.kind, again.new_budget_bytes, again.epoch) == (GROW, 56 * MiB, grow.epoch)
+        assert again.event_id == grow.event_id and "already granted" in again.reason
+        after = client.get_lease(lease)
+        assert (after.memory_bytes, after.epoch) == (56 * MiB, grow.epoch)
+        kinds = [e.kind for e in client.list_audit(lease_id=lease).records]
+        assert kinds.count("grow") == 1, kinds
+
+
 def test_a_limit_held_by_the_paused_call_alone_is_decided_at_once(
     tmp_path: Path, database_url: str
 ) -> None:
