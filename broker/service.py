@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -96,6 +97,12 @@ MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
 PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
 MAX_CORDON_REASON = 256  # characters
+# A node's capacity, memory bytes (1 PiB) or CPU millis: what is derived from it (the overcommit
+# ceiling, sums of leases) must stay within the int64 fields that report it.
+MAX_NODE_CAPACITY = 1 << 50
+# CPU one call may declare (16,777 cores): CPU is not placed against nodes, so only this keeps
+# a tenant's sum of granted CPU (reported as int64) in range.
+MAX_CALL_CPU_MILLIS = 1 << 24
 AUDIT_PAGE = 100  # entries per ListAudit page by default
 MAX_AUDIT_PAGE = 1000
 
@@ -201,6 +208,18 @@ def _name(field: str, value: str, *, allow_empty: bool = False, remember: bool =
     return valid
 
 
+# host:port as clients dial it: a host name, an IPv4 address or a bracketed IPv6 one.
+_ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):([0-9]{1,5})")
+
+
+def _address(field: str, value: str) -> str:
+    match = _ADDRESS_RE.fullmatch(value)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgumentError(field, f"must be host:port (got {shown!r})")
+    return value
+
+
 def _positive(field: str, value: int) -> int:
     if value <= 0:
         raise InvalidArgumentError(field, f"must be > 0 (got {value})")
@@ -290,11 +309,18 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "", by: str 
     command_class = _name(prefix + "command_class", request.command_class or "default")
     memory = _positive(prefix + "intent.memory_bytes", request.intent.memory_bytes)
     cpu = _non_negative(prefix + "intent.cpu_millis", request.intent.cpu_millis)
+    if cpu > MAX_CALL_CPU_MILLIS:
+        raise InvalidArgumentError(
+            prefix + "intent.cpu_millis", f"must be <= {MAX_CALL_CPU_MILLIS} (got {cpu})"
+        )
     ttl_ms = _non_negative(prefix + "ttl_ms", request.ttl_ms) or DEFAULT_TTL_MS
     if ttl_ms > MAX_TTL_MS:
         raise InvalidArgumentError(prefix + "ttl_ms", f"must be <= {MAX_TTL_MS} (got {ttl_ms})")
-    if len(request.idempotency_key) > 128:
-        raise InvalidArgumentError(prefix + "idempotency_key", "must be at most 128 characters")
+    key = request.idempotency_key
+    if len(key) > 128 or not key.isprintable():
+        raise InvalidArgumentError(
+            prefix + "idempotency_key", "must be at most 128 printable characters"
+        )
     session_max = _non_negative(
         prefix + "session_max_memory_bytes", request.session_max_memory_bytes
     )
@@ -2150,14 +2176,17 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
     ) -> broker_pb2.RegisterNodeResponse:
         node_id = NodeId(_name("node_id", request.node_id))
         _authorize_node(node_id)
-        if not request.address or len(request.address) > 256:
-            raise InvalidArgumentError("address", "must be host:port")
+        address = _address("address", request.address)
         memory = _positive("capacity.memory_bytes", request.capacity.memory_bytes)
+        cpu = _non_negative("capacity.cpu_millis", request.capacity.cpu_millis)
+        for field, value in (("capacity.memory_bytes", memory), ("capacity.cpu_millis", cpu)):
+            if value > MAX_NODE_CAPACITY:
+                raise InvalidArgumentError(field, f"must be <= {MAX_NODE_CAPACITY} (got {value})")
         node = Node(
             node_id=node_id,
-            address=request.address,
+            address=address,
             memory_capacity_bytes=memory,
-            cpu_capacity_millis=_non_negative("capacity.cpu_millis", request.capacity.cpu_millis),
+            cpu_capacity_millis=cpu,
             registered_at_ms=now_ms(),
         )
         old = self.core.ledger.nodes.get(node_id)
