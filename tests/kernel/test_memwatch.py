@@ -364,7 +364,7 @@ def test_a_process_whose_leader_thread_exits_first_stays_watched(
         "    leader = f'/proc/self/task/{os.getpid()}/stat'\n"
         "    while open(leader).read().rsplit(')', 1)[1].split()[0] != 'Z':\n"
         "        time.sleep(0.01)  # until the leader thread has exited\n"
-        f"    {alloc_code(150)}\n"
+        "    b = b'x' * (150 << 20)  # every page touched\n"
         "threading.Thread(target=spike).start()\n"
         "ctypes.CDLL(None).pthread_exit(None)\n"
     )
