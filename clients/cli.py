@@ -315,6 +315,17 @@ def node(
     keep_calls: Annotated[
         bool, typer.Option(help="on stop, leave calls running for the next agent to adopt")
     ] = False,
+    resume_grace: Annotated[
+        float,
+        typer.Option(help="seconds an Exec'd call whose caller went away runs on for it to resume"),
+    ] = 30.0,
+    spool_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where Exec'd calls' output and exit status go (default "
+            "/var/lib/agentcg/spool/<cgroup root>): a restarted agent resumes them from there"
+        ),
+    ] = None,
     stop_fraction: Annotated[
         float,
         typer.Option(
@@ -344,6 +355,8 @@ def node(
         raise typer.BadParameter("--usage-source must be counter, lru, pgpgin or none")
     if not 0 <= stop_fraction < 1:
         raise typer.BadParameter("--stop-fraction must be in [0, 1)")
+    if not 0 < resume_grace <= 86400:
+        raise typer.BadParameter("--resume-grace must be in (0, 86400] seconds")
     config = NodeConfig(
         broker=broker,
         listen=listen,
@@ -355,7 +368,9 @@ def node(
             on_timeout=on_timeout,
             dry_run=dry_run,
             stop_fraction=stop_fraction,
+            resume_grace_s=resume_grace,
         ),
+        spool_dir=spool_dir,
         ready_file=ready_file,
         usage_source=usage_source,
         keep_calls=keep_calls,

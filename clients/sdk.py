@@ -15,13 +15,18 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from agentcg.channels import ClientSecurity, broker_channel_options, broker_interceptors
-from agentcg.errors import AgentcgError, QuotaExceededError
+from agentcg.channels import (
+    ClientSecurity,
+    broker_channel_options,
+    broker_interceptors,
+    node_channel_options,
+)
+from agentcg.errors import AgentcgError, QuotaExceededError, UnavailableError
 from agentcg.rpcstatus import error_from_rpc
 from agentcg.tracecontext import aio_client_interceptors
 from agentcg.v1 import broker_pb2, broker_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
@@ -372,6 +377,59 @@ def _keyed(request: broker_pb2.ReserveRequest) -> broker_pb2.ReserveRequest:
     keyed.CopyFrom(request)
     keyed.idempotency_key = _new_key()
     return keyed
+
+
+class _Following:
+    """What a caller has of one Exec'd call so far: whether it started, how much of its output
+    (the offsets a Resume goes on from), the enforcement actions seen."""
+
+    def __init__(self, lease: Lease, on_output: OutputSink | None) -> None:
+        self.lease = lease
+        self.on_output = on_output
+        self.started = False
+        self.stdout_bytes = 0
+        self.stderr_bytes = 0
+        self.actions: list[str] = []
+        self.reactions: list[int] = []
+        self.decisions: list[int] = []
+        self.timed: list[tuple[str, int]] = []
+
+    async def consume(self, stream: AsyncIterable[node_pb2.ExecEvent]) -> RunResult | None:
+        """Read one Exec or Resume stream; the result once Exited came, None if it ended first."""
+        async for ev in stream:
+            kind = ev.WhichOneof("body")
+            if kind == "started":
+                self.started = True
+            elif kind == "output":
+                if ev.output.stream == node_pb2.Output.STREAM_STDERR:
+                    self.stderr_bytes += len(ev.output.data)
+                else:
+                    self.stdout_bytes += len(ev.output.data)
+                if self.on_output is not None:
+                    self.on_output(int(ev.output.stream), ev.output.data)
+            elif kind == "enforcement":
+                self.actions.append(ev.enforcement.action)
+                if ev.enforcement.reaction_ns:
+                    self.reactions.append(ev.enforcement.reaction_ns)
+                    self.timed.append((ev.enforcement.action, ev.enforcement.reaction_ns))
+                if ev.enforcement.decision_ns:
+                    self.decisions.append(ev.enforcement.decision_ns)
+            elif kind == "exited":
+                x = ev.exited
+                return RunResult(
+                    exit_code=x.exit_code,
+                    outcome=OUTCOMES.get(x.outcome, ""),
+                    peak_bytes=x.peak_bytes,
+                    budget_bytes=x.budget_bytes,
+                    reason=x.reason,
+                    lease_id=self.lease.lease_id,
+                    node_id=self.lease.node_id,
+                    actions=tuple(self.actions),
+                    reactions_ns=tuple(self.reactions),
+                    decisions_ns=tuple(self.decisions),
+                    timed_actions=tuple(self.timed),
+                )
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -812,7 +870,9 @@ class AsyncClient:
     def _node(self, address: str) -> node_pb2_grpc.NodeAgentAsyncStub:
         self._current()  # credentials rotated: the node channels too
         if address not in self._nodes:
-            ch = self._security.aio_channel(address, interceptors=aio_client_interceptors())
+            ch = self._security.aio_channel(
+                address, options=node_channel_options(), interceptors=aio_client_interceptors()
+            )
             self._nodes[address] = (ch, node_pb2_grpc.NodeAgentStub(ch))
         return self._nodes[address][1]
 
@@ -853,8 +913,15 @@ class AsyncClient:
         env: Mapping[str, str] | None = None,
         cwd: str = "",
         on_output: OutputSink | None = None,
+        resume_timeout_s: float = 60.0,
     ) -> RunResult:
-        """Run ``argv`` on the lease's node; returns when the call has exited."""
+        """Run ``argv`` on the lease's node; returns when the call has exited.
+
+        If the stream breaks once the call has started (the node agent restarted with
+        ``--keep-calls``, the connection dropped), the call runs on and this follows it again
+        (the node's Resume) at the lease's node address, for up to ``resume_timeout_s``:
+        output already received is not delivered twice, and the call is not started again."""
+        following = _Following(lease, on_output)
         stream = self._node(lease.node_address).Exec(
             node_pb2.ExecRequest(
                 lease_id=lease.lease_id,
@@ -864,40 +931,57 @@ class AsyncClient:
                 capture_output=on_output is not None,
             )
         )
-        actions: list[str] = []
-        reactions: list[int] = []
-        decisions: list[int] = []
-        timed: list[tuple[str, int]] = []
         try:
-            async for ev in stream:
-                kind = ev.WhichOneof("body")
-                if kind == "output" and on_output is not None:
-                    on_output(int(ev.output.stream), ev.output.data)
-                elif kind == "enforcement":
-                    actions.append(ev.enforcement.action)
-                    if ev.enforcement.reaction_ns:
-                        reactions.append(ev.enforcement.reaction_ns)
-                        timed.append((ev.enforcement.action, ev.enforcement.reaction_ns))
-                    if ev.enforcement.decision_ns:
-                        decisions.append(ev.enforcement.decision_ns)
-                elif kind == "exited":
-                    x = ev.exited
-                    return RunResult(
-                        exit_code=x.exit_code,
-                        outcome=OUTCOMES.get(x.outcome, ""),
-                        peak_bytes=x.peak_bytes,
-                        budget_bytes=x.budget_bytes,
-                        reason=x.reason,
-                        lease_id=lease.lease_id,
-                        node_id=lease.node_id,
-                        actions=tuple(actions),
-                        reactions_ns=tuple(reactions),
-                        decisions_ns=tuple(decisions),
-                        timed_actions=tuple(timed),
-                    )
+            result = await following.consume(stream)
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        raise AgentcgError(f"node {lease.node_id}: stream ended without an exit status")
+            if not following.started or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise error_from_rpc(exc) from None
+            result = None
+            broke = f"{exc.code().name}: {exc.details()}"
+        else:
+            broke = "stream ended without an exit status"
+        if result is not None:
+            return result
+        if not following.started:
+            raise AgentcgError(f"node {lease.node_id}: {broke}")
+        return await self._resume(following, broke, resume_timeout_s)
+
+    async def _resume(self, following: _Following, broke: str, timeout_s: float) -> RunResult:
+        """Follow the call again (Resume) until it ends, trying for up to ``timeout_s``."""
+        lease = following.lease
+        deadline = time.monotonic() + timeout_s
+        wait_s = 0.1
+        address = lease.node_address
+        while True:
+            log.info("call %s on node %s: %s; resuming", lease.lease_id, lease.node_id, broke)
+            try:  # a restarted agent may listen elsewhere: the broker has its address now
+                address = (await self.get_lease(lease.lease_id)).node_address or address
+            except UnavailableError:
+                pass
+            stream = self._node(address).Resume(
+                node_pb2.ResumeRequest(
+                    lease_id=lease.lease_id,
+                    stdout_offset=following.stdout_bytes,
+                    stderr_offset=following.stderr_bytes,
+                )
+            )
+            try:
+                result = await following.consume(stream)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(exc) from None
+                broke = f"{exc.code().name}: {exc.details()}"
+            else:
+                if result is not None:
+                    return result
+                broke = "stream ended without an exit status"
+            if time.monotonic() + wait_s > deadline:
+                raise UnavailableError(
+                    f"node {lease.node_id}: call {lease.lease_id} not followed again within "
+                    f"{timeout_s:g} s ({broke})"
+                )
+            await asyncio.sleep(wait_s)
+            wait_s = min(wait_s * 2, 1.0)
 
     async def _keep_renewed(self, lease: Lease) -> None:
         """Renew the lease at a third of its TTL for as long as the call runs (a long pytest

@@ -13,13 +13,16 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -73,7 +76,8 @@ from .enforcement import (
 )
 from .metrics import NodeMetrics
 from .monitor import EventKind, MemEvent, MemoryMonitor, UsageSource
-from .spawn import GATE_RELEASE, gated_command
+from .spawn import spawn_gated
+from .spool import CallSpool, OutputTail, default_spool_root, list_spooled
 from .uplink import Uplink
 
 __all__ = ["Call", "NodeAgent", "lease_view"]
@@ -82,8 +86,13 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 _OUTPUT_CHUNK = 64 * 1024
+# A follower looks at a call's output files this often: at once after it found output, then
+# backing off to the longest wait while the call is quiet.
+_TAIL_FIRST_S = 0.01
+_TAIL_LONGEST_S = 0.25
 
 _T = TypeVar("_T")
+_Req = TypeVar("_Req")
 
 
 def _tenant_chain(lease: types_pb2.Lease) -> list[str]:
@@ -107,6 +116,22 @@ def lease_view(lease: types_pb2.Lease) -> LeaseView:
         budget_bytes=lease.budget.memory_bytes,
         state=types_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_").lower(),
     )
+
+
+def _check_command(request: node_pb2.ExecRequest) -> None:
+    """What the kernel cannot take in an argv, environment or working directory."""
+    if not request.argv or not request.argv[0]:
+        raise InvalidArgumentError("argv", "must not be empty")
+    for i, arg in enumerate(request.argv):
+        if "\0" in arg:
+            raise InvalidArgumentError("argv", f"argv[{i}] holds a NUL character")
+    for name, value in request.env.items():
+        if not name or "=" in name or "\0" in name:
+            raise InvalidArgumentError("env", f"bad variable name {name!r}")
+        if "\0" in value:
+            raise InvalidArgumentError("env", f"{name}: the value holds a NUL character")
+    if "\0" in request.cwd:
+        raise InvalidArgumentError("cwd", "holds a NUL character")
 
 
 @dataclass
@@ -171,6 +196,14 @@ class Call:
     # The trace of the RPC that started it (Exec, Attach): its actions' spans join the caller's
     # trace (a re-adopted call's comes from its cgroup's label). None: untraced.
     trace: Context | None = None
+    # Exec'd calls: where their output and exit go (node.spool), so a restarted agent and a
+    # caller that comes back (Resume) can follow them again.
+    spool: CallSpool | None = None
+    pid: int = 0  # the process Exec started (the gate's shell); 0 if not known
+    exited: node_pb2.Exited | None = None  # its final report, once it ended and its cgroup is gone
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # news for its follower
+    follower: object | None = None  # the stream (Exec or Resume) following it now
+    unfollowed: asyncio.TimerHandle | None = None  # nobody follows it: the resume grace runs
 
     def view(self) -> CallView:
         return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
@@ -187,6 +220,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         policy: NodePolicy | None = None,
         cgroup_io: Executor | None = None,
         metrics: NodeMetrics | None = None,
+        spool_root: Path | None = None,
     ) -> None:
         self.node_id = node_id
         self.metrics = metrics or NodeMetrics()
@@ -213,6 +247,16 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if self.policy.stop_fraction > 0 and not self._has_estimate:
             log.warning("in-kernel stop off: usage source NONE has no in-kernel usage estimate")
         self._adopt_poll: asyncio.Task[None] | None = None
+        # Exec'd calls' output and exit (node.spool); per cgroup root, so the agent that
+        # follows this one (same node, same root) finds them.
+        self.spool_root = spool_root or default_spool_root(driver.root.name)
+        # Exec'd calls that ended, kept (with their spool) until a follower has their Exited or
+        # for policy.resume_grace_s, for a caller that comes back (Resume).
+        self._ended: dict[str, Call] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # calls' reapers and conclusions
+        # Stopping with its calls left running for the next agent: their followers are told to
+        # resume (UNAVAILABLE) and nothing is stopped for want of a caller.
+        self.leaving = False
 
     def _io(self, fn: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
         """Run a slow cgroup operation on the cgroup-I/O thread (in submission order). Await it
@@ -453,6 +497,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         call.recent_actions.append(enforcement)
         call.events.put_nowait(node_pb2.ExecEvent(enforcement=enforcement))
+        call.wake.set()
         return span_trace
 
     def _report_local(
@@ -1029,7 +1074,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         context: grpc.aio.ServicerContext[node_pb2.ExecRequest, node_pb2.ExecEvent],
     ) -> AsyncIterator[node_pb2.ExecEvent]:
         try:
-            call, proc = await self._start(request)
+            call = await self._start(request)
+            assert call.spool is not None
+            tail = OutputTail(call.spool, 0, 0)
         except AgentcgError as exc:
             await context.abort_with_status(to_status(exc))
             return
@@ -1037,58 +1084,222 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             log.exception("exec failed to start")
             await context.abort_with_status(to_status(exc))
             return
-        started = time.monotonic()
-        try:
-            yield node_pb2.ExecEvent(
-                started=node_pb2.Started(
-                    call_id=call.call_id, pid=proc.pid, cgroup_path=str(call.cgroup.path)
-                )
-            )
-            readers = [
-                asyncio.create_task(self._pump(s, kind, call))
-                for s, kind in (
-                    (proc.stdout, node_pb2.Output.STREAM_STDOUT),
-                    (proc.stderr, node_pb2.Output.STREAM_STDERR),
-                )
-                if s is not None
-            ]
-            waiter = asyncio.create_task(self._wait_exit(proc, readers))
-            while True:
-                get = asyncio.create_task(call.events.get())
-                done, _ = await asyncio.wait({get, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    yield get.result()
-                    continue
-                get.cancel()
-                if call.killing is not None:
-                    await asyncio.wait({call.killing})  # its report goes out before the exit
-                while not call.events.empty():
-                    yield call.events.get_nowait()
-                break
-            returncode = waiter.result()
-            exited = self._finish(call, returncode, started)
-            await self._removed(call)  # reported once its cgroup is gone
-            yield node_pb2.ExecEvent(exited=exited)
-        finally:
-            if proc.returncode is None:
-                # The caller went away mid-call: the tool call goes with it.
-                log.info("call %s: caller disconnected; killing it", call.call_id)
-                call.kill_reason = "caller disconnected"
-                assert self.loop is not None
-                await asyncio.shield(self.loop.run_in_executor(None, self.driver.kill, call.cgroup))
-                await proc.wait()
-                self._finish(call, proc.returncode or -9, started)
-                await self._removed(call)
+        async for ev in self._follow(call, tail, context, resumed=False):
+            yield ev
 
-    async def _start(
-        self, request: node_pb2.ExecRequest
-    ) -> tuple[Call, asyncio.subprocess.Process]:
+    async def Resume(
+        self,
+        request: node_pb2.ResumeRequest,
+        context: grpc.aio.ServicerContext[node_pb2.ResumeRequest, node_pb2.ExecEvent],
+    ) -> AsyncIterator[node_pb2.ExecEvent]:
+        try:
+            call, tail = self._resumable(request)
+        except AgentcgError as exc:
+            await context.abort_with_status(to_status(exc))
+            return
+        log.info(
+            "resume call %s lease %s tenant %s from stdout %d stderr %d%s",
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            request.stdout_offset,
+            request.stderr_offset,
+            " (ended)" if call.exited is not None else "",
+        )
+        async for ev in self._follow(call, tail, context, resumed=True):
+            yield ev
+
+    def _resumable(self, request: node_pb2.ResumeRequest) -> tuple[Call, OutputTail]:
         try:
             lease_id = validate_name("lease_id", request.lease_id)
         except InvalidNameError as e:
             raise InvalidArgumentError("lease_id", str(e)) from None
-        if not request.argv or not request.argv[0]:
-            raise InvalidArgumentError("argv", "must not be empty")
+        call = self.calls.get(lease_id) or self._ended.get(lease_id)
+        if call is None:
+            raise NotFoundError("call", lease_id, field="lease_id")
+        authorize_lease(call.lease)
+        if call.spool is None:
+            raise FailedPreconditionError(
+                f"lease {lease_id}: its call was attached, not started by Exec: nothing to resume"
+            )
+        return call, OutputTail(call.spool, request.stdout_offset, request.stderr_offset)
+
+    async def _follow(
+        self,
+        call: Call,
+        tail: OutputTail,
+        context: grpc.aio.ServicerContext[_Req, node_pb2.ExecEvent],
+        *,
+        resumed: bool,
+    ) -> AsyncIterator[node_pb2.ExecEvent]:
+        """Stream a call to its caller (Exec, Resume): Started, then its output (read from its
+        spool) and enforcement actions as they come, then exactly one Exited. A newer follower
+        takes over (this one ends ABORTED); one whose caller went away leaves the call running
+        for policy.resume_grace_s, for the caller to come back."""
+        me = object()
+        call.follower = me
+        self._cancel_unfollowed(call)
+        assert self.loop is not None
+        delivered = False
+        try:
+            yield node_pb2.ExecEvent(
+                started=node_pb2.Started(
+                    call_id=call.call_id,
+                    pid=call.pid,
+                    cgroup_path=str(call.cgroup.path),
+                    resumed=resumed,
+                )
+            )
+            wait_s = _TAIL_FIRST_S
+            while True:
+                if call.follower is not me:  # the actions not sent yet are the newer one's
+                    await context.abort(
+                        grpc.StatusCode.ABORTED,
+                        f"call {call.call_id}: followed by a newer Resume",
+                    )
+                call.wake.clear()
+                # Taken before the output is read: once a call has ended, all it wrote is there.
+                exited = call.exited
+                sent = False
+                while chunks := tail.read(_OUTPUT_CHUNK):
+                    for kind, data in chunks:
+                        yield node_pb2.ExecEvent(output=node_pb2.Output(stream=kind, data=data))
+                    sent = True
+                    if exited is None:
+                        break  # actions in between; the rest after
+                while call.follower is me and not call.events.empty():
+                    yield call.events.get_nowait()
+                    sent = True
+                if exited is not None and call.follower is me:
+                    yield node_pb2.ExecEvent(exited=exited)
+                    delivered = True
+                    return
+                if self.leaving:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"node {self.node_id}: agent restarting; call {call.call_id} runs on: "
+                        "Resume it",
+                    )
+                if sent:
+                    wait_s = _TAIL_FIRST_S
+                    continue
+                timer = self.loop.call_later(wait_s, call.wake.set)
+                try:
+                    await call.wake.wait()
+                finally:
+                    timer.cancel()
+                wait_s = min(wait_s * 2, _TAIL_LONGEST_S)
+        finally:
+            tail.close()
+            if call.follower is me:
+                call.follower = None
+                if delivered:
+                    self._forget(call)
+                elif not self.leaving:
+                    if call.exited is None:
+                        log.info(
+                            "call %s: caller gone; it runs on for %.1f s for a Resume",
+                            call.call_id,
+                            self.policy.resume_grace_s,
+                        )
+                    self._start_unfollowed(call)
+
+    def _start_unfollowed(self, call: Call) -> None:
+        """Nobody follows ``call``: stop it (or, ended, forget it) unless a caller resumes it
+        within policy.resume_grace_s."""
+        self._cancel_unfollowed(call)
+        assert self.loop is not None
+        call.unfollowed = self.loop.call_later(
+            self.policy.resume_grace_s, self._on_unfollowed, call
+        )
+
+    @staticmethod
+    def _cancel_unfollowed(call: Call) -> None:
+        if call.unfollowed is not None:
+            call.unfollowed.cancel()
+            call.unfollowed = None
+
+    def _on_unfollowed(self, call: Call) -> None:
+        call.unfollowed = None
+        if call.follower is not None or self.leaving:
+            return
+        if call.exited is not None:
+            self._forget(call)
+        elif call.phase not in (CallPhase.KILLED, CallPhase.EXITED):
+            self._stop(
+                call,
+                f"its caller did not follow it again within {self.policy.resume_grace_s:g} s",
+            )
+
+    def _forget(self, call: Call) -> None:
+        """An ended call's Exited was delivered (or nobody came for it): drop it and its spool."""
+        self._cancel_unfollowed(call)
+        if self._ended.get(call.lease.lease_id) is call:
+            del self._ended[call.lease.lease_id]
+        if call.spool is not None:
+            call.spool.remove()
+
+    def clear_spool(self) -> None:
+        """At a stop that stops the calls: no caller can resume them, nothing to keep."""
+        shutil.rmtree(self.spool_root, ignore_errors=True)
+
+    def leave(self) -> None:
+        """The agent stops and leaves its calls running for the next one (--keep-calls): their
+        followers are told to resume, and no call is stopped for want of a caller."""
+        self.leaving = True
+        for call in [*self.calls.values(), *self._ended.values()]:
+            self._cancel_unfollowed(call)
+            call.wake.set()
+
+    def _spawn_task(self, coro: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self, call: Call, process: subprocess.Popen[bytes]) -> None:
+        """Wait for the Exec'd call's process to exit, then end the call."""
+        returncode = await self._exit_of(process)
+        if call.killing is not None:
+            await asyncio.wait({call.killing})  # its report goes out before the exit
+        self._conclude(call, self._finish(call, returncode, call.started_s))
+
+    async def _exit_of(self, process: subprocess.Popen[bytes]) -> int:
+        """Its exit code, awaited on a pidfd (readable once it exits): no SIGCHLD handler and
+        no child watcher, which would kill it when the agent leaves it to its successor."""
+        assert self.loop is not None
+        fd = os.pidfd_open(process.pid)
+        exited: asyncio.Future[None] = self.loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        self.loop.add_reader(fd, readable)
+        try:
+            await exited
+        finally:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+        return process.wait()
+
+    def _conclude(self, call: Call, exited: node_pb2.Exited) -> None:
+        """Hand ``exited`` to the call's follower once its cgroup is gone."""
+
+        async def conclude() -> None:
+            await self._removed(call)
+            call.exited = exited
+            call.wake.set()
+            if call.spool is not None and call.follower is None and call.unfollowed is None:
+                self._start_unfollowed(call)
+
+        self._spawn_task(conclude(), f"conclude-{call.call_id}")
+
+    async def _start(self, request: node_pb2.ExecRequest) -> Call:
+        try:
+            lease_id = validate_name("lease_id", request.lease_id)
+        except InvalidNameError as e:
+            raise InvalidArgumentError("lease_id", str(e)) from None
+        _check_command(request)
         if lease_id in self.calls or lease_id in self._starting:
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
         lease, tenant, session = await self._fetch_lease(lease_id)
@@ -1100,6 +1311,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._users[(tenant, session)] += 1
         starting = self._starting[lease_id] = asyncio.Event()
         cg = self._dir(tenant, session, call_id)
+        spool = CallSpool(self.spool_root, lease_id)
+        if (before := self._ended.pop(lease_id, None)) is not None:
+            self._cancel_unfollowed(before)  # an ended call under the same lease: superseded
+        spool.remove()  # left from an earlier call under this lease
         try:
             call = Call(
                 call_id=call_id,
@@ -1111,50 +1326,61 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 budget_bytes=budget,
                 events=asyncio.Queue(),
                 trace=otel_context.get_current(),
+                spool=spool,
             )
             env = dict(os.environ)
             # A traced tool (OpenTelemetry's environment carrier) continues the call's trace.
             if span_trace := traceparent():
                 env["TRACEPARENT"] = span_trace
             env.update(request.env)
-            out = asyncio.subprocess.PIPE if request.capture_output else asyncio.subprocess.DEVNULL
+            try:
+                out, err = spool.create(request.capture_output)
+            except OSError as exc:
+                raise FailedPreconditionError(
+                    f"node {self.node_id}: cannot spool call {call_id} in {spool.dir}: {exc}"
+                ) from None
             # Gated: the call waits on its stdin until it sits in its cgroup and is watched.
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *gated_command(list(request.argv)),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=out,
-                    stderr=out,
-                    env=env,
+                gated = spawn_gated(
+                    list(request.argv),
                     cwd=request.cwd or None,
+                    env=env,
+                    stdout=out,
+                    stderr=err,
                     start_new_session=True,
+                    status_path=spool.status_path,
                 )
             except OSError as exc:
                 raise InvalidArgumentError(
                     "cwd", f"cannot start in {request.cwd!r}: {exc.strerror}"
                 ) from None
-            gate = proc.stdin
-            assert gate is not None
+            finally:
+                os.close(out)
+                os.close(err)
+            call.pid = gated.pid
             try:
-                await asyncio.shield(self._io(self.driver.attach, cg, proc.pid))
+                spool.write_started(lease, gated.pid)
+                await asyncio.shield(self._io(self.driver.attach, cg, gated.pid))
                 await self._watch(call, budget)
                 self._watch_pause(call)
-                self.monitor.add_pid(proc.pid, call.cgroup_id)
+                self.monitor.add_pid(gated.pid, call.cgroup_id)
             except BaseException:
-                gate.close()  # never released: sh exits without running the call
-                await proc.wait()
+                gated.abort()  # never released: sh exits without running the call
+                await asyncio.shield(self._exit_of(gated.process))
                 self._unwatch(call)
                 raise
             self.calls[lease_id] = call
             self._by_cgroup[call.cgroup_id] = call
-            gate.write(GATE_RELEASE)
-            gate.close()
+            gated.release()
         except BaseException:
+            spool.remove()
             await asyncio.shield(self._release_dirs(tenant, session, cg))
             raise
         finally:
             del self._starting[lease_id]
             starting.set()
+        self._spawn_task(self._reap(call, gated.process), f"reap-{call_id}")
+        self._start_unfollowed(call)  # until its Exec stream follows it
         log.info(
             "start call %s lease %s tenant %s session %s budget %d pid %d argv %r",
             call_id,
@@ -1162,11 +1388,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             tenant,
             session,
             budget,
-            proc.pid,
+            gated.pid,
             list(request.argv)[:4],
         )
         self.metrics.calls_started.inc()
-        return call, proc
+        return call
 
     async def _fetch_lease(self, lease_id: str) -> tuple[types_pb2.Lease, str, str]:
         """The lease from the broker, checked active and placed here; its tenant and session."""
@@ -1339,23 +1565,6 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if self._adopt_poll is None or self._adopt_poll.done():
             self._adopt_poll = asyncio.create_task(self._poll_adopted(), name="adopted-calls")
 
-    async def _pump(
-        self, stream: asyncio.StreamReader, kind: node_pb2.Output.Stream.ValueType, call: Call
-    ) -> None:
-        while chunk := await stream.read(_OUTPUT_CHUNK):
-            call.events.put_nowait(
-                node_pb2.ExecEvent(output=node_pb2.Output(stream=kind, data=chunk))
-            )
-
-    @staticmethod
-    async def _wait_exit(
-        proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]]
-    ) -> int:
-        code = await proc.wait()
-        if readers:
-            await asyncio.gather(*readers)
-        return code
-
     def _finish(self, call: Call, returncode: int, started: float) -> node_pb2.Exited:
         """Collect the result, tear the cgroup down, report upstream. Idempotent."""
         if call.phase is CallPhase.EXITED:
@@ -1373,8 +1582,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 call.kill_reason = f"kernel OOM kill at budget {call.budget_bytes} bytes"
         except CgroupError as exc:
             log.warning("call %s: cannot read final stats: %s", call.call_id, exc)
-        killed = bool(call.kill_reason) and returncode < 0
         exit_code = 128 - returncode if returncode < 0 else returncode
+        # Signalled: the gate's shell itself (killed with the cgroup), or the call under it (the
+        # shell exits 128 + signal).
+        killed = bool(call.kill_reason) and exit_code > 128
         if killed:
             outcome = types_pb2.OUTCOME_KILLED
             reason = call.kill_reason
@@ -1398,6 +1609,15 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             reason=reason,
             duration_ms=int((time.monotonic() - started) * 1000),
         )
+        if call.spool is not None:
+            # Kept for a caller that comes back (Resume), by this agent or the next one.
+            self._ended[call.lease.lease_id] = call
+            try:
+                call.spool.write_exited(exited)
+            except OSError as exc:
+                log.warning(
+                    "call %s: cannot keep its exit in %s: %s", call.call_id, call.spool.dir, exc
+                )
         self.uplink.send(
             broker_pb2.NodeMessage(
                 finished=broker_pb2.CallFinished(
@@ -1470,7 +1690,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     async def adopt(self) -> int:
         """Take over every call cgroup under the root that still has tasks and a live lease;
-        stop the others and remove empty leftovers. Returns how many calls were adopted."""
+        stop the others and remove empty leftovers. An Exec'd call that ended while no agent
+        ran is taken over to be finished (its exit status is in its spool). Returns how many
+        calls were adopted."""
         adopted = 0
         for tenant in self.driver.children():
             for session in self.driver.children(self._dir(tenant)):
@@ -1481,8 +1703,41 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     await self._remove_leftover(None, [self._dir(tenant, session)])
             if (tenant,) not in self._users:
                 await self._remove_leftover(None, [self._dir(tenant)])
+        for call in list(self.calls.values()):
+            if call.adopted:
+                self._check_adopted(call)  # those that ended meanwhile end now
+        self._recover_ended()
         self._ensure_adopt_poll()
         return adopted
+
+    def _recover_ended(self) -> None:
+        """Spools with no call: an ended call whose Exited the previous agent had not handed to
+        its caller yet is kept for a Resume (for policy.resume_grace_s); the rest is removed."""
+        for lease_id in list_spooled(self.spool_root):
+            if lease_id in self.calls or lease_id in self._ended:
+                continue
+            spool = CallSpool(self.spool_root, lease_id)
+            exited = spool.read_exited()
+            lease, pid = spool.read_started()
+            if exited is None or lease is None:
+                spool.remove()
+                continue
+            call = Call(
+                call_id=lease_id,
+                lease=lease,
+                cgroup=self._dir(lease.tenant, lease.session, lease_id),
+                cgroup_id=0,
+                budget_bytes=exited.budget_bytes,
+                events=asyncio.Queue(),
+                phase=CallPhase.EXITED,
+                adopted=True,
+                spool=spool,
+                pid=pid,
+                exited=exited,
+            )
+            self._ended[lease_id] = call
+            self._start_unfollowed(call)
+            log.info("call %s ended before this agent started: kept for a Resume", lease_id)
 
     def _dir(self, *names: str) -> Cgroup:
         return Cgroup(rel=names, path=self.driver.root.joinpath(*names))
@@ -1500,8 +1755,13 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         except (InvalidNameError, CgroupError) as exc:
             log.warning("leftover cgroup %s not adoptable: %s", cg.path, exc)
             stats = None
-        if stats is None or not stats.pids:
+        spool = CallSpool(self.spool_root, call_id) if stats is not None else None
+        if spool is not None and not spool.exists():
+            spool = None
+        if stats is None or not (stats.pids or spool):
             await self._remove_leftover(cg, [])
+            if spool is not None:
+                spool.remove()
             return False
         now_ms = int(time.time() * 1000)
         try:
@@ -1527,7 +1787,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         verdict = on_lease_refresh(
             LeaseView(lease.epoch, 0, node_id=self.node_id), lease_view(lease), now_ms, self.node_id
         )
-        if isinstance(verdict, Kill) or (lease.tenant, lease.session) != (tenant, session):
+        if not lease.tenant:  # unknown to the broker: it ends here all the same
+            lease.tenant, lease.session = tenant, session
+        moved = (lease.tenant, lease.session) != (tenant, session)
+        # An Exec'd call that ended while no agent ran is finished (its caller may resume it).
+        if stats.pids and (isinstance(verdict, Kill) or moved):
             log.info(
                 "stop leftover call %s (%s): %s",
                 call_id,
@@ -1535,6 +1799,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 getattr(verdict, "reason", "moved"),
             )
             await self._remove_leftover(cg, [])
+            if spool is not None:
+                spool.remove()
             return False
         # The limit in force is the kernel's (it may have been grown by the previous agent).
         budget = stats.limit_bytes or lease.budget.memory_bytes
@@ -1548,7 +1814,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             peak_bytes=stats.peak_bytes,
             adopted=True,
             trace=parent_context(read_label(cg, TRACE_LABEL)),
+            spool=spool,
+            pid=spool.read_started()[1] if spool is not None else 0,
         )
+        if spool is not None:
+            self._start_unfollowed(call)  # until its caller resumes following it
         if budget > lease.budget.memory_bytes:
             call.grown = 1
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
@@ -1595,16 +1865,30 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     self._check_adopted(call)
 
     def _check_adopted(self, call: Call) -> None:
+        """End an adopted call whose tasks are gone, or (re-adopted Exec'd call) whose gate
+        shell wrote its exit status: tasks it left behind go with its cgroup."""
         if call.phase is CallPhase.EXITED:
             return
-        try:
-            pids = self.driver.read_stats(call.cgroup).pids
-        except CgroupError:
-            pids = ()
-        if pids:
-            return
-        # The exit code of a process that is not our child is not known: 137 if we killed it.
-        self._finish(call, -9 if call.kill_reason else 0, call.started_s)
+        status = call.spool.read_status() if call.spool is not None else None
+        if status is None:
+            try:
+                pids = self.driver.read_stats(call.cgroup).pids
+            except CgroupError:
+                pids = ()
+            if pids:
+                return
+            if call.spool is not None:  # its shell may have written it and gone meanwhile
+                status = call.spool.read_status()
+        if status is not None:
+            returncode = status
+        elif call.spool is not None:
+            # The gate's shell wrote nothing: it went with the whole cgroup (killed).
+            returncode = -9
+            call.kill_reason = call.kill_reason or "killed while no node agent watched it"
+        else:
+            # The exit code of a process that is not our child is not known: 137 if we killed it.
+            returncode = -9 if call.kill_reason else 0
+        self._conclude(call, self._finish(call, returncode, call.started_s))
 
     # -- node-level ---------------------------------------------------------------------------
 

@@ -87,6 +87,10 @@ class NodePolicy:
     # A task found waiting below its (raised) limit is woken only if still waiting this much
     # later: a raise wakes it by itself, and it may just not have run since.
     pause_settle_s: float = 0.05
+    # An Exec'd call whose caller's stream broke runs on this long for the caller to follow it
+    # again (Resume: an agent restart, a dropped connection); then it is stopped. An ended
+    # call's exit is kept as long for it.
+    resume_grace_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from .cgroup import detect_driver
 from .enforcement import NodePolicy
 from .metrics import NodeMetrics
 from .monitor import MemoryMonitor, UsageSource
+from .spool import default_spool_root
 from .uplink import Uplink
 
 __all__ = ["NodeConfig", "default_capacity_bytes", "default_node_id", "main", "run_node"]
@@ -66,6 +67,7 @@ class NodeConfig:
     grace_s: float = 5.0
     usage_source: str = "counter"  # UsageSource name, lower case
     keep_calls: bool = False  # on stop, leave calls running for the next agent to adopt
+    spool_dir: Path | None = None  # Exec'd calls' output and exit; default per cgroup root
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" off, port 0 any
     # Its own listener's TLS and access file; how it presents itself to the broker.
     security: ServerSecurity = field(default_factory=ServerSecurity)
@@ -105,6 +107,11 @@ async def _run(
     node_id = validate_name("node_id", config.node_id or default_node_id())
     capacity = config.capacity_bytes or default_capacity_bytes()
     driver = detect_driver(config.cgroup_root or f"agentcg-{node_id}")
+    spool_root = config.spool_dir or default_spool_root(driver.root.name)
+    try:  # Exec'd calls' output and exit go there: a node that cannot write it serves no Exec
+        spool_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot use spool dir {spool_root} (--spool-dir): {exc}") from None
 
     gate = config.security.interceptors(metrics.access_refused)
     certificates = config.security.certificates()
@@ -155,7 +162,15 @@ async def _run(
     # stays free to apply other calls' decisions (see NodeAgent).
     cgroup_io = ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
     agent = NodeAgent(
-        node_id, driver, monitor, uplink, capacity, config.policy, cgroup_io, metrics=metrics
+        node_id,
+        driver,
+        monitor,
+        uplink,
+        capacity,
+        config.policy,
+        cgroup_io,
+        metrics=metrics,
+        spool_root=spool_root,
     )
     agent.loop = asyncio.get_running_loop()
     calls = agent.calls
@@ -214,6 +229,8 @@ async def _run(
         + ("calls left running)" if config.keep_calls else "calls stopped)")
     )
     await health_servicer.enter_graceful_shutdown()
+    if config.keep_calls:
+        agent.leave()  # their callers resume them with the next agent
     stopping = asyncio.create_task(server.stop(config.grace_s))
     await asyncio.sleep(min(config.grace_s, 0.5))
     if not config.keep_calls:
@@ -224,6 +241,7 @@ async def _run(
     cgroup_io.shutdown(wait=True)  # cgroup removals already submitted finish first
     if not config.keep_calls:
         driver.clear()
+        agent.clear_spool()
     watchdog.cancel()
 
 

@@ -10,6 +10,11 @@ work with `subprocess`: `pass_fds` keeps the parent's fd number (rarely 3), and 
 `/bin/sh`, cannot redirect fds above 9. After release the call's stdin is an empty pipe at EOF,
 as with /dev/null. If the gate is closed without release (`abort`), `sh` exits 125 without
 running the call.
+
+With a ``status_path`` the shell does not exec the call but runs it and writes its exit code
+there (128 + signal if a signal ended it) before exiting with the same code: the status
+outlives the node agent, so an agent restarted while the call ran still learns how it ended
+(the call is no longer its child). The call's pid is then the shell's child, not ``pid``.
 """
 
 from __future__ import annotations
@@ -32,14 +37,21 @@ GATE_ARGV0 = "agentcg-call"
 GATE_RELEASE = b"\n"
 GATE_ABORTED_EXIT = 125
 _GATE_SCRIPT = f'read -r _ || exit {GATE_ABORTED_EXIT}; exec "$@"'
+# $1 is the status file: run the call, write its exit code there, exit with it.
+_GATE_STATUS_SCRIPT = (
+    f'read -r _ || exit {GATE_ABORTED_EXIT}; s=$1; shift; "$@"; c=$?; echo "$c" >"$s"; exit "$c"'
+)
 
 StdStream = int | IO[bytes] | None
 
 
-def gated_command(argv: Sequence[str]) -> list[str]:
-    """argv wrapped so that it runs once one line is written to its stdin (see module doc)."""
+def gated_command(argv: Sequence[str], status_path: str | os.PathLike[str] = "") -> list[str]:
+    """argv wrapped so that it runs once one line is written to its stdin, its exit code
+    written to ``status_path`` if given (see module doc)."""
     if not argv:
         raise ValueError("gated_command: argv must not be empty")
+    if status_path:
+        return ["/bin/sh", "-c", _GATE_STATUS_SCRIPT, GATE_ARGV0, os.fspath(status_path), *argv]
     return ["/bin/sh", "-c", _GATE_SCRIPT, GATE_ARGV0, *argv]
 
 
@@ -94,10 +106,11 @@ def spawn_gated(
     stdout: StdStream = None,
     stderr: StdStream = None,
     start_new_session: bool = False,
+    status_path: str | os.PathLike[str] = "",
 ) -> GatedProcess:
     """Start `argv` behind a gate (see module doc); call `release()` once it is placed."""
     process = subprocess.Popen(
-        gated_command(argv),
+        gated_command(argv, status_path),
         stdin=subprocess.PIPE,
         stdout=stdout,
         stderr=stderr,

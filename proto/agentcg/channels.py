@@ -15,7 +15,12 @@ from typing import Any
 
 import grpc
 
-__all__ = ["ClientSecurity", "broker_channel_options", "broker_interceptors"]
+__all__ = [
+    "ClientSecurity",
+    "broker_channel_options",
+    "broker_interceptors",
+    "node_channel_options",
+]
 
 RECONNECT_BACKOFF_MS = (100, 500)  # (first and least, most)
 
@@ -68,11 +73,7 @@ def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
     Either way the channel tries to connect again every 0.1-0.5 s."""
     # gRPC's reconnect backoff starts at 1 s and grows 1.6x: a client then saw the new leader
     # up to ~1.3 s after it served (`agentcg bench failover`). Retry connecting sooner.
-    options: list[tuple[str, Any]] = [
-        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
-    ]
+    options = _fast_reconnect()
     if "," not in broker:
         return options
     resent = [{"service": s, "method": m} for s, methods in RESENT.items() for m in methods]
@@ -83,6 +84,20 @@ def broker_channel_options(broker: str) -> list[tuple[str, Any]]:
         ]
     }
     return [("grpc.service_config", json.dumps(config)), *options]
+
+
+def node_channel_options() -> list[tuple[str, Any]]:
+    """gRPC channel options for a node agent: connect again every 0.1-0.5 s (a caller following
+    a call resumes it as soon as a restarted agent listens)."""
+    return _fast_reconnect()
+
+
+def _fast_reconnect() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
 
 
 def broker_interceptors(broker: str) -> list[grpc.aio.ClientInterceptor]:

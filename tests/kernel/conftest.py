@@ -89,11 +89,21 @@ def agent_monitor(bcc_available: None) -> Iterator[tuple[MemoryMonitor, list[Nod
 
 @pytest.fixture
 def make_agent(
-    driver: CgroupV1Driver, agent_monitor: tuple[MemoryMonitor, list[NodeAgent]]
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    tmp_path: Path,
 ) -> MakeAgent:
     def make(uplink: StubUplink, policy: NodePolicy | None = None) -> NodeAgent:
         monitor, holder = agent_monitor
-        agent = NodeAgent(NODE, driver, monitor, uplink, 8 << 30, policy)  # type: ignore[arg-type]
+        agent = NodeAgent(
+            NODE,
+            driver,
+            monitor,
+            uplink,  # type: ignore[arg-type]
+            8 << 30,
+            policy,
+            spool_root=tmp_path / "spool",
+        )
         holder[:] = [agent]
         return agent
 

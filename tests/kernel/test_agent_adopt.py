@@ -74,7 +74,7 @@ def test_restarted_agent_adopts_and_enforces(
             holder[0].on_mem_event(ev)
 
     async def main(monitor: MemoryMonitor) -> None:
-        agent = NodeAgent(NODE, driver, monitor, uplink, 8 << 30)  # type: ignore[arg-type]
+        agent = NodeAgent(NODE, driver, monitor, uplink, 8 << 30, spool_root=tmp_path / "spool")  # type: ignore[arg-type]
         agent.loop = asyncio.get_running_loop()
         holder.append(agent)
         assert await agent.adopt() == 1

@@ -61,3 +61,38 @@ def test_release_after_the_gate_died_is_not_an_error() -> None:
     gated.process.kill()
     gated.process.wait()
     gated.release()
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["sh", "-c", "exit 3"], 3),
+        (["true"], 0),
+        (["sh", "-c", "kill -TERM $$"], 128 + 15),  # signalled: 128 + signal, as a shell says
+        (["/nonexistent/tool"], 127),
+    ],
+)
+def test_with_a_status_path_the_exit_code_outlives_the_parent(
+    tmp_path, argv: list[str], code: int
+) -> None:  # type: ignore[no-untyped-def]
+    status = tmp_path / "status"
+    gated = spawn_gated(argv, status_path=status)
+    gated.release()
+    assert gated.process.wait(timeout=10) == code
+    assert status.read_text() == f"{code}\n"
+
+
+def test_with_a_status_path_argv_stays_verbatim(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    argv = ["printf", "%s|", "two words", "$1", "'quoted'", "a;b"]
+    status = tmp_path / "status"
+    out = subprocess.run(gated_command(argv, status), input=b"\n", capture_output=True, check=True)
+    assert out.stdout == b"two words|$1|'quoted'|a;b|"
+    assert status.read_text() == "0\n"
+
+
+def test_an_aborted_call_writes_no_status(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    status = tmp_path / "status"
+    gated = spawn_gated(["true"], status_path=status)
+    gated.abort()
+    assert gated.process.wait(timeout=10) == GATE_ABORTED_EXIT
+    assert not status.exists()

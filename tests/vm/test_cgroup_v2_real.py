@@ -242,7 +242,12 @@ def test_tool_calls_are_grown_or_killed_alone_on_v2(tmp_path: Path) -> None:
     spike = "b = b'x' * ({} << 20)"
     with (
         LocalCluster(
-            tmp_path / "cluster", node_memory="1G", log_level="INFO", ready_timeout_s=300
+            tmp_path / "cluster",
+            node_memory="1G",
+            log_level="INFO",
+            ready_timeout_s=300,
+            # The VM's root file system is the host's, read-only: no /var/lib/agentcg.
+            node_args=["--spool-dir", str(tmp_path / "spool")],
         ) as cluster,
         Client(cluster.broker_address, timeout_s=300) as client,
     ):

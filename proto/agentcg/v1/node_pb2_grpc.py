@@ -39,6 +39,11 @@ class NodeAgentStub:
                 request_serializer=agentcg_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
                 response_deserializer=agentcg_dot_v1_dot_node__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/agentcg.v1.NodeAgent/Resume',
+                request_serializer=agentcg_dot_v1_dot_node__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_node__pb2.ExecEvent.FromString,
+                _registered_method=True)
         self.Attach = channel.unary_unary(
                 '/agentcg.v1.NodeAgent/Attach',
                 request_serializer=agentcg_dot_v1_dot_node__pb2.AttachRequest.SerializeToString,
@@ -57,6 +62,18 @@ class NodeAgentServicer:
     def Exec(self, request, context):
         """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
         its output and enforcement actions, and ends with exactly one Exited event.
+        The call's output and exit outlive the agent (spooled on the node): see Resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Follows an Exec'd call again after its stream broke (the agent restarted with
+        --keep-calls, or the connection dropped): Started (resumed), the output from the given
+        offsets on, the enforcement actions not yet sent, then Exited. A call whose caller does not
+        come back within the node's resume grace is stopped. Also answers, for that grace, for a
+        call that ended meanwhile. NOT_FOUND: no such call on this node (any more).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +103,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
             'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
                     request_deserializer=agentcg_dot_v1_dot_node__pb2.ExecRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_node__pb2.ExecEvent.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=agentcg_dot_v1_dot_node__pb2.ResumeRequest.FromString,
                     response_serializer=agentcg_dot_v1_dot_node__pb2.ExecEvent.SerializeToString,
             ),
             'Attach': grpc.unary_unary_rpc_method_handler(
@@ -125,6 +147,33 @@ class NodeAgent:
             target,
             '/agentcg.v1.NodeAgent/Exec',
             agentcg_dot_v1_dot_node__pb2.ExecRequest.SerializeToString,
+            agentcg_dot_v1_dot_node__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentcg.v1.NodeAgent/Resume',
+            agentcg_dot_v1_dot_node__pb2.ResumeRequest.SerializeToString,
             agentcg_dot_v1_dot_node__pb2.ExecEvent.FromString,
             options,
             channel_credentials,

@@ -34,6 +34,14 @@ class NodeAgentStub:
     Exec: _grpc.UnaryStreamMultiCallable[_node_pb2.ExecRequest, _node_pb2.ExecEvent]
     """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
     its output and enforcement actions, and ends with exactly one Exited event.
+    The call's output and exit outlive the agent (spooled on the node): see Resume.
+    """
+    Resume: _grpc.UnaryStreamMultiCallable[_node_pb2.ResumeRequest, _node_pb2.ExecEvent]
+    """Follows an Exec'd call again after its stream broke (the agent restarted with
+    --keep-calls, or the connection dropped): Started (resumed), the output from the given
+    offsets on, the enforcement actions not yet sent, then Exited. A call whose caller does not
+    come back within the node's resume grace is stopped. Also answers, for that grace, for a
+    call that ended meanwhile. NOT_FOUND: no such call on this node (any more).
     """
     Attach: _grpc.UnaryUnaryMultiCallable[_node_pb2.AttachRequest, _node_pb2.AttachResponse]
     """Moves an existing process (e.g. one inside a sandbox) into the lease's call cgroup, which
@@ -52,6 +60,14 @@ class NodeAgentAsyncStub(NodeAgentStub):
     Exec: _aio.UnaryStreamMultiCallable[_node_pb2.ExecRequest, _node_pb2.ExecEvent]  # type: ignore[assignment]
     """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
     its output and enforcement actions, and ends with exactly one Exited event.
+    The call's output and exit outlive the agent (spooled on the node): see Resume.
+    """
+    Resume: _aio.UnaryStreamMultiCallable[_node_pb2.ResumeRequest, _node_pb2.ExecEvent]  # type: ignore[assignment]
+    """Follows an Exec'd call again after its stream broke (the agent restarted with
+    --keep-calls, or the connection dropped): Started (resumed), the output from the given
+    offsets on, the enforcement actions not yet sent, then Exited. A call whose caller does not
+    come back within the node's resume grace is stopped. Also answers, for that grace, for a
+    call that ended meanwhile. NOT_FOUND: no such call on this node (any more).
     """
     Attach: _aio.UnaryUnaryMultiCallable[_node_pb2.AttachRequest, _node_pb2.AttachResponse]  # type: ignore[assignment]
     """Moves an existing process (e.g. one inside a sandbox) into the lease's call cgroup, which
@@ -73,6 +89,20 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_node_pb2.ExecEvent], _abc.AsyncIterator[_node_pb2.ExecEvent]]:
         """Runs argv in a fresh cgroup nested under tenant and session with the lease's budget, streams
         its output and enforcement actions, and ends with exactly one Exited event.
+        The call's output and exit outlive the agent (spooled on the node): see Resume.
+        """
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _node_pb2.ResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_node_pb2.ExecEvent], _abc.AsyncIterator[_node_pb2.ExecEvent]]:
+        """Follows an Exec'd call again after its stream broke (the agent restarted with
+        --keep-calls, or the connection dropped): Started (resumed), the output from the given
+        offsets on, the enforcement actions not yet sent, then Exited. A call whose caller does not
+        come back within the node's resume grace is stopped. Also answers, for that grace, for a
+        call that ended meanwhile. NOT_FOUND: no such call on this node (any more).
         """
 
     @_abc_1.abstractmethod

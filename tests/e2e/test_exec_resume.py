@@ -1,0 +1,291 @@
+"""An Exec'd tool call outlives its node agent (real broker and node processes, real cgroups,
+real BPF): the agent is SIGKILLed, or stopped with --keep-calls, while a call runs under the
+SDK's ``run``; a new agent re-adopts the call and the SDK follows it again (the node's Resume).
+The caller gets every byte of output exactly once, in order, and the call's own exit code; the
+call runs once. A caller that goes away leaves its call running for the node's resume grace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from agentcg.clients.cluster import LocalCluster
+from agentcg.clients.sdk import Client, Lease, RunResult
+from agentcg.v1 import node_pb2, node_pb2_grpc, types_pb2
+
+MiB = 1 << 20
+OUT, ERR = node_pb2.Output.STREAM_STDOUT, node_pb2.Output.STREAM_STDERR
+LINES = 40  # per stream; the call waits for its go file after half of them
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, cgroup_write: Path, bcc_available: None) -> Iterator[LocalCluster]:
+    args = ["--keep-calls", "--resume-grace", "3", "--spool-dir", str(tmp_path / "spool")]
+    with LocalCluster(tmp_path / "cluster", node_memory="2G", node_args=args) as c:
+        yield c
+    # Stopped with --keep-calls, the agent leaves its cgroup root: empty, every call done.
+    root = cgroup_write / f"agentcg-n0-{os.getpid()}"
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+    remove_tree(root)
+    assert left == [], f"cgroups left behind: {left}"
+    assert spooled(tmp_path) == []
+
+
+def remove_tree(root: Path) -> None:
+    """A cgroup tree's tasks killed, its dirs removed, deepest first."""
+    if not root.exists():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for pid in (d / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (d / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        d.rmdir()
+    root.rmdir()
+
+
+def tool(tmp_path: Path) -> list[str]:
+    """A tool call that writes numbered lines to stdout and stderr, waits for ``go`` halfway,
+    records each start (its pid) and its end, and exits 7."""
+    code = f"""
+import os, sys, time
+with open({str(tmp_path / "starts")!r}, "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+for i in range({LINES}):
+    if i == {LINES // 2}:
+        while not os.path.exists({str(tmp_path / "go")!r}):
+            time.sleep(0.01)
+    print(f"out {{i}}", flush=True)
+    print(f"err {{i}}", file=sys.stderr, flush=True)
+    time.sleep(0.01)
+open({str(tmp_path / "ended")!r}, "w").close()
+sys.exit(7)
+"""
+    return [sys.executable, "-c", code]
+
+
+class Caller:
+    """``Client.run`` of ``tool`` in a thread, collecting its output."""
+
+    def __init__(self, client: Client, tmp_path: Path) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.result: RunResult | BaseException | None = None
+
+        def sink(stream: int, data: bytes) -> None:
+            (self.err if stream == ERR else self.out).extend(data)
+
+        def run() -> None:
+            try:
+                self.result = client.run("rs", 64 * MiB, tool(tmp_path), on_output=sink)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                self.result = exc
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def wait_output(self, lines: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.out.count(b"\n") < lines or self.err.count(b"\n") < lines:
+            assert time.monotonic() < deadline, (bytes(self.out), bytes(self.err), self.result)
+            time.sleep(0.02)
+
+    def finish(self, timeout_s: float = 90) -> RunResult:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "run never returned"
+        assert isinstance(self.result, RunResult), self.result
+        return self.result
+
+
+def assert_whole_run(caller: Caller, result: RunResult, tmp_path: Path) -> None:
+    assert (result.exit_code, result.outcome) == (7, "completed"), result
+    assert bytes(caller.out) == b"".join(b"out %d\n" % i for i in range(LINES))
+    assert bytes(caller.err) == b"".join(b"err %d\n" % i for i in range(LINES))
+    assert len((tmp_path / "starts").read_text().split()) == 1  # it ran once
+
+
+@pytest.mark.parametrize("how", ["sigkill", "keep-calls-stop"])
+def test_an_execd_call_outlives_its_node_agent(
+    cluster: LocalCluster, client: Client, tmp_path: Path, how: str
+) -> None:
+    caller = Caller(client, tmp_path)
+    caller.wait_output(LINES // 2)
+    cluster.stop("node0", sig=signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+    assert not (tmp_path / "ended").exists()
+    cluster.start_node(0)  # on another port: the SDK asks the broker where it is now
+    assert "re-adopted 1 running call" in cluster.log("node0")
+    (tmp_path / "go").touch()
+    result = caller.finish()
+    assert_whole_run(caller, result, tmp_path)
+    assert f"resume call {result.lease_id}" in cluster.log("node0")
+    lease = client.get_lease(result.lease_id)
+    assert (lease.state, lease.outcome) == ("released", "completed")
+
+
+def test_a_call_that_ends_while_no_agent_runs_reports_its_own_exit(
+    cluster: LocalCluster, client: Client, tmp_path: Path
+) -> None:
+    caller = Caller(client, tmp_path)
+    caller.wait_output(LINES // 2)
+    cluster.stop("node0", sig=signal.SIGKILL)
+    (tmp_path / "go").touch()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ended").exists():
+        assert time.monotonic() < deadline, "the call did not go on without its agent"
+        time.sleep(0.02)
+    time.sleep(0.2)  # and exited: its gate shell wrote the status
+    cluster.start_node(0)
+    result = caller.finish()
+    # Its exit code came from the status its gate shell wrote while no agent ran.
+    assert_whole_run(caller, result, tmp_path)
+
+
+def output_of(events: list[node_pb2.ExecEvent], stream: int) -> bytes:
+    return b"".join(
+        e.output.data for e in events if e.HasField("output") and e.output.stream == stream
+    )
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    with Client(cluster.broker_address) as c:
+        c.set_tenant("rs", 1024 * MiB)
+        yield c
+
+
+@pytest.fixture
+def node(cluster: LocalCluster) -> Iterator[node_pb2_grpc.NodeAgentStub]:
+    """The node's own API, as a caller without the SDK sees it."""
+    with grpc.insecure_channel(cluster.node_addresses[0]) as channel:
+        yield node_pb2_grpc.NodeAgentStub(channel)
+
+
+def start(
+    client: Client, node: node_pb2_grpc.NodeAgentStub, argv: list[str]
+) -> tuple[Lease, Iterator[node_pb2.ExecEvent]]:
+    """Reserve and Exec ``argv`` with its output captured: the lease and the stream."""
+    lease = client.reserve("rs", 64 * MiB)
+    request = node_pb2.ExecRequest(lease_id=lease.lease_id, argv=argv, capture_output=True)
+    return lease, node.Exec(request)
+
+
+def test_a_caller_that_goes_away_has_the_resume_grace_to_come_back(
+    cluster: LocalCluster, client: Client, node: node_pb2_grpc.NodeAgentStub, tmp_path: Path
+) -> None:
+    lease, stream = start(client, node, tool(tmp_path))
+    got = bytearray()
+    for ev in stream:
+        if ev.HasField("output") and ev.output.stream == OUT:
+            got.extend(ev.output.data)
+        if got.count(b"\n") >= 3:
+            break
+    stream.cancel()  # the caller goes away with the call half done
+    time.sleep(1.0)
+    assert not (tmp_path / "ended").exists()
+    (tmp_path / "go").touch()
+    # Back within the grace, from the stdout it had (and no stderr): the rest, once.
+    resumed = list(
+        node.Resume(node_pb2.ResumeRequest(lease_id=lease.lease_id, stdout_offset=len(got)))
+    )
+    assert resumed[0].started.resumed and resumed[0].started.call_id == lease.lease_id
+    assert bytes(got) + output_of(resumed, OUT) == b"".join(b"out %d\n" % i for i in range(LINES))
+    assert output_of(resumed, ERR) == b"".join(b"err %d\n" % i for i in range(LINES))
+    assert resumed[-1].exited.exit_code == 7
+    # Delivered: the call and its spool are gone.
+    with pytest.raises(grpc.RpcError) as gone:
+        list(node.Resume(node_pb2.ResumeRequest(lease_id=lease.lease_id)))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert spooled(tmp_path) == []
+
+    # A caller that does not come back: its call is stopped once the grace is over.
+    (tmp_path / "go").unlink()
+    (tmp_path / "ended").unlink()
+    other, stream = start(client, node, tool(tmp_path))
+    assert next(stream).started.pid > 0
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while (after := client.get_lease(other.lease_id)).state == "active":
+        assert time.monotonic() < deadline, "an unfollowed call was never stopped"
+        time.sleep(0.1)
+    assert after.outcome == "killed", after
+    assert not (tmp_path / "ended").exists()
+    assert "its caller did not follow it again within 3 s" in cluster.log("node0")
+    # How it ended is kept for as long: a caller that comes back late still learns it.
+    [started, *_, last] = node.Resume(node_pb2.ResumeRequest(lease_id=other.lease_id))
+    assert started.started.resumed and last.exited.outcome == types_pb2.OUTCOME_KILLED
+    assert "did not follow it again" in last.exited.reason, last.exited
+    assert spooled(tmp_path) == []
+
+
+def test_resume_refuses_bad_requests_and_the_node_goes_on(
+    client: Client, node: node_pb2_grpc.NodeAgentStub, tmp_path: Path
+) -> None:
+    lease, stream = start(client, node, tool(tmp_path))
+    assert next(stream).HasField("started")
+    cases = [
+        (node_pb2.ResumeRequest(lease_id="../x"), grpc.StatusCode.INVALID_ARGUMENT, "lease_id"),
+        (node_pb2.ResumeRequest(lease_id="nope"), grpc.StatusCode.NOT_FOUND, "lease_id"),
+        (
+            node_pb2.ResumeRequest(lease_id=lease.lease_id, stdout_offset=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stdout_offset",
+        ),
+        (
+            node_pb2.ResumeRequest(lease_id=lease.lease_id, stderr_offset=1 << 40),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stderr_offset",
+        ),
+    ]
+    for request, code, field in cases:
+        with pytest.raises(grpc.RpcError) as refused:
+            list(node.Resume(request))
+        assert refused.value.code() == code, refused.value
+        assert (refused.value.details() or "").startswith(field), refused.value
+    # The call and its first follower were not disturbed.
+    (tmp_path / "go").touch()
+    events = list(stream)
+    assert events[-1].exited.exit_code == 7
+    assert output_of(events, OUT).count(b"\n") == output_of(events, ERR).count(b"\n") == LINES
+
+
+def test_exec_refuses_what_the_kernel_cannot_take_and_loses_nothing(
+    client: Client, node: node_pb2_grpc.NodeAgentStub, tmp_path: Path
+) -> None:
+    lease = client.reserve("rs", 64 * MiB)
+    ok = ["sh", "-c", "echo fine"]
+    bad = [
+        (node_pb2.ExecRequest(lease_id=lease.lease_id), "argv"),
+        (node_pb2.ExecRequest(lease_id=lease.lease_id, argv=["echo", "a\0b"]), "argv"),
+        (node_pb2.ExecRequest(lease_id=lease.lease_id, argv=ok, env={"A=B": "1"}), "env"),
+        (node_pb2.ExecRequest(lease_id=lease.lease_id, argv=ok, env={"A": "\0"}), "env"),
+        (node_pb2.ExecRequest(lease_id=lease.lease_id, argv=ok, cwd="/tmp\0x"), "cwd"),
+        (node_pb2.ExecRequest(lease_id=lease.lease_id, argv=ok, cwd="/nonexistent"), "cwd"),
+        (node_pb2.ExecRequest(lease_id="../up", argv=ok), "lease_id"),
+    ]
+    for request, field in bad:
+        with pytest.raises(grpc.RpcError) as refused:
+            list(node.Exec(request))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        assert (refused.value.details() or "").startswith(field), refused.value
+    # Nothing was started or lost: the lease still holds and runs a call.
+    assert client.get_lease(lease.lease_id).state == "active"
+    assert spooled(tmp_path) == []
+    request = node_pb2.ExecRequest(lease_id=lease.lease_id, argv=ok, capture_output=True)
+    events = list(node.Exec(request))
+    assert events[-1].exited.exit_code == 0
+    assert output_of(events, OUT) == b"fine\n"
+
+
+def spooled(tmp_path: Path) -> list[str]:
+    """The calls the node keeps in its spool now."""
+    return sorted(os.listdir(tmp_path / "spool"))

@@ -1,0 +1,98 @@
+"""A call's spool (node.spool) on a real file system: output read from offsets as it grows,
+bad offsets refused naming their field, the exit and the start kept for the next agent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from agentcg.errors import InvalidArgumentError
+from agentcg.node.spool import CallSpool, OutputTail, list_spooled
+from agentcg.v1 import node_pb2, types_pb2
+
+OUT, ERR = node_pb2.Output.STREAM_STDOUT, node_pb2.Output.STREAM_STDERR
+
+
+def test_output_is_read_from_offsets_as_it_grows(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    out, err = spool.create(capture_output=True)
+    try:
+        os.write(out, b"hello ")
+        os.write(err, b"oops")
+        tail = OutputTail(spool, 0, 2)
+        assert tail.read(64) == [(OUT, b"hello "), (ERR, b"ps")]
+        assert tail.read(64) == []
+        os.write(out, b"world, and more")
+        assert tail.read(5) == [(OUT, b"world")]
+        assert tail.read(64) == [(OUT, b", and more")]
+        tail.close()
+        # A caller that had 8 bytes of stdout and all of stderr goes on from there.
+        again = OutputTail(spool, 8, 4)
+        assert again.read(64) == [(OUT, b"rld, and more")]
+        again.close()
+    finally:
+        os.close(out)
+        os.close(err)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "field", "message"),
+    [
+        ((-1, 0), "stdout_offset", "must not be negative"),
+        ((0, -5), "stderr_offset", "must not be negative"),
+        ((7, 0), "stdout_offset", "7 is past the 3 bytes"),
+        ((0, 1), "stderr_offset", "1 is past the 0 bytes"),
+    ],
+)
+def test_bad_offsets_are_refused_naming_the_field(
+    tmp_path: Path, offsets: tuple[int, int], field: str, message: str
+) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    out, err = spool.create(capture_output=True)
+    os.write(out, b"abc")
+    os.close(out)
+    os.close(err)
+    with pytest.raises(InvalidArgumentError) as caught:
+        OutputTail(spool, *offsets)
+    assert caught.value.field == field and message in str(caught.value)
+
+
+def test_uncaptured_output_has_nothing_to_read(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    out, err = spool.create(capture_output=False)
+    os.write(out, b"to /dev/null")
+    os.close(out)
+    os.close(err)
+    assert sorted(p.name for p in spool.dir.iterdir()) == []
+    tail = OutputTail(spool, 0, 0)
+    assert tail.read(64) == []
+    tail.close()
+    with pytest.raises(InvalidArgumentError, match="stdout_offset: the call's output is not"):
+        OutputTail(spool, 1, 0)
+
+
+def test_exit_and_start_are_kept_for_the_next_agent(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    spool.create(capture_output=False)
+    assert spool.read_status() is None and spool.read_exited() is None
+    assert spool.read_started() == (None, 0)
+    lease = types_pb2.Lease(lease_id="l1", tenant="t", session="s", epoch=3)
+    spool.write_started(lease, 4242)
+    spool.status_path.write_text("137\n")
+    exited = node_pb2.Exited(exit_code=137, outcome=types_pb2.OUTCOME_KILLED, peak_bytes=9)
+    spool.write_exited(exited)
+    again = CallSpool(tmp_path, "l1")
+    assert again.read_status() == 137
+    assert again.read_exited() == exited
+    assert again.read_started() == (lease, 4242)
+    assert list_spooled(tmp_path) == ["l1"]
+    again.remove()
+    assert list_spooled(tmp_path) == [] and not again.exists()
+
+
+def test_a_half_written_status_is_no_status(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    spool.create(capture_output=False)
+    spool.status_path.write_text("")
+    assert spool.read_status() is None
