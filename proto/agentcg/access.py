@@ -93,6 +93,7 @@ _CLIENT_METHODS = frozenset(
         "/agentcg.v1.TenantAdmin/ListTenants",
         "/agentcg.v1.Sizing/ListProfiles",
         "/agentcg.v1.NodeAgent/Exec",
+        "/agentcg.v1.NodeAgent/Resume",
         "/agentcg.v1.NodeAgent/Attach",
         "/agentcg.v1.NodeAgent/ListCalls",
     }
