@@ -1244,6 +1244,34 @@ def bench_failover_cmd(
     _print_result(result)
 
 
+@bench_app.command("node-restart")
+def bench_node_restart_cmd(
+    restarts: Annotated[int, typer.Option(min=1, help="node agent restarts, one by one")] = 3,
+    calls: Annotated[int, typer.Option(min=1, help="tool calls running through them")] = 8,
+    how: Annotated[
+        str, typer.Option(help="kill (SIGKILL) | stop (SIGTERM, --keep-calls)")
+    ] = "kill",
+    execs: Annotated[int, typer.Option(min=1, help="Execs of `true` timed first")] = 50,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Node agent restarts under running tool calls: time until the new agent serves and every
+    caller follows its call again; no output line lost or repeated, no call run twice (see
+    bench_restart)."""
+    from .bench_restart import bench_node_restart
+
+    if how not in ("kill", "stop"):
+        raise typer.BadParameter("--how must be kill or stop")
+    result = bench_node_restart(
+        restarts=restarts,
+        calls=calls,
+        how=how,
+        execs=execs,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    _print_result(result)
+
+
 @bench_app.command("access")
 def bench_access_cmd(
     rounds: Annotated[int, typer.Option(min=1, help="rounds of each mode, alternated")] = 3,

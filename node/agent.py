@@ -257,6 +257,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         # Stopping with its calls left running for the next agent: their followers are told to
         # resume (UNAVAILABLE) and nothing is stopped for want of a caller.
         self.leaving = False
+        # Set once the calls a previous agent left are taken over (``adopt``, which the
+        # composition root calls as it starts serving): a Resume that comes first waits for it
+        # rather than miss its call.
+        self.adopted = asyncio.Event()
 
     def _io(self, fn: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
         """Run a slow cgroup operation on the cgroup-I/O thread (in submission order). Await it
@@ -1092,6 +1096,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         request: node_pb2.ResumeRequest,
         context: grpc.aio.ServicerContext[node_pb2.ResumeRequest, node_pb2.ExecEvent],
     ) -> AsyncIterator[node_pb2.ExecEvent]:
+        await self.adopted.wait()
         try:
             call, tail = self._resumable(request)
         except AgentcgError as exc:
@@ -1693,6 +1698,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         stop the others and remove empty leftovers. An Exec'd call that ended while no agent
         ran is taken over to be finished (its exit status is in its spool). Returns how many
         calls were adopted."""
+        try:
+            return await self._adopt_all()
+        finally:
+            self.adopted.set()
+
+    async def _adopt_all(self) -> int:
         adopted = 0
         for tenant in self.driver.children():
             for session in self.driver.children(self._dir(tenant)):
