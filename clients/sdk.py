@@ -1010,9 +1010,12 @@ class AsyncClient:
         on_output: OutputSink | None = None,
         queue_timeout_ms: int = 0,
         session_max_bytes: int = 0,
+        resume_timeout_s: float = 60.0,
     ) -> RunResult:
         """Reserve (waiting up to ``queue_timeout_ms`` for room), run on the chosen node
-        (renewing the lease while it runs), release. A denial is a result, not an exception."""
+        (renewing the lease while it runs, following the call again for up to
+        ``resume_timeout_s`` if the node agent restarts: ``exec``), release. A denial is a
+        result, not an exception."""
         asked = time.monotonic()
         try:
             lease = await self.reserve(
@@ -1033,7 +1036,14 @@ class AsyncClient:
         result: RunResult | None = None
         keepalive = asyncio.create_task(self._keep_renewed(lease))
         try:
-            result = await self.exec(lease, argv, env=env, cwd=cwd, on_output=on_output)
+            result = await self.exec(
+                lease,
+                argv,
+                env=env,
+                cwd=cwd,
+                on_output=on_output,
+                resume_timeout_s=resume_timeout_s,
+            )
             return dataclasses.replace(result, admission_s=admission_s)
         finally:
             keepalive.cancel()

@@ -1833,6 +1833,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if budget > lease.budget.memory_bytes:
             call.grown = 1
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
+        # A throttle the previous agent left has no deadline any more: lifted (a throttle
+        # needs one; memory.high alone can stall a call for minutes).
+        self.driver.set_memory_throttle(cg, None)
         self._watch_thresholds(call, budget)
         self._watch_pause(call)
         self.monitor.arm(call.cgroup_id)  # at an unknown usage: until its arm threshold is read

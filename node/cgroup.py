@@ -808,9 +808,28 @@ class CgroupV2Driver:
     def read_memory_throttle(self, cg: Cgroup) -> int | None:
         return parse_memory_limit(_read_text(cg.path / "memory.high"))
 
+    def _pauses(self, cg: Cgroup, max_bytes: int | None) -> bool:
+        """Whether ``cg`` pauses at its budget: set up so here, or (a call cgroup an earlier
+        agent set up, being re-adopted) its memory.max sits at the backstop above a memory.high
+        no higher than the budget that backstop stands for (a throttle may have lowered it)."""
+        if cg.rel in self._pausing:
+            return True
+        if max_bytes is None:
+            return False
+        try:
+            high = parse_memory_limit(_read_text(cg.path / "memory.high"))
+        except CgroupError:
+            return False
+        if high is None or high >= max_bytes:
+            return False
+        if self._backstop(high) != max_bytes and high > self._budget_from_backstop(max_bytes):
+            return False
+        self._pausing.add(cg.rel)
+        return True
+
     def set_pause_at_limit(self, cg: Cgroup, enabled: bool) -> None:
         current = parse_memory_limit(_read_text(cg.path / "memory.max"))
-        was = cg.rel in self._pausing
+        was = self._pauses(cg, current)
         if enabled == was:
             return
         if enabled:
@@ -887,7 +906,7 @@ class CgroupV2Driver:
         limit = parse_memory_limit(_read_text(d / "memory.max"))
         events = _parse_flat_keyed(_read_text(d / "memory.events"), what="memory.events")
         under = False
-        if cg.rel in self._pausing and limit is not None:
+        if limit is not None and self._pauses(cg, limit):
             limit = self._budget_from_backstop(limit)
             under = usage >= limit
         return CgroupStats(

@@ -77,7 +77,7 @@ sys.exit(7)
 class Caller:
     """``Client.run`` of ``tool`` in a thread, collecting its output."""
 
-    def __init__(self, client: Client, tmp_path: Path) -> None:
+    def __init__(self, client: Client, tmp_path: Path, resume_timeout_s: float = 60) -> None:
         self.out = bytearray()
         self.err = bytearray()
         self.result: RunResult | BaseException | None = None
@@ -87,7 +87,13 @@ class Caller:
 
         def run() -> None:
             try:
-                self.result = client.run("rs", 64 * MiB, tool(tmp_path), on_output=sink)
+                self.result = client.run(
+                    "rs",
+                    64 * MiB,
+                    tool(tmp_path),
+                    on_output=sink,
+                    resume_timeout_s=resume_timeout_s,
+                )
             except BaseException as exc:  # noqa: BLE001 - the test looks at it
                 self.result = exc
 

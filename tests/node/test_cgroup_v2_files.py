@@ -158,3 +158,36 @@ def test_v2_parsers() -> None:
     )
     assert parse_v2_mount(mountinfo) == Path("/sys/fs/cgroup")
     assert parse_v2_mount("23 1 0:21 / /sys rw - sysfs sysfs rw\n") is None
+
+
+@pytest.mark.parametrize("budget", [64 * MiB, 100 * MiB + 4096, 7 * MiB])
+def test_a_new_driver_reads_a_pausing_call_an_earlier_agent_set_up(tree: Path, budget: int) -> None:
+    """An agent restarted while calls run: its driver never set them up, yet it reads their
+    budget (memory.high), not the backstop, and turning pause at limit on changes nothing (it
+    once raised the budget by the backstop's 25% at each re-adoption)."""
+    first = CgroupV2Driver("agentcg", base=tree)
+    cg = first.create("t", "s", "c")
+    first.set_memory_limit(cg, budget)
+    first.set_pause_at_limit(cg, True)
+    files = (read(cg.path / "memory.high"), read(cg.path / "memory.max"))
+    assert files[0] == str(budget) and int(files[1]) > budget
+    again = CgroupV2Driver("agentcg", base=tree)
+    assert again.read_stats(cg).limit_bytes == budget
+    again.set_pause_at_limit(cg, True)
+    assert (read(cg.path / "memory.high"), read(cg.path / "memory.max")) == files
+    # Throttled below its budget when the agent died: still its budget, and lifting the
+    # throttle goes back to it.
+    (cg.path / "memory.high").write_text(f"{budget // 2}\n")
+    third = CgroupV2Driver("agentcg", base=tree)
+    assert abs(third.read_stats(cg).limit_bytes - budget) <= 1  # type: ignore[operator]
+    third.set_memory_throttle(cg, None)
+    assert abs(int(read(cg.path / "memory.high")) - budget) <= 1
+
+
+def test_a_new_driver_leaves_a_call_that_does_not_pause_as_it_is(tree: Path) -> None:
+    first = CgroupV2Driver("agentcg", base=tree)
+    cg = first.create("t", "s", "c")
+    first.set_memory_limit(cg, 64 * MiB)  # dry run: memory.max is the budget, no pause
+    again = CgroupV2Driver("agentcg", base=tree)
+    assert again.read_stats(cg).limit_bytes == 64 * MiB
+    assert read(cg.path / "memory.high") == "max"

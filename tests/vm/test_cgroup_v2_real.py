@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -233,6 +234,18 @@ def test_preflight_passes_on_a_v2_host() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def vm_cluster(tmp_path: Path, *node_args: str) -> LocalCluster:
+    """A broker and a node agent as processes, with time for bcc to compile under qemu."""
+    return LocalCluster(
+        tmp_path / "cluster",
+        node_memory="1G",
+        log_level="INFO",
+        ready_timeout_s=300,
+        # The VM's root file system is the host's, read-only: no /var/lib/agentcg.
+        node_args=(*node_args, "--spool-dir", str(tmp_path / "spool")),
+    )
+
+
 @pytest.mark.timeout(900)  # under qemu without KVM: ~3 minutes (processes start, bcc compiles)
 def test_tool_calls_are_grown_or_killed_alone_on_v2(tmp_path: Path) -> None:
     """The whole path on a v2 host: a broker (SQLite) and a node agent as processes, the BPF
@@ -240,17 +253,7 @@ def test_tool_calls_are_grown_or_killed_alone_on_v2(tmp_path: Path) -> None:
     is paused at its budget, grown by the broker from its tenant's headroom, and finishes; one
     whose tenant has no headroom is killed, alone: the other tenant's call finishes."""
     spike = "b = b'x' * ({} << 20)"
-    with (
-        LocalCluster(
-            tmp_path / "cluster",
-            node_memory="1G",
-            log_level="INFO",
-            ready_timeout_s=300,
-            # The VM's root file system is the host's, read-only: no /var/lib/agentcg.
-            node_args=["--spool-dir", str(tmp_path / "spool")],
-        ) as cluster,
-        Client(cluster.broker_address, timeout_s=300) as client,
-    ):
+    with vm_cluster(tmp_path) as cluster, Client(cluster.broker_address, timeout_s=300) as client:
         client.set_tenant("rich", 512 * MiB)
         client.set_tenant("poor", 40 * MiB)
         grown = client.run("rich", 32 * MiB, [sys.executable, "-c", spike.format(100)])
@@ -262,3 +265,27 @@ def test_tool_calls_are_grown_or_killed_alone_on_v2(tmp_path: Path) -> None:
     assert grown.peak_bytes >= 100 * MiB and grown.budget_bytes > 32 * MiB
     assert killed.outcome == "killed" and killed.exit_code != 0, killed
     assert "quota" in killed.reason, killed
+
+
+@pytest.mark.timeout(900)
+def test_an_execd_call_outlives_its_node_agent_on_v2(tmp_path: Path) -> None:
+    """A node agent SIGKILLed on a v2 host while a call runs under `Client.run`: the new agent
+    re-adopts the call's v2 cgroup and the SDK follows it again (Resume): every output line
+    once, the call's own exit code, the call run once (tests/e2e/test_exec_resume.py on v1)."""
+    from tests.e2e.test_exec_resume import LINES, Caller, assert_whole_run
+
+    with (
+        vm_cluster(tmp_path, "--keep-calls") as cluster,
+        Client(cluster.broker_address, timeout_s=300) as client,
+    ):
+        client.set_tenant("rs", 512 * MiB)
+        caller = Caller(client, tmp_path, resume_timeout_s=300)  # bcc compiles slowly here
+        caller.wait_output(LINES // 2, timeout_s=300)
+        cluster.stop("node0", sig=signal.SIGKILL)
+        cluster.start_node(0)
+        (tmp_path / "go").touch()
+        result = caller.finish(timeout_s=300)
+        node_log = cluster.log("node0")
+    print(result)
+    assert "(v2)" in node_log and "re-adopted 1 running call" in node_log, node_log[-3000:]
+    assert_whole_run(caller, result, tmp_path)

@@ -299,6 +299,7 @@ class Started(_message.Message):
     RESUMED_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     pid: _builtins.int
+    """the call's gate shell (the command runs as its child); 0 if not known"""
     cgroup_path: _builtins.str
     resumed: _builtins.bool
     """the start of a Resume stream: the call was started before"""
