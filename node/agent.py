@@ -1730,6 +1730,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             spool = CallSpool(self.spool_root, lease_id)
             exited = spool.read_exited()
             lease, pid = spool.read_started()
+            if lease is not None and lease.node_id != self.node_id:
+                continue  # another agent's (a --spool-dir given to two): not ours to touch
             if exited is None or lease is None:
                 spool.remove()
                 continue
