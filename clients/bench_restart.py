@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .bench import percentile
 from .cluster import LocalCluster
 
 __all__ = ["bench_node_restart"]
@@ -81,11 +82,6 @@ class _Caller:
 
     def lines(self) -> list[int]:
         return [int(x) for x in bytes(self.out).split()]
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    ordered = sorted(xs)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 def bench_node_restart(
@@ -176,7 +172,7 @@ def bench_node_restart(
         "failed_calls": failed,
         "runs_per_call": max(runs),
         "exec_p50_ms": round(statistics.median(exec_ms), 3),
-        "exec_p99_ms": round(_percentile(exec_ms, 99), 3),
+        "exec_p99_ms": round(percentile(exec_ms, 99), 3),
     }
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
