@@ -319,6 +319,13 @@ def node(
         float,
         typer.Option(help="seconds an Exec'd call whose caller went away runs on for it to resume"),
     ] = 30.0,
+    max_output: Annotated[
+        str,
+        typer.Option(
+            help="hold (freeze) an Exec'd call whose spooled output takes more of the node's "
+            "disk than this until its caller has had more of it (0: no limit; else >= 64M)"
+        ),
+    ] = "256M",
     spool_dir: Annotated[
         Path | None,
         typer.Option(
@@ -345,7 +352,7 @@ def node(
 
     It presents itself to the broker as the CLI does: AGENTCG_TOKEN (or AGENTCG_TOKEN_FILE) and
     AGENTCG_TLS_CA, AGENTCG_TLS_CERT, AGENTCG_TLS_KEY, AGENTCG_TLS_SERVER_NAME."""
-    from agentcg.node.enforcement import NodePolicy
+    from agentcg.node.enforcement import MIN_MAX_OUTPUT_BYTES, NodePolicy
     from agentcg.node.main import NodeConfig
     from agentcg.node.main import main as node_main
 
@@ -357,6 +364,11 @@ def node(
         raise typer.BadParameter("--stop-fraction must be in [0, 1)")
     if not 0 < resume_grace <= 86400:
         raise typer.BadParameter("--resume-grace must be in (0, 86400] seconds")
+    max_output_bytes = _size(max_output)
+    if max_output_bytes != 0 and max_output_bytes < MIN_MAX_OUTPUT_BYTES:
+        raise typer.BadParameter(
+            f"--max-output must be 0 (no limit) or at least {format_bytes(MIN_MAX_OUTPUT_BYTES)}"
+        )
     config = NodeConfig(
         broker=broker,
         listen=listen,
@@ -369,6 +381,7 @@ def node(
             dry_run=dry_run,
             stop_fraction=stop_fraction,
             resume_grace_s=resume_grace,
+            max_output_bytes=max_output_bytes,
         ),
         spool_dir=spool_dir,
         ready_file=ready_file,

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -458,6 +459,7 @@ class AsyncClient:
 
     ROTATION_CHECK_S = 1.0
     RETIRED_GRACE_S = 3600.0
+    NODE_LOOKUP_S = 1.0
 
     def __init__(
         self, broker: str, *, timeout_s: float = 10.0, security: ClientSecurity | None = None
@@ -465,6 +467,9 @@ class AsyncClient:
         self._security = security or ClientSecurity()
         self._target = broker
         self._nodes: dict[str, tuple[grpc.aio.Channel, node_pb2_grpc.NodeAgentAsyncStub]] = {}
+        # The broker's answer to "where is node N now", by node id: (asked at, answer), shared
+        # by the calls that follow calls on that node again (``_node_address``).
+        self._node_lookups: dict[str, tuple[float, asyncio.Future[str]]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._timeout_s = timeout_s
         self._files = self._security.files_version()
@@ -954,10 +959,7 @@ class AsyncClient:
         address = lease.node_address
         while True:
             log.info("call %s on node %s: %s; resuming", lease.lease_id, lease.node_id, broke)
-            try:  # a restarted agent may listen elsewhere: the broker has its address now
-                address = (await self.get_lease(lease.lease_id)).node_address or address
-            except UnavailableError:
-                pass
+            address = await self._node_address(lease, address)
             stream = self._node(address).Resume(
                 node_pb2.ResumeRequest(
                     lease_id=lease.lease_id,
@@ -980,8 +982,29 @@ class AsyncClient:
                     f"node {lease.node_id}: call {lease.lease_id} not followed again within "
                     f"{timeout_s:g} s ({broke})"
                 )
-            await asyncio.sleep(wait_s)
+            # Jittered: the calls a node restart broke do not all come back at the same instant.
+            await asyncio.sleep(wait_s * random.uniform(0.5, 1.0))
             wait_s = min(wait_s * 2, 1.0)
+
+    async def _node_address(self, lease: Lease, known: str) -> str:
+        """The address of the lease's node as the broker has it now (a restarted agent may
+        listen elsewhere); ``known`` if the broker cannot say. The calls of this client that
+        follow calls on one node again share one lookup per ``NODE_LOOKUP_S``: a thousand calls
+        broken by one agent restart ask the broker about once a second, not a thousand times."""
+        now = time.monotonic()
+        cached = self._node_lookups.get(lease.node_id)
+        if cached is None or now - cached[0] >= self.NODE_LOOKUP_S:
+            lookup = asyncio.ensure_future(self.get_lease(lease.lease_id))
+            answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+            def settle(done: asyncio.Future[Lease]) -> None:
+                failed = done.cancelled() or done.exception() is not None
+                answer.set_result("" if failed else done.result().node_address)
+
+            lookup.add_done_callback(settle)
+            cached = (now, answer)
+            self._node_lookups[lease.node_id] = cached
+        return await asyncio.shield(cached[1]) or known
 
     async def _keep_renewed(self, lease: Lease) -> None:
         """Renew the lease at a third of its TTL for as long as the call runs (a long pytest

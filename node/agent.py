@@ -49,12 +49,14 @@ from .enforcement import (
     CallPhase,
     CallView,
     Defer,
+    HoldOutput,
     Kill,
     LeaseView,
     NodePolicy,
     Pause,
     Recheck,
     Refresh,
+    ReleaseOutput,
     Resize,
     Throttle,
     Unthrottle,
@@ -68,6 +70,7 @@ from .enforcement import (
     on_lease_refresh,
     on_lease_tick,
     on_limit,
+    on_output,
     on_pause_notice,
     on_soft,
     on_throttle_deadline,
@@ -204,6 +207,7 @@ class Call:
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # news for its follower
     follower: object | None = None  # the stream (Exec or Resume) following it now
     unfollowed: asyncio.TimerHandle | None = None  # nobody follows it: the resume grace runs
+    output_held: bool = False  # frozen (also) while its spooled output is above the limit
 
     def view(self) -> CallView:
         return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
@@ -345,8 +349,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
 
     def _resume_stopped(self, call: Call) -> None:
-        """SIGCONT what the kernel stopped (after a thaw: a frozen task ignores it)."""
-        if not call.stopped:
+        """SIGCONT what the kernel stopped (after a thaw: a frozen task ignores it; a call
+        held for its output is sent it when released)."""
+        if not call.stopped or call.output_held:
             return
         call.stopped = False
         try:
@@ -661,7 +666,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         elif isinstance(decision, Unthrottle):
             if not self.policy.dry_run:
                 self.driver.set_memory_throttle(call.cgroup, None)
-                if call.frozen:
+                if call.frozen and not call.output_held:
                     self.driver.set_frozen(call.cgroup, False)
                 self._resume_stopped(call)
             call.frozen = False
@@ -730,7 +735,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             call.limit_set_ns = time.monotonic_ns()
             self.driver.set_memory_throttle(call.cgroup, None)
             if call.frozen:
-                self.driver.set_frozen(call.cgroup, False)
+                if not call.output_held:
+                    self.driver.set_frozen(call.cgroup, False)
                 call.frozen = False
             self._resume_stopped(call)
             self.monitor.arm(call.cgroup_id)
@@ -911,6 +917,76 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
         done.add_done_callback(killed)
 
+    # -- output: the node's disk -----------------------------------------------------------
+
+    async def watch_output(self) -> None:
+        """Check every Exec'd call's spooled output each OUTPUT_CHECK_S (runs until
+        cancelled)."""
+        while True:
+            await asyncio.sleep(self.OUTPUT_CHECK_S)
+            try:
+                self.check_output()
+            except Exception:
+                log.exception("output check failed")
+
+    # How often the spool is looked at: a call writing faster than its caller reads goes this
+    # long at most past the node's output limit before it is held (one stat of its two files).
+    OUTPUT_CHECK_S = 0.1
+
+    def check_output(self) -> None:
+        """Hold the calls whose spooled output is above the node's limit; release those whose
+        caller has had enough of it (``on_output``)."""
+        for call in list(self.calls.values()):
+            if call.spool is None or call.phase in (CallPhase.KILLED, CallPhase.EXITED):
+                continue
+            held_bytes = call.spool.output_bytes()
+            verdict = on_output(held_bytes, call.output_held, self.policy)
+            if isinstance(verdict, HoldOutput):
+                self._hold_output(call, held_bytes, verdict.reason)
+            elif isinstance(verdict, ReleaseOutput):
+                self._release_output(call, held_bytes, verdict.reason)
+
+    def _hold_output(self, call: Call, held_bytes: int, reason: str) -> None:
+        if not self.policy.dry_run and not call.frozen:  # frozen: paused for memory already
+            try:
+                self.driver.set_frozen(call.cgroup, True)
+            except CgroupError as exc:  # a task held at its v1 limit: it writes nothing now
+                log.debug("call %s: not held for its output: %s", call.call_id, exc)
+                return
+        call.output_held = True
+        self._output_action(call, "hold", held_bytes, reason)
+
+    def _release_output(self, call: Call, held_bytes: int, reason: str) -> None:
+        if not self.policy.dry_run and not call.frozen:  # frozen: still paused for memory
+            try:
+                self.driver.set_frozen(call.cgroup, False)
+            except CgroupError as exc:  # tried again at the next check
+                log.warning("call %s: not released: %s", call.call_id, exc)
+                return
+        call.output_held = False
+        if not call.frozen:
+            self._resume_stopped(call)
+        self._output_action(call, "release", held_bytes, reason)
+
+    def _output_action(self, call: Call, action: str, held_bytes: int, reason: str) -> None:
+        action_id = self._log_action(action, call, reason)
+        self._announce(call, action_id, action, reason, usage_bytes=held_bytes)
+
+    def _log_action(self, action: str, call: Call, reason: str) -> str:
+        """One INFO line for an action the node takes on its own; returns its new id."""
+        action_id = uuid.uuid4().hex[:12]
+        log.info(
+            "%s call %s lease %s tenant %s action %s: %s%s",
+            action,
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            action_id,
+            reason,
+            " (dry run)" if self.policy.dry_run else "",
+        )
+        return action_id
+
     # -- leases: enforced locally ------------------------------------------------------------
 
     async def watch_leases(self) -> None:
@@ -1031,16 +1107,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     def _stop(self, call: Call, reason: str) -> None:
         """Stop a call on the node's own authority (its lease no longer holds)."""
-        action_id = uuid.uuid4().hex[:12]
-        log.info(
-            "stop call %s lease %s tenant %s action %s: %s%s",
-            call.call_id,
-            call.lease.lease_id,
-            call.lease.tenant,
-            action_id,
-            reason,
-            " (dry run)" if self.policy.dry_run else "",
-        )
+        action_id = self._log_action("stop", call, reason)
         self._announce(call, action_id, "kill", reason, usage_bytes=call.peak_bytes, span="stop")
         self.uplink.send(
             broker_pb2.NodeMessage(
@@ -1170,6 +1237,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     for kind, data in chunks:
                         yield node_pb2.ExecEvent(output=node_pb2.Output(stream=kind, data=data))
                     sent = True
+                    tail.free_delivered()
                     if exited is None:
                         break  # actions in between; the rest after
                 while call.follower is me and not call.events.empty():
@@ -1836,8 +1904,13 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             call.grown = 1
         self.driver.set_pause_at_limit(cg, not self.policy.dry_run)
         # A throttle the previous agent left has no deadline any more: lifted (a throttle
-        # needs one; memory.high alone can stall a call for minutes).
+        # needs one; memory.high alone can stall a call for minutes). So is a freeze (a pause
+        # whose ask died with that agent, an output hold): this agent decides both again.
         self.driver.set_memory_throttle(cg, None)
+        try:
+            self.driver.set_frozen(cg, False)
+        except CgroupError as exc:
+            log.warning("call %s: could not thaw it at adoption: %s", call_id, exc)
         self._watch_thresholds(call, budget)
         self._watch_pause(call)
         self.monitor.arm(call.cgroup_id)  # at an unknown usage: until its arm threshold is read

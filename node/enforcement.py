@@ -19,7 +19,9 @@ __all__ = [
     "CallPhase",
     "CallView",
     "Defer",
+    "HoldOutput",
     "Ignore",
+    "MIN_MAX_OUTPUT_BYTES",
     "Kill",
     "Pause",
     "Recheck",
@@ -29,6 +31,7 @@ __all__ = [
     "NodePolicy",
     "at_limit",
     "Refresh",
+    "ReleaseOutput",
     "Resize",
     "Update",
     "Wake",
@@ -38,12 +41,17 @@ __all__ = [
     "on_lease_refresh",
     "on_lease_tick",
     "on_limit",
+    "on_output",
     "on_pause_notice",
     "on_soft",
     "on_throttle_deadline",
     "soft_threshold",
 ]
 
+
+# The smallest output limit: a call is released at half of it, and its spool keeps the last
+# 16 MiB its caller had (node.spool.KEEP_DELIVERED_BYTES) plus up to 1 MiB not yet freed.
+MIN_MAX_OUTPUT_BYTES = 64 << 20
 
 # A call held at its v1 limit shows usage a little below it: charges come in per-CPU batches of
 # up to 64 pages, precharged and counted; a megabyte covers them on any machine size we run.
@@ -91,6 +99,11 @@ class NodePolicy:
     # again (Resume: an agent restart, a dropped connection); then it is stopped. An ended
     # call's exit is kept as long for it.
     resume_grace_s: float = 30.0
+    # An Exec'd call whose spooled output takes more of the node's disk than this (0: no limit;
+    # else at least MIN_MAX_OUTPUT_BYTES) is held (frozen) until its caller has had enough of
+    # it (``on_output``): nobody follows it, or its caller reads slower than it writes (a pipe
+    # would have made it wait; a spool file does not).
+    max_output_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,3 +385,33 @@ def on_lease_refresh(
     if fresh == held:
         return Ignore("lease unchanged")
     return Update(fresh, f"lease epoch {fresh.epoch}, expires at {fresh.expires_at_unix_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class HoldOutput:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutput:
+    reason: str
+
+
+def on_output(
+    held_bytes: int, holding: bool, policy: NodePolicy
+) -> HoldOutput | ReleaseOutput | Ignore:
+    """A call's spooled output takes ``held_bytes`` of the node's disk (what its callers had is
+    freed but for the last KEEP_DELIVERED_BYTES). Above the node's limit the call is held
+    (frozen), as a pipe nobody reads makes its writer wait, until its caller has had enough
+    to take it to half the limit (a caller that never comes back: the resume grace stops it)."""
+    limit = policy.max_output_bytes
+    if holding and (limit <= 0 or held_bytes <= limit // 2):
+        return ReleaseOutput(
+            f"output: {format_bytes(held_bytes)} held, half the node's limit or less: released"
+        )
+    if not holding and 0 < limit < held_bytes:
+        return HoldOutput(
+            f"output: {format_bytes(held_bytes)} not yet had by a caller, above the node's "
+            f"{format_bytes(limit)}: held until its caller has had more of it"
+        )
+    return Ignore(f"output: {format_bytes(held_bytes)} held")

@@ -220,9 +220,13 @@ async def _run(
         task.add_done_callback(reconnects.discard)
 
     reload_on_sighup(config.security, gate, certificates, then=reconnect)
-    leases = asyncio.create_task(agent.watch_leases(), name="leases")
+    watches = [
+        asyncio.create_task(agent.watch_leases(), name="leases"),
+        asyncio.create_task(agent.watch_output(), name="output"),
+    ]
     await stop.wait()
-    leases.cancel()
+    for watch in watches:
+        watch.cancel()
     log.info("node %s stopping (grace %.1f s)", node_id, config.grace_s)
     notifier.stopping(
         f"stopping (grace {config.grace_s:.1f} s; "

@@ -35,8 +35,20 @@ log = logging.getLogger(__name__)
 
 # Enforcement actions, as named in the log, the span and the ExecEvent: "stop" is a call stopped
 # on the node's own authority (its lease expired, was revoked or preempted); "wait" a paused
-# call the broker keeps paused while it waits for room.
-ACTION_KINDS = ("throttle", "unthrottle", "pause", "wait", "grow", "resume", "kill", "stop")
+# call the broker keeps paused while it waits for room; "hold" and "release" a call frozen while
+# its spooled output is above the node's limit, and let go.
+ACTION_KINDS = (
+    "throttle",
+    "unthrottle",
+    "pause",
+    "wait",
+    "grow",
+    "resume",
+    "kill",
+    "stop",
+    "hold",
+    "release",
+)
 # Spike -> action in effect: the goal is p99 <= 5 ms; a kill after the broker timeout takes s.
 REACTION_BUCKETS_S = (
     0.0001,

@@ -11,24 +11,54 @@ One directory per call, named by its lease id, under the node's spool root::
                      /status   its exit code, written by the gate's shell when it ends
                      /exited   the node's final report (an Exited), written when it finished
 
-The files of a call that nobody follows grow on the node's disk (pages cached on its behalf are
-charged to the call's own memory cgroup); they are removed once its Exited was handed to a
-caller, or once no caller came back for it within the node's resume grace.
+Output a caller has had is freed from the disk as it goes (``OutputTail.free_delivered``: a
+hole punched in the file, so offsets stay valid), but for the last ``KEEP_DELIVERED_BYTES``,
+which a caller whose stream broke may not have received and asks for again. What the files
+still hold (``CallSpool.output_bytes``) is then the output nobody has had yet; the node stops
+a call that holds more than its limit (a call with nobody following, or followed by a caller
+slower than it writes: pipes would have made it wait). Pages cached on its behalf are charged
+to the call's own memory cgroup. The files are removed once its Exited was handed to a caller,
+or once no caller came back for it within the node's resume grace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import logging
 import os
 import shutil
 from pathlib import Path
 
-from agentcg.errors import InvalidArgumentError
+from agentcg.errors import FailedPreconditionError, InvalidArgumentError
 from agentcg.v1 import node_pb2, types_pb2
 
-__all__ = ["SPOOL_BASE", "CallSpool", "OutputTail", "default_spool_root", "list_spooled"]
+__all__ = [
+    "KEEP_DELIVERED_BYTES",
+    "SPOOL_BASE",
+    "CallSpool",
+    "OutputTail",
+    "default_spool_root",
+    "first_kept_byte",
+    "list_spooled",
+    "punch_hole",
+]
+
+log = logging.getLogger(__name__)
 
 SPOOL_BASE = Path("/var/lib/agentcg/spool")
+# Output sent to a caller is kept this long behind what was sent: bytes in flight when a stream
+# broke (gRPC's flow-control windows hold a few MiB at most) can be asked for again (Resume).
+KEEP_DELIVERED_BYTES = 16 << 20
+_FREE_STEP_BYTES = 1 << 20  # free in steps of at least this much: one fallocate per MiB sent
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
 
 _STREAMS = (
     ("stdout", node_pb2.Output.STREAM_STDOUT),
@@ -65,6 +95,14 @@ class CallSpool:
 
     def exists(self) -> bool:
         return self.dir.is_dir()
+
+    def output_bytes(self) -> int:
+        """The disk space its output files take now (freed output not counted)."""
+        total = 0
+        for name, _ in _STREAMS:
+            with contextlib.suppress(OSError):
+                total += os.stat(self.dir / name).st_blocks * 512
+        return total
 
     def read_status(self) -> int | None:
         """The exit code the gate's shell wrote; None if it did not (still running, or killed
@@ -107,29 +145,68 @@ class CallSpool:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free ``length`` bytes of the file from ``offset`` (they read back as zeros; its size and
+    the offsets after them are unchanged). False where the file system cannot."""
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def first_kept_byte(fd: int) -> int:
+    """The offset of the first byte not freed (the end of the file if all of it was)."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data past 0: empty, or freed to its end
+            return os.fstat(fd).st_size
+        raise
+
+
+class _Stream:
+    __slots__ = ("fd", "kind", "offset", "kept_from", "frees")
+
+    def __init__(self, fd: int, kind: node_pb2.Output.Stream.ValueType, offset: int) -> None:
+        self.fd = fd
+        self.kind = kind
+        self.offset = offset  # the next byte to read
+        self.kept_from = first_kept_byte(fd)  # the bytes before it were freed
+        self.frees = True  # False once the file system refused to free
+
+
 class OutputTail:
-    """Reads a spooled call's stdout and stderr from given byte offsets on, as they grow."""
+    """Reads a spooled call's stdout and stderr from given byte offsets on, as they grow, and
+    frees what it has read (``free_delivered``)."""
 
     def __init__(self, spool: CallSpool, stdout_offset: int, stderr_offset: int) -> None:
-        self._files: list[tuple[int, node_pb2.Output.Stream.ValueType, int]] = []
+        self._streams: list[_Stream] = []
         try:
             for (name, kind), offset in zip(_STREAMS, (stdout_offset, stderr_offset), strict=True):
                 field = f"{name}_offset"
                 if offset < 0:
                     raise InvalidArgumentError(field, f"must not be negative (got {offset})")
-                try:
-                    fd = os.open(spool.dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                try:  # written to as well: freeing is a write (fallocate)
+                    fd = os.open(spool.dir / name, os.O_RDWR | os.O_CLOEXEC)
                 except FileNotFoundError:  # not captured
                     if offset:
                         raise InvalidArgumentError(
                             field, "the call's output is not captured"
                         ) from None
                     continue
-                self._files.append((fd, kind, offset))
+                stream = _Stream(fd, kind, offset)
+                self._streams.append(stream)
                 size = os.fstat(fd).st_size
                 if offset > size:
                     raise InvalidArgumentError(
                         field, f"{offset} is past the {size} bytes the call has written"
+                    )
+                if offset < stream.kept_from:
+                    raise FailedPreconditionError(
+                        f"{field}: bytes before {stream.kept_from} were delivered and freed "
+                        f"(asked from {offset})"
                     )
         except BaseException:
             self.close()
@@ -138,18 +215,30 @@ class OutputTail:
     def read(self, max_bytes: int) -> list[tuple[node_pb2.Output.Stream.ValueType, bytes]]:
         """What was written since the last read, up to ``max_bytes`` per stream."""
         chunks = []
-        for i, (fd, kind, offset) in enumerate(self._files):
-            data = os.pread(fd, max_bytes, offset)
+        for stream in self._streams:
+            data = os.pread(stream.fd, max_bytes, stream.offset)
             if data:
-                self._files[i] = (fd, kind, offset + len(data))
-                chunks.append((kind, data))
+                stream.offset += len(data)
+                chunks.append((stream.kind, data))
         return chunks
 
+    def free_delivered(self, keep_bytes: int = KEEP_DELIVERED_BYTES) -> None:
+        """Free the disk space of what was read, but for the last ``keep_bytes`` of it."""
+        for stream in self._streams:
+            upto = stream.offset - keep_bytes
+            if not stream.frees or upto - stream.kept_from < _FREE_STEP_BYTES:
+                continue
+            if punch_hole(stream.fd, stream.kept_from, upto - stream.kept_from):
+                stream.kept_from = upto
+            else:
+                log.warning("spool: this file system cannot free delivered output; kept whole")
+                stream.frees = False
+
     def close(self) -> None:
-        for fd, _, _ in self._files:
+        for stream in self._streams:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._files = []
+                os.close(stream.fd)
+        self._streams = []
 
 
 def default_spool_root(cgroup_root_name: str) -> Path:

@@ -2,7 +2,9 @@
 real BPF): the agent is SIGKILLed, or stopped with --keep-calls, while a call runs under the
 SDK's ``run``; a new agent re-adopts the call and the SDK follows it again (the node's Resume).
 The caller gets every byte of output exactly once, in order, and the call's own exit code; the
-call runs once. A caller that goes away leaves its call running for the node's resume grace."""
+call runs once. A caller that goes away leaves its call running for the node's resume grace.
+Output a caller had is freed from the node's disk; a call too far ahead of its caller (or with
+none) is held until its caller has had more, as a pipe's writer waits."""
 
 from __future__ import annotations
 
@@ -21,27 +23,51 @@ from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client, Lease, RunResult
 from agentcg.v1 import node_pb2, node_pb2_grpc, types_pb2
 
+from ..conftest import wait_until
+
 MiB = 1 << 20
 OUT, ERR = node_pb2.Output.STREAM_STDOUT, node_pb2.Output.STREAM_STDERR
 LINES = 40  # per stream; the call waits for its go file after half of them
+MAX_OUTPUT_MIB = 64  # the node's --max-output
+# The budget of a call writing that much: its spool's page cache is charged to it, as the files
+# any tool call writes are, up to what it holds (what its caller had is freed).
+WRITER_MIB = 256
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, cgroup_write: Path, bcc_available: None) -> Iterator[LocalCluster]:
-    args = ["--keep-calls", "--resume-grace", "3", "--spool-dir", str(tmp_path / "spool")]
+    args = [
+        *("--keep-calls", "--resume-grace", "3", "--spool-dir", str(tmp_path / "spool")),
+        *("--max-output", f"{MAX_OUTPUT_MIB}M"),
+    ]
     with LocalCluster(tmp_path / "cluster", node_memory="2G", node_args=args) as c:
         yield c
     # Stopped with --keep-calls, the agent leaves its cgroup root: empty, every call done.
-    root = cgroup_write / f"agentcg-n0-{os.getpid()}"
+    name = f"agentcg-n0-{os.getpid()}"
+    root = cgroup_write / name
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+    others = list(other_roots(name))
+    for state in (s for other in others for s in other.rglob("freezer.state")):
+        state.write_text("THAWED")  # a call left frozen dies only once thawed (v1)
     remove_tree(root)
+    for other in others:
+        remove_tree(other)
     assert left == [], f"cgroups left behind: {left}"
     assert spooled(tmp_path) == []
 
 
+def other_roots(name: str) -> Iterator[Path]:
+    """The agent's cgroup root ``name`` in the v1 hierarchies it uses besides memory."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in ("cpu", "pids", "freezer"):
+            if controller in controllers.split(","):
+                yield Path("/sys/fs/cgroup", controller, path.lstrip("/"), name)
+
+
 def remove_tree(root: Path) -> None:
     """A cgroup tree's tasks killed, its dirs removed, deepest first."""
-    if not root.exists():
+    if not root.is_dir():
         return
     for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         for pid in (d / "cgroup.procs").read_text().split():
@@ -177,10 +203,10 @@ def node(cluster: LocalCluster) -> Iterator[node_pb2_grpc.NodeAgentStub]:
 
 
 def start(
-    client: Client, node: node_pb2_grpc.NodeAgentStub, argv: list[str]
+    client: Client, node: node_pb2_grpc.NodeAgentStub, argv: list[str], memory_mib: int = 64
 ) -> tuple[Lease, Iterator[node_pb2.ExecEvent]]:
     """Reserve and Exec ``argv`` with its output captured: the lease and the stream."""
-    lease = client.reserve("rs", 64 * MiB)
+    lease = client.reserve("rs", memory_mib * MiB)
     request = node_pb2.ExecRequest(lease_id=lease.lease_id, argv=argv, capture_output=True)
     return lease, node.Exec(request)
 
@@ -290,6 +316,102 @@ def test_exec_refuses_what_the_kernel_cannot_take_and_loses_nothing(
     events = list(node.Exec(request))
     assert events[-1].exited.exit_code == 0
     assert output_of(events, OUT) == b"fine\n"
+
+
+def writer(tmp_path: Path, mib: int, pace_s: float = 0.0) -> list[str]:
+    """A tool call that writes ``mib`` MiB to stdout (MiB i all of byte i % 251, one each
+    ``pace_s``), then waits for ``go`` and exits 0."""
+    code = f"""
+import os, sys, time
+for i in range({mib}):
+    sys.stdout.buffer.write(bytes([i % 251]) * {MiB})
+    sys.stdout.flush()
+    time.sleep({pace_s})
+while not os.path.exists({str(tmp_path / "go")!r}):
+    time.sleep(0.01)
+"""
+    return [sys.executable, "-c", code]
+
+
+def written(mib: int) -> bytes:
+    return b"".join(bytes([i % 251]) * MiB for i in range(mib))
+
+
+def spool_bytes(tmp_path: Path, lease: Lease) -> int:
+    """The disk space the call's stdout takes in the node's spool."""
+    return (tmp_path / "spool" / lease.lease_id / "stdout").stat().st_blocks * 512
+
+
+def start_unfollowed_until_held(
+    cluster: LocalCluster, client: Client, node: node_pb2_grpc.NodeAgentStub, argv: list[str]
+) -> Lease:
+    """Exec ``argv``, go away once it started, and wait for the node to hold it."""
+    lease, stream = start(client, node, argv, WRITER_MIB)
+    assert next(stream).started.pid > 0
+    stream.cancel()
+    wait_until(lambda: f"hold call {lease.lease_id}" in cluster.log("node0"), "never held")
+    return lease
+
+
+def test_output_is_freed_once_had_and_a_call_too_far_ahead_of_its_caller_waits(
+    cluster: LocalCluster, client: Client, node: node_pb2_grpc.NodeAgentStub, tmp_path: Path
+) -> None:
+    limit = MAX_OUTPUT_MIB * MiB
+    # Followed: 160 MiB as fast as it can write, through a node that holds at most 64 MiB.
+    # The caller gets every byte, once; the spool keeps only the last 16 MiB it had.
+    mib = 160
+    lease, stream = start(client, node, writer(tmp_path, mib), WRITER_MIB)
+    got = bytearray()
+    for ev in stream:
+        if ev.HasField("output"):
+            got.extend(ev.output.data)
+        if len(got) >= mib * MiB:
+            break
+    assert got == written(mib)
+    wait_until(lambda: spool_bytes(tmp_path, lease) <= 18 * MiB, "delivered output not freed")
+    assert spool_bytes(tmp_path, lease) >= 15 * MiB  # kept for a caller that missed some
+    # A caller that comes back for bytes already freed is told so; what is kept is there.
+    with pytest.raises(grpc.RpcError) as freed:
+        list(node.Resume(node_pb2.ResumeRequest(lease_id=lease.lease_id, stdout_offset=MiB)))
+    assert freed.value.code() == grpc.StatusCode.FAILED_PRECONDITION, freed.value
+    assert (freed.value.details() or "").startswith("stdout_offset"), freed.value
+    tail_from = (mib - 8) * MiB
+    resumed = node.Resume(node_pb2.ResumeRequest(lease_id=lease.lease_id, stdout_offset=tail_from))
+    (tmp_path / "go").touch()
+    events = list(resumed)
+    assert output_of(events, OUT) == got[tail_from:]
+    assert events[-1].exited.exit_code == 0, events[-1]
+    assert events[-1].exited.outcome == types_pb2.OUTCOME_COMPLETED, events[-1]
+    assert client.get_lease(lease.lease_id).outcome == "completed"
+    (tmp_path / "go").unlink()
+
+    # Nobody follows: the call is held (frozen) once its spool passes the limit, and stays
+    # there; its caller comes back within the grace and gets all of it, and the call goes on.
+    waiting = start_unfollowed_until_held(cluster, client, node, writer(tmp_path, mib, 0.005))
+    held = spool_bytes(tmp_path, waiting)
+    assert limit < held <= limit + 32 * MiB, held
+    time.sleep(0.3)
+    assert spool_bytes(tmp_path, waiting) == held  # frozen: it writes nothing more
+    resumed = node.Resume(node_pb2.ResumeRequest(lease_id=waiting.lease_id))
+    (tmp_path / "go").touch()
+    events = list(resumed)
+    assert output_of(events, OUT) == written(mib)
+    assert events[-1].exited.exit_code == 0, events[-1]
+    assert events[-1].exited.outcome == types_pb2.OUTCOME_COMPLETED, events[-1]
+    actions = [e.enforcement.action for e in events if e.HasField("enforcement")]
+    assert actions == ["hold", "release"], actions  # the hold was kept for its caller
+    assert client.get_lease(waiting.lease_id).outcome == "completed"
+    (tmp_path / "go").unlink()
+
+    # Nobody comes back: the held call is stopped when the grace is over (a frozen call too).
+    gone = start_unfollowed_until_held(cluster, client, node, writer(tmp_path, mib, 0.005))
+    wait_until(
+        lambda: client.get_lease(gone.lease_id).state != "active", "never stopped", timeout_s=30
+    )
+    assert client.get_lease(gone.lease_id).outcome == "killed"
+    last = list(node.Resume(node_pb2.ResumeRequest(lease_id=gone.lease_id)))[-1]
+    assert last.exited.outcome == types_pb2.OUTCOME_KILLED, last
+    assert "did not follow it again" in last.exited.reason, last
 
 
 def spooled(tmp_path: Path) -> list[str]:

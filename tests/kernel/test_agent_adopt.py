@@ -4,6 +4,7 @@ them: real cgroups, a real BPF monitor (the old agent's maps died with it), real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from agentcg.node.agent import NodeAgent
-from agentcg.node.cgroup import CgroupV1Driver
+from agentcg.node.cgroup import Cgroup, CgroupError, CgroupV1Driver
 from agentcg.node.monitor import MemEvent, MemoryMonitor
 from agentcg.node.spawn import GatedProcess, spawn_gated
 from agentcg.v1 import broker_pb2, types_pb2
@@ -22,15 +23,18 @@ pytestmark = pytest.mark.kernel
 
 
 def leave_call(
-    driver: CgroupV1Driver, names: tuple[str, str, str], argv: list[str]
+    driver: CgroupV1Driver, names: tuple[str, str, str], argv: list[str], *, frozen: bool = False
 ) -> GatedProcess:
-    """What a crashed agent leaves behind: a call running in its limited, pausing cgroup."""
+    """What a crashed agent leaves behind: a call running in its limited, pausing cgroup
+    (``frozen``: paused by that agent, whose ask to the broker died with it)."""
     cg = driver.create(*names)
     driver.set_memory_limit(cg, 64 * MiB)
     driver.set_pause_at_limit(cg, True)
     gated = spawn_gated(argv)
     driver.attach(cg, gated.pid)
     gated.release()
+    if frozen:
+        driver.set_frozen(cg, True)
     return gated
 
 
@@ -43,13 +47,16 @@ def left_behind(driver: CgroupV1Driver, tmp_path: Path) -> Iterator[dict[str, Ga
         "b = b'x' * (150 << 20)\n"
     )
     procs = {
-        "live": leave_call(driver, ("t1", "s1", "l1"), [sys.executable, "-c", spike]),
+        "live": leave_call(driver, ("t1", "s1", "l1"), [sys.executable, "-c", spike], frozen=True),
         "released": leave_call(driver, ("t1", "s2", "l2"), ["sleep", "60"]),
     }
     driver.create("t2", "s9", "l9")  # an empty leftover
     try:
         yield procs
     finally:
+        live = Cgroup(rel=("t1", "s1", "l1"), path=driver.root / "t1" / "s1" / "l1")
+        with contextlib.suppress(CgroupError):  # a frozen task dies only once thawed (v1)
+            driver.set_frozen(live, False)
         for gated in procs.values():
             if gated.process.poll() is None:
                 gated.process.kill()
@@ -85,7 +92,8 @@ def test_restarted_agent_adopts_and_enforces(
         assert driver.children(agent._dir("t1")) == ["s1"]
         assert monitor.entry_counts() == (1, 1)
 
-        # The adopted call now spikes past its budget: caught in-kernel, paused, broker asked.
+        # The adopted call (thawed: this agent decides its pause again) now spikes past its
+        # budget: caught in-kernel, paused, broker asked.
         (tmp_path / "go").touch()
         deadline = time.monotonic() + 30
         limit = broker_pb2.PRESSURE_KIND_LIMIT_REACHED

@@ -8,16 +8,19 @@ from agentcg.node.enforcement import (
     CallPhase,
     CallView,
     Defer,
+    HoldOutput,
     Ignore,
     Kill,
     NodePolicy,
     Recheck,
+    ReleaseOutput,
     Resize,
     Wake,
     at_limit,
     on_deadline,
     on_decision_grow,
     on_limit,
+    on_output,
     on_pause_notice,
     soft_threshold,
 )
@@ -209,3 +212,27 @@ def test_arm_and_stop_thresholds(policy: NodePolicy, budget: int, arm: int, stop
 
     assert arm_threshold(budget, policy) == arm
     assert stop_threshold(budget, policy) == stop
+
+
+@pytest.mark.parametrize(
+    ("held_mib", "holding", "limit_mib", "want"),
+    [
+        (64, False, 64, Ignore),  # at the limit: not above it
+        (65, False, 64, HoldOutput),
+        (500, True, 64, Ignore),  # held already
+        (33, True, 64, Ignore),  # its caller has not had enough yet
+        (32, True, 64, ReleaseOutput),  # half the limit: released
+        (5000, False, 0, Ignore),  # no limit
+        (5000, True, 0, ReleaseOutput),  # held, then the limit was lifted
+    ],
+)
+def test_output_above_the_limit_holds_the_call_until_half_of_it(
+    held_mib: int, holding: bool, limit_mib: int, want: type
+) -> None:
+    policy = NodePolicy(max_output_bytes=limit_mib * MiB)
+    verdict = on_output(held_mib * MiB, holding, policy)
+    assert type(verdict) is want, verdict
+    if want is HoldOutput:
+        assert verdict.reason.startswith(
+            "output: 65.0 MiB not yet had by a caller, above the node's 64.0 MiB"
+        ), verdict

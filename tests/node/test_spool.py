@@ -7,8 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-from agentcg.errors import InvalidArgumentError
-from agentcg.node.spool import CallSpool, OutputTail, list_spooled
+from agentcg.errors import FailedPreconditionError, InvalidArgumentError
+from agentcg.node.spool import (
+    KEEP_DELIVERED_BYTES,
+    CallSpool,
+    OutputTail,
+    first_kept_byte,
+    list_spooled,
+)
 from agentcg.v1 import node_pb2, types_pb2
 
 OUT, ERR = node_pb2.Output.STREAM_STDOUT, node_pb2.Output.STREAM_STDERR
@@ -96,3 +102,65 @@ def test_a_half_written_status_is_no_status(tmp_path: Path) -> None:
     spool.create(capture_output=False)
     spool.status_path.write_text("")
     assert spool.read_status() is None
+
+
+MiB = 1 << 20
+
+
+def test_output_had_is_freed_but_for_the_last_part_and_offsets_stay(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    out, err = spool.create(capture_output=True)
+    data = b"".join(bytes([i]) * MiB for i in range(40))
+    try:
+        os.write(out, data)
+        os.fsync(out)
+        assert spool.output_bytes() >= 40 * MiB
+        tail = OutputTail(spool, 0, 0)
+        got = bytearray()
+        while chunks := tail.read(MiB):
+            for _, chunk in chunks:
+                got.extend(chunk)
+        tail.free_delivered()  # all 40 MiB had: all but the last 16 freed
+        assert got == data
+        kept = spool.output_bytes()
+        assert KEEP_DELIVERED_BYTES <= kept <= KEEP_DELIVERED_BYTES + MiB, kept
+        fd = os.open(spool.dir / "stdout", os.O_RDONLY)
+        try:
+            assert first_kept_byte(fd) == 40 * MiB - KEEP_DELIVERED_BYTES
+            assert os.fstat(fd).st_size == 40 * MiB  # offsets unchanged
+        finally:
+            os.close(fd)
+        tail.close()
+        # A caller back from the kept part gets it as written; from before it, it is told.
+        again = OutputTail(spool, 30 * MiB, 0)
+        assert b"".join(c for _, c in again.read(64 * MiB)) == data[30 * MiB :]
+        again.close()
+        with pytest.raises(FailedPreconditionError) as freed:
+            OutputTail(spool, 20 * MiB, 0)
+        assert freed.value.message.startswith("stdout_offset: bytes before 25165824 were")
+        # Written on after the hole: read on from where the caller is.
+        os.write(out, b"more")
+        last = OutputTail(spool, 40 * MiB, 0)
+        assert last.read(64) == [(OUT, b"more")]
+        last.close()
+    finally:
+        os.close(out)
+        os.close(err)
+
+
+def test_less_than_a_step_past_the_kept_part_frees_nothing(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    out, err = spool.create(capture_output=True)
+    try:
+        os.write(out, b"x" * (KEEP_DELIVERED_BYTES + MiB - 1))
+        os.fsync(out)
+        before = spool.output_bytes()
+        tail = OutputTail(spool, 0, 0)
+        while tail.read(MiB):
+            pass
+        tail.free_delivered()
+        assert spool.output_bytes() == before
+        tail.close()
+    finally:
+        os.close(out)
+        os.close(err)
