@@ -1285,6 +1285,36 @@ def bench_node_restart_cmd(
     _print_result(result)
 
 
+@bench_app.command("commit")
+def bench_commit_cmd(
+    commits: Annotated[int, typer.Option(min=1, help="commits per way and round")] = 2000,
+    rate: Annotated[float, typer.Option(min=1.0, help="commits/s of the paced way")] = 1000.0,
+    rounds: Annotated[int, typer.Option(min=1, help="rounds, the two ways alternated")] = 2,
+    db: Annotated[
+        str, typer.Option(help="PostgreSQL URL (a new schema, dropped after); default SQLite")
+    ] = "",
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where the SQLite file goes (the broker's disk)")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """What one durable grant (a Reserve's lease and audit entry, one transaction) costs the
+    database here: back to back, and paced at --rate with the writer idle in between (see
+    bench_commit)."""
+    from .bench_commit import bench_commit
+
+    result = bench_commit(
+        commits=commits,
+        rate=rate,
+        rounds=rounds,
+        database_url=db,
+        data_dir=data_dir,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    _print_result(result)
+
+
 @bench_app.command("access")
 def bench_access_cmd(
     rounds: Annotated[int, typer.Option(min=1, help="rounds of each mode, alternated")] = 3,
