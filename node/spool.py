@@ -14,10 +14,10 @@ One directory per call, named by its lease id, under the node's spool root::
 Output a caller has had is freed from the disk as it goes (``OutputTail.free_delivered``: a
 hole punched in the file, so offsets stay valid), but for the last ``KEEP_DELIVERED_BYTES``,
 which a caller whose stream broke may not have received and asks for again. What the files
-still hold (``CallSpool.output_bytes``) is then the output nobody has had yet; the node stops
-a call that holds more than its limit (a call with nobody following, or followed by a caller
-slower than it writes: pipes would have made it wait). Pages cached on its behalf are charged
-to the call's own memory cgroup. The files are removed once its Exited was handed to a caller,
+still hold (``CallSpool.output_bytes``) is then the output nobody has had yet; the node holds
+(freezes) a call that holds more than its limit until its caller has had more of it, as a pipe
+makes its writer wait (``enforcement.on_output``). Pages cached on its behalf are charged to
+the call's own memory cgroup. The files are removed once its Exited was handed to a caller,
 or once no caller came back for it within the node's resume grace.
 """
 
@@ -225,7 +225,9 @@ class OutputTail:
     def free_delivered(self, keep_bytes: int = KEEP_DELIVERED_BYTES) -> None:
         """Free the disk space of what was read, but for the last ``keep_bytes`` of it."""
         for stream in self._streams:
-            upto = stream.offset - keep_bytes
+            # Whole steps only: a hole ends on a block boundary, so what SEEK_DATA finds after
+            # it (``first_kept_byte``, after a restart too) is exactly where it ends.
+            upto = (stream.offset - keep_bytes) // _FREE_STEP_BYTES * _FREE_STEP_BYTES
             if not stream.frees or upto - stream.kept_from < _FREE_STEP_BYTES:
                 continue
             if punch_hole(stream.fd, stream.kept_from, upto - stream.kept_from):

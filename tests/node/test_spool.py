@@ -110,37 +110,41 @@ MiB = 1 << 20
 def test_output_had_is_freed_but_for_the_last_part_and_offsets_stay(tmp_path: Path) -> None:
     spool = CallSpool(tmp_path, "l1")
     out, err = spool.create(capture_output=True)
-    data = b"".join(bytes([i]) * MiB for i in range(40))
+    # 40 MiB and a bit: what was had does not end on a block boundary.
+    size = 40 * MiB + 1000
+    data = b"".join(bytes([i % 251]) * 4099 for i in range(size // 4099 + 1))[:size]
     try:
         os.write(out, data)
         os.fsync(out)
-        assert spool.output_bytes() >= 40 * MiB
+        assert spool.output_bytes() >= size
         tail = OutputTail(spool, 0, 0)
         got = bytearray()
         while chunks := tail.read(MiB):
             for _, chunk in chunks:
                 got.extend(chunk)
-        tail.free_delivered()  # all 40 MiB had: all but the last 16 freed
+        tail.free_delivered()  # all of it had: all but the last 16 MiB (and a bit) freed
         assert got == data
         kept = spool.output_bytes()
         assert KEEP_DELIVERED_BYTES <= kept <= KEEP_DELIVERED_BYTES + MiB, kept
         fd = os.open(spool.dir / "stdout", os.O_RDONLY)
         try:
-            assert first_kept_byte(fd) == 40 * MiB - KEEP_DELIVERED_BYTES
-            assert os.fstat(fd).st_size == 40 * MiB  # offsets unchanged
+            assert first_kept_byte(fd) == 24 * MiB  # a whole MiB step, on a block boundary
+            assert os.fstat(fd).st_size == size  # offsets unchanged
         finally:
             os.close(fd)
         tail.close()
-        # A caller back from the kept part gets it as written; from before it, it is told.
-        again = OutputTail(spool, 30 * MiB, 0)
-        assert b"".join(c for _, c in again.read(64 * MiB)) == data[30 * MiB :]
-        again.close()
+        # A caller back from the kept part gets it as written (from its very first byte: the
+        # hole zeroed nothing past it); from before it, it is told.
+        for offset in (24 * MiB, 30 * MiB):
+            again = OutputTail(spool, offset, 0)
+            assert b"".join(c for _, c in again.read(64 * MiB)) == data[offset:]
+            again.close()
         with pytest.raises(FailedPreconditionError) as freed:
-            OutputTail(spool, 20 * MiB, 0)
+            OutputTail(spool, 24 * MiB - 1, 0)
         assert freed.value.message.startswith("stdout_offset: bytes before 25165824 were")
         # Written on after the hole: read on from where the caller is.
         os.write(out, b"more")
-        last = OutputTail(spool, 40 * MiB, 0)
+        last = OutputTail(spool, size, 0)
         assert last.read(64) == [(OUT, b"more")]
         last.close()
     finally:
