@@ -144,11 +144,12 @@ class CallStatus:
     budget_bytes: int
     usage_bytes: int
     peak_bytes: int
-    state: str  # running | throttled | paused | killed
+    state: str  # running | throttled | paused | held (for its output) | killed
     grown: int
     running_ms: int
     adopted: bool
     recent_actions: tuple[Action, ...]
+    output_bytes: int = 0  # disk its output nobody has had yet takes on the node
 
     @classmethod
     def from_pb(cls, pb: node_pb2.CallStatus) -> CallStatus:
@@ -165,6 +166,7 @@ class CallStatus:
             running_ms=pb.running_ms,
             adopted=pb.adopted,
             recent_actions=tuple(Action.from_pb(a) for a in pb.recent_actions),
+            output_bytes=pb.output_bytes,
         )
 
 
@@ -391,6 +393,7 @@ class _Following:
         self.stdout_bytes = 0
         self.stderr_bytes = 0
         self.actions: list[str] = []
+        self.actions_seen = 0  # the last action's seq + 1 (a Resume is sent the ones after)
         self.reactions: list[int] = []
         self.decisions: list[int] = []
         self.timed: list[tuple[str, int]] = []
@@ -409,6 +412,7 @@ class _Following:
                 if self.on_output is not None:
                     self.on_output(int(ev.output.stream), ev.output.data)
             elif kind == "enforcement":
+                self.actions_seen = max(self.actions_seen, ev.enforcement.seq + 1)
                 self.actions.append(ev.enforcement.action)
                 if ev.enforcement.reaction_ns:
                     self.reactions.append(ev.enforcement.reaction_ns)
@@ -965,6 +969,7 @@ class AsyncClient:
                     lease_id=lease.lease_id,
                     stdout_offset=following.stdout_bytes,
                     stderr_offset=following.stderr_bytes,
+                    actions_seen=following.actions_seen,
                 )
             )
             try:

@@ -164,7 +164,8 @@ _OUTCOME_LABEL = {
     types_pb2.OUTCOME_KILLED: "killed",
 }
 
-RECENT_ACTIONS = 8  # enforcement actions kept per call for ListCalls
+RECENT_ACTIONS = 8  # enforcement actions per call shown by ListCalls
+KEPT_ACTIONS = 1024  # enforcement actions per call kept for a caller that resumes
 
 
 @dataclass
@@ -174,7 +175,6 @@ class Call:
     cgroup: Cgroup
     cgroup_id: int
     budget_bytes: int
-    events: asyncio.Queue[node_pb2.ExecEvent]
     phase: CallPhase = CallPhase.RUNNING
     grown: int = 0
     kill_reason: str = ""
@@ -187,9 +187,11 @@ class Call:
     stopped: bool = False  # SIGSTOPped in-kernel at its stop threshold: SIGCONT when thawed
     throttle_timer: asyncio.TimerHandle | None = None
     adopted: bool = False  # not our child (re-adopted after a restart, or attached)
-    recent_actions: deque[node_pb2.Enforcement] = field(
-        default_factory=lambda: deque(maxlen=RECENT_ACTIONS)
-    )
+    # Its enforcement actions, oldest first, each with its seq (its place among them): the
+    # last KEPT_ACTIONS, for its followers (ResumeRequest.actions_seen) and ListCalls.
+    actions: deque[node_pb2.Enforcement] = field(default_factory=lambda: deque(maxlen=KEPT_ACTIONS))
+    actions_total: int = 0  # taken so far: the next one's seq
+    actions_sent: int = 0  # how far in them any follower got (a Resume that does not say)
     arm_fd: int = -1  # eventfd of the kernel usage threshold that arms per-page accounting
     arm_bytes: int = 0
     arm_gen: int = 0  # bumped per (re-)registration and at unwatch: a late one is dropped
@@ -211,6 +213,28 @@ class Call:
 
     def view(self) -> CallView:
         return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
+
+    def add_action(self, action: node_pb2.Enforcement) -> None:
+        action.seq = self.actions_total
+        self.actions.append(action)
+        self.actions_total += 1
+
+    def restore_actions(self, actions: list[node_pb2.Enforcement]) -> None:
+        """The actions an earlier agent took (its spool's log): a Resume that says how many
+        it has is sent the rest; one that does not, none of them."""
+        for action in actions:
+            if action.seq >= self.actions_total:
+                self.actions.append(action)
+                self.actions_total = action.seq + 1
+        self.actions_sent = self.actions_total
+
+    def action_at(self, seq: int) -> node_pb2.Enforcement | None:
+        """Its action ``seq``, or the oldest kept after it (dropped ones are skipped); None
+        once there is none after it."""
+        if seq >= self.actions_total:
+            return None
+        first = self.actions_total - len(self.actions)
+        return self.actions[max(seq, first) - first]
 
 
 class NodeAgent(node_pb2_grpc.NodeAgentServicer):
@@ -504,8 +528,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             reaction_ns=reaction_ns,
             decision_ns=decision_ns,
         )
-        call.recent_actions.append(enforcement)
-        call.events.put_nowait(node_pb2.ExecEvent(enforcement=enforcement))
+        call.add_action(enforcement)
+        if call.spool is not None:
+            try:
+                call.spool.append_action(enforcement)
+            except OSError as exc:  # a full disk must not stop enforcement
+                log.warning("call %s: action %s not logged: %s", call.call_id, action_id, exc)
         call.wake.set()
         return span_trace
 
@@ -1169,6 +1197,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         except AgentcgError as exc:
             await context.abort_with_status(to_status(exc))
             return
+        if request.HasField("actions_seen"):
+            next_action = min(request.actions_seen, call.actions_total)
+        else:
+            next_action = call.actions_sent
         log.info(
             "resume call %s lease %s tenant %s from stdout %d stderr %d%s",
             call.call_id,
@@ -1178,7 +1210,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             request.stderr_offset,
             " (ended)" if call.exited is not None else "",
         )
-        async for ev in self._follow(call, tail, context, resumed=True):
+        async for ev in self._follow(call, tail, context, resumed=True, next_action=next_action):
             yield ev
 
     def _resumable(self, request: node_pb2.ResumeRequest) -> tuple[Call, OutputTail]:
@@ -1186,6 +1218,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             lease_id = validate_name("lease_id", request.lease_id)
         except InvalidNameError as e:
             raise InvalidArgumentError("lease_id", str(e)) from None
+        if request.HasField("actions_seen") and request.actions_seen < 0:
+            raise InvalidArgumentError("actions_seen", f"must be >= 0 (got {request.actions_seen})")
         call = self.calls.get(lease_id) or self._ended.get(lease_id)
         if call is None:
             raise NotFoundError("call", lease_id, field="lease_id")
@@ -1203,9 +1237,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         context: grpc.aio.ServicerContext[_Req, node_pb2.ExecEvent],
         *,
         resumed: bool,
+        next_action: int = 0,
     ) -> AsyncIterator[node_pb2.ExecEvent]:
         """Stream a call to its caller (Exec, Resume): Started, then its output (read from its
-        spool) and enforcement actions as they come, then exactly one Exited. A newer follower
+        spool) and its enforcement actions from seq ``next_action`` as they come, then exactly
+        one Exited. A newer follower
         takes over (this one ends ABORTED); one whose caller went away leaves the call running
         for policy.resume_grace_s, for the caller to come back."""
         me = object()
@@ -1240,8 +1276,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     tail.free_delivered()
                     if exited is None:
                         break  # actions in between; the rest after
-                while call.follower is me and not call.events.empty():
-                    yield call.events.get_nowait()
+                while call.follower is me and (action := call.action_at(next_action)) is not None:
+                    yield node_pb2.ExecEvent(enforcement=action)
+                    next_action = action.seq + 1
+                    call.actions_sent = max(call.actions_sent, next_action)
                     sent = True
                 if exited is not None and call.follower is me:
                     yield node_pb2.ExecEvent(exited=exited)
@@ -1397,7 +1435,6 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     self._io(self._create_call_cgroup, cg, budget, traceparent())
                 ),
                 budget_bytes=budget,
-                events=asyncio.Queue(),
                 trace=otel_context.get_current(),
                 spool=spool,
             )
@@ -1518,6 +1555,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             state = call.phase.value
             if call.frozen or stats.under_oom:
                 state = CallPhase.PAUSED.value
+            elif call.output_held:
+                state = "held"  # see CallStatus.state
             reply.calls.append(
                 node_pb2.CallStatus(
                     lease_id=call.lease.lease_id,
@@ -1530,8 +1569,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     state=state,
                     grown=call.grown,
                     running_ms=int((now - call.started_s) * 1000),
-                    recent_actions=list(call.recent_actions),
+                    recent_actions=list(call.actions)[-RECENT_ACTIONS:],
                     adopted=call.adopted,
+                    output_bytes=call.spool.output_bytes() if call.spool is not None else 0,
                 )
             )
         return reply
@@ -1584,7 +1624,6 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                         self._io(self._create_call_cgroup, cg, budget, traceparent())
                     ),
                     budget_bytes=budget,
-                    events=asyncio.Queue(),
                     adopted=True,
                     trace=otel_context.get_current(),
                 )
@@ -1809,13 +1848,13 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 cgroup=self._dir(lease.tenant, lease.session, lease_id),
                 cgroup_id=0,
                 budget_bytes=exited.budget_bytes,
-                events=asyncio.Queue(),
                 phase=CallPhase.EXITED,
                 adopted=True,
                 spool=spool,
                 pid=pid,
                 exited=exited,
             )
+            call.restore_actions(spool.read_actions())
             self._ended[lease_id] = call
             self._start_unfollowed(call)
             log.info("call %s ended before this agent started: kept for a Resume", lease_id)
@@ -1891,7 +1930,6 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             cgroup=cg,
             cgroup_id=self.driver.cgroup_id(cg),
             budget_bytes=budget,
-            events=asyncio.Queue(),
             peak_bytes=stats.peak_bytes,
             adopted=True,
             trace=parent_context(read_label(cg, TRACE_LABEL)),
@@ -1899,6 +1937,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             pid=spool.read_started()[1] if spool is not None else 0,
         )
         if spool is not None:
+            call.restore_actions(spool.read_actions())
             self._start_unfollowed(call)  # until its caller resumes following it
         if budget > lease.budget.memory_bytes:
             call.grown = 1

@@ -10,6 +10,9 @@ One directory per call, named by its lease id, under the node's spool root::
                      /lease    its lease and /pid its process, as the node started it
                      /status   its exit code, written by the gate's shell when it ends
                      /exited   the node's final report (an Exited), written when it finished
+                     /actions  its enforcement actions (length-prefixed Enforcements), appended
+                               as they are taken, so a caller resuming after an agent restart
+                               is sent those it missed (ResumeRequest.actions_seen)
 
 Output a caller has had is freed from the disk as it goes (``OutputTail.free_delivered``: a
 hole punched in the file, so offsets stay valid), but for the last ``KEEP_DELIVERED_BYTES``,
@@ -29,13 +32,16 @@ import errno
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 from agentcg.errors import FailedPreconditionError, InvalidArgumentError
 from agentcg.v1 import node_pb2, types_pb2
+from google.protobuf.message import DecodeError
 
 __all__ = [
     "KEEP_DELIVERED_BYTES",
+    "MAX_ACTION_LOG_BYTES",
     "SPOOL_BASE",
     "CallSpool",
     "OutputTail",
@@ -52,6 +58,11 @@ SPOOL_BASE = Path("/var/lib/agentcg/spool")
 # broke (gRPC's flow-control windows hold a few MiB at most) can be asked for again (Resume).
 KEEP_DELIVERED_BYTES = 16 << 20
 _FREE_STEP_BYTES = 1 << 20  # free in steps of at least this much: one fallocate per MiB sent
+
+# An action log stops growing at this size (~5,000 actions): a call acted on that often is in a
+# loop its caller has long been told about; later actions still go to a caller following it.
+MAX_ACTION_LOG_BYTES = 1 << 20
+_RECORD = struct.Struct("<I")  # an action record's length, before its bytes
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -75,6 +86,7 @@ class CallSpool:
         self._exited_path = self.dir / "exited"
         self._lease_path = self.dir / "lease"
         self._pid_path = self.dir / "pid"
+        self._actions_path = self.dir / "actions"
 
     def create(self, capture_output: bool) -> tuple[int, int]:
         """Make the directory (and the output files if captured); returns the fds the call's
@@ -122,7 +134,7 @@ class CallSpool:
     def read_exited(self) -> node_pb2.Exited | None:
         try:
             return node_pb2.Exited.FromString(self._exited_path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, DecodeError):
             return None
 
     def write_started(self, lease: types_pb2.Lease, pid: int) -> None:
@@ -133,13 +145,49 @@ class CallSpool:
     def read_started(self) -> tuple[types_pb2.Lease | None, int]:
         try:
             lease = types_pb2.Lease.FromString(self._lease_path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, DecodeError):
             lease = None
         try:
             pid = int(self._pid_path.read_text())
         except (OSError, ValueError):
             pid = 0
         return lease, pid
+
+    def append_action(self, action: node_pb2.Enforcement) -> bool:
+        """Add ``action`` to the call's action log (one write, no fsync: the log is for a
+        restarted agent, not for a host that crashed); False once the log is full."""
+        data = action.SerializeToString()
+        fd = os.open(
+            self._actions_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        try:
+            if os.fstat(fd).st_size + _RECORD.size + len(data) > MAX_ACTION_LOG_BYTES:
+                return False
+            os.write(fd, _RECORD.pack(len(data)) + data)
+            return True
+        finally:
+            os.close(fd)
+
+    def read_actions(self) -> list[node_pb2.Enforcement]:
+        """The action log, oldest first; a record cut short (an agent killed mid-write) ends
+        it."""
+        try:
+            raw = self._actions_path.read_bytes()
+        except OSError:
+            return []
+        actions: list[node_pb2.Enforcement] = []
+        at = 0
+        while at + _RECORD.size <= len(raw):
+            (size,) = _RECORD.unpack_from(raw, at)
+            at += _RECORD.size
+            if at + size > len(raw):
+                break
+            try:
+                actions.append(node_pb2.Enforcement.FromString(raw[at : at + size]))
+            except DecodeError:
+                break
+            at += size
+        return actions
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -277,6 +277,11 @@ def test_resume_refuses_bad_requests_and_the_node_goes_on(
             grpc.StatusCode.INVALID_ARGUMENT,
             "stderr_offset",
         ),
+        (
+            node_pb2.ResumeRequest(lease_id=lease.lease_id, actions_seen=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "actions_seen",
+        ),
     ]
     for request, code, field in cases:
         with pytest.raises(grpc.RpcError) as refused:
@@ -412,6 +417,81 @@ def test_output_is_freed_once_had_and_a_call_too_far_ahead_of_its_caller_waits(
     last = list(node.Resume(node_pb2.ResumeRequest(lease_id=gone.lease_id)))[-1]
     assert last.exited.outcome == types_pb2.OUTCOME_KILLED, last
     assert "did not follow it again" in last.exited.reason, last
+
+
+class Follower:
+    """A caller of the node's own API following one call: every byte once, in order, from
+    Resume to Resume, and the enforcement actions it received."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.out = bytearray()
+        self.actions: list[node_pb2.Enforcement] = []
+
+    def resume(
+        self, node: node_pb2_grpc.NodeAgentStub, actions_seen: int
+    ) -> Iterator[node_pb2.ExecEvent]:
+        request = node_pb2.ResumeRequest(
+            lease_id=self.lease.lease_id, stdout_offset=len(self.out), actions_seen=actions_seen
+        )
+        stream = node.Resume(request)
+        try:
+            for ev in stream:
+                if ev.HasField("output"):
+                    self.out.extend(ev.output.data)
+                elif ev.HasField("enforcement"):
+                    self.actions.append(ev.enforcement)
+                yield ev
+        finally:
+            stream.cancel()
+
+    def until_action(self, node: node_pb2_grpc.NodeAgentStub, actions_seen: int) -> None:
+        """Resume until the first enforcement action comes, then go away."""
+        had = len(self.actions)
+        for _ in self.resume(node, actions_seen):
+            if len(self.actions) > had:
+                return
+        raise AssertionError("the stream ended with no action")
+
+
+def test_a_caller_is_sent_the_actions_it_missed_even_across_an_agent_restart(
+    cluster: LocalCluster, client: Client, node: node_pb2_grpc.NodeAgentStub, tmp_path: Path
+) -> None:
+    limit = MAX_OUTPUT_MIB * MiB
+    mib = 90  # so that once released it cannot pass the limit again
+    lease = start_unfollowed_until_held(cluster, client, node, writer(tmp_path, mib, 0.005))
+    # The node shows the call held, and how much of its output waits on its disk.
+    [status] = [c for c in node.ListCalls(node_pb2.ListCallsRequest()).calls]
+    assert (status.lease_id, status.state) == (lease.lease_id, "held"), status
+    assert limit < status.output_bytes == spool_bytes(tmp_path, lease), status
+    follower = Follower(lease)
+    # The caller comes back and is sent the hold; its stream then breaks before it says so.
+    follower.until_action(node, actions_seen=0)
+    [hold] = follower.actions
+    assert (hold.action, hold.seq) == ("hold", 0), hold
+    # The agent is killed and restarted: the new one thaws the call, and holds it again.
+    cluster.stop("node0", sig=signal.SIGKILL)
+    with grpc.insecure_channel(cluster.start_node(0)) as channel:
+        node = node_pb2_grpc.NodeAgentStub(channel)
+        holds = f"hold call {lease.lease_id}"
+        wait_until(lambda: cluster.log("node0").count(holds) == 2, "not held again")
+        # A caller that had the first action is sent the ones after it: the new agent's hold.
+        follower.until_action(node, actions_seen=1)
+        assert [(a.action, a.seq) for a in follower.actions[1:]] == [("hold", 1)]
+        # One whose stream broke before it had any is sent them all, from the old agent's log
+        # (the same action, by its id), then the rest as they come, and every byte once.
+        (tmp_path / "go").touch()
+        follower.actions.clear()
+        events = list(follower.resume(node, actions_seen=0))
+    assert events[-1].exited.outcome == types_pb2.OUTCOME_COMPLETED, events[-1]
+    assert follower.out == written(mib)
+    assert [(a.action, a.seq) for a in follower.actions] == [
+        ("hold", 0),
+        ("hold", 1),
+        ("release", 2),
+    ], follower.actions
+    assert follower.actions[0].action_id == hold.action_id
+    assert client.get_lease(lease.lease_id).outcome == "completed"
 
 
 def spooled(tmp_path: Path) -> list[str]:

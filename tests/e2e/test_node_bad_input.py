@@ -83,7 +83,7 @@ def _field_values(
         return data.draw(st.dictionaries(keys, text, max_size=2))
     if name == "pid":
         return data.draw(st.sampled_from([target.sleeper.pid, 0, -1, 2**31 - 1, 4_000_000]))
-    if name in ("stdout_offset", "stderr_offset"):
+    if name in ("stdout_offset", "stderr_offset", "actions_seen"):
         return data.draw(INT64)
     if name == "capture_output":
         return data.draw(st.booleans())

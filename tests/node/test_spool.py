@@ -1,5 +1,6 @@
 """A call's spool (node.spool) on a real file system: output read from offsets as it grows,
-bad offsets refused naming their field, the exit and the start kept for the next agent."""
+bad offsets refused naming their field, the exit, the start and the enforcement actions kept
+for the next agent."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from agentcg.errors import FailedPreconditionError, InvalidArgumentError
 from agentcg.node.spool import (
     KEEP_DELIVERED_BYTES,
+    MAX_ACTION_LOG_BYTES,
     CallSpool,
     OutputTail,
     first_kept_byte,
@@ -168,3 +170,48 @@ def test_less_than_a_step_past_the_kept_part_frees_nothing(tmp_path: Path) -> No
     finally:
         os.close(out)
         os.close(err)
+
+
+def test_a_half_written_lease_or_exit_is_none_not_an_error(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    spool.create(capture_output=False)
+    lease = types_pb2.Lease(lease_id="l1", tenant="t" * 40, session="s" * 40)
+    spool.write_started(lease, 4242)
+    whole = (spool.dir / "lease").read_bytes()
+    (spool.dir / "lease").write_bytes(whole[: len(whole) // 2])  # an agent killed mid-write
+    assert spool.read_started() == (None, 4242)
+    exited = node_pb2.Exited(exit_code=1, reason="r" * 40)
+    (spool.dir / "exited").write_bytes(exited.SerializeToString()[:-5])
+    assert spool.read_exited() is None
+
+
+def action(seq: int) -> node_pb2.Enforcement:
+    return node_pb2.Enforcement(action_id=f"a{seq}", action="hold", reason="x" * 30, seq=seq)
+
+
+def test_actions_are_kept_in_order_for_the_next_agent(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    spool.create(capture_output=True)
+    assert spool.read_actions() == []
+    for seq in range(3):
+        assert spool.append_action(action(seq))
+    assert CallSpool(tmp_path, "l1").read_actions() == [action(0), action(1), action(2)]
+    # An agent killed in the middle of a write leaves a record cut short: the log ends there.
+    log = spool.dir / "actions"
+    with log.open("ab") as f:
+        f.write(action(3).SerializeToString()[:4])
+    assert spool.read_actions() == [action(0), action(1), action(2)]
+    log.write_bytes(log.read_bytes()[:-10])
+    assert spool.read_actions() == [action(0), action(1)]
+
+
+def test_the_action_log_stops_at_its_size(tmp_path: Path) -> None:
+    spool = CallSpool(tmp_path, "l1")
+    spool.create(capture_output=True)
+    seq = 0
+    while spool.append_action(action(seq)):
+        seq += 1
+    assert (spool.dir / "actions").stat().st_size <= MAX_ACTION_LOG_BYTES
+    assert seq > 10_000  # a record is under 100 bytes
+    assert [a.seq for a in spool.read_actions()] == list(range(seq))
+    assert not spool.append_action(action(seq))  # and stays full

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from agentcg.v1 import types_pb2 as agentcg_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61gentcg/v1/node.proto\x12\nagentcg.v1\x1a\x16\x61gentcg/v1/types.proto\"\"\n\x10ListCallsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"c\n\x11ListCallsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x03\x12%\n\x05\x63\x61lls\x18\x03 \x03(\x0b\x32\x16.agentcg.v1.CallStatus\"\x89\x02\n\nCallStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x15\n\rcommand_class\x18\x04 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x03\x12\x13\n\x0busage_bytes\x18\x06 \x01(\x03\x12\x12\n\npeak_bytes\x18\x07 \x01(\x03\x12\r\n\x05state\x18\x08 \x01(\t\x12\r\n\x05grown\x18\t \x01(\x05\x12\x12\n\nrunning_ms\x18\n \x01(\x03\x12/\n\x0erecent_actions\x18\x0b \x03(\x0b\x32\x17.agentcg.v1.Enforcement\x12\x0f\n\x07\x61\x64opted\x18\x0c \x01(\x08\".\n\rAttachRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"G\n\x0e\x41ttachResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63group_path\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\xad\x01\n\x0b\x45xecRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12-\n\x03\x65nv\x18\x03 \x03(\x0b\x32 .agentcg.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pture_output\x18\x05 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\rResumeRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rstdout_offset\x18\x02 \x01(\x03\x12\x15\n\rstderr_offset\x18\x03 \x01(\x03\"\xb7\x01\n\tExecEvent\x12&\n\x07started\x18\x01 \x01(\x0b\x32\x13.agentcg.v1.StartedH\x00\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x12.agentcg.v1.OutputH\x00\x12.\n\x0b\x65nforcement\x18\x03 \x01(\x0b\x32\x17.agentcg.v1.EnforcementH\x00\x12$\n\x06\x65xited\x18\x04 \x01(\x0b\x32\x12.agentcg.v1.ExitedH\x00\x42\x06\n\x04\x62ody\"M\n\x07Started\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x13\n\x0b\x63group_path\x18\x03 \x01(\t\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"\x89\x01\n\x06Output\x12)\n\x06stream\x18\x01 \x01(\x0e\x32\x19.agentcg.v1.Output.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\"\x95\x01\n\x0b\x45nforcement\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x03\x12\x13\n\x0busage_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0breaction_ns\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65\x63ision_ns\x18\x07 \x01(\x03\"\x90\x01\n\x06\x45xited\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12$\n\x07outcome\x18\x02 \x01(\x0e\x32\x13.agentcg.v1.Outcome\x12\x12\n\npeak_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x32\x8e\x02\n\tNodeAgent\x12\x38\n\x04\x45xec\x12\x17.agentcg.v1.ExecRequest\x1a\x15.agentcg.v1.ExecEvent0\x01\x12<\n\x06Resume\x12\x19.agentcg.v1.ResumeRequest\x1a\x15.agentcg.v1.ExecEvent0\x01\x12?\n\x06\x41ttach\x12\x19.agentcg.v1.AttachRequest\x1a\x1a.agentcg.v1.AttachResponse\x12H\n\tListCalls\x12\x1c.agentcg.v1.ListCallsRequest\x1a\x1d.agentcg.v1.ListCallsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61gentcg/v1/node.proto\x12\nagentcg.v1\x1a\x16\x61gentcg/v1/types.proto\"\"\n\x10ListCallsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"c\n\x11ListCallsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x03\x12%\n\x05\x63\x61lls\x18\x03 \x03(\x0b\x32\x16.agentcg.v1.CallStatus\"\x9f\x02\n\nCallStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x15\n\rcommand_class\x18\x04 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x03\x12\x13\n\x0busage_bytes\x18\x06 \x01(\x03\x12\x12\n\npeak_bytes\x18\x07 \x01(\x03\x12\r\n\x05state\x18\x08 \x01(\t\x12\r\n\x05grown\x18\t \x01(\x05\x12\x12\n\nrunning_ms\x18\n \x01(\x03\x12/\n\x0erecent_actions\x18\x0b \x03(\x0b\x32\x17.agentcg.v1.Enforcement\x12\x0f\n\x07\x61\x64opted\x18\x0c \x01(\x08\x12\x14\n\x0coutput_bytes\x18\r \x01(\x03\".\n\rAttachRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"G\n\x0e\x41ttachResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63group_path\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\xad\x01\n\x0b\x45xecRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12-\n\x03\x65nv\x18\x03 \x03(\x0b\x32 .agentcg.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pture_output\x18\x05 \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\rResumeRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rstdout_offset\x18\x02 \x01(\x03\x12\x15\n\rstderr_offset\x18\x03 \x01(\x03\x12\x19\n\x0c\x61\x63tions_seen\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_actions_seen\"\xb7\x01\n\tExecEvent\x12&\n\x07started\x18\x01 \x01(\x0b\x32\x13.agentcg.v1.StartedH\x00\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x12.agentcg.v1.OutputH\x00\x12.\n\x0b\x65nforcement\x18\x03 \x01(\x0b\x32\x17.agentcg.v1.EnforcementH\x00\x12$\n\x06\x65xited\x18\x04 \x01(\x0b\x32\x12.agentcg.v1.ExitedH\x00\x42\x06\n\x04\x62ody\"M\n\x07Started\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x13\n\x0b\x63group_path\x18\x03 \x01(\t\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"\x89\x01\n\x06Output\x12)\n\x06stream\x18\x01 \x01(\x0e\x32\x19.agentcg.v1.Output.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\"\xa2\x01\n\x0b\x45nforcement\x12\x11\n\taction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x03\x12\x13\n\x0busage_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0breaction_ns\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65\x63ision_ns\x18\x07 \x01(\x03\x12\x0b\n\x03seq\x18\x08 \x01(\x03\"\x90\x01\n\x06\x45xited\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12$\n\x07outcome\x18\x02 \x01(\x0e\x32\x13.agentcg.v1.Outcome\x12\x12\n\npeak_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x32\x8e\x02\n\tNodeAgent\x12\x38\n\x04\x45xec\x12\x17.agentcg.v1.ExecRequest\x1a\x15.agentcg.v1.ExecEvent0\x01\x12<\n\x06Resume\x12\x19.agentcg.v1.ResumeRequest\x1a\x15.agentcg.v1.ExecEvent0\x01\x12?\n\x06\x41ttach\x12\x19.agentcg.v1.AttachRequest\x1a\x1a.agentcg.v1.AttachResponse\x12H\n\tListCalls\x12\x1c.agentcg.v1.ListCallsRequest\x1a\x1d.agentcg.v1.ListCallsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCALLSRESPONSE']._serialized_start=97
   _globals['_LISTCALLSRESPONSE']._serialized_end=196
   _globals['_CALLSTATUS']._serialized_start=199
-  _globals['_CALLSTATUS']._serialized_end=464
-  _globals['_ATTACHREQUEST']._serialized_start=466
-  _globals['_ATTACHREQUEST']._serialized_end=512
-  _globals['_ATTACHRESPONSE']._serialized_start=514
-  _globals['_ATTACHRESPONSE']._serialized_end=585
-  _globals['_EXECREQUEST']._serialized_start=588
-  _globals['_EXECREQUEST']._serialized_end=761
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=719
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=761
-  _globals['_RESUMEREQUEST']._serialized_start=763
-  _globals['_RESUMEREQUEST']._serialized_end=842
-  _globals['_EXECEVENT']._serialized_start=845
-  _globals['_EXECEVENT']._serialized_end=1028
-  _globals['_STARTED']._serialized_start=1030
-  _globals['_STARTED']._serialized_end=1107
-  _globals['_OUTPUT']._serialized_start=1110
-  _globals['_OUTPUT']._serialized_end=1247
-  _globals['_OUTPUT_STREAM']._serialized_start=1177
-  _globals['_OUTPUT_STREAM']._serialized_end=1247
-  _globals['_ENFORCEMENT']._serialized_start=1250
-  _globals['_ENFORCEMENT']._serialized_end=1399
-  _globals['_EXITED']._serialized_start=1402
-  _globals['_EXITED']._serialized_end=1546
-  _globals['_NODEAGENT']._serialized_start=1549
-  _globals['_NODEAGENT']._serialized_end=1819
+  _globals['_CALLSTATUS']._serialized_end=486
+  _globals['_ATTACHREQUEST']._serialized_start=488
+  _globals['_ATTACHREQUEST']._serialized_end=534
+  _globals['_ATTACHRESPONSE']._serialized_start=536
+  _globals['_ATTACHRESPONSE']._serialized_end=607
+  _globals['_EXECREQUEST']._serialized_start=610
+  _globals['_EXECREQUEST']._serialized_end=783
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=741
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=783
+  _globals['_RESUMEREQUEST']._serialized_start=785
+  _globals['_RESUMEREQUEST']._serialized_end=908
+  _globals['_EXECEVENT']._serialized_start=911
+  _globals['_EXECEVENT']._serialized_end=1094
+  _globals['_STARTED']._serialized_start=1096
+  _globals['_STARTED']._serialized_end=1173
+  _globals['_OUTPUT']._serialized_start=1176
+  _globals['_OUTPUT']._serialized_end=1313
+  _globals['_OUTPUT_STREAM']._serialized_start=1243
+  _globals['_OUTPUT_STREAM']._serialized_end=1313
+  _globals['_ENFORCEMENT']._serialized_start=1316
+  _globals['_ENFORCEMENT']._serialized_end=1478
+  _globals['_EXITED']._serialized_start=1481
+  _globals['_EXITED']._serialized_end=1625
+  _globals['_NODEAGENT']._serialized_start=1628
+  _globals['_NODEAGENT']._serialized_end=1898
 # @@protoc_insertion_point(module_scope)

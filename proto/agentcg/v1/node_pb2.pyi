@@ -82,6 +82,7 @@ class CallStatus(_message.Message):
     RUNNING_MS_FIELD_NUMBER: _builtins.int
     RECENT_ACTIONS_FIELD_NUMBER: _builtins.int
     ADOPTED_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     tenant: _builtins.str
     session: _builtins.str
@@ -91,12 +92,17 @@ class CallStatus(_message.Message):
     """the cgroup's own counter, read now"""
     peak_bytes: _builtins.int
     state: _builtins.str
-    """running | throttled | paused | killed (node's view; frozen = paused)"""
+    """running | throttled | paused | held | killed (node's view; frozen = paused; held: frozen
+    because its output on the node's disk is above the node's --max-output, until its caller
+    has had more of it)
+    """
     grown: _builtins.int
     """times the budget was grown"""
     running_ms: _builtins.int
     adopted: _builtins.bool
     """attached or re-adopted, not started by this agent's Exec"""
+    output_bytes: _builtins.int
+    """disk its output nobody has had yet takes on the node (Exec)"""
     @_builtins.property
     def recent_actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Enforcement]:
         """the last few, oldest first"""
@@ -116,10 +122,11 @@ class CallStatus(_message.Message):
         running_ms: _builtins.int = ...,
         recent_actions: _abc.Iterable[Global___Enforcement] | None = ...,
         adopted: _builtins.bool = ...,
+        output_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "budget_bytes", b"budget_bytes", "command_class", b"command_class", "grown", b"grown", "lease_id", b"lease_id", "peak_bytes", b"peak_bytes", "recent_actions", b"recent_actions", "running_ms", b"running_ms", "session", b"session", "state", b"state", "tenant", b"tenant", "usage_bytes", b"usage_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "budget_bytes", b"budget_bytes", "command_class", b"command_class", "grown", b"grown", "lease_id", b"lease_id", "output_bytes", b"output_bytes", "peak_bytes", b"peak_bytes", "recent_actions", b"recent_actions", "running_ms", b"running_ms", "session", b"session", "state", b"state", "tenant", b"tenant", "usage_bytes", b"usage_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,22 +243,31 @@ class ResumeRequest(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     STDOUT_OFFSET_FIELD_NUMBER: _builtins.int
     STDERR_OFFSET_FIELD_NUMBER: _builtins.int
+    ACTIONS_SEEN_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     stdout_offset: _builtins.int
     """bytes of stdout already received: sent from there on"""
     stderr_offset: _builtins.int
+    actions_seen: _builtins.int
+    """Enforcement actions already received (the last one's seq + 1): those after it are sent
+    again, so none that was in flight on a broken stream is lost. Unset: only those no caller
+    was sent yet.
+    """
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
         stdout_offset: _builtins.int = ...,
         stderr_offset: _builtins.int = ...,
+        actions_seen: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_actions_seen", b"_actions_seen", "actions_seen", b"actions_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "stderr_offset", b"stderr_offset", "stdout_offset", b"stdout_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_actions_seen", b"_actions_seen", "actions_seen", b"actions_seen", "lease_id", b"lease_id", "stderr_offset", b"stderr_offset", "stdout_offset", b"stdout_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__actions_seen: _TypeAlias = _typing.Literal["actions_seen"]  # noqa: Y015
+    _WhichOneofArgType__actions_seen: _TypeAlias = _typing.Literal["_actions_seen", b"_actions_seen"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__actions_seen) -> _WhichOneofReturnType__actions_seen | None: ...
 
 Global___ResumeRequest: _TypeAlias = ResumeRequest  # noqa: Y015
 
@@ -367,6 +383,7 @@ class Enforcement(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REACTION_NS_FIELD_NUMBER: _builtins.int
     DECISION_NS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     action: _builtins.str
     """"pause", "grow", "kill" """
@@ -378,6 +395,8 @@ class Enforcement(_message.Message):
     """From the in-kernel event to the broker's decision (recorded and decided by the broker)
     arriving on the node; 0 for local actions.
     """
+    seq: _builtins.int
+    """its place among its call's actions, from 0 (ResumeRequest.actions_seen)"""
     def __init__(
         self,
         *,
@@ -388,10 +407,11 @@ class Enforcement(_message.Message):
         reason: _builtins.str = ...,
         reaction_ns: _builtins.int = ...,
         decision_ns: _builtins.int = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "budget_bytes", b"budget_bytes", "decision_ns", b"decision_ns", "reaction_ns", b"reaction_ns", "reason", b"reason", "usage_bytes", b"usage_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "budget_bytes", b"budget_bytes", "decision_ns", b"decision_ns", "reaction_ns", b"reaction_ns", "reason", b"reason", "seq", b"seq", "usage_bytes", b"usage_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
