@@ -411,6 +411,50 @@ def test_audit_filters_by_lease_and_keeps_the_newest(store: Store) -> None:
     assert store.audit(lease_id="l-9") == []
 
 
+def test_audit_listing_by_every_filter_is_the_newest_that_match(store: Store) -> None:
+    """``list_audit`` against a plain filter of the same entries, for each combination of its
+    filters: a caller's tenants (one, several, none), kind, node, since, before and limit."""
+    entries = [
+        AuditEntry(
+            1000 + i,
+            ("reserve", "release", "kill")[i * 7 % 3 if i % 5 else 2],
+            tenant=f"t{i * 13 % 5}",
+            lease_id=f"l-{i}",
+            node_id=f"n{i * 3 % 4}",
+        )
+        for i in range(300)
+    ]
+    store.apply([Audit(e) for e in entries])
+    numbered = list(zip(range(1, len(entries) + 1), entries, strict=True))
+    assert [i for i, _ in store.list_audit(limit=1)] == [300]  # ids count from 1 here
+    checked = 0
+    for tenants in (None, [], ["t0"], ["t1", "t3"], ["t4", "t0", "t2", "t1", "t3"], ["nobody"]):
+        for kind in ("", "kill"):
+            for node_id in ("", "n2"):
+                for since_ms, before_id in ((0, 0), (1100, 0), (0, 150)):
+                    for limit in (1, 7, 1000):
+                        want = [
+                            (i, e)
+                            for i, e in reversed(numbered)
+                            if (tenants is None or e.tenant in tenants)
+                            and (not kind or e.kind == kind)
+                            and (not node_id or e.node_id == node_id)
+                            and e.at_ms >= since_ms
+                            and (not before_id or i < before_id)
+                        ][:limit]
+                        got = store.list_audit(
+                            tenants=tenants,
+                            kind=kind,
+                            node_id=node_id,
+                            since_ms=since_ms,
+                            before_id=before_id,
+                            limit=limit,
+                        )
+                        assert got == want, (tenants, kind, node_id, since_ms, before_id, limit)
+                        checked += bool(want)
+    assert checked == 4 * 2 * 2 * 3 * 3  # all but those of no tenant match some entries
+
+
 # --- durability and errors ---------------------------------------------------------------------
 
 
