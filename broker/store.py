@@ -1036,9 +1036,10 @@ class Store:
         Only a lease's entries are indexed; the other filters read the table from the newest
         entry down until the page is full (a rare tenant, kind or node among a million entries:
         ~40 ms on SQLite). Indexes on (tenant, id), (kind, id) and (node_id, id) made those
-        reads 0.4-0.8 ms, but each grant then wrote three more pages: Reserve at 1,000/s took
-        p50 1.11-1.27 against 0.81-1.03 ms, p99 2.61-2.89 against 2.38-2.59 ms (4 runs each of
-        ``agentcg bench admission``), so the hot path keeps its cost and the rare read its own."""
+        reads 0.4-0.8 ms, but each grant then wrote three more pages: in 7 alternating pairs of
+        ``agentcg bench admission`` runs, Reserve at 1,000/s was slower with them in every pair
+        (p50 1.04-1.27 against 0.81-1.13 ms, p99 2.50-2.89 against 2.34-2.59 ms), so the hot
+        path keeps its cost and the rare read its own."""
         query = select(AuditRow)
         if tenants is not None:
             query = query.where(AuditRow.tenant.in_(tenants))
