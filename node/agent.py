@@ -1241,9 +1241,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     ) -> AsyncIterator[node_pb2.ExecEvent]:
         """Stream a call to its caller (Exec, Resume): Started, then its output (read from its
         spool) and its enforcement actions from seq ``next_action`` as they come, then exactly
-        one Exited. A newer follower
-        takes over (this one ends ABORTED); one whose caller went away leaves the call running
-        for policy.resume_grace_s, for the caller to come back."""
+        one Exited. A newer follower takes over (this one ends ABORTED); one whose caller went
+        away leaves the call running for policy.resume_grace_s, for the caller to come back."""
         me = object()
         call.follower = me
         self._cancel_unfollowed(call)
