@@ -249,9 +249,9 @@ class ResumeRequest(_message.Message):
     """bytes of stdout already received: sent from there on"""
     stderr_offset: _builtins.int
     actions_seen: _builtins.int
-    """Enforcement actions already received (the last one's seq + 1): those after it are sent
-    again, so none that was in flight on a broken stream is lost. Unset: only those no caller
-    was sent yet.
+    """Enforcement actions already received (the last one's seq + 1): all after it are sent, so
+    none that was in flight on a broken stream is lost. Unset: only those no caller was sent
+    yet.
     """
     def __init__(
         self,
