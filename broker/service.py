@@ -2038,7 +2038,7 @@ class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
         # None: any tenant, and entries of none (a node's, an admin of every tenant's only).
         tenants = tenants_in_view(self.core.ledger, tenant)
         store = self.core.store
-        rows = await self.core.journal.run_in_db(
+        page = await self.core.journal.run_in_db(
             lambda: store.list_audit(
                 tenants=None if tenants is None else sorted(tenants),
                 node_id=node_id,
@@ -2050,8 +2050,8 @@ class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
             )
         )
         return broker_pb2.ListAuditResponse(
-            entries=[_audit_pb(i, e) for i, e in rows],
-            next_before_id=rows[-1][0] if len(rows) == limit else 0,
+            entries=[_audit_pb(i, e) for i, e in page.entries],
+            next_before_id=page.next_before_id,
         )
 
 

@@ -19,7 +19,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, ClassVar, assert_never
+from typing import Any, ClassVar, NamedTuple, assert_never
 
 import sqlalchemy.exc as sa_exc
 from alembic import command
@@ -73,9 +73,11 @@ from .model import (
 )
 
 __all__ = [
+    "AUDIT_SCAN_IDS",
     "FENCE_SQL",
     "NAMING_CONVENTION",
     "AuditRow",
+    "AuditRows",
     "Base",
     "LeadershipRow",
     "LeaseRow",
@@ -96,6 +98,8 @@ MIGRATIONS_DIR = Path(str(files("agentcg.migrations")))
 # The SQLite WAL size past which the writer checkpoints the rest itself between two commits,
 # and to which it trims the file (see _Checkpointer).
 WAL_LIMIT_BYTES = 64 << 20
+# Audit ids one ListAudit page reads at most when no index answers its filters (list_audit).
+AUDIT_SCAN_IDS = 100_000
 
 # Stable constraint names, so that Alembic revisions can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -105,6 +109,13 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class AuditRows(NamedTuple):
+    """A page of ``Store.list_audit``: (id, entry) newest first, and where the next one starts."""
+
+    entries: list[tuple[int, AuditEntry]]
+    next_before_id: int  # 0: no more
 
 
 def _enum_values(cls: type[enum.Enum]) -> list[str]:
@@ -1028,18 +1039,27 @@ class Store:
         since_ms: int = 0,
         before_id: int = 0,
         limit: int = 100,
-    ) -> list[tuple[int, AuditEntry]]:
+        scan_ids: int = AUDIT_SCAN_IDS,
+    ) -> AuditRows:
         """Audit entries, newest first, with their ids: of ``tenants`` (None: any tenant or
         none), a node, a lease, a kind, at or after ``since_ms``, with an id below
-        ``before_id`` (0: from the newest), at most ``limit``.
+        ``before_id`` (0: from the newest), at most ``limit``; and the ``before_id`` of the
+        next page (0: no more).
 
-        Only a lease's entries are indexed; the other filters read the table from the newest
-        entry down until the page is full (a rare tenant, kind or node among a million entries:
-        ~40 ms on SQLite). Indexes on (tenant, id), (kind, id) and (node_id, id) made those
-        reads 0.4-0.8 ms, but each grant then wrote three more pages: in 7 alternating pairs of
-        ``agentcg bench admission`` runs, Reserve at 1,000/s was slower with them in every pair
-        (p50 1.04-1.27 against 0.81-1.13 ms, p99 2.50-2.89 against 2.34-2.59 ms), so the hot
-        path keeps its cost and the rare read its own."""
+        Only a lease's entries are indexed. The other filters read the table newest first, at
+        most ``scan_ids`` ids per call: a page that has not filled by then ends there, maybe
+        empty, and the next one goes on below. A rare tenant, kind or node among a million
+        entries took 40-55 ms in one read on SQLite, on the thread every read waits for, and a
+        table kept 30 days at 1,000 calls a minute holds tens of millions. Indexes on (tenant,
+        id), (kind, id) and (node_id, id) made those reads 0.4-0.8 ms, but each grant then
+        wrote three more pages: in 7 alternating pairs of ``agentcg bench admission`` runs,
+        Reserve at 1,000/s was slower with them in every pair (p50 1.04-1.27 against
+        0.81-1.13 ms, p99 2.50-2.89 against 2.34-2.59 ms), so the hot path keeps its cost and
+        the rare read pays its own, a bounded slice at a time.
+
+        With ``since_ms``, the walk ends at the first entry below the slice older than it:
+        entries are written in time order (a leader's clock that stepped back could end it
+        early)."""
         query = select(AuditRow)
         if tenants is not None:
             query = query.where(AuditRow.tenant.in_(tenants))
@@ -1053,9 +1073,27 @@ class Store:
             query = query.where(AuditRow.at_ms >= since_ms)
         if before_id:
             query = query.where(AuditRow.id < before_id)
-        query = query.order_by(AuditRow.id.desc()).limit(limit)
         with _translated("read audit", self._shown_url), Session(self._engine) as session:
-            return [(r.id, _audit_entry(r)) for r in session.scalars(query).all()]
+            floor = 0  # the slice's lowest id; 0: every id below before_id
+            if not lease_id:
+                top = before_id or (session.scalar(select(func.max(AuditRow.id))) or 0) + 1
+                floor = max(top - scan_ids, 0)
+                query = query.where(AuditRow.id >= floor)
+            query = query.order_by(AuditRow.id.desc()).limit(limit)
+            rows = [(r.id, _audit_entry(r)) for r in session.scalars(query).all()]
+            if len(rows) == limit:
+                return AuditRows(rows, rows[-1][0])
+            if not floor:
+                return AuditRows(rows, 0)
+            # The next entry down: none, or one older than since_ms, ends the walk.
+            below = session.scalar(
+                select(AuditRow.at_ms)
+                .where(AuditRow.id < floor)
+                .order_by(AuditRow.id.desc())
+                .limit(1)
+            )
+            done = below is None or below < since_ms
+            return AuditRows(rows, 0 if done else floor)
 
     def close(self) -> None:
         if self._checkpoints is not None:

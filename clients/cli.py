@@ -725,23 +725,9 @@ def audit(
     since_ms = int((time.time() - since_s) * 1000) if since_s else 0
 
     async def read(c: AsyncClient) -> list[AuditRecord]:
-        out: list[AuditRecord] = []
-        before = 0
-        while len(out) < limit:
-            page = await c.list_audit(
-                tenant=tenant,
-                node_id=node,
-                lease_id=lease,
-                kind=kind,
-                since_ms=since_ms,
-                before_id=before,
-                limit=min(1000, limit - len(out)),
-            )
-            out.extend(page.records)
-            before = page.next_before_id
-            if not before:
-                break
-        return out
+        return await c.read_audit(
+            tenant=tenant, node_id=node, lease_id=lease, kind=kind, since_ms=since_ms, limit=limit
+        )
 
     records = _client_call(broker, read)
     if json_out:

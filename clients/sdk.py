@@ -54,6 +54,8 @@ __all__ = [
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+MAX_AUDIT_PAGE = 1000  # the broker's largest ListAudit page
+
 OUTCOMES = {
     types_pb2.OUTCOME_UNSPECIFIED: "",
     types_pb2.OUTCOME_COMPLETED: "completed",
@@ -762,9 +764,11 @@ class AsyncClient:
         before_id: int = 0,
         limit: int = 0,
     ) -> AuditPage:
-        """Audit entries, newest first: of ``tenant`` and its subtree, a node, a lease, a
-        kind, since a time (unix ms); ``before_id`` (an earlier page's ``next_before_id``) for
-        older ones; ``limit`` 0: 100, at most 1,000."""
+        """One page of audit entries, newest first: of ``tenant`` and its subtree, a node, a
+        lease, a kind, since a time (unix ms); ``before_id`` (an earlier page's
+        ``next_before_id``) for older ones; ``limit`` 0: 100, at most 1,000. A page may hold
+        fewer than ``limit``, even none, and still have a next one (``read_audit`` walks
+        them)."""
         reply = await self._call(
             self._audit.ListAudit(
                 broker_pb2.ListAuditRequest(
@@ -780,6 +784,37 @@ class AsyncClient:
             )
         )
         return AuditPage(tuple(AuditRecord.from_pb(e) for e in reply.entries), reply.next_before_id)
+
+    async def read_audit(
+        self,
+        *,
+        tenant: str = "",
+        node_id: str = "",
+        lease_id: str = "",
+        kind: str = "",
+        since_ms: int = 0,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        """The newest ``limit`` audit entries that match (``list_audit``'s filters), newest
+        first, from as many pages as it takes: a page without ``lease_id`` reads a bounded
+        slice of the trail, so it can come back short, or empty, with more below."""
+        out: list[AuditRecord] = []
+        before = 0
+        while len(out) < limit:
+            page = await self.list_audit(
+                tenant=tenant,
+                node_id=node_id,
+                lease_id=lease_id,
+                kind=kind,
+                since_ms=since_ms,
+                before_id=before,
+                limit=min(MAX_AUDIT_PAGE, limit - len(out)),
+            )
+            out.extend(page.records)
+            before = page.next_before_id
+            if not before:
+                break
+        return out
 
     # -- sizing (what was learned from measurements) --------------------------------------------
 

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentcg.broker.store import AUDIT_SCAN_IDS, AuditRow, Store
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AuditRecord, Client
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError
+from sqlalchemy import insert
 
 MiB = 1 << 20
 
@@ -137,3 +139,38 @@ def test_the_audit_command(history: tuple[str, dict[str, str]]) -> None:
     )
     assert table.returncode == 0, table.stderr
     assert "node_cordon" in table.stdout and "audit me" in table.stdout
+
+
+def test_a_rare_entry_far_down_a_long_trail_is_found_a_bounded_page_at_a_time(
+    tmp_path: Path, database_url: str
+) -> None:
+    """One ``expire`` entry under 1.5 scan slices of others: a ListAudit page for the kind
+    reads one slice and comes back empty with where to go on, so no request reads the whole
+    trail; the SDK's ``read_audit`` and ``agentcg audit`` walk on and find it."""
+    now_ms = int(time.time() * 1000)
+    store = Store(database_url)
+    store.migrate()
+    bulk = AUDIT_SCAN_IDS * 3 // 2
+    row = {"kind": "reserve", "tenant": "bulk", "lease_id": "", "node_id": "", "detail": "{}"}
+    with store._engine.begin() as conn:
+        conn.execute(insert(AuditRow), [{**row, "at_ms": now_ms - 1000, "kind": "expire"}])
+        conn.execute(insert(AuditRow), [{**row, "at_ms": now_ms}] * bulk)
+    store.close()
+    with LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING") as c:
+        with Client(c.broker_address) as cl:
+            page = cl.list_audit(kind="expire")
+            assert page.records == ()
+            assert page.next_before_id == bulk + 2 - AUDIT_SCAN_IDS  # ids 1 .. bulk + 1
+            [found] = cl.read_audit(kind="expire")
+            assert (found.kind, found.at_ms) == ("expire", now_ms - 1000)
+            assert cl.read_audit(kind="expire", since_ms=now_ms - 500) == []
+        out = subprocess.run(
+            [sys.executable, "-m", "agentcg.clients.cli", "audit", "--kind", "expire", "--json"]
+            + ["--broker", c.broker_address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 0, out.stderr
+    [line] = out.stdout.splitlines()
+    assert json.loads(line)["id"] == found.id

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentcg.broker.model import (
@@ -35,6 +36,7 @@ from agentcg.broker.model import (
     TenantName,
 )
 from agentcg.broker.store import (
+    AUDIT_SCAN_IDS,
     AuditRow,
     LeaseRow,
     NodeRow,
@@ -411,9 +413,36 @@ def test_audit_filters_by_lease_and_keeps_the_newest(store: Store) -> None:
     assert store.audit(lease_id="l-9") == []
 
 
+def _walk_audit(
+    store: Store, *, limit: int, scan_ids: int, before_id: int = 0, **filters: Any
+) -> tuple[list[tuple[int, AuditEntry]], int]:
+    """Pages of ``list_audit`` from ``before_id`` until ``limit`` entries or the end, as a
+    caller walks them; each page checked to lie in its slice. Returns the entries and the
+    number of pages."""
+    top = max((i for i, _ in store.list_audit(limit=1).entries), default=0) + 1
+    out: list[tuple[int, AuditEntry]] = []
+    pages = 0
+    before = before_id
+    while len(out) < limit:
+        page = store.list_audit(
+            before_id=before, limit=limit - len(out), scan_ids=scan_ids, **filters
+        )
+        pages += 1
+        high = before or top
+        low = 0 if filters.get("lease_id") else high - scan_ids
+        assert all(low <= i < high for i, _ in page.entries), (page, low, high)
+        assert 0 <= page.next_before_id < high
+        out.extend(page.entries)
+        before = page.next_before_id
+        if not before:
+            break
+    return out, pages
+
+
 def test_audit_listing_by_every_filter_is_the_newest_that_match(store: Store) -> None:
-    """``list_audit`` against a plain filter of the same entries, for each combination of its
-    filters: a caller's tenants (one, several, none), kind, node, since, before and limit."""
+    """``list_audit``, page after page, against a plain filter of the same entries, for each
+    combination of its filters: a caller's tenants (one, several, none), kind, node, since,
+    before and limit; in slices of 7 ids (pages come back short or empty) and of the default."""
     entries = [
         AuditEntry(
             1000 + i,
@@ -426,7 +455,7 @@ def test_audit_listing_by_every_filter_is_the_newest_that_match(store: Store) ->
     ]
     store.apply([Audit(e) for e in entries])
     numbered = list(zip(range(1, len(entries) + 1), entries, strict=True))
-    assert [i for i, _ in store.list_audit(limit=1)] == [300]  # ids count from 1 here
+    assert [i for i, _ in store.list_audit(limit=1).entries] == [300]  # ids count from 1 here
     checked = 0
     for tenants in (None, [], ["t0"], ["t1", "t3"], ["t4", "t0", "t2", "t1", "t3"], ["nobody"]):
         for kind in ("", "kill"):
@@ -442,17 +471,42 @@ def test_audit_listing_by_every_filter_is_the_newest_that_match(store: Store) ->
                             and e.at_ms >= since_ms
                             and (not before_id or i < before_id)
                         ][:limit]
-                        got = store.list_audit(
-                            tenants=tenants,
-                            kind=kind,
-                            node_id=node_id,
-                            since_ms=since_ms,
-                            before_id=before_id,
-                            limit=limit,
-                        )
-                        assert got == want, (tenants, kind, node_id, since_ms, before_id, limit)
+                        for scan_ids in (7, AUDIT_SCAN_IDS):
+                            got, _ = _walk_audit(
+                                store,
+                                tenants=tenants,
+                                kind=kind,
+                                node_id=node_id,
+                                since_ms=since_ms,
+                                before_id=before_id,
+                                limit=limit,
+                                scan_ids=scan_ids,
+                            )
+                            case = (tenants, kind, node_id, since_ms, before_id, limit, scan_ids)
+                            assert got == want, case
                         checked += bool(want)
     assert checked == 4 * 2 * 2 * 3 * 3  # all but those of no tenant match some entries
+
+
+def test_an_audit_walk_reads_slices_and_stops_below_since(store: Store) -> None:
+    """A rare match among many entries comes back after pages that are short or empty, each
+    a slice of at most ``scan_ids`` ids; a walk with ``since_ms`` ends at the first entry
+    older than it instead of reading on to the oldest; a lease's entries come in one page."""
+    entries = [
+        AuditEntry(1000 + i, "kill" if i in (3, 250) else "reserve", lease_id=f"l-{i % 7}")
+        for i in range(300)
+    ]
+    store.apply([Audit(e) for e in entries])
+    page = store.list_audit(kind="kill", scan_ids=10)
+    assert page.entries == [] and page.next_before_id == 291
+    got, pages = _walk_audit(store, kind="kill", limit=100, scan_ids=10)
+    assert [i for i, _ in got] == [251, 4]
+    assert pages == 30  # every slice down to the oldest: the kill at id 4 is there
+    got, pages = _walk_audit(store, kind="kill", since_ms=1200, limit=100, scan_ids=10)
+    assert [i for i, _ in got] == [251]
+    assert pages == 10  # slices 291-300 .. 201-210; then id 200 (at 1199) is older than since
+    got, pages = _walk_audit(store, lease_id="l-3", limit=1000, scan_ids=10)
+    assert [i for i, _ in got] == list(range(298, 0, -7)) and pages == 1
 
 
 # --- durability and errors ---------------------------------------------------------------------

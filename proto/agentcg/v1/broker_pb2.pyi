@@ -1019,7 +1019,9 @@ class ListAuditResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     NEXT_BEFORE_ID_FIELD_NUMBER: _builtins.int
     next_before_id: _builtins.int
-    """before_id for the next page; 0: no more"""
+    """before_id for the next page; 0: no more. Without a lease_id a page reads at most 100,000
+    entries of the trail, so it can hold fewer than limit, even none, and still have a next.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
         """newest first"""
