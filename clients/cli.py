@@ -1271,6 +1271,30 @@ def bench_node_restart_cmd(
     _print_result(result)
 
 
+@bench_app.command("calls")
+def bench_calls_cmd(
+    calls: Annotated[int, typer.Option(min=1, help="runs of `true`, one after the other")] = 200,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="callers running calls at once, for the throughput")
+    ] = 8,
+    seconds: Annotated[float, typer.Option(min=0.1, help="seconds of the concurrent phase")] = 10.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """What agentcg adds to a tool call (the SDK's run of `true` through a real broker and
+    node agent, against starting it directly) and how many calls a node runs per second, with
+    the node agent's and the broker's CPU per call (see bench_calls)."""
+    from .bench_calls import bench_calls
+
+    result = bench_calls(
+        calls=calls,
+        concurrency=concurrency,
+        seconds=seconds,
+        json_path=json_path,
+        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+    )
+    _print_result(result)
+
+
 @bench_app.command("commit")
 def bench_commit_cmd(
     commits: Annotated[int, typer.Option(min=1, help="commits per way and round")] = 2000,

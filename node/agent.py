@@ -255,13 +255,18 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self.driver = driver
         # The cgroup operations that can block for milliseconds run here, not on the event
         # loop that applies every call's decisions: creating, attaching to and removing call
-        # cgroups, and registering kernel usage thresholds (v1 waits for an RCU grace period
-        # to register one: 5-35 ms seen per write to cgroup.event_control; moving a task in
-        # cgroup.procs took 10-30 ms). One thread, so they happen in the order submitted: a
-        # call's cgroup is created before it is attached to and removed after, a session's dir
-        # removed before a later call creates it again. The actions themselves (raise a limit,
-        # thaw, kill) stay direct.
+        # cgroups (moving a task in cgroup.procs waits for an RCU grace period, 9.1 ms p50
+        # here, unless the host mounts cgroup2 with favordynmods: 0.11 ms). One thread, so they
+        # happen in the order submitted: a call's cgroup is created before it is attached to
+        # and removed after, a session's dir removed before a later call creates it again.
+        # The actions themselves (raise a limit, thaw, kill) stay direct.
         self._cgroup_io = cgroup_io or ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
+        # Registering a v1 usage threshold waits for an RCU grace period (11.9 ms p50 here per
+        # write to cgroup.event_control, 5-35 ms seen): on the one thread above that made 79
+        # registrations a second the most, and so capped a node at ~60 calls a second. Grace
+        # periods are shared: 64 registrations took 814 ms on one thread, 124 ms on 8, 64 ms
+        # on 16. A registration needs only its call's cgroup to exist (it is created first).
+        self._cgroup_watch = ThreadPoolExecutor(16, thread_name_prefix="cgroup-watch")
         self.monitor = monitor
         self.uplink = uplink
         self.capacity_bytes = capacity_bytes
@@ -776,12 +781,13 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     # -- watching: thresholds in the monitor, per-page accounting armed by the kernel ----------
 
-    async def _watch(self, call: Call, budget: int) -> None:
+    def _watch(self, call: Call, budget: int) -> asyncio.Future[int | None]:
         """Watch a call. Its per-page in-kernel accounting is armed by the kernel's own usage
-        threshold at arm_threshold(budget) where the cgroup version has one (v1), else always;
-        returns once that threshold is registered."""
+        threshold at arm_threshold(budget) where the cgroup version has one (v1), else always.
+        Returns the threshold's registration (an RCU grace period on v1, ~12 ms here): await
+        it, shielded, before the call runs."""
         self._watch_thresholds(call, budget)
-        await asyncio.shield(self._watch_arming(call, budget))
+        return self._watch_arming(call, budget)
 
     def _watch_thresholds(self, call: Call, budget: int) -> None:
         self.monitor.watch(
@@ -793,15 +799,18 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
 
     def _watch_arming(self, call: Call, budget: int) -> asyncio.Future[int | None]:
-        """(Re-)register the kernel usage threshold at arm_threshold(budget) on the cgroup-I/O
+        """(Re-)register the kernel usage threshold at arm_threshold(budget) on a cgroup-watch
         thread; once registered, its eventfd is read on the loop. A registration that a later
-        one or the call's end overtook is closed unused."""
+        one or the call's end overtook (the call's cgroup may be gone: it fails) is closed
+        unused."""
         assert self.loop is not None
         loop = self.loop
         self._close_arm(call)
         call.arm_gen += 1
         gen, threshold = call.arm_gen, arm_threshold(budget, self.policy)
-        registering = self._io(self.driver.watch_usage, call.cgroup, threshold)
+        registering = loop.run_in_executor(
+            self._cgroup_watch, self.driver.watch_usage, call.cgroup, threshold
+        )
 
         def registered(fut: asyncio.Future[int | None]) -> None:
             exc = None if fut.cancelled() else fut.exception()
@@ -1425,6 +1434,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if (before := self._ended.pop(lease_id, None)) is not None:
             self._cancel_unfollowed(before)  # an ended call under the same lease: superseded
         spool.remove()  # left from an earlier call under this lease
+        call: Call | None = None
         try:
             call = Call(
                 call_id=call_id,
@@ -1437,6 +1447,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 trace=otel_context.get_current(),
                 spool=spool,
             )
+            # Its usage threshold registers (an RCU grace period) while the call is spooled,
+            # spawned and placed: it runs once both are done.
+            arming = self._watch(call, budget)
             env = dict(os.environ)
             # A traced tool (OpenTelemetry's environment carrier) continues the call's trace.
             if span_trace := traceparent():
@@ -1470,18 +1483,19 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             try:
                 spool.write_started(lease, gated.pid)
                 await asyncio.shield(self._io(self.driver.attach, cg, gated.pid))
-                await self._watch(call, budget)
+                await asyncio.shield(arming)
                 self._watch_pause(call)
                 self.monitor.add_pid(gated.pid, call.cgroup_id)
             except BaseException:
                 gated.abort()  # never released: sh exits without running the call
                 await asyncio.shield(self._exit_of(gated.process))
-                self._unwatch(call)
                 raise
             self.calls[lease_id] = call
             self._by_cgroup[call.cgroup_id] = call
             gated.release()
         except BaseException:
+            if call is not None:
+                self._unwatch(call)
             spool.remove()
             await asyncio.shield(self._release_dirs(tenant, session, cg))
             raise
@@ -1626,7 +1640,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                     adopted=True,
                     trace=otel_context.get_current(),
                 )
-                await self._watch(call, budget)
+                await asyncio.shield(self._watch(call, budget))
                 self._watch_pause(call)
                 # Its events are handled from the move on (it runs; it is not gated).
                 self._by_cgroup[call.cgroup_id] = call

@@ -1,14 +1,17 @@
-"""The node agent's slow cgroup operations run off its event loop (the cgroup-io thread): calls
-that spike concurrently are still grown, and their cgroups, usage-threshold eventfds and BPF
-entries all go with them, in sessions whose dirs are removed and created again in between; a
-usage-threshold registration overtaken by a later one, or by the end of its call, is closed.
-Real cgroups, a real BPF monitor, real processes."""
+"""The node agent's slow cgroup operations run off its event loop (the cgroup-io thread, and the
+cgroup-watch threads for usage thresholds): calls that spike concurrently are still grown, and
+their cgroups, usage-threshold eventfds and BPF entries all go with them, in sessions whose dirs
+are removed and created again in between; usage thresholds of calls starting together register
+side by side, each before its call runs; a usage-threshold registration overtaken by a later
+one, or by the end of its call, is closed. Real cgroups, a real BPF monitor, real processes."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+import threading
+from typing import Any
 
 import pytest
 from agentcg.node.agent import NodeAgent
@@ -17,7 +20,7 @@ from agentcg.node.enforcement import NodePolicy, arm_threshold
 from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor
 from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
-from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+from .agent_helpers import MakeAgent, MiB, NoContext, StubUplink, make_lease, run_call
 
 pytestmark = pytest.mark.kernel
 
@@ -97,6 +100,70 @@ def test_concurrent_spikes_are_grown_and_leave_nothing_behind(
     assert driver.children() == [], "cgroups left behind"
     assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
     assert not monitor.per_page_attached, "per-page accounting left armed"
+    assert eventfds() == eventfds_before, "usage-threshold or pause-notice eventfds left open"
+
+
+def test_usage_thresholds_of_calls_starting_together_register_side_by_side(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each registration waits for an RCU grace period (~12 ms); on one thread they queued, and a
+    # node started ~60 calls a second at most. Grace periods are shared, so they go side by
+    # side, and each is in place before its call runs (its eventfd is open once it started).
+    # A call that fails to start (no such cwd) after its registration began leaves none behind.
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    monitor = agent_monitor[0]
+    eventfds_before = eventfds()
+    register = driver.watch_usage
+    lock = threading.Lock()
+    in_flight, most, threads = 0, 0, set()
+
+    def counted(*args: Any) -> int | None:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+            threads.add(threading.current_thread().name)
+        try:
+            return register(*args)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    monkeypatch.setattr(driver, "watch_usage", counted)
+    armed_at_start: list[bool] = []
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> None:
+            lease_id = f"l{i}"
+            uplink.broker.leases[lease_id] = make_lease(lease_id, session=f"s{i % 2}")
+            request = node_pb2.ExecRequest(lease_id=lease_id, argv=["sleep", "0.2"])
+            async for ev in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
+                if ev.HasField("started"):
+                    armed_at_start.append(agent.calls[lease_id].arm_fd >= 0)
+                if ev.HasField("exited"):
+                    outcome = (ev.exited.exit_code, ev.exited.outcome)
+                    assert outcome == (0, types_pb2.OUTCOME_COMPLETED), ev.exited
+
+        await asyncio.gather(*(one(i) for i in range(8)))
+        uplink.broker.leases["bad"] = make_lease("bad")
+        request = node_pb2.ExecRequest(lease_id="bad", argv=["true"], cwd="/nonexistent/cwd")
+        with pytest.raises(AssertionError, match="INVALID_ARGUMENT"):
+            async for _ in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
+                pass
+        await asyncio.sleep(0.1)  # a registration landing late is closed on the loop
+
+    asyncio.run(main())
+    assert armed_at_start == [True] * 8
+    assert most > 1, "usage thresholds registered one at a time"
+    assert threads and all(t.startswith("cgroup-watch") for t in threads), threads
+    assert agent.calls == {} and driver.children() == []
+    assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
     assert eventfds() == eventfds_before, "usage-threshold or pause-notice eventfds left open"
 
 
