@@ -12,7 +12,8 @@ One directory per call, named by its lease id, under the node's spool root::
                      /exited   the node's final report (an Exited), written when it finished
                      /actions  its enforcement actions (length-prefixed Enforcements), appended
                                as they are taken, so a caller resuming after an agent restart
-                               is sent those it missed (ResumeRequest.actions_seen)
+                               is sent those it missed (ResumeRequest.actions_seen), up to
+                               MAX_ACTION_LOG_BYTES; then /actions.last, the newest one
 
 Output a caller has had is freed from the disk as it goes (``OutputTail.free_delivered``: a
 hole punched in the file, so offsets stay valid), but for the last ``KEEP_DELIVERED_BYTES``,
@@ -59,8 +60,9 @@ SPOOL_BASE = Path("/var/lib/agentcg/spool")
 KEEP_DELIVERED_BYTES = 16 << 20
 _FREE_STEP_BYTES = 1 << 20  # free in steps of at least this much: one fallocate per MiB sent
 
-# An action log stops growing at this size (~5,000 actions): a call acted on that often is in a
-# loop its caller has long been told about; later actions still go to a caller following it.
+# An action log stops growing at this size (over 10,000 actions): a call acted on that often is
+# in a loop its caller has long been told about; later actions still go to a caller following
+# it, and the newest replaces the one in actions.last, which keeps the numbering going.
 MAX_ACTION_LOG_BYTES = 1 << 20
 _RECORD = struct.Struct("<I")  # an action record's length, before its bytes
 
@@ -87,6 +89,7 @@ class CallSpool:
         self._lease_path = self.dir / "lease"
         self._pid_path = self.dir / "pid"
         self._actions_path = self.dir / "actions"
+        self._last_action_path = self.dir / "actions.last"
 
     def create(self, capture_output: bool) -> tuple[int, int]:
         """Make the directory (and the output files if captured); returns the fds the call's
@@ -155,38 +158,36 @@ class CallSpool:
 
     def append_action(self, action: node_pb2.Enforcement) -> bool:
         """Add ``action`` to the call's action log (one write, no fsync: the log is for a
-        restarted agent, not for a host that crashed); False once the log is full."""
-        data = action.SerializeToString()
+        restarted agent, not for a host that crashed); False once the log is full. Then it
+        replaces the one action kept after the log (``actions.last``), so that a restarted
+        agent numbers on from the newest action, not from the log's end (a caller would see
+        two actions with one seq)."""
+        record = _RECORD.pack(len(data := action.SerializeToString())) + data
         fd = os.open(
             self._actions_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
         try:
-            if os.fstat(fd).st_size + _RECORD.size + len(data) > MAX_ACTION_LOG_BYTES:
-                return False
-            os.write(fd, _RECORD.pack(len(data)) + data)
-            return True
+            if os.fstat(fd).st_size + len(record) <= MAX_ACTION_LOG_BYTES:
+                os.write(fd, record)
+                return True
         finally:
             os.close(fd)
+        fd = os.open(
+            self._last_action_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.write(fd, record)
+        finally:
+            os.close(fd)
+        return False
 
     def read_actions(self) -> list[node_pb2.Enforcement]:
-        """The action log, oldest first; a record cut short (an agent killed mid-write) ends
-        it."""
-        try:
-            raw = self._actions_path.read_bytes()
-        except OSError:
-            return []
-        actions: list[node_pb2.Enforcement] = []
-        at = 0
-        while at + _RECORD.size <= len(raw):
-            (size,) = _RECORD.unpack_from(raw, at)
-            at += _RECORD.size
-            if at + size > len(raw):
-                break
-            try:
-                actions.append(node_pb2.Enforcement.FromString(raw[at : at + size]))
-            except DecodeError:
-                break
-            at += size
+        """The action log, oldest first, then the newest action if the log was full by then;
+        a record cut short (an agent killed mid-write) ends it."""
+        actions = _read_records(self._actions_path)
+        last = _read_records(self._last_action_path)[:1]
+        if last and (not actions or last[0].seq > actions[-1].seq):
+            actions += last
         return actions
 
     def remove(self) -> None:
@@ -303,3 +304,24 @@ def list_spooled(root: Path) -> list[str]:
         return sorted(p.name for p in root.iterdir() if p.is_dir())
     except FileNotFoundError:
         return []
+
+
+def _read_records(path: Path) -> list[node_pb2.Enforcement]:
+    """Length-prefixed Enforcements, up to the first one cut short."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    actions: list[node_pb2.Enforcement] = []
+    at = 0
+    while at + _RECORD.size <= len(raw):
+        (size,) = _RECORD.unpack_from(raw, at)
+        at += _RECORD.size
+        if at + size > len(raw):
+            break
+        try:
+            actions.append(node_pb2.Enforcement.FromString(raw[at : at + size]))
+        except DecodeError:
+            break
+        at += size
+    return actions

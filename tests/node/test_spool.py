@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from agentcg.errors import FailedPreconditionError, InvalidArgumentError
+from agentcg.node.agent import Call
+from agentcg.node.cgroup import Cgroup
 from agentcg.node.spool import (
     KEEP_DELIVERED_BYTES,
     MAX_ACTION_LOG_BYTES,
@@ -185,6 +187,10 @@ def test_a_half_written_lease_or_exit_is_none_not_an_error(tmp_path: Path) -> No
     assert spool.read_exited() is None
 
 
+def make_call() -> Call:
+    return Call("l1", types_pb2.Lease(lease_id="l1"), Cgroup(("t", "s", "l1"), Path("/x")), 1, 0)
+
+
 def action(seq: int) -> node_pb2.Enforcement:
     return node_pb2.Enforcement(action_id=f"a{seq}", action="hold", reason="x" * 30, seq=seq)
 
@@ -213,5 +219,20 @@ def test_the_action_log_stops_at_its_size(tmp_path: Path) -> None:
         seq += 1
     assert (spool.dir / "actions").stat().st_size <= MAX_ACTION_LOG_BYTES
     assert seq > 10_000  # a record is under 100 bytes
-    assert [a.seq for a in spool.read_actions()] == list(range(seq))
-    assert not spool.append_action(action(seq))  # and stays full
+    # Full, the log stays as it is and the newest action is kept after it: an agent that reads
+    # it again numbers on from there, and a caller never sees two actions with one seq.
+    assert [a.seq for a in spool.read_actions()] == [*range(seq), seq]  # the one that did not fit
+    for later in range(seq + 1, seq + 5):
+        assert not spool.append_action(action(later))
+    assert (spool.dir / "actions").stat().st_size <= MAX_ACTION_LOG_BYTES
+    restored = CallSpool(tmp_path, "l1").read_actions()
+    assert [a.seq for a in restored] == [*range(seq), seq + 4]
+    assert restored[-1] == action(seq + 4)
+    call = make_call()
+    call.restore_actions(restored)
+    assert call.actions_total == seq + 5
+    call.add_action(action(0))
+    assert call.actions[-1].seq == seq + 5
+    # The newest one cut short (an agent killed while writing it): the log's end stands.
+    (spool.dir / "actions.last").write_bytes(action(seq + 4).SerializeToString()[:3])
+    assert [a.seq for a in CallSpool(tmp_path, "l1").read_actions()] == list(range(seq))
