@@ -1062,6 +1062,8 @@ class Store:
         early)."""
         query = select(AuditRow)
         if tenants is not None:
+            if not tenants:  # none in view: nothing to walk through
+                return AuditRows([], 0)
             query = query.where(AuditRow.tenant.in_(tenants))
         if node_id:
             query = query.where(AuditRow.node_id == node_id)

@@ -507,6 +507,8 @@ def test_an_audit_walk_reads_slices_and_stops_below_since(store: Store) -> None:
     assert pages == 10  # slices 291-300 .. 201-210; then id 200 (at 1199) is older than since
     got, pages = _walk_audit(store, lease_id="l-3", limit=1000, scan_ids=10)
     assert [i for i, _ in got] == list(range(298, 0, -7)) and pages == 1
+    # A caller with no tenant in view (or one that does not exist): nothing to walk through.
+    assert store.list_audit(tenants=[], scan_ids=10) == ([], 0)
 
 
 # --- durability and errors ---------------------------------------------------------------------
