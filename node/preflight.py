@@ -3,6 +3,9 @@ real and as the agent uses it, before a platform team turns the agent on across 
 
 1. ``cgroups``: the driver for this host (v1 or v2, nested under this process's own cgroup as
    the agent's), a call's cgroup made, limited, set to pause at its limit, removed.
+   ``moves``: how long moving a started call into its cgroup takes, as the agent does for every
+   call; a warning when the kernel makes each wait for an RCU grace period (cgroup2 without
+   ``favordynmods``: ~9 ms a call, see the README's "What agentcg adds to a call").
 2. ``memwatch``: the BPF program compiled, loaded and attached, and the usage source it runs
    with (a fallback from the one asked for is a warning: the agent still enforces, with less).
 3. ``enforcement``: a real process allocating past its budget in its own cgroup is paused at the
@@ -16,6 +19,7 @@ running agent's).
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -28,7 +32,7 @@ from .cgroup import Cgroup, CgroupDriver, CgroupError, detect_driver
 from .monitor import EventKind, MemEvent, MemoryMonitor, MonitorError, UsageSource
 from .spawn import spawn_gated
 
-__all__ = ["Check", "run_preflight"]
+__all__ = ["Check", "moves_verdict", "run_preflight"]
 
 MiB = 1 << 20
 BUDGET_BYTES = 32 * MiB
@@ -36,6 +40,9 @@ ALLOCATE_BYTES = 64 * MiB  # past the budget: the call must pause there
 GROWN_BYTES = 128 * MiB
 EVENT_TIMEOUT_S = 10.0
 EXIT_TIMEOUT_S = 30.0
+MOVES = 5
+MOVE_GAP_S = 0.03  # between moves, as calls arrive (moves back to back share a grace period)
+SLOW_MOVE_MS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,34 @@ def _check_cgroups(driver: CgroupDriver) -> tuple[str, str]:
         if limit is None or limit < BUDGET_BYTES:
             return "fail", f"{cg.path}: a {BUDGET_BYTES >> 20} MiB budget reads back as {limit}"
     return "ok", f"cgroup v{driver.version}; calls under {driver.root.parent}/agentcg-<node id>"
+
+
+def moves_verdict(move_ms: float) -> tuple[str, str]:
+    """The ``moves`` check's status and detail for a median move of ``move_ms``."""
+    took = f"moving a call into its cgroup takes {move_ms:.2f} ms (median of {MOVES})"
+    if move_ms <= SLOW_MOVE_MS:
+        return "ok", took
+    return "warn", (
+        f"{took}: the kernel makes each move wait for an RCU grace period; cgroup2 mounted "
+        "with favordynmods (or the kernel parameter cgroup_favordynmods=true) makes it ~0.1 ms, "
+        "at some cost to every fork and exit"
+    )
+
+
+def _check_moves(driver: CgroupDriver) -> tuple[str, str]:
+    took_ms = []
+    with _call_cgroup(driver, "moves") as cg:
+        for _ in range(MOVES):
+            gated = spawn_gated(["true"])  # never released: it exits without running
+            try:
+                time.sleep(MOVE_GAP_S)
+                t = time.perf_counter()
+                driver.attach(cg, gated.pid)
+                took_ms.append((time.perf_counter() - t) * 1000)
+            finally:
+                gated.abort()
+                gated.process.wait()
+    return moves_verdict(statistics.median(took_ms))
 
 
 ALLOCATE = (
@@ -170,6 +205,7 @@ def run_preflight(usage_source: UsageSource = UsageSource.COUNTER) -> list[Check
     if driver is not None:
         found = driver
         checks.append(_timed("cgroups", lambda: _check_cgroups(found)))
+        checks.append(_timed("moves", lambda: _check_moves(found)))
     events = _Events()
     monitor: MemoryMonitor | None = None
     t = time.perf_counter()

@@ -35,11 +35,12 @@ def preflight(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[
 
 def test_this_host_passes_every_check(cgroup_write: Path, bcc_available: None) -> None:
     checks = run_preflight()
-    assert [(c.name, c.status) for c in checks] == [
-        ("cgroups", "ok"),
-        ("memwatch", "ok"),
-        ("enforcement", "ok"),
-    ], checks
+    by_name = {c.name: c for c in checks}
+    assert [c.name for c in checks] == ["cgroups", "moves", "memwatch", "enforcement"], checks
+    assert [c.status for c in checks if c.name != "moves"] == ["ok"] * 3, checks
+    # A warning where the kernel makes moves wait for a grace period (no favordynmods).
+    moves = by_name["moves"]
+    assert moves.status in ("ok", "warn") and "moving a call into its cgroup takes" in moves.detail
     enforcement = checks[-1].detail
     assert "paused at the limit" in enforcement and enforcement.endswith("exit 0")
     assert "cgroup v1" in checks[0].detail
