@@ -263,9 +263,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self._cgroup_io = cgroup_io or ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
         # Registering a v1 usage threshold waits for an RCU grace period (11.9 ms p50 here per
         # write to cgroup.event_control, 5-35 ms seen): on the one thread above that made 79
-        # registrations a second the most, and so capped a node at ~60 calls a second. Grace
-        # periods are shared: 64 registrations took 814 ms on one thread, 124 ms on 8, 64 ms
-        # on 16. A registration needs only its call's cgroup to exist (it is created first).
+        # registrations a second the most, and a node ran 61-74 calls a second (agentcg bench
+        # calls; 233-235 with this pool). Grace periods are shared: 64 registrations took
+        # 814 ms on one thread, 124 ms on 8, 64 ms on 16. A registration needs only its call's
+        # cgroup to exist (it is created first).
         self._cgroup_watch = ThreadPoolExecutor(16, thread_name_prefix="cgroup-watch")
         self.monitor = monitor
         self.uplink = uplink
