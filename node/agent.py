@@ -261,12 +261,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         # and removed after, a session's dir removed before a later call creates it again.
         # The actions themselves (raise a limit, thaw, kill) stay direct.
         self._cgroup_io = cgroup_io or ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
-        # Registering a v1 usage threshold waits for an RCU grace period (11.9 ms p50 here per
-        # write to cgroup.event_control, 5-35 ms seen): on the one thread above that made 79
-        # registrations a second the most, and a node ran 61-74 calls a second (agentcg bench
-        # calls; 233-235 with this pool). Grace periods are shared: 64 registrations took
-        # 814 ms on one thread, 124 ms on 8, 64 ms on 16. A registration needs only its call's
-        # cgroup to exist (it is created first).
+        # Registering a v1 usage threshold waits for an RCU grace period (8.0-11.9 ms p50 here
+        # per write to cgroup.event_control, 5-35 ms seen): on the one thread above that made
+        # 79-97 registrations a second the most, and a node ran 61-74 calls a second (agentcg
+        # bench calls; 233-235 with this pool). Grace periods are shared: 64 registrations
+        # took 656-814 ms on one thread, 124 ms on 8, 64-68 ms on 16. A registration needs only
+        # its call's cgroup to exist (it is created first).
         self._cgroup_watch = ThreadPoolExecutor(16, thread_name_prefix="cgroup-watch")
         self.monitor = monitor
         self.uplink = uplink
