@@ -14,7 +14,8 @@ tool is ``true``, so what is timed is agentcg's own work:
 - ``node_cpu_ms_per_call``/``broker_cpu_ms_per_call``: the node agent's CPU (user + system,
   from /proc; not its calls') and the broker's (its database writer process included) over the
   concurrent phase, per call;
-- ``failed_calls``: runs that raised or did not complete with exit 0 (must be 0).
+- ``failed_calls``: runs that raised or did not complete with exit 0 (must be 0), and
+  ``first_failure``, what the first of them said.
 """
 
 from __future__ import annotations
@@ -72,14 +73,20 @@ async def _runs(
     async with AsyncClient(broker, timeout_s=30) as client:
         await client.set_tenant(TENANT, 64 * 1024 * MiB)
         failed = 0
+        first_failure = ""
 
         async def one() -> tuple[float, float] | None:
+            nonlocal first_failure
             t = time.perf_counter()
             try:
                 result = await client.run(TENANT, 64 * MiB, TOOL)
-            except Exception:  # noqa: BLE001 - counted
+            except Exception as exc:  # noqa: BLE001 - counted, the first one reported
+                first_failure = first_failure or f"{type(exc).__name__}: {exc}"
                 return None
             if result.exit_code != 0 or result.outcome != "completed":
+                first_failure = first_failure or (
+                    f"exit {result.exit_code}, {result.outcome}: {result.reason}"
+                )
                 return None
             return (time.perf_counter() - t) * 1000, result.admission_s * 1000
 
@@ -117,6 +124,7 @@ async def _runs(
         "elapsed_s": elapsed,
         "cpu_s": cpu,
         "failed": failed,
+        "first_failure": first_failure,
     }
 
 
@@ -147,7 +155,7 @@ def bench_calls(
     serial = [total for total, _ in got["serial"]]
     done = got["concurrent"]
     if not serial or not done:
-        raise RuntimeError(f"no call completed ({got['failed']} failed)")
+        raise RuntimeError(f"no call completed ({got['failed']} failed: {got['first_failure']})")
     result = {
         "calls": calls,
         "concurrency": concurrency,
@@ -163,6 +171,7 @@ def bench_calls(
         "node_cpu_ms_per_call": round(got["cpu_s"]["node"] * 1000 / len(done), 3),
         "broker_cpu_ms_per_call": round(got["cpu_s"]["broker"] * 1000 / len(done), 3),
         "failed_calls": got["failed"],
+        "first_failure": got["first_failure"],  # "" when none failed
     }
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")

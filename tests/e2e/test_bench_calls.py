@@ -27,6 +27,7 @@ def test_bench_calls_runs_every_call_and_reports_its_figures(
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())
     assert (result["calls"], result["concurrency"], result["failed_calls"]) == (10, 3, 0)
+    assert result["first_failure"] == ""
     assert 0 < result["direct_p50_ms"] <= result["direct_p99_ms"]
     assert 0 < result["reserve_p50_ms"] < result["run_p50_ms"] <= result["run_p99_ms"]
     assert result["added_p50_ms"] == pytest.approx(
