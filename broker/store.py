@@ -1049,7 +1049,7 @@ class Store:
         Only a lease's entries are indexed. The other filters read the table newest first, at
         most ``scan_ids`` ids per call: a page that has not filled by then ends there, maybe
         empty, and the next one goes on below. A rare tenant, kind or node among a million
-        entries took 40-55 ms in one read on SQLite, on the thread every read waits for, and a
+        entries took 40-58 ms in one read on SQLite, on the thread every read waits for, and a
         table kept 30 days at 1,000 calls a minute holds tens of millions. Indexes on (tenant,
         id), (kind, id) and (node_id, id) made those reads 0.4-0.8 ms, but each grant then
         wrote three more pages: in 7 alternating pairs of ``agentcg bench admission`` runs,
