@@ -15,7 +15,10 @@ tool is ``true``, so what is timed is agentcg's own work:
   from /proc; not its calls') and the broker's (its database writer process included) over the
   concurrent phase, per call;
 - ``failed_calls``: runs that raised or did not complete with exit 0 (must be 0), and
-  ``first_failure``, what the first of them said.
+  ``first_failure``, what the first of them said;
+- ``host_rcu``: the host's RCU grace-period setting (``rcu_expedited``), which decides most of
+  a call's wait on a v1 host (its usage threshold and its move each wait for a grace period:
+  ~9 ms normal, ~0.2 ms expedited; see ``agentcg preflight``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from agentcg.node.preflight import rcu_settings
 
 from .bench import percentile
 from .cluster import LocalCluster
@@ -172,6 +177,7 @@ def bench_calls(
         "broker_cpu_ms_per_call": round(got["cpu_s"]["broker"] * 1000 / len(done), 3),
         "failed_calls": got["failed"],
         "first_failure": got["first_failure"],  # "" when none failed
+        "host_rcu": rcu_settings().text,
     }
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -849,9 +849,9 @@ def preflight(
 ) -> None:
     """Can this host run the node agent? Tries what it needs, for real; exit 1 on a failure.
 
-    Tries cgroups (and how long moving a call into one takes), the BPF monitor and a real
-    paused and grown allocation (and with --broker, the broker and this node's identity there),
-    as the agent will. Root needed, as for the agent."""
+    Tries cgroups (and how long moving a call into one and registering its usage threshold
+    take), the BPF monitor and a real paused and grown allocation (and with --broker, the broker
+    and this node's identity there), as the agent will. Root needed, as for the agent."""
     from agentcg.node.main import default_node_id
     from agentcg.node.monitor import UsageSource
     from agentcg.node.preflight import Check, run_preflight

@@ -35,6 +35,7 @@ from .cgroup import detect_driver
 from .enforcement import NodePolicy
 from .metrics import NodeMetrics
 from .monitor import MemoryMonitor, UsageSource
+from .preflight import rcu_settings
 from .spool import default_spool_root
 from .uplink import Uplink
 
@@ -157,9 +158,9 @@ async def _run(
         lambda ev: agent.on_mem_event(ev) if agent else None,
         usage_source=UsageSource[config.usage_source.upper()],
     )
-    # Slow cgroup operations (create, attach, remove, usage-threshold registration: each can
-    # wait milliseconds in the kernel) run on this one thread, in order, so the event loop
-    # stays free to apply other calls' decisions (see NodeAgent).
+    # Slow cgroup operations (create, attach, remove: each can wait milliseconds in the kernel)
+    # run on this one thread, in order, so the event loop stays free to apply other calls'
+    # decisions; usage thresholds register on a pool of their own (see NodeAgent).
     cgroup_io = ThreadPoolExecutor(1, thread_name_prefix="cgroup-io")
     agent = NodeAgent(
         node_id,
@@ -189,7 +190,8 @@ async def _run(
         log.warning("re-adopted %d running call(s) under %s", adopted, driver.root)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "node %s serving on %s (%s), broker %s, capacity %d bytes, cgroups under %s (v%d)",
+        "node %s serving on %s (%s), broker %s, capacity %d bytes, cgroups under %s (v%d), "
+        "%s (a call's move and usage threshold each wait for a grace period: agentcg preflight)",
         node_id,
         address,
         config.security.describe(),
@@ -197,6 +199,7 @@ async def _run(
         capacity,
         driver.root,
         driver.version,
+        rcu_settings().text,
     )
     listeners = {}
     if metrics_server is not None:

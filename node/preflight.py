@@ -4,8 +4,11 @@ real and as the agent uses it, before a platform team turns the agent on across 
 1. ``cgroups``: the driver for this host (v1 or v2, nested under this process's own cgroup as
    the agent's), a call's cgroup made, limited, set to pause at its limit, removed.
    ``moves``: how long moving a started call into its cgroup takes, as the agent does for every
-   call; a warning when the kernel makes each wait for an RCU grace period (cgroup2 without
-   ``favordynmods``: ~9 ms a call, see the README's "What agentcg adds to a call").
+   call; ``thresholds``: how long registering a call's v1 usage threshold takes (the call runs
+   once it is in place; v2 has none). Each is a warning when the kernel makes it wait for an RCU
+   grace period (~9 ms a call here), naming the remedies: expedited grace periods
+   (``rcu_expedited``) for both, cgroup2's ``favordynmods`` for moves (see the README's "What
+   agentcg adds to a call").
 2. ``memwatch``: the BPF program compiled, loaded and attached, and the usage source it runs
    with (a fallback from the one asked for is a warning: the agent still enforces, with less).
 3. ``enforcement``: a real process allocating past its budget in its own cgroup is paused at the
@@ -27,12 +30,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from .cgroup import Cgroup, CgroupDriver, CgroupError, detect_driver
 from .monitor import EventKind, MemEvent, MemoryMonitor, MonitorError, UsageSource
 from .spawn import spawn_gated
 
-__all__ = ["Check", "moves_verdict", "run_preflight"]
+__all__ = [
+    "Check",
+    "RcuSettings",
+    "moves_verdict",
+    "rcu_settings",
+    "run_preflight",
+    "thresholds_verdict",
+]
 
 MiB = 1 << 20
 BUDGET_BYTES = 32 * MiB
@@ -40,9 +51,10 @@ ALLOCATE_BYTES = 64 * MiB  # past the budget: the call must pause there
 GROWN_BYTES = 128 * MiB
 EVENT_TIMEOUT_S = 10.0
 EXIT_TIMEOUT_S = 30.0
-MOVES = 5
-MOVE_GAP_S = 0.03  # between moves, as calls arrive (moves back to back share a grace period)
-SLOW_MOVE_MS = 2.0
+MOVES = 5  # moves timed, and thresholds registered
+MOVE_GAP_S = 0.03  # between them, as calls arrive (back to back, they share a grace period)
+SLOW_MOVE_MS = 2.0  # a move or a registration slower than this waited for a grace period
+RCU_DIR = Path("/sys/kernel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +121,62 @@ def _check_cgroups(driver: CgroupDriver) -> tuple[str, str]:
     return "ok", f"cgroup v{driver.version}; calls under {driver.root.parent}/agentcg-<node id>"
 
 
-def moves_verdict(move_ms: float) -> tuple[str, str]:
+@dataclass(frozen=True, slots=True)
+class RcuSettings:
+    """The host's RCU grace-period knobs (None: not readable here)."""
+
+    expedited: int | None  # /sys/kernel/rcu_expedited: synchronize_rcu() expedited
+    normal: int | None  # /sys/kernel/rcu_normal: wins over rcu_expedited (real-time kernels)
+
+    @property
+    def text(self) -> str:
+        if self.expedited is None:
+            return "rcu_expedited not readable"
+        if self.expedited and self.normal:
+            return "rcu_expedited is 1 but rcu_normal is 1, which wins"
+        return f"rcu_expedited is {self.expedited}"
+
+
+def rcu_settings(root: Path = RCU_DIR) -> RcuSettings:
+    def read(name: str) -> int | None:
+        try:
+            return int((root / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    return RcuSettings(read("rcu_expedited"), read("rcu_normal"))
+
+
+EXPEDITE = (
+    "expedited grace periods (echo 1 > /sys/kernel/rcu_expedited, or boot with "
+    "rcupdate.rcu_expedited=1) make it ~0.2 ms, at the cost of an interrupt to every busy CPU "
+    "per grace period"
+)
+
+
+def moves_verdict(move_ms: float, rcu: RcuSettings) -> tuple[str, str]:
     """The ``moves`` check's status and detail for a median move of ``move_ms``."""
     took = f"moving a call into its cgroup takes {move_ms:.2f} ms (median of {MOVES})"
     if move_ms <= SLOW_MOVE_MS:
         return "ok", took
     return "warn", (
-        f"{took}: the kernel makes each move wait for an RCU grace period; cgroup2 mounted "
-        "with favordynmods (or the kernel parameter cgroup_favordynmods=true) makes it ~0.1 ms, "
-        "at some cost to every fork and exit"
+        f"{took}: the kernel makes each move wait for an RCU grace period ({rcu.text}); "
+        f"{EXPEDITE}; so does cgroup2 mounted with favordynmods (or the kernel parameter "
+        "cgroup_favordynmods=true), ~0.1 ms, at some cost to every fork and exit"
+    )
+
+
+def thresholds_verdict(register_ms: float | None, rcu: RcuSettings) -> tuple[str, str]:
+    """The ``thresholds`` check's status and detail for a median registration of
+    ``register_ms`` (None: the cgroup version has no usage thresholds)."""
+    if register_ms is None:
+        return "ok", "no usage thresholds on this cgroup version: calls are watched from the start"
+    took = f"registering a call's usage threshold takes {register_ms:.2f} ms (median of {MOVES})"
+    if register_ms <= SLOW_MOVE_MS:
+        return "ok", took
+    return "warn", (
+        f"{took}, and a call runs only once it is in place: the kernel waits for an RCU grace "
+        f"period for each ({rcu.text}); {EXPEDITE}"
     )
 
 
@@ -134,7 +193,21 @@ def _check_moves(driver: CgroupDriver) -> tuple[str, str]:
             finally:
                 gated.abort()
                 gated.process.wait()
-    return moves_verdict(statistics.median(took_ms))
+    return moves_verdict(statistics.median(took_ms), rcu_settings())
+
+
+def _check_thresholds(driver: CgroupDriver) -> tuple[str, str]:
+    took_ms = []
+    with _call_cgroup(driver, "thresholds") as cg:
+        for _ in range(MOVES):
+            time.sleep(MOVE_GAP_S)
+            t = time.perf_counter()
+            fd = driver.watch_usage(cg, BUDGET_BYTES)
+            took_ms.append((time.perf_counter() - t) * 1000)
+            if fd is None:
+                return thresholds_verdict(None, rcu_settings())
+            os.close(fd)
+    return thresholds_verdict(statistics.median(took_ms), rcu_settings())
 
 
 ALLOCATE = (
@@ -206,6 +279,7 @@ def run_preflight(usage_source: UsageSource = UsageSource.COUNTER) -> list[Check
         found = driver
         checks.append(_timed("cgroups", lambda: _check_cgroups(found)))
         checks.append(_timed("moves", lambda: _check_moves(found)))
+        checks.append(_timed("thresholds", lambda: _check_thresholds(found)))
     events = _Events()
     monitor: MemoryMonitor | None = None
     t = time.perf_counter()

@@ -38,5 +38,7 @@ def test_bench_calls_runs_every_call_and_reports_its_figures(
     # Every call costs the node agent and the broker some CPU (read from /proc).
     assert result["node_cpu_ms_per_call"] > 0 and result["broker_cpu_ms_per_call"] > 0
     assert "run_p50_ms" in run.stdout  # the table
+    expedited = Path("/sys/kernel/rcu_expedited").read_text().strip()
+    assert result["host_rcu"] == f"rcu_expedited is {expedited}"  # what the figures ran with
     # The node agent stopped with the cluster removed its cgroup root.
     assert [p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-n")] == []
