@@ -49,6 +49,7 @@ from .enforcement import (
     CallPhase,
     CallView,
     Defer,
+    FlushOutput,
     HoldOutput,
     Kill,
     LeaseView,
@@ -210,9 +211,16 @@ class Call:
     follower: object | None = None  # the stream (Exec or Resume) following it now
     unfollowed: asyncio.TimerHandle | None = None  # nobody follows it: the resume grace runs
     output_held: bool = False  # frozen (also) while its spooled output is above the limit
+    output_flushed_bytes: int = 0  # what it had written when its output was last flushed
+    # A flush of its output in flight: what to decide again once it is done (_flush_output).
+    after_flush: list[Callable[[], None]] | None = None
 
     def view(self) -> CallView:
-        return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes)
+        cached = 0
+        if self.spool is not None:
+            written, held = self.spool.output_written_and_held()
+            cached = min(held, max(0, written - self.output_flushed_bytes))
+        return CallView(self.lease.lease_id, self.phase, self.budget_bytes, self.peak_bytes, cached)
 
     def add_action(self, action: node_pb2.Enforcement) -> None:
         action.seq = self.actions_total
@@ -268,6 +276,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         # took 656-814 ms on one thread, 124 ms on 8, 64-68 ms on 16. A registration needs only
         # its call's cgroup to exist (it is created first).
         self._cgroup_watch = ThreadPoolExecutor(16, thread_name_prefix="cgroup-watch")
+        # Writing a call's cached output to disk (FlushOutput) waits for the disk.
+        self._output_flush = ThreadPoolExecutor(1, thread_name_prefix="output-flush")
         self.monitor = monitor
         self.uplink = uplink
         self.capacity_bytes = capacity_bytes
@@ -348,6 +358,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 )
                 return
             decision = on_limit(call.view(), self.policy)
+        if isinstance(decision, FlushOutput):
+            self._flush_output(call, decision.reason, lambda: self._after_flush_at_limit(call))
+            return
         if not isinstance(decision, AskBroker):
             log.debug("call %s: limit event ignored: %s", call.call_id, decision.reason)
             return
@@ -360,11 +373,68 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             freeze=False,  # the kernel holds it at its limit (pause at limit)
         )
 
+    def _after_flush_at_limit(self, call: Call) -> None:
+        """Its output flushed at its limit: re-arm the limit report (a hit from here on is
+        reported) and decide from its usage now, as for a LIMIT event then."""
+        if call.phase not in (CallPhase.RUNNING, CallPhase.THROTTLED):
+            return
+        self._watch_thresholds(call, call.budget_bytes)
+        try:
+            usage = self.driver.read_usage(call.cgroup)
+        except CgroupError:
+            return  # being removed
+        if at_limit(usage, call.budget_bytes):
+            now = MemEvent(
+                EventKind.LIMIT, call.cgroup_id, 0, usage, call.budget_bytes, time.monotonic_ns()
+            )
+            self._on_limit(call, now)
+
+    def _flush_output(self, call: Call, reason: str, then: Callable[[], None]) -> None:
+        """Write the call's spooled output to disk and drop it from its memory (on the
+        output-flush thread), then call ``then`` on the loop. One flush at a time per call:
+        asked again meanwhile, it calls each ``then`` after it."""
+        if call.after_flush is not None:
+            call.after_flush.append(then)
+            return
+        assert self.loop is not None and call.spool is not None
+        call.after_flush = [then]
+        cached = call.view().output_cached_bytes
+        log.info(
+            "flush output of call %s lease %s tenant %s: %s",
+            call.call_id,
+            call.lease.lease_id,
+            call.lease.tenant,
+            reason,
+        )
+        flushing = self.loop.run_in_executor(self._output_flush, call.spool.flush_output)
+
+        def flushed(fut: asyncio.Future[int]) -> None:
+            thens, call.after_flush = call.after_flush or [], None
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None or fut.cancelled():
+                log.warning("call %s: output not flushed: %s", call.call_id, exc)
+                return  # its spool is gone: it ended
+            call.output_flushed_bytes = max(call.output_flushed_bytes, fut.result())
+            self.metrics.output_flushed_bytes.inc(cached)
+            for then in thens:
+                then()
+
+        flushing.add_done_callback(flushed)
+
     def _on_stop(self, call: Call, ev: MemEvent) -> None:
         """The kernel SIGSTOPped the charging process at the stop threshold: freeze the rest
         of the call and ask the broker, as at the limit."""
         call.stopped = True
         decision = on_limit(call.view(), self.policy)
+        if isinstance(decision, FlushOutput):  # then go on: a STOP comes again if it must
+
+            def go_on() -> None:
+                if call.phase in (CallPhase.RUNNING, CallPhase.THROTTLED):  # not ended meanwhile
+                    self._watch_thresholds(call, call.budget_bytes)
+                    self._resume_stopped(call)
+
+            self._flush_output(call, decision.reason, go_on)
+            return
         if not isinstance(decision, AskBroker):
             log.debug("call %s: stop event: %s", call.call_id, decision.reason)
             self._resume_stopped(call)
@@ -475,6 +545,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             log.warning("call %s: throttle deadline: %s", call.call_id, exc)
             return
         decision = on_throttle_deadline(call.view(), usage, self.policy)
+        if isinstance(decision, FlushOutput):
+            self._flush_output(call, decision.reason, lambda: self._on_throttle_deadline(call, ev))
+            return
         if isinstance(decision, Pause):
             call.peak_bytes = max(call.peak_bytes, usage)
             now = MemEvent(
@@ -898,6 +971,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 self.driver.wake_paused(call.cgroup)
             except CgroupError as exc:
                 log.warning("call %s: cannot wake it: %s", call.call_id, exc)
+            return
+        if isinstance(decision, FlushOutput):
+            self._flush_output(call, decision.reason, lambda: self._after_flush_at_limit(call))
             return
         if not isinstance(decision, AskBroker):
             log.debug("call %s: pause notice ignored: %s", call.call_id, decision.reason)

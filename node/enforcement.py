@@ -5,6 +5,11 @@ The ladder: running -> (crosses its soft threshold) throttled, for at most a dea
 the node freezes it) paused, asking the broker -> grown (resume with a larger budget) or killed
 (that one call only). If the broker does not answer by its deadline, the node falls back to its
 local rule: kill, or grow from node headroom.
+
+What a call writes to its output is not what it needs: its spool's pages are cached in (charged
+to) its memory cgroup until written to disk, and a call printing hundreds of MiB under a small
+budget reached its limit with its output alone. Before the ladder asks for more, it has the node
+write that output out and drop it from the call's memory (``FlushOutput``), and looks again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ __all__ = [
     "CallPhase",
     "CallView",
     "Defer",
+    "FLUSH_OUTPUT_MIN_BYTES",
+    "FlushOutput",
     "HoldOutput",
     "Ignore",
     "MIN_MAX_OUTPUT_BYTES",
@@ -56,6 +63,11 @@ MIN_MAX_OUTPUT_BYTES = 64 << 20
 # A call held at its v1 limit shows usage a little below it: charges come in per-CPU batches of
 # up to 64 pages, precharged and counted; a megabyte covers them on any machine size we run.
 AT_LIMIT_SLACK_BYTES = 1 << 20
+
+# Output cached in a call's memory (written since the node last flushed it, and still held in
+# its spool) from which the node flushes it before asking for more room: below it, a flush (a
+# disk write) could not make the room an ask is for.
+FLUSH_OUTPUT_MIN_BYTES = 4 << 20
 
 
 class CallPhase(enum.Enum):
@@ -112,6 +124,9 @@ class CallView:
     phase: CallPhase
     budget_bytes: int
     peak_bytes: int
+    # Its output in its memory cgroup's page cache, as far as the node can tell (written since
+    # it last flushed it, and not yet freed from the spool).
+    output_cached_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +159,24 @@ class Wake:
 @dataclass(frozen=True, slots=True)
 class Ignore:
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlushOutput:
+    """Write the call's spooled output to disk and drop it from the call's memory, then decide
+    again from its usage then."""
+
+    reason: str
+
+
+def _flush_first(call: CallView) -> FlushOutput | None:
+    """Its cached output is what takes it there: flush it rather than ask for more."""
+    if call.output_cached_bytes < FLUSH_OUTPUT_MIN_BYTES:
+        return None
+    return FlushOutput(
+        f"{format_bytes(call.output_cached_bytes)} of its usage is its output, cached: written "
+        "out and dropped from its memory first"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +230,9 @@ def _growth(budget_bytes: int, policy: NodePolicy) -> int:
 
 def on_limit(
     call: CallView, policy: NodePolicy, event_ns: int = 0, limit_set_ns: int = 0
-) -> AskBroker | Recheck | Ignore:
-    """The call hit its budget (and is paused by the kernel): ask the broker for more.
+) -> AskBroker | Recheck | FlushOutput | Ignore:
+    """The call hit its budget (and is paused by the kernel): ask the broker for more, unless
+    its cached output is what fills it (``FlushOutput``).
 
     An event from before the limit was last raised (``event_ns`` < ``limit_set_ns``, both
     CLOCK_MONOTONIC) is about the old limit: a grow moves the in-kernel thresholds first and
@@ -211,12 +245,12 @@ def on_limit(
         return Ignore(f"call is {call.phase.value}")
     if event_ns and event_ns < limit_set_ns:
         return Recheck(f"limit event {(limit_set_ns - event_ns) / 1e6:.1f} ms older than its limit")
-    return AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
+    return _flush_first(call) or AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
 
 
 def on_pause_notice(
     call: CallView, usage_bytes: int, under_oom: bool, policy: NodePolicy, *, settled: bool = False
-) -> AskBroker | Wake | Defer | Ignore:
+) -> AskBroker | FlushOutput | Wake | Defer | Ignore:
     """The kernel notified that a task of the call went to wait at its limit (v1 oom_control).
 
     The LIMIT event (reclaim at the limit) normally comes first and the call is then paused
@@ -225,7 +259,7 @@ def on_pause_notice(
     was on its way into the wait (the kernel wakes waiters when the limit is raised and checks
     no margin when a task starts to wait: it then sleeps below its new limit).
 
-    Held at the limit: ask, as for a LIMIT event. Waiting below it: wake it if it still waits
+    Held at the limit: ask (or flush its output first), as for a LIMIT event. Waiting below it: wake it if it still waits
     ``pause_settle_s`` later (``settled``). The notice of a wait that a raise ended often
     arrives after that raise, before the woken task has run again.
     """
@@ -240,7 +274,7 @@ def on_pause_notice(
             f"a task still waits at the limit with usage {format_bytes(usage_bytes)} below "
             f"its {format_bytes(call.budget_bytes)} budget"
         )
-    return AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
+    return _flush_first(call) or AskBroker(requested_bytes=_growth(call.budget_bytes, policy))
 
 
 def at_limit(usage_bytes: int, budget_bytes: int) -> bool:
@@ -266,13 +300,16 @@ def on_soft(call: CallView, policy: NodePolicy) -> Throttle | Ignore:
 
 def on_throttle_deadline(
     call: CallView, usage_bytes: int, policy: NodePolicy
-) -> Pause | Unthrottle | Ignore:
-    """The throttle's deadline passed: still above the threshold -> pause and ask the broker;
-    back below it -> lift the throttle."""
+) -> Pause | FlushOutput | Unthrottle | Ignore:
+    """The throttle's deadline passed: still above the threshold -> pause and ask the broker
+    (its cached output flushed first, when that is what keeps it there); back below it -> lift
+    the throttle."""
     if call.phase is not CallPhase.THROTTLED:
         return Ignore(f"call is {call.phase.value}")
     high = soft_threshold(call.budget_bytes, policy)
     if usage_bytes >= high:
+        if flush := _flush_first(call):
+            return flush
         return Pause(
             _growth(call.budget_bytes, policy),
             f"still at {format_bytes(usage_bytes)} (>= {format_bytes(high)}) after "

@@ -204,6 +204,12 @@ class NodeMetrics:
             registry=r,
         )
         self._pause_notices = {a: self._pause_notice_family.labels(a) for a in ("ask", "wake")}
+        self.output_flushed_bytes = Counter(
+            p + "output_flushed_bytes",
+            "Calls' output written to disk and dropped from their memory when it was what took "
+            "them to their limit or kept them throttled (the node's estimate of it), in bytes",
+            registry=r,
+        )
 
     # A kind or outcome not bound above (one added to the agent later) gets its child on first
     # use rather than failing the enforcement path that counts it.

@@ -119,6 +119,35 @@ class CallSpool:
                 total += os.stat(self.dir / name).st_blocks * 512
         return total
 
+    def output_written_and_held(self) -> tuple[int, int]:
+        """What the call has written to its output files, and the disk space they take now
+        (``output_bytes``)."""
+        written = held = 0
+        for name, _ in _STREAMS:
+            with contextlib.suppress(OSError):
+                st = os.stat(self.dir / name)
+                written += st.st_size
+                held += st.st_blocks * 512
+        return written, held
+
+    def flush_output(self) -> int:
+        """Write the output files' cached pages to disk and drop them from the page cache
+        (and so from the memory cgroup of the call that wrote them; a later read caches them
+        for the reader). Returns how much had been written by then. Blocks on the disk."""
+        written = 0
+        for name, _ in _STREAMS:
+            try:
+                fd = os.open(self.dir / name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # not captured
+                continue
+            try:
+                written += os.fstat(fd).st_size
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the clean pages
+            finally:
+                os.close(fd)
+        return written
+
     def read_status(self) -> int | None:
         """The exit code the gate's shell wrote; None if it did not (still running, or killed
         with the whole cgroup)."""

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import pytest
 from agentcg.node.enforcement import (
+    FLUSH_OUTPUT_MIN_BYTES,
     AskBroker,
     CallPhase,
     CallView,
     Defer,
+    FlushOutput,
     HoldOutput,
     Ignore,
     Kill,
     NodePolicy,
+    Pause,
     Recheck,
     ReleaseOutput,
     Resize,
+    Unthrottle,
     Wake,
     at_limit,
     on_deadline,
@@ -22,8 +26,10 @@ from agentcg.node.enforcement import (
     on_limit,
     on_output,
     on_pause_notice,
+    on_throttle_deadline,
     soft_threshold,
 )
+from agentcg.quantity import format_bytes
 
 MiB = 1 << 20
 
@@ -133,12 +139,9 @@ def test_soft_threshold_below_budget() -> None:
 # --- the throttle step and denials ----------------------------------------------------------
 
 from agentcg.node.enforcement import (  # noqa: E402
-    Pause,
     Throttle,
-    Unthrottle,
     on_denied,
     on_soft,
-    on_throttle_deadline,
 )
 
 
@@ -236,3 +239,56 @@ def test_output_above_the_limit_holds_the_call_until_half_of_it(
         assert verdict.reason.startswith(
             "output: 65.0 MiB not yet had by a caller, above the node's 64.0 MiB"
         ), verdict
+
+
+def with_output(
+    cached: int, phase: CallPhase = CallPhase.RUNNING, budget: int = 64 * MiB
+) -> CallView:
+    return CallView("l1", phase, budget, budget, output_cached_bytes=cached)
+
+
+@pytest.mark.parametrize(
+    ("cached", "flush"),
+    [
+        (0, False),
+        (FLUSH_OUTPUT_MIN_BYTES - 1, False),  # too little to make the room an ask is for
+        (FLUSH_OUTPUT_MIN_BYTES, True),
+        (60 * MiB, True),
+    ],
+)
+def test_cached_output_is_flushed_before_asking_for_more(cached: int, flush: bool) -> None:
+    """At its limit (a LIMIT event, the kernel's notice of a task waiting there) or still
+    above its soft threshold at the throttle deadline: a call whose cached output could be
+    what fills it has it flushed first; the node decides again after, from its usage then."""
+    policy = NodePolicy()
+    view = with_output(cached)
+    throttled = with_output(cached, CallPhase.THROTTLED)
+    decisions = [
+        on_limit(view, policy),
+        on_limit(throttled, policy),
+        on_pause_notice(view, 64 * MiB, True, policy),
+        on_throttle_deadline(throttled, soft_threshold(64 * MiB, policy), policy),
+    ]
+    if flush:
+        for d in decisions:
+            assert isinstance(d, FlushOutput), d
+            assert f"{format_bytes(cached)} of its usage is its output" in d.reason
+    else:
+        assert decisions[:3] == [AskBroker(128 * MiB)] * 3
+        assert isinstance(decisions[3], Pause) and decisions[3].requested_bytes == 128 * MiB
+
+
+def test_cached_output_changes_nothing_else() -> None:
+    """Not at its limit, not running, a stale limit event, back below its soft threshold: as
+    without output."""
+    policy = NodePolicy()
+    cached = 32 * MiB
+    assert isinstance(on_limit(with_output(cached, CallPhase.PAUSED), policy), Ignore)
+    stale = on_limit(with_output(cached, budget=128 * MiB), policy, 1, 2)
+    assert isinstance(stale, Recheck)
+    assert isinstance(on_pause_notice(with_output(cached), 64 * MiB, False, policy), Ignore)
+    below = on_pause_notice(with_output(cached), 40 * MiB, True, policy)
+    assert isinstance(below, Defer)
+    throttled = with_output(cached, CallPhase.THROTTLED)
+    assert isinstance(on_throttle_deadline(throttled, 10 * MiB, policy), Unthrottle)
+    assert isinstance(on_throttle_deadline(with_output(cached), 60 * MiB, policy), Ignore)
