@@ -396,7 +396,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if call.after_flush is not None:
             call.after_flush.append(then)
             return
-        assert self.loop is not None and call.spool is not None
+        spool = call.spool
+        assert self.loop is not None and spool is not None
         call.after_flush = [then]
         cached = call.view().output_cached_bytes
         log.info(
@@ -406,16 +407,21 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             call.lease.tenant,
             reason,
         )
-        flushing = self.loop.run_in_executor(self._output_flush, call.spool.flush_output)
+        flushing = self.loop.run_in_executor(self._output_flush, spool.flush_output)
 
         def flushed(fut: asyncio.Future[int]) -> None:
             thens, call.after_flush = call.after_flush or [], None
-            exc = None if fut.cancelled() else fut.exception()
-            if exc is not None or fut.cancelled():
+            if fut.cancelled():  # the agent is stopping
+                return
+            if (exc := fut.exception()) is not None:
+                # Decided again as if flushed, or it would be flushed again and again: a call
+                # at its limit is then asked for.
                 log.warning("call %s: output not flushed: %s", call.call_id, exc)
-                return  # its spool is gone: it ended
-            call.output_flushed_bytes = max(call.output_flushed_bytes, fut.result())
-            self.metrics.output_flushed_bytes.inc(cached)
+                written = spool.output_written_and_held()[0]
+            else:
+                written = fut.result()
+                self.metrics.output_flushed_bytes.inc(cached)
+            call.output_flushed_bytes = max(call.output_flushed_bytes, written)
             for then in thens:
                 then()
 

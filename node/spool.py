@@ -113,11 +113,7 @@ class CallSpool:
 
     def output_bytes(self) -> int:
         """The disk space its output files take now (freed output not counted)."""
-        total = 0
-        for name, _ in _STREAMS:
-            with contextlib.suppress(OSError):
-                total += os.stat(self.dir / name).st_blocks * 512
-        return total
+        return self.output_written_and_held()[1]
 
     def output_written_and_held(self) -> tuple[int, int]:
         """What the call has written to its output files, and the disk space they take now

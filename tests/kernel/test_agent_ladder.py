@@ -4,6 +4,7 @@ deadline) -> paused asking the broker -> grown, or resumed/killed; dry-run write
 from __future__ import annotations
 
 import asyncio
+import errno
 import sys
 import time
 from pathlib import Path
@@ -12,9 +13,10 @@ import pytest
 from agentcg.node.agent import MAX_ASKS_AGAIN, NodeAgent
 from agentcg.node.cgroup import CgroupV1Driver
 from agentcg.node.enforcement import NodePolicy
+from agentcg.node.spool import CallSpool
 from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
-from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+from .agent_helpers import MakeAgent, MiB, NoContext, StubUplink, make_lease, run_call
 
 pytestmark = pytest.mark.kernel
 
@@ -241,4 +243,77 @@ def test_an_ask_on_a_stream_that_broke_is_sent_again(
 
     last = asyncio.run(main())
     assert last.exited.outcome == types_pb2.OUTCOME_GROWN and last.exited.exit_code == 0
+    assert driver.children() == []
+
+
+@pytest.mark.parametrize("flush", ["works", "fails"])
+def test_output_at_the_limit_is_flushed_first_and_asked_for_if_that_fails(
+    driver: CgroupV1Driver,
+    make_agent: MakeAgent,
+    monkeypatch: pytest.MonkeyPatch,
+    flush: str,
+) -> None:
+    """A call whose output fills its budget (its caller not reading yet): the node flushes it
+    (written to disk, out of the call's memory) and the call finishes within its budget,
+    nothing asked. A flush that fails (a disk error) is not tried again and again: the node
+    decides as if flushed, and asks."""
+    uplink = StubUplink()
+    agent: NodeAgent = make_agent(uplink, NodePolicy(throttle=False, broker_timeout_s=30))
+    uplink.broker.leases["l1"] = make_lease("l1")
+    flushes: list[str] = []
+    works = CallSpool.flush_output
+
+    def flush_output(spool: CallSpool) -> int:
+        flushes.append(spool.dir.name)
+        if flush == "fails":
+            raise OSError(errno.EIO, "Input/output error")
+        return works(spool)
+
+    monkeypatch.setattr(CallSpool, "flush_output", flush_output)
+    reading = asyncio.Event()
+
+    async def follow() -> list[node_pb2.ExecEvent]:
+        """The caller: it takes the Started, then reads nothing until ``reading``."""
+        events = []
+        request = node_pb2.ExecRequest(
+            lease_id="l1", argv=["head", "-c", f"{160 * MiB}", "/dev/zero"], capture_output=True
+        )
+        async for ev in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
+            events.append(ev)
+            await reading.wait()
+        return events
+
+    async def main() -> list[node_pb2.ExecEvent]:
+        agent.loop = asyncio.get_running_loop()
+        call = asyncio.create_task(follow())
+        if flush == "works":
+            # It ends with its caller having read nothing: all it wrote went through the flushes.
+            await wait_for(lambda: flushes and "l1" not in agent.calls, "its exit")
+        else:
+            await wait_for(lambda: limit_asks(uplink), "an ask once the flush failed")
+            [ask] = limit_asks(uplink)
+            assert flushes == ["l1"]  # one flush, not one per look
+            await agent.on_decision(
+                broker_pb2.Decision(
+                    decision_id="d1",
+                    lease_id="l1",
+                    event_id=ask.event_id,
+                    kind=broker_pb2.DECISION_KIND_GROW,
+                    new_budget_bytes=1024 * MiB,
+                    epoch=2,
+                )
+            )
+        reading.set()
+        return await asyncio.wait_for(call, 60)
+
+    events = asyncio.run(main())
+    exited = events[-1].exited
+    assert exited.exit_code == 0
+    assert sum(len(e.output.data) for e in events if e.HasField("output")) == 160 * MiB
+    if flush == "works":
+        assert set(flushes) == {"l1"}  # 160 MiB through a 64 MiB budget: one flush or more
+        assert limit_asks(uplink) == []
+        assert exited.outcome == types_pb2.OUTCOME_COMPLETED and exited.budget_bytes == 64 * MiB
+    else:
+        assert exited.outcome == types_pb2.OUTCOME_GROWN
     assert driver.children() == []
