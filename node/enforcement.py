@@ -259,9 +259,9 @@ def on_pause_notice(
     was on its way into the wait (the kernel wakes waiters when the limit is raised and checks
     no margin when a task starts to wait: it then sleeps below its new limit).
 
-    Held at the limit: ask (or flush its output first), as for a LIMIT event. Waiting below it: wake it if it still waits
-    ``pause_settle_s`` later (``settled``). The notice of a wait that a raise ended often
-    arrives after that raise, before the woken task has run again.
+    Held at the limit: ask (or flush its output first), as for a LIMIT event. Waiting below
+    it: wake it if it still waits ``pause_settle_s`` later (``settled``). The notice of a wait
+    that a raise ended often arrives after that raise, before the woken task has run again.
     """
     if call.phase not in (CallPhase.RUNNING, CallPhase.THROTTLED):
         return Ignore(f"call is {call.phase.value}")
