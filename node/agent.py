@@ -348,10 +348,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         call.peak_bytes = max(call.peak_bytes, stats.peak_bytes, stats.usage_bytes)
         decision = on_limit(call.view(), self.policy, ev.kernel_time_ns, call.limit_set_ns)
         if isinstance(decision, Recheck):
-            # Re-arm the report first, then look: a hit at the current limit from here on is
-            # reported, and one in between shows as usage at the limit now.
-            self._watch_thresholds(call, call.budget_bytes)
-            usage = self.driver.read_usage(call.cgroup)
+            usage = self._rearmed_usage(call)
             if not at_limit(usage, call.budget_bytes):
                 log.debug(
                     "call %s: %s; usage %d below its limit", call.call_id, decision.reason, usage
@@ -373,14 +370,19 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             freeze=False,  # the kernel holds it at its limit (pause at limit)
         )
 
+    def _rearmed_usage(self, call: Call) -> int:
+        """Re-arm the call's limit report first, then read its usage: a hit at its limit from
+        here on is reported, and one in between shows as usage at the limit now."""
+        self._watch_thresholds(call, call.budget_bytes)
+        return self.driver.read_usage(call.cgroup)
+
     def _after_flush_at_limit(self, call: Call) -> None:
-        """Its output flushed at its limit: re-arm the limit report (a hit from here on is
-        reported) and decide from its usage now, as for a LIMIT event then."""
+        """Its output flushed at its limit: decide from its usage now (``_rearmed_usage``), as
+        for a LIMIT event then."""
         if call.phase not in (CallPhase.RUNNING, CallPhase.THROTTLED):
             return
-        self._watch_thresholds(call, call.budget_bytes)
         try:
-            usage = self.driver.read_usage(call.cgroup)
+            usage = self._rearmed_usage(call)
         except CgroupError:
             return  # being removed
         if at_limit(usage, call.budget_bytes):
