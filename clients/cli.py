@@ -1361,6 +1361,15 @@ def bench_replay_cmd(
     find_min_pool: Annotated[
         bool, typer.Option(help="bisect the smallest zero-kill pool per policy")
     ] = False,
+    session_overcommit: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="agentcg: the agents' declared session maxima may add up to the pool x this "
+            "(the broker's --overcommit-ratio; 0: no ceiling); above it a new agent waits to "
+            "start",
+        ),
+    ] = 1.1,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
 ) -> None:
@@ -1379,6 +1388,7 @@ def bench_replay_cmd(
             seed=seed,
             mem_scale=mem_scale,
             find_min_pool=find_min_pool,
+            session_overcommit=session_overcommit,
             json_path=json_path,
             plot=plot,
         )

@@ -96,7 +96,8 @@ SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
 # in an order in which all of them can finish (no pool of agents waiting on each other).
 SESSION_MAX_MARGIN_BYTES = 16 * MiB
 # New sessions may declare up to this x the node's capacity together (the broker's overcommit
-# ratio): above it a new agent waits to start, which is where most time-shifting happens.
+# ratio; ``--session-overcommit``): above it a new agent waits to start, which is where most
+# time-shifting happens.
 SESSION_OVERCOMMIT_RATIO = 1.1
 QUEUE_TIMEOUT_MS = 300_000  # a reservation waits in the broker's queue this long, then ...
 SAMPLE_S = 0.1
@@ -111,6 +112,7 @@ class ReplayOptions:
     workdir: Path = Path("/tmp")
     log_level: str = "WARNING"
     plot: bool = False
+    session_overcommit_ratio: float = SESSION_OVERCOMMIT_RATIO
 
 
 @dataclass
@@ -562,6 +564,10 @@ class _Replay:
             "pool_stalls": self.c.pool_stalls,
             "call_start_failures": self.c.start_failures,
             "pool_bytes": self.pool_bytes,
+            # agentcg's broker: declared session maxima may add up to the pool x this
+            "session_overcommit_ratio": self.opts.session_overcommit_ratio
+            if self.policy == "agentcg"
+            else None,
             "per_agent": [
                 {
                     "agent": r.plan.index,
@@ -636,7 +642,7 @@ def run_policy(
             cluster = _NodeCluster(opts.workdir / "cluster", log_level=opts.log_level)
             cluster.cgroup_base = pool.path
             cluster.cgroup_root = "node"
-            cluster.broker_args = ("--overcommit-ratio", str(SESSION_OVERCOMMIT_RATIO))
+            cluster.broker_args = ("--overcommit-ratio", str(opts.session_overcommit_ratio))
             cluster.node_memory = str(pool_bytes)
             cluster.node_policy_args = (
                 "--growth-factor",

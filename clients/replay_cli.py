@@ -12,7 +12,13 @@ from agentcg.quantity import format_bytes
 from rich.console import Console
 from rich.table import Table
 
-from .replay import POLICIES, ReplayOptions, prepare, run_replay, write_plot
+from .replay import (
+    POLICIES,
+    ReplayOptions,
+    prepare,
+    run_replay,
+    write_plot,
+)
 from .replay import find_min_pool as bisect_min_pool
 
 __all__ = ["MAX_POOL_BYTES", "bench_replay"]
@@ -27,6 +33,8 @@ _COLUMNS = (
     "inflation_p50",
     "inflation_p95",
     "delay_p95_s",
+    "start_wait_p95_s",
+    "inflation_with_start_wait_p95",
     "pool_utilisation_mean",
     "pool_utilisation_p95",
     "denied",
@@ -60,6 +68,7 @@ def bench_replay(
     seed: int,
     mem_scale: float,
     find_min_pool: bool,
+    session_overcommit: float,
     json_path: Path | None,
     plot: Path | None,
 ) -> int:
@@ -98,7 +107,12 @@ def bench_replay(
     )
     out: dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="agentcg-replay-") as tmp:
-        opts = ReplayOptions(speed=speed, workdir=Path(tmp), plot=plot is not None)
+        opts = ReplayOptions(
+            speed=speed,
+            workdir=Path(tmp),
+            plot=plot is not None,
+            session_overcommit_ratio=session_overcommit,
+        )
         if find_min_pool:
             summary, runs = bisect_min_pool(prep, policies, opts, console)
             console.print(_table(runs, "every run of the bisection"))

@@ -186,3 +186,23 @@ def replay_processes() -> set[str]:
         ["pgrep", "-f", "agentcg.clients.replay_(agent|node)"], capture_output=True, text=True
     )
     return set(done.stdout.split())
+
+
+@pytest.mark.kernel
+def test_session_overcommit_holds_agents_back(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """``--session-overcommit`` is the broker's ceiling on the agents' declared maxima: at 0.5
+    of the pool no two of these agents fit it together, so they run one after another (each
+    waits for the one before to end) and none is lost; with no ceiling all start at once."""
+    args = ("--pool-of-oracle", "1.0", "--policy", "agentcg", "--session-overcommit")
+    held, free = (bench(tmp_path, traces, *args, r)["results"][0] for r in ("0.5", "0"))
+    assert held["session_overcommit_ratio"] == 0.5
+    assert free["session_overcommit_ratio"] == 0.0
+    for r in (held, free):
+        assert r["oom_kills"] == 0 and r["agents_completed"] == 3, r
+    waits = sorted(a["start_wait_s"] for a in held["per_agent"])
+    ran = min(a["ran_s"] for a in held["per_agent"])
+    # One at a time: the second starts once the first has ended, the third after the second.
+    assert waits[1] >= 0.8 * ran and waits[2] >= 0.8 * (waits[1] + ran), held["per_agent"]
+    assert max(a["start_wait_s"] for a in free["per_agent"]) < 0.5 * ran, free["per_agent"]
