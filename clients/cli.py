@@ -1362,14 +1362,14 @@ def bench_replay_cmd(
         bool, typer.Option(help="bisect the smallest zero-kill pool per policy")
     ] = False,
     session_overcommit: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
             help="agentcg: the agents' declared session maxima may add up to the pool x this "
-            "(the broker's --overcommit-ratio; 0: no ceiling); above it a new agent waits to "
-            "start",
+            "(the broker's --overcommit-ratio; 0: no ceiling; default 1.1); above it a new "
+            "agent waits to start",
         ),
-    ] = 1.1,
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
 ) -> None:

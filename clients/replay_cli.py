@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .replay import (
     POLICIES,
+    SESSION_OVERCOMMIT_RATIO,
     ReplayOptions,
     prepare,
     run_replay,
@@ -68,7 +69,7 @@ def bench_replay(
     seed: int,
     mem_scale: float,
     find_min_pool: bool,
-    session_overcommit: float,
+    session_overcommit: float | None,
     json_path: Path | None,
     plot: Path | None,
 ) -> int:
@@ -111,7 +112,9 @@ def bench_replay(
             speed=speed,
             workdir=Path(tmp),
             plot=plot is not None,
-            session_overcommit_ratio=session_overcommit,
+            session_overcommit_ratio=SESSION_OVERCOMMIT_RATIO
+            if session_overcommit is None
+            else session_overcommit,
         )
         if find_min_pool:
             summary, runs = bisect_min_pool(prep, policies, opts, console)
