@@ -99,7 +99,7 @@ def test_tiny_replay_all_policies(
     # Only agentcg talks to a broker.
     assert unlimited["denied"] == static["denied"] == 0
     assert unlimited["grown"] == static["grown"] == unlimited["killed"] == static["killed"] == 0
-    # Only agentcg has a broker, with the replay's ceiling on declared sessions by default.
+    # ... with the replay's ceiling on declared sessions by default.
     assert unlimited["session_overcommit_ratio"] is static["session_overcommit_ratio"] is None
     assert agentcg["session_overcommit_ratio"] == SESSION_OVERCOMMIT_RATIO
     # agentcg never loses an agent to the kernel in a pool the size of the oracle.
