@@ -1370,6 +1370,14 @@ def bench_replay_cmd(
             "agent waits to start",
         ),
     ] = None,
+    session_max: Annotated[
+        str,
+        typer.Option(
+            help="agentcg: what each agent declares as its session's maximum: peak (its own "
+            "trace's peak, which no real agent knows before it runs), cap (the largest peak of "
+            "the replayed traces, a limit that holds every agent) or none"
+        ),
+    ] = "peak",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
 ) -> None:
@@ -1389,6 +1397,7 @@ def bench_replay_cmd(
             mem_scale=mem_scale,
             find_min_pool=find_min_pool,
             session_overcommit=session_overcommit,
+            session_max=session_max,
             json_path=json_path,
             plot=plot,
         )

@@ -57,6 +57,7 @@ from .traces import load_traces
 __all__ = [
     "POLICIES",
     "RESULT_KEYS",
+    "SESSION_MAX_CHOICES",
     "ReplayOptions",
     "find_min_pool",
     "prepare",
@@ -91,9 +92,13 @@ CALL_MARGIN_BYTES = 4 * MiB  # declared intent = the call's measured peak rise +
 CALL_FLOOR_BYTES = 10 * MiB  # ... and at least this (a tool call's interpreter alone is ~6 MiB)
 SESSION_CHUNK_BYTES = 2 * MiB  # session leases grow in steps of this
 SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
-# An agent declares its session's maximum (its trace's peak plus what the call processes' own
-# interpreters and lease rounding add), so that the broker admits sessions and their growth only
-# in an order in which all of them can finish (no pool of agents waiting on each other).
+# An agent declares its session's maximum, so that the broker admits sessions and their growth
+# only in an order in which all of them can finish (no pool of agents waiting on each other).
+# What it declares (``--session-max``): ``peak``, its own trace's peak (knowledge no real agent
+# has before it runs: the best case); ``cap``, the largest peak among the replayed traces (a
+# sandbox limit that holds every agent: what a framework can know); ``none``, nothing. Each
+# plus what the call processes' own interpreters and lease rounding add.
+SESSION_MAX_CHOICES = ("peak", "cap", "none")
 SESSION_MAX_MARGIN_BYTES = 16 * MiB
 # New sessions may declare up to this x the node's capacity together (the broker's overcommit
 # ratio; ``--session-overcommit``): above it a new agent waits to start, which is where most
@@ -113,6 +118,7 @@ class ReplayOptions:
     log_level: str = "WARNING"
     plot: bool = False
     session_overcommit_ratio: float = SESSION_OVERCOMMIT_RATIO
+    session_max: str = "peak"  # SESSION_MAX_CHOICES
 
 
 @dataclass
@@ -131,10 +137,7 @@ class AgentRun:
     call_s: float = 0.0  # time tool calls took, admission included
     call_plan_s: float = 0.0  # what they take in the trace
     call_admission_s: float = 0.0  # of call_s: waiting for the call's reservation
-
-    @property
-    def session_max_bytes(self) -> int:
-        return self.plan.peak_bytes + SESSION_MAX_MARGIN_BYTES
+    session_max_bytes: int = 0  # the session maximum its reservations declare; 0: none
 
     @property
     def leased_bytes(self) -> int:
@@ -239,7 +242,7 @@ class _Replay:
         cg = self.driver.create("agents", f"a{plan.index}")
         if self.policy == "static":
             self.driver.set_memory_limit(cg, self.pool_bytes // len(self.plans))
-        run = AgentRun(plan, cg)
+        run = AgentRun(plan, cg, session_max_bytes=self.declared_max_bytes(plan))
         path = self.opts.workdir / f"agent-{plan.index}.json"
         path.write_text(
             json.dumps(
@@ -309,6 +312,14 @@ class _Replay:
             # On the way out of an interrupted run the broker may be gone (its leases with it).
             with contextlib.suppress(Exception):
                 await self.session_shrink(run, 0)
+
+    def declared_max_bytes(self, plan: AgentPlan) -> int:
+        """The session maximum ``plan``'s agent declares (``ReplayOptions.session_max``)."""
+        if self.opts.session_max == "none":
+            return 0
+        if self.opts.session_max == "cap":
+            return max(p.peak_bytes for p in self.plans) + SESSION_MAX_MARGIN_BYTES
+        return plan.peak_bytes + SESSION_MAX_MARGIN_BYTES
 
     def event(self, run: AgentRun, kind: str) -> None:
         self.events.append((time.monotonic() - self.go_at, run.plan.index, kind))
@@ -568,6 +579,8 @@ class _Replay:
             "session_overcommit_ratio": self.opts.session_overcommit_ratio
             if self.policy == "agentcg"
             else None,
+            # agentcg: what each agent declares as its session's maximum
+            "session_max": self.opts.session_max if self.policy == "agentcg" else None,
             "per_agent": [
                 {
                     "agent": r.plan.index,
@@ -628,6 +641,10 @@ def run_policy(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: one of {', '.join(POLICIES)} (got {policy!r})")
+    if opts.session_max not in SESSION_MAX_CHOICES:
+        raise ValueError(
+            f"session_max: one of {', '.join(SESSION_MAX_CHOICES)} (got {opts.session_max!r})"
+        )
     driver = CgroupV1Driver(f"agentcg-replay-{os.getpid()}")
     driver.clear()
     pool = driver.create()

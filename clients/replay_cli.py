@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .replay import (
     POLICIES,
+    SESSION_MAX_CHOICES,
     SESSION_OVERCOMMIT_RATIO,
     ReplayOptions,
     prepare,
@@ -70,6 +71,7 @@ def bench_replay(
     mem_scale: float,
     find_min_pool: bool,
     session_overcommit: float | None,
+    session_max: str,
     json_path: Path | None,
     plot: Path | None,
 ) -> int:
@@ -80,6 +82,9 @@ def bench_replay(
     policies = list(POLICIES) if policy == "all" else [policy]
     if any(p not in POLICIES for p in policies):
         console.print(f"[red]error:[/red] --policy: one of {', '.join(POLICIES)}, all")
+        return 2
+    if session_max not in SESSION_MAX_CHOICES:
+        console.print(f"[red]error:[/red] --session-max: one of {', '.join(SESSION_MAX_CHOICES)}")
         return 2
     if not find_min_pool and (pool_fraction is None) == (pool_of_oracle is None):
         console.print("[red]error:[/red] give exactly one of --pool-fraction, --pool-of-oracle")
@@ -104,7 +109,8 @@ def bench_replay(
         f"[bold]bench replay[/bold]: {len(prep.plans)} agents from {traces.name} (seed {seed}), "
         f"speed {speed:g}x, mem-scale {mem_scale:g}; oracle pool "
         f"{format_bytes(prep.oracle_bytes)}, sum of peaks {format_bytes(prep.sum_peaks_bytes)}, "
-        f"longest trace {max(p.duration_s for p in prep.plans):.0f} s"
+        f"longest trace {max(p.duration_s for p in prep.plans):.0f} s; agentcg's agents declare "
+        f"session maxima: {session_max}"
     )
     out: dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="agentcg-replay-") as tmp:
@@ -115,6 +121,7 @@ def bench_replay(
             session_overcommit_ratio=SESSION_OVERCOMMIT_RATIO
             if session_overcommit is None
             else session_overcommit,
+            session_max=session_max,
         )
         if find_min_pool:
             summary, runs = bisect_min_pool(prep, policies, opts, console)

@@ -102,6 +102,7 @@ def test_tiny_replay_all_policies(
     # ... with the replay's ceiling on declared sessions by default.
     assert unlimited["session_overcommit_ratio"] is static["session_overcommit_ratio"] is None
     assert agentcg["session_overcommit_ratio"] == SESSION_OVERCOMMIT_RATIO
+    assert agentcg["session_max"] == "peak" and unlimited["session_max"] is None
     # agentcg never loses an agent to the kernel in a pool the size of the oracle.
     assert agentcg["oom_kills"] == 0
     assert agentcg["agents_completed"] == 3
@@ -145,6 +146,19 @@ def test_rejects_two_pool_sizes(tmp_path: Path, traces: Path) -> None:
     )
     assert proc.returncode == 2
     assert "exactly one" in proc.stdout + proc.stderr
+
+
+def test_rejects_an_unknown_session_max(tmp_path: Path, traces: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "agentcg.clients.cli", "bench", "replay"),
+            *("--traces", str(traces), "--pool-of-oracle", "1", "--session-max", "oracle"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "--session-max: one of peak, cap, none" in proc.stdout + proc.stderr
 
 
 @pytest.mark.kernel
@@ -239,3 +253,28 @@ def test_real_traces_in_a_pool_below_the_oracle_lose_nothing(
     assert (r["oom_kills"], r["killed"], r["pool_stalls"]) == (0, 0, 0), r
     assert r["agents_completed"] == r["agents"] == 8, r["per_agent"]
     assert all(a["lost_calls"] == 0 for a in r["per_agent"])
+
+
+@pytest.mark.kernel
+def test_session_max_what_agents_declare(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """``--session-max``: what the agents declare decides how many start together. Under a
+    ceiling of 1.2 x the pool (the oracle: the three peaks together, 435 MiB), each agent's own
+    peak (131 + 161 + 191 MiB with the margin) lets all three start at once; the largest peak
+    for every agent (3 x 191 MiB) lets only two, and the third waits for one to end; declaring
+    nothing lets all three start. None is lost either way."""
+    args = ("--pool-of-oracle", "1.0", "--policy", "agentcg", "--session-overcommit", "1.2")
+    runs = {
+        m: bench(tmp_path, traces, *args, "--session-max", m)["results"][0]
+        for m in ("peak", "cap", "none")
+    }
+    for mode, r in runs.items():
+        assert r["session_max"] == mode
+        assert r["oom_kills"] == 0 and r["agents_completed"] == 3, r
+    ran = min(a["ran_s"] for a in runs["cap"]["per_agent"])
+    waits = sorted(a["start_wait_s"] for a in runs["cap"]["per_agent"])
+    assert waits[1] < 0.5 * ran and waits[2] >= 0.8 * ran, runs["cap"]["per_agent"]
+    for mode in ("peak", "none"):
+        per_agent = runs[mode]["per_agent"]
+        assert max(a["start_wait_s"] for a in per_agent) < 0.5 * ran, (mode, per_agent)
