@@ -260,10 +260,10 @@ def test_session_max_what_agents_declare(
     tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
 ) -> None:
     """``--session-max``: what the agents declare decides how many start together. Under a
-    ceiling of 1.2 x the pool (the oracle: the three peaks together, 435 MiB), each agent's own
-    peak (131 + 161 + 191 MiB with the margin) lets all three start at once; the largest peak
-    for every agent (3 x 191 MiB) lets only two, and the third waits for one to end; declaring
-    nothing lets all three start. None is lost either way."""
+    ceiling of 1.2 x the pool (the oracle: the three peaks together, 435 MB, 415 MiB: 498 MiB),
+    each agent's own peak (115, 145, 175 MB, each + 16 MiB: 464 MiB) lets all three start at
+    once; the largest peak for every agent (3 x 183 MiB) lets only two, and the third waits for
+    one to end; declaring nothing lets all three start. None is lost either way."""
     args = ("--pool-of-oracle", "1.0", "--policy", "agentcg", "--session-overcommit", "1.2")
     runs = {
         m: bench(tmp_path, traces, *args, "--session-max", m)["results"][0]
