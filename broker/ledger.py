@@ -64,6 +64,8 @@ class Ledger:
         # Sum of declared intents on a node may reach capacity x ratio; 0: no ceiling.
         self.overcommit_ratio = overcommit_ratio
         self.peaks: dict[tuple[TenantName, str], deque[int]] = {}
+        # Per (organization, session class): the most recent sessions held at once, newest last.
+        self.session_peaks: dict[tuple[TenantName, str], deque[int]] = {}
         self.tenants: dict[TenantName, Tenant] = {}
         self.nodes: dict[NodeId, Node] = {}
         self._connected: set[NodeId] = set()
@@ -87,6 +89,7 @@ class Ledger:
         self._claims: dict[NodeId, dict[SessionKey, SessionClaim]] = defaultdict(dict)
         self._claim_leases: dict[SessionKey, int] = {}
         self._session_node: dict[SessionKey, NodeId] = {}
+        self._session_high: dict[SessionKey, int] = {}  # the most each one has held at once
         # (expires_at_ms, lease_id) of active leases; stale entries are skipped when popped, so
         # finding the due leases costs O(due log n), not a scan of every lease.
         self._expiry: list[tuple[int, LeaseId]] = []
@@ -279,6 +282,33 @@ class Ledger:
         window = self.peaks.get((tenant, command_class))
         return window[-1] if window else 0
 
+    def org(self, name: TenantName) -> TenantName:
+        """The tenant's top-level ancestor (itself at the top, or when it is not known)."""
+        chain = self.chain(name)
+        return chain[-1].name if chain else name
+
+    def observe_session_peak(self, tenant: TenantName, session_class: str, peak_bytes: int) -> None:
+        """Remember the most a session of ``session_class`` in ``tenant``'s organization held
+        at once; the newest WINDOW per (organization, class) are kept."""
+        key = (self.org(tenant), session_class)
+        window = self.session_peaks.get(key)
+        if window is None:
+            window = self.session_peaks[key] = deque(maxlen=WINDOW)
+        window.append(peak_bytes)
+
+    def recent_session_peaks(self, tenant: TenantName, session_class: str) -> tuple[int, ...]:
+        return tuple(self.session_peaks.get((self.org(tenant), session_class), ()))
+
+    def session_end_peak(self, lease: Lease) -> int:
+        """The most ``lease``'s session held at once if ending ``lease`` ends that session (its
+        last active lease, of a declared session with a class); 0 otherwise."""
+        if not lease.session_class or lease.lease_id not in self.leases:
+            return 0
+        key = (lease.tenant, lease.session)
+        if self._claim_leases.get(key) != 1:
+            return 0
+        return self._session_high.get(key, 0)
+
     def lowest_priority(self) -> int | None:
         """The lowest priority class of an active lease (None: no active lease)."""
         return min(self._priority_leases, default=None)
@@ -334,6 +364,7 @@ class Ledger:
                 prev = self.leases.get(ch.lease_id)
                 if prev is not None:
                     self._drop_lease(prev)
+                    self._end_session_high(prev)
                     undo.append(PutLease(prev))
             elif isinstance(ch, ForgetPeaks):
                 key = (ch.tenant, ch.command_class)
@@ -354,6 +385,10 @@ class Ledger:
             self._drop_lease(prev)
             if lease.state is not LeaseState.ACTIVE and lease.peak_memory_bytes > 0:
                 self.observe_peak(lease.tenant, lease.command_class, lease.peak_memory_bytes)
+            if lease.state is not LeaseState.ACTIVE and lease.session_peak_bytes > 0:
+                self.observe_session_peak(
+                    lease.tenant, lease.session_class, lease.session_peak_bytes
+                )
         if lease.state is LeaseState.ACTIVE:
             self.leases[lease.lease_id] = lease
             if prev is None or prev.expires_at_ms != lease.expires_at_ms:
@@ -361,6 +396,15 @@ class Ledger:
             if lease.idempotency_key:
                 self.by_key[(lease.tenant, lease.idempotency_key)] = lease.lease_id
             self._account(lease, +1)
+        elif prev is not None and lease.session_max_memory_bytes:
+            self._end_session_high(lease)
+
+    def _end_session_high(self, lease: Lease) -> None:
+        """Forget the most ``lease``'s session held once it has no active lease left. (Not when
+        its last lease is put again, renewed or grown: that drops the claim for a moment.)"""
+        key = (lease.tenant, lease.session)
+        if key not in self._claim_leases:
+            self._session_high.pop(key, None)
 
     def _drop_lease(self, lease: Lease) -> None:
         del self.leases[lease.lease_id]
@@ -412,3 +456,5 @@ class Ledger:
         self._node_intent[lease.node_id] += top - old.max_bytes
         claims[key] = SessionClaim(held, top)
         self._claim_leases[key] = leases
+        if held > self._session_high.get(key, 0):
+            self._session_high[key] = held

@@ -334,6 +334,8 @@ async def _serve(
     ledger.load(snapshot.tenants, snapshot.nodes, snapshot.active_leases)
     for tenant, command_class, peak in store.recent_peaks():
         ledger.observe_peak(tenant, command_class, peak)
+    for tenant, session_class, peak in store.recent_session_peaks():
+        ledger.observe_session_peak(tenant, session_class, peak)
     journal: Journal
     if _process_writer(config, url):
         journal = ProcessJournal(

@@ -100,6 +100,10 @@ class Lease:
     peak_memory_bytes: int = 0
     outcome: Outcome = Outcome.UNKNOWN
     session_max_memory_bytes: int = 0  # the session's declared maximum; 0: not declared
+    session_class: str = ""  # the kind of session whose maxima are learned; "": none
+    # On the lease whose end ended its session: the most the session held at once (all its
+    # budgets together), what later sessions of its class are sized from; 0 on the others.
+    session_peak_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

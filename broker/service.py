@@ -74,7 +74,7 @@ from .model import (
     Tenant,
     TenantName,
 )
-from .sizing import FLOOR_BYTES, MIN_SAMPLES, WINDOW, profile, size_budget
+from .sizing import FLOOR_BYTES, MIN_SAMPLES, WINDOW, profile, size_budget, size_session_max
 from .store import Store, StoreError, StoreFenced
 
 __all__ = [
@@ -298,6 +298,7 @@ class ReserveAsk:
     idempotency_key: str
     queue_timeout_ms: int
     session_max_memory_bytes: int = 0
+    session_class: str = ""
     by: str = ""  # the principal asking (an access file; its grant's audit entry names it)
 
 
@@ -324,6 +325,9 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "", by: str 
     session_max = _non_negative(
         prefix + "session_max_memory_bytes", request.session_max_memory_bytes
     )
+    session_class = request.session_class
+    if session_class:
+        session_class = _name(prefix + "session_class", session_class)
     queue_ms = _non_negative(prefix + "queue_timeout_ms", request.queue_timeout_ms)
     if queue_ms > MAX_TTL_MS:
         raise InvalidArgumentError(
@@ -340,6 +344,7 @@ def parse_reserve(request: broker_pb2.ReserveRequest, prefix: str = "", by: str 
         idempotency_key=request.idempotency_key,
         queue_timeout_ms=queue_ms,
         session_max_memory_bytes=session_max,
+        session_class=session_class,
         by=by,
     )
 
@@ -540,6 +545,10 @@ class BrokerCore:
         claim = ledger.session_claim(ask.tenant, ask.session)
         session_node = None
         session_max = ask.session_max_memory_bytes
+        if claim is None and ask.session_class:  # a new session of a class: its learned maximum
+            session_max = size_session_max(
+                session_max, ledger.recent_session_peaks(ask.tenant, ask.session_class)
+            )
         if claim is None and not session_max:
             budget = size_budget(
                 ask.memory_bytes, ledger.recent_peaks(ask.tenant, ask.command_class)
@@ -551,6 +560,8 @@ class BrokerCore:
             budget = ask.memory_bytes
             if claim is not None:
                 session_node, held = claim
+                if ask.session_class:  # sized when it began: not what each call declares
+                    session_max = 0
                 session_max = max(session_max, held.max_bytes, held.held_bytes + budget)
         if session_node is not None:  # its leases stay on its node
             nodes = [ledger.node_view(session_node)] if session_node in ledger.nodes else []
@@ -588,6 +599,7 @@ class BrokerCore:
             expires_at_ms=t_ms + ask.ttl_ms,
             idempotency_key=ask.idempotency_key,
             session_max_memory_bytes=session_max,
+            session_class=ask.session_class,
         )
         audit = Audit(
             AuditEntry(
@@ -598,6 +610,7 @@ class BrokerCore:
                 node_id=lease.node_id,
                 detail=(
                     f'{{"intent_bytes": {ask.memory_bytes}, "memory_bytes": {lease.memory_bytes}'
+                    + (f', "session_max_bytes": {session_max}' if ask.session_class else "")
                     + (f', "by": {json.dumps(ask.by)}}}' if ask.by else "}")
                 ),
             )
@@ -638,13 +651,15 @@ class BrokerCore:
         return sum(
             1
             for w in self.waiters.values()
-            if w.ask.session_max_memory_bytes and claim(w.ask.tenant, w.ask.session) is not None
+            if (w.ask.session_max_memory_bytes or w.ask.session_class)
+            and claim(w.ask.tenant, w.ask.session) is not None
         )
 
-    @staticmethod
     def ended(
-        lease: Lease, state: LeaseState, t_ms: int, *, peak_bytes: int, outcome: Outcome
+        self, lease: Lease, state: LeaseState, t_ms: int, *, peak_bytes: int, outcome: Outcome
     ) -> Lease:
+        """``lease`` ended at ``t_ms``; if that ends its session (of a class), with the most the
+        session held at once, which later sessions of the class are sized from."""
         # Spelled out rather than dataclasses.replace, which walks the fields by name: this runs
         # for every release (a third of a ReleaseBatch's own CPU went to replace).
         return Lease(
@@ -666,6 +681,8 @@ class BrokerCore:
             peak_memory_bytes=max(lease.peak_memory_bytes, peak_bytes),
             outcome=outcome if outcome is not Outcome.UNKNOWN else lease.outcome,
             session_max_memory_bytes=lease.session_max_memory_bytes,
+            session_class=lease.session_class,
+            session_peak_bytes=self.ledger.session_end_peak(lease) if lease.session_class else 0,
         )
 
     @staticmethod
@@ -856,8 +873,10 @@ class BrokerCore:
             if ask.tenant not in ledger.tenants:  # deleted while waiting
                 continue
             same: tuple[TenantName, str, int, int, int] | None = None
-            if not ask.session_max_memory_bytes and not ledger.session_claim(
-                ask.tenant, ask.session
+            if (
+                not ask.session_max_memory_bytes
+                and not ask.session_class
+                and not ledger.session_claim(ask.tenant, ask.session)
             ):
                 same = (
                     ask.tenant,
@@ -1289,6 +1308,7 @@ class BrokerCore:
         ledger = self.ledger
         t = now_ms()
         changes: list[Change] = []
+        undo: list[Undo] = []
         revoked: list[Lease] = []
         for node_id in sorted(ledger.draining):
             if ledger.nodes[node_id].drain_deadline_ms > t:
@@ -1297,11 +1317,13 @@ class BrokerCore:
                 ended = self.ended(
                     lease, LeaseState.REVOKED, t, peak_bytes=0, outcome=Outcome.KILLED
                 )
-                changes += self.end_changes(ended, "drain", 0)
+                ch = self.end_changes(ended, "drain", 0)
+                undo[:0] = ledger.apply(ch)  # one by one, as _revoke
+                changes += ch
                 revoked.append(ended)
         if not revoked:
             return 0
-        await self.commit(changes)
+        await self.commit_applied(changes, undo)
         self.metrics.lease_drain_revocations.inc(len(revoked))
         for lease in revoked:
             log.info(
@@ -1578,6 +1600,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             authorize_lease(core.ledger, lease)
         out: list[Lease] = []
         changes: list[Change] = []
+        undo: list[Undo] = []
         released = 0
         t = now_ms()
         for r, lease in zip(request.requests, leases, strict=True):
@@ -1592,11 +1615,14 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 peak_bytes=r.peak_memory_bytes,
                 outcome=_OUTCOME_TO_MODEL[r.outcome],
             )
-            changes.extend(core.end_changes(ended, "release", r.peak_memory_bytes, by))
+            ch = core.end_changes(ended, "release", r.peak_memory_bytes, by)
+            # Applied one by one: the next release of the same session sees this one gone.
+            undo[:0] = core.ledger.apply(ch)
+            changes.extend(ch)
             out.append(ended)
             released += 1
         if changes:
-            await core.commit(changes)
+            await core.commit_applied(changes, undo)
             core.metrics.lease_releases.inc(released)
             core.kick([x.tenant for x in out])
         response = broker_pb2.ReleaseBatchResponse()

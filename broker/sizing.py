@@ -8,6 +8,14 @@ budget, are paused by the node and grown by the broker from headroom (graduated 
 instead of every call holding its worst case. The node-level overcommit ceiling (sum of
 *intents* on a node <= capacity x ratio, in ``admission.decide_reserve``) bounds how far the
 broker bets on the learned sizes.
+
+Sessions are sized the same way (``size_session_max``): a session with a class is declared at the
+95th percentile of the most that recent sessions of that class held at once (all their budgets
+together), never above what it declared. A framework rarely knows what a whole agent session
+will need (peaks spread 20x across tasks); it knows its sandbox's limit. Declared at that limit,
+a node holds few sessions (admission keeps room for every declared maximum); declared at what
+such sessions used, it holds as many as fit, and the 5% that go past it wait for room to grow
+(``admission.decide_grow``), as a call past its learned budget does.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ __all__ = [
     "percentile",
     "profile",
     "size_budget",
+    "size_session_max",
 ]
 
 MIN_SAMPLES = 5  # fewer observations: trust the intent
@@ -47,6 +56,16 @@ def size_budget(intent_bytes: int, peaks: Sequence[int]) -> int:
     if len(peaks) < MIN_SAMPLES:
         return intent_bytes
     return min(intent_bytes, max(FLOOR_BYTES, p95(peaks)))
+
+
+def size_session_max(declared_bytes: int, peaks: Sequence[int]) -> int:
+    """The maximum to declare for a new session of a class whose recent sessions held at most
+    ``peaks`` (oldest first); ``declared_bytes`` is what it declared itself (0: nothing). Until
+    the class has ``MIN_SAMPLES`` sessions behind it, what was declared (0 stays undeclared)."""
+    if len(peaks) < MIN_SAMPLES:
+        return declared_bytes
+    learned = max(FLOOR_BYTES, p95(peaks))
+    return min(declared_bytes, learned) if declared_bytes > 0 else learned
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,8 @@ class LeaseRow(Base):
     peak_memory_bytes: Mapped[int]
     outcome: Mapped[Outcome] = mapped_column(_string_enum(Outcome, "outcome"))
     session_max_memory_bytes: Mapped[int] = mapped_column(server_default=text("0"))
+    session_class: Mapped[str] = mapped_column(server_default=text("''"))
+    session_peak_bytes: Mapped[int] = mapped_column(server_default=text("0"))
 
     # A release changes ``state`` and columns no index holds. An index keyed on ``state`` took a
     # delete and an insert per release; one kept to the active leases takes a delete (0006).
@@ -229,6 +231,7 @@ class LeaseRow(Base):
             "cpu_millis",
             "peak_memory_bytes",
             "session_max_memory_bytes",
+            "session_peak_bytes",
         ),
     )
 
@@ -424,10 +427,11 @@ _LEASE_MUTABLE = (
     "ended_at_ms",
     "peak_memory_bytes",
     "outcome",
+    "session_peak_bytes",
 )
 _AUDIT_COLUMNS = _COLUMNS[AuditEntry]
 assert _LEASE_COLUMNS[0] == "lease_id"
-# Most rows per multi-row INSERT (a power of two): 17 lease columns x 256 stays well under
+# Most rows per multi-row INSERT (a power of two): 20 lease columns x 256 stays well under
 # SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
 _ROWS_PER_STATEMENT = 256
 
@@ -453,6 +457,8 @@ def _lease_row(le: Lease) -> tuple[object, ...]:
         le.peak_memory_bytes,
         le.outcome.value,
         le.session_max_memory_bytes,
+        le.session_class,
+        le.session_peak_bytes,
     )
 
 
@@ -504,6 +510,8 @@ def _lease(row: LeaseRow) -> Lease:
         peak_memory_bytes=row.peak_memory_bytes,
         outcome=row.outcome,
         session_max_memory_bytes=row.session_max_memory_bytes,
+        session_class=row.session_class,
+        session_peak_bytes=row.session_peak_bytes,
     )
 
 
@@ -987,6 +995,20 @@ class Store:
         )
         with _translated("read peaks", self._shown_url), Session(self._engine) as session:
             rows = session.execute(query).all()
+        return [(TenantName(t), c, p) for t, c, p in reversed(rows)]
+
+    def recent_session_peaks(self, *, limit: int = 20_000) -> list[tuple[TenantName, str, int]]:
+        """(tenant, session class, peak) of the newest ``limit`` sessions of a class that ended
+        (on the lease that ended each one), oldest first: what session sizing learns from after
+        a restart."""
+        query = (
+            select(LeaseRow.tenant, LeaseRow.session_class, LeaseRow.session_peak_bytes)
+            .where(LeaseRow.session_peak_bytes > 0, LeaseRow.state != LeaseState.ACTIVE)
+            .order_by(LeaseRow.ended_at_ms.desc(), LeaseRow.lease_id.desc())
+            .limit(limit)
+        )
+        with _translated("read session peaks", self._shown_url), Session(self._engine) as s:
+            rows = s.execute(query).all()
         return [(TenantName(t), c, p) for t, c, p in reversed(rows)]
 
     def get_lease(self, lease_id: LeaseId) -> Lease | None:

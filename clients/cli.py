@@ -1375,7 +1375,9 @@ def bench_replay_cmd(
         typer.Option(
             help="agentcg: what each agent declares as its session's maximum: peak (its own "
             "trace's peak, which no real agent knows before it runs), cap (the largest peak of "
-            "the replayed traces, a limit that holds every agent) or none"
+            "the replayed traces, a limit that holds every agent), learn (the cap and a session "
+            "class: once five sessions ended, the broker declares new ones at the p95 of what "
+            "those held) or none"
         ),
     ] = "peak",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,

@@ -96,9 +96,15 @@ SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
 # only in an order in which all of them can finish (no pool of agents waiting on each other).
 # What it declares (``--session-max``): ``peak``, its own trace's peak (knowledge no real agent
 # has before it runs: the best case); ``cap``, the largest peak among the replayed traces (a
-# sandbox limit that holds every agent: what a framework can know); ``none``, nothing. Each
-# plus what the call processes' own interpreters and lease rounding add.
-SESSION_MAX_CHOICES = ("peak", "cap", "none")
+# sandbox limit that holds every agent: what a framework can know); ``learn``, the cap with a
+# session class (``SESSION_CLASS``): once five sessions of it have ended, the broker declares
+# new ones at the 95th percentile of what those held at most (``sizing.size_session_max``);
+# ``none``, nothing. Each plus what the call processes' own interpreters and lease rounding add.
+SESSION_MAX_CHOICES = ("peak", "cap", "learn", "none")
+SESSION_CLASS = "replay-agent"
+# Every agent is a tenant of this organization (whose quota does not bind): what the broker
+# learns of a session class, it learns across an organization's tenants.
+ORG = "replay"
 SESSION_MAX_MARGIN_BYTES = 16 * MiB
 # New sessions may declare up to this x the node's capacity together (the broker's overcommit
 # ratio; ``--session-overcommit``): above it a new agent waits to start, which is where most
@@ -138,6 +144,7 @@ class AgentRun:
     call_plan_s: float = 0.0  # what they take in the trace
     call_admission_s: float = 0.0  # of call_s: waiting for the call's reservation
     session_max_bytes: int = 0  # the session maximum its reservations declare; 0: none
+    session_class: str = ""  # the session class its reservations name ("learn"); "": none
 
     @property
     def leased_bytes(self) -> int:
@@ -242,7 +249,12 @@ class _Replay:
         cg = self.driver.create("agents", f"a{plan.index}")
         if self.policy == "static":
             self.driver.set_memory_limit(cg, self.pool_bytes // len(self.plans))
-        run = AgentRun(plan, cg, session_max_bytes=self.declared_max_bytes(plan))
+        run = AgentRun(
+            plan,
+            cg,
+            session_max_bytes=self.declared_max_bytes(plan),
+            session_class=SESSION_CLASS if self.opts.session_max == "learn" else "",
+        )
         path = self.opts.workdir / f"agent-{plan.index}.json"
         path.write_text(
             json.dumps(
@@ -317,7 +329,7 @@ class _Replay:
         """The session maximum ``plan``'s agent declares (``ReplayOptions.session_max``)."""
         if self.opts.session_max == "none":
             return 0
-        if self.opts.session_max == "cap":
+        if self.opts.session_max in ("cap", "learn"):
             return max(p.peak_bytes for p in self.plans) + SESSION_MAX_MARGIN_BYTES
         return plan.peak_bytes + SESSION_MAX_MARGIN_BYTES
 
@@ -340,6 +352,7 @@ class _Replay:
                     ttl_ms=SESSION_TTL_MS,
                     queue_timeout_ms=QUEUE_TIMEOUT_MS,
                     session_max_bytes=run.session_max_bytes,
+                    session_class=run.session_class,
                 )
             except QuotaExceededError:
                 self.c.denied += 1
@@ -424,6 +437,7 @@ class _Replay:
                     command_class=call.command_class,
                     queue_timeout_ms=QUEUE_TIMEOUT_MS,
                     session_max_bytes=run.session_max_bytes,
+                    session_class=run.session_class,
                 )
             except AgentcgError as exc:
                 # e.g. the node cannot create the call's cgroup while the pool is at its limit
@@ -616,8 +630,9 @@ async def _run_async(
     client = AsyncClient(broker) if broker else None
     try:
         if client is not None:
+            await client.set_tenant(ORG, pool_bytes * len(plans))
             for plan in plans:
-                await client.set_tenant(f"agent-{plan.index}", pool_bytes)
+                await client.set_tenant(f"agent-{plan.index}", pool_bytes, parent=ORG)
         replay = _Replay(
             plans, policy, pool_bytes, driver, pool, opts, client, node_root, on_progress
         )

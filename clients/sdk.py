@@ -576,11 +576,15 @@ class AsyncClient:
         cpu_millis: int = 0,
         queue_timeout_ms: int = 0,
         session_max_bytes: int = 0,
+        session_class: str = "",
     ) -> Lease:
         """Admit one tool call. With ``queue_timeout_ms`` the broker waits up to that long for
         capacity (by priority, then arrival) before it denies. ``session_max_bytes`` declares
         the most the whole session will hold at once: the broker then keeps it on one node and
         admits its leases only in an order in which every declared session there can finish.
+        ``session_class`` names the kind of session: once sessions of that class have ended in
+        the tenant's organization, a new one is declared at what they held at most (their
+        95th percentile, never above ``session_max_bytes``).
 
         Without an ``idempotency_key`` the SDK makes one: a Reserve sent again (after a leader
         change or a broker restart, ``agentcg.channels``) then gets the lease the first attempt
@@ -598,6 +602,7 @@ class AsyncClient:
                     expected_duration_ms=expected_duration_ms,
                     queue_timeout_ms=queue_timeout_ms,
                     session_max_memory_bytes=session_max_bytes,
+                    session_class=session_class,
                 ),
                 timeout=self._timeout_s + queue_timeout_ms / 1000,
             )
@@ -1073,6 +1078,7 @@ class AsyncClient:
         on_output: OutputSink | None = None,
         queue_timeout_ms: int = 0,
         session_max_bytes: int = 0,
+        session_class: str = "",
         resume_timeout_s: float = 60.0,
     ) -> RunResult:
         """Reserve (waiting up to ``queue_timeout_ms`` for room), run on the chosen node
@@ -1090,6 +1096,7 @@ class AsyncClient:
                 ttl_ms=ttl_ms,
                 queue_timeout_ms=queue_timeout_ms,
                 session_max_bytes=session_max_bytes,
+                session_class=session_class,
             )
         except QuotaExceededError as exc:
             return RunResult(

@@ -87,7 +87,7 @@ def current_revision(url: str) -> str | None:
 
 def test_one_head_named_by_its_revision() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert script.get_heads() == ["0009"]
+    assert script.get_heads() == ["0010"]
     for revision in script.walk_revisions():
         assert Path(revision.path).name.startswith(f"{revision.revision}_")
 
@@ -95,7 +95,7 @@ def test_one_head_named_by_its_revision() -> None:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     upgrade(database_url)
     assert tables(database_url) == TABLES
-    assert current_revision(database_url) == "0009"
+    assert current_revision(database_url) == "0010"
 
     downgrade(database_url)
     assert tables(database_url) == set()
@@ -170,7 +170,7 @@ def test_alembic_command_line_with_the_repo_ini(tmp_path: Path) -> None:
         return done.stdout
 
     alembic("upgrade", "head")
-    assert "0009 (head)" in alembic("current")
+    assert "0010 (head)" in alembic("current")
     assert tables(url) == TABLES
     alembic("downgrade", "base")
     assert tables(url) == set()

@@ -109,7 +109,9 @@ def test_reserve_batch_bad_item_changes_nothing(broker: tuple[str, str]) -> None
 def test_an_ended_lease_keeps_every_other_field() -> None:
     """BrokerCore.ended spells the lease's fields out: none may be dropped or reset."""
     import dataclasses
+    from types import SimpleNamespace
 
+    from agentcg.broker.ledger import Ledger
     from agentcg.broker.model import Lease, LeaseState, Outcome
     from agentcg.broker.service import BrokerCore
 
@@ -118,9 +120,21 @@ def test_an_ended_lease_keeps_every_other_field() -> None:
         values[f.name] = i + 7 if f.type in ("int", "int | None") else f"v{i}"
     values |= {"state": LeaseState.ACTIVE, "outcome": Outcome.GROWN}
     lease = Lease(**values)  # type: ignore[arg-type]
-    ended = BrokerCore.ended(lease, LeaseState.RELEASED, 99, peak_bytes=3, outcome=Outcome.UNKNOWN)
+    core = SimpleNamespace(ledger=Ledger())  # the lease is not its session's last one there
+    ended = BrokerCore.ended(
+        core,  # type: ignore[arg-type]
+        lease,
+        LeaseState.RELEASED,
+        99,
+        peak_bytes=3,
+        outcome=Outcome.UNKNOWN,
+    )
     expected = dataclasses.replace(
-        lease, state=LeaseState.RELEASED, ended_at_ms=99, peak_memory_bytes=lease.peak_memory_bytes
+        lease,
+        state=LeaseState.RELEASED,
+        ended_at_ms=99,
+        peak_memory_bytes=lease.peak_memory_bytes,
+        session_peak_bytes=0,
     )
     assert ended == expected
 

@@ -4,6 +4,7 @@ what was learned, read and forgotten through the Sizing service and `agentcg siz
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,8 +13,29 @@ from pathlib import Path
 import pytest
 from agentcg.broker.admission import Admit, Deny, NodeView, QuotaLevel, decide_reserve
 from agentcg.broker.ledger import Ledger
-from agentcg.broker.model import ForgetPeaks, NodeId, Tenant, TenantName
-from agentcg.broker.sizing import FLOOR_BYTES, MIN_SAMPLES, Profile, p95, profile, size_budget
+from agentcg.broker.model import (
+    ForgetPeaks,
+    Lease,
+    LeaseId,
+    LeaseState,
+    Node,
+    NodeId,
+    PutLease,
+    PutNode,
+    PutTenant,
+    SessionName,
+    Tenant,
+    TenantName,
+)
+from agentcg.broker.sizing import (
+    FLOOR_BYTES,
+    MIN_SAMPLES,
+    Profile,
+    p95,
+    profile,
+    size_budget,
+    size_session_max,
+)
 from agentcg.clients.cluster import LocalCluster, scrape_metric
 from agentcg.clients.sdk import Client, SizingProfile
 from agentcg.clients.simnode import SimNode
@@ -84,6 +106,89 @@ def test_profile_budget_is_the_granted_budget(intent: int, peaks: list[int]) -> 
         assert min(peaks) <= p.p50_bytes <= p.p95_bytes <= p.max_bytes == max(peaks)
 
 
+@pytest.mark.parametrize(
+    ("declared", "peaks", "maximum"),
+    [
+        (0, [], 0),  # nothing declared, nothing learned: undeclared
+        (1024 * MiB, [100 * MiB] * (MIN_SAMPLES - 1), 1024 * MiB),  # too few: what it declared
+        # learned: the p95 (of 5: the largest)
+        (1024 * MiB, [100 * MiB, 120 * MiB, 150 * MiB, 110 * MiB, 130 * MiB], 150 * MiB),
+        (0, [100 * MiB] * MIN_SAMPLES, 100 * MiB),  # nothing declared: what was learned
+        (64 * MiB, [100 * MiB] * MIN_SAMPLES, 64 * MiB),  # never above what it declared
+        (1024 * MiB, [1 * MiB] * MIN_SAMPLES, FLOOR_BYTES),  # never below the floor
+    ],
+)
+def test_size_session_max(declared: int, peaks: list[int], maximum: int) -> None:
+    assert size_session_max(declared, peaks) == maximum
+
+
+@given(declared=st.integers(0, 1 << 36), peaks=st.lists(st.integers(1, 1 << 36), max_size=80))
+def test_session_max_never_above_what_was_declared(declared: int, peaks: list[int]) -> None:
+    got = size_session_max(declared, peaks)
+    if declared:
+        assert 0 < got <= declared
+    if len(peaks) < MIN_SAMPLES:
+        assert got == declared
+    else:
+        assert got >= min(declared or FLOOR_BYTES, FLOOR_BYTES)
+
+
+def test_a_session_peak_is_the_most_it_held_at_once() -> None:
+    """The ledger keeps the most a declared session of a class held at once, across its last
+    lease being renewed or grown (which drops and puts back its claim), and hands it out only for
+    the lease whose end ends the session."""
+    ledger = Ledger()
+    org, team = TenantName("org"), TenantName("team")
+    ledger.apply(
+        [
+            PutTenant(Tenant(org, 1 << 40)),
+            PutTenant(Tenant(team, 1 << 40, parent=org)),
+            PutNode(Node(NodeId("n"), "127.0.0.1:1", 1 << 34, 0, 0)),
+        ]
+    )
+
+    def lease(i: int, mib: int, expires_ms: int = 1_000) -> Lease:
+        return Lease(
+            lease_id=LeaseId(f"l{i}"),
+            tenant=team,
+            session=SessionName("s"),
+            command_class="c",
+            node_id=NodeId("n"),
+            memory_bytes=mib * MiB,
+            intent_memory_bytes=mib * MiB,
+            granted_at_ms=0,
+            expires_at_ms=expires_ms,
+            session_max_memory_bytes=1 << 30,
+            session_class="agent",
+        )
+
+    base, call = lease(1, 100), lease(2, 50)
+    ledger.apply([PutLease(base), PutLease(call)])
+    assert ledger.session_end_peak(base) == 0  # not its last lease
+    ledger.apply([PutLease(_ended(call))])
+    assert ledger.session_end_peak(base) == 150 * MiB
+    ledger.apply([PutLease(lease(1, 100, expires_ms=9_000))])  # renewed
+    ledger.apply([PutLease(lease(1, 120, expires_ms=9_000))])  # grown, still under 150
+    assert ledger.session_end_peak(ledger.leases[LeaseId("l1")]) == 150 * MiB
+    last = _ended(ledger.leases[LeaseId("l1")], session_peak_bytes=150 * MiB)
+    ledger.apply([PutLease(last)])
+    assert ledger.session_end_peak(last) == 0  # ended: nothing left to end
+    # Learned under the organization (the tenant's top-level ancestor), by class.
+    assert ledger.recent_session_peaks(team, "agent") == (150 * MiB,)
+    assert ledger.recent_session_peaks(org, "agent") == (150 * MiB,)
+    assert ledger.recent_session_peaks(team, "other") == ()
+    # A new session of the same name starts its count afresh.
+    again = lease(3, 10)
+    ledger.apply([PutLease(again)])
+    assert ledger.session_end_peak(again) == 10 * MiB
+
+
+def _ended(x: Lease, session_peak_bytes: int = 0) -> Lease:
+    return dataclasses.replace(
+        x, state=LeaseState.RELEASED, ended_at_ms=1, session_peak_bytes=session_peak_bytes
+    )
+
+
 def test_forgetting_is_undone_with_what_was_learned_since() -> None:
     """A ForgetPeaks whose commit fails is undone: the peaks come back, and one committed in
     between (another lease ended) is kept after them."""
@@ -145,6 +250,78 @@ def test_learns_from_committed_peaks_and_hints_denials(tmp_path: Path, database_
             assert node.connected.wait(30)
             with Client(cluster.broker_address) as again:
                 assert again.reserve("t", 64 * MiB, command_class="pytest").memory_bytes == 12 * MiB
+
+
+def test_sessions_of_a_class_are_declared_at_what_they_held(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Sessions that declare only a sandbox limit (1 GiB) with a class: on a 1 GiB node (its
+    overcommit ceiling 1.5x) one such session fits at a time. Once five sessions of the class
+    have ended in the organization (at most 120-150 MiB held at once, calls released one by one
+    or in a batch), a new one in another tenant of it is declared at their p95, 150 MiB, and six
+    start at once; one goes past it (raised while safe). Another class, and the same class in
+    another organization, still get what they declared; a class that is not a name is refused.
+    A restarted broker sizes from the sessions the database holds."""
+    cluster = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING")
+    GiB = 1 << 30
+
+    def start(c: Client, tenant: str, session: str, mib: int, session_class: str = "agent") -> str:
+        lease = c.reserve(
+            tenant,
+            mib * MiB,
+            session=session,
+            session_max_bytes=GiB,
+            session_class=session_class,
+            ttl_ms=600_000,
+        )
+        return str(lease.lease_id)
+
+    def declared(c: Client, n: int) -> list[int]:
+        """The session maxima of the newest ``n`` grants, oldest first."""
+        records = c.list_audit(kind="reserve", limit=n).records
+        return [int(r.detail["session_max_bytes"]) // MiB for r in reversed(records)]
+
+    with cluster, SimNode(cluster.broker_address, memory_bytes=GiB) as node:
+        with Client(cluster.broker_address) as c:
+            c.set_tenant("org", 8 * GiB)
+            c.set_tenant("a", 4 * GiB, parent="org")
+            c.set_tenant("b", 4 * GiB, parent="org")
+            c.set_tenant("z", 4 * GiB)
+            first = start(c, "a", "x", 100)
+            with pytest.raises(QuotaExceededError):  # 2 GiB declared over a 1.5 GiB ceiling
+                start(c, "b", "y", 100)
+            c.release(first)
+            for i, call_mib in enumerate([20, 50, 30, 50, 40]):
+                base = start(c, "a", f"s{i}", 100)
+                call = start(c, "a", f"s{i}", call_mib)
+                if i % 2:
+                    c.release(call)
+                    c.release(base)
+                else:
+                    c.release_batch([call, base])
+            # Until five sessions (x and s0-s3) ended, what they declared; then the p95.
+            assert declared(c, 10) == [1024] * 8 + [150] * 2
+            held = [start(c, "b", f"t{i}", 100) for i in range(6)]
+            assert declared(c, 6) == [150] * 6
+            held.append(start(c, "b", "t0", 100))  # t0 past its 150 MiB: still safe
+            for tenant, session_class in (("b", "tests"), ("z", "agent")):
+                with pytest.raises(QuotaExceededError) as denied:
+                    start(c, tenant, "u", 100, session_class)
+                assert "overcommit" in denied.value.message
+            # A class that could not be a name: refused, naming the field; nothing granted.
+            for bad in ("../etc", "a b", "x" * 300):
+                with pytest.raises(InvalidArgumentError) as refused:
+                    start(c, "b", "w", 100, bad)
+                assert refused.value.field == "session_class"
+            assert len(c.list_leases()) == len(held)
+            c.release_batch(held)
+        cluster.stop("broker")
+        node.address = cluster.start_broker()
+        assert node.connected.wait(30)
+        with Client(cluster.broker_address) as c:
+            # The 11 sessions ended (t0 held 200 MiB at most, t1-t5 100 MiB): their p95.
+            start(c, "b", "v", 100)
+            assert declared(c, 1) == [200]
 
 
 def _learn(c: Client, tenant: str, command_class: str, peaks_mib: list[int]) -> None:

@@ -270,6 +270,7 @@ class ReserveRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     SESSION_MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    SESSION_CLASS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     session: _builtins.str
     command_class: _builtins.str
@@ -289,6 +290,13 @@ class ReserveRequest(_message.Message):
     pool of paused sessions waiting on each other), and its first lease only while the node's
     declared total stays within the overcommit ceiling. Exceeding it raises it (if still safe).
     """
+    session_class: _builtins.str
+    """The kind of session (e.g. the agent and its task family), "": none. A session with a class
+    that opens with enough earlier sessions of that class behind it in its organization (its
+    tenant's top-level ancestor) is declared at their 95th-percentile maximum instead, never
+    above a declared session_max_memory_bytes: a framework that knows only its sandbox's limit
+    declares that, and the broker narrows it from what such sessions held at most.
+    """
     @_builtins.property
     def intent(self) -> _types_pb2.Resources:
         """declared budget; memory_bytes > 0 is required"""
@@ -306,10 +314,11 @@ class ReserveRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         queue_timeout_ms: _builtins.int = ...,
         session_max_memory_bytes: _builtins.int = ...,
+        session_class: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_class", b"command_class", "expected_duration_ms", b"expected_duration_ms", "idempotency_key", b"idempotency_key", "intent", b"intent", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "session", b"session", "session_max_memory_bytes", b"session_max_memory_bytes", "tenant", b"tenant", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_class", b"command_class", "expected_duration_ms", b"expected_duration_ms", "idempotency_key", b"idempotency_key", "intent", b"intent", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "session", b"session", "session_class", b"session_class", "session_max_memory_bytes", b"session_max_memory_bytes", "tenant", b"tenant", "ttl_ms", b"ttl_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
