@@ -2082,9 +2082,17 @@ class AuditLogServicer(broker_pb2_grpc.AuditLogServicer):
 
 
 def _profile_pb(
-    tenant: str, command_class: str, peaks: Sequence[int], intent_bytes: int = 0
+    tenant: str,
+    command_class: str,
+    peaks: Sequence[int],
+    intent_bytes: int = 0,
+    *,
+    session: bool = False,
 ) -> broker_pb2.SizingProfile:
+    """A learned profile; ``session``: of a session class (its budget a session maximum)."""
     p = profile(peaks, intent_bytes)
+    if session:
+        p = replace(p, budget_bytes=size_session_max(intent_bytes, peaks) if intent_bytes else 0)
     return broker_pb2.SizingProfile(
         tenant=tenant,
         command_class=command_class,
@@ -2125,8 +2133,14 @@ class SizingServicer(broker_pb2_grpc.SizingServicer):
             if (tenants is None or key[0] in tenants)
             and (not command_class or key[1] == command_class)
         )
+        orgs = None if tenants is None else {ledger.org(TenantName(t)) for t in tenants}
+        session_keys = sorted(k for k in ledger.session_peaks if orgs is None or k[0] in orgs)
         return broker_pb2.ListProfilesResponse(
             profiles=[_profile_pb(t, c, ledger.recent_peaks(t, c), intent) for t, c in keys],
+            sessions=[
+                _profile_pb(o, c, tuple(ledger.session_peaks[o, c]), intent, session=True)
+                for o, c in session_keys
+            ],
             min_samples=MIN_SAMPLES,
             window=WINDOW,
             floor_bytes=FLOOR_BYTES,

@@ -740,9 +740,16 @@ def audit(
 # -- sizing -----------------------------------------------------------------------------------
 
 
-def _sizing_table(profiles: Iterable[SizingProfile], with_budget: bool) -> Table:
-    columns = ["tenant", "class", "peaks", "sized", "p50", "p95", "max", "last"]
-    table = Table(*columns, *(["budget"] if with_budget else []))
+def _sizing_table(
+    profiles: Iterable[SizingProfile], with_budget: bool, sessions: bool = False
+) -> Table:
+    columns = ["organization" if sessions else "tenant", "session class" if sessions else "class"]
+    columns += ["peaks", "sized", "p50", "p95", "max", "last"]
+    table = Table(
+        *columns,
+        *(["session max" if sessions else "budget"] if with_budget else []),
+        title="session classes" if sessions else None,
+    )
     for p in profiles:
         peaks = (p.p50_bytes, p.p95_bytes, p.max_bytes, p.last_peak_bytes)
         table.add_row(
@@ -768,18 +775,36 @@ def sizing_list(
 ) -> None:
     """Per tenant and command class: the committed peaks the broker sizes Reserves from (the
     newest 64), and whether it does yet ("p95": enough peaks, a Reserve gets their 95th
-    percentile, never above its intent; "intent": too few, it gets what it declares)."""
+    percentile, never above its intent; "intent": too few, it gets what it declares). Then per
+    organization and session class: the most each recent session held at once, which new
+    sessions of the class are declared at (their p95, never above what they declare)."""
     intent_bytes = _size(intent) if intent else 0
-    profiles = _client_call(
-        broker,
-        lambda c: c.list_sizing(
+
+    async def both(c: AsyncClient) -> tuple[list[SizingProfile], list[SizingProfile]]:
+        calls = await c.list_sizing(
             tenant=tenant, command_class=command_class, intent_memory_bytes=intent_bytes
-        ),
-    )
+        )
+        sessions = (
+            []
+            if command_class
+            else await c.list_session_sizing(tenant=tenant, intent_memory_bytes=intent_bytes)
+        )
+        return calls, sessions
+
+    profiles, sessions = _client_call(broker, both)
     if json_out:
-        print(json.dumps({"profiles": [dataclasses.asdict(p) for p in profiles]}))
+        print(
+            json.dumps(
+                {
+                    "profiles": [dataclasses.asdict(p) for p in profiles],
+                    "sessions": [dataclasses.asdict(p) for p in sessions],
+                }
+            )
+        )
         return
     console.print(_sizing_table(profiles, with_budget=bool(intent_bytes)))
+    if sessions:
+        console.print(_sizing_table(sessions, with_budget=bool(intent_bytes), sessions=True))
 
 
 @sizing_app.command("forget")

@@ -842,6 +842,24 @@ class AsyncClient:
         )
         return [SizingProfile.from_pb(p) for p in reply.profiles]
 
+    async def list_session_sizing(
+        self, *, tenant: str = "", intent_memory_bytes: int = 0
+    ) -> list[SizingProfile]:
+        """What the broker learned per (organization, session class): ``tenant`` is the
+        organization, ``command_class`` the session class, the peaks the most each recent
+        session held at once; of the organizations of ``tenant`` and its subtree (default:
+        every tenant in the caller's scope); with ``intent_memory_bytes``, each one's
+        ``budget_bytes`` is the maximum a new session declaring it is declared at."""
+        reply = await self._call(
+            self._sizing.ListProfiles(
+                broker_pb2.ListProfilesRequest(
+                    tenant=tenant, intent_memory_bytes=intent_memory_bytes
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [SizingProfile.from_pb(p) for p in reply.sessions]
+
     async def forget_sizing(self, tenant: str, command_class: str = "") -> list[SizingProfile]:
         """Make the broker forget what it learned of ``tenant``'s ``command_class`` (default:
         every class of it); its Reserves get their intent until enough new peaks. Returns the

@@ -304,6 +304,10 @@ def test_sessions_of_a_class_are_declared_at_what_they_held(
             held = [start(c, "b", f"t{i}", 100) for i in range(6)]
             assert declared(c, 6) == [150] * 6
             held.append(start(c, "b", "t0", 100))  # t0 past its 150 MiB: still safe
+            (learned,) = c.list_session_sizing(tenant="b", intent_memory_bytes=GiB)
+            assert (learned.tenant, learned.command_class, learned.samples) == ("org", "agent", 6)
+            assert (learned.p95_bytes, learned.budget_bytes) == (150 * MiB, 150 * MiB)
+            assert c.list_session_sizing(tenant="z") == []  # another organization
             for tenant, session_class in (("b", "tests"), ("z", "agent")):
                 with pytest.raises(QuotaExceededError) as denied:
                     start(c, tenant, "u", 100, session_class)
@@ -456,6 +460,11 @@ def test_sizing_cli(tmp_path: Path) -> None:
     ):
         c.set_tenant("t", 1 << 30)
         _learn(c, "t", "pytest", [12] * MIN_SAMPLES)
+        for i in range(MIN_SAMPLES):  # sessions of a class, each 30 MiB at most
+            lease = c.reserve(
+                "t", 30 * MiB, session=f"s{i}", session_max_bytes=1 << 30, session_class="agent"
+            )
+            c.release(lease.lease_id)
 
         def agentcg(*args: str) -> str:
             cmd = [sys.executable, "-m", "agentcg.clients.cli", *args]
@@ -478,9 +487,23 @@ def test_sizing_cli(tmp_path: Path) -> None:
                     "last_peak_bytes": 12 * MiB,
                     "budget_bytes": 12 * MiB,
                 }
-            ]
+            ],
+            "sessions": [
+                {
+                    "tenant": "t",  # the organization: t is a top-level tenant
+                    "command_class": "agent",
+                    "samples": MIN_SAMPLES,
+                    "learned": True,
+                    "p50_bytes": 30 * MiB,
+                    "p95_bytes": 30 * MiB,
+                    "max_bytes": 30 * MiB,
+                    "last_peak_bytes": 30 * MiB,
+                    "budget_bytes": 30 * MiB,  # the maximum a session declaring 1 GiB gets
+                }
+            ],
         }
         table = agentcg("sizing", "list", "--tenant", "t")
         assert "pytest" in table and "p95" in table
+        assert "session classes" in table and "agent" in table
         assert "forgot 5 peaks" in agentcg("sizing", "forget", "t", "--class", "pytest")
         assert c.list_sizing() == []

@@ -1133,6 +1133,7 @@ class ListProfilesResponse(_message.Message):
     MIN_SAMPLES_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     FLOOR_BYTES_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
     min_samples: _builtins.int
     window: _builtins.int
     floor_bytes: _builtins.int
@@ -1141,6 +1142,14 @@ class ListProfilesResponse(_message.Message):
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___SizingProfile]:
         """by tenant, then command class"""
 
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SizingProfile]:
+        """Session classes, learned per organization (ReserveRequest.session_class), of the
+        organizations of the tenants asked about: tenant is the organization, command_class the
+        session class, the peaks the most each recent session held at once, and budget_bytes the
+        maximum a new session declaring intent_memory_bytes is declared at.
+        """
+
     def __init__(
         self,
         *,
@@ -1148,10 +1157,11 @@ class ListProfilesResponse(_message.Message):
         min_samples: _builtins.int = ...,
         window: _builtins.int = ...,
         floor_bytes: _builtins.int = ...,
+        sessions: _abc.Iterable[Global___SizingProfile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["floor_bytes", b"floor_bytes", "min_samples", b"min_samples", "profiles", b"profiles", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["floor_bytes", b"floor_bytes", "min_samples", b"min_samples", "profiles", b"profiles", "sessions", b"sessions", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
