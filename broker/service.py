@@ -1601,12 +1601,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         out: list[Lease] = []
         changes: list[Change] = []
         undo: list[Undo] = []
+        ended_here: dict[LeaseId, Lease] = {}
         released = 0
         t = now_ms()
         for r, lease in zip(request.requests, leases, strict=True):
             current = core.ledger.leases.get(lease.lease_id)
-            if current is None:
-                out.append(lease)  # already ended: idempotent
+            if current is None:  # already ended (before, or earlier in this batch): idempotent
+                out.append(ended_here.get(lease.lease_id, lease))
                 continue
             ended = core.ended(
                 current,
@@ -1620,6 +1621,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             undo[:0] = core.ledger.apply(ch)
             changes.extend(ch)
             out.append(ended)
+            ended_here[ended.lease_id] = ended
             released += 1
         if changes:
             await core.commit_applied(changes, undo)

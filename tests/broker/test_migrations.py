@@ -11,15 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from agentcg.broker.model import (
-    Lease,
-    LeaseId,
-    LeaseState,
-    NodeId,
-    PutLease,
-    SessionName,
-    TenantName,
-)
 from agentcg.broker.store import (
     MIGRATIONS_DIR,
     Base,
@@ -147,7 +138,7 @@ def test_schema_rejects_unknown_enum_values(database_url: str) -> None:
             conn.execute(
                 text(
                     "INSERT INTO leases VALUES ('l', 't', 's', 'c', 'n', 1, 1, 0, 1, 'bogus',"
-                    " 1, 0, 0, '', NULL, 0, '', 0)"
+                    " 1, 0, 0, '', NULL, 0, '', 0, '', 0)"
                 )
             )
     finally:
@@ -206,36 +197,35 @@ def test_0002_gives_existing_tenants_weight_1_and_downgrades_keeping_them(
 
 
 def test_0006_indexes_the_active_leases_already_there(database_url: str) -> None:
-    def lease(lease_id: str, state: LeaseState) -> Lease:
-        return Lease(
-            LeaseId(lease_id),
-            TenantName("t1"),
-            SessionName("s1"),
-            "pytest",
-            NodeId("n1"),
-            memory_bytes=1 << 30,
-            intent_memory_bytes=1 << 30,
-            granted_at_ms=1_000,
-            expires_at_ms=61_000,
-            state=state,
-        )
-
+    """Leases written at 0005 (with its columns: the store of today writes the later ones too)
+    are found through 0006's active-lease indexes, and are all there after a downgrade."""
     upgrade(database_url, "0005")
-    store = Store(database_url)
+    engine = create_store_engine(database_url)
     try:
-        store.apply(
-            [
-                PutLease(lease("l-active", LeaseState.ACTIVE)),
-                PutLease(lease("l-ended", LeaseState.EXPIRED)),
-            ]
-        )
+        with engine.begin() as conn:
+            for lease_id, state in (("l-active", "active"), ("l-ended", "expired")):
+                conn.execute(
+                    text(
+                        "INSERT INTO leases (lease_id, tenant, session, command_class, node_id,"
+                        " memory_bytes, intent_memory_bytes, granted_at_ms, expires_at_ms, state,"
+                        " epoch, priority, cpu_millis, idempotency_key, ended_at_ms,"
+                        " peak_memory_bytes, outcome, session_max_memory_bytes) VALUES (:id,"
+                        " 't1', 's1', 'pytest', 'n1', 1073741824, 1073741824, 1000, 61000,"
+                        " :state, 1, 0, 0, '', NULL, 0, '', 0)"
+                    ),
+                    {"id": lease_id, "state": state},
+                )
         upgrade(database_url)
-        assert [le.lease_id for le in store.load().active_leases] == ["l-active"]
-        assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-active"]
-        assert [le.lease_id for le in store.list_leases(node_id="n1")] == ["l-active"]
+        store = Store(database_url)
+        try:
+            assert [le.lease_id for le in store.load().active_leases] == ["l-active"]
+            assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-active"]
+            assert [le.lease_id for le in store.list_leases(node_id="n1")] == ["l-active"]
+        finally:
+            store.close()
         downgrade(database_url, "0005")
-        # (not store.load(): the nodes table of 0005 lacks what the store now maps)
-        assert [le.lease_id for le in store.list_leases(tenant="t1")] == ["l-active"]
-        assert len(store.list_leases(include_inactive=True)) == 2
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT lease_id, state FROM leases ORDER BY lease_id"))
+            assert [tuple(r) for r in rows] == [("l-active", "active"), ("l-ended", "expired")]
     finally:
-        store.close()
+        engine.dispose()
