@@ -158,7 +158,7 @@ def test_rejects_an_unknown_session_max(tmp_path: Path, traces: Path) -> None:
         text=True,
     )
     assert proc.returncode == 2
-    assert "--session-max: one of peak, cap, none" in proc.stdout + proc.stderr
+    assert "--session-max: one of peak, cap, learn, none" in proc.stdout + proc.stderr
 
 
 @pytest.mark.kernel
