@@ -15,7 +15,7 @@ together), never above what it declared. A framework rarely knows what a whole a
 will need (peaks spread 20x across tasks); it knows its sandbox's limit. Declared at that limit,
 a node holds few sessions (admission keeps room for every declared maximum); declared at what
 such sessions used, it holds as many as fit, and the 5% that go past it wait for room to grow
-(``admission.decide_grow``), as a call past its learned budget does.
+(``admission.decide_growth``), as a call past its learned budget does.
 """
 
 from __future__ import annotations
