@@ -76,6 +76,10 @@ class BrokerConfig:
     # A paused call whose growth does not fit stays paused up to this long for room to free
     # (spikes last 1-2 s: time-shifted instead of killed); 0: killed at once.
     growth_wait_ms: int = 2_000
+    # A new session of a class is declared at this percentile of the most earlier sessions of
+    # the class held at once (never above what it declares): lower, more sessions per node and
+    # more of them past their maximum, waiting to grow.
+    session_percentile: int = 95
     # Where group commits run: "process" (broker/writer.py) or "thread" (broker/journal.py). An
     # in-memory SQLite database is the broker's own: always "thread".
     db_writer: str = "process"
@@ -362,6 +366,7 @@ async def _serve(
         max_queued=config.max_queued,
         max_queued_per_tenant=config.max_queued_per_tenant,
         growth_wait_ms=config.growth_wait_ms,
+        session_percentile=config.session_percentile,
     )
     metrics.track_state(_read_on_loop(asyncio.get_running_loop(), core.state))
     if store.wal_path is not None:

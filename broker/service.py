@@ -428,8 +428,11 @@ class BrokerCore:
         max_queued: int = 0,
         max_queued_per_tenant: int = 0,
         growth_wait_ms: int = 0,
+        session_percentile: int = 95,
     ) -> None:
         self.store = store
+        # New sessions of a class are declared at this percentile of what earlier ones held.
+        self.session_percentile = session_percentile
         self.journal = journal
         self.ledger = ledger
         self.metrics = metrics or BrokerMetrics()
@@ -547,7 +550,9 @@ class BrokerCore:
         session_max = ask.session_max_memory_bytes
         if claim is None and ask.session_class:  # a new session of a class: its learned maximum
             session_max = size_session_max(
-                session_max, ledger.recent_session_peaks(ask.tenant, ask.session_class)
+                session_max,
+                ledger.recent_session_peaks(ask.tenant, ask.session_class),
+                self.session_percentile,
             )
         if claim is None and not session_max:
             budget = size_budget(
@@ -2089,12 +2094,14 @@ def _profile_pb(
     peaks: Sequence[int],
     intent_bytes: int = 0,
     *,
-    session: bool = False,
+    session_percentile: int = 0,
 ) -> broker_pb2.SizingProfile:
-    """A learned profile; ``session``: of a session class (its budget a session maximum)."""
+    """A learned profile; with ``session_percentile``, of a session class (its budget the
+    maximum a new session declaring ``intent_bytes`` is declared at)."""
     p = profile(peaks, intent_bytes)
-    if session:
-        p = replace(p, budget_bytes=size_session_max(intent_bytes, peaks) if intent_bytes else 0)
+    if session_percentile:
+        declared = size_session_max(intent_bytes, peaks, session_percentile) if intent_bytes else 0
+        p = replace(p, budget_bytes=declared)
     return broker_pb2.SizingProfile(
         tenant=tenant,
         command_class=command_class,
@@ -2140,7 +2147,13 @@ class SizingServicer(broker_pb2_grpc.SizingServicer):
         return broker_pb2.ListProfilesResponse(
             profiles=[_profile_pb(t, c, ledger.recent_peaks(t, c), intent) for t, c in keys],
             sessions=[
-                _profile_pb(o, c, tuple(ledger.session_peaks[o, c]), intent, session=True)
+                _profile_pb(
+                    o,
+                    c,
+                    tuple(ledger.session_peaks[o, c]),
+                    intent,
+                    session_percentile=self.core.session_percentile,
+                )
                 for o, c in session_keys
             ],
             min_samples=MIN_SAMPLES,

@@ -10,8 +10,8 @@ instead of every call holding its worst case. The node-level overcommit ceiling 
 broker bets on the learned sizes.
 
 Sessions are sized the same way (``size_session_max``): a session with a class is declared at the
-95th percentile of the most that recent sessions of that class held at once (all their budgets
-together), never above what it declared. A framework rarely knows what a whole agent session
+95th percentile (the broker's ``--session-percentile``) of the most that recent sessions of that
+class held at once (all their budgets together), never above what it declared. A framework rarely knows what a whole agent session
 will need (peaks spread 20x across tasks); it knows its sandbox's limit. Declared at that limit,
 a node holds few sessions (admission keeps room for every declared maximum); declared at what
 such sessions used, it holds as many as fit, and the 5% that go past it wait for room to grow
@@ -58,13 +58,14 @@ def size_budget(intent_bytes: int, peaks: Sequence[int]) -> int:
     return min(intent_bytes, max(FLOOR_BYTES, p95(peaks)))
 
 
-def size_session_max(declared_bytes: int, peaks: Sequence[int]) -> int:
+def size_session_max(declared_bytes: int, peaks: Sequence[int], pct: int = 95) -> int:
     """The maximum to declare for a new session of a class whose recent sessions held at most
-    ``peaks`` (oldest first); ``declared_bytes`` is what it declared itself (0: nothing). Until
-    the class has ``MIN_SAMPLES`` sessions behind it, what was declared (0 stays undeclared)."""
+    ``peaks`` (oldest first): their ``pct``th percentile; ``declared_bytes`` is what it declared
+    itself (0: nothing). Until the class has ``MIN_SAMPLES`` sessions behind it, what was
+    declared (0 stays undeclared)."""
     if len(peaks) < MIN_SAMPLES:
         return declared_bytes
-    learned = max(FLOOR_BYTES, p95(peaks))
+    learned = max(FLOOR_BYTES, percentile(sorted(peaks), pct))
     return min(declared_bytes, learned) if declared_bytes > 0 else learned
 
 

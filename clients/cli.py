@@ -192,6 +192,15 @@ def broker(
             "capacity x this; 0: no ceiling",
         ),
     ] = 1.5,
+    session_percentile: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=100,
+            help="a new session of a class is declared at this percentile of the most earlier "
+            "sessions of the class held at once (never above what it declares)",
+        ),
+    ] = 95,
     growth_wait_ms: Annotated[
         int,
         typer.Option(
@@ -275,6 +284,7 @@ def broker(
         ready_file=ready_file,
         overcommit_ratio=overcommit_ratio,
         growth_wait_ms=growth_wait_ms,
+        session_percentile=session_percentile,
         max_queued=max_queued,
         max_queued_per_tenant=max_queued_per_tenant,
         metrics_listen=metrics_listen,
@@ -1405,6 +1415,15 @@ def bench_replay_cmd(
             "those held) or none"
         ),
     ] = "peak",
+    session_percentile: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=100,
+            help="agentcg, --session-max learn: the broker's --session-percentile (what new "
+            "sessions are declared at, of what ended ones held)",
+        ),
+    ] = 95,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
 ) -> None:
@@ -1425,6 +1444,7 @@ def bench_replay_cmd(
             find_min_pool=find_min_pool,
             session_overcommit=session_overcommit,
             session_max=session_max,
+            session_percentile=session_percentile,
             json_path=json_path,
             plot=plot,
         )

@@ -125,6 +125,7 @@ class ReplayOptions:
     plot: bool = False
     session_overcommit_ratio: float = SESSION_OVERCOMMIT_RATIO
     session_max: str = "peak"  # SESSION_MAX_CHOICES
+    session_percentile: int = 95  # the broker's --session-percentile ("learn")
 
 
 @dataclass
@@ -595,6 +596,11 @@ class _Replay:
             else None,
             # agentcg: what each agent declares as its session's maximum
             "session_max": self.opts.session_max if self.policy == "agentcg" else None,
+            "session_percentile": (
+                self.opts.session_percentile
+                if self.policy == "agentcg" and self.opts.session_max == "learn"
+                else None
+            ),
             "per_agent": [
                 {
                     "agent": r.plan.index,
@@ -674,7 +680,10 @@ def run_policy(
             cluster = _NodeCluster(opts.workdir / "cluster", log_level=opts.log_level)
             cluster.cgroup_base = pool.path
             cluster.cgroup_root = "node"
-            cluster.broker_args = ("--overcommit-ratio", str(opts.session_overcommit_ratio))
+            cluster.broker_args = (
+                *("--overcommit-ratio", str(opts.session_overcommit_ratio)),
+                *("--session-percentile", str(opts.session_percentile)),
+            )
             cluster.node_memory = str(pool_bytes)
             cluster.node_policy_args = (
                 "--growth-factor",

@@ -72,6 +72,7 @@ def bench_replay(
     find_min_pool: bool,
     session_overcommit: float | None,
     session_max: str,
+    session_percentile: int,
     json_path: Path | None,
     plot: Path | None,
 ) -> int:
@@ -111,6 +112,7 @@ def bench_replay(
         f"{format_bytes(prep.oracle_bytes)}, sum of peaks {format_bytes(prep.sum_peaks_bytes)}, "
         f"longest trace {max(p.duration_s for p in prep.plans):.0f} s; agentcg's agents declare "
         f"session maxima: {session_max}"
+        + (f" (p{session_percentile})" if session_max == "learn" else "")
     )
     out: dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="agentcg-replay-") as tmp:
@@ -122,6 +124,7 @@ def bench_replay(
             if session_overcommit is None
             else session_overcommit,
             session_max=session_max,
+            session_percentile=session_percentile,
         )
         if find_min_pool:
             summary, runs = bisect_min_pool(prep, policies, opts, console)

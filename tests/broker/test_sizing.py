@@ -122,6 +122,13 @@ def test_size_session_max(declared: int, peaks: list[int], maximum: int) -> None
     assert size_session_max(declared, peaks) == maximum
 
 
+def test_size_session_max_at_another_percentile() -> None:
+    peaks = [50 * MiB, 10 * MiB, 40 * MiB, 20 * MiB, 30 * MiB]
+    assert size_session_max(1 << 30, peaks, 50) == 30 * MiB  # nearest rank: the 3rd of 5
+    assert size_session_max(1 << 30, peaks, 95) == 50 * MiB
+    assert size_session_max(25 * MiB, peaks, 50) == 25 * MiB  # never above what was declared
+
+
 @given(declared=st.integers(0, 1 << 36), peaks=st.lists(st.integers(1, 1 << 36), max_size=80))
 def test_session_max_never_above_what_was_declared(declared: int, peaks: list[int]) -> None:
     got = size_session_max(declared, peaks)
@@ -326,6 +333,27 @@ def test_sessions_of_a_class_are_declared_at_what_they_held(
             # The 11 sessions ended (t0 held 200 MiB at most, t1-t5 100 MiB): their p95.
             start(c, "b", "v", 100)
             assert declared(c, 1) == [200]
+
+
+def test_the_session_percentile_is_the_brokers_to_set(tmp_path: Path) -> None:
+    """``agentcg broker --session-percentile 50``: sessions that held 10-50 MiB at most make
+    the next one declared at their median, 30 MiB, as ``list_session_sizing`` says."""
+    flags = ("--session-percentile", "50")
+    with (
+        LocalCluster(tmp_path, nodes=0, broker_args=flags, log_level="WARNING") as cl,
+        SimNode(cl.broker_address, memory_bytes=1 << 34),
+        Client(cl.broker_address) as c,
+    ):
+        c.set_tenant("t", 1 << 30)
+        for i, mib in enumerate([50, 10, 40, 20, 30, 25]):
+            lease = c.reserve(
+                "t", mib * MiB, session=f"s{i}", session_max_bytes=1 << 30, session_class="agent"
+            )
+            c.release(lease.lease_id)
+        (entry, *_) = c.list_audit(kind="reserve").records  # the newest: s5
+        assert entry.detail["session_max_bytes"] == 30 * MiB
+        (learned,) = c.list_session_sizing(intent_memory_bytes=1 << 30)
+        assert (learned.samples, learned.budget_bytes) == (6, 25 * MiB)  # the 3rd of 6 now
 
 
 def _learn(c: Client, tenant: str, command_class: str, peaks_mib: list[int]) -> None:
