@@ -766,7 +766,9 @@ def _sizing_table(
             p.tenant,
             p.command_class,
             str(p.samples),
-            "p95" if p.learned else "intent",
+            ("learned" if p.learned else "declared")
+            if sessions
+            else ("p95" if p.learned else "intent"),
             *(format_bytes(b) if p.samples else "-" for b in peaks),
             *([format_bytes(p.budget_bytes)] if with_budget else []),
         )
@@ -786,8 +788,9 @@ def sizing_list(
     """Per tenant and command class: the committed peaks the broker sizes Reserves from (the
     newest 64), and whether it does yet ("p95": enough peaks, a Reserve gets their 95th
     percentile, never above its intent; "intent": too few, it gets what it declares). Then per
-    organization and session class: the most each recent session held at once, which new
-    sessions of the class are declared at (their p95, never above what they declare)."""
+    organization and session class: the most each recent session held at once, and whether new
+    sessions of the class are declared from them ("learned": at the broker's
+    --session-percentile of them, never above what they declare) or at what they declare."""
     intent_bytes = _size(intent) if intent else 0
 
     async def both(c: AsyncClient) -> tuple[list[SizingProfile], list[SizingProfile]]:
@@ -1411,8 +1414,8 @@ def bench_replay_cmd(
             help="agentcg: what each agent declares as its session's maximum: peak (its own "
             "trace's peak, which no real agent knows before it runs), cap (the largest peak of "
             "the replayed traces, a limit that holds every agent), learn (the cap and a session "
-            "class: once five sessions ended, the broker declares new ones at the p95 of what "
-            "those held) or none"
+            "class: once five sessions ended, the broker declares new ones at a percentile, "
+            "--session-percentile, of what those held) or none"
         ),
     ] = "peak",
     session_percentile: Annotated[

@@ -98,7 +98,7 @@ SESSION_TTL_MS = 3600 * 1000  # a session lease outlives any replay
 # has before it runs: the best case); ``cap``, the largest peak among the replayed traces (a
 # sandbox limit that holds every agent: what a framework can know); ``learn``, the cap with a
 # session class (``SESSION_CLASS``): once five sessions of it have ended, the broker declares
-# new ones at the 95th percentile of what those held at most (``sizing.size_session_max``);
+# new ones at a percentile (``--session-percentile``, 95) of what those held at most;
 # ``none``, nothing. Each plus what the call processes' own interpreters and lease rounding add.
 SESSION_MAX_CHOICES = ("peak", "cap", "learn", "none")
 SESSION_CLASS = "replay-agent"

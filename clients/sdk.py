@@ -583,8 +583,8 @@ class AsyncClient:
         the most the whole session will hold at once: the broker then keeps it on one node and
         admits its leases only in an order in which every declared session there can finish.
         ``session_class`` names the kind of session: once sessions of that class have ended in
-        the tenant's organization, a new one is declared at what they held at most (their
-        95th percentile, never above ``session_max_bytes``).
+        the tenant's organization, a new one is declared at what they held at most (their 95th
+        percentile, or the broker's ``--session-percentile``; never above ``session_max_bytes``).
 
         Without an ``idempotency_key`` the SDK makes one: a Reserve sent again (after a leader
         change or a broker restart, ``agentcg.channels``) then gets the lease the first attempt
