@@ -264,9 +264,9 @@ def test_sessions_of_a_class_are_declared_at_what_they_held(
 ) -> None:
     """Sessions that declare only a sandbox limit (1 GiB) with a class: on a 1 GiB node (its
     overcommit ceiling 1.5x) one such session fits at a time. Once five sessions of the class
-    have ended in the organization (at most 120-150 MiB held at once, calls released one by one
-    or in a batch), a new one in another tenant of it is declared at their p95, 150 MiB, and six
-    start at once; one goes past it (raised while safe). Another class, and the same class in
+    have ended in the organization (at most 100-150 MiB held at once, calls released one by one
+    or in a batch), a new one is declared at their p95, 150 MiB; then six in another tenant of
+    it start at once; one goes past it (raised while safe). Another class, and the same class in
     another organization, still get what they declared; a class that is not a name is refused.
     A restarted broker sizes from the sessions the database holds."""
     cluster = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING")
