@@ -293,9 +293,10 @@ class ReserveRequest(_message.Message):
     session_class: _builtins.str
     """The kind of session (e.g. the agent and its task family), "": none. A session with a class
     that opens with enough earlier sessions of that class behind it in its organization (its
-    tenant's top-level ancestor) is declared at their 95th-percentile maximum instead, never
-    above a declared session_max_memory_bytes: a framework that knows only its sandbox's limit
-    declares that, and the broker narrows it from what such sessions held at most.
+    tenant's top-level ancestor) is declared at a percentile (the broker's --session-percentile,
+    95 by default) of the most each of them held at once instead, never above a declared
+    session_max_memory_bytes: a framework that knows only its sandbox's limit declares that,
+    and the broker narrows it from what such sessions held at most.
     """
     @_builtins.property
     def intent(self) -> _types_pb2.Resources:
