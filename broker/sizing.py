@@ -9,13 +9,14 @@ instead of every call holding its worst case. The node-level overcommit ceiling 
 *intents* on a node <= capacity x ratio, in ``admission.decide_reserve``) bounds how far the
 broker bets on the learned sizes.
 
-Sessions are sized the same way (``size_session_max``): a session with a class is declared at the
-95th percentile (the broker's ``--session-percentile``) of the most that recent sessions of that
-class held at once (all their budgets together), never above what it declared. A framework rarely knows what a whole agent session
-will need (peaks spread 20x across tasks); it knows its sandbox's limit. Declared at that limit,
-a node holds few sessions (admission keeps room for every declared maximum); declared at what
-such sessions used, it holds as many as fit, and the 5% that go past it wait for room to grow
-(``admission.decide_growth``), as a call past its learned budget does.
+Sessions are sized the same way (``size_session_max``): a session with a class is declared at
+the 95th percentile (the broker's ``--session-percentile``) of the most that recent sessions of
+that class held at once (all their budgets together), never above what it declared. A framework
+rarely knows what a whole agent session will need (peaks spread 20x across tasks); it knows its
+sandbox's limit. Declared at that limit, a node holds few sessions (admission keeps room for
+every declared maximum); declared at what such sessions used, it holds as many as fit, and those
+that go past it wait for room to grow (``admission.decide_growth``), as a call past its learned
+budget does.
 """
 
 from __future__ import annotations
