@@ -40,8 +40,11 @@ def test_a_flush_takes_the_calls_output_out_of_its_memory(
     assert spool.flush_output() == WRITTEN
     after = driver.read_usage(cg)
     assert after <= 4 * MiB, (before, after)
-    # On disk as it was; reading it back charges this process, not the call.
-    assert spool.output_written_and_held() == (WRITTEN, WRITTEN)
+    # On disk as it was; reading it back charges this process, not the call. Once written out,
+    # the file system may count a block of its own for the file's extents (ext4 did once in CI:
+    # 48 MiB + 4 KiB), so the disk it holds is the output and at most a few such blocks.
+    written, held = spool.output_written_and_held()
+    assert written == WRITTEN and WRITTEN <= held <= WRITTEN + 64 * 1024, (written, held)
     data = (spool.dir / "stdout").read_bytes()
     assert len(data) == WRITTEN and data.count(0) == WRITTEN
     assert driver.read_usage(cg) <= 4 * MiB
