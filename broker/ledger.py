@@ -269,11 +269,7 @@ class Ledger:
 
     def observe_peak(self, tenant: TenantName, command_class: str, peak_bytes: int) -> None:
         """Remember a committed peak of (tenant, command class); the newest WINDOW are kept."""
-        key = (tenant, command_class)
-        window = self.peaks.get(key)
-        if window is None:
-            window = self.peaks[key] = deque(maxlen=WINDOW)
-        window.append(peak_bytes)
+        _remember(self.peaks, (tenant, command_class), peak_bytes)
 
     def recent_peaks(self, tenant: TenantName, command_class: str) -> tuple[int, ...]:
         return tuple(self.peaks.get((tenant, command_class), ()))
@@ -290,11 +286,7 @@ class Ledger:
     def observe_session_peak(self, tenant: TenantName, session_class: str, peak_bytes: int) -> None:
         """Remember the most a session of ``session_class`` in ``tenant``'s organization held
         at once; the newest WINDOW per (organization, class) are kept."""
-        key = (self.org(tenant), session_class)
-        window = self.session_peaks.get(key)
-        if window is None:
-            window = self.session_peaks[key] = deque(maxlen=WINDOW)
-        window.append(peak_bytes)
+        _remember(self.session_peaks, (self.org(tenant), session_class), peak_bytes)
 
     def recent_session_peaks(self, tenant: TenantName, session_class: str) -> tuple[int, ...]:
         return tuple(self.session_peaks.get((self.org(tenant), session_class), ()))
@@ -458,3 +450,13 @@ class Ledger:
         self._claim_leases[key] = leases
         if held > self._session_high.get(key, 0):
             self._session_high[key] = held
+
+
+def _remember(
+    windows: dict[tuple[TenantName, str], deque[int]], key: tuple[TenantName, str], peak: int
+) -> None:
+    """Append ``peak`` to ``key``'s window of the newest WINDOW peaks."""
+    window = windows.get(key)
+    if window is None:
+        window = windows[key] = deque(maxlen=WINDOW)
+    window.append(peak)
