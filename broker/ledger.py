@@ -54,6 +54,7 @@ class RestorePeaks:
     tenant: TenantName
     command_class: str
     peaks: tuple[int, ...]
+    sessions: bool = False
 
 
 Undo: TypeAlias = Change | Forget | RestorePeaks
@@ -359,13 +360,14 @@ class Ledger:
                     self._end_session_high(prev)
                     undo.append(PutLease(prev))
             elif isinstance(ch, ForgetPeaks):
-                key = (ch.tenant, ch.command_class)
-                undo.append(RestorePeaks(ch.tenant, ch.command_class, self.recent_peaks(*key)))
-                self.peaks.pop(key, None)
+                windows = self.session_peaks if ch.sessions else self.peaks
+                peaks = tuple(windows.pop((ch.tenant, ch.command_class), ()))
+                undo.append(RestorePeaks(ch.tenant, ch.command_class, peaks, ch.sessions))
             elif isinstance(ch, RestorePeaks):
-                since = self.peaks.pop((ch.tenant, ch.command_class), ())
+                windows = self.session_peaks if ch.sessions else self.peaks
+                since = windows.pop((ch.tenant, ch.command_class), ())
                 for peak in (*ch.peaks, *since):  # with what was learned since
-                    self.observe_peak(ch.tenant, ch.command_class, peak)
+                    _remember(windows, (ch.tenant, ch.command_class), peak)
             elif isinstance(ch, Audit | PruneHistory):
                 pass  # the database's history only: nothing live
         undo.reverse()

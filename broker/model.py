@@ -154,11 +154,14 @@ class PruneHistory:
 @dataclass(frozen=True, slots=True)
 class ForgetPeaks:
     """Drop what sizing learned of (tenant, command class): the peaks of leases that ended at
-    or before ``at_ms`` are not learned from again, after a restart either."""
+    or before ``at_ms`` are not learned from again, after a restart either. With ``sessions``,
+    of (organization, session class) instead: ``tenant`` is the organization, ``command_class``
+    the session class, and sessions that ended at or before ``at_ms`` are not learned from."""
 
     tenant: TenantName
     command_class: str
     at_ms: int
+    sessions: bool = False
 
 
 Change: TypeAlias = (

@@ -2180,26 +2180,64 @@ class SizingServicer(broker_pb2_grpc.SizingServicer):
             raise NotFoundError("tenant", tenant)
         classes = [command_class] if command_class else learned
         forgotten = [_profile_pb(tenant, c, ledger.recent_peaks(tenant, c)) for c in classes]
+        return await self._forget(tenant, forgotten, sessions=False)
+
+    @_rpc
+    async def ForgetSessionProfile(
+        self,
+        request: broker_pb2.ForgetSessionProfileRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.ForgetSessionProfileRequest, broker_pb2.ForgetProfileResponse
+        ],
+    ) -> broker_pb2.ForgetProfileResponse:
+        org = TenantName(_name("organization", request.organization, remember=False))
+        session_class = _name(
+            "session_class", request.session_class, allow_empty=True, remember=False
+        )
+        ledger = self.core.ledger
+        authorize_tenant(ledger, org)
+        if ledger.org(org) != org:
+            raise InvalidArgumentError(
+                "organization",
+                f"tenant {org} is not an organization: session classes are learned per "
+                f"organization, and its organization is {ledger.org(org)}",
+            )
+        learned = sorted(c for o, c in ledger.session_peaks if o == org)
+        if org not in ledger.tenants and not learned:
+            raise NotFoundError("tenant", org)
+        classes = [session_class] if session_class else learned
+        forgotten = [
+            _profile_pb(
+                org,
+                c,
+                tuple(ledger.session_peaks.get((org, c), ())),
+                session_percentile=self.core.session_percentile,
+            )
+            for c in classes
+        ]
+        return await self._forget(org, forgotten, sessions=True)
+
+    async def _forget(
+        self, owner: TenantName, forgotten: list[broker_pb2.SizingProfile], *, sessions: bool
+    ) -> broker_pb2.ForgetProfileResponse:
+        """Forget ``forgotten`` (the command classes of tenant ``owner``, or with ``sessions``
+        the session classes of organization ``owner``): durable, audited, logged."""
         t = now_ms()
+        kind, key = ("session_class", "session") if sessions else ("command_class", "command")
         changes: list[Change] = []
         for pb in forgotten:
-            changes.append(ForgetPeaks(tenant, pb.command_class, t))
-            changes.append(
-                _audit(
-                    "sizing_forget",
-                    tenant=tenant,
-                    command_class=pb.command_class,
-                    samples=pb.samples,
-                    p95_bytes=pb.p95_bytes,
-                )
-            )
+            changes.append(ForgetPeaks(owner, pb.command_class, t, sessions=sessions))
+            detail = {kind: pb.command_class, "samples": pb.samples, "p95_bytes": pb.p95_bytes}
+            changes.append(_audit("sizing_forget", None, tenant=owner, **detail))
         if changes:
             await self.core.commit(changes)
         for pb in forgotten:
             log.info(
-                "sizing: tenant %s command class %s forgotten (%d peaks, p95 %d): its Reserves "
-                "get their intent until %d new peaks",
-                tenant,
+                "sizing: %s %s %s class %s forgotten (%d peaks, p95 %d): sized from what is "
+                "declared until %d more",
+                "organization" if sessions else "tenant",
+                owner,
+                key,
                 pb.command_class,
                 pb.samples,
                 pb.p95_bytes,

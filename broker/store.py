@@ -273,6 +273,17 @@ class SizingResetRow(Base):
     forgotten_at_ms: Mapped[int]
 
 
+class SessionSizingResetRow(Base):
+    """When session sizing last forgot an (organization, session class): sessions of the
+    organization's tenants that ended at or before it are not learned from (migration 0012)."""
+
+    __tablename__ = "session_sizing_resets"
+
+    organization: Mapped[str] = mapped_column(primary_key=True)
+    session_class: Mapped[str] = mapped_column(primary_key=True)
+    forgotten_at_ms: Mapped[int]
+
+
 def _table(row: type[Base]) -> Table:
     table = row.__table__
     assert isinstance(table, Table)
@@ -287,6 +298,7 @@ _LEADERSHIP = _table(LeadershipRow)
 FENCE_SQL = "SELECT epoch FROM leadership WHERE id = 1 FOR SHARE"
 _AUDIT = _table(AuditRow)
 _SIZING_RESETS = _table(SizingResetRow)
+_SESSION_SIZING_RESETS = _table(SessionSizingResetRow)
 
 
 class StoreError(Exception):
@@ -382,7 +394,8 @@ class _Batch:
     leases: dict[str, Lease]
     audit: list[AuditEntry]
     prunes: list[PruneHistory]
-    resets: dict[tuple[str, str], int]  # (tenant, command class): forgotten at
+    # (sessions, tenant or organization, command or session class): forgotten at
+    resets: dict[tuple[bool, str, str], int]
 
     @classmethod
     def of(cls, changes: Sequence[Change]) -> _Batch:
@@ -401,8 +414,8 @@ class _Batch:
                     batch.audit.append(entry)
                 case PruneHistory():
                     batch.prunes.append(change)
-                case ForgetPeaks(tenant=tenant, command_class=command_class, at_ms=at_ms):
-                    batch.resets[(tenant, command_class)] = at_ms
+                case ForgetPeaks(tenant=t, command_class=c, at_ms=at_ms, sessions=sessions):
+                    batch.resets[(sessions, t, c)] = at_ms
                 case _:
                     assert_never(change)
         return batch
@@ -647,7 +660,8 @@ class Store:
         )
         self.wal_catch_ups = 0  # checkpoints the writer ran itself (_catch_up)
         self._upserts = {
-            table.name: self._upsert(table) for table in (_TENANTS, _NODES, _LEASES, _SIZING_RESETS)
+            table.name: self._upsert(table)
+            for table in (_TENANTS, _NODES, _LEASES, _SIZING_RESETS, _SESSION_SIZING_RESETS)
         }
         self._mark = "?" if self._dialect == "sqlite" else "%s"
         self._lease_upsert_sql = self._lease_upsert(1)
@@ -938,12 +952,20 @@ class Store:
             )
         if batch.audit:
             conn.exec_driver_sql(self._audit_insert_sql, [_audit_row(e) for e in batch.audit])
-        if batch.resets:
-            resets = [
-                {"tenant": t, "command_class": c, "forgotten_at_ms": at}
-                for (t, c), at in batch.resets.items()
-            ]
+        resets = [
+            {"tenant": t, "command_class": c, "forgotten_at_ms": at}
+            for (sessions, t, c), at in batch.resets.items()
+            if not sessions
+        ]
+        if resets:
             conn.execute(self._upserts[_SIZING_RESETS.name], resets)
+        session_resets = [
+            {"organization": o, "session_class": c, "forgotten_at_ms": at}
+            for (sessions, o, c), at in batch.resets.items()
+            if sessions
+        ]
+        if session_resets:
+            conn.execute(self._upserts[_SESSION_SIZING_RESETS.name], session_resets)
         for prune in batch.prunes:
             self._prune(conn, prune)
 
@@ -1002,16 +1024,43 @@ class Store:
     def recent_session_peaks(self, *, limit: int = 20_000) -> list[tuple[TenantName, str, int]]:
         """(tenant, session class, peak) of the newest ``limit`` sessions of a class that ended
         (on the lease that ended each one), oldest first: what session sizing learns from after
-        a restart."""
+        a restart (not those that ended before their class was last forgotten in their
+        organization, the tenant's top-level ancestor)."""
         query = (
-            select(LeaseRow.tenant, LeaseRow.session_class, LeaseRow.session_peak_bytes)
+            select(
+                LeaseRow.tenant,
+                LeaseRow.session_class,
+                LeaseRow.session_peak_bytes,
+                LeaseRow.ended_at_ms,
+            )
             .where(LeaseRow.session_peak_bytes > 0, LeaseRow.state != LeaseState.ACTIVE)
             .order_by(LeaseRow.ended_at_ms.desc(), LeaseRow.lease_id.desc())
             .limit(limit)
         )
+        reset = SessionSizingResetRow
         with _translated("read session peaks", self._shown_url), Session(self._engine) as s:
             rows = s.execute(query).all()
-        return [(TenantName(t), c, p) for t, c, p in reversed(rows)]
+            resets = {
+                (o, c): at
+                for o, c, at in s.execute(
+                    select(reset.organization, reset.session_class, reset.forgotten_at_ms)
+                )
+            }
+            parents = dict(s.execute(select(TenantRow.name, TenantRow.parent)).tuples().all())
+
+        def org(tenant: str) -> str:
+            for _ in range(len(parents)):  # at most one step per tenant, cycles or not
+                parent = parents.get(tenant)
+                if parent is None:
+                    break
+                tenant = parent
+            return tenant
+
+        return [
+            (TenantName(t), c, p)
+            for t, c, p, ended_at_ms in reversed(rows)
+            if not resets or (ended_at_ms or 0) > resets.get((org(t), c), -1)
+        ]
 
     def get_lease(self, lease_id: LeaseId) -> Lease | None:
         with _translated(f"get lease {lease_id}", self._shown_url), Session(self._engine) as s:

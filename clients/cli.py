@@ -52,7 +52,8 @@ nodes_app = typer.Typer(
 app.add_typer(nodes_app, name="nodes")
 sizing_app = typer.Typer(
     no_args_is_help=True,
-    help="What the broker learned of each tenant's command classes from measured peaks",
+    help="What the broker learned from measured peaks: of each tenant's command classes and "
+    "each organization's session classes",
 )
 app.add_typer(sizing_app, name="sizing")
 
@@ -838,6 +839,28 @@ def sizing_forget(
         )
     if not forgotten:
         console.print(f"tenant {tenant}: nothing learned to forget")
+
+
+@sizing_app.command("forget-sessions")
+def sizing_forget_sessions(
+    organization: str,
+    session_class: Annotated[
+        str,
+        typer.Option("--class", help="one session class; default: every one of ORGANIZATION"),
+    ] = "",
+    broker: BrokerOpt = BROKER_DEFAULT,
+) -> None:
+    """Forget what ORGANIZATION's sessions of a class held at most (after its agents changed
+    how they work): new sessions of the class are declared at what they declare until enough
+    more have ended (admin)."""
+    forgotten = _client_call(broker, lambda c: c.forget_session_sizing(organization, session_class))
+    for p in forgotten:
+        console.print(
+            f"organization {p.tenant} session class {p.command_class}: forgot {p.samples} "
+            "sessions" + (f" (p95 {format_bytes(p.p95_bytes)})" if p.samples else "")
+        )
+    if not forgotten:
+        console.print(f"organization {organization}: nothing learned to forget")
 
 
 # -- top --------------------------------------------------------------------------------------

@@ -872,6 +872,24 @@ class AsyncClient:
         )
         return [SizingProfile.from_pb(p) for p in reply.forgotten]
 
+    async def forget_session_sizing(
+        self, organization: str, session_class: str = ""
+    ) -> list[SizingProfile]:
+        """Make the broker forget what the sessions of ``organization`` (a top-level tenant)
+        of ``session_class`` (default: every session class of it) held; its new sessions of
+        the class are declared at what they declare until enough more have ended. Returns the
+        profiles as they were (``tenant`` the organization, ``command_class`` the session
+        class; admin role)."""
+        reply = await self._call(
+            self._sizing.ForgetSessionProfile(
+                broker_pb2.ForgetSessionProfileRequest(
+                    organization=organization, session_class=session_class
+                ),
+                timeout=self._timeout_s,
+            )
+        )
+        return [SizingProfile.from_pb(p) for p in reply.forgotten]
+
     # -- nodes (operating them) ---------------------------------------------------------------
 
     async def list_nodes(self) -> list[NodeInfo]:

@@ -114,6 +114,7 @@ ROLE_METHODS: Mapping[Role, frozenset[str]] = {
         # The audit trail of the tenants in its scope (the servicer filters).
         "/agentcg.v1.AuditLog/ListAudit",
         "/agentcg.v1.Sizing/ForgetProfile",
+        "/agentcg.v1.Sizing/ForgetSessionProfile",
     },
     Role.NODE: frozenset(
         {

@@ -205,6 +205,11 @@ def test_sizing_is_read_in_scope_and_forgotten_by_an_admin(broker: LocalCluster,
         assert [p.tenant for p in root.list_sizing()] == ["team-b1"]
         entry = root.list_audit(kind="sizing_forget").records[0]
         assert (entry.tenant, entry.by) == ("team-a1", "admin-a")
+        with pytest.raises(PermissionDeniedError, match="may not call .*ForgetSessionProfile"):
+            client.forget_session_sizing("org-a")
+        with pytest.raises(PermissionDeniedError, match="admin-a: tenant 'org-b'"):
+            admin.forget_session_sizing("org-b")
+        assert admin.forget_session_sizing("org-a") == []  # nothing learned yet
 
 
 def test_a_client_reserves_only_in_its_scope(broker: LocalCluster, pki: Pki) -> None:

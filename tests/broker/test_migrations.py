@@ -27,7 +27,15 @@ from sqlalchemy import Column, Integer, MetaData, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"tenants", "nodes", "leases", "audit", "leadership", "sizing_resets"}
+TABLES = {
+    "tenants",
+    "nodes",
+    "leases",
+    "audit",
+    "leadership",
+    "sizing_resets",
+    "session_sizing_resets",
+}
 
 
 def run_alembic(url: str, action: Callable[[Config], None]) -> None:
@@ -78,7 +86,7 @@ def current_revision(url: str) -> str | None:
 
 def test_one_head_named_by_its_revision() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert script.get_heads() == ["0011"]
+    assert script.get_heads() == ["0012"]
     for revision in script.walk_revisions():
         assert Path(revision.path).name.startswith(f"{revision.revision}_")
 
@@ -86,7 +94,7 @@ def test_one_head_named_by_its_revision() -> None:
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     upgrade(database_url)
     assert tables(database_url) == TABLES
-    assert current_revision(database_url) == "0011"
+    assert current_revision(database_url) == "0012"
 
     downgrade(database_url)
     assert tables(database_url) == set()
@@ -161,7 +169,7 @@ def test_alembic_command_line_with_the_repo_ini(tmp_path: Path) -> None:
         return done.stdout
 
     alembic("upgrade", "head")
-    assert "0011 (head)" in alembic("current")
+    assert "0012 (head)" in alembic("current")
     assert tables(url) == TABLES
     alembic("downgrade", "base")
     assert tables(url) == set()

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,23 @@ def test_forgetting_is_undone_with_what_was_learned_since() -> None:
     assert ledger.recent_peaks(t, "pytest") == (10 * MiB, 20 * MiB, 30 * MiB, 99 * MiB)
 
 
+def test_forgetting_a_session_class_is_undone_too() -> None:
+    """ForgetPeaks with ``sessions`` forgets an organization's session class, not a command
+    class of the same name, and its undo brings the sessions back likewise."""
+    ledger = Ledger()
+    org = TenantName("org")
+    ledger.load([Tenant(org, 1 << 30), Tenant(TenantName("team"), 1 << 30, parent=org)], [], [])
+    for peak in (10, 20):
+        ledger.observe_session_peak(TenantName("team"), "agent", peak * MiB)
+    ledger.observe_peak(org, "agent", 5)
+    undo = ledger.apply([ForgetPeaks(org, "agent", 100, sessions=True)])
+    assert ledger.recent_session_peaks(TenantName("team"), "agent") == ()
+    assert ledger.recent_peaks(org, "agent") == (5,)  # the command class of that name
+    ledger.observe_session_peak(TenantName("team"), "agent", 99 * MiB)
+    ledger.apply(undo)
+    assert ledger.recent_session_peaks(org, "agent") == (10 * MiB, 20 * MiB, 99 * MiB)
+
+
 def test_overcommit_ceiling_bounds_declared_intent() -> None:
     levels = [QuotaLevel(Tenant(TenantName("t"), 1 << 40), 0)]
     node = NodeView(
@@ -354,6 +372,97 @@ def test_the_session_percentile_is_the_brokers_to_set(tmp_path: Path) -> None:
         assert entry.detail["session_max_bytes"] == 30 * MiB
         (learned,) = c.list_session_sizing(intent_memory_bytes=1 << 30)
         assert (learned.samples, learned.budget_bytes) == (6, 25 * MiB)  # the 3rd of 6 now
+
+
+def test_forgetting_a_session_class_outlives_a_restart(tmp_path: Path, database_url: str) -> None:
+    """``forget_session_sizing``: an organization's session class, then every one of it. New
+    sessions of a forgotten class are declared at what they declare; the other classes and
+    organizations keep what they learned; a restarted broker learns only from sessions that
+    ended after the forget. Bad requests name the field and change nothing."""
+    cluster = LocalCluster(tmp_path, nodes=0, database_url=database_url, log_level="WARNING")
+    GiB = 1 << 30
+
+    def sessions(c: Client, tenant: str, session_class: str, mibs: list[int]) -> None:
+        for mib in mibs:
+            lease = c.reserve(
+                tenant,
+                mib * MiB,
+                session=f"{session_class}-{uuid.uuid4().hex[:8]}",
+                session_max_bytes=GiB,
+                session_class=session_class,
+            )
+            c.release(lease.lease_id)
+
+    def learned(c: Client) -> dict[tuple[str, str], int]:
+        return {(p.tenant, p.command_class): p.samples for p in c.list_session_sizing()}
+
+    def declared(c: Client) -> int:
+        """The session maximum of the newest grant, in MiB."""
+        (entry, *_) = c.list_audit(kind="reserve").records
+        return int(entry.detail["session_max_bytes"]) // MiB
+
+    with cluster, SimNode(cluster.broker_address, memory_bytes=1 << 34) as node:
+        with Client(cluster.broker_address) as c:
+            c.set_tenant("org", 8 * GiB)
+            c.set_tenant("a", 4 * GiB, parent="org")
+            c.set_tenant("b", 4 * GiB, parent="org")
+            c.set_tenant("z", 4 * GiB)
+            sessions(c, "a", "agent", [40] * MIN_SAMPLES)
+            sessions(c, "b", "tests", [20] * MIN_SAMPLES)
+            sessions(c, "z", "agent", [30] * MIN_SAMPLES)
+            _learn(c, "org", "agent", [12] * MIN_SAMPLES)  # a command class of that name
+            before = learned(c)
+            audited = len(c.list_audit().records)
+            bad = [
+                (lambda: c.forget_session_sizing(""), "organization"),
+                (lambda: c.forget_session_sizing("../etc"), "organization"),
+                (lambda: c.forget_session_sizing("a"), "organization"),  # under org
+                (lambda: c.forget_session_sizing("org", "a b"), "session_class"),
+            ]
+            for call, field in bad:
+                with pytest.raises(InvalidArgumentError) as refused:
+                    call()
+                assert refused.value.field == field
+            with pytest.raises(NotFoundError, match="nobody"):
+                c.forget_session_sizing("nobody")
+            assert learned(c) == before
+            assert len(c.list_audit().records) == audited
+
+            forgotten = c.forget_session_sizing("org", "agent")
+            assert [(p.tenant, p.command_class, p.samples, p.p95_bytes) for p in forgotten] == [
+                ("org", "agent", MIN_SAMPLES, 40 * MiB)
+            ]
+            assert learned(c) == {("org", "tests"): MIN_SAMPLES, ("z", "agent"): MIN_SAMPLES}
+            assert [p.command_class for p in c.list_sizing(tenant="org")] == ["agent"]
+            sessions(c, "a", "agent", [100])  # declared at what it declares again
+            assert declared(c) == 1024
+            sessions(c, "z", "agent", [10])  # another organization: still learned
+            assert declared(c) == 30
+            assert c.forget_session_sizing("org", "agent")[0].samples == 1  # the one since
+            sessions(c, "b", "agent", [60])
+            entries = c.list_audit(kind="sizing_forget").records
+            assert [(r.tenant, r.detail["session_class"]) for r in entries] == [
+                ("org", "agent")
+            ] * 2
+        cluster.stop("broker")
+        node.address = cluster.start_broker()
+        assert node.connected.wait(30)
+        with Client(cluster.broker_address) as c:
+            # The sessions are all in the database: the restarted broker learns from those
+            # that ended after the last forget of their class (b's 60 MiB one) only.
+            assert learned(c) == {
+                ("org", "agent"): 1,
+                ("org", "tests"): MIN_SAMPLES,
+                ("z", "agent"): MIN_SAMPLES + 1,
+            }
+            # Every session class of the organization.
+            assert [p.command_class for p in c.forget_session_sizing("org")] == ["agent", "tests"]
+            assert [p.command_class for p in c.list_sizing(tenant="org")] == ["agent"]
+        cluster.stop("broker")
+        node.address = cluster.start_broker()
+        assert node.connected.wait(30)
+        with Client(cluster.broker_address) as c:
+            assert learned(c) == {("z", "agent"): MIN_SAMPLES + 1}
 
 
 def _learn(c: Client, tenant: str, command_class: str, peaks_mib: list[int]) -> None:
@@ -535,3 +644,8 @@ def test_sizing_cli(tmp_path: Path) -> None:
         assert "session classes" in table and "agent" in table
         assert "forgot 5 peaks" in agentcg("sizing", "forget", "t", "--class", "pytest")
         assert c.list_sizing() == []
+        assert len(c.list_session_sizing()) == 1  # the session classes are not touched
+        out = agentcg("sizing", "forget-sessions", "t", "--class", "agent")
+        assert "session class agent: forgot 5 sessions (p95 30.0 MiB)" in out, out
+        assert c.list_session_sizing() == []
+        assert "nothing learned to forget" in agentcg("sizing", "forget-sessions", "t")

@@ -1199,7 +1199,9 @@ class ForgetProfileResponse(_message.Message):
     FORGOTTEN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def forgotten(self) -> _containers.RepeatedCompositeFieldContainer[Global___SizingProfile]:
-        """as they were before"""
+        """As they were before; of ForgetSessionProfile, tenant is the organization and
+        command_class the session class, as in ListProfilesResponse.sessions.
+        """
 
     def __init__(
         self,
@@ -1213,6 +1215,30 @@ class ForgetProfileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForgetProfileResponse: _TypeAlias = ForgetProfileResponse  # noqa: Y015
+
+@_typing.final
+class ForgetSessionProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    SESSION_CLASS_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    """a top-level tenant (session classes are learned per organization)"""
+    session_class: _builtins.str
+    """"": every session class of the organization"""
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        session_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization", "session_class", b"session_class"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSessionProfileRequest: _TypeAlias = ForgetSessionProfileRequest  # noqa: Y015
 
 @_typing.final
 class RegisterNodeRequest(_message.Message):

@@ -953,7 +953,7 @@ class AuditLog:
 class SizingStub:
     """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
     class with enough peaks is granted their 95th percentile, never above its intent
-    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    (broker/sizing.py). Client role: the tenants of its scope; the Forget RPCs: admin role.
     """
 
     def __init__(self, channel):
@@ -972,12 +972,17 @@ class SizingStub:
                 request_serializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileRequest.SerializeToString,
                 response_deserializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.FromString,
                 _registered_method=True)
+        self.ForgetSessionProfile = channel.unary_unary(
+                '/agentcg.v1.Sizing/ForgetSessionProfile',
+                request_serializer=agentcg_dot_v1_dot_broker__pb2.ForgetSessionProfileRequest.SerializeToString,
+                response_deserializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.FromString,
+                _registered_method=True)
 
 
 class SizingServicer:
     """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
     class with enough peaks is granted their 95th percentile, never above its intent
-    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    (broker/sizing.py). Client role: the tenants of its scope; the Forget RPCs: admin role.
     """
 
     def ListProfiles(self, request, context):
@@ -990,6 +995,15 @@ class SizingServicer:
         """Drop a class's peaks (a tool upgrade changed its memory use): its Reserves get their
         intent again until min_samples new peaks are committed. Durable, outlives a restart;
         idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetSessionProfile(self, request, context):
+        """Drop what an organization's sessions of a class held (ListProfilesResponse.sessions): its
+        new sessions of the class are declared at what they declare again until min_samples more
+        have ended. Durable, outlives a restart; idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1008,6 +1022,11 @@ def add_SizingServicer_to_server(servicer, server):
                     request_deserializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileRequest.FromString,
                     response_serializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.SerializeToString,
             ),
+            'ForgetSessionProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetSessionProfile,
+                    request_deserializer=agentcg_dot_v1_dot_broker__pb2.ForgetSessionProfileRequest.FromString,
+                    response_serializer=agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentcg.v1.Sizing', rpc_method_handlers)
@@ -1019,7 +1038,7 @@ def add_SizingServicer_to_server(servicer, server):
 class Sizing:
     """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
     class with enough peaks is granted their 95th percentile, never above its intent
-    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    (broker/sizing.py). Client role: the tenants of its scope; the Forget RPCs: admin role.
     """
 
     @staticmethod
@@ -1065,6 +1084,33 @@ class Sizing:
             target,
             '/agentcg.v1.Sizing/ForgetProfile',
             agentcg_dot_v1_dot_broker__pb2.ForgetProfileRequest.SerializeToString,
+            agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetSessionProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcg.v1.Sizing/ForgetSessionProfile',
+            agentcg_dot_v1_dot_broker__pb2.ForgetSessionProfileRequest.SerializeToString,
             agentcg_dot_v1_dot_broker__pb2.ForgetProfileResponse.FromString,
             options,
             channel_credentials,

@@ -321,7 +321,7 @@ def add_AuditLogServicer_to_server(servicer: AuditLogServicer, server: _typing.U
 class SizingStub:
     """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
     class with enough peaks is granted their 95th percentile, never above its intent
-    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    (broker/sizing.py). Client role: the tenants of its scope; the Forget RPCs: admin role.
     """
 
     @_typing.overload
@@ -334,12 +334,17 @@ class SizingStub:
     intent again until min_samples new peaks are committed. Durable, outlives a restart;
     idempotent.
     """
+    ForgetSessionProfile: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ForgetSessionProfileRequest, _broker_pb2.ForgetProfileResponse]
+    """Drop what an organization's sessions of a class held (ListProfilesResponse.sessions): its
+    new sessions of the class are declared at what they declare again until min_samples more
+    have ended. Durable, outlives a restart; idempotent.
+    """
 
 @_typing.type_check_only
 class SizingAsyncStub(SizingStub):
     """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
     class with enough peaks is granted their 95th percentile, never above its intent
-    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    (broker/sizing.py). Client role: the tenants of its scope; the Forget RPCs: admin role.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -349,11 +354,16 @@ class SizingAsyncStub(SizingStub):
     intent again until min_samples new peaks are committed. Durable, outlives a restart;
     idempotent.
     """
+    ForgetSessionProfile: _aio.UnaryUnaryMultiCallable[_broker_pb2.ForgetSessionProfileRequest, _broker_pb2.ForgetProfileResponse]  # type: ignore[assignment]
+    """Drop what an organization's sessions of a class held (ListProfilesResponse.sessions): its
+    new sessions of the class are declared at what they declare again until min_samples more
+    have ended. Durable, outlives a restart; idempotent.
+    """
 
 class SizingServicer(metaclass=_abc_1.ABCMeta):
     """What the broker learned from committed peaks, per (tenant, command class): a Reserve of a
     class with enough peaks is granted their 95th percentile, never above its intent
-    (broker/sizing.py). Client role: the tenants of its scope; ForgetProfile: admin role.
+    (broker/sizing.py). Client role: the tenants of its scope; the Forget RPCs: admin role.
     """
 
     @_abc_1.abstractmethod
@@ -372,6 +382,17 @@ class SizingServicer(metaclass=_abc_1.ABCMeta):
         """Drop a class's peaks (a tool upgrade changed its memory use): its Reserves get their
         intent again until min_samples new peaks are committed. Durable, outlives a restart;
         idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetSessionProfile(
+        self,
+        request: _broker_pb2.ForgetSessionProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ForgetProfileResponse, _abc.Awaitable[_broker_pb2.ForgetProfileResponse]]:
+        """Drop what an organization's sessions of a class held (ListProfilesResponse.sessions): its
+        new sessions of the class are declared at what they declare again until min_samples more
+        have ended. Durable, outlives a restart; idempotent.
         """
 
 def add_SizingServicer_to_server(servicer: SizingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
