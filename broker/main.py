@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from agentcg.cpuidle import idle_settings
 from agentcg.gate import ServerCertificates, ServerSecurity, reload_on_sighup
 from agentcg.heap import freeze_start_up
 from agentcg.notify import ServiceNotifier
@@ -402,10 +403,11 @@ async def _serve(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "broker serving on %s (%s; database %s)",
+        "broker serving on %s (%s; database %s; host %s)",
         address,
         config.security.describe(),
         url.split("@")[-1],
+        idle_settings().text,
     )
     listeners = {}
     if metrics_server is not None:

@@ -72,6 +72,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
+from ..cpuidle import idle_settings
 from .bench import percentile
 from .cluster import LocalCluster, child_pids, tree_cpu_s
 
@@ -688,6 +689,8 @@ def bench_admission(
         # The broker's own unless this process has one (the broker keeps it): see broker.main.
         "broker_grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+        # How an idle vCPU wakes, under every fixed-rate latency (agentcg.cpuidle).
+        "host_cpuidle": idle_settings().text,
     }
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:
         with fresh_database(database_url) as url:

@@ -9,8 +9,8 @@ other, ``rounds`` times alternately:
 - ``paced``: one commit each 1/``rate`` s (``rate`` 1,000: ``bench admission``'s fixed-rate
   phase), the writer idle in between.
 
-On a virtual machine whose idle vCPU halts (no cpuidle polling), an fsync that waits on an idle
-CPU takes the host's wake-up on top: a paced commit can take several times a back-to-back one.
+On a virtual machine whose idle vCPU halts (no guest halt polling: ``host_cpuidle``), an fsync
+that waits on an idle CPU takes the host's wake-up on top: a paced commit can take several times a back-to-back one.
 That floor is under every Reserve's latency at a fixed rate; ``paced_over_back_to_back_p50``
 says how much of it this machine adds.
 """
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..cpuidle import idle_settings
 from .bench import percentile
 from .bench_admission import fresh_database
 
@@ -128,6 +129,7 @@ def bench_commit(
         "commits_per_way": commits * rounds,
         "rate_per_s": rate,
         "leases_in_database": held,
+        "host_cpuidle": idle_settings().text,  # how an idle vCPU wakes (agentcg.cpuidle)
     }
     for way, lat in ways.items():
         result.update({f"{way}_{k}": v for k, v in _figures(lat).items()})

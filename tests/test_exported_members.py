@@ -12,6 +12,7 @@ MODULES = [
     "agentcg.gate",
     "agentcg.access",
     "agentcg.channels",
+    "agentcg.cpuidle",
     "agentcg.heap",
     "agentcg.names",
     "agentcg.quantity",

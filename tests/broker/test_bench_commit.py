@@ -35,4 +35,5 @@ def test_bench_commit_times_durable_grants_both_ways(database_url: str, tmp_path
     assert result["paced_over_back_to_back_p50"] == round(
         result["paced_p50_ms"] / result["back_to_back_p50_ms"], 2
     )
+    assert result["host_cpuidle"].startswith("cpuidle driver ")
     assert list(tmp_path.iterdir()) == [out]  # its temporary directory is gone
