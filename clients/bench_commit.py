@@ -10,9 +10,9 @@ other, ``rounds`` times alternately:
   phase), the writer idle in between.
 
 On a virtual machine whose idle vCPU halts (no guest halt polling: ``host_cpuidle``), an fsync
-that waits on an idle CPU takes the host's wake-up on top: a paced commit can take several times a back-to-back one.
-That floor is under every Reserve's latency at a fixed rate; ``paced_over_back_to_back_p50``
-says how much of it this machine adds.
+that waits on an idle CPU takes the host's wake-up on top: a paced commit can take several
+times a back-to-back one. That floor is under every Reserve's latency at a fixed rate;
+``paced_over_back_to_back_p50`` says how much of it this machine adds.
 """
 
 from __future__ import annotations
