@@ -1046,7 +1046,7 @@ class Store:
                     select(reset.organization, reset.session_class, reset.forgotten_at_ms)
                 )
             }
-            parents = dict(s.execute(select(TenantRow.name, TenantRow.parent)).tuples().all())
+            parents = {n: p for n, p in s.execute(select(TenantRow.name, TenantRow.parent))}
 
         def org(tenant: str) -> str:
             for _ in range(len(parents)):  # at most one step per tenant, cycles or not
