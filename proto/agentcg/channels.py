@@ -45,7 +45,8 @@ RESENT = {
     "agentcg.v1.TenantAdmin": ("SetTenant", "GetTenant", "ListTenants"),
     "agentcg.v1.NodeAdmin": ("ListNodes", "GetNode", "CordonNode", "UncordonNode"),
     "agentcg.v1.AuditLog": ("ListAudit",),
-    "agentcg.v1.Sizing": ("ListProfiles", "ForgetProfile"),  # forgetting twice: the same
+    # Forgetting twice: the same.
+    "agentcg.v1.Sizing": ("ListProfiles", "ForgetProfile", "ForgetSessionProfile"),
 }
 RESEND_POLICY = {
     "maxAttempts": 5,  # gRPC's cap
