@@ -2210,7 +2210,7 @@ class SizingServicer(broker_pb2_grpc.SizingServicer):
             _profile_pb(
                 org,
                 c,
-                tuple(ledger.session_peaks.get((org, c), ())),
+                ledger.recent_session_peaks(org, c),
                 session_percentile=self.core.session_percentile,
             )
             for c in classes
