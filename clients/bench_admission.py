@@ -45,7 +45,8 @@ Phases, in order, each reported under its key:
   Reserves of another tenant wait in the queue at that tenant's quota (every release tries the
   queue again); ``p99_ratio_queued`` is its p99 over the ~100-lease rounds'.
   ``gc_full_collections_*``/``gc_full_pause_ms_*``: the broker's full cycle collections during
-  each of these two rounds and how long they stopped it (``agentcg_gc_pause_seconds``): with
+  each of these two rounds (and ``*_10k_leases``, the 10,000-lease rounds) and how long they
+  stopped it (``agentcg_gc_pause_seconds``): with
   1,000 streams or waiters alive one takes tens of milliseconds, and a round it lands in has
   that for its p99.
 
@@ -565,18 +566,22 @@ class _BrokerSide:
         for key, value in after.items():
             self.delta[key] = self.delta.get(key, 0.0) + value - before.get(key, 0.0)
 
-    def result(self) -> dict[str, float]:
+    def result(self, key: str = "at_rate") -> dict[str, float]:
         d = self.delta
         granted = d.get(f"{_ADMISSION}_count", 0.0)
         commits = d.get(f"{_COMMIT}_count", 0.0)
         if not granted or not commits:
             return {}
         return {
-            "broker_reserve_mean_ms_at_rate": round(d[f"{_ADMISSION}_sum"] / granted * 1000, 3),
-            "broker_reserve_within_2ms_at_rate": round(d.get("admission_le_2ms", 0) / granted, 4),
-            "commit_mean_ms_at_rate": round(d[f"{_COMMIT}_sum"] / commits * 1000, 3),
-            "decisions_per_commit_at_rate": round(d[f"{_COMMIT_DECISIONS}_sum"] / commits, 2),
+            f"broker_reserve_mean_ms_{key}": round(d[f"{_ADMISSION}_sum"] / granted * 1000, 3),
+            f"broker_reserve_within_2ms_{key}": round(d.get("admission_le_2ms", 0) / granted, 4),
+            f"commit_mean_ms_{key}": round(d[f"{_COMMIT}_sum"] / commits * 1000, 3),
+            f"decisions_per_commit_{key}": round(d[f"{_COMMIT_DECISIONS}_sum"] / commits, 2),
         }
+
+    def gc_full(self, key: str) -> dict[str, float]:
+        """The broker's full collections over the phases added (see ``_gc_full``)."""
+        return _gc_full({"gc_full_count": 0.0, "gc_full_sum": 0.0}, self.delta, key)
 
     def commits_saturated(self) -> dict[str, float]:
         """Decisions per group commit, and the share of commits held, of a closed-loop phase."""
@@ -823,6 +828,7 @@ def _run_phases(
             # drift as much as the lease count (the 10k ratio came out 0.59 and 1.53 for
             # the same code).
             inside = _BrokerSide()
+            inside_big = _BrokerSide()
             ping: list[float] = []
             lat: list[float] = []
             lat_big: list[float] = []
@@ -839,7 +845,9 @@ def _run_phases(
                 errors += base["errors"]
                 say(f"fixed rate, round {r + 1}/{rounds}: filling {leases} live leases ...")
                 filled = _fill(address, leases)
+                before = _scrape(metrics)
                 big = run.fixed_rate(rate, 100)
+                inside_big.add(before, _scrape(metrics))
                 lat_big += big["latencies_ms"]
                 errors += big["errors"]
                 if r < rounds - 1:
@@ -859,6 +867,8 @@ def _run_phases(
             )
             result["rate_errors"] = errors
             result.update(inside.result())
+            result.update(inside_big.result("10k_leases"))
+            result.update(inside_big.gc_full("10k_leases"))
             say(f"connecting {node_streams - 1} more simulated nodes ...")
             more_proc, more_stop = run.start_nodes(1, node_streams - 1)
             try:
