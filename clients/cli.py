@@ -1450,6 +1450,14 @@ def bench_replay_cmd(
             "sessions are declared at, of what ended ones held)",
         ),
     ] = 95,
+    broker_db: Annotated[
+        str,
+        typer.Option(
+            help="agentcg: the broker's database URL (default: a new one per run); give two "
+            "replays the same one and the second starts with what the first learned, as a "
+            "deployment's broker does",
+        ),
+    ] = "",
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
 ) -> None:
@@ -1471,6 +1479,7 @@ def bench_replay_cmd(
             session_overcommit=session_overcommit,
             session_max=session_max,
             session_percentile=session_percentile,
+            broker_db=broker_db,
             json_path=json_path,
             plot=plot,
         )

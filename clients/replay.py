@@ -126,6 +126,9 @@ class ReplayOptions:
     session_overcommit_ratio: float = SESSION_OVERCOMMIT_RATIO
     session_max: str = "peak"  # SESSION_MAX_CHOICES
     session_percentile: int = 95  # the broker's --session-percentile ("learn")
+    # The agentcg broker's database; "": a new one per run. Given, a run starts with what the
+    # runs before it on that database learned, as a deployment's broker does.
+    broker_db: str = ""
 
 
 @dataclass
@@ -235,6 +238,9 @@ class _Replay:
         self.on_progress = on_progress
         self.c = Counters()
         self.runs: list[AgentRun] = []
+        # agentcg, "learn": the sessions of the class the broker knew of when the run began
+        # (0 on a new database; see ReplayOptions.broker_db)
+        self.sessions_known_at_start = 0
         self.go = asyncio.Event()
         self.go_at = 0.0
         self.freed = asyncio.Condition()
@@ -601,6 +607,11 @@ class _Replay:
                 if self.policy == "agentcg" and self.opts.session_max == "learn"
                 else None
             ),
+            "sessions_known_at_start": (
+                self.sessions_known_at_start
+                if self.policy == "agentcg" and self.opts.session_max == "learn"
+                else None
+            ),
             "per_agent": [
                 {
                     "agent": r.plan.index,
@@ -642,6 +653,11 @@ async def _run_async(
         replay = _Replay(
             plans, policy, pool_bytes, driver, pool, opts, client, node_root, on_progress
         )
+        if client is not None and opts.session_max == "learn":
+            known = await client.list_session_sizing(tenant=ORG)
+            replay.sessions_known_at_start = sum(
+                p.samples for p in known if (p.tenant, p.command_class) == (ORG, SESSION_CLASS)
+            )
         await replay.run()
         return replay
     finally:
@@ -678,6 +694,7 @@ def run_policy(
         if policy == "agentcg":
             opts.workdir.mkdir(parents=True, exist_ok=True)
             cluster = _NodeCluster(opts.workdir / "cluster", log_level=opts.log_level)
+            cluster.database_url = opts.broker_db
             cluster.cgroup_base = pool.path
             cluster.cgroup_root = "node"
             cluster.broker_args = (

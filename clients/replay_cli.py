@@ -73,6 +73,7 @@ def bench_replay(
     session_overcommit: float | None,
     session_max: str,
     session_percentile: int,
+    broker_db: str,
     json_path: Path | None,
     plot: Path | None,
 ) -> int:
@@ -125,6 +126,7 @@ def bench_replay(
             else session_overcommit,
             session_max=session_max,
             session_percentile=session_percentile,
+            broker_db=broker_db,
         )
         if find_min_pool:
             summary, runs = bisect_min_pool(prep, policies, opts, console)
@@ -152,6 +154,7 @@ def bench_replay(
             if plot is not None:
                 write_plot(timelines, prep.oracle_bytes, plot)
                 console.print(f"plot written to {plot}")
+    out["broker_db"] = "given" if broker_db else "new"  # not the URL: it may hold a password
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=2) + "\n")
     return 0

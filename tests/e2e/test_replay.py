@@ -282,3 +282,25 @@ def test_session_max_what_agents_declare(
     for mode in ("peak", "none"):
         per_agent = runs[mode]["per_agent"]
         assert max(a["start_wait_s"] for a in per_agent) < 0.5 * ran, (mode, per_agent)
+
+
+@pytest.mark.kernel
+def test_a_broker_database_carries_what_was_learned_to_the_next_replay(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """``--broker-db``: replays given the same database share one broker's memory, as a
+    deployment's runs do. The first (``learn``) starts knowing no session of the class, the
+    second the three the first ended; a replay without it starts on a new database."""
+    args = ("--pool-of-oracle", "1.0", "--policy", "agentcg", "--session-max", "learn")
+    db = ("--broker-db", f"sqlite:///{tmp_path / 'broker.db'}")
+    known = []
+    for _ in range(2):
+        out = bench(tmp_path, traces, *args, *db)
+        r = out["results"][0]
+        assert out["broker_db"] == "given"
+        assert r["oom_kills"] == 0 and r["agents_completed"] == 3, r
+        known.append(r["sessions_known_at_start"])
+    assert known == [0, 3]
+    fresh = bench(tmp_path, traces, *args)
+    assert fresh["broker_db"] == "new"
+    assert fresh["results"][0]["sessions_known_at_start"] == 0
