@@ -1458,6 +1458,14 @@ def bench_replay_cmd(
             "deployment's broker does",
         ),
     ] = "",
+    deadline_s: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="stop each run this many seconds after its agents start (0: never); the "
+            "agents not done by then count as lost",
+        ),
+    ] = 0.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the run here")] = None,
 ) -> None:
@@ -1480,6 +1488,7 @@ def bench_replay_cmd(
             session_max=session_max,
             session_percentile=session_percentile,
             broker_db=broker_db,
+            deadline_s=deadline_s,
             json_path=json_path,
             plot=plot,
         )

@@ -71,6 +71,7 @@ POLICIES = ("unlimited", "static", "agentcg")
 RESULT_KEYS = (
     "policy",
     "agents",
+    "deadline_passed",
     "agents_completed",
     "oom_kills",
     "inflation_p50",
@@ -129,6 +130,8 @@ class ReplayOptions:
     # The agentcg broker's database; "": a new one per run. Given, a run starts with what the
     # runs before it on that database learned, as a deployment's broker does.
     broker_db: str = ""
+    # Stop the run this long after its start (0: never): agents not done by then are lost.
+    deadline_s: float = 0.0
 
 
 @dataclass
@@ -149,6 +152,7 @@ class AgentRun:
     call_admission_s: float = 0.0  # of call_s: waiting for the call's reservation
     session_max_bytes: int = 0  # the session maximum its reservations declare; 0: none
     session_class: str = ""  # the session class its reservations name ("learn"); "": none
+    stopped: bool = False  # killed by the replay itself at its deadline, not by the kernel
 
     @property
     def leased_bytes(self) -> int:
@@ -241,6 +245,7 @@ class _Replay:
         # agentcg, "learn": the sessions of the class the broker knew of when the run began
         # (0 on a new database; see ReplayOptions.broker_db)
         self.sessions_known_at_start = 0
+        self.deadline_passed = False
         self.go = asyncio.Event()
         self.go_at = 0.0
         self.freed = asyncio.Condition()
@@ -325,7 +330,7 @@ class _Replay:
         finally:
             run.ready.set()
             run.returncode = await proc.wait()
-            if run.returncode == -signal.SIGKILL:
+            if run.returncode == -signal.SIGKILL and not run.stopped:
                 self.c.oom_kills += 1
                 self.event(run, "oom")
             # On the way out of an interrupted run the broker may be gone (its leases with it).
@@ -542,7 +547,20 @@ class _Replay:
         self.go.set()
         sampler = asyncio.create_task(self.sample())
         try:
-            await asyncio.gather(*drivers)
+            done, left = await asyncio.wait(
+                drivers,
+                timeout=self.opts.deadline_s or None,
+                return_when=asyncio.FIRST_EXCEPTION,
+            )
+            for task in done:
+                task.result()  # an agent's driver failed: the replay did
+            if left:
+                self.deadline_passed = True
+                for r in self.runs:
+                    r.stopped = r.returncode is None
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
         finally:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -573,6 +591,8 @@ class _Replay:
         return {
             "policy": self.policy,
             "agents": len(self.plans),
+            # the run was stopped at --deadline-s: the agents not done by then count as lost
+            "deadline_passed": self.deadline_passed,
             "agents_completed": len(completed),
             "agents_lost": len(self.plans) - len(completed),
             "oom_kills": self.c.oom_kills,

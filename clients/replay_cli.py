@@ -74,6 +74,7 @@ def bench_replay(
     session_max: str,
     session_percentile: int,
     broker_db: str,
+    deadline_s: float,
     json_path: Path | None,
     plot: Path | None,
 ) -> int:
@@ -127,6 +128,7 @@ def bench_replay(
             session_max=session_max,
             session_percentile=session_percentile,
             broker_db=broker_db,
+            deadline_s=deadline_s,
         )
         if find_min_pool:
             summary, runs = bisect_min_pool(prep, policies, opts, console)

@@ -83,7 +83,7 @@ def test_tiny_replay_all_policies(
     assert [r["policy"] for r in results] == ["unlimited", "static", "agentcg"]
     for r in results:
         assert set(RESULT_KEYS) <= set(r), set(RESULT_KEYS) - set(r)
-        assert r["agents"] == 3
+        assert r["agents"] == 3 and r["deadline_passed"] is False
         assert r["agents_completed"] + r["agents_lost"] == r["agents"]
         assert 0 <= r["pool_utilisation_mean"] <= r["pool_utilisation_p95"] <= 1
         assert r["oracle_pool_bytes"] <= r["sum_peaks_bytes"]
@@ -304,3 +304,28 @@ def test_a_broker_database_carries_what_was_learned_to_the_next_replay(
     fresh = bench(tmp_path, traces, *args)
     assert fresh["broker_db"] == "new"
     assert fresh["results"][0]["sessions_known_at_start"] == 0
+
+
+@pytest.mark.kernel
+def test_a_deadline_ends_the_run_and_counts_who_was_not_done(
+    tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """``--deadline-s``: a run still going then is stopped; its agents (4 s traces, 1 s in)
+    count as lost, not as OOM kills, and nothing is left behind."""
+    before = replay_processes()
+    replays_before = {p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-")}
+    out = bench(
+        tmp_path, traces, "--pool-of-oracle", "1.0", "--policy", "unlimited", "--deadline-s", "1"
+    )
+    for r in out["results"]:
+        assert r["deadline_passed"] is True
+        assert r["agents_lost"] == 3 and r["agents_completed"] == 0, r
+        assert r["oom_kills"] == 0, r
+    agentcg = bench(
+        tmp_path, traces, "--pool-of-oracle", "1.0", "--policy", "agentcg", "--deadline-s", "1"
+    )["results"][0]
+    assert agentcg["deadline_passed"] is True and agentcg["agents_lost"] == 3, agentcg
+    assert agentcg["oom_kills"] == 0 and agentcg["killed"] == 0, agentcg
+    left = {p.name for p in cgroup_write.iterdir() if p.name.startswith("agentcg-replay")}
+    assert left <= replays_before
+    assert replay_processes() <= before
