@@ -11,6 +11,8 @@ from typing import Any
 from agentcg.quantity import format_bytes
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .replay import (
     POLICIES,
@@ -58,6 +60,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _backend(url: str) -> str:
+    """The database kind a SQLAlchemy URL names ("" if it is not one)."""
+    try:
+        return make_url(url).get_backend_name()
+    except ArgumentError:
+        return ""
+
+
 def bench_replay(
     console: Console,
     *,
@@ -91,6 +101,12 @@ def bench_replay(
         return 2
     if not find_min_pool and (pool_fraction is None) == (pool_of_oracle is None):
         console.print("[red]error:[/red] give exactly one of --pool-fraction, --pool-of-oracle")
+        return 2
+    if broker_db and _backend(broker_db) not in ("sqlite", "postgresql"):
+        console.print(
+            "[red]error:[/red] --broker-db: a SQLAlchemy URL of SQLite or PostgreSQL, e.g. "
+            "sqlite:////var/tmp/replay.db"
+        )
         return 2
     if agents <= 0 or speed <= 0 or mem_scale <= 0:
         console.print("[red]error:[/red] --agents, --speed and --mem-scale must be > 0")

@@ -161,6 +161,22 @@ def test_rejects_an_unknown_session_max(tmp_path: Path, traces: Path) -> None:
     assert "--session-max: one of peak, cap, learn, none" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("url", ["not a url", "mysql://db/x", "/var/tmp/replay.db"])
+def test_rejects_a_broker_db_that_is_not_a_database_url(
+    tmp_path: Path, traces: Path, url: str
+) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "agentcg.clients.cli", "bench", "replay"),
+            *("--traces", str(traces), "--pool-of-oracle", "1", "--broker-db", url),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--broker-db: a SQLAlchemy URL of SQLite or PostgreSQL" in proc.stdout + proc.stderr
+
+
 @pytest.mark.kernel
 def test_sigterm_cleans_up(
     tmp_path: Path, traces: Path, cgroup_write: Path, bcc_available: None
