@@ -27,6 +27,7 @@ KEYS = {
     "p50_ms",
     "p99_ms",
     "client_send_late_p99_ms",
+    "p99_ms_from_send",
     "p99_over_noop_p99",
     "stream_decisions_per_s",
     "p99_ms_10k_leases",
@@ -74,6 +75,8 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     # ratio is computed before rps are rounded to integers
     assert abs(result["ratio"] - result["reserve_release_rps"] / result["noop_rps"]) < 0.01
     assert 0 < result["p50_ms"] <= result["p99_ms"]
+    # Each request's latency from its send is its latency less its lateness (>= 0).
+    assert 0 < result["p99_ms_from_send"] <= result["p99_ms"]
     assert result["p99_ratio_10k_leases"] == round(
         result["p99_ms_10k_leases"] / result["p99_ms"], 3
     )
