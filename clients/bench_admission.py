@@ -835,7 +835,6 @@ def _run_phases(
             lat: list[float] = []
             lat_big: list[float] = []
             late: list[float] = []
-            from_send: list[float] = []
             errors = 0
             for r in range(rounds):
                 say(f"fixed rate, round {r + 1}/{rounds}: no-op, ~100 leases ...")
@@ -845,8 +844,6 @@ def _run_phases(
                 inside.add(before, _scrape(metrics))
                 lat += base["latencies_ms"]
                 late += base["late_ms"]
-                pairs = zip(base["latencies_ms"], base["late_ms"], strict=True)
-                from_send += [t - d for t, d in pairs]
                 errors += base["errors"]
                 say(f"fixed rate, round {r + 1}/{rounds}: filling {leases} live leases ...")
                 filled = _fill(address, leases)
@@ -864,6 +861,7 @@ def _run_phases(
             result["p50_ms"] = round(statistics.median(lat), 3)
             result["p99_ms"] = round(percentile(lat, 99), 3)
             result["client_send_late_p99_ms"] = round(percentile(late, 99), 3)
+            from_send = [t - d for t, d in zip(lat, late, strict=True)]
             result["p99_ms_from_send"] = round(percentile(from_send, 99), 3)
             result["p99_over_noop_p99"] = round(result["p99_ms"] / result["noop_p99_ms_at_rate"], 3)
             result["p50_ms_10k_leases"] = round(statistics.median(lat_big), 3)

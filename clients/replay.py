@@ -243,8 +243,8 @@ class _Replay:
         self.c = Counters()
         self.runs: list[AgentRun] = []
         # agentcg, "learn": the sessions of the class the broker knew of when the run began
-        # (0 on a new database; see ReplayOptions.broker_db)
-        self.sessions_known_at_start = 0
+        # (0 on a new database; see ReplayOptions.broker_db); None for the other runs
+        self.sessions_known_at_start: int | None = None
         self.deadline_passed = False
         self.go = asyncio.Event()
         self.go_at = 0.0
@@ -627,11 +627,7 @@ class _Replay:
                 if self.policy == "agentcg" and self.opts.session_max == "learn"
                 else None
             ),
-            "sessions_known_at_start": (
-                self.sessions_known_at_start
-                if self.policy == "agentcg" and self.opts.session_max == "learn"
-                else None
-            ),
+            "sessions_known_at_start": self.sessions_known_at_start,
             "per_agent": [
                 {
                     "agent": r.plan.index,
