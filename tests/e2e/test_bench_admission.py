@@ -77,6 +77,9 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     # Each request's latency from its send is its latency less its lateness (>= 0).
     assert 0 < result["p99_ms_from_send"] <= result["p99_ms"]
+    # The share of Reserves (and of no-ops) within the 2 ms goal, from the same rounds.
+    for key in ("within_2ms_at_rate", "noop_within_2ms_at_rate"):
+        assert 0 <= result[key] <= 1, key
     assert result["p99_ratio_10k_leases"] == round(
         result["p99_ms_10k_leases"] / result["p99_ms"], 3
     )
@@ -97,6 +100,8 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     for key in ("at_rate", "10k_leases"):
         assert 0 < result[f"broker_reserve_mean_ms_{key}"], key
         assert 0 <= result[f"broker_reserve_within_2ms_{key}"] <= 1, key
+        # Estimated from the same histogram's buckets: under the last finite bound (30 s).
+        assert 0 < result[f"broker_reserve_p99_ms_{key}"] <= 30_000, key
         assert 0 < result[f"commit_mean_ms_{key}"], key
         assert result[f"decisions_per_commit_{key}"] >= 1, key
     # The closed-loop phase's commits (2 in flight: rarely saturated, so seldom held).
