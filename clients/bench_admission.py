@@ -41,6 +41,10 @@ Phases, in order, each reported under its key:
   Prometheus's ``histogram_quantile`` does): a granted Reserve from the servicer's entry to
   its durable reply, without the gRPC transport or the client; ``commit_mean_ms_at_rate``/``decisions_per_commit_at_rate``: the group commits
   behind them;
+- ``host_steal_share``/``host_steal_share_at_rate``: the share of the host's CPU time its
+  hypervisor took (steal, ``agentcg.steal``) over the whole run and over the ~100-lease
+  rounds: latencies measured while it is more than a trace are the host's (null: not
+  readable);
 - ``broker_rss_mb``: the resident set of the broker and its database writer process, with
   those 10,000 leases and 1,000 connected simulated node streams. The ``broker_cpu_us_*``
   figures count the writer process's CPU too;
@@ -80,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cpuidle import idle_settings
+from ..steal import CpuTicks, cpu_ticks, steal_share
 from .bench import percentile
 from .cluster import LocalCluster, child_pids, tree_cpu_s
 
@@ -542,6 +547,13 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
     return lower
 
 
+def _add_ticks(into: list[int], before: CpuTicks | None, after: CpuTicks | None) -> None:
+    """Add the steal and total ticks between two readings to ``into`` ([steal, total])."""
+    if before is not None and after is not None:
+        into[0] += after.steal - before.steal
+        into[1] += after.total - before.total
+
+
 def _families(address: str) -> Iterable[Any]:
     """The broker's metric families, read once from its Prometheus endpoint."""
     import urllib.request
@@ -728,6 +740,7 @@ def bench_admission(
         # How an idle vCPU wakes, under every fixed-rate latency (agentcg.cpuidle).
         "host_cpuidle": idle_settings().text,
     }
+    ticks = cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-admission-") as tmp:
         with fresh_database(database_url) as url:
             result.update(
@@ -748,6 +761,8 @@ def bench_admission(
                 )
             )
     result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    share = steal_share(ticks, cpu_ticks())
+    result["host_steal_share"] = None if share is None else round(share, 4)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -865,11 +880,13 @@ def _run_phases(
             lat_big: list[float] = []
             late: list[float] = []
             errors = 0
+            stolen = [0, 0]  # the ~100-lease rounds' steal and total ticks
             for r in range(rounds):
                 say(f"fixed rate, round {r + 1}/{rounds}: no-op, ~100 leases ...")
                 ping += run.fixed_rate(rate, 0, "ping")["latencies_ms"]
-                before = _scrape(metrics)
+                before, ticks = _scrape(metrics), cpu_ticks()
                 base = run.fixed_rate(rate, 100)
+                _add_ticks(stolen, ticks, cpu_ticks())
                 inside.add(before, _scrape(metrics))
                 lat += base["latencies_ms"]
                 late += base["late_ms"]
@@ -902,6 +919,9 @@ def _run_phases(
                 result["p99_ms_10k_leases"] / result["p99_ms"], 3
             )
             result["rate_errors"] = errors
+            result["host_steal_share_at_rate"] = (
+                round(stolen[0] / stolen[1], 4) if stolen[1] > 0 else None
+            )
             result.update(inside.result())
             result.update(inside_big.result("10k_leases"))
             result.update(inside_big.gc_full("10k_leases"))

@@ -77,6 +77,10 @@ def check_every_phase(proc: subprocess.CompletedProcess[str], result: dict[str, 
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     # Each request's latency from its send is its latency less its lateness (>= 0).
     assert 0 < result["p99_ms_from_send"] <= result["p99_ms"]
+    # The hypervisor's share of the CPUs over the run and the ~100-lease rounds (/proc/stat
+    # is readable here, with a steal field: never null on this kind of machine).
+    for key in ("host_steal_share", "host_steal_share_at_rate"):
+        assert 0 <= result[key] <= 1, key
     # The share of Reserves (and of no-ops) within the 2 ms goal, from the same rounds.
     for key in ("within_2ms_at_rate", "noop_within_2ms_at_rate"):
         assert 0 <= result[key] <= 1, key
