@@ -1,10 +1,10 @@
 """How much of this host's CPU time its hypervisor took: steal time, from ``/proc/stat``.
 
 A vCPU that is runnable while the host runs something else counts steal ticks. Latency
-percentiles measured then are the host's, not the code's: on one VM of this project's kind a
-quiet run of ``agentcg bench admission`` saw 12 ticks of steal in 71 s, and a run with Reserve's
-p50 at 26 ms (no-op p50 1.4 ms) saw 1,141 ticks in 75 s (7.6% of both vCPUs' time). The
-benchmarks record the share, so such a run can be told apart.
+percentiles measured then are the host's, not the code's: on one VM of this project's kind,
+the same hour, quiet runs of ``agentcg bench admission`` had 0.04% of the CPUs' time stolen
+(Reserve p50 1.5-1.6 ms, no-op p50 0.46-0.47 ms), and a run with Reserve's p50 at 26 ms (no-op
+p50 1.4 ms) had 7.6%. The benchmarks record the share, so such a run can be told apart.
 """
 
 from __future__ import annotations
