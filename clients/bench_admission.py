@@ -84,7 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cpuidle import idle_settings
-from ..steal import CpuTicks, cpu_ticks, steal_share
+from ..steal import CpuTicks, cpu_ticks, steal_share, ticks_between
 from .bench import percentile
 from .cluster import LocalCluster, child_pids, tree_cpu_s
 
@@ -547,11 +547,8 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
     return lower
 
 
-def _add_ticks(into: list[int], before: CpuTicks | None, after: CpuTicks | None) -> None:
-    """Add the steal and total ticks between two readings to ``into`` ([steal, total])."""
-    if before is not None and after is not None:
-        into[0] += after.steal - before.steal
-        into[1] += after.total - before.total
+def _share(share: float | None) -> float | None:
+    return None if share is None else round(share, 4)
 
 
 def _families(address: str) -> Iterable[Any]:
@@ -763,8 +760,7 @@ def bench_admission(
                 )
             )
     result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    share = steal_share(ticks, cpu_ticks())
-    result["host_steal_share"] = None if share is None else round(share, 4)
+    result["host_steal_share"] = _share(steal_share(ticks, cpu_ticks()))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -882,13 +878,13 @@ def _run_phases(
             lat_big: list[float] = []
             late: list[float] = []
             errors = 0
-            stolen = [0, 0]  # the ~100-lease rounds' steal and total ticks
+            spent = CpuTicks(0, 0)  # the CPUs' ticks over the ~100-lease rounds
             for r in range(rounds):
                 say(f"fixed rate, round {r + 1}/{rounds}: no-op, ~100 leases ...")
                 ping += run.fixed_rate(rate, 0, "ping")["latencies_ms"]
                 before, ticks = _scrape(metrics), cpu_ticks()
                 base = run.fixed_rate(rate, 100)
-                _add_ticks(stolen, ticks, cpu_ticks())
+                spent += ticks_between(ticks, cpu_ticks())
                 inside.add(before, _scrape(metrics))
                 lat += base["latencies_ms"]
                 late += base["late_ms"]
@@ -921,9 +917,7 @@ def _run_phases(
                 result["p99_ms_10k_leases"] / result["p99_ms"], 3
             )
             result["rate_errors"] = errors
-            result["host_steal_share_at_rate"] = (
-                round(stolen[0] / stolen[1], 4) if stolen[1] > 0 else None
-            )
+            result["host_steal_share_at_rate"] = _share(spent.steal_share)
             result.update(inside.result())
             result.update(inside_big.result("10k_leases"))
             result.update(inside_big.gc_full("10k_leases"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from agentcg.steal import CpuTicks, cpu_ticks, steal_share
+from agentcg.steal import CpuTicks, cpu_ticks, steal_share, ticks_between
 
 STAT = (
     "cpu  1018133 0 247412 1937780 13567 0 12483 20133 0 0\n"
@@ -41,6 +41,15 @@ def test_cpu_ticks_none_without_the_file(tmp_path: Path) -> None:
     assert cpu_ticks(tmp_path) is None
 
 
+def test_ticks_between_and_their_sum() -> None:
+    assert ticks_between(CpuTicks(1000, 10), CpuTicks(3000, 110)) == CpuTicks(2000, 100)
+    assert ticks_between(None, CpuTicks(1000, 10)) == CpuTicks(0, 0)
+    assert ticks_between(CpuTicks(1000, 10), CpuTicks(1000, 10)) == CpuTicks(0, 0)
+    assert CpuTicks(2000, 100) + CpuTicks(1000, 50) == CpuTicks(3000, 150)
+    assert CpuTicks(0, 0).steal_share is None
+    assert CpuTicks(3000, 150).steal_share == pytest.approx(0.05)
+
+
 def test_steal_share() -> None:
     assert steal_share(CpuTicks(1000, 10), CpuTicks(3000, 110)) == pytest.approx(0.05)
     assert steal_share(CpuTicks(1000, 10), CpuTicks(1000, 10)) is None  # no time passed
@@ -51,6 +60,5 @@ def test_steal_share() -> None:
 def test_this_hosts_counters_move_forward() -> None:
     before = cpu_ticks()
     assert before is not None and 0 <= before.steal <= before.total
-    sum(range(2_000_000))  # some CPU time, so that ticks pass
     after = cpu_ticks()
     assert after is not None and after.total >= before.total and after.steal >= before.steal

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuTicks", "cpu_ticks", "steal_share"]
+__all__ = ["CpuTicks", "cpu_ticks", "steal_share", "ticks_between"]
 
 PROC = Path("/proc")
 
@@ -24,6 +24,14 @@ class CpuTicks:
 
     total: int
     steal: int
+
+    def __add__(self, other: CpuTicks) -> CpuTicks:
+        return CpuTicks(self.total + other.total, self.steal + other.steal)
+
+    @property
+    def steal_share(self) -> float | None:
+        """The share of these ticks stolen (None: no ticks)."""
+        return self.steal / self.total if self.total > 0 else None
 
 
 def cpu_ticks(root: Path = PROC) -> CpuTicks | None:
@@ -44,9 +52,14 @@ def cpu_ticks(root: Path = PROC) -> CpuTicks | None:
     return None
 
 
+def ticks_between(before: CpuTicks | None, after: CpuTicks | None) -> CpuTicks:
+    """The ticks that passed between two readings (none if either is missing)."""
+    if before is None or after is None or after.total <= before.total:
+        return CpuTicks(0, 0)
+    return CpuTicks(after.total - before.total, after.steal - before.steal)
+
+
 def steal_share(before: CpuTicks | None, after: CpuTicks | None) -> float | None:
     """The share of all CPUs' time stolen between two readings (None if either is missing or
     no time passed)."""
-    if before is None or after is None or after.total <= before.total:
-        return None
-    return (after.steal - before.steal) / (after.total - before.total)
+    return ticks_between(before, after).steal_share
