@@ -884,7 +884,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         """(Re-)register the kernel usage threshold at arm_threshold(budget) on a cgroup-watch
         thread; once registered, its eventfd is read on the loop. A registration that a later
         one or the call's end overtook (the call's cgroup may be gone: it fails) is closed
-        unused."""
+        unused. The future returned is done once the registration is in place on the loop
+        (not merely back from its thread: a caller woken in the same loop iteration would run
+        the call before its eventfd is read), with the registration's result or error."""
         assert self.loop is not None
         loop = self.loop
         self._close_arm(call)
@@ -893,25 +895,36 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         registering = loop.run_in_executor(
             self._cgroup_watch, self.driver.watch_usage, call.cgroup, threshold
         )
+        landed: asyncio.Future[int | None] = loop.create_future()
 
         def registered(fut: asyncio.Future[int | None]) -> None:
             exc = None if fut.cancelled() else fut.exception()
             fd = None if fut.cancelled() or exc is not None else fut.result()
-            if gen != call.arm_gen or loop.is_closed():
-                if fd is not None:
-                    os.close(fd)
-                return
-            if exc is not None:
-                log.warning("call %s: cannot watch its usage: %s", call.call_id, exc)
-            elif fd is None:
-                self.monitor.arm(call.cgroup_id)  # no kernel usage threshold (v2): always
-            else:
-                call.arm_fd, call.arm_bytes = fd, threshold
-                loop.add_reader(fd, self._on_usage_threshold, call)
-                self._on_usage_threshold(call)  # it may be above already
+            try:
+                if gen != call.arm_gen or loop.is_closed():
+                    if fd is not None:
+                        os.close(fd)
+                        fd = None
+                elif exc is not None:
+                    log.warning("call %s: cannot watch its usage: %s", call.call_id, exc)
+                elif fd is None:
+                    self.monitor.arm(call.cgroup_id)  # no kernel usage threshold (v2): always
+                else:
+                    call.arm_fd, call.arm_bytes = fd, threshold
+                    loop.add_reader(fd, self._on_usage_threshold, call)
+                    self._on_usage_threshold(call)  # it may be above already
+            finally:
+                if not landed.done() and not loop.is_closed():
+                    if fut.cancelled():
+                        landed.cancel()
+                    elif exc is not None:
+                        landed.set_exception(exc)
+                        landed.exception()  # logged above or overtaken: not "never retrieved"
+                    else:
+                        landed.set_result(fd)
 
         registering.add_done_callback(registered)
-        return registering
+        return landed
 
     def _on_usage_threshold(self, call: Call) -> None:
         """The kernel saw the call's usage cross its arm threshold (either way)."""

@@ -2,8 +2,9 @@
 cgroup-watch threads for usage thresholds): calls that spike concurrently are still grown, and
 their cgroups, usage-threshold eventfds and BPF entries all go with them, in sessions whose dirs
 are removed and created again in between; usage thresholds of calls starting together register
-side by side, each before its call runs; a usage-threshold registration overtaken by a later
-one, or by the end of its call, is closed. Real cgroups, a real BPF monitor, real processes."""
+side by side, each in place before its call runs (also when it comes back in the loop iteration
+that places the call); a usage-threshold registration overtaken by a later one, or by the end of
+its call, is closed. Real cgroups, a real BPF monitor, real processes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -162,6 +164,71 @@ def test_usage_thresholds_of_calls_starting_together_register_side_by_side(
     assert armed_at_start == [True] * 8
     assert most > 1, "usage thresholds registered one at a time"
     assert threads and all(t.startswith("cgroup-watch") for t in threads), threads
+    assert agent.calls == {} and driver.children() == []
+    assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
+    assert eventfds() == eventfds_before, "usage-threshold or pause-notice eventfds left open"
+
+
+def test_a_call_runs_only_once_its_usage_threshold_is_read_on_the_loop(
+    driver: CgroupV1Driver,
+    agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
+    make_agent: MakeAgent,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The call's placement (attach, on the cgroup-io thread) and its threshold's registration
+    # (a cgroup-watch thread) come back while the loop is held, one iteration apart, placement
+    # first: the call's task wakes (its await of attach is shielded: one hop) in the iteration
+    # that runs the registration's own callback. The call must still not run before the
+    # threshold's eventfd is read on the loop (3 of 8 calls did, once, on a busy CI host).
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    monitor = agent_monitor[0]
+    eventfds_before = eventfds()
+    attach, register = driver.attach, driver.watch_usage
+    both_back = threading.Barrier(2, timeout=10)
+    attach_returns, register_returns = threading.Event(), threading.Event()
+
+    def hold_loop() -> None:  # on the loop: attach returns meanwhile, then the registration
+        attach_returns.set()  # while this iteration runs
+        time.sleep(0.1)
+        assert agent.loop is not None
+        agent.loop.call_soon(hold_loop_again)  # after attach's return, in the next iteration
+
+    def hold_loop_again() -> None:
+        register_returns.set()
+        time.sleep(0.1)
+
+    def held_attach(*args: Any) -> None:
+        attach(*args)
+        both_back.wait()
+        assert agent.loop is not None
+        agent.loop.call_soon_threadsafe(hold_loop)
+        assert attach_returns.wait(10)
+
+    def held_register(*args: Any) -> int | None:
+        fd = register(*args)
+        both_back.wait()
+        assert register_returns.wait(10)
+        return fd
+
+    monkeypatch.setattr(driver, "attach", held_attach)
+    monkeypatch.setattr(driver, "watch_usage", held_register)
+    uplink.broker.leases["l1"] = make_lease("l1")
+    armed_at_start: list[bool] = []
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        request = node_pb2.ExecRequest(lease_id="l1", argv=["true"])
+        async for ev in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
+            if ev.HasField("started"):
+                armed_at_start.append(agent.calls["l1"].arm_fd >= 0)
+            if ev.HasField("exited"):
+                outcome = (ev.exited.exit_code, ev.exited.outcome)
+                assert outcome == (0, types_pb2.OUTCOME_COMPLETED), ev.exited
+
+    asyncio.run(main())
+    assert attach_returns.is_set() and register_returns.is_set(), "the loop was not held"
+    assert armed_at_start == [True]
     assert agent.calls == {} and driver.children() == []
     assert monitor.entry_counts() == (0, 0), "BPF map entries left behind"
     assert eventfds() == eventfds_before, "usage-threshold or pause-notice eventfds left open"
