@@ -81,6 +81,7 @@ class Lease:
     expires_at_unix_ms: int
     peak_memory_bytes: int
     outcome: str
+    granted_at_unix_ms: int = 0  # on the broker's clock, as the expiry
 
     @classmethod
     def from_pb(cls, pb: types_pb2.Lease) -> Lease:
@@ -97,6 +98,7 @@ class Lease:
             expires_at_unix_ms=pb.expires_at_unix_ms,
             peak_memory_bytes=pb.peak_memory_bytes,
             outcome=OUTCOMES.get(pb.outcome, ""),
+            granted_at_unix_ms=pb.granted_at_unix_ms,
         )
 
 
@@ -1087,17 +1089,20 @@ class AsyncClient:
             self._node_lookups[lease.node_id] = cached
         return await asyncio.shield(cached[1]) or known
 
-    async def _keep_renewed(self, lease: Lease) -> None:
+    async def _keep_renewed(self, lease: Lease, ttl_ms: int) -> None:
         """Renew the lease at a third of its TTL for as long as the call runs (a long pytest
-        must not outlive its lease: the node stops calls whose lease expired)."""
-        ttl_ms = max(1000, lease.expires_at_unix_ms - int(time.time() * 1000))
+        must not outlive its lease: the node stops calls whose lease expired). Each renewal
+        asks for the TTL the Reserve asked for (0: the broker's default); the TTL it was
+        granted is read on the broker's clock alone (expiry less grant time). Not the time
+        left by this host's clock: one ahead of the broker's, and every round trip, would
+        shorten each renewal's TTL, down to the floor."""
+        period_s = max(1000, lease.expires_at_unix_ms - lease.granted_at_unix_ms) / 3000
         while True:
-            await asyncio.sleep(ttl_ms / 3000)
+            await asyncio.sleep(period_s)
             try:
-                renewed = await self.renew(lease.lease_id, ttl_ms)
+                await self.renew(lease.lease_id, ttl_ms)
             except AgentcgError:
                 return  # released, or the broker is gone: the node decides what happens
-            ttl_ms = max(1000, renewed.expires_at_unix_ms - int(time.time() * 1000))
 
     async def run(
         self,
@@ -1140,7 +1145,7 @@ class AsyncClient:
             )
         admission_s = time.monotonic() - asked
         result: RunResult | None = None
-        keepalive = asyncio.create_task(self._keep_renewed(lease))
+        keepalive = asyncio.create_task(self._keep_renewed(lease, ttl_ms))
         try:
             result = await self.exec(
                 lease,

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from agentcg.clients.cluster import LocalCluster
-from agentcg.clients.sdk import Client
+from agentcg.clients.sdk import Client, Lease
 from agentcg.errors import InvalidArgumentError, NotFoundError
 
 MiB = 1 << 20
@@ -189,11 +190,24 @@ def test_broker_reports_health(cluster: LocalCluster) -> None:
 
 
 def test_run_renews_its_lease_while_the_call_outlives_the_ttl(
-    cluster: LocalCluster, client: Client
+    cluster: LocalCluster, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 1.5 s TTL and a 5 s call: `run` keeps the lease alive, so the node does not stop it."""
+    """A 1.5 s TTL and a 5 s call: `run` keeps the lease alive, so the node does not stop it.
+    Every renewal asks for the Reserve's TTL again, also from a host whose clock runs 2 s ahead
+    of the broker's (taking the time left by that clock, renewals asked for ever less)."""
+    asked: list[int] = []
+    renew = client._async.renew
+
+    async def recorded(lease_id: str, ttl_ms: int = 0) -> Lease:
+        asked.append(ttl_ms)
+        return await renew(lease_id, ttl_ms)
+
+    monkeypatch.setattr(client._async, "renew", recorded)
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 2.0)
     client.set_tenant("long", 256 * MiB)
     result = client.run("long", 32 * MiB, ["sleep", "5"], ttl_ms=1500)
     assert (result.exit_code, result.outcome) == (0, "completed"), result
+    assert len(asked) >= 5 and set(asked) == {1500}, asked
     (lease,) = client.list_leases(tenant="long", include_inactive=True)
     assert lease.state == "released"
