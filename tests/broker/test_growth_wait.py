@@ -142,12 +142,13 @@ def test_at_its_deadline_lower_priority_work_gives_way(tmp_path: Path, database_
 def test_a_call_that_ends_while_it_waits_gets_no_decision(
     tmp_path: Path, database_url: str
 ) -> None:
-    with running(tmp_path, database_url, 400) as (node, client):
+    # The release must reach the broker before the growth's deadline: 1.5 s, on a busy host too.
+    with running(tmp_path, database_url, 1500) as (node, client):
         _, small = full_node(client)
         node.outbox.put(limit_reached(small, 56 * MiB))
         decisions(node, 1)
         client.release(small)
-        time.sleep(0.8)  # past its deadline
+        time.sleep(2.0)  # past its deadline
         assert [d.kind for d in node.decisions] == [WAIT]
 
 
@@ -231,7 +232,8 @@ def test_a_queued_call_gets_the_room_once_the_paused_call_is_decided(
 ) -> None:
     """The paused call is killed at its deadline (its call still holds its budget until the
     node ends it): the room kept for it goes to the call queued behind it at once."""
-    with running(tmp_path, database_url, 500, 200 * MiB) as (node, client):
+    # The queued call must be waiting before the paused one's deadline: 1.5 s, on a busy host.
+    with running(tmp_path, database_url, 1500, 200 * MiB) as (node, client):
         _, small = tenant_at_quota(client)
         client.set_tenant("u", 1 << 30)
         node.outbox.put(limit_reached(small, 56 * MiB))

@@ -36,8 +36,10 @@ WRITER_MIB = 256
 
 @pytest.fixture
 def cluster(tmp_path: Path, cgroup_write: Path, bcc_available: None) -> Iterator[LocalCluster]:
+    # The grace: a caller whose agent restarted finds it again within ~2 s (the SDK looks the
+    # node's new address up once a second and retries at most a second apart), on a busy host too.
     args = [
-        *("--keep-calls", "--resume-grace", "3", "--spool-dir", str(tmp_path / "spool")),
+        *("--keep-calls", "--resume-grace", "6", "--spool-dir", str(tmp_path / "spool")),
         *("--max-output", f"{MAX_OUTPUT_MIB}M"),
     ]
     with LocalCluster(tmp_path / "cluster", node_memory="2G", node_args=args) as c:
@@ -251,7 +253,7 @@ def test_a_caller_that_goes_away_has_the_resume_grace_to_come_back(
         time.sleep(0.1)
     assert after.outcome == "killed", after
     assert not (tmp_path / "ended").exists()
-    assert "its caller did not follow it again within 3 s" in cluster.log("node0")
+    assert "its caller did not follow it again within 6 s" in cluster.log("node0")
     # How it ended is kept for as long: a caller that comes back late still learns it.
     [started, *_, last] = node.Resume(node_pb2.ResumeRequest(lease_id=other.lease_id))
     assert started.started.resumed and last.exited.outcome == types_pb2.OUTCOME_KILLED

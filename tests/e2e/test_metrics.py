@@ -22,6 +22,8 @@ from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededErr
 from agentcg.v1 import broker_pb2, types_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..conftest import wait_until
+
 MiB = 1 << 20
 METRICS = ("--metrics-listen", "127.0.0.1:0")
 SPIKE_ARGV = [sys.executable, "-m", "agentcg.clients.worker", "--curve", "0:210,0.5:0"]
@@ -339,9 +341,12 @@ def test_preemption_is_counted_and_sent(broker: tuple[LocalCluster, SimNode]) ->
         ),
         "the preempt decision",
     )
-    assert [d.lease_id for d in node.decisions if d.kind == broker_pb2.DECISION_KIND_PREEMPT][
-        -1
-    ] == low.lease_id
+
+    def preempted() -> list[str]:  # as the node received them (on its own thread)
+        return [d.lease_id for d in node.decisions if d.kind == broker_pb2.DECISION_KIND_PREEMPT]
+
+    wait_until(lambda: low.lease_id in preempted(), "the preempt decision at the node")
+    assert preempted()[-1] == low.lease_id
     assert (
         after.get("agentcg_broker_lease_preemptions_total")
         - before.get("agentcg_broker_lease_preemptions_total")

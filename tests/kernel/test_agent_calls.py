@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,7 @@ def test_per_page_accounting_runs_only_above_the_arm_threshold(
     driver: CgroupV1Driver,
     agent_monitor: tuple[MemoryMonitor, list[NodeAgent]],
     make_agent: MakeAgent,
+    tmp_path: Path,
 ) -> None:
     # Budget 64 MiB: soft 51 MiB; per-page accounting armed from 25.6 MiB by the kernel's own
     # usage threshold (v1), disarmed when the call ends.
@@ -281,25 +283,34 @@ def test_per_page_accounting_runs_only_above_the_arm_threshold(
     agent = make_agent(uplink, None)
     monitor = agent_monitor[0]
     seen: dict[str, object] = {}
+    # Each step waits for the test to have looked (a file), not for a time: on a busy host the
+    # output comes late.
     code = (
-        "import time\n"
-        "a = b'x' * (8 << 20); print('low', flush=True); time.sleep(1.5)\n"
-        "b = b'x' * (32 << 20); print('high', flush=True); time.sleep(1.5)\n"
+        "import os, sys, time\n"
+        "def hold(name):\n"
+        "    t = time.monotonic() + 60\n"
+        "    while not os.path.exists(sys.argv[1] + name) and time.monotonic() < t:\n"
+        "        time.sleep(0.01)\n"
+        "a = b'x' * (8 << 20); print('low', flush=True); hold('low')\n"
+        "b = b'x' * (32 << 20); print('high', flush=True); hold('high')\n"
     )
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
         uplink.broker.leases["l1"] = make_lease("l1")
-        request = node_pb2.ExecRequest(
-            lease_id="l1", argv=[sys.executable, "-c", code], capture_output=True
-        )
+        argv = [sys.executable, "-c", code, f"{tmp_path}/looked-"]
+        request = node_pb2.ExecRequest(lease_id="l1", argv=argv, capture_output=True)
         async for ev in agent.Exec(request, NoContext()):  # type: ignore[arg-type]
             if ev.HasField("output"):
                 line = ev.output.data.decode().strip()
-                await asyncio.sleep(0.5)  # the threshold's eventfd is read on this loop
+                # The threshold's eventfd is read on this loop: armed in time, or never.
+                deadline = time.monotonic() + (0.5 if line == "low" else 10)
+                while not monitor.per_page_attached and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
                 seen[line] = monitor.per_page_attached
                 stats = monitor.stats(agent.calls["l1"].cgroup_id)
                 seen[line + "_usage"] = stats.usage_bytes if stats else None
+                (tmp_path / f"looked-{line}").touch()
         seen["after"] = monitor.per_page_attached
 
     asyncio.run(main())
