@@ -14,8 +14,15 @@ from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AsyncClient
 
 MiB = 1 << 20
-# ~30 MB held for 6 s (under the soft threshold of a 64 MiB budget: stays "running") (the worker's curve is in decimal MB).
-HOLD_ARGV = [sys.executable, "-m", "agentcg.clients.worker", "--curve", "0:30,6:0"]
+# ~30 MB held (under the soft threshold of a 64 MiB budget: stays "running") until the file
+# named by its argument exists (at most 60 s): until both snapshots are taken, however slow.
+HOLD = """
+import os, sys, time
+held = bytearray(30_000_000)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,9 @@ def test_top_shows_a_running_call(cluster: LocalCluster, tmp_path: Path) -> None
     async def main() -> None:
         async with AsyncClient(cluster.broker_address) as client:
             await client.set_tenant("top-t", 1024 * MiB)
-            run = asyncio.create_task(client.run("top-t", 64 * MiB, HOLD_ARGV, session="top-s"))
+            done = tmp_path / "done"
+            argv = [sys.executable, "-c", HOLD, str(done)]
+            run = asyncio.create_task(client.run("top-t", 64 * MiB, argv, session="top-s"))
             node = cluster.node_addresses[0]
             # Wait until the call runs and holds its memory (the node's own view, via the SDK).
             for _ in range(100):
@@ -66,6 +75,7 @@ def test_top_shows_a_running_call(cluster: LocalCluster, tmp_path: Path) -> None
             assert "top-t" in text and "running" in text, text
             rc, text = await _top(cluster, by_broker)  # nodes found through the broker
             assert rc == 0, text
+            done.touch()
             result = await run
             assert result.outcome == "completed", result
 
