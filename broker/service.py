@@ -1690,6 +1690,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         authorize_lease(ledger, lease, read=True)
         pb = self.core.lease_pb(lease)
         pb.tenant_ancestors.extend(ledger.chain_names(lease.tenant)[1:])
+        pb.as_of_unix_ms = now_ms()
         return pb
 
     @_rpc

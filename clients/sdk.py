@@ -1169,18 +1169,37 @@ class AsyncClient:
 
 
 class Client:
-    """Synchronous wrapper: the same methods as AsyncClient, blocking."""
+    """Synchronous wrapper: the same methods as AsyncClient, blocking.
+
+    A method interrupted while it waits (Ctrl-C: KeyboardInterrupt) stops its coroutine too, and
+    waits up to the client's timeout for that coroutine's own clean-up, as ``asyncio.run`` does
+    for its main task: an interrupted ``run`` releases its lease (and its node stops the call)."""
 
     def __init__(
         self, broker: str, *, timeout_s: float = 10.0, security: ClientSecurity | None = None
     ) -> None:
+        self._timeout_s = timeout_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._async = self._run(_make_async(broker, timeout_s, security))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        ended = threading.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                ended.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            if future.cancel():  # interrupted here, the coroutine still running: stop it
+                ended.wait(self._timeout_s)
+            raise
 
     def __enter__(self) -> Client:
         return self

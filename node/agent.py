@@ -65,6 +65,7 @@ from .enforcement import (
     Wake,
     arm_threshold,
     at_limit,
+    expiry_on_node_clock,
     on_deadline,
     on_decision_grow,
     on_denied,
@@ -120,6 +121,14 @@ def lease_view(lease: types_pb2.Lease) -> LeaseView:
         budget_bytes=lease.budget.memory_bytes,
         state=types_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_").lower(),
     )
+
+
+def _onto_node_clock(lease: types_pb2.Lease, asked_at_unix_ms: int) -> None:
+    """Move the broker's ``lease`` expiry onto this node's clock (``as_of`` cleared: done)."""
+    lease.expires_at_unix_ms = expiry_on_node_clock(
+        lease.expires_at_unix_ms, lease.as_of_unix_ms, asked_at_unix_ms
+    )
+    lease.as_of_unix_ms = 0
 
 
 def _check_command(request: node_pb2.ExecRequest) -> None:
@@ -1137,6 +1146,11 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         """One pass: refresh leases about to expire (``every``: all of them) from the broker;
         stop expired/stale ones.
 
+        The lease of a call nobody follows (its caller went away: the resume grace runs) is
+        asked about on every pass. A caller that gave up on its call (``run`` cancelled: the
+        SDK releases the lease) wants it gone, and the broker has already given its budget to
+        others: the call is stopped within a pass, not at the end of the grace.
+
         The broker is asked about every lease due at once, not one after another: a broker that
         is slow or taking over (each question waits up to its timeout) then delays the pass by
         one timeout, not by one per call, and an expired call is stopped on time."""
@@ -1147,7 +1161,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
             held = lease_view(call.lease)
             tick = on_lease_tick(held, now, self.policy.lease_refresh_margin_ms)
-            if every or isinstance(tick, Refresh):
+            if every or isinstance(tick, Refresh) or call.unfollowed is not None:
                 due.append(self._refresh_lease(call, held, now_unix_ms))
         await asyncio.gather(*due)
 
@@ -1203,10 +1217,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     async def _refresh_lease(self, call: Call, held: LeaseView, now_unix_ms: int | None) -> None:
         """Ask the broker about one lease and act on its answer, judged at the time it came."""
         fresh: LeaseView | None
+        now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
         try:
-            lease = await self.uplink.broker.GetLease(
-                broker_pb2.GetLeaseRequest(lease_id=call.lease.lease_id), timeout=2
-            )
+            lease = await self._get_lease(call.lease.lease_id, 2, asked_at_unix_ms=now)
             fresh = lease_view(lease)
         except grpc.aio.AioRpcError as exc:
             # PERMISSION_DENIED: a broker with an access file lets a node read only the leases
@@ -1216,16 +1229,28 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             else:
                 log.warning("lease %s: cannot refresh: %s", call.lease.lease_id, exc.code())
                 fresh = None
-        now = int(time.time() * 1000) if now_unix_ms is None else now_unix_ms
+        if now_unix_ms is None:  # judged when the answer came
+            now = int(time.time() * 1000)
         self.apply_lease(call, held, fresh, now)
+
+    async def _get_lease(
+        self, lease_id: str, timeout_s: float, *, asked_at_unix_ms: int | None = None
+    ) -> types_pb2.Lease:
+        """The broker's lease, its expiry moved onto this node's clock (``as_of`` cleared)."""
+        asked = int(time.time() * 1000) if asked_at_unix_ms is None else asked_at_unix_ms
+        lease = await self.uplink.broker.GetLease(
+            broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=timeout_s
+        )
+        _onto_node_clock(lease, asked)
+        return lease
 
     def on_lease_update(self, lease: types_pb2.Lease) -> None:
         """The broker pushed a lease change (renewal, revocation) on the stream."""
         call = self.calls.get(lease.lease_id)
         if call is not None:
-            self.apply_lease(
-                call, lease_view(call.lease), lease_view(lease), int(time.time() * 1000)
-            )
+            now = int(time.time() * 1000)
+            _onto_node_clock(lease, now)
+            self.apply_lease(call, lease_view(call.lease), lease_view(lease), now)
 
     def apply_lease(
         self, call: Call, held: LeaseView, fresh: LeaseView | None, now_unix_ms: int
@@ -1618,9 +1643,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
     async def _fetch_lease(self, lease_id: str) -> tuple[types_pb2.Lease, str, str]:
         """The lease from the broker, checked active and placed here; its tenant and session."""
         try:
-            lease = await self.uplink.broker.GetLease(
-                broker_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5
-            )
+            lease = await self._get_lease(lease_id, 5)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         if lease.state != types_pb2.LEASE_STATE_ACTIVE:
@@ -1996,9 +2019,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
             return False
         now_ms = int(time.time() * 1000)
         try:
-            lease = await self.uplink.broker.GetLease(
-                broker_pb2.GetLeaseRequest(lease_id=call_id), timeout=5
-            )
+            lease = await self._get_lease(call_id, 5, asked_at_unix_ms=now_ms)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 lease = types_pb2.Lease(lease_id=call_id, state=types_pb2.LEASE_STATE_UNSPECIFIED)

@@ -37,6 +37,7 @@ __all__ = [
     "LeaseView",
     "NodePolicy",
     "at_limit",
+    "expiry_on_node_clock",
     "Refresh",
     "ReleaseOutput",
     "Resize",
@@ -384,6 +385,18 @@ class Update:
 
     lease: LeaseView
     reason: str
+
+
+def expiry_on_node_clock(expires_at_unix_ms: int, as_of_unix_ms: int, asked_at_unix_ms: int) -> int:
+    """A lease's expiry on this node's clock: the time it had left when the broker answered
+    (its expiry less the broker's clock then, ``as_of``), counted from when the node asked.
+
+    Never later than the broker's own expiry (the answer's travel time is counted as spent),
+    whatever the two clocks' offset. No expiry (0), or no ``as_of`` (a broker that does not
+    say), stays as it is: read on the node's clock, as before."""
+    if expires_at_unix_ms <= 0 or as_of_unix_ms <= 0:
+        return expires_at_unix_ms
+    return asked_at_unix_ms + (expires_at_unix_ms - as_of_unix_ms)
 
 
 def on_lease_tick(held: LeaseView, now_unix_ms: int, refresh_margin_ms: int) -> Refresh | Ignore:

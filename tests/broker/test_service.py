@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from agentcg.broker.model import LeaseId
 from agentcg.broker.store import Store
@@ -15,7 +16,7 @@ from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import AsyncClient, Client, Lease
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
-from agentcg.v1 import broker_pb2, types_pb2
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 MiB = 1 << 20
 
@@ -104,6 +105,23 @@ def test_reserve_batch_bad_item_changes_nothing(broker: tuple[str, str]) -> None
         assert store.list_leases(include_inactive=True) == []
     finally:
         store.close()
+
+
+def test_get_lease_says_when_by_the_brokers_clock(broker: tuple[str, str]) -> None:
+    """A node on another host counts a lease's time left from the broker's clock (as_of), not
+    its own: GetLease fills it in at its answer."""
+    address, _ = broker
+    with Client(address) as c:
+        c.set_tenant("t", 1 << 30)
+        lease = c.reserve("t", MiB, ttl_ms=5_000)
+    with grpc.insecure_channel(address) as channel:
+        before_ms = int(time.time() * 1000)
+        pb = broker_pb2_grpc.BrokerStub(channel).GetLease(
+            broker_pb2.GetLeaseRequest(lease_id=lease.lease_id), timeout=5
+        )
+        after_ms = int(time.time() * 1000)
+    assert before_ms <= pb.as_of_unix_ms <= after_ms  # the broker runs on this host's clock
+    assert 0 < pb.expires_at_unix_ms - pb.as_of_unix_ms <= 5_000
 
 
 def test_an_ended_lease_keeps_every_other_field() -> None:

@@ -304,11 +304,13 @@ def _wal_store(tmp_path: Path, **kwargs: int) -> Iterator[tuple[Store, _Checkpoi
 def test_sqlite_wal_restarts_under_steady_commits(tmp_path: Path) -> None:
     """Commits landing during each checkpoint (as at ~1,500 Reserve/s) still let the writer
     restart the WAL: the checkpointer repeats its checkpoint until one runs between two
-    commits. With one checkpoint per round the file grew with every commit (to ~85 MiB here)."""
+    commits. With one checkpoint per round the file grew with every commit until the writer's
+    own catch-up at the limit (64 MiB, 1-2 restarts); with the rounds it peaks at 14-28 MiB on a
+    quiet host (5 runs), and 33 MiB was seen in a busy CI run."""
     with _wal_store(tmp_path) as (store, checkpointer):
         biggest = _commit_steadily(store, checkpointer.wal, 3000, 0.0003)
         assert checkpointer.restarts >= 3
-        assert biggest < 30 << 20, f"the WAL reached {biggest >> 20} MiB"
+        assert biggest < 48 << 20, f"the WAL reached {biggest >> 20} MiB"
         assert len(store.load().active_leases) == 3000
 
 

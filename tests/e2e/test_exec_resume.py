@@ -8,6 +8,7 @@ none) is held until its caller has had more, as a pipe's writer waits."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -258,6 +259,38 @@ def test_a_caller_that_goes_away_has_the_resume_grace_to_come_back(
     [started, *_, last] = node.Resume(node_pb2.ResumeRequest(lease_id=other.lease_id))
     assert started.started.resumed and last.exited.outcome == types_pb2.OUTCOME_KILLED
     assert "did not follow it again" in last.exited.reason, last.exited
+    assert spooled(tmp_path) == []
+
+
+def test_a_caller_that_gives_up_on_its_call_has_it_stopped_before_the_grace(
+    client: Client, node: node_pb2_grpc.NodeAgentStub, tmp_path: Path
+) -> None:
+    """An agent framework cancels a tool call's ``run`` (its own timeout): the SDK releases the
+    lease and the broker gives its budget to others. The call must not run on for the resume
+    grace meant for a caller that comes back: the node asks about the lease of every call
+    nobody follows and stops this one as released."""
+    seen = threading.Event()
+    run = asyncio.run_coroutine_threadsafe(
+        client._async.run("rs", 64 * MiB, tool(tmp_path), on_output=lambda s, d: seen.set()),
+        client._loop,
+    )
+    assert seen.wait(60), run
+    [call] = node.ListCalls(node_pb2.ListCallsRequest(tenant="rs")).calls
+    run.cancel()  # the caller gives up: its task is cancelled, the SDK releases the lease
+    wait_until(lambda: client.get_lease(call.lease_id).state == "released", "the release")
+    wait_until(
+        lambda: not node.ListCalls(node_pb2.ListCallsRequest(tenant="rs")).calls,
+        "the call stopped",
+        timeout_s=30,
+    )
+    [started, *_, last] = node.Resume(node_pb2.ResumeRequest(lease_id=call.lease_id))
+    assert started.started.resumed
+    assert last.exited.outcome == types_pb2.OUTCOME_KILLED, last.exited
+    # Stopped for its lease (released), not at the end of the grace (6 s).
+    assert "lease is released at the broker" in last.exited.reason, last.exited
+    assert not (tmp_path / "ended").exists()
+    [pid] = (tmp_path / "starts").read_text().split()
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), "the call's process reaped")
     assert spooled(tmp_path) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ import pytest
 from agentcg.clients.cluster import LocalCluster
 from agentcg.clients.sdk import Client, Lease
 from agentcg.errors import InvalidArgumentError, NotFoundError
+
+from ..conftest import wait_until
 
 MiB = 1 << 20
 # ~200 MiB held for half a second (the worker's curve is in decimal MB).
@@ -211,3 +214,49 @@ def test_run_renews_its_lease_while_the_call_outlives_the_ttl(
     assert len(asked) >= 5 and set(asked) == {1500}, asked
     (lease,) = client.list_leases(tenant="long", include_inactive=True)
     assert lease.state == "released"
+
+
+@pytest.mark.parametrize("caller", ["cli", "sdk"])
+def test_ctrl_c_stops_the_call_and_frees_its_budget(
+    cluster: LocalCluster, client: Client, tmp_path: Path, caller: str
+) -> None:
+    """Ctrl-C on `agentcg run` (asyncio.run cancels it) or on the sync SDK's `run` (the wrapper
+    stops the coroutine it waits for) releases the lease, and the node, told nothing but the
+    release, stops the call as released: it does not run on for the resume grace (30 s)."""
+    tenant = f"ctrlc-{caller}"
+    client.set_tenant(tenant, 256 * MiB)
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    argv = [sys.executable, "-c", code]
+    if caller == "cli":
+        args = ["-m", "agentcg.clients.cli", "run", "--broker", cluster.broker_address]
+        args += ["--tenant", tenant, "--memory", "64M", "--", *argv]
+    else:
+        script = (
+            "import sys\nfrom agentcg.clients.sdk import Client\n"
+            f"with Client({cluster.broker_address!r}) as c:\n"
+            f"    c.run({tenant!r}, 64 << 20, {argv!r})\n"
+        )
+        args = ["-c", script]
+    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), "the call", timeout_s=60)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    if caller == "cli":
+        assert proc.returncode == 130, err  # 128 + SIGINT, as a shell reports Ctrl-C
+    else:
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+    (lease,) = client.list_leases(tenant=tenant, include_inactive=True)
+    assert lease.state == "released", lease  # by the caller, on its way out
+    assert client.get_tenant(tenant).granted_memory_bytes == 0
+    pid = int(pid_file.read_text())
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), "the call stopped", timeout_s=20)
+    stops = [
+        line
+        for line in cluster.log("node0").splitlines()
+        if f"lease {lease.lease_id} " in line and "lease is released at the broker" in line
+    ]
+    assert stops, cluster.log("node0")[-3000:]

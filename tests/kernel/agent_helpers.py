@@ -49,6 +49,8 @@ class StubBroker:
         self.leases: dict[str, types_pb2.Lease] = {}
         self.reachable = True
         self.denied: set[str] = set()  # GetLease: PERMISSION_DENIED (placed on another node)
+        # Set: GetLease tells its clock (as_of), this far from the node's (None: it does not).
+        self.clock_offset_ms: int | None = None
         self._together = 0
         self._waiting = 0
         self._all_in = asyncio.Event()
@@ -90,6 +92,8 @@ class StubBroker:
             )
         out = types_pb2.Lease()
         out.CopyFrom(lease)
+        if self.clock_offset_ms is not None:
+            out.as_of_unix_ms = int(time.time() * 1000) + self.clock_offset_ms
         return out
 
 

@@ -197,6 +197,41 @@ def test_renewed_lease_keeps_its_call(driver: CgroupV1Driver, make_agent: MakeAg
     asyncio.run(main())
 
 
+def test_a_lease_runs_out_by_the_brokers_clock_not_the_nodes(
+    driver: CgroupV1Driver, make_agent: MakeAgent
+) -> None:
+    """The broker's clock is a minute behind the node's. Its lease has 5 s left, though its
+    expiry is in the node's past: the node counts the time left from the broker's own clock
+    (GetLease's as_of) and keeps the call, then stops it once the lease ran out by that count."""
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    skew_ms = -60_000
+    uplink.broker.clock_offset_ms = skew_ms
+    lease = make_lease("l1", expires_in_ms=5_000)
+    lease.expires_at_unix_ms += skew_ms  # 5 s from now on the broker's clock
+    uplink.broker.leases["l1"] = lease
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+        call = asyncio.create_task(run_call(agent, "l1", argv, started))
+        await started.wait()
+        await agent.check_leases(every=True)
+        assert list(agent.calls) == ["l1"], "stopped for an expiry read on the node's clock"
+        left_ms = agent.calls["l1"].lease.expires_at_unix_ms - time.time() * 1000
+        assert 0 < left_ms <= 5_000
+        uplink.broker.clock_offset_ms = skew_ms + 6_000  # the broker's clock moved on by 6 s
+        await agent.check_leases(every=True)
+        events = await asyncio.wait_for(call, 30)
+        [stop] = [e.enforcement for e in events if e.HasField("enforcement")]
+        assert stop.action == "kill" and "without renewal" in stop.reason, stop
+        assert events[-1].exited.outcome == types_pb2.OUTCOME_KILLED
+
+    asyncio.run(main())
+    assert driver.children() == []
+
+
 def test_leases_due_together_are_refreshed_together(
     driver: CgroupV1Driver, make_agent: MakeAgent
 ) -> None:

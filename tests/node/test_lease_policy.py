@@ -9,6 +9,7 @@ from agentcg.node.enforcement import (
     LeaseView,
     Refresh,
     Update,
+    expiry_on_node_clock,
     on_lease_refresh,
     on_lease_tick,
 )
@@ -61,3 +62,20 @@ def test_renewed_lease_is_adopted() -> None:
     renewed = fresh(expires_at_unix_ms=NOW + 70_000)
     verdict = on_lease_refresh(HELD, renewed, NOW + 9_000, "n1")
     assert verdict == Update(renewed, f"lease epoch 3, expires at {NOW + 70_000}")
+
+
+@pytest.mark.parametrize(
+    ("expires", "as_of", "asked", "expected"),
+    [
+        # The broker's clock 60 s behind the node's: 5 s left, counted from when it asked.
+        (NOW - 55_000, NOW - 60_000 + 3, NOW, NOW + 4_997),
+        # 60 s ahead: the same 5 s left, not an hour-old expiry nor one a minute away.
+        (NOW + 65_000, NOW + 60_000, NOW, NOW + 5_000),
+        (NOW + 5_000, NOW - 2, NOW - 2, NOW + 5_000),  # the same clocks, an instant answer
+        (NOW - 1_000, NOW, NOW, NOW - 1_000),  # expired a second ago by the broker's clock
+        (0, NOW, NOW, 0),  # no expiry
+        (NOW + 5_000, 0, NOW + 60_000, NOW + 5_000),  # a broker that does not say: as it is
+    ],
+)
+def test_expiry_on_node_clock(expires: int, as_of: int, asked: int, expected: int) -> None:
+    assert expiry_on_node_clock(expires, as_of, asked) == expected

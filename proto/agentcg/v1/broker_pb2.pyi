@@ -1557,8 +1557,9 @@ Global___BrokerMessage: _TypeAlias = BrokerMessage  # noqa: Y015
 
 @_typing.final
 class LeaseUpdate(_message.Message):
-    """The broker tells the lease's node that it changed (renewed, grown, revoked, expired), so the
-    node enforces the new expiry/epoch at once instead of at its next local check.
+    """A lease changed (renewed, revoked, expired): the node applies it at once, as it would the
+    answer to a GetLease. Not sent by this broker: its nodes learn of lease changes at their lease
+    checks (README: How a tool call runs) and of revocations from a Decision (PREEMPT).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

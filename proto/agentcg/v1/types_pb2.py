@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentcg/v1/types.proto\x12\nagentcg.v1\"C\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x03\x12\x12\n\ncpu_millis\x18\x02 \x01(\x03\x12\x0c\n\x04pids\x18\x03 \x01(\x05\"\xa1\x03\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x15\n\rcommand_class\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x14\n\x0cnode_address\x18\x06 \x01(\t\x12%\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x15.agentcg.v1.Resources\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.agentcg.v1.LeaseState\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x1a\n\x12granted_at_unix_ms\x18\x0b \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x0c \x01(\x03\x12\x19\n\x11peak_memory_bytes\x18\r \x01(\x03\x12$\n\x07outcome\x18\x0e \x01(\x0e\x32\x13.agentcg.v1.Outcome\x12%\n\x06intent\x18\x0f \x01(\x0b\x32\x15.agentcg.v1.Resources\x12\x18\n\x10tenant_ancestors\x18\x10 \x03(\t\"\x87\x01\n\rAdmissionHint\x12&\n\x1elargest_memory_bytes_available\x18\x01 \x01(\x03\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\x03\x12\x1e\n\x16last_peak_memory_bytes\x18\x03 \x01(\x03\x12\x16\n\x0elimiting_scope\x18\x04 \x01(\t*\x8d\x01\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n\x13LEASE_STATE_REVOKED\x10\x04*\x88\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMPLETED\x10\x01\x12\x11\n\rOUTCOME_GROWN\x10\x02\x12\x12\n\x0eOUTCOME_KILLED\x10\x03\x12\x12\n\x0eOUTCOME_DENIED\x10\x04\x12\x12\n\x0eOUTCOME_FAILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentcg/v1/types.proto\x12\nagentcg.v1\"C\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x03\x12\x12\n\ncpu_millis\x18\x02 \x01(\x03\x12\x0c\n\x04pids\x18\x03 \x01(\x05\"\xb8\x03\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x15\n\rcommand_class\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x14\n\x0cnode_address\x18\x06 \x01(\t\x12%\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x15.agentcg.v1.Resources\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12%\n\x05state\x18\t \x01(\x0e\x32\x16.agentcg.v1.LeaseState\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x1a\n\x12granted_at_unix_ms\x18\x0b \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x0c \x01(\x03\x12\x19\n\x11peak_memory_bytes\x18\r \x01(\x03\x12$\n\x07outcome\x18\x0e \x01(\x0e\x32\x13.agentcg.v1.Outcome\x12%\n\x06intent\x18\x0f \x01(\x0b\x32\x15.agentcg.v1.Resources\x12\x18\n\x10tenant_ancestors\x18\x10 \x03(\t\x12\x15\n\ras_of_unix_ms\x18\x11 \x01(\x03\"\x87\x01\n\rAdmissionHint\x12&\n\x1elargest_memory_bytes_available\x18\x01 \x01(\x03\x12\x16\n\x0eretry_after_ms\x18\x02 \x01(\x03\x12\x1e\n\x16last_peak_memory_bytes\x18\x03 \x01(\x03\x12\x16\n\x0elimiting_scope\x18\x04 \x01(\t*\x8d\x01\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n\x13LEASE_STATE_REVOKED\x10\x04*\x88\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMPLETED\x10\x01\x12\x11\n\rOUTCOME_GROWN\x10\x02\x12\x12\n\x0eOUTCOME_KILLED\x10\x03\x12\x12\n\x0eOUTCOME_DENIED\x10\x04\x12\x12\n\x0eOUTCOME_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentcg.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEASESTATE']._serialized_start=666
-  _globals['_LEASESTATE']._serialized_end=807
-  _globals['_OUTCOME']._serialized_start=810
-  _globals['_OUTCOME']._serialized_end=946
+  _globals['_LEASESTATE']._serialized_start=689
+  _globals['_LEASESTATE']._serialized_end=830
+  _globals['_OUTCOME']._serialized_start=833
+  _globals['_OUTCOME']._serialized_end=969
   _globals['_RESOURCES']._serialized_start=38
   _globals['_RESOURCES']._serialized_end=105
   _globals['_LEASE']._serialized_start=108
-  _globals['_LEASE']._serialized_end=525
-  _globals['_ADMISSIONHINT']._serialized_start=528
-  _globals['_ADMISSIONHINT']._serialized_end=663
+  _globals['_LEASE']._serialized_end=548
+  _globals['_ADMISSIONHINT']._serialized_start=551
+  _globals['_ADMISSIONHINT']._serialized_end=686
 # @@protoc_insertion_point(module_scope)

@@ -123,6 +123,7 @@ class Lease(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     INTENT_FIELD_NUMBER: _builtins.int
     TENANT_ANCESTORS_FIELD_NUMBER: _builtins.int
+    AS_OF_UNIX_MS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     tenant: _builtins.str
     session: _builtins.str
@@ -138,6 +139,11 @@ class Lease(_message.Message):
     peak_memory_bytes: _builtins.int
     """Filled at release: the measured peak and how the call ended."""
     outcome: Global___Outcome.ValueType
+    as_of_unix_ms: _builtins.int
+    """Filled by GetLease: the broker's clock when it answered. A reader on another host counts
+    the time a lease has left as expires_at_unix_ms - as_of_unix_ms, so its own clock's offset
+    from the broker's does not matter (a node stops a call whose lease ran out by that count).
+    """
     @_builtins.property
     def budget(self) -> Global___Resources: ...
     @_builtins.property
@@ -169,10 +175,11 @@ class Lease(_message.Message):
         outcome: Global___Outcome.ValueType = ...,
         intent: Global___Resources | None = ...,
         tenant_ancestors: _abc.Iterable[_builtins.str] | None = ...,
+        as_of_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "intent", b"intent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "command_class", b"command_class", "epoch", b"epoch", "expires_at_unix_ms", b"expires_at_unix_ms", "granted_at_unix_ms", b"granted_at_unix_ms", "intent", b"intent", "lease_id", b"lease_id", "node_address", b"node_address", "node_id", b"node_id", "outcome", b"outcome", "peak_memory_bytes", b"peak_memory_bytes", "priority", b"priority", "session", b"session", "state", b"state", "tenant", b"tenant", "tenant_ancestors", b"tenant_ancestors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_unix_ms", b"as_of_unix_ms", "budget", b"budget", "command_class", b"command_class", "epoch", b"epoch", "expires_at_unix_ms", b"expires_at_unix_ms", "granted_at_unix_ms", b"granted_at_unix_ms", "intent", b"intent", "lease_id", b"lease_id", "node_address", b"node_address", "node_id", b"node_id", "outcome", b"outcome", "peak_memory_bytes", b"peak_memory_bytes", "priority", b"priority", "session", b"session", "state", b"state", "tenant", b"tenant", "tenant_ancestors", b"tenant_ancestors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
