@@ -479,6 +479,7 @@ class AsyncClient:
         # by the calls that follow calls on that node again (``_node_address``).
         self._node_lookups: dict[str, tuple[float, asyncio.Future[str]]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._giving_back: set[asyncio.Task[None]] = set()  # see ``_give_back``
         self._timeout_s = timeout_s
         self._files = self._security.files_version()
         self._checked_at = time.monotonic()
@@ -549,6 +550,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._giving_back:  # a lease a cancelled Reserve may hold goes back first
+            await asyncio.wait(self._giving_back, timeout=self._timeout_s)
         for ch, _ in self._nodes.values():
             await ch.close()
         self._nodes.clear()
@@ -590,26 +593,55 @@ class AsyncClient:
 
         Without an ``idempotency_key`` the SDK makes one: a Reserve sent again (after a leader
         change or a broker restart, ``agentcg.channels``) then gets the lease the first attempt
-        got, never a second."""
-        reply = await self._call(
-            self._broker.Reserve(
-                broker_pb2.ReserveRequest(
-                    tenant=tenant,
-                    session=session,
-                    command_class=command_class,
-                    intent=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
-                    priority=priority,
-                    ttl_ms=ttl_ms,
-                    idempotency_key=idempotency_key or _new_key(),
-                    expected_duration_ms=expected_duration_ms,
-                    queue_timeout_ms=queue_timeout_ms,
-                    session_max_memory_bytes=session_max_bytes,
-                    session_class=session_class,
-                ),
-                timeout=self._timeout_s + queue_timeout_ms / 1000,
-            )
+        got, never a second. Such a Reserve cancelled in flight gives back what it may have been
+        granted (``_give_back``); one with a key of the caller's is the caller's to ask again."""
+        request = broker_pb2.ReserveRequest(
+            tenant=tenant,
+            session=session,
+            command_class=command_class,
+            intent=types_pb2.Resources(memory_bytes=memory_bytes, cpu_millis=cpu_millis),
+            priority=priority,
+            ttl_ms=ttl_ms,
+            idempotency_key=idempotency_key or _new_key(),
+            expected_duration_ms=expected_duration_ms,
+            queue_timeout_ms=queue_timeout_ms,
+            session_max_memory_bytes=session_max_bytes,
+            session_class=session_class,
         )
+        try:
+            reply = await self._call(
+                self._broker.Reserve(request, timeout=self._timeout_s + queue_timeout_ms / 1000)
+            )
+        except asyncio.CancelledError:
+            if not idempotency_key:
+                self._give_back(request)
+            raise
         return Lease.from_pb(reply.lease)
+
+    def _give_back(self, request: broker_pb2.ReserveRequest) -> None:
+        """A Reserve cancelled in flight (a caller's timeout, Ctrl-C) may have been granted, its
+        reply lost with it: the lease would hold its budget until its TTL ran out, with nobody
+        to release it. Ask once more with the same key, without queueing, and release what
+        that gets: the lease the first one was granted (one key, one lease), or a new one at
+        once. A denial: nothing was granted. ``close`` waits for it."""
+        request.queue_timeout_ms = 0
+
+        async def give_back() -> None:
+            try:
+                got = await self._broker.Reserve(request, timeout=self._timeout_s)
+                await self._broker.Release(
+                    broker_pb2.ReleaseRequest(
+                        lease_id=got.lease.lease_id, outcome=types_pb2.OUTCOME_FAILED
+                    ),
+                    timeout=self._timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    log.warning("cannot give back a cancelled Reserve's lease: %s", exc.code())
+
+        task = asyncio.ensure_future(give_back())
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def release(self, lease_id: str, *, peak_bytes: int = 0, outcome: str = "") -> Lease:
         reply = await self._call(

@@ -124,6 +124,55 @@ def test_get_lease_says_when_by_the_brokers_clock(broker: tuple[str, str]) -> No
     assert 0 < pb.expires_at_unix_ms - pb.as_of_unix_ms <= 5_000
 
 
+@pytest.mark.parametrize("key", ["", "mine"])
+def test_a_reserve_cancelled_with_its_grant_in_flight_gives_it_back(
+    broker: tuple[str, str], key: str
+) -> None:
+    """A caller gives up on a Reserve (its timeout, Ctrl-C) after the broker granted it, the
+    reply still on its way. Without a key of its own nobody can ask for that lease again: the
+    SDK asks once more with its key and releases the lease. A caller's own key: the caller may
+    ask again, and gets the lease, still active."""
+    address, _ = broker
+
+    async def go() -> list[Lease]:
+        async with AsyncClient(address) as c:
+            await c.set_tenant("t", 64 * MiB)
+            stub = c._current().broker
+            real = stub.Reserve
+            granted = asyncio.Event()
+
+            def in_flight(request: broker_pb2.ReserveRequest, **kw: object) -> object:
+                async def call() -> broker_pb2.ReserveResponse:
+                    reply = await real(request, **kw)  # type: ignore[arg-type]
+                    granted.set()
+                    await asyncio.sleep(60)  # the reply, on its way when the caller gives up
+                    return reply
+
+                return call()
+
+            stub.Reserve = in_flight  # type: ignore[method-assign]
+            asking = asyncio.create_task(c.reserve("t", 16 * MiB, idempotency_key=key))
+            await granted.wait()
+            stub.Reserve = real  # type: ignore[method-assign]
+            asking.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asking
+            if key:
+                again = await c.reserve("t", 16 * MiB, idempotency_key=key)
+                assert again.state == "active"
+        async with AsyncClient(address) as c:
+            return await c.list_leases(tenant="t", include_inactive=True)
+
+    (lease,) = asyncio.run(go())
+    with Client(address) as c:
+        if key:
+            assert lease.state == "active"
+            assert c.get_tenant("t").granted_memory_bytes == 16 * MiB
+        else:
+            assert (lease.state, lease.outcome) == ("released", "failed")
+            assert c.get_tenant("t").granted_memory_bytes == 0
+
+
 def test_an_ended_lease_keeps_every_other_field() -> None:
     """BrokerCore.ended spells the lease's fields out: none may be dropped or reset."""
     import dataclasses
