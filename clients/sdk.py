@@ -1218,20 +1218,24 @@ class Client:
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         ended = threading.Event()
+        tasks: list[asyncio.Task[T]] = []
 
-        async def tracked() -> T:
-            try:
-                return await coro
-            finally:
-                ended.set()
+        def start() -> None:
+            task = self._loop.create_task(coro)
+            task.add_done_callback(lambda _: ended.set())
+            tasks.append(task)
 
-        future = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
+        self._loop.call_soon_threadsafe(start)
         try:
-            return future.result()
+            ended.wait()
         except BaseException:
-            if future.cancel():  # interrupted here, the coroutine still running: stop it
-                ended.wait(self._timeout_s)
+            # Interrupted here: stop the coroutine and wait for its clean-up. The loop runs its
+            # callbacks in order, so the task exists when the cancel runs; a task cancelled
+            # before its first step ends at once (nothing of it ran, nothing to clean up).
+            self._loop.call_soon_threadsafe(lambda: tasks[0].cancel())
+            ended.wait(self._timeout_s)
             raise
+        return tasks[0].result()
 
     def __enter__(self) -> Client:
         return self

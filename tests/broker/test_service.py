@@ -4,6 +4,8 @@ PostgreSQL): batched admission, idempotent retries that wait for durability, bad
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +173,27 @@ def test_a_reserve_cancelled_with_its_grant_in_flight_gives_it_back(
         else:
             assert (lease.state, lease.outcome) == ("released", "failed")
             assert c.get_tenant("t").granted_memory_bytes == 0
+
+
+def test_a_sync_call_interrupted_before_it_began_never_begins(broker: tuple[str, str]) -> None:
+    """Ctrl-C on the sync client while its loop is still busy (the call has not begun): the
+    call is stopped before any of it runs (no Reserve goes out after the interrupt, to be given
+    back later), and the interrupt returns once the loop is free, not after the timeout."""
+    address, _ = broker
+    with Client(address, timeout_s=20) as c:
+        c.set_tenant("t", 64 * MiB)
+        main = threading.main_thread().ident
+        assert main is not None
+        c._loop.call_soon_threadsafe(time.sleep, 2.0)  # the loop busy: the call cannot start
+        interrupt = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.start()
+            c.reserve("t", 16 * MiB)
+        waited_s = time.monotonic() - started
+        assert waited_s < 10, f"the interrupted call waited {waited_s:.1f} s"
+        assert c.list_leases(tenant="t", include_inactive=True) == []
+        assert c.get_tenant("t").granted_memory_bytes == 0
 
 
 def test_an_ended_lease_keeps_every_other_field() -> None:
