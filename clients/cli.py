@@ -1151,11 +1151,20 @@ def demo(
     tenants: int = 4,
     speed: float = 20.0,
     max_seconds: float = 60.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Start a broker and a node on this host and replay real agent traces through them."""
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(traces=traces, tenants=tenants, speed=speed, max_seconds=max_seconds))
+    raise typer.Exit(
+        run_demo(
+            traces=traces,
+            tenants=tenants,
+            speed=speed,
+            max_seconds=max_seconds,
+            json_path=json_path,
+        )
+    )
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (print numbers; --json PATH)")

@@ -10,6 +10,8 @@ broker while the tenant's quota allows, and killed once it does not.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -120,7 +122,14 @@ def _pick(traces: list[Trace], n: int) -> list[Trace]:
     return ranked[:n]
 
 
-def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: float) -> int:
+def run_demo(
+    *,
+    traces: Path | None,
+    tenants: int,
+    speed: float,
+    max_seconds: float,
+    json_path: Path | None = None,
+) -> int:
     console = Console(width=max(140, Console().width))
     chosen = _pick(list(load_traces(traces or sample_traces_path())), tenants)
     with tempfile.TemporaryDirectory(prefix="agentcg-demo-") as tmp:
@@ -174,7 +183,20 @@ def run_demo(*, traces: Path | None, tenants: int, speed: float, max_seconds: fl
             f"{len(held)} calls kept paused while the broker waited for room (up to "
             f"--growth-wait-ms), then: {outcomes}"
         )
+    if json_path is not None:
+        json_path.write_text(json.dumps(_report_json(reports, elapsed), indent=2) + "\n")
     return 0
+
+
+def _report_json(reports: dict[str, TenantReport], elapsed_s: float) -> dict[str, object]:
+    """The report as data: per tenant its counts and sizes (bytes), and the reaction times
+    (in-kernel limit event -> decision applied) in milliseconds."""
+    tenants: dict[str, object] = {}
+    for name, r in reports.items():
+        row = dataclasses.asdict(r)
+        row["reactions_ms"] = [ns / 1e6 for ns in row.pop("reactions_ns")]
+        tenants[name] = row
+    return {"elapsed_s": round(elapsed_s, 3), "tenants": tenants}
 
 
 def _spread(values_ns: list[int]) -> str:
