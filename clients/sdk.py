@@ -1220,9 +1220,14 @@ class Client:
         ended = threading.Event()
         tasks: list[asyncio.Task[T]] = []
 
+        def settled(task: asyncio.Task[T]) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: an interrupted caller no longer asks for it
+            ended.set()
+
         def start() -> None:
             task = self._loop.create_task(coro)
-            task.add_done_callback(lambda _: ended.set())
+            task.add_done_callback(settled)
             tasks.append(task)
 
         self._loop.call_soon_threadsafe(start)
