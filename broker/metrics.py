@@ -271,6 +271,13 @@ class BrokerMetrics:
             registry=r,
         )
         self._decisions = {k: decisions.labels(k) for k in DECISION_KINDS}
+        updates = Counter(
+            p + "lease_updates",
+            "Ends of leases whose call was running pushed to its node (LeaseUpdate), by state",
+            ["state"],
+            registry=r,
+        )
+        self._lease_updates = {k: updates.labels(k) for k in ("released", "expired")}
         self.lease_expiries = Counter(
             p + "lease_expiries", "Leases ended because their TTL passed", registry=r
         )
@@ -318,6 +325,9 @@ class BrokerMetrics:
 
     def decision_sent(self, kind: str) -> None:
         self._decisions[kind].inc()
+
+    def lease_update_sent(self, state: str) -> None:
+        self._lease_updates[state].inc()
 
     def track_wal(self, wal: Path) -> None:
         """Serve the size of the SQLite WAL file ``wal`` (read at each scrape; 0 while there is

@@ -440,6 +440,10 @@ class BrokerCore:
         self.on_fenced = on_fenced
         # Per connected node, what its stream sends; None ends the stream.
         self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage | None]] = {}
+        # Active leases whose node asked about them for a call it runs (GetLeaseRequest.node_id):
+        # their end is pushed to that node (``tell_ended``). Not persisted: a node asks about
+        # every lease again when its stream to a (new) broker opens.
+        self.running: dict[LeaseId, NodeId] = {}
         # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
         # with the same idempotency key waits on this before it answers (never replies with a
         # grant that is not durable). Resolves True once durable, False if the commit failed.
@@ -722,6 +726,7 @@ class BrokerCore:
     ) -> Lease:
         ended = self.ended(lease, state, now_ms(), peak_bytes=peak_bytes, outcome=outcome)
         await self.commit(self.end_changes(ended, kind, peak_bytes, by))
+        self.tell_ended(ended)
         if state is LeaseState.EXPIRED:
             self.metrics.lease_expiries.inc()
         elif state is LeaseState.RELEASED:
@@ -737,6 +742,27 @@ class BrokerCore:
             ended.outcome.value,
         )
         return ended
+
+    def tell_ended(self, ended: Lease) -> None:
+        """Push the end (durable) of a lease whose node runs its call on that node's stream: the
+        node stops the call now, not at its next lease check, which for a call its caller still
+        follows is only near the lease's expiry. The broker has already given the budget to
+        others. A node with no stream open asks about every lease once it has one again."""
+        node_id = self.running.pop(ended.lease_id, None)
+        queue = None if node_id is None else self.node_queues.get(node_id)
+        if queue is None:
+            return
+        pb = self.lease_pb(ended)
+        pb.as_of_unix_ms = now_ms()
+        queue.put_nowait(broker_pb2.BrokerMessage(lease=broker_pb2.LeaseUpdate(lease=pb)))
+        self.metrics.lease_update_sent(ended.state.value)
+        log.info(
+            "lease %s tenant %s %s: node %s told to stop its call",
+            ended.lease_id,
+            ended.tenant,
+            ended.state.value,
+            node_id,
+        )
 
     # -- the queue (order and preemption: fairshare.py) ------------------------------------------
 
@@ -1249,6 +1275,7 @@ class BrokerCore:
 
     def send_revocation(self, lease: Lease, reason: str) -> bool:
         """Tell the node of a lease already revoked (durably) to stop its call."""
+        self.running.pop(lease.lease_id, None)
         return self.send_decision(
             lease.node_id,
             broker_pb2.Decision(
@@ -1349,6 +1376,9 @@ class BrokerCore:
         self.recover_nodes(now_ms())
         await self.revoke_drained()
         due = self.ledger.due(now_ms())
+        # Leases that ended on a path that tells no node (none should): not kept for ever.
+        for lease_id in [x for x in self.running if x not in self.ledger.leases]:
+            del self.running[lease_id]
         for lease in due:
             if self.ledger.leases.get(lease.lease_id) is lease:
                 await self.end_lease(
@@ -1632,6 +1662,9 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             await core.commit_applied(changes, undo)
             core.metrics.lease_releases.inc(released)
             core.kick([x.tenant for x in out])
+            if core.running:
+                for ended in ended_here.values():
+                    core.tell_ended(ended)
         response = broker_pb2.ReleaseBatchResponse()
         add = response.leases.add
         for x in out:
@@ -1686,8 +1719,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         context: grpc.aio.ServicerContext[broker_pb2.GetLeaseRequest, types_pb2.Lease],
     ) -> types_pb2.Lease:
         ledger = self.core.ledger
+        node_id = _name("node_id", request.node_id, allow_empty=True, remember=False)
         lease = await self.core.find_lease(request.lease_id)
         authorize_lease(ledger, lease, read=True)
+        if node_id and node_id == lease.node_id and lease.state is LeaseState.ACTIVE:
+            self.core.running[lease.lease_id] = NodeId(node_id)
         pb = self.core.lease_pb(lease)
         pb.tenant_ancestors.extend(ledger.chain_names(lease.tenant)[1:])
         pb.as_of_unix_ms = now_ms()
@@ -2498,6 +2534,7 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
         return False
 
     async def on_finished(self, fin: broker_pb2.CallFinished) -> None:
+        self.core.running.pop(LeaseId(fin.lease_id), None)  # the node knows its call ended
         lease = self.core.ledger.leases.get(LeaseId(fin.lease_id))
         if lease is None:
             return  # already released by the client

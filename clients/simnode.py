@@ -1,6 +1,6 @@
 """A simulated node (broker tests, `agentcg bench failover`): registers, holds the Connect
 stream, and reconnects (to whatever address ``address`` holds now) when the broker goes away.
-Records the decisions the broker sends down the stream."""
+Records the decisions and lease updates the broker sends down the stream."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class SimNode:
         self.node_id = node_id
         self.memory_bytes = memory_bytes
         self.decisions: list[broker_pb2.Decision] = []
+        self.lease_updates: list[types_pb2.Lease] = []
         self.connected = threading.Event()
         self.outbox: queue.Queue[broker_pb2.NodeMessage] = queue.Queue()  # sent while connected
         self._stop = threading.Event()
@@ -81,3 +82,5 @@ class SimNode:
         async for msg in call:
             if msg.HasField("decision"):
                 self.decisions.append(msg.decision)
+            elif msg.HasField("lease"):
+                self.lease_updates.append(msg.lease.lease)

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from agentcg.broker.store import Store
 from agentcg.clients.cluster import LocalCluster, scrape_metric
 from agentcg.clients.sdk import Client
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
-from agentcg.v1 import broker_pb2, types_pb2
+from agentcg.v1 import broker_pb2, broker_pb2_grpc, types_pb2
 
 from ..conftest import wait_until
 
@@ -124,6 +125,59 @@ def test_a_drain_revokes_what_still_runs_at_its_deadline(
     assert scrape_metric(metrics, "agentcg_broker_lease_drain_revocations_total") == 3
     assert scrape_metric(metrics, "agentcg_broker_nodes_cordoned") == 1
     assert audit_kinds(database_url).count("drain") == 3
+
+
+def test_the_end_of_a_lease_whose_call_a_node_runs_is_pushed_to_that_node(
+    cluster: tuple[LocalCluster, SimNode, SimNode],
+) -> None:
+    """A node that asked about a lease for its call (GetLeaseRequest.node_id) is sent the
+    lease's end on its stream when a caller releases it (Release, ReleaseBatch) or it expires;
+    not when the node itself reported the call finished, and not to a node the lease is not
+    placed on."""
+    c, a, b = cluster
+    with Client(c.broker_address) as cl, grpc.insecure_channel(c.broker_address) as ch:
+        stub = broker_pb2_grpc.BrokerStub(ch)
+
+        def ask(lease_id: str, node_id: str) -> types_pb2.Lease:
+            return stub.GetLease(broker_pb2.GetLeaseRequest(lease_id=lease_id, node_id=node_id))
+
+        cl.set_tenant("t", 16 * GiB)
+        released, batched, finished, elsewhere, unasked = (
+            cl.reserve("t", 512 * MiB) for _ in range(5)
+        )
+        expiring = cl.reserve("t", 512 * MiB, ttl_ms=1_000)
+        for x in (released, batched, finished, elsewhere, unasked, expiring):
+            assert x.node_id == "sim-a"
+        for x in (released, batched, finished, expiring):
+            assert ask(x.lease_id, "sim-a").state == types_pb2.LEASE_STATE_ACTIVE
+        ask(elsewhere.lease_id, "sim-b")  # not placed there: nothing is pushed to sim-b
+        with pytest.raises(grpc.RpcError) as bad:
+            ask(unasked.lease_id, "../sim-a")
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "node_id" in (bad.value.details() or "")
+
+        a.outbox.put(
+            broker_pb2.NodeMessage(
+                finished=broker_pb2.CallFinished(
+                    lease_id=finished.lease_id, exit_code=0, outcome=types_pb2.OUTCOME_COMPLETED
+                )
+            )
+        )
+        wait_until(lambda: cl.get_lease(finished.lease_id).state == "released", "finished")
+        cl.release(released.lease_id)
+        cl.release_batch([batched.lease_id, elsewhere.lease_id, unasked.lease_id])
+        wait_until(lambda: len(a.lease_updates) >= 3, "three lease updates", timeout_s=15)
+        assert [(x.lease_id, x.state) for x in a.lease_updates] == [
+            (released.lease_id, types_pb2.LEASE_STATE_RELEASED),
+            (batched.lease_id, types_pb2.LEASE_STATE_RELEASED),
+            (expiring.lease_id, types_pb2.LEASE_STATE_EXPIRED),
+        ]
+        assert all(x.as_of_unix_ms > 0 and x.node_id == "sim-a" for x in a.lease_updates)
+        assert b.lease_updates == [] and a.decisions == [] and b.decisions == []
+    metrics = c.metrics_address("broker")
+    updates = "agentcg_broker_lease_updates_total"
+    assert scrape_metric(metrics, updates, state="released") == 2
+    assert scrape_metric(metrics, updates, state="expired") == 1
 
 
 def test_a_cordon_outlives_re_registration_and_a_broker_restart(

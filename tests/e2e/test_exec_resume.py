@@ -3,6 +3,7 @@ real BPF): the agent is SIGKILLed, or stopped with --keep-calls, while a call ru
 SDK's ``run``; a new agent re-adopts the call and the SDK follows it again (the node's Resume).
 The caller gets every byte of output exactly once, in order, and the call's own exit code; the
 call runs once. A caller that goes away leaves its call running for the node's resume grace.
+A lease someone else releases stops its call at once, followed or not.
 Output a caller had is freed from the node's disk; a call too far ahead of its caller (or with
 none) is held until its caller has had more, as a pipe's writer waits."""
 
@@ -292,6 +293,48 @@ def test_a_caller_that_gives_up_on_its_call_has_it_stopped_before_the_grace(
     [pid] = (tmp_path / "starts").read_text().split()
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), "the call's process reaped")
     assert spooled(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["release", "release_batch"])
+def test_a_lease_released_under_a_followed_call_stops_it_at_once(
+    cluster: LocalCluster,
+    client: Client,
+    node: node_pb2_grpc.NodeAgentStub,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    """Someone else releases the lease of a call its caller still follows (an operator, the
+    orchestrator's own clean-up): the broker has given the budget to others, so the call must
+    stop now. The node's lease check would see it only near the lease's expiry (10 minutes by
+    default); the broker pushes the release on the node's stream (LeaseUpdate)."""
+    lease = client.reserve("rs", 64 * MiB)
+    request = node_pb2.ExecRequest(
+        lease_id=lease.lease_id, argv=tool(tmp_path), capture_output=True
+    )
+    # Still followed, the Exec stream ends with the call stopped, long before the lease expires
+    # (the old node stopped it 2 s before: this deadline ran out first).
+    events = iter(node.Exec(request, timeout=60))
+    got = bytearray()
+    while got.count(b"\n") < 3:
+        ev = next(events)
+        if ev.HasField("output") and ev.output.stream == OUT:
+            got.extend(ev.output.data)
+    if how == "release":
+        client.release(lease.lease_id)
+    else:
+        [released] = client.release_batch([lease.lease_id])
+        assert released.state == "released"
+    *_, last = events
+    assert last.HasField("exited"), last
+    assert last.exited.outcome == types_pb2.OUTCOME_KILLED, last.exited
+    assert "lease is released at the broker" in last.exited.reason, last.exited
+    assert not (tmp_path / "ended").exists()
+    [pid] = (tmp_path / "starts").read_text().split()
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), "the call's process reaped")
+    told = f"lease {lease.lease_id} tenant rs released: node n0-{os.getpid()} told to stop its call"
+    assert told in cluster.log("broker")
+    assert lease.expires_at_unix_ms - time.time() * 1000 > 300_000  # still minutes to go
+    assert client.get_lease(lease.lease_id).state == "released"
 
 
 def test_resume_refuses_bad_requests_and_the_node_goes_on(

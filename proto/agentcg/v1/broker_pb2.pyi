@@ -437,15 +437,23 @@ class GetLeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
+    node_id: _builtins.str
+    """Set by a node agent asking about the lease of a call it runs (or is about to): when that
+    lease then ends otherwise than by the node's own CallFinished (a caller releases it, it
+    expires), the broker pushes its end on the node's stream (LeaseUpdate) and the node stops
+    the call at once. Ignored unless the lease is active and placed on that node.
+    """
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1557,9 +1565,11 @@ Global___BrokerMessage: _TypeAlias = BrokerMessage  # noqa: Y015
 
 @_typing.final
 class LeaseUpdate(_message.Message):
-    """A lease changed (renewed, revoked, expired): the node applies it at once, as it would the
-    answer to a GetLease. Not sent by this broker: its nodes learn of lease changes at their lease
-    checks (README: How a tool call runs) and of revocations from a Decision (PREEMPT).
+    """A lease changed: the node applies it at once, as it would the answer to a GetLease. This
+    broker sends one when a lease a node asked about for its call (GetLeaseRequest.node_id) is
+    released by a caller or expires; revocations come as a Decision (PREEMPT), and whatever a
+    stream that broke did not carry, the node learns at its lease checks (README: How a tool call
+    runs).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
