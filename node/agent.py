@@ -163,6 +163,7 @@ class _Pending:
 # How many times one pause's ask is sent again after the link to the broker was lost
 # (``NodeAgent.ask_again``): a link that keeps breaking cannot keep a call paused forever.
 MAX_ASKS_AGAIN = 2
+ENDED_KEPT = 1024  # lease ends pushed for no call of ours, kept for a call being set up
 
 # The cgroup label (node.cgroup.set_label) holding the traceparent of the RPC that started a call.
 TRACE_LABEL = "traceparent"
@@ -294,6 +295,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self.calls: dict[str, Call] = {}  # by lease id
         self._by_cgroup: dict[int, Call] = {}
         self._starting: dict[str, asyncio.Event] = {}  # lease id -> its call being set up
+        # Lease ends the broker pushed for no call of ours, newest last (at most ENDED_KEPT): one
+        # that came while its call was being set up (after the lease was checked) stops the
+        # start. Any lease's end is final, so an old one is never wrong, only forgotten.
+        self._ended_leases: dict[str, str] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
         self._has_estimate = monitor.usage_source is not UsageSource.NONE
@@ -1248,12 +1253,18 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     def on_lease_update(self, lease: types_pb2.Lease) -> None:
         """The broker pushed a lease change on the stream (a call's lease released by a caller,
-        or expired): applied as the answer to a lease check."""
+        or expired): applied as the answer to a lease check. The end of a lease with no call
+        here is kept: its call may be being set up, and then it does not start."""
         call = self.calls.get(lease.lease_id)
         if call is not None:
             now = int(time.time() * 1000)
             _onto_node_clock(lease, now)
             self.apply_lease(call, lease_view(call.lease), lease_view(lease), now)
+        elif lease.state != types_pb2.LEASE_STATE_ACTIVE:
+            ended = self._ended_leases
+            ended[lease.lease_id] = lease_view(lease).state
+            if len(ended) > ENDED_KEPT:
+                del ended[next(iter(ended))]
 
     def apply_lease(
         self, call: Call, held: LeaseView, fresh: LeaseView | None, now_unix_ms: int
@@ -1612,6 +1623,10 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 await asyncio.shield(arming)
                 self._watch_pause(call)
                 self.monitor.add_pid(gated.pid, call.cgroup_id)
+                if (state := self._ended_leases.get(lease_id)) is not None:
+                    raise FailedPreconditionError(
+                        f"lease {lease_id}: {state} at the broker while its call was set up"
+                    )
             except BaseException:
                 gated.abort()  # never released: sh exits without running the call
                 await asyncio.shield(self._exit_of(gated.process))

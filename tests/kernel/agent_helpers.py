@@ -51,6 +51,8 @@ class StubBroker:
         self.denied: set[str] = set()  # GetLease: PERMISSION_DENIED (placed on another node)
         # Set: GetLease tells its clock (as_of), this far from the node's (None: it does not).
         self.clock_offset_ms: int | None = None
+        # Called with each answer just before it is returned (the broker doing more meanwhile).
+        self.after_answer: Callable[[types_pb2.Lease], None] | None = None
         self._together = 0
         self._waiting = 0
         self._all_in = asyncio.Event()
@@ -94,6 +96,8 @@ class StubBroker:
         out.CopyFrom(lease)
         if self.clock_offset_ms is not None:
             out.as_of_unix_ms = int(time.time() * 1000) + self.clock_offset_ms
+        if self.after_answer is not None:
+            self.after_answer(out)
         return out
 
 
@@ -116,6 +120,16 @@ class StubUplink:
 class NoContext:
     async def abort_with_status(self, status: object) -> None:
         raise AssertionError(f"Exec aborted: {status}")
+
+
+class RecordingContext:
+    """Keeps the status an RPC ended with."""
+
+    def __init__(self) -> None:
+        self.status: grpc.Status | None = None
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        self.status = status
 
 
 async def run_call(

@@ -9,13 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from agentcg.node.agent import NodeAgent
 from agentcg.node.cgroup import CgroupV1Driver
 from agentcg.node.monitor import MemoryMonitor
 from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
-from .agent_helpers import MakeAgent, MiB, NoContext, StubUplink, make_lease, run_call
+from .agent_helpers import (
+    MakeAgent,
+    MiB,
+    NoContext,
+    RecordingContext,
+    StubUplink,
+    make_lease,
+    run_call,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -138,6 +147,44 @@ def test_lease_that_no_longer_holds_stops_its_call(
         assert report.kind == broker_pb2.ACTION_KIND_KILL
 
     asyncio.run(main())
+    assert driver.children() == []
+
+
+def test_a_lease_ended_while_its_call_is_set_up_stops_the_start(
+    driver: CgroupV1Driver, make_agent: MakeAgent, tmp_path: Path
+) -> None:
+    """The broker pushes a lease's end (a caller released it) after it answered the node's
+    check for Exec but before the call is registered, so no call is there to stop: the start
+    is stopped instead, and the command never runs."""
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    uplink.broker.leases["l1"] = make_lease("l1", expires_in_ms=600_000)
+
+    def released_right_after(answer: types_pb2.Lease) -> None:
+        ended = types_pb2.Lease()
+        ended.CopyFrom(answer)
+        ended.state = types_pb2.LEASE_STATE_RELEASED
+        assert agent.loop is not None
+        agent.loop.call_soon(agent.on_lease_update, ended)  # the stream's next message
+
+    uplink.broker.after_answer = released_right_after
+    ran = tmp_path / "ran"
+    context = RecordingContext()
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        argv = [sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"]
+        request = node_pb2.ExecRequest(lease_id="l1", argv=argv)
+        events = [ev async for ev in agent.Exec(request, context)]  # type: ignore[arg-type]
+        assert events == []
+
+    asyncio.run(main())
+    assert context.status is not None
+    assert context.status.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "released at the broker while its call was set up" in context.status.details
+    assert agent.calls == {}
+    time.sleep(0.2)
+    assert not ran.exists()
     assert driver.children() == []
 
 
