@@ -273,7 +273,7 @@ class BrokerMetrics:
         self._decisions = {k: decisions.labels(k) for k in DECISION_KINDS}
         updates = Counter(
             p + "lease_updates",
-            "Ends of leases whose call was running pushed to its node (LeaseUpdate), by state",
+            "Lease ends pushed to the node that asked about the lease for its call (LeaseUpdate)",
             ["state"],
             registry=r,
         )

@@ -331,7 +331,7 @@ def test_a_lease_released_under_a_followed_call_stops_it_at_once(
     assert not (tmp_path / "ended").exists()
     [pid] = (tmp_path / "starts").read_text().split()
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), "the call's process reaped")
-    told = f"lease {lease.lease_id} tenant rs released: node n0-{os.getpid()} told to stop its call"
+    told = f"lease {lease.lease_id} tenant rs released: sent to node n0-{os.getpid()}, which asked"
     assert told in cluster.log("broker")
     assert lease.expires_at_unix_ms - time.time() * 1000 > 300_000  # still minutes to go
     assert client.get_lease(lease.lease_id).state == "released"
