@@ -273,11 +273,12 @@ class BrokerMetrics:
         self._decisions = {k: decisions.labels(k) for k in DECISION_KINDS}
         updates = Counter(
             p + "lease_updates",
-            "Lease ends pushed to the node that asked about the lease for its call (LeaseUpdate)",
+            "Lease renewals (active) and ends pushed to the node that asked about the lease for "
+            "its call (LeaseUpdate), by the lease's state",
             ["state"],
             registry=r,
         )
-        self._lease_updates = {k: updates.labels(k) for k in ("released", "expired")}
+        self._lease_updates = {k: updates.labels(k) for k in ("active", "released", "expired")}
         self.lease_expiries = Counter(
             p + "lease_expiries", "Leases ended because their TTL passed", registry=r
         )

@@ -743,6 +743,26 @@ class BrokerCore:
         )
         return ended
 
+    def tell_renewed(self, renewed: Lease) -> None:
+        """Push a renewal (durable) of a lease whose node runs its call: the node counts the
+        new expiry from now on. Else it learns of it only when it asks, near the expiry it knew,
+        and a broker that cannot be reached just then (a restart, a failover) would have the
+        call stopped as expired although its caller renewed it."""
+        node_id = self.running.get(renewed.lease_id)
+        if node_id is not None:
+            self._push_lease(node_id, renewed)
+
+    def _push_lease(self, node_id: NodeId, lease: Lease) -> bool:
+        """Queue ``lease`` (LeaseUpdate) on the node's stream; False if it has none open."""
+        queue = self.node_queues.get(node_id)
+        if queue is None:
+            return False
+        pb = self.lease_pb(lease)
+        pb.as_of_unix_ms = now_ms()
+        queue.put_nowait(broker_pb2.BrokerMessage(lease=broker_pb2.LeaseUpdate(lease=pb)))
+        self.metrics.lease_update_sent(lease.state.value)
+        return True
+
     def tell_ended(self, ended: Lease) -> None:
         """Push the end (durable) of a lease whose node runs its call on that node's stream: the
         node stops the call now, not at its next lease check, which for a call its caller still
@@ -754,13 +774,8 @@ class BrokerCore:
         The caller's word (the outcome it reports) is not taken for the call being over: a
         tenant could release a call that runs on and have its budget back."""
         node_id = self.running.pop(ended.lease_id, None)
-        queue = None if node_id is None else self.node_queues.get(node_id)
-        if queue is None:
+        if node_id is None or not self._push_lease(node_id, ended):
             return
-        pb = self.lease_pb(ended)
-        pb.as_of_unix_ms = now_ms()
-        queue.put_nowait(broker_pb2.BrokerMessage(lease=broker_pb2.LeaseUpdate(lease=pb)))
-        self.metrics.lease_update_sent(ended.state.value)
         log.info(
             "lease %s tenant %s %s: sent to node %s, which asked about it for a call",
             ended.lease_id,
@@ -1715,6 +1730,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             )
         renewed = replace(lease, expires_at_ms=now_ms() + ttl_ms)
         await self.core.commit([PutLease(renewed)])
+        self.core.tell_renewed(renewed)
         return broker_pb2.RenewResponse(lease=self.core.lease_pb(renewed))
 
     @_rpc

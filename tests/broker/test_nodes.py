@@ -127,13 +127,13 @@ def test_a_drain_revokes_what_still_runs_at_its_deadline(
     assert audit_kinds(database_url).count("drain") == 3
 
 
-def test_the_end_of_a_lease_whose_call_a_node_runs_is_pushed_to_that_node(
+def test_a_lease_whose_call_a_node_runs_is_pushed_to_that_node_when_renewed_or_ended(
     cluster: tuple[LocalCluster, SimNode, SimNode],
 ) -> None:
-    """A node that asked about a lease for its call (GetLeaseRequest.node_id) is sent the
-    lease's end on its stream when a caller releases it (Release, ReleaseBatch) or it expires;
-    not when the node itself reported the call finished, and not to a node the lease is not
-    placed on."""
+    """A node that asked about a lease for its call (GetLeaseRequest.node_id) is sent the lease
+    on its stream when a caller renews it, and when a caller releases it (Release,
+    ReleaseBatch) or it expires; not when the node itself reported the call finished, and not
+    to a node the lease is not placed on."""
     c, a, b = cluster
     with Client(c.broker_address) as cl, grpc.insecure_channel(c.broker_address) as ch:
         stub = broker_pb2_grpc.BrokerStub(ch)
@@ -164,10 +164,14 @@ def test_the_end_of_a_lease_whose_call_a_node_runs_is_pushed_to_that_node(
             )
         )
         wait_until(lambda: cl.get_lease(finished.lease_id).state == "released", "finished")
+        renewed = cl.renew(released.lease_id, ttl_ms=900_000)
+        cl.renew(elsewhere.lease_id, ttl_ms=900_000)
         cl.release(released.lease_id)
         cl.release_batch([batched.lease_id, elsewhere.lease_id, unasked.lease_id])
-        wait_until(lambda: len(a.lease_updates) >= 3, "three lease updates", timeout_s=15)
+        wait_until(lambda: len(a.lease_updates) >= 4, "four lease updates", timeout_s=15)
+        assert a.lease_updates[0].expires_at_unix_ms == renewed.expires_at_unix_ms
         assert [(x.lease_id, x.state) for x in a.lease_updates] == [
+            (released.lease_id, types_pb2.LEASE_STATE_ACTIVE),
             (released.lease_id, types_pb2.LEASE_STATE_RELEASED),
             (batched.lease_id, types_pb2.LEASE_STATE_RELEASED),
             (expiring.lease_id, types_pb2.LEASE_STATE_EXPIRED),
@@ -176,6 +180,7 @@ def test_the_end_of_a_lease_whose_call_a_node_runs_is_pushed_to_that_node(
         assert b.lease_updates == [] and a.decisions == [] and b.decisions == []
     metrics = c.metrics_address("broker")
     updates = "agentcg_broker_lease_updates_total"
+    assert scrape_metric(metrics, updates, state="active") == 1
     assert scrape_metric(metrics, updates, state="released") == 2
     assert scrape_metric(metrics, updates, state="expired") == 1
 

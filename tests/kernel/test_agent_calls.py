@@ -188,6 +188,40 @@ def test_a_lease_ended_while_its_call_is_set_up_stops_the_start(
     assert driver.children() == []
 
 
+def test_a_pushed_renewal_keeps_its_call_through_a_broker_outage(
+    driver: CgroupV1Driver, make_agent: MakeAgent
+) -> None:
+    """The broker pushes a renewal on the stream (LeaseUpdate): the node counts the new expiry
+    at once, so a broker it cannot reach at the expiry it knew before (a restart, a failover)
+    does not have the renewed call stopped as expired (it would be without the push:
+    test_lease_that_no_longer_holds_stops_its_call[unreachable])."""
+    uplink = StubUplink()
+    agent = make_agent(uplink, None)
+    lease = make_lease("l1", expires_in_ms=3_000)
+    uplink.broker.leases["l1"] = lease
+
+    async def main() -> None:
+        agent.loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        call = asyncio.create_task(
+            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
+        )
+        await started.wait()
+        renewed = types_pb2.Lease()
+        renewed.CopyFrom(lease)
+        renewed.expires_at_unix_ms = int(time.time() * 1000) + 600_000
+        agent.on_lease_update(renewed)
+        uplink.broker.reachable = False
+        await agent.check_leases(lease.expires_at_unix_ms + 5)  # past the expiry it first had
+        assert list(agent.calls) == ["l1"] and not call.done()
+        assert [m for m in uplink.sent if m.HasField("action")] == []
+        agent.kill_all("test over")
+        await asyncio.wait_for(call, 30)
+
+    asyncio.run(main())
+    assert driver.children() == []
+
+
 def test_a_reconnected_uplink_has_every_lease_checked(
     driver: CgroupV1Driver, make_agent: MakeAgent
 ) -> None:

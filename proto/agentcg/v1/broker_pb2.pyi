@@ -441,9 +441,10 @@ class GetLeaseRequest(_message.Message):
     lease_id: _builtins.str
     node_id: _builtins.str
     """Set by a node agent asking about the lease of a call it runs (or is about to): when that
-    lease then ends otherwise than by the node's own CallFinished (a caller releases it, it
-    expires), the broker pushes its end on the node's stream (LeaseUpdate) and the node stops
-    the call at once. Ignored unless the lease is active and placed on that node.
+    lease is then renewed, or ends otherwise than by the node's own CallFinished (a caller
+    releases it, it expires), the broker pushes it on the node's stream (LeaseUpdate): the node
+    counts the new expiry, or stops the call at once. Ignored unless the lease is active and
+    placed on that node.
     """
     def __init__(
         self,
@@ -1567,9 +1568,9 @@ Global___BrokerMessage: _TypeAlias = BrokerMessage  # noqa: Y015
 class LeaseUpdate(_message.Message):
     """A lease changed: the node applies it at once, as it would the answer to a GetLease. This
     broker sends one when a lease a node asked about for its call (GetLeaseRequest.node_id) is
-    released by a caller or expires; revocations come as a Decision (PREEMPT), and whatever a
-    stream that broke did not carry, the node learns at its lease checks (README: How a tool call
-    runs).
+    renewed, released by a caller or expires; revocations come as a Decision (PREEMPT), and
+    whatever a stream that broke did not carry, the node learns at its lease checks (README: How
+    a tool call runs).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
