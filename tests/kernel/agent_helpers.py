@@ -7,6 +7,7 @@ The broker is replaced (it is not the kernel): `StubBroker.GetLease` answers fro
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -130,6 +131,20 @@ class RecordingContext:
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         self.status = status
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+async def start_call(
+    agent: NodeAgent, lease_id: str, argv: Sequence[str] = SLEEPER
+) -> asyncio.Task[list[node_pb2.ExecEvent]]:
+    """Exec ``argv`` (a call that sleeps a minute) under ``lease_id`` and wait until it has
+    started; the task that ends with its events."""
+    started = asyncio.Event()
+    call = asyncio.create_task(run_call(agent, lease_id, argv, started))
+    await started.wait()
+    return call
 
 
 async def run_call(

@@ -14,7 +14,7 @@ from agentcg.errors import FailedPreconditionError, InvalidArgumentError, NotFou
 from agentcg.node.cgroup import CgroupV1Driver
 from agentcg.v1 import broker_pb2, types_pb2
 
-from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, run_call
+from .agent_helpers import MakeAgent, MiB, StubUplink, make_lease, start_call
 
 pytestmark = pytest.mark.kernel
 
@@ -97,13 +97,7 @@ def test_attach_joins_a_running_call(driver: CgroupV1Driver, make_agent: MakeAge
 
         async def main() -> None:
             agent.loop = asyncio.get_running_loop()
-            started = asyncio.Event()
-            call = asyncio.create_task(
-                run_call(
-                    agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started
-                )
-            )
-            await started.wait()
+            call = await start_call(agent, "l1")
             reply = await agent.attach("l1", helper.pid)
             assert not reply.created
             cg = agent.calls["l1"].cgroup

@@ -24,6 +24,7 @@ from .agent_helpers import (
     StubUplink,
     make_lease,
     run_call,
+    start_call,
 )
 
 pytestmark = pytest.mark.kernel
@@ -116,11 +117,7 @@ def test_lease_that_no_longer_holds_stops_its_call(
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
-        started = asyncio.Event()
-        call = asyncio.create_task(
-            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
-        )
-        await started.wait()
+        call = await start_call(agent, "l1")
         now = lease.expires_at_unix_ms + 5  # as if it were 5 ms past its expiry
         if broker_answer == "unreachable":
             uplink.broker.reachable = False
@@ -202,11 +199,7 @@ def test_a_pushed_renewal_keeps_its_call_through_a_broker_outage(
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
-        started = asyncio.Event()
-        call = asyncio.create_task(
-            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
-        )
-        await started.wait()
+        call = await start_call(agent, "l1")
         renewed = types_pb2.Lease()
         renewed.CopyFrom(lease)
         renewed.expires_at_unix_ms = int(time.time() * 1000) + 600_000
@@ -362,11 +355,7 @@ def test_preempt_decision_stops_a_running_call(
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
-        started = asyncio.Event()
-        call = asyncio.create_task(
-            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
-        )
-        await started.wait()
+        call = await start_call(agent, "l1")
         preempt = broker_pb2.Decision(
             decision_id="d1", lease_id="l1", kind=broker_pb2.DECISION_KIND_PREEMPT, epoch=2
         )

@@ -22,7 +22,7 @@ from agentcg.node.enforcement import NodePolicy, arm_threshold
 from agentcg.node.monitor import EventKind, MemEvent, MemoryMonitor
 from agentcg.v1 import broker_pb2, node_pb2, types_pb2
 
-from .agent_helpers import MakeAgent, MiB, NoContext, StubUplink, make_lease, run_call
+from .agent_helpers import MakeAgent, MiB, NoContext, StubUplink, make_lease, run_call, start_call
 
 pytestmark = pytest.mark.kernel
 
@@ -294,11 +294,7 @@ def test_overtaken_threshold_registration_is_closed(
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
-        started = asyncio.Event()
-        task = asyncio.create_task(
-            run_call(agent, "l1", [sys.executable, "-c", "import time; time.sleep(60)"], started)
-        )
-        await started.wait()
+        task = await start_call(agent, "l1")
         call = agent.calls["l1"]
         # Two eventfds per call: its arm threshold and its pause notice.
         assert call.arm_fd >= 0 and call.pause_fd >= 0 and eventfds() == eventfds_before + 2
