@@ -441,8 +441,9 @@ class BrokerCore:
         # Per connected node, what its stream sends; None ends the stream.
         self.node_queues: dict[NodeId, asyncio.Queue[broker_pb2.BrokerMessage | None]] = {}
         # Active leases whose node asked about them for a call it runs (GetLeaseRequest.node_id):
-        # their end is pushed to that node (``tell_ended``). Not persisted: a node asks about
-        # every lease again when its stream to a (new) broker opens.
+        # their renewals and their end are pushed to that node (``tell_renewed``,
+        # ``tell_ended``). Not persisted: a node asks about every lease again when its stream to
+        # a (new) broker opens.
         self.running: dict[LeaseId, NodeId] = {}
         # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
         # with the same idempotency key waits on this before it answers (never replies with a

@@ -1242,8 +1242,8 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self, lease_id: str, timeout_s: float, *, asked_at_unix_ms: int | None = None
     ) -> types_pb2.Lease:
         """The broker's lease, its expiry moved onto this node's clock (``as_of`` cleared).
-        Asked as this node, for a call it runs: the broker pushes the lease's end on the stream
-        (``on_lease_update``)."""
+        Asked as this node, for a call it runs: the broker pushes the lease's renewals and its
+        end on the stream (``on_lease_update``)."""
         asked = int(time.time() * 1000) if asked_at_unix_ms is None else asked_at_unix_ms
         lease = await self.uplink.broker.GetLease(
             broker_pb2.GetLeaseRequest(lease_id=lease_id, node_id=self.node_id), timeout=timeout_s
@@ -1252,9 +1252,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         return lease
 
     def on_lease_update(self, lease: types_pb2.Lease) -> None:
-        """The broker pushed a lease change on the stream (a call's lease released by a caller,
-        or expired): applied as the answer to a lease check. The end of a lease with no call
-        here is kept: its call may be being set up, and then it does not start."""
+        """The broker pushed a lease change on the stream (a call's lease renewed, released by a
+        caller, or expired): applied as the answer to a lease check. The end of a lease with no
+        call here is kept: its call may be being set up, and then it does not start."""
         call = self.calls.get(lease.lease_id)
         if call is not None:
             now = int(time.time() * 1000)
