@@ -14,6 +14,12 @@ tool is ``true``, so what is timed is agentcg's own work:
 - ``node_cpu_ms_per_call``/``broker_cpu_ms_per_call``: the node agent's CPU (user + system,
   from /proc; not its calls') and the broker's (its database writer process included) over the
   concurrent phase, per call;
+- ``release_stop_p50_ms``/``release_stop_max_ms``: a call that would sleep a minute, followed
+  by its caller (Exec), is stopped by releasing its lease through another client (an operator's
+  ``agentcg lease release``, an orchestrator's clean-up): from the Release's send to the end of
+  the Exec stream with the call killed. The broker pushes the release to the node that runs the
+  call (without that push, the call ran on until the node's lease check, near its expiry);
+  ``release_stops`` calls, one after the other;
 - ``failed_calls``: runs that raised or did not complete with exit 0 (must be 0), and
   ``first_failure``, what the first of them said;
 - ``host_rcu``: the host's RCU grace-period setting (``rcu_expedited``), which decides most of
@@ -31,18 +37,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentcg.node.preflight import rcu_settings
 
 from .bench import percentile
 from .cluster import LocalCluster
 
+if TYPE_CHECKING:
+    from .sdk import AsyncClient
+
 __all__ = ["bench_calls"]
 
 MiB = 1 << 20
 TENANT = "bench-calls"
 TOOL = ["true"]
+SLEEPER = ["sleep", "60"]  # a call stopped by its lease's release
 
 
 def _cpu_s(pid: int, *, tree: bool = False) -> float:
@@ -70,8 +80,49 @@ async def _direct(n: int) -> list[float]:
     return out
 
 
+async def _release_stops(client: AsyncClient, node: str, n: int) -> list[float]:
+    """Milliseconds from each Release of a followed call's lease to its Exec stream's end.
+    Raises if a call ended any other way than killed for its released lease."""
+    import grpc
+    from agentcg.v1 import node_pb2, node_pb2_grpc, types_pb2
+
+    took = []
+    async with grpc.aio.insecure_channel(node) as channel:
+        stub = node_pb2_grpc.NodeAgentStub(channel)
+        for _ in range(n):
+            lease = await client.reserve(TENANT, 64 * MiB, ttl_ms=600_000)
+            request = node_pb2.ExecRequest(lease_id=lease.lease_id, argv=SLEEPER)
+            began = 0.0
+            last = None
+            try:
+                async for event in stub.Exec(request, timeout=60):
+                    if last is None:  # the first event: the call runs, its lease is released
+                        if not event.HasField("started"):
+                            raise RuntimeError(f"lease {lease.lease_id}: did not start: {event}")
+                        began = time.perf_counter()
+                        await client.release(lease.lease_id)
+                    last = event
+            except grpc.aio.AioRpcError as exc:
+                raise RuntimeError(
+                    f"lease {lease.lease_id}: its call's Exec stream failed ({exc.code().name}: "
+                    f"{exc.details()}), the call not stopped by the release"
+                ) from None
+            took.append((time.perf_counter() - began) * 1000)
+            exited = last.exited if last is not None else node_pb2.Exited()
+            if exited.outcome != types_pb2.OUTCOME_KILLED or "released" not in exited.reason:
+                raise RuntimeError(f"lease {lease.lease_id}: the call ended otherwise: {last}")
+    return took
+
+
 async def _runs(
-    broker: str, *, calls: int, concurrency: int, seconds: float, pids: dict[str, int]
+    broker: str,
+    node: str,
+    *,
+    calls: int,
+    concurrency: int,
+    seconds: float,
+    release_stops: int,
+    pids: dict[str, int],
 ) -> dict[str, Any]:
     from .sdk import AsyncClient
 
@@ -123,7 +174,9 @@ async def _runs(
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
         cpu = {name: s - cpu[name] for name, s in cpu_now().items()}
+        stops = await _release_stops(client, node, release_stops)
     return {
+        "stops": stops,
         "serial": serial,
         "concurrent": concurrent,
         "elapsed_s": elapsed,
@@ -138,11 +191,12 @@ def bench_calls(
     calls: int = 200,
     concurrency: int = 8,
     seconds: float = 10.0,
+    release_stops: int = 20,
     json_path: Path | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
-    if calls < 1 or concurrency < 1 or seconds <= 0:
-        raise ValueError("calls and concurrency must be >= 1, seconds > 0")
+    if calls < 1 or concurrency < 1 or release_stops < 1 or seconds <= 0:
+        raise ValueError("calls, concurrency and release_stops must be >= 1, seconds > 0")
     direct = asyncio.run(_direct(calls))
     log(f"direct start of true: p50 {statistics.median(direct):.2f} ms")
     with tempfile.TemporaryDirectory(prefix="agentcg-bench-calls-") as tmp:
@@ -151,9 +205,11 @@ def bench_calls(
             got = asyncio.run(
                 _runs(
                     cluster.broker_address,
+                    cluster.node_addresses[0],
                     calls=calls,
                     concurrency=concurrency,
                     seconds=seconds,
+                    release_stops=release_stops,
                     pids=pids,
                 )
             )
@@ -175,6 +231,9 @@ def bench_calls(
         "concurrent_p99_ms": round(percentile(done, 99), 3),
         "node_cpu_ms_per_call": round(got["cpu_s"]["node"] * 1000 / len(done), 3),
         "broker_cpu_ms_per_call": round(got["cpu_s"]["broker"] * 1000 / len(done), 3),
+        "release_stops": release_stops,
+        "release_stop_p50_ms": round(statistics.median(got["stops"]), 3),
+        "release_stop_max_ms": round(max(got["stops"]), 3),
         "failed_calls": got["failed"],
         "first_failure": got["first_failure"],  # "" when none failed
         "host_rcu": rcu_settings().text,

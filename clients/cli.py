@@ -1348,17 +1348,22 @@ def bench_calls_cmd(
         int, typer.Option(min=1, help="callers running calls at once, for the throughput")
     ] = 8,
     seconds: Annotated[float, typer.Option(min=0.1, help="seconds of the concurrent phase")] = 10.0,
+    release_stops: Annotated[
+        int, typer.Option(min=1, help="followed calls stopped by releasing their lease")
+    ] = 20,
     json_path: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """What agentcg adds to a tool call (the SDK's run of `true` through a real broker and
     node agent, against starting it directly) and how many calls a node runs per second, with
-    the node agent's and the broker's CPU per call (see bench_calls)."""
+    the node agent's and the broker's CPU per call; how soon a running call stops once its
+    lease is released (see bench_calls)."""
     from .bench_calls import bench_calls
 
     result = bench_calls(
         calls=calls,
         concurrency=concurrency,
         seconds=seconds,
+        release_stops=release_stops,
         json_path=json_path,
         log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
     )

@@ -163,7 +163,7 @@ class _Pending:
 # How many times one pause's ask is sent again after the link to the broker was lost
 # (``NodeAgent.ask_again``): a link that keeps breaking cannot keep a call paused forever.
 MAX_ASKS_AGAIN = 2
-ENDED_KEPT = 1024  # lease ends pushed for no call of ours, kept for a call being set up
+PUSHED_KEPT = 1024  # leases pushed for no call of ours, kept for a call being set up
 
 # The cgroup label (node.cgroup.set_label) holding the traceparent of the RPC that started a call.
 TRACE_LABEL = "traceparent"
@@ -295,10 +295,12 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         self.calls: dict[str, Call] = {}  # by lease id
         self._by_cgroup: dict[int, Call] = {}
         self._starting: dict[str, asyncio.Event] = {}  # lease id -> its call being set up
-        # Lease ends the broker pushed for no call of ours, newest last (at most ENDED_KEPT): one
-        # that came while its call was being set up (after the lease was checked) stops the
-        # start. Any lease's end is final, so an old one is never wrong, only forgotten.
-        self._ended_leases: dict[str, str] = {}
+        # Leases the broker pushed for no call of ours (on this node's clock), newest last (at
+        # most PUSHED_KEPT): one that came while its call was being set up (after the lease was
+        # checked) is applied when the call is registered: an end stops the start, a renewal
+        # counts. A lease's end is final, so it is never wrong, only forgotten; a renewal is
+        # dropped when a call's check asks again.
+        self._pushed_leases: dict[str, types_pb2.Lease] = {}
         self._users: Counter[tuple[str, ...]] = Counter()  # tenant / session dirs in use
         self.loop: asyncio.AbstractEventLoop | None = None
         self._has_estimate = monitor.usage_source is not UsageSource.NONE
@@ -1182,6 +1184,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         if self.calls:
             await asyncio.sleep(random.uniform(0, self.RECHECK_SPREAD_S))
             await self.check_leases(every=True)
+            log.info("stream to the broker (re)opened: asked it about the lease of every call")
 
     def ask_again(self) -> None:
         """Send again the asks to grow that went out on a stream that has since broken: the
@@ -1253,18 +1256,22 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
 
     def on_lease_update(self, lease: types_pb2.Lease) -> None:
         """The broker pushed a lease change on the stream (a call's lease renewed, released by a
-        caller, or expired): applied as the answer to a lease check. The end of a lease with no
-        call here is kept: its call may be being set up, and then it does not start."""
+        caller, or expired): applied as the answer to a lease check. A lease with no call here
+        is kept: its call may be being set up, and then it is applied when the call is
+        registered (``_start``)."""
+        now = int(time.time() * 1000)
+        _onto_node_clock(lease, now)
         call = self.calls.get(lease.lease_id)
         if call is not None:
-            now = int(time.time() * 1000)
-            _onto_node_clock(lease, now)
             self.apply_lease(call, lease_view(call.lease), lease_view(lease), now)
-        elif lease.state != types_pb2.LEASE_STATE_ACTIVE:
-            ended = self._ended_leases
-            ended[lease.lease_id] = lease_view(lease).state
-            if len(ended) > ENDED_KEPT:
-                del ended[next(iter(ended))]
+            return
+        pushed = self._pushed_leases
+        kept = pushed.pop(lease.lease_id, None)
+        if kept is not None and kept.state != types_pb2.LEASE_STATE_ACTIVE:
+            lease = kept  # ended: final, whatever comes after
+        pushed[lease.lease_id] = lease
+        if len(pushed) > PUSHED_KEPT:
+            del pushed[next(iter(pushed))]
 
     def apply_lease(
         self, call: Call, held: LeaseView, fresh: LeaseView | None, now_unix_ms: int
@@ -1558,6 +1565,9 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         _check_command(request)
         if lease_id in self.calls or lease_id in self._starting:
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
+        kept = self._pushed_leases.get(lease_id)
+        if kept is not None and kept.state == types_pb2.LEASE_STATE_ACTIVE:
+            del self._pushed_leases[lease_id]  # the check below has it, or a newer one
         lease, tenant, session = await self._fetch_lease(lease_id)
         if lease_id in self.calls or lease_id in self._starting:  # a concurrent Exec won
             raise ConflictError(f"lease {lease_id}: a call is already running under it")
@@ -1623,10 +1633,7 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
                 await asyncio.shield(arming)
                 self._watch_pause(call)
                 self.monitor.add_pid(gated.pid, call.cgroup_id)
-                if (state := self._ended_leases.get(lease_id)) is not None:
-                    raise FailedPreconditionError(
-                        f"lease {lease_id}: {state} at the broker while its call was set up"
-                    )
+                self._apply_pushed(call)
             except BaseException:
                 gated.abort()  # never released: sh exits without running the call
                 await asyncio.shield(self._exit_of(gated.process))
@@ -1657,6 +1664,24 @@ class NodeAgent(node_pb2_grpc.NodeAgentServicer):
         )
         self.metrics.calls_started.inc()
         return call
+
+    def _apply_pushed(self, call: Call) -> None:
+        """What the broker pushed about ``call``'s lease after its check for Exec, before the
+        call was registered: a renewal counts, an end (or any verdict that would stop a call)
+        stops the start."""
+        pushed = self._pushed_leases.pop(call.lease.lease_id, None)
+        if pushed is None:
+            return
+        now = int(time.time() * 1000)
+        verdict = on_lease_refresh(lease_view(call.lease), lease_view(pushed), now, self.node_id)
+        if isinstance(verdict, Kill):
+            raise FailedPreconditionError(
+                f"lease {call.lease.lease_id} changed at the broker while its call was set up: "
+                f"{verdict.reason}"
+            )
+        if isinstance(verdict, Update):
+            call.lease.epoch = verdict.lease.epoch
+            call.lease.expires_at_unix_ms = verdict.lease.expires_at_unix_ms
 
     async def _fetch_lease(self, lease_id: str) -> tuple[types_pb2.Lease, str, str]:
         """The lease from the broker, checked active and placed here; its tenant and session."""

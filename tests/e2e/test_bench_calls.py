@@ -19,7 +19,7 @@ def test_bench_calls_runs_every_call_and_reports_its_figures(
     out = tmp_path / "calls.json"
     run = subprocess.run(
         [sys.executable, "-m", "agentcg.clients.cli", "bench", "calls", "--calls", "10"]
-        + ["--concurrency", "3", "--seconds", "1", "--json", str(out)],
+        + ["--concurrency", "3", "--seconds", "1", "--release-stops", "3", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=280,
@@ -37,6 +37,10 @@ def test_bench_calls_runs_every_call_and_reports_its_figures(
     assert 0 < result["concurrent_p50_ms"] <= result["concurrent_p99_ms"]
     # Every call costs the node agent and the broker some CPU (read from /proc).
     assert result["node_cpu_ms_per_call"] > 0 and result["broker_cpu_ms_per_call"] > 0
+    # Each followed call was killed for its released lease (else the bench fails), long
+    # before its Exec deadline (60 s) or its lease's expiry (10 minutes).
+    assert result["release_stops"] == 3
+    assert 0 < result["release_stop_p50_ms"] <= result["release_stop_max_ms"] < 30_000
     assert "run_p50_ms" in run.stdout  # the table
     expedited = Path("/sys/kernel/rcu_expedited").read_text().strip()
     assert result["host_rcu"] == f"rcu_expedited is {expedited}"  # what the figures ran with

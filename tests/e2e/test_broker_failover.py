@@ -11,9 +11,13 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 from agentcg.broker.store import Store
 from agentcg.clients.cluster import BrokerProcess, LocalCluster, leader_and_standby
 from agentcg.clients.sdk import Client, RunResult
+from agentcg.v1 import node_pb2, node_pb2_grpc, types_pb2
+
+from ..conftest import wait_until
 
 MiB = 1 << 20
 
@@ -128,6 +132,47 @@ def test_a_paused_call_held_by_a_leader_that_dies_is_asked_for_again(
         assert (spiked.exit_code, spiked.outcome) == (0, "grown"), spiked
         assert spiked.peak_bytes >= 100 * MiB
         assert "asked the broker again after the link to it was lost" in cluster.log("node0")
+    finally:
+        cluster.stop()
+        for broker in brokers:
+            broker.stop(signal.SIGKILL)
+
+
+def test_a_lease_released_after_a_failover_still_stops_its_call_at_once(
+    tmp_path: Path, cgroup_write: Path, bcc_available: None
+) -> None:
+    """Which leases a node runs calls under is in the leader's memory only (the node names
+    itself when it asks about a lease). After a failover the node, its stream open again, asks
+    the new leader about every lease it runs, which fills that leader's table again: a lease
+    released there is pushed to the node, and its call, still followed, stops at once."""
+    database_url = Store.default_url(tmp_path)
+    brokers: list[BrokerProcess] = []
+    cluster = LocalCluster(tmp_path / "cluster", node_memory="256M", log_level="INFO")
+    cluster.workdir.mkdir()
+    try:
+        a, b = leader_and_standby(tmp_path, database_url, brokers)
+        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        address = cluster.start_node(0)
+        with (
+            Client(cluster.broker_address, timeout_s=60) as c,
+            grpc.insecure_channel(address) as channel,
+        ):
+            c.set_tenant("ft", 1024 * MiB)
+            lease = c.reserve("ft", 32 * MiB)
+            request = node_pb2.ExecRequest(lease_id=lease.lease_id, argv=["sleep", "600"])
+            # Followed: without the push, this stream would run into its deadline.
+            events = node_pb2_grpc.NodeAgentStub(channel).Exec(request, timeout=60)
+            assert next(events).HasField("started")
+            a.stop(signal.SIGKILL)
+            asked = "stream to the broker (re)opened: asked it about the lease of every call"
+            wait_until(
+                lambda: asked in cluster.log("node0"), "the node asked the new leader", timeout_s=30
+            )
+            c.release(lease.lease_id)
+            *_, last = events
+            assert last.exited.outcome == types_pb2.OUTCOME_KILLED, last
+            assert "lease is released at the broker" in last.exited.reason, last
+            b.wait_log(f"lease {lease.lease_id} tenant ft released: sent to node", 15)
     finally:
         cluster.stop()
         for broker in brokers:

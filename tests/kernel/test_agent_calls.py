@@ -178,32 +178,46 @@ def test_a_lease_ended_while_its_call_is_set_up_stops_the_start(
     asyncio.run(main())
     assert context.status is not None
     assert context.status.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "released at the broker while its call was set up" in context.status.details
+    assert context.status.details == (
+        "lease l1 changed at the broker while its call was set up: lease is released at the broker"
+    )
     assert agent.calls == {}
     time.sleep(0.2)
     assert not ran.exists()
     assert driver.children() == []
 
 
+@pytest.mark.parametrize("pushed", ["while it runs", "while it is set up"])
 def test_a_pushed_renewal_keeps_its_call_through_a_broker_outage(
-    driver: CgroupV1Driver, make_agent: MakeAgent
+    driver: CgroupV1Driver, make_agent: MakeAgent, pushed: str
 ) -> None:
     """The broker pushes a renewal on the stream (LeaseUpdate): the node counts the new expiry
     at once, so a broker it cannot reach at the expiry it knew before (a restart, a failover)
     does not have the renewed call stopped as expired (it would be without the push:
-    test_lease_that_no_longer_holds_stops_its_call[unreachable])."""
+    test_lease_that_no_longer_holds_stops_its_call[unreachable]). A renewal pushed after the
+    broker answered the node's check for Exec, before the call is registered, counts as well:
+    the call starts with it."""
     uplink = StubUplink()
     agent = make_agent(uplink, None)
     lease = make_lease("l1", expires_in_ms=3_000)
     uplink.broker.leases["l1"] = lease
+    renewed = types_pb2.Lease()
+    renewed.CopyFrom(lease)
+    renewed.expires_at_unix_ms = int(time.time() * 1000) + 600_000
+
+    def push_renewal(_: types_pb2.Lease) -> None:
+        assert agent.loop is not None
+        agent.loop.call_soon(agent.on_lease_update, renewed)  # the stream's next message
+
+    if pushed == "while it is set up":
+        uplink.broker.after_answer = push_renewal
 
     async def main() -> None:
         agent.loop = asyncio.get_running_loop()
         call = await start_call(agent, "l1")
-        renewed = types_pb2.Lease()
-        renewed.CopyFrom(lease)
-        renewed.expires_at_unix_ms = int(time.time() * 1000) + 600_000
-        agent.on_lease_update(renewed)
+        if pushed == "while it runs":
+            agent.on_lease_update(renewed)
+        assert agent.calls["l1"].lease.expires_at_unix_ms == renewed.expires_at_unix_ms
         uplink.broker.reachable = False
         await agent.check_leases(lease.expires_at_unix_ms + 5)  # past the expiry it first had
         assert list(agent.calls) == ["l1"] and not call.done()
