@@ -5,10 +5,12 @@ another call is asked for at that moment, and a third, granted just before, is s
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,17 +24,29 @@ from ..conftest import wait_until
 MiB = 1 << 20
 
 
+@contextlib.contextmanager
+def failover_cluster(
+    tmp_path: Path, node_memory: str, args: tuple[str, ...] = ()
+) -> Iterator[tuple[BrokerProcess, BrokerProcess, LocalCluster, str]]:
+    """Broker a leading, b standing by on one SQLite file, and a real node agent given both:
+    (a, b, the cluster, the node's address). Everything is stopped on the way out."""
+    brokers: list[BrokerProcess] = []
+    cluster = LocalCluster(tmp_path / "cluster", node_memory=node_memory, log_level="INFO")
+    cluster.workdir.mkdir()
+    try:
+        a, b = leader_and_standby(tmp_path, Store.default_url(tmp_path), brokers, args=args)
+        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        yield a, b, cluster, cluster.start_node(0)
+    finally:
+        cluster.stop()
+        for broker in brokers:
+            broker.stop(signal.SIGKILL)
+
+
 def test_tool_calls_ride_through_a_broker_failover(
     tmp_path: Path, cgroup_write: Path, bcc_available: None
 ) -> None:
-    database_url = Store.default_url(tmp_path)
-    brokers: list[BrokerProcess] = []
-    cluster = LocalCluster(tmp_path / "cluster", node_memory="2G", log_level="INFO")
-    cluster.workdir.mkdir()
-    try:
-        a, b = leader_and_standby(tmp_path, database_url, brokers)
-        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        cluster.start_node(0)
+    with failover_cluster(tmp_path, "2G") as (a, b, cluster, _):
         started, go = tmp_path / "started", tmp_path / "go"
         # Waits for `go`, then allocates 150 MiB in a 64 MiB budget.
         spike = (
@@ -88,10 +102,6 @@ def test_tool_calls_ride_through_a_broker_failover(
             for r in (spiked, other, results["granted"]):
                 assert c.get_lease(r.lease_id).state == "released"
             assert c.get_tenant("ft").granted_memory_bytes == 0
-    finally:
-        cluster.stop()
-        for broker in brokers:
-            broker.stop(signal.SIGKILL)
 
 
 def test_a_paused_call_held_by_a_leader_that_dies_is_asked_for_again(
@@ -101,16 +111,8 @@ def test_a_paused_call_held_by_a_leader_that_dies_is_asked_for_again(
     never heard the ask; the node sends it again once its stream reaches the new leader, which
     holds it in turn and grows the call when room frees. (Without the ask sent again the node
     would wait out the old leader's 20 s and its own timeout, then kill the call.)"""
-    database_url = Store.default_url(tmp_path)
-    brokers: list[BrokerProcess] = []
-    cluster = LocalCluster(tmp_path / "cluster", node_memory="256M", log_level="INFO")
-    cluster.workdir.mkdir()
-    try:
-        a, b = leader_and_standby(
-            tmp_path, database_url, brokers, args=("--growth-wait-ms", "20000")
-        )
-        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        cluster.start_node(0)
+    growth_wait = ("--growth-wait-ms", "20000")
+    with failover_cluster(tmp_path, "256M", growth_wait) as (a, b, cluster, _):
         results: dict[str, RunResult] = {}
         with Client(cluster.broker_address, timeout_s=60) as c:
             c.set_tenant("ft", 1024 * MiB)
@@ -132,10 +134,6 @@ def test_a_paused_call_held_by_a_leader_that_dies_is_asked_for_again(
         assert (spiked.exit_code, spiked.outcome) == (0, "grown"), spiked
         assert spiked.peak_bytes >= 100 * MiB
         assert "asked the broker again after the link to it was lost" in cluster.log("node0")
-    finally:
-        cluster.stop()
-        for broker in brokers:
-            broker.stop(signal.SIGKILL)
 
 
 def test_a_lease_released_after_a_failover_still_stops_its_call_at_once(
@@ -145,14 +143,7 @@ def test_a_lease_released_after_a_failover_still_stops_its_call_at_once(
     itself when it asks about a lease). After a failover the node, its stream open again, asks
     the new leader about every lease it runs, which fills that leader's table again: a lease
     released there is pushed to the node, and its call, still followed, stops at once."""
-    database_url = Store.default_url(tmp_path)
-    brokers: list[BrokerProcess] = []
-    cluster = LocalCluster(tmp_path / "cluster", node_memory="256M", log_level="INFO")
-    cluster.workdir.mkdir()
-    try:
-        a, b = leader_and_standby(tmp_path, database_url, brokers)
-        cluster.broker_address = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        address = cluster.start_node(0)
+    with failover_cluster(tmp_path, "256M") as (a, b, cluster, address):
         with (
             Client(cluster.broker_address, timeout_s=60) as c,
             grpc.insecure_channel(address) as channel,
@@ -173,7 +164,3 @@ def test_a_lease_released_after_a_failover_still_stops_its_call_at_once(
             assert last.exited.outcome == types_pb2.OUTCOME_KILLED, last
             assert "lease is released at the broker" in last.exited.reason, last
             b.wait_log(f"lease {lease.lease_id} tenant ft released: sent to node", 15)
-    finally:
-        cluster.stop()
-        for broker in brokers:
-            broker.stop(signal.SIGKILL)
