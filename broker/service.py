@@ -97,6 +97,7 @@ MAX_TTL_MS = 24 * 3600 * 1000
 HEARTBEAT_INTERVAL_MS = 2000
 PRESSURE_HOLD_MS = 2 * HEARTBEAT_INTERVAL_MS
 MAX_CORDON_REASON = 256  # characters
+HELD_PER_NODE = 1024  # lease changes held for a node whose stream is not open (newest kept)
 # A node's capacity, memory bytes (1 PiB) or CPU millis: what is derived from it (the overcommit
 # ceiling, sums of leases) must stay within the int64 fields that report it.
 MAX_NODE_CAPACITY = 1 << 50
@@ -445,6 +446,12 @@ class BrokerCore:
         # ``tell_ended``). Not persisted: a node asks about every lease again when its stream to
         # a (new) broker opens.
         self.running: dict[LeaseId, NodeId] = {}
+        # What the broker told no node because its stream was not open (a pushed lease, a
+        # revocation), the latest per lease, at most HELD_PER_NODE a node: sent once it opens.
+        # A node asks about every lease when it reconnects, but it may ask before this broker
+        # has its stream (GetLease and Connect are separate calls), and a change made between
+        # the two would otherwise wait for its next check, near the lease's expiry.
+        self.held: dict[NodeId, dict[LeaseId, broker_pb2.BrokerMessage]] = {}
         # Leases applied to the ledger whose commit has not finished yet: a retried Reserve
         # with the same idempotency key waits on this before it answers (never replies with a
         # grant that is not durable). Resolves True once durable, False if the commit failed.
@@ -754,15 +761,45 @@ class BrokerCore:
             self._push_lease(node_id, renewed)
 
     def _push_lease(self, node_id: NodeId, lease: Lease) -> bool:
-        """Queue ``lease`` (LeaseUpdate) on the node's stream; False if it has none open."""
-        queue = self.node_queues.get(node_id)
-        if queue is None:
-            return False
+        """Queue ``lease`` (LeaseUpdate) on the node's stream; False if it has none open (then
+        it is held until it has: ``send_held``)."""
         pb = self.lease_pb(lease)
         pb.as_of_unix_ms = now_ms()
-        queue.put_nowait(broker_pb2.BrokerMessage(lease=broker_pb2.LeaseUpdate(lease=pb)))
-        self.metrics.lease_update_sent(lease.state.value)
-        return True
+        message = broker_pb2.BrokerMessage(lease=broker_pb2.LeaseUpdate(lease=pb))
+        return self._send_or_hold(node_id, lease.lease_id, message)
+
+    def _send_or_hold(
+        self, node_id: NodeId, lease_id: LeaseId, message: broker_pb2.BrokerMessage
+    ) -> bool:
+        """Queue a lease's ``message`` on the node's stream (True), or hold it, in place of what
+        was held for that lease, until the node's stream opens (False)."""
+        queue = self.node_queues.get(node_id)
+        if queue is not None:
+            queue.put_nowait(message)
+            self._count_sent(message)
+            return True
+        held = self.held.setdefault(node_id, {})
+        held.pop(lease_id, None)
+        held[lease_id] = message
+        if len(held) > HELD_PER_NODE:
+            del held[next(iter(held))]
+        return False
+
+    def _count_sent(self, message: broker_pb2.BrokerMessage) -> None:
+        if message.HasField("lease"):
+            state = types_pb2.LeaseState.Name(message.lease.lease.state)
+            self.metrics.lease_update_sent(state.removeprefix("LEASE_STATE_").lower())
+        else:
+            self.metrics.decision_sent(_DECISION_KIND_LABEL[message.decision.kind])
+
+    def send_held(self, node_id: NodeId) -> int:
+        """Queue what was held for ``node_id`` on its stream, now open; how many."""
+        queue = self.node_queues[node_id]
+        held = self.held.pop(node_id, {})
+        for message in held.values():
+            queue.put_nowait(message)
+            self._count_sent(message)
+        return len(held)
 
     def tell_ended(self, ended: Lease) -> None:
         """Push the end (durable) of a lease whose node runs its call on that node's stream: the
@@ -775,13 +812,14 @@ class BrokerCore:
         The caller's word (the outcome it reports) is not taken for the call being over: a
         tenant could release a call that runs on and have its budget back."""
         node_id = self.running.pop(ended.lease_id, None)
-        if node_id is None or not self._push_lease(node_id, ended):
+        if node_id is None:
             return
         log.info(
-            "lease %s tenant %s %s: sent to node %s, which asked about it for a call",
+            "lease %s tenant %s %s: %s node %s, which asked about it for a call",
             ended.lease_id,
             ended.tenant,
             ended.state.value,
+            "sent to" if self._push_lease(node_id, ended) else "held until its stream opens for",
             node_id,
         )
 
@@ -1295,18 +1333,18 @@ class BrokerCore:
             )
 
     def send_revocation(self, lease: Lease, reason: str) -> bool:
-        """Tell the node of a lease already revoked (durably) to stop its call."""
+        """Tell the node of a lease already revoked (durably) to stop its call; held until
+        its stream opens if it has none open (False)."""
         self.running.pop(lease.lease_id, None)
-        return self.send_decision(
-            lease.node_id,
-            broker_pb2.Decision(
-                decision_id=uuid.uuid4().hex[:16],
-                lease_id=lease.lease_id,
-                kind=broker_pb2.DECISION_KIND_PREEMPT,
-                epoch=lease.epoch,
-                reason=reason,
-            ),
+        decision = broker_pb2.Decision(
+            decision_id=uuid.uuid4().hex[:16],
+            lease_id=lease.lease_id,
+            kind=broker_pb2.DECISION_KIND_PREEMPT,
+            epoch=lease.epoch,
+            reason=reason,
         )
+        message = broker_pb2.BrokerMessage(decision=decision)
+        return self._send_or_hold(lease.node_id, lease.lease_id, message)
 
     def send_decision(self, node_id: NodeId, decision: broker_pb2.Decision) -> bool:
         """Queue ``decision`` on the node's stream; False if the node has none open."""
@@ -2394,6 +2432,10 @@ class NodeGatewayServicer(broker_pb2_grpc.NodeGatewayServicer):
         ledger.set_connected(node_id, True)
         self.core.kick()
         log.info("node %s connected", node_id)
+        if held := self.core.send_held(node_id):
+            log.info(
+                "node %s: sent %d lease changes made while its stream was closed", node_id, held
+            )
         reader = asyncio.create_task(self._read(node_id, request_iterator, queue))
         # The node's side ended (or its reader failed): None ends the stream after what is
         # queued. One task per stream, not one per message sent plus an asyncio.wait: a

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentcg.broker.store import Store
-from agentcg.clients.cluster import LocalCluster, scrape_metric
+from agentcg.clients.cluster import LocalCluster, free_port, scrape_metric
 from agentcg.clients.sdk import Client
 from agentcg.clients.simnode import SimNode
 from agentcg.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
@@ -183,6 +183,43 @@ def test_a_lease_whose_call_a_node_runs_is_pushed_to_that_node_when_renewed_or_e
     assert scrape_metric(metrics, updates, state="active") == 1
     assert scrape_metric(metrics, updates, state="released") == 2
     assert scrape_metric(metrics, updates, state="expired") == 1
+
+
+def test_what_a_node_is_told_while_its_stream_is_closed_is_sent_once_it_opens(
+    cluster: tuple[LocalCluster, SimNode, SimNode],
+) -> None:
+    """A lease change meant for a node whose stream is not open (a release, a renewal, a
+    revocation by a drain) is held and sent when the stream opens again, the latest per lease.
+    A node asks about every lease when it reconnects, but it may ask before the broker has its
+    stream (GetLease and Connect are separate calls): a change made between the two reached it
+    only at its next check, near the lease's expiry (seen after a failover)."""
+    c, a, _ = cluster
+    with Client(c.broker_address) as cl, grpc.insecure_channel(c.broker_address) as ch:
+        stub = broker_pb2_grpc.BrokerStub(ch)
+        cl.set_tenant("t", 16 * GiB)
+        released, renewed, revoked = (cl.reserve("t", 512 * MiB) for _ in range(3))
+        for x in (released, renewed, revoked):
+            assert x.node_id == "sim-a"
+            stub.GetLease(broker_pb2.GetLeaseRequest(lease_id=x.lease_id, node_id="sim-a"))
+        a.address = f"127.0.0.1:{free_port()}"  # its stream closes; nothing listens there
+        wait_until(lambda: cl.get_node("sim-a").state == "disconnected", "sim-a disconnected")
+        cl.release(released.lease_id)
+        cl.renew(renewed.lease_id, ttl_ms=900_000)
+        cl.cordon_node("sim-a", drain_grace_ms=500)  # revokes both leases left, 0.5 s from now
+        cl.drain_node("sim-a", poll_s=0.1)
+        time.sleep(0.5)
+        assert a.lease_updates == [] and a.decisions == []  # no stream to send them on
+        a.address = c.broker_address
+        wait_until(lambda: len(a.lease_updates) + len(a.decisions) >= 3, "what was held")
+        time.sleep(0.5)
+        # The renewal was held, then replaced by the revocation of the same lease.
+        assert [(x.lease_id, x.state) for x in a.lease_updates] == [
+            (released.lease_id, types_pb2.LEASE_STATE_RELEASED)
+        ]
+        assert sorted((d.lease_id, d.kind) for d in a.decisions) == sorted(
+            (x.lease_id, broker_pb2.DECISION_KIND_PREEMPT) for x in (renewed, revoked)
+        )
+        assert all("drained" in d.reason for d in a.decisions)
 
 
 def test_a_cordon_outlives_re_registration_and_a_broker_restart(
