@@ -773,10 +773,7 @@ class BrokerCore:
     ) -> bool:
         """Queue a lease's ``message`` on the node's stream (True), or hold it, in place of what
         was held for that lease, until the node's stream opens (False)."""
-        queue = self.node_queues.get(node_id)
-        if queue is not None:
-            queue.put_nowait(message)
-            self._count_sent(message)
+        if self._send(node_id, message):
             return True
         held = self.held.setdefault(node_id, {})
         held.pop(lease_id, None)
@@ -784,6 +781,15 @@ class BrokerCore:
         if len(held) > HELD_PER_NODE:
             del held[next(iter(held))]
         return False
+
+    def _send(self, node_id: NodeId, message: broker_pb2.BrokerMessage) -> bool:
+        """Queue ``message`` on the node's stream; False if it has none open."""
+        queue = self.node_queues.get(node_id)
+        if queue is None:
+            return False
+        queue.put_nowait(message)
+        self._count_sent(message)
+        return True
 
     def _count_sent(self, message: broker_pb2.BrokerMessage) -> None:
         if message.HasField("lease"):
@@ -1348,12 +1354,7 @@ class BrokerCore:
 
     def send_decision(self, node_id: NodeId, decision: broker_pb2.Decision) -> bool:
         """Queue ``decision`` on the node's stream; False if the node has none open."""
-        queue = self.node_queues.get(node_id)
-        if queue is None:
-            return False
-        queue.put_nowait(broker_pb2.BrokerMessage(decision=decision))
-        self.metrics.decision_sent(_DECISION_KIND_LABEL[decision.kind])
-        return True
+        return self._send(node_id, broker_pb2.BrokerMessage(decision=decision))
 
     def state(self, max_orgs: int = 50) -> BrokerState:
         """The live state behind the gauges (on the event loop: it walks the tenants). Active
