@@ -800,11 +800,9 @@ class BrokerCore:
 
     def send_held(self, node_id: NodeId) -> int:
         """Queue what was held for ``node_id`` on its stream, now open; how many."""
-        queue = self.node_queues[node_id]
         held = self.held.pop(node_id, {})
         for message in held.values():
-            queue.put_nowait(message)
-            self._count_sent(message)
+            self._send(node_id, message)
         return len(held)
 
     def tell_ended(self, ended: Lease) -> None:
